@@ -1,0 +1,35 @@
+"""weightd.client: attach the node daemon's models zero-copy, in any process.
+
+>>> from weightd.client import attach, state_dict
+>>> model = attach("bert", model=build_bert)   # nn.Module over the shared pages
+>>> sd = state_dict("llama")                   # {name: tensor} over the shared pages
+
+Imports neither daemon-only modules nor Ray (``from weightd.client import ray_zerocopy``
+does, on demand).
+"""
+
+from weightd.client.client import Client, attach, detach, info, state_dict
+from weightd.client.module import Attachment
+from weightd.errors import (
+    AttachError,
+    DaemonNotRunning,
+    ModelNotFound,
+    RequestTimeout,
+    SegmentError,
+    WeightdError,
+)
+
+__all__ = [
+    "Attachment",
+    "AttachError",
+    "Client",
+    "DaemonNotRunning",
+    "ModelNotFound",
+    "RequestTimeout",
+    "SegmentError",
+    "WeightdError",
+    "attach",
+    "detach",
+    "info",
+    "state_dict",
+]

@@ -1,0 +1,247 @@
+"""The client: asks the daemon for manifests over ZeroMQ and maps segments zero-copy."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket as _socket
+import threading
+import time
+import weakref
+
+import torch
+import zmq
+from torch import nn
+
+from weightd import errors, protocol
+from weightd.client.mapping import Mapping
+from weightd.client.module import Attachment, build_skeleton, fill
+from weightd.errors import DaemonNotRunning, PermissionDenied, RequestTimeout, SegmentError
+from weightd.manifest import Manifest
+
+DEFAULT_TIMEOUT = 10.0
+LOAD_TIMEOUT = 3600.0
+
+_attachments: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+
+
+class Client:
+    """One connection to a weightd daemon.
+
+    >>> with Client() as c:
+    ...     c.ping()["version"]
+    ...     model = c.attach("bert", model=build_bert)
+
+    Not thread-safe (a ZeroMQ socket is not); the module-level functions keep one per thread.
+    Every call has a deadline (``timeout`` seconds, default ``$WEIGHTD_TIMEOUT`` or 10).
+    """
+
+    def __init__(self, socket: str | None = None, *, timeout: float | None = None):
+        self.socket_path = os.path.abspath(socket or protocol.default_socket())
+        self.timeout = timeout if timeout is not None else float(os.environ.get("WEIGHTD_TIMEOUT", DEFAULT_TIMEOUT))
+        self._check_listening()
+        self._pid = os.getpid()
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4)
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(protocol.endpoint(self.socket_path))
+
+    # --- plumbing ---
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_listening(self) -> None:
+        """Tell 'no daemon' apart from 'slow daemon' at once, instead of after a timeout."""
+        hint = (
+            "start one with `weightd serve --model NAME=PATH`, or point socket= / $WEIGHTD_SOCKET at the socket "
+            "of the daemon that is running"
+        )
+        if not os.path.exists(self.socket_path):
+            raise DaemonNotRunning(f"no weightd daemon at {self.socket_path} (no socket file): {hint}")
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.socket_path)
+        except ConnectionRefusedError:
+            raise DaemonNotRunning(f"no weightd daemon at {self.socket_path} (connection refused; the daemon that made it is gone): {hint}") from None
+        except PermissionError:
+            raise PermissionDenied(f"may not connect to {self.socket_path}: run as a member of the daemon's group") from None
+        except OSError as e:
+            raise DaemonNotRunning(f"cannot reach a weightd daemon at {self.socket_path} ({e.strerror}): {hint}") from None
+        finally:
+            probe.close()
+
+    def call(self, op: str, *, timeout: float | None = None, **fields) -> dict:
+        """Send one request and wait for its reply; raises the daemon's typed error."""
+        if self._sock is None:
+            raise errors.WeightdError("this Client is closed")
+        if os.getpid() != self._pid:
+            raise errors.WeightdError("this Client was made before a fork: make a new one in the child")
+        rid = self._prefix + next(self._ids).to_bytes(8, "little")
+        self._sock.send_multipart([rid, protocol.request(op, **fields)])
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(remaining * 1000):
+                if time.monotonic() < deadline:
+                    continue
+                self._check_listening()
+                raise RequestTimeout(
+                    f"the daemon at {self.socket_path} did not answer {op!r} within {limit:g} s: it may be busy; "
+                    "raise timeout= or $WEIGHTD_TIMEOUT"
+                )
+            frames = self._sock.recv_multipart()
+            if len(frames) != 2 or frames[0] != rid:
+                continue  # a late reply to a request that already timed out
+            reply = protocol.decode(frames[1], "reply")
+            if not reply.get("ok"):
+                raise errors.from_wire(reply.get("error"))
+            return reply
+
+    # --- operations ---
+
+    def ping(self) -> dict:
+        """The daemon's pid, version, instance and uptime."""
+        return self.call("ping")
+
+    def list(self) -> list[dict]:
+        """One summary per loaded model (name, generation, bytes, tensors, segment...)."""
+        return self.call("list")["models"]
+
+    def manifest(self, name: str, generation: int | None = None) -> Manifest:
+        reply = self.call("manifest", name=name, generation=generation)
+        return Manifest.from_dict(reply["manifest"])
+
+    def load(self, path: str, name: str | None = None, *, factory: str | None = None, timeout: float | None = None) -> dict:
+        """Have the daemon load a checkpoint (a new generation if ``name`` exists)."""
+        return self.call("load", path=os.path.abspath(path), name=name, factory=factory, timeout=timeout or LOAD_TIMEOUT)["model"]
+
+    def unload(self, name: str) -> dict:
+        """Remove a model; attached workers keep working on what they mapped."""
+        return self.call("unload", name=name)["model"]
+
+    def state_dict(self, name: str, *, generation: int | None = None) -> dict[str, torch.Tensor]:
+        """The model's tensors over the shared pages, as plain tensors (zero-copy)."""
+        return self._map(name, generation)[1]
+
+    def attach(
+        self,
+        name: str,
+        model=None,
+        *,
+        generation: int | None = None,
+        strict: bool = True,
+        requires_grad: bool = False,
+    ) -> nn.Module:
+        """An ``nn.Module`` whose weights are the shared pages of model ``name``.
+
+        ``model`` is the module to fill (built on the meta device or on the CPU), a function
+        that builds one, or None to let the daemon say how (a factory or a Hugging Face config
+        it was loaded with). Parameters come back with ``requires_grad=False`` unless asked;
+        writes to them stay private to this process.
+        """
+        t0 = time.perf_counter()
+        mapping, tensors = self._map(name, generation)
+        manifest = mapping.manifest
+        b0 = time.perf_counter()
+        module = build_skeleton(model, manifest.skeleton, name)
+        build = time.perf_counter() - b0
+        copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
+        _attachments[module] = Attachment(
+            name=manifest.name,
+            generation=manifest.generation,
+            segment=manifest.segment,
+            nbytes=manifest.nbytes,
+            tensors=len(tensors),
+            copies=copies,
+            build_seconds=build,
+            attach_seconds=time.perf_counter() - t0,
+        )
+        return module
+
+    def _map(self, name: str, generation: int | None):
+        # A new generation may replace (and unlink) the segment between the reply and the
+        # mapping; asking again gets the new one.
+        for attempt in range(3):
+            manifest = self.manifest(name, generation)
+            try:
+                mapping = Mapping(manifest)
+            except SegmentError:
+                if attempt == 2 or generation is not None:
+                    raise
+                continue
+            return mapping, mapping.tensors()
+        raise AssertionError("unreachable")
+
+
+# --- module-level API: one cached Client per thread and socket ---
+
+_local = threading.local()
+
+
+def _client(socket: str | None) -> Client:
+    key = os.path.abspath(socket or protocol.default_socket())
+    cache = getattr(_local, "clients", None)
+    if cache is None or _local.pid != os.getpid():
+        cache = _local.clients = {}
+        _local.pid = os.getpid()
+    client = cache.get(key)
+    if client is None:
+        client = cache[key] = Client(key)
+    return client
+
+
+def _with_client(socket, fn):
+    client = _client(socket)
+    try:
+        return fn(client)
+    except (DaemonNotRunning, RequestTimeout):
+        # The daemon went away or was replaced: start afresh on the next call.
+        _local.clients.pop(client.socket_path, None)
+        client.close()
+        raise
+
+
+def attach(name: str, model=None, *, socket: str | None = None, **kwargs) -> nn.Module:
+    """Attach model ``name`` of the node's daemon as an ``nn.Module``, zero-copy.
+
+    >>> from weightd.client import attach
+    >>> model = attach("bert", model=build_bert)   # milliseconds, whatever the size
+    """
+    return _with_client(socket, lambda c: c.attach(name, model, **kwargs))
+
+
+def state_dict(name: str, *, socket: str | None = None, generation: int | None = None) -> dict[str, torch.Tensor]:
+    """Model ``name``'s tensors over the shared pages: ``{name: tensor}``, zero-copy."""
+    return _with_client(socket, lambda c: c.state_dict(name, generation=generation))
+
+
+def info(module: nn.Module) -> Attachment | None:
+    """What weightd knows about a module it attached (name, generation, copies, timings)."""
+    return _attachments.get(module)
+
+
+def detach(module: nn.Module) -> None:
+    """Let go of the shared pages: every weight of ``module`` goes to the meta device.
+
+    The mapping is unmapped once no other tensor over it is left (Note [a mapping outlives
+    its tensors]); the module keeps its structure and can be attached again.
+    """
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for k, t in table.items():
+                if t is not None and not t.is_meta:
+                    meta = t.detach().to("meta")
+                    table[k] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    _attachments.pop(module, None)

@@ -1,0 +1,95 @@
+"""Mapping a segment into this process and rebuilding tensors over it without copying.
+
+Note [a mapping outlives its tensors]
+-------------------------------------
+Every tensor rebuilt here lives on a storage made by ``torch.frombuffer`` over a
+``memoryview`` of the segment's ``mmap``. ``frombuffer`` keeps a reference to that memoryview
+for as long as the storage lives, and the memoryview holds an export on the mmap, which makes
+``mmap.close()`` raise ``BufferError`` instead of unmapping. So the pages stay mapped exactly
+as long as any tensor (or view, or slice of one) over them exists, whatever happens to the
+client, its ``Mapping`` object or the daemon, and are unmapped by the last tensor's
+deallocation. Nothing here ever closes the mmap by hand.
+
+The mapping is ``MAP_PRIVATE`` over a read-only file descriptor: reads share the daemon's
+pages; a stray in-place write copies that one page into this process and never reaches the
+daemon or any other worker. (``PROT_READ`` alone would turn such a write into a SIGSEGV;
+``MAP_SHARED`` would let one worker corrupt every other.) Pages are faulted in on first
+touch; never ``MAP_POPULATE`` a writable private mapping: it copies every page.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import posix_ipc
+import torch
+
+from weightd.errors import PermissionDenied, SegmentError
+from weightd.manifest import DTYPE_SIZES, Manifest
+from weightd.segment import read_header
+
+
+class Mapping:
+    """One private, copy-on-write mapping of a sealed segment."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        try:
+            shm = posix_ipc.SharedMemory(manifest.segment, read_only=True)
+        except posix_ipc.ExistentialError:
+            raise SegmentError(
+                f"segment {manifest.segment} of {manifest.name!r} is gone (unloaded or replaced a moment ago): attach again"
+            ) from None
+        except posix_ipc.PermissionsError:
+            raise PermissionDenied(
+                f"may not read segment {manifest.segment} of {manifest.name!r}: run as a member of the daemon's group"
+            ) from None
+        try:
+            self.size = os.fstat(shm.fd).st_size
+            self._mmap = mmap.mmap(shm.fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            shm.close_fd()  # the mapping holds the pages (Note [segment lifetime after unlink])
+        self._view = memoryview(self._mmap)
+        self._check(manifest)
+        self.base = torch.frombuffer(self._view, dtype=torch.uint8, count=1).data_ptr()
+
+    def _check(self, manifest: Manifest) -> None:
+        moff, mlen, sealed = read_header(self._view)
+        if not sealed:
+            raise SegmentError(f"segment {manifest.segment} is not sealed: it was never finished and is not served")
+        if self._mmap.find(f'"uuid":"{manifest.uuid}"'.encode(), moff, moff + mlen) < 0:
+            raise SegmentError(f"segment {manifest.segment} holds other contents than the daemon described: attach again")
+        for st in manifest.storages:
+            if st.offset + st.nbytes > moff:
+                raise SegmentError(f"segment {manifest.segment}: a storage runs into the manifest")
+
+    def contains(self, t: torch.Tensor) -> bool:
+        """Whether all of ``t``'s memory lies inside this mapping."""
+        ptr = t.untyped_storage().data_ptr()
+        return self.base <= ptr and ptr + t.untyped_storage().nbytes() <= self.base + self.size
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the manifest, over this mapping; shared storages stay shared."""
+        storages = []
+        for st in self.manifest.storages:
+            if st.nbytes == 0:
+                storages.append(torch.UntypedStorage(0))
+            else:
+                # Note [a mapping outlives its tensors]
+                storages.append(torch.frombuffer(self._view, dtype=torch.uint8, count=st.nbytes, offset=st.offset).untyped_storage())
+        out = {}
+        for t in self.manifest.tensors:
+            dtype = _dtype(t.dtype)
+            itemsize = DTYPE_SIZES[t.dtype]
+            if t.offset % itemsize:
+                raise SegmentError(f"tensor {t.name!r}: offset {t.offset} is not a multiple of its {itemsize}-byte dtype")
+            out[t.name] = torch.empty(0, dtype=dtype).set_(storages[t.storage], t.offset // itemsize, t.shape, t.stride)
+        return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if name in DTYPE_SIZES else None
+    if not isinstance(dtype, torch.dtype):
+        raise SegmentError(f"dtype {name!r} is not known to this PyTorch ({torch.__version__}): upgrade torch in the client")
+    return dtype

@@ -1,0 +1,3 @@
+from weightd.cli import main
+
+main()

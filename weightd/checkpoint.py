@@ -1,0 +1,349 @@
+"""Reading checkpoints: safetensors (single or sharded), PyTorch state dicts, Hugging Face folders.
+
+A reader validates everything it can *before* the daemon creates a segment, and describes the
+checkpoint as blobs (one per storage: a size and a way to write its bytes into a buffer) plus
+the tensors laid over them. Bytes are copied once, from the file into shared memory.
+
+Daemon-only: the client never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from weightd.errors import CheckpointError
+from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
+
+# safetensors dtype codes -> torch dtype names
+SAFETENSORS_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+# A header larger than this is not a real checkpoint (the reference library uses 100 MB).
+MAX_SAFETENSORS_HEADER = 100_000_000
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclass
+class Blob:
+    """One storage's bytes in a checkpoint: ``fill(dst)`` writes exactly ``nbytes`` into dst."""
+
+    nbytes: int
+    fill: Callable[[memoryview], None]
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    format: str
+    blobs: list[Blob] = field(default_factory=list)
+    tensors: list[TensorMeta] = field(default_factory=list)  # .storage indexes blobs
+    metadata: dict = field(default_factory=dict)
+    skeleton: dict | None = None
+    keepalive: list = field(default_factory=list)  # objects the fills read from (mmaps, files)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blobs)
+
+    def extend(self, other: "Checkpoint") -> None:
+        names = {t.name for t in self.tensors}
+        base = len(self.blobs)
+        for t in other.tensors:
+            if t.name in names:
+                raise CheckpointError(f"{other.path}: tensor {t.name!r} is also in another shard of {self.path}")
+            self.tensors.append(t._replace(storage=t.storage + base))
+        self.blobs.extend(other.blobs)
+        self.metadata.update(other.metadata)
+        self.keepalive.extend(other.keepalive)
+
+
+def read(path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open and validate a checkpoint file or folder; nothing is copied yet."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder: check the path given to --model or load")
+    if p.is_dir():
+        return _read_folder(p, allow_pickle=allow_pickle)
+    if p.suffix == ".safetensors":
+        return read_safetensors(p)
+    if p.suffix in TORCH_SUFFIXES:
+        return read_torch(p, allow_pickle=allow_pickle)
+    raise CheckpointError(
+        f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
+        "and Hugging Face model folders"
+    )
+
+
+# --- safetensors ----------------------------------------------------------------------------
+
+
+def read_safetensors(path: Path) -> Checkpoint:
+    """Parse and check a safetensors header: lengths, dtypes, offsets in range, no overlaps."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated: {size} bytes is shorter than the 8-byte safetensors header length")
+        hlen = int.from_bytes(raw, "little")
+        if hlen > MAX_SAFETENSORS_HEADER or 8 + hlen > size:
+            raise CheckpointError(
+                f"{path}: bad header length {hlen} for a file of {size} bytes: the file is truncated or not safetensors"
+            )
+        try:
+            header = json.loads(f.read(hlen))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e}): the file is corrupt") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: header is not a JSON object: the file is corrupt")
+        data_start = 8 + hlen
+        data_len = size - data_start
+        ck = Checkpoint(path=str(path), format="safetensors")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+        ck.metadata = {str(k): str(v) for k, v in meta.items()}
+        spans = []
+        for name, info in header.items():
+            dtype, shape, begin, end = _safetensors_entry(path, name, info)
+            if end > data_len:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} ends at byte {end} of a {data_len}-byte data area: the file is truncated"
+                )
+            spans.append((begin, end, name))
+            ck.tensors.append(TensorMeta(name, len(ck.blobs), 0, dtype, shape, contiguous_stride(shape)))
+            ck.blobs.append(Blob(end - begin, _pread_fill(f, data_start + begin, end - begin, path)))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0 and e1 > b1:  # zero-length tensors overlap nothing
+                raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
+        ck.keepalive.append(f)
+        return ck
+    except BaseException:
+        f.close()
+        raise
+
+
+def _safetensors_entry(path, name, info):
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: entry {name!r} is not an object")
+    code = info.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None or not hasattr(torch, dtype):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has dtype {code!r}, which weightd does not know "
+            f"(known: {', '.join(SAFETENSORS_DTYPES)})"
+        )
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r:.100}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+    ) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r:.100}")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {dtype} {shape}, which is {expected} bytes, "
+            f"but its data_offsets span {end - begin} bytes: the file is corrupt"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _pread_fill(f, offset: int, nbytes: int, path) -> Callable[[memoryview], None]:
+    def fill(dst: memoryview) -> None:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(f.fileno(), [dst[done:nbytes]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{path}: file shrank while it was being loaded")
+            done += n
+
+    return fill
+
+
+# --- PyTorch -------------------------------------------------------------------------------
+
+
+def read_torch(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """A ``torch.save``d state dict, read with ``weights_only=True`` (no code runs).
+
+    With ``allow_pickle`` a whole pickled ``nn.Module`` is accepted too; unpickling runs
+    whatever code the file names, so it is only for files you made yourself.
+    """
+    try:
+        obj = _torch_load(path, weights_only=not allow_pickle)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        hint = (
+            " It holds objects other than tensors: if you trust the file, load it with --allow-pickle."
+            if "weights_only" in str(e) or "Unsupported global" in str(e)
+            else " The file is truncated, corrupt or not a PyTorch checkpoint."
+        )
+        raise CheckpointError(f"{path}: torch.load failed: {str(e).splitlines()[0][:300]}.{hint}") from None
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+    return from_tensors(_flatten(obj, path), path=str(path), format="torch")
+
+
+def _torch_load(path: Path, *, weights_only: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        # Files in the legacy (pre-1.6, non-zip) format cannot be memory-mapped.
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _flatten(obj: dict, path, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out[key] = v
+        elif isinstance(v, dict):
+            out.update(_flatten(v, path, key + "."))
+        else:
+            raise CheckpointError(
+                f"{path}: key {key!r} holds a {type(v).__name__}, not a tensor: save model.state_dict() "
+                "(weights only) rather than a training checkpoint"
+            )
+    return out
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], *, path: str, format: str) -> Checkpoint:
+    """Describe CPU tensors by storage: tensors sharing memory share one blob."""
+    ck = Checkpoint(path=path, format=format)
+    by_storage: dict[tuple[int, int], int] = {}
+    for name, t in tensors.items():
+        t = _plain(t, name, path)
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        index = by_storage.get(key)
+        if index is None:
+            index = by_storage[key] = len(ck.blobs)
+            ck.blobs.append(Blob(storage.nbytes(), _storage_fill(storage)))
+        dtype = str(t.dtype).removeprefix("torch.")
+        offset = t.storage_offset() * t.element_size()
+        ck.tensors.append(TensorMeta(name, index, offset, dtype, tuple(t.shape), tuple(t.stride())))
+        ck.keepalive.append(storage)
+    return ck
+
+
+def _plain(t: torch.Tensor, name: str, path) -> torch.Tensor:
+    if t.layout != torch.strided:
+        raise CheckpointError(f"{path}: tensor {name!r} has layout {t.layout}: convert it with .to_dense() first")
+    if t.is_nested:
+        raise CheckpointError(f"{path}: tensor {name!r} is a nested tensor: weightd stores strided tensors only")
+    if t.device.type == "meta":
+        raise CheckpointError(f"{path}: tensor {name!r} is on the meta device: it has no data to serve")
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which weightd cannot store as plain bytes")
+    # Conjugate and negative views are lazy flags over someone else's bytes: materialise them
+    # so the bytes in the segment mean what the tensor means.
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t.detach()
+
+
+def _storage_fill(storage: torch.UntypedStorage) -> Callable[[memoryview], None]:
+    def fill(dst: memoryview) -> None:
+        src = torch.empty(0, dtype=torch.uint8).set_(storage)
+        torch.frombuffer(dst, dtype=torch.uint8, count=storage.nbytes()).copy_(src)
+
+    return fill
+
+
+# --- folders ------------------------------------------------------------------------------
+
+
+def _read_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
+    """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            ck = _read_index(folder / index_name, allow_pickle=allow_pickle)
+            break
+    else:
+        files = sorted(folder.glob("*.safetensors")) or sorted(
+            f for f in folder.iterdir() if f.suffix in TORCH_SUFFIXES and f.is_file()
+        )
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
+        ck = _read_many(folder, files, allow_pickle=allow_pickle)
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            ck.skeleton = {"hf_config": json.loads(config.read_text())}
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{config}: not valid JSON ({e})") from None
+        ck.format = "huggingface"
+    return ck
+
+
+def _read_index(index: Path, *, allow_pickle: bool) -> Checkpoint:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{index}: not a valid index (a JSON object with a 'weight_map' object)") from None
+    shards = sorted(set(map(str, weight_map.values())))
+    for shard in shards:
+        if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: names shard {shard!r}, which is not a file in {index.parent}")
+    ck = _read_many(index.parent, [index.parent / s for s in shards], allow_pickle=allow_pickle)
+    have = {t.name for t in ck.tensors}
+    missing = [k for k in weight_map if k not in have]
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensors in the index are in no shard, e.g. {missing[:3]}")
+    return ck
+
+
+def _read_many(folder: Path, files: list[Path], *, allow_pickle: bool) -> Checkpoint:
+    ck = Checkpoint(path=str(folder), format="safetensors" if files[0].suffix == ".safetensors" else "torch")
+    try:
+        for f in files:
+            ck.extend(read(f, allow_pickle=allow_pickle))
+    except BaseException:
+        close(ck)
+        raise
+    return ck
+
+
+def close(ck: Checkpoint) -> None:
+    for obj in ck.keepalive:
+        if hasattr(obj, "close"):
+            obj.close()
+    ck.keepalive.clear()

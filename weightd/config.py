@@ -1,0 +1,40 @@
+"""The daemon's configuration: plain values, no side effects (the CLI maps options onto it)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from weightd.protocol import default_socket
+
+
+@dataclass
+class ModelSpec:
+    path: str
+    name: str | None = None
+    factory: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``[NAME=]PATH``; a NAME with '=' in it is not a valid name anyway."""
+        name, sep, path = text.partition("=")
+        return cls(path=path, name=name) if sep and "/" not in name else cls(path=text)
+
+
+@dataclass
+class Config:
+    models: list[ModelSpec] = field(default_factory=list)
+    socket: str | None = None
+    instance: str | None = None  # segments are named weightd.<instance>.*; default: from the socket path
+    mode: int = 0o640  # segments: readable by the daemon's group, writable by nobody else
+    max_bytes: int | None = None
+    allow_pickle: bool = False
+    request_timeout: float = 5.0
+
+    def __post_init__(self):
+        self.socket = os.path.abspath(self.socket or default_socket())
+        if self.instance is None:
+            # One daemon per socket, so the socket path names the instance; a hash keeps the
+            # segment names short and free of '/'.
+            self.instance = hashlib.sha1(self.socket.encode()).hexdigest()[:10]

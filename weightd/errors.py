@@ -1,0 +1,129 @@
+"""Typed errors shared by the daemon, the client and the CLI.
+
+Every error has a stable machine ``code`` that travels on the wire (so a client re-raises the
+same class the daemon raised) and an ``exit_code`` that only the CLI turns into a process exit
+status. Messages say what to do about the problem.
+"""
+
+from __future__ import annotations
+
+
+class WeightdError(Exception):
+    """Base class of every error weightd raises on purpose."""
+
+    code = "error"
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_wire(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class DaemonNotRunning(WeightdError):
+    """Nobody answers on the socket (no socket file, connection refused, or no reply)."""
+
+    code = "daemon_not_running"
+    exit_code = 3
+
+
+class AlreadyRunning(WeightdError):
+    """A second daemon was started on a socket that one already serves."""
+
+    code = "already_running"
+    exit_code = 4
+
+
+class RequestTimeout(WeightdError):
+    """The daemon accepted the connection but did not answer in time."""
+
+    code = "timeout"
+    exit_code = 5
+
+
+class ProtocolError(WeightdError):
+    """A request or reply that does not follow the wire protocol."""
+
+    code = "bad_request"
+    exit_code = 6
+
+
+class ModelNotFound(WeightdError):
+    """No model (or no such generation) of that name is loaded."""
+
+    code = "not_found"
+    exit_code = 7
+
+
+class CheckpointError(WeightdError):
+    """A checkpoint that is missing, truncated, corrupt, or holds something weightd refuses."""
+
+    code = "bad_checkpoint"
+    exit_code = 8
+
+
+class OutOfSpace(WeightdError):
+    """/dev/shm (or the configured byte budget) cannot hold the model."""
+
+    code = "no_space"
+    exit_code = 9
+
+
+class SegmentError(WeightdError):
+    """A segment is gone, unsealed, or not what the manifest says."""
+
+    code = "bad_segment"
+    exit_code = 10
+
+
+class AttachError(WeightdError):
+    """The weights could not be put into the module (no skeleton, missing or extra keys...)."""
+
+    code = "attach_failed"
+    exit_code = 11
+
+
+class PermissionDenied(WeightdError):
+    """The caller may not do this (socket or segment permissions)."""
+
+    code = "permission_denied"
+    exit_code = 13
+
+
+class InternalError(WeightdError):
+    """A bug in weightd: the daemon survived it, but please report it."""
+
+    code = "internal"
+    exit_code = 70
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        WeightdError,
+        DaemonNotRunning,
+        AlreadyRunning,
+        RequestTimeout,
+        ProtocolError,
+        ModelNotFound,
+        CheckpointError,
+        OutOfSpace,
+        SegmentError,
+        AttachError,
+        PermissionDenied,
+        InternalError,
+    )
+}
+
+
+def from_wire(error: object) -> WeightdError:
+    """Rebuild the typed error a daemon sent; unknown codes become the base class."""
+    if not isinstance(error, dict):
+        return ProtocolError(f"daemon sent a malformed error: {error!r}")
+    cls = _BY_CODE.get(str(error.get("code")), WeightdError)
+    return cls(str(error.get("message", "(no message)")))

@@ -1,0 +1,169 @@
+"""What a segment holds: its storages and the tensors laid over them.
+
+A manifest is plain JSON, shared by the daemon (which writes it into the segment header and
+sends it on the wire) and the client (which rebuilds tensors from it). It is laid out by
+*storage*, not by tensor: tensors that share memory in the source (tied weights, views,
+slices) point into the same storage at their own byte offset, shape and stride, so shared
+memory stays shared after attach and every storage is in the segment once.
+
+Dtypes travel as torch dtype names over raw bytes; numpy never decides what a dtype is (it has
+no bfloat16 or float8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from weightd.errors import SegmentError
+
+# torch dtype name -> bytes per element. Everything a checkpoint can hold as plain bytes;
+# quantized and sparse tensors are not plain bytes and are refused where they come in.
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex32": 4,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,  # two 4-bit values packed per byte
+}
+
+# Where storages start in the data area: 64 bytes for vector loads, a page for large ones so
+# each large storage's pages are its own (a private copy-on-write of one page never spans two).
+SMALL_ALIGN = 64
+PAGE_ALIGN = 4096
+PAGE_ALIGN_FROM = 1 << 16
+
+
+class TensorMeta(NamedTuple):
+    name: str
+    storage: int  # index into Manifest.storages
+    offset: int  # byte offset within that storage
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # in elements, like torch
+
+    def extent(self) -> int:
+        """Bytes from the start of the storage to one past the tensor's last element."""
+        numel = math.prod(self.shape)
+        if numel == 0:
+            return self.offset
+        last = sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return self.offset + (last + 1) * DTYPE_SIZES[self.dtype]
+
+
+class StorageMeta(NamedTuple):
+    offset: int  # byte offset of the storage within the segment
+    nbytes: int
+
+
+@dataclass
+class Manifest:
+    name: str
+    generation: int
+    storages: list[StorageMeta]
+    tensors: list[TensorMeta]
+    source: str = ""
+    format: str = ""
+    created: float = 0.0
+    segment: str = ""  # the POSIX shared-memory name, with its leading slash
+    uuid: str = ""  # identifies this segment's contents, so a recycled name is never mistaken
+    skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf_config": {...}}
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.storages)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "generation": self.generation,
+            "source": self.source,
+            "format": self.format,
+            "created": self.created,
+            "segment": self.segment,
+            "uuid": self.uuid,
+            "skeleton": self.skeleton,
+            "metadata": self.metadata,
+            "storages": [list(s) for s in self.storages],
+            "tensors": [[t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors],
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        try:
+            m = cls(
+                name=str(d["name"]),
+                generation=int(d["generation"]),
+                source=str(d.get("source", "")),
+                format=str(d.get("format", "")),
+                created=float(d.get("created", 0.0)),
+                segment=str(d["segment"]),
+                uuid=str(d["uuid"]),
+                skeleton=d.get("skeleton"),
+                metadata=dict(d.get("metadata") or {}),
+                storages=[StorageMeta(int(o), int(n)) for o, n in d["storages"]],
+                tensors=[
+                    TensorMeta(str(n), int(s), int(o), str(dt), tuple(shape), tuple(stride))
+                    for n, s, o, dt, shape, stride in d["tensors"]
+                ],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise SegmentError(f"malformed manifest ({type(e).__name__}: {e})") from None
+        return m
+
+    def validate(self, data_offset: int, data_end: int) -> None:
+        """Check that every storage lies in the segment and every tensor in its storage.
+
+        The daemon runs this before sealing; a manifest that fails it is a bug, never served.
+        """
+        for i, s in enumerate(self.storages):
+            if s.offset < data_offset or s.nbytes < 0 or s.offset + s.nbytes > data_end:
+                raise SegmentError(f"storage {i} ({s.offset}+{s.nbytes}) lies outside the segment")
+        for t in self.tensors:
+            if t.dtype not in DTYPE_SIZES:
+                raise SegmentError(f"tensor {t.name!r} has unknown dtype {t.dtype!r}")
+            if not 0 <= t.storage < len(self.storages):
+                raise SegmentError(f"tensor {t.name!r} names storage {t.storage} of {len(self.storages)}")
+            if len(t.shape) != len(t.stride) or min(t.shape + t.stride, default=0) < 0 or t.offset < 0:
+                raise SegmentError(f"tensor {t.name!r} has shape {t.shape} and stride {t.stride}")
+            if t.extent() > self.storages[t.storage].nbytes:
+                raise SegmentError(f"tensor {t.name!r} runs past the end of its storage")
+
+
+def align_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def storage_alignment(nbytes: int) -> int:
+    return PAGE_ALIGN if nbytes >= PAGE_ALIGN_FROM else SMALL_ALIGN
+
+
+def contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))

@@ -1,0 +1,105 @@
+"""The wire protocol between clients and the daemon, shared by both sides.
+
+A request is a ZeroMQ multipart message from a DEALER socket::
+
+    [request-id, header]
+
+``request-id`` is opaque bytes the reply echoes (at most 64 bytes), ``header`` is a UTF-8 JSON
+object ``{"v": PROTOCOL_VERSION, "op": ..., ...fields}``. The ROUTER socket of the daemon sees
+the peer's routing identity in front of those frames. A reply is ``[request-id, header]`` with
+``{"v": ..., "ok": true, ...}`` or ``{"v": ..., "ok": false, "error": {"code", "message"}}``.
+
+Replies carry names and metadata only; tensor bytes travel through shared memory. Nothing that
+arrives on a socket is ever unpickled: JSON in, JSON out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from weightd.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# The largest request the daemon accepts (ZMQ_MAXMSGSIZE): requests are a few hundred bytes,
+# so anything near this is hostile or a bug, and ZeroMQ drops the peer before buffering it.
+MAX_REQUEST_BYTES = 1 << 20
+MAX_REQUEST_ID_BYTES = 64
+
+# Operations anyone who can reach the socket may use, and those that change what is loaded.
+READ_OPS = frozenset({"ping", "list", "manifest"})
+ADMIN_OPS = frozenset({"load", "unload"})
+
+ENV_SOCKET = "WEIGHTD_SOCKET"
+SYSTEM_SOCKET = "/run/weightd/weightd.sock"
+
+
+def default_socket() -> str:
+    """Where clients and the daemon meet when no socket is named.
+
+    In order: ``$WEIGHTD_SOCKET``; ``/run/weightd/weightd.sock`` when its directory exists (the
+    systemd unit's ``RuntimeDirectory``); ``$XDG_RUNTIME_DIR/weightd.sock``; and
+    ``/tmp/weightd-<uid>/weightd.sock``. One fixed path per node and user, so every process
+    on the node finds the same daemon without configuration.
+    """
+    env = os.environ.get(ENV_SOCKET)
+    if env:
+        return env
+    if Path(SYSTEM_SOCKET).parent.is_dir():
+        return SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return str(Path(runtime) / "weightd.sock")
+    return f"/tmp/weightd-{os.getuid()}/weightd.sock"
+
+
+def endpoint(socket_path: str) -> str:
+    return f"ipc://{socket_path}"
+
+
+def encode(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def request(op: str, **fields) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "op": op, **fields})
+
+
+def ok(**fields) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "ok": True, **fields})
+
+
+def error(err) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "ok": False, "error": err.to_wire()})
+
+
+def decode(frame: bytes, what: str = "message") -> dict:
+    """Parse one JSON header frame, refusing anything that is not a versioned JSON object."""
+    try:
+        obj = json.loads(frame)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"{what} header is not UTF-8 JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} header must be a JSON object, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{what} speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}: "
+            "run the same weightd version in the daemon and the clients"
+        )
+    return obj
+
+
+def field(obj: dict, key: str, kind: type | tuple, *, required: bool = True, default=None):
+    """One typed field of a request; a wrong type is the sender's error, never a crash here."""
+    if key not in obj or obj[key] is None:
+        if required:
+            raise ProtocolError(f"request is missing the field {key!r}")
+        return default
+    value = obj[key]
+    # bool is an int in Python; a JSON true is never a valid generation number.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ProtocolError(f"field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r:.80}")
+    return value

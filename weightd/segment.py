@@ -1,0 +1,162 @@
+"""POSIX shared-memory segments: the self-describing format, creation and opening.
+
+Layout of a segment (all integers little-endian)::
+
+    0      8s  magic b"WEIGHTD\\0"
+    8      I   format version
+    12     I   reserved (0)
+    16     Q   manifest offset
+    24     Q   manifest length
+    32     Q   seal: 0 while being written, SEALED once complete (written last)
+    4096   ... storages, 64-byte aligned, large ones page aligned
+    M      ... manifest (UTF-8 JSON, see weightd.manifest)
+
+The manifest sits after the data so that storage offsets are known before it is encoded. A
+segment whose seal is not set was never finished (a load that failed or was killed) and is
+never served: a daemon that finds one sweeps it.
+
+Note [segment lifetime after unlink]
+------------------------------------
+``shm_unlink`` removes a segment's *name*, not its pages. Every process that has it mapped
+keeps reading the same bytes until it unmaps; the kernel frees the pages when the last mapping
+goes. That is what makes unloading, replacing a generation, or a daemon dying safe for
+attached workers: the daemon unlinks freely and never waits for clients. The flip side: a
+segment nobody unlinks outlives every process (it is a file in /dev/shm), so every path that
+creates one must unlink it on failure, and a daemon sweeps what a killed predecessor left.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+
+import posix_ipc
+
+from weightd.errors import OutOfSpace, PermissionDenied, SegmentError
+
+MAGIC = b"WEIGHTD\0"
+FORMAT_VERSION = 1
+SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
+HEADER = struct.Struct("<8sIIQQQ")
+SEAL_OFFSET = 32
+DATA_OFFSET = 4096
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_free_bytes(directory: str = SHM_DIR) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+class Segment:
+    """A segment the daemon creates and owns, mapped read-write and shared."""
+
+    def __init__(self, name: str, size: int, buf: mmap.mmap):
+        self.name = name
+        self.size = size
+        self.buf = buf
+
+    @classmethod
+    def create(cls, name: str, size: int, mode: int = 0o600) -> "Segment":
+        """Create a new segment of ``size`` bytes with every page reserved.
+
+        ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error
+        here, at load time, instead of a SIGBUS in whichever process first touches a page
+        that cannot be backed.
+        """
+        free = shm_free_bytes()
+        if size > free:
+            raise OutOfSpace(_no_space_message(size, free))
+        try:
+            shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode, size=size)
+        except posix_ipc.ExistentialError:
+            raise SegmentError(f"segment {name} already exists: another daemon uses the same instance name") from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionDenied(f"cannot create segment {name}: {e}") from None
+        try:
+            try:
+                os.posix_fallocate(shm.fd, 0, size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                    raise OutOfSpace(_no_space_message(size, shm_free_bytes())) from None
+                raise
+            buf = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            shm.close_fd()
+            unlink(name)
+            raise
+        shm.close_fd()  # the mapping keeps the pages; the fd is not needed any more
+        return cls(name, size, buf)
+
+    def write_manifest(self, manifest_json: bytes, manifest_offset: int) -> None:
+        end = manifest_offset + len(manifest_json)
+        if end > self.size:
+            raise SegmentError(f"manifest does not fit in segment {self.name}")
+        self.buf[manifest_offset:end] = manifest_json
+        self.buf[: HEADER.size] = HEADER.pack(MAGIC, FORMAT_VERSION, 0, manifest_offset, len(manifest_json), 0)
+
+    def seal(self) -> None:
+        """Mark the segment complete. Written last: everything before it is in place."""
+        self.buf[SEAL_OFFSET : SEAL_OFFSET + 8] = struct.pack("<Q", SEALED)
+
+    def close(self) -> None:
+        """Unmap the daemon's own view (clients' mappings are theirs)."""
+        try:
+            self.buf.close()
+        except BufferError:
+            # A tensor of the daemon still points into the mapping; it is unmapped when that
+            # tensor goes. Closing now would turn its next read into a SIGSEGV.
+            pass
+
+    def unlink(self) -> None:
+        """Remove the name; see Note [segment lifetime after unlink]."""
+        unlink(self.name)
+
+    def destroy(self) -> None:
+        self.close()
+        self.unlink()
+
+
+def read_header(buf) -> tuple[int, int, bool]:
+    """(manifest offset, manifest length, sealed) of a mapped segment, checking the magic."""
+    if len(buf) < DATA_OFFSET:
+        raise SegmentError(f"segment is {len(buf)} bytes, shorter than its header")
+    magic, version, _, moff, mlen, seal = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise SegmentError("segment does not start with the weightd magic")
+    if version != FORMAT_VERSION:
+        raise SegmentError(f"segment format {version}, this weightd reads {FORMAT_VERSION}")
+    if moff < DATA_OFFSET or moff + mlen > len(buf):
+        raise SegmentError("segment header points outside the segment")
+    return moff, mlen, seal == SEALED
+
+
+def list_segments(prefix: str, directory: str = SHM_DIR) -> list[str]:
+    """Names (with leading slash) of the segments in /dev/shm that start with ``prefix``."""
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted("/" + e for e in entries if e.startswith(prefix))
+
+
+def unlink(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def _no_space_message(size: int, free: int) -> str:
+    return (
+        f"/dev/shm has {_gib(free)} free, the model needs {_gib(size)}: free space there (weightd unload, "
+        "or remove stale segments), or give the machine or container more shared memory "
+        "(docker run --shm-size=... or --ipc=host; a bigger tmpfs on /dev/shm)"
+    )
