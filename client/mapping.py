@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import warnings
 
 import posix_ipc
 import torch
@@ -84,8 +85,17 @@ class Mapping:
             itemsize = DTYPE_SIZES[t.dtype]
             if t.offset % itemsize:
                 raise SegmentError(f"tensor {t.name!r}: offset {t.offset} is not a multiple of its {itemsize}-byte dtype")
-            out[t.name] = torch.empty(0, dtype=dtype).set_(storages[t.storage], t.offset // itemsize, t.shape, t.stride)
+            out[t.name] = _empty(dtype).set_(storages[t.storage], t.offset // itemsize, t.shape, t.stride)
         return out
+
+
+def _empty(dtype: torch.dtype) -> torch.Tensor:
+    if dtype is torch.complex32:
+        # PyTorch warns that complex32 is experimental each time one is made; the bytes are fine.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.empty(0, dtype=dtype)
+    return torch.empty(0, dtype=dtype)
 
 
 def _dtype(name: str) -> torch.dtype:

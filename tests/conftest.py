@@ -1,0 +1,226 @@
+"""Test harness: real daemons on temporary sockets, real worker processes, and hygiene.
+
+Every test gets its own instance name, so its segments are /dev/shm/weightd.<instance>.*;
+whatever a test leaves there is removed when it ends (and reported as a failure), and every
+process a test starts is stopped, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import posix_ipc
+import pytest
+
+from weightd.client import Client
+from weightd.errors import DaemonNotRunning
+
+SHM = Path("/dev/shm")
+
+
+def segments(instance: str) -> list[str]:
+    return sorted(p.name for p in SHM.glob(f"weightd.{instance}.*"))
+
+
+def remove_segments(instance: str) -> list[str]:
+    left = segments(instance)
+    for name in left:
+        try:
+            posix_ipc.unlink_shared_memory("/" + name)
+        except posix_ipc.ExistentialError:
+            pass
+    return left
+
+
+class Daemon:
+    """A real ``weightd serve`` process on a temporary socket."""
+
+    def __init__(self, socket: str, instance: str, args: list[str], env: dict | None = None):
+        self.socket = socket
+        self.instance = instance
+        self.args = args
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.log = Path(socket).with_suffix(f".{len(args)}.{time.monotonic_ns()}.log")
+
+    def start(self, wait: bool = True) -> "Daemon":
+        cmd = [sys.executable, "-m", "weightd", "serve", "--socket", self.socket, "--instance", self.instance, *self.args]
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with Client(self.socket, timeout=2) as c:
+                    c.ping()
+                return
+            except DaemonNotRunning:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout} s:\n{self.output()}")
+
+    def client(self, **kw) -> Client:
+        return Client(self.socket, **kw)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def instance():
+    name = "t" + uuid.uuid4().hex[:10]
+    yield name
+    left = remove_segments(name)
+    assert not left, f"test leaked segments: {left}"
+
+
+@pytest.fixture
+def sock(tmp_path):
+    return str(tmp_path / "weightd.sock")
+
+
+@pytest.fixture
+def make_daemon(sock, instance):
+    """``make_daemon("--model", "m=/path")`` starts a daemon and waits until it answers."""
+    started: list[Daemon] = []
+
+    def make(*args: str, wait: bool = True, socket: str | None = None, env: dict | None = None) -> Daemon:
+        d = Daemon(socket or sock, instance, list(args), env=env)
+        started.append(d)
+        return d.start(wait=wait)
+
+    yield make
+    for d in started:
+        d.stop()
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+
+
+class Worker:
+    """A Python subprocess that runs ``code`` and talks JSON lines over stdin/stdout."""
+
+    def __init__(self, code: str, env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def read(self, timeout: float = 60.0) -> dict:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"worker {self.pid} said nothing in {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"worker exited {self.proc.returncode}: {self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60.0) -> int:
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@pytest.fixture
+def workers():
+    """``workers(code)`` starts a worker process; all are killed when the test ends."""
+    started: list[Worker] = []
+
+    def make(code: str, env: dict | None = None) -> Worker:
+        w = Worker(code, env=env)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+        w.proc.wait()
+        for f in (w.proc.stdin, w.proc.stdout, w.proc.stderr):
+            try:
+                f.close()
+            except (BrokenPipeError, OSError):
+                pass
+
+
+def worker_prelude(sock: str) -> str:
+    """Code every worker starts with: imports, the socket, a JSON-line helper."""
+    return textwrap.dedent(
+        f"""
+        import json, os, sys, torch
+        from weightd.client import attach, state_dict, Client, info
+        SOCK = {sock!r}
+        def say(obj):
+            print(json.dumps(obj), flush=True)
+        def hear():
+            return json.loads(sys.stdin.readline())
+        """
+    )
+
+
+def mapped_ranges(pid: int | str = "self", needle: str = "weightd.") -> list[tuple[int, int, str]]:
+    """Address ranges of a process's mappings whose path contains ``needle``."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and needle in parts[5]:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi, parts[5]))
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_stray_env():
+    # Tests must never talk to a daemon of the machine by accident.
+    os.environ.pop("WEIGHTD_SOCKET", None)
+    yield
