@@ -192,8 +192,8 @@ def workers():
                 pass
 
 
-def worker_prelude(sock: str) -> str:
-    """Code every worker starts with: imports, the socket, a JSON-line helper."""
+def worker_code(sock: str, body: str) -> str:
+    """A worker's program: imports, the socket, JSON-line helpers, then ``body``."""
     return textwrap.dedent(
         f"""
         import json, os, sys, torch
@@ -204,7 +204,7 @@ def worker_prelude(sock: str) -> str:
         def hear():
             return json.loads(sys.stdin.readline())
         """
-    )
+    ) + textwrap.dedent(body)
 
 
 def mapped_ranges(pid: int | str = "self", needle: str = "weightd.") -> list[tuple[int, int, str]]:

@@ -1,0 +1,138 @@
+"""Many processes, one copy: proven with the kernel's own accounting, and kept safe."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+import posix_ipc
+import torch
+from safetensors.torch import save_file
+
+from conftest import segments, worker_code
+from weightd.memory import shm_used, usage
+
+MiB = 1 << 20
+TESTS = str(Path(__file__).parent)
+
+
+def worker_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, env.get("PYTHONPATH", "")])
+    return env
+
+
+def make_model(path, mib: int = 64, tensors: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    per = mib * MiB // 4 // tensors
+    sd = {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(tensors)}
+    save_file(sd, path)
+    return sd
+
+
+def segment_digest(name: str) -> str:
+    shm = posix_ipc.SharedMemory(name, read_only=True)
+    try:
+        with mmap.mmap(shm.fd, 0, prot=mmap.PROT_READ) as m:
+            return hashlib.sha256(m).hexdigest()
+    finally:
+        shm.close_fd()
+
+
+def test_four_workers_share_one_copy(tmp_path, make_daemon, workers):
+    sd = make_model(tmp_path / "m.safetensors")
+    model_bytes = sum(t.numel() * 4 for t in sd.values())
+    shm_before = shm_used()
+    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
+    grew = shm_used() - shm_before
+    # /dev/shm grew by the model's size once (plus a header page and the manifest)
+    assert model_bytes <= grew <= model_bytes + MiB, (grew, model_bytes)
+
+    code = worker_code(d.socket, """
+        sd = state_dict("m", socket=SOCK)
+        total = sum(float(t.sum()) for t in sd.values())   # touches every page, no big temporaries
+        say({"pid": os.getpid(), "total": total})
+        hear()
+    """)
+    ws = [workers(code, env=worker_env()) for _ in range(4)]
+    # the same process without the model: what a worker costs anyway (torch alone is ~150 MB)
+    baseline = workers(worker_code(d.socket, """
+        total = float(torch.randn(1000).sum())
+        say({"pid": os.getpid()})
+        hear()
+    """), env=worker_env())
+    reports = [w.read() for w in ws]
+    baseline.read()
+    expected = sum(float(t.sum()) for t in sd.values())
+    assert all(abs(r["total"] - expected) < 1e-3 * abs(expected) + 1e-2 for r in reports)
+
+    per_worker = [usage(w.pid) for w in ws]
+    daemon = usage(d.proc.pid)
+    total_shmem = sum(u.pss_shmem for u in per_worker)
+    # Every page counted once across workers and daemon: within 10% of one model.
+    assert abs(total_shmem + daemon.pss_shmem - model_bytes) <= 0.10 * model_bytes, (total_shmem, daemon.pss_shmem, model_bytes)
+    # ...and each worker carries about a quarter, not a whole copy
+    own = usage(baseline.pid).private
+    for u in per_worker:
+        assert u.pss_shmem < 0.35 * model_bytes, u
+        assert u.private - own < 0.10 * model_bytes, (u, own)
+    for w in ws + [baseline]:
+        w.send("bye")
+        assert w.finish() == 0
+
+
+def test_a_workers_writes_stay_private(tmp_path, make_daemon, workers):
+    sd = make_model(tmp_path / "m.safetensors", mib=4, tensors=2)
+    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
+    seg = "/" + segments(d.instance)[0]
+    digest = segment_digest(seg)
+
+    writer = workers(worker_code(d.socket, """
+        sd = state_dict("m", socket=SOCK)
+        w = sd["layer0.weight"]
+        w[:1024].fill_(12345.0)     # in-place writes into the shared weight
+        sd["layer1.weight"].mul_(0)
+        say({"first": float(w[0]), "zeros": bool((sd["layer1.weight"] == 0).all())})
+        hear()
+    """), env=worker_env())
+    reader_code = worker_code(d.socket, """
+        sd = state_dict("m", socket=SOCK)
+        say({"first": float(sd["layer0.weight"][0]), "sum1": float(sd["layer1.weight"].double().sum())})
+    """)
+    wrote = writer.read()
+    assert wrote == {"first": 12345.0, "zeros": True}, "the writer sees its own writes"
+    seen = workers(reader_code, env=worker_env()).read()
+    assert seen["first"] == float(sd["layer0.weight"][0])
+    assert abs(seen["sum1"] - float(sd["layer1.weight"].double().sum())) < 1e-3
+    assert segment_digest(seg) == digest, "the daemon's bytes are untouched"
+    writer.send("bye")
+    assert writer.finish() == 0
+
+
+def test_tensors_outlive_the_client_the_unload_and_the_daemon(tmp_path, make_daemon, workers):
+    sd = make_model(tmp_path / "m.safetensors", mib=8, tensors=4)
+    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
+    w = workers(worker_code(d.socket, """
+        import gc, weightd.client.client as cc
+        from models import build_tiny
+        sd = state_dict("m", socket=SOCK)
+        view = sd["layer2.weight"][10:20]          # a view must keep the mapping alive too
+        sums = {k: float(t.double().sum()) for k, t in sd.items()}
+        cc._local.clients.clear()                 # drop every client handle
+        del sd
+        gc.collect()
+        say("attached")
+        hear()                                    # the parent unloads and stops the daemon
+        gc.collect()
+        say({"view": view.tolist()})
+    """), env=worker_env())
+    assert w.read() == "attached"
+    with d.client() as c:
+        c.unload("m")
+    assert segments(d.instance) == []
+    assert d.stop() == 0
+    w.send("go")
+    assert w.read() == {"view": sd["layer2.weight"][10:20].tolist()}
+    assert w.finish() == 0, "no SIGSEGV after unlink and daemon exit"

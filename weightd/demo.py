@@ -1,0 +1,164 @@
+"""``weightd demo``: serve a model, attach it from several workers, show what sharing saves.
+
+It builds a small transformer (``TinyLM``: a tied embedding/lm_head, and rotary frequencies as
+a non-persistent buffer, which no checkpoint holds and attach must still get right), saves it
+as safetensors and as a torch .pt, and then measures with ``weightd.workers``:
+
+- every worker loading the checkpoint itself: ``torch.load``, ``safetensors.load_file``;
+- ``weightd serve`` holding it once, and every worker ``attach``-ing it (and running a forward
+  pass, to prove the module works).
+
+The file-loading runs go first, before the daemon exists, so that each row's /dev/shm growth
+is that method's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightd import memory, workers as w
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x, cos, sin):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def _rotate(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class TinyLM(nn.Module):
+    """A GPT-shaped model: 12 tensors per block, lm_head tied to the embedding."""
+
+    def __init__(self, vocab: int = 8192, dim: int = 768, layers: int = 8, heads: int = 12):
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied: one storage, two names
+        half = dim // heads // 2
+        # Not in any checkpoint (persistent=False): attach must compute it, not look for it.
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half), persistent=False)
+
+    def forward(self, ids):
+        angles = torch.arange(ids.shape[1], dtype=torch.float32)[:, None] * self.inv_freq
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.ln_f(x))
+
+
+def config_for(size_mib: float, *, layers: int = 8, vocab: int = 8192, head_dim: int = 64) -> dict:
+    """TinyLM arguments for about ``size_mib`` of float32 weights (width a multiple of head_dim)."""
+    # bytes = 4 * (layers * (12 d^2 + 13 d) + vocab * d + 2 d): solve the quadratic for d.
+    a, b, c = 12 * layers, 13 * layers + vocab + 2, -size_mib * 2**20 / 4
+    dim = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+    dim = max(head_dim, round(dim / head_dim) * head_dim)
+    return {"vocab": vocab, "dim": dim, "layers": layers, "heads": dim // head_dim}
+
+
+def smoke(model: nn.Module) -> None:
+    """One forward pass; raises unless the logits are finite and shaped right."""
+    ids = torch.randint(0, model.vocab, (1, 16))
+    logits = model(ids)
+    if logits.shape != (1, 16, model.vocab) or not torch.isfinite(logits).all():
+        raise AssertionError(f"forward pass gave {tuple(logits.shape)} logits, finite: {bool(torch.isfinite(logits).all())}")
+
+
+def save(model: nn.Module, folder: Path) -> tuple[Path, Path]:
+    """The model as safetensors (ties stored once) and as a torch state dict (ties kept)."""
+    try:
+        from safetensors.torch import save_model
+    except ImportError:
+        raise SystemExit("weightd demo needs safetensors: pip install 'weightd[bench]'") from None
+    st, pt = folder / "model.safetensors", folder / "model.pt"
+    save_model(model, str(st))
+    torch.save(model.state_dict(), pt)
+    return st, pt
+
+
+def run(workers: int = 4, size_mib: int = 256) -> None:
+    t_start = time.monotonic()
+    cfg = config_for(size_mib)
+    torch.manual_seed(0)
+    model = TinyLM(**cfg)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups the tie
+    print(f"weightd demo: TinyLM {cfg}: {len(model.state_dict())} tensors, {w.mib(nbytes)} of float32, {workers} workers")
+    builder = functools.partial(TinyLM, **cfg)
+    with w.sigterm_exits(), tempfile.TemporaryDirectory(prefix="weightd-demo-") as tmp:
+        st, pt = save(model, Path(tmp))
+        del model
+        base = memory.shm_used()
+        results = []
+        for job in (w.Job(w.TORCH_LOAD, path=str(pt)), w.Job(w.SAFETENSORS, path=str(st))):
+            print(f"  {workers} workers: {job.method} ...", flush=True)
+            results.append(w.run(job, workers))
+        print(f"  weightd serve --model demo={st.name}, {workers} workers attach ...", flush=True)
+        with w.daemon({"demo": str(st)}) as d:
+            job = w.Job(w.WEIGHTD_ATTACH, name="demo", socket=d.socket, builder=builder, forward=smoke)
+            results.insert(0, w.run(job, workers))
+            daemon_pss = memory.usage(d.pid).pss
+            segments = len(memory_segments(d.instance))
+        leftover = memory_segments(d.instance)
+
+    ref = results[0]
+    rows = [["method", "attach/load", "vs weightd", f"total Pss ({workers})", "vs weightd", "Pss_Shmem", "/dev/shm +"]]
+    for r in results:
+        rows.append([
+            "weightd attach" if r.method == w.WEIGHTD_ATTACH else f"every worker {r.method}",
+            w.ms(r.latency), ratio_or_ref(r, ref, r.latency, ref.latency),
+            w.mib(r.pss), ratio_or_ref(r, ref, r.pss, ref.pss),
+            w.mib(r.pss_shmem), w.mib(max(0, r.shm_used - base)),
+        ])
+    print()
+    print(w.table(rows))
+    print()
+    print(f"model: {w.mib(nbytes)}; attach/load is the median per worker; Pss summed over the {workers} workers "
+          f"(each page counted once however many share it), measured with all {workers} alive and every weight touched.")
+    print(f"weightd attach: skeleton build {w.ms(ref.build)} of {w.ms(ref.latency)}, {ref.copies} weights copied, "
+          f"forward pass in every worker: {'ok' if ref.forward_ok else 'FAILED'}; first touch of all weights {w.ms(ref.touch)}.")
+    print(f"the daemon itself: Pss {w.mib(daemon_pss)} (its Python and torch; the weights are in the segment, "
+          f"{segments} segment{'s' if segments != 1 else ''}).")
+    if leftover or d.leftover:
+        print(f"WARNING: the daemon left {len(d.leftover)} segments of instance {d.instance} in /dev/shm; removed them.")
+    else:
+        print(f"daemon stopped; /dev/shm holds no segment of instance {d.instance}.")
+    print(f"({time.monotonic() - t_start:.1f} s)")
+
+
+def ratio_or_ref(r, ref, x, y) -> str:
+    return "(ref)" if r is ref else w.ratio(x, y)
+
+
+def memory_segments(instance: str) -> list[str]:
+    from weightd import segment
+
+    return segment.list_segments(f"weightd.{instance}.")

@@ -1,0 +1,395 @@
+"""Worker processes that get a model's weights one way or another and report time and memory.
+
+The harness behind ``weightd demo`` and ``benchmarks/``. ``run(job, n)`` starts ``n`` fresh
+processes (multiprocessing "spawn": nothing inherited from the parent, as in a real fleet of
+workers). Each one:
+
+1. imports what its method needs, then waits at a start gate, so that imports are not timed
+   and all ``n`` get their weights at the same moment (as workers starting together do);
+2. gets the weights ``job.repeats`` times and keeps the median time (the first call pays for
+   lazy imports and cold caches);
+3. touches every weight byte (sums each tensor), so the pages are really resident: a mapping
+   nobody reads costs nothing and would prove nothing;
+4. runs ``job.forward(module)`` where there is a module and a forward check;
+5. reports, then waits at a barrier: all ``n`` are alive and holding their weights while the
+   parent reads each one's ``/proc/PID/smaps_rollup``.
+
+Summing ``Pss`` over the workers counts every resident page once however many of them share
+it, so it is the memory the ``n`` workers cost together; ``Pss_Shmem`` is the part in shared
+memory (weightd's segments). ``daemon()`` runs a ``weightd serve`` for the workers to attach
+to and removes every segment of its instance on the way out.
+
+Everything started here is stopped here, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from weightd import memory, segment
+
+WEIGHTD_STATE_DICT = "weightd-state_dict"
+WEIGHTD_ATTACH = "weightd-attach"
+TORCH_LOAD = "torch.load"
+TORCH_MMAP_ASSIGN = "torch.load(mmap=True)+load_state_dict(assign=True)"
+SAFETENSORS = "safetensors.load_file"
+NONE = "none"  # imports torch and gets nothing: a worker's own memory, for comparison
+METHODS = (WEIGHTD_STATE_DICT, WEIGHTD_ATTACH, TORCH_LOAD, TORCH_MMAP_ASSIGN, SAFETENSORS, NONE)
+WEIGHTD_METHODS = (WEIGHTD_STATE_DICT, WEIGHTD_ATTACH)
+MODULE_METHODS = (WEIGHTD_ATTACH, TORCH_MMAP_ASSIGN)  # give an nn.Module, not a state dict
+
+
+@dataclass
+class Job:
+    """How every worker of one run gets its weights. Sent to the workers, so picklable."""
+
+    method: str
+    name: str = ""  # the model's name at the daemon (weightd methods)
+    socket: str | None = None  # the daemon's socket (weightd methods)
+    path: str = ""  # the checkpoint: a .pt for torch.load, a .safetensors for safetensors
+    builder: Callable | None = None  # builds the module (weightd-attach, torch.load(mmap)+assign)
+    forward: Callable | None = None  # forward(module) checks that the module works
+    repeats: int = 3
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: one of {', '.join(METHODS)}")
+        if self.method in MODULE_METHODS and self.builder is None:
+            raise ValueError(f"{self.method} needs a builder")
+
+
+@dataclass
+class Result:
+    """One run: ``workers`` processes, all holding their weights when measured."""
+
+    method: str
+    workers: int
+    latency: float  # seconds: median over workers of each worker's median
+    touch: float  # seconds: median over workers of touching every weight once
+    latencies: list[float]  # each worker's median
+    usages: list[memory.Usage]  # each worker's, at the barrier
+    shm_used: int  # bytes in use on /dev/shm at the barrier
+    nbytes: int  # weight bytes each worker holds (distinct storages)
+    build: float | None = None  # weightd-attach: median skeleton build, seconds
+    copies: int | None = None  # weightd-attach: weights copied instead of shared
+    forward_ok: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pss(self) -> int:
+        return sum(u.pss for u in self.usages)
+
+    @property
+    def pss_shmem(self) -> int:
+        return sum(u.pss_shmem for u in self.usages)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "usages"}
+        d["usages"] = [u.__dict__ for u in self.usages]
+        d.update(pss=self.pss, pss_shmem=self.pss_shmem)
+        return d
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def run(job: Job, workers: int, *, timeout: float = 600.0) -> Result:
+    """Start ``workers`` processes that each get the weights by ``job``; measure; stop them."""
+    ctx = multiprocessing.get_context("spawn")
+    procs, conns = [], []
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(workers):
+            parent_end, child_end = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(child_end, job), daemon=True, name=f"weightd-worker-{job.method}")
+            p.start()
+            child_end.close()  # so that a dead worker reads as EOF here, not as silence
+            procs.append(p)
+            conns.append(parent_end)
+        for c, p in zip(conns, procs):
+            _expect(c, p, "ready", deadline)
+        for c in conns:
+            c.send("go")  # the start gate: all at once
+        reports = [_expect(c, p, "done", deadline) for c, p in zip(conns, procs)]
+        # The barrier: every worker is alive and holds its weights until told to exit.
+        usages = [memory.usage(p.pid) for p in procs]
+        shm = memory.shm_used()
+        for c in conns:
+            c.send("exit")
+        for p in procs:
+            p.join(max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for c in conns:
+            c.close()
+    builds = [r["build"] for r in reports if r["build"] is not None]
+    return Result(
+        method=job.method,
+        workers=workers,
+        latency=statistics.median(r["latency"] for r in reports),
+        touch=statistics.median(r["touch"] for r in reports),
+        latencies=[r["latency"] for r in reports],
+        usages=usages,
+        shm_used=shm,
+        nbytes=reports[0]["nbytes"],
+        build=statistics.median(builds) if builds else None,
+        copies=max(r["copies"] for r in reports) if builds else None,
+        forward_ok=all(r["forward_ok"] for r in reports) if job.forward and job.method in MODULE_METHODS else None,
+    )
+
+
+def _expect(conn, proc, what: str, deadline: float):
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise WorkerError(f"worker {proc.pid} died (exit code {proc.exitcode}) before it said {what!r}")
+        if time.monotonic() > deadline:
+            raise WorkerError(f"worker {proc.pid} did not say {what!r} in time")
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        proc.join(1)
+        raise WorkerError(f"worker {proc.pid} died (exit code {proc.exitcode}) before it said {what!r}") from None
+    if kind == "error":
+        raise WorkerError(f"worker {proc.pid} failed:\n{payload}")
+    assert kind == what, (kind, what)
+    return payload
+
+
+# --- inside a worker -----------------------------------------------------------------------
+
+
+def _worker(conn, job: Job) -> None:
+    try:
+        import torch
+
+        # N workers share a few cores; one thread each keeps the scheduler out of the numbers.
+        torch.set_num_threads(1)
+        get = _getter(job)
+        conn.send(("ready", os.getpid()))
+        if conn.recv() != "go":
+            return
+        times, builds, weights = [], [], None
+        for _ in range(job.repeats):
+            weights = None  # drop the previous copy first: never hold two
+            gc.collect()
+            t0 = time.perf_counter()
+            weights = get()
+            times.append(time.perf_counter() - t0)
+            if job.method == WEIGHTD_ATTACH:
+                from weightd.client import info
+
+                builds.append(info(weights).build_seconds)
+        t0 = time.perf_counter()
+        tensors, nbytes = _touch(weights)
+        touch = time.perf_counter() - t0
+        forward_ok = None
+        if job.forward is not None and isinstance(weights, torch.nn.Module):
+            with torch.no_grad():
+                job.forward(weights)
+            forward_ok = True
+        copies = None
+        if job.method == WEIGHTD_ATTACH:
+            from weightd.client import info
+
+            copies = info(weights).copies
+        conn.send(("done", {
+            "latency": statistics.median(times),
+            "touch": touch,
+            "nbytes": nbytes,
+            "build": statistics.median(builds) if builds else None,
+            "copies": copies,
+            "forward_ok": forward_ok,
+        }))
+        conn.recv()  # the barrier: hold the weights until the parent has measured everyone
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        pass  # the parent went away or was interrupted: just go
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+
+
+def _getter(job: Job) -> Callable[[], object]:
+    """A function that gets the weights by ``job.method``; imports happen here, untimed."""
+    import torch
+
+    if job.method == WEIGHTD_STATE_DICT:
+        from weightd.client import Client
+
+        client = Client(job.socket)  # one connection, as a long-lived worker would hold
+        return lambda: client.state_dict(job.name)
+    if job.method == WEIGHTD_ATTACH:
+        from weightd.client import Client
+
+        client = Client(job.socket)
+        return lambda: client.attach(job.name, model=job.builder)
+    if job.method == TORCH_LOAD:
+        return lambda: torch.load(job.path, map_location="cpu", weights_only=True)
+    if job.method == TORCH_MMAP_ASSIGN:
+        # The skeleton is built the way weightd builds one (parameters on the meta device,
+        # non-persistent buffers computed for real), so this compares only where the weights
+        # come from: the checkpoint's page cache versus weightd's segment.
+        from weightd.client.module import params_on_meta
+
+        def load():
+            with params_on_meta():
+                module = job.builder()
+            sd = torch.load(job.path, map_location="cpu", weights_only=True, mmap=True)
+            module.load_state_dict(sd, assign=True)
+            return module
+
+        return load
+    if job.method == SAFETENSORS:
+        from safetensors.torch import load_file
+
+        return lambda: load_file(job.path)
+    return lambda: {}
+
+
+def _touch(weights) -> tuple[int, int]:
+    """Read every byte of every weight once; returns (tensors, bytes of distinct storages)."""
+    import torch
+
+    if isinstance(weights, torch.nn.Module):
+        tensors = list(weights.state_dict().values()) + list(weights.buffers())
+    else:
+        tensors = list(weights.values())
+    storages = {}
+    with torch.no_grad():
+        for t in tensors:
+            t.sum()  # reads every element, so every page is faulted in
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return len(tensors), sum(storages.values())
+
+
+# --- a daemon to attach to -----------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    socket: str
+    instance: str
+    leftover: list[str] = field(default_factory=list)  # segments found after it stopped (removed)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@contextlib.contextmanager
+def daemon(models: dict[str, str], *, ready_timeout: float = 300.0):
+    """``weightd serve`` in a subprocess on a private socket and a unique instance.
+
+    Yields once the daemon answers (it loads ``models`` before it binds). On the way out it
+    is stopped with SIGTERM (killed if it hangs), and any segment of its instance still in
+    /dev/shm is removed and listed in ``Daemon.leftover``.
+    """
+    from weightd.client import Client, DaemonNotRunning
+
+    instance = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = tempfile.mkdtemp(prefix="weightd-")  # short: a unix socket path has ~100 bytes
+    sock = os.path.join(tmp, "w.sock")
+    cmd = [sys.executable, "-m", "weightd", "serve", "--socket", sock, "--instance", instance, "--log-level", "warning"]
+    for name, path in models.items():
+        cmd += ["--model", f"{name}={path}"]
+    log = open(os.path.join(tmp, "daemon.log"), "w+b")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    d = Daemon(proc, sock, instance)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"weightd serve exited with {proc.returncode}:\n{log.read().decode(errors='replace')[-3000:]}")
+            try:
+                with Client(sock, timeout=1.0) as c:
+                    c.ping()
+                break
+            except DaemonNotRunning:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"weightd serve did not answer within {ready_timeout:g} s") from None
+                time.sleep(0.05)
+        yield d
+    finally:
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            d.leftover = segment.list_segments(f"weightd.{instance}.")
+            for name in d.leftover:
+                segment.unlink(name)
+            log.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the daemon's child, before exec: SIGTERM it if we die, even by SIGKILL, so that its
+    segments (gigabytes of /dev/shm that outlive every process) are unlinked."""
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """Turn SIGTERM into SystemExit for the duration, so ``finally`` blocks clean up."""
+    def handler(sig, frame):
+        raise SystemExit(128 + sig)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- printing ------------------------------------------------------------------------------
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def ratio(x: float, ref: float) -> str:
+    return f"{x / ref:,.1f}x" if ref else "-"
+
+
+def table(rows: list[list[str]]) -> str:
+    """Left-aligned first column, right-aligned numbers, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
