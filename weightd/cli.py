@@ -48,9 +48,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH",
+@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH", envvar="WEIGHTD_SERVE_MODEL",
               help="A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; NAME defaults to the file or folder stem.")
-@click.option("--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION",
+@click.option("--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY",
               help="How clients build model NAME's module when they attach without model=. Repeatable.")
 @socket_option
 @click.option("--instance", default=None, help="Segment names are weightd.INSTANCE.*  [default: a hash of the socket path]")
@@ -63,6 +63,7 @@ def serve(models, factories, socket, instance, mode, max_bytes, allow_pickle, lo
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from weightd.config import Config, ModelSpec
     from weightd.server import Server
+    from weightd.store import default_name
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s weightd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
     specs = [ModelSpec.parse(m) for text in models for m in text.split()]
@@ -73,8 +74,6 @@ def serve(models, factories, socket, instance, mode, max_bytes, allow_pickle, lo
             raise click.BadParameter(f"{text!r}: write NAME=package.module:function", param_hint="--factory")
         by_name[name] = factory
     for spec in specs:
-        from weightd.store import default_name
-
         spec.factory = by_name.pop(spec.name or default_name(spec.path), None)
     if by_name:
         raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")

@@ -30,7 +30,6 @@ class Config:
     mode: int = 0o640  # segments: readable by the daemon's group, writable by nobody else
     max_bytes: int | None = None
     allow_pickle: bool = False
-    request_timeout: float = 5.0
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())
