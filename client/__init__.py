@@ -8,7 +8,7 @@ Imports neither daemon-only modules nor Ray (``from weightd.client import ray_ze
 does, on demand).
 """
 
-from weightd.client.client import Client, attach, detach, info, state_dict
+from weightd.client.client import Client, attach, detach, info, publish, refresh, state_dict
 from weightd.client.module import Attachment
 from weightd.errors import (
     AttachError,
@@ -31,5 +31,7 @@ __all__ = [
     "attach",
     "detach",
     "info",
+    "publish",
+    "refresh",
     "state_dict",
 ]

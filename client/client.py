@@ -13,9 +13,9 @@ import torch
 import zmq
 from torch import nn
 
-from weightd import errors, protocol
+from weightd import errors, layout, protocol
 from weightd.client.mapping import Mapping
-from weightd.client.module import Attachment, build_skeleton, fill
+from weightd.client.module import Attachment, build_skeleton, fill, refill
 from weightd.errors import DaemonNotRunning, PermissionDenied, RequestTimeout, SegmentError
 from weightd.manifest import Manifest
 
@@ -120,12 +120,56 @@ class Client:
         return self.call("list")["models"]
 
     def manifest(self, name: str, generation: int | None = None) -> Manifest:
-        reply = self.call("manifest", name=name, generation=generation)
+        # The pid lets the daemon keep an older generation linked while this process maps it.
+        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid())
         return Manifest.from_dict(reply["manifest"])
 
     def load(self, path: str, name: str | None = None, *, factory: str | None = None, timeout: float | None = None) -> dict:
         """Have the daemon load a checkpoint (a new generation if ``name`` exists)."""
         return self.call("load", path=os.path.abspath(path), name=name, factory=factory, timeout=timeout or LOAD_TIMEOUT)["model"]
+
+    def publish(self, name: str, obj, *, factory: str | None = None, metadata: dict | None = None) -> dict:
+        """Put a running process's module (or dict of tensors) into a new generation of ``name``.
+
+        The bytes are copied once, from this process's tensors into a segment this process
+        creates and seals; the daemon checks it and serves it from then on. Tensors that share
+        memory (tied weights, views) are stored once. ``factory`` ("pkg.module:function") tells
+        clients how to build the module when they attach without ``model=``.
+
+        >>> Client().publish("policy", policy_net)     # RL: push new weights every few minutes
+        """
+        source = f"publish of {name!r}"
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, dict):
+            raise errors.CheckpointError(f"{source}: publish an nn.Module or a dict of tensors, not {type(obj).__name__}")
+        blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, source), source=source)
+        r = self.call("publish_begin", name=name, nbytes=sum(b.nbytes for b in blobs))
+        manifest = Manifest(
+            name=name, generation=r["generation"], storages=[], tensors=tensors, source="publish",
+            format="published", created=r["created"], segment=r["segment"], uuid=r["uuid"],
+            skeleton={"factory": factory} if factory else None, metadata=dict(metadata or {}),
+        )
+        layout.write(manifest, blobs, mode=r["mode"])
+        del keep
+        # If this call fails the daemon removes the segment (or does when the reservation
+        # expires): unlinking it here could remove a publish the daemon did commit.
+        return self.call("publish_commit", segment=r["segment"])["model"]
+
+    def refresh(self, module: nn.Module, *, generation: int | None = None) -> nn.Module:
+        """Move an attached module to the newest (or the given) generation, in place.
+
+        Parameters stay the same objects (optimizers and ties keep working); only what they
+        point at changes. Returns ``module``.
+        """
+        a = _attachments.get(module)
+        if a is None:
+            raise errors.AttachError("this module was not attached by weightd: use attach() first")
+        mapping, tensors = self._map(a.name, generation)
+        if mapping.manifest.uuid != a.uuid:
+            copies = refill(module, tensors, mapping)
+            _attachments[module] = _attachment(mapping, tensors, copies, a.build_seconds, 0.0)
+        return module
 
     def unload(self, name: str) -> dict:
         """Remove a model; attached workers keep working on what they mapped."""
@@ -158,16 +202,7 @@ class Client:
         module = build_skeleton(model, manifest.skeleton, name)
         build = time.perf_counter() - b0
         copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
-        _attachments[module] = Attachment(
-            name=manifest.name,
-            generation=manifest.generation,
-            segment=manifest.segment,
-            nbytes=manifest.nbytes,
-            tensors=len(tensors),
-            copies=copies,
-            build_seconds=build,
-            attach_seconds=time.perf_counter() - t0,
-        )
+        _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0)
         return module
 
     def _map(self, name: str, generation: int | None):
@@ -183,6 +218,14 @@ class Client:
                 continue
             return mapping, mapping.tensors()
         raise AssertionError("unreachable")
+
+
+def _attachment(mapping: Mapping, tensors: dict, copies: int, build: float, seconds: float) -> Attachment:
+    m = mapping.manifest
+    return Attachment(
+        name=m.name, generation=m.generation, segment=m.segment, uuid=m.uuid, nbytes=m.nbytes,
+        tensors=len(tensors), copies=copies, build_seconds=build, attach_seconds=seconds,
+    )
 
 
 # --- module-level API: one cached Client per thread and socket ---
@@ -225,6 +268,16 @@ def attach(name: str, model=None, *, socket: str | None = None, **kwargs) -> nn.
 def state_dict(name: str, *, socket: str | None = None, generation: int | None = None) -> dict[str, torch.Tensor]:
     """Model ``name``'s tensors over the shared pages: ``{name: tensor}``, zero-copy."""
     return _with_client(socket, lambda c: c.state_dict(name, generation=generation))
+
+
+def publish(name: str, obj, *, socket: str | None = None, factory: str | None = None) -> dict:
+    """Publish a module or dict of tensors as the newest generation of ``name``; see Client.publish."""
+    return _with_client(socket, lambda c: c.publish(name, obj, factory=factory))
+
+
+def refresh(module: nn.Module, *, socket: str | None = None, generation: int | None = None) -> nn.Module:
+    """Point an attached module at the newest generation of its model, in place."""
+    return _with_client(socket, lambda c: c.refresh(module, generation=generation))
 
 
 def info(module: nn.Module) -> Attachment | None:

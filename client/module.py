@@ -129,6 +129,7 @@ class Attachment:
     name: str
     generation: int
     segment: str
+    uuid: str
     nbytes: int
     tensors: int
     copies: int  # weights that did not end up inside the mapping (0 unless something forced a copy)
@@ -174,6 +175,30 @@ def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict
     if copies:
         warnings.warn(f"weightd copied {len(copies)} weights instead of sharing them, e.g. {copies[:3]}", stacklevel=3)
     return len(copies)
+
+
+def refill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping) -> int:
+    """Point an attached module's weights at another generation, keeping every object.
+
+    Parameters get the new tensor as ``.data`` (so optimizers, hooks and ties, which hold the
+    Parameter objects, follow along); buffers are replaced.
+    """
+    persistent = module.state_dict(keep_vars=True)
+    tied = {n for g in _tied_groups(module) for n in g if any(m in tensors for m in g)}
+    missing = [n for n in persistent if n not in tensors and n not in tied]
+    changed = [n for n, t in persistent.items() if n in tensors and tensors[n].shape != t.shape]
+    if missing or changed:
+        raise AttachError(
+            f"the new generation does not fit this module (missing {missing[:3]}, reshaped {changed[:3]}): attach it anew"
+        )
+    for n, t in persistent.items():
+        if n not in tensors:
+            continue
+        if isinstance(t, nn.Parameter):
+            t.data = tensors[n]
+        else:
+            _set(module, n, tensors[n])
+    return sum(1 for n in tensors if n in persistent and _get(module, n).numel() and not mapping.contains(_get(module, n)))
 
 
 def _named_tensors(module: nn.Module):

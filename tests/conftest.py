@@ -107,11 +107,15 @@ def sock(tmp_path):
 
 @pytest.fixture
 def make_daemon(sock, instance):
-    """``make_daemon("--model", "m=/path")`` starts a daemon and waits until it answers."""
+    """``make_daemon("--model", "m=/path")`` starts a daemon and waits until it answers.
+
+    Test daemons remove their segments when they stop (so a leak is a failure), unless
+    ``keep=True`` (restart tests: the next daemon adopts them).
+    """
     started: list[Daemon] = []
 
-    def make(*args: str, wait: bool = True, socket: str | None = None, env: dict | None = None) -> Daemon:
-        d = Daemon(socket or sock, instance, list(args), env=env)
+    def make(*args: str, wait: bool = True, socket: str | None = None, env: dict | None = None, keep: bool = False) -> Daemon:
+        d = Daemon(socket or sock, instance, list(args) + ([] if keep else ["--unlink-on-exit"]), env=env)
         started.append(d)
         return d.start(wait=wait)
 

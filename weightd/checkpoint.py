@@ -18,7 +18,9 @@ from typing import Callable
 
 import torch
 
+from weightd import layout
 from weightd.errors import CheckpointError
+from weightd.layout import Blob
 from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
 
 # safetensors dtype codes -> torch dtype names
@@ -44,14 +46,6 @@ SAFETENSORS_DTYPES = {
 # A header larger than this is not a real checkpoint (the reference library uses 100 MB).
 MAX_SAFETENSORS_HEADER = 100_000_000
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-@dataclass
-class Blob:
-    """One storage's bytes in a checkpoint: ``fill(dst)`` writes exactly ``nbytes`` into dst."""
-
-    nbytes: int
-    fill: Callable[[memoryview], None]
 
 
 @dataclass
@@ -214,7 +208,8 @@ def read_torch(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
         obj = obj.state_dict()
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
-    return from_tensors(_flatten(obj, path), path=str(path), format="torch")
+    blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, path), source=path)
+    return Checkpoint(path=str(path), format="torch", blobs=blobs, tensors=tensors, keepalive=keep)
 
 
 def _torch_load(path: Path, *, weights_only: bool):
@@ -225,66 +220,6 @@ def _torch_load(path: Path, *, weights_only: bool):
         if "mmap" not in str(e):
             raise
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-
-
-def _flatten(obj: dict, path, prefix: str = "") -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in obj.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            out[key] = v
-        elif isinstance(v, dict):
-            out.update(_flatten(v, path, key + "."))
-        else:
-            raise CheckpointError(
-                f"{path}: key {key!r} holds a {type(v).__name__}, not a tensor: save model.state_dict() "
-                "(weights only) rather than a training checkpoint"
-            )
-    return out
-
-
-def from_tensors(tensors: dict[str, torch.Tensor], *, path: str, format: str) -> Checkpoint:
-    """Describe CPU tensors by storage: tensors sharing memory share one blob."""
-    ck = Checkpoint(path=path, format=format)
-    by_storage: dict[tuple[int, int], int] = {}
-    for name, t in tensors.items():
-        t = _plain(t, name, path)
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        index = by_storage.get(key)
-        if index is None:
-            index = by_storage[key] = len(ck.blobs)
-            ck.blobs.append(Blob(storage.nbytes(), _storage_fill(storage)))
-        dtype = str(t.dtype).removeprefix("torch.")
-        offset = t.storage_offset() * t.element_size()
-        ck.tensors.append(TensorMeta(name, index, offset, dtype, tuple(t.shape), tuple(t.stride())))
-        ck.keepalive.append(storage)
-    return ck
-
-
-def _plain(t: torch.Tensor, name: str, path) -> torch.Tensor:
-    if t.layout != torch.strided:
-        raise CheckpointError(f"{path}: tensor {name!r} has layout {t.layout}: convert it with .to_dense() first")
-    if t.is_nested:
-        raise CheckpointError(f"{path}: tensor {name!r} is a nested tensor: weightd stores strided tensors only")
-    if t.device.type == "meta":
-        raise CheckpointError(f"{path}: tensor {name!r} is on the meta device: it has no data to serve")
-    dtype = str(t.dtype).removeprefix("torch.")
-    if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which weightd cannot store as plain bytes")
-    # Conjugate and negative views are lazy flags over someone else's bytes: materialise them
-    # so the bytes in the segment mean what the tensor means.
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()
-    return t.detach()
-
-
-def _storage_fill(storage: torch.UntypedStorage) -> Callable[[memoryview], None]:
-    def fill(dst: memoryview) -> None:
-        src = torch.empty(0, dtype=torch.uint8).set_(storage)
-        torch.frombuffer(dst, dtype=torch.uint8, count=storage.nbytes()).copy_(src)
-
-    return fill
 
 
 # --- folders ------------------------------------------------------------------------------

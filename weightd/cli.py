@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime
 
@@ -58,8 +59,10 @@ def main() -> None:
 @click.option("--max-bytes", type=int, default=None, help="Refuse loads that would take the models past this many bytes.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also accept whole pickled nn.Modules. Unpickling runs any code the file names: only for files you made yourself.")
+@click.option("--unlink-on-exit", is_flag=True,
+              help="Remove the segments when the daemon stops. By default they stay, and the next daemon on this socket adopts them at once instead of reloading.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(models, factories, socket, instance, mode, max_bytes, allow_pickle, log_level) -> None:
+def serve(models, factories, socket, instance, mode, max_bytes, allow_pickle, unlink_on_exit, log_level) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from weightd.config import Config, ModelSpec
     from weightd.server import Server
@@ -77,7 +80,8 @@ def serve(models, factories, socket, instance, mode, max_bytes, allow_pickle, lo
         spec.factory = by_name.pop(spec.name or default_name(spec.path), None)
     if by_name:
         raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
-    config = Config(models=specs, socket=socket, instance=instance, mode=int(mode, 8), max_bytes=max_bytes, allow_pickle=allow_pickle)
+    config = Config(models=specs, socket=socket, instance=instance, mode=int(mode, 8), max_bytes=max_bytes,
+                    allow_pickle=allow_pickle, unlink_on_exit=unlink_on_exit)
     Server(config).run()
 
 
@@ -126,6 +130,35 @@ def unload(name, socket, as_json) -> None:
     with Client(socket) as c:
         model = c.unload(name)
     click.echo(json.dumps(model, indent=2) if as_json else f"unloaded {model['name']} generation {model['generation']}")
+
+
+@main.command()
+@socket_option
+@click.option("--instance", default=None, help="[default: a hash of the socket path, as for serve]")
+def purge(socket, instance) -> None:
+    """Free the memory of a stopped daemon: remove its instance's segments from /dev/shm.
+
+    Refuses while a daemon answers on the socket (use `weightd unload` there). Workers still
+    attached keep their mappings; the memory goes when they let go.
+    """
+    from weightd import segment
+    from weightd.client import Client
+    from weightd.config import Config
+    from weightd.errors import AlreadyRunning, DaemonNotRunning
+
+    config = Config(socket=socket, instance=instance)
+    try:
+        with Client(config.socket, timeout=2) as c:
+            pid = c.ping()["pid"]
+        raise AlreadyRunning(f"weightd is running on {config.socket} (pid {pid}): stop it first, or unload models there")
+    except DaemonNotRunning:
+        pass
+    names = segment.list_segments(f"weightd.{config.instance}.")
+    freed = 0
+    for name in names:
+        freed += os.stat("/dev/shm" + name).st_size
+        segment.unlink(name)
+    click.echo(f"removed {len(names)} segments ({_size(freed)}) of instance {config.instance}")
 
 
 @main.command()

@@ -30,6 +30,7 @@ class Config:
     mode: int = 0o640  # segments: readable by the daemon's group, writable by nobody else
     max_bytes: int | None = None
     allow_pickle: bool = False
+    unlink_on_exit: bool = False  # default: leave segments for the next daemon to adopt
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())

@@ -6,7 +6,9 @@ as safetensors and as a torch .pt, and then measures with ``weightd.workers``:
 
 - every worker loading the checkpoint itself: ``torch.load``, ``safetensors.load_file``;
 - ``weightd serve`` holding it once, and every worker ``attach``-ing it (and running a forward
-  pass, to prove the module works).
+  pass, to prove the module works), or getting its ``state_dict`` (the like of what the file
+  loaders give, so that is what they are compared with);
+- workers that get no weights at all: what Python and torch cost by themselves.
 
 The file-loading runs go first, before the daemon exists, so that each row's /dev/shm growth
 is that method's own.
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightd import memory, workers as w
+from weightd import memory, segment, workers as w
 
 
 class Block(nn.Module):
@@ -118,33 +120,38 @@ def run(workers: int = 4, size_mib: int = 256) -> None:
         del model
         base = memory.shm_used()
         results = []
-        for job in (w.Job(w.TORCH_LOAD, path=str(pt)), w.Job(w.SAFETENSORS, path=str(st))):
+        for job in (w.Job(w.TORCH_LOAD, path=str(pt)), w.Job(w.SAFETENSORS, path=str(st)), w.Job(w.NONE)):
             print(f"  {workers} workers: {job.method} ...", flush=True)
             results.append(w.run(job, workers))
-        print(f"  weightd serve --model demo={st.name}, {workers} workers attach ...", flush=True)
+        idle = results.pop()
+        print(f"  weightd serve --model demo={st.name}; {workers} workers attach, then {workers} get its state_dict ...", flush=True)
         with w.daemon({"demo": str(st)}) as d:
             job = w.Job(w.WEIGHTD_ATTACH, name="demo", socket=d.socket, builder=builder, forward=smoke)
-            results.insert(0, w.run(job, workers))
+            results[:0] = [w.run(job, workers), w.run(w.Job(w.WEIGHTD_STATE_DICT, name="demo", socket=d.socket), workers)]
             daemon_pss = memory.usage(d.pid).pss
-            segments = len(memory_segments(d.instance))
-        leftover = memory_segments(d.instance)
+            segments = len(segment.list_segments(f"weightd.{d.instance}."))
+        leftover = segment.list_segments(f"weightd.{d.instance}.")
 
-    ref = results[0]
-    rows = [["method", "attach/load", "vs weightd", f"total Pss ({workers})", "vs weightd", "Pss_Shmem", "/dev/shm +"]]
+    attach, by_state_dict = results[0], results[1]
+    rows = [["method", "gives", "attach/load", "vs weightd", f"total Pss ({workers})", "vs weightd", "Pss_Shmem", "/dev/shm +"]]
     for r in results:
+        module = r.method in w.MODULE_METHODS
+        ref = attach if module else by_state_dict
         rows.append([
-            "weightd attach" if r.method == w.WEIGHTD_ATTACH else f"every worker {r.method}",
-            w.ms(r.latency), ratio_or_ref(r, ref, r.latency, ref.latency),
-            w.mib(r.pss), ratio_or_ref(r, ref, r.pss, ref.pss),
+            r.method.replace("-", " ") if r.method in w.WEIGHTD_METHODS else f"every worker {r.method}",
+            "module" if module else "state dict",
+            w.ms(r.latency), "(ref)" if r is ref else w.ratio(r.latency, ref.latency),
+            w.mib(r.pss), "(ref)" if r is ref else w.ratio(r.pss, ref.pss),
             w.mib(r.pss_shmem), w.mib(max(0, r.shm_used - base)),
         ])
     print()
     print(w.table(rows))
     print()
-    print(f"model: {w.mib(nbytes)}; attach/load is the median per worker; Pss summed over the {workers} workers "
-          f"(each page counted once however many share it), measured with all {workers} alive and every weight touched.")
-    print(f"weightd attach: skeleton build {w.ms(ref.build)} of {w.ms(ref.latency)}, {ref.copies} weights copied, "
-          f"forward pass in every worker: {'ok' if ref.forward_ok else 'FAILED'}; first touch of all weights {w.ms(ref.touch)}.")
+    print(f"model: {w.mib(nbytes)}. attach/load: median per worker, all {workers} starting at once. Pss: summed over the "
+          f"{workers} workers (each page counted once however many share it), all alive, every weight touched; "
+          f"{workers} idle workers (Python and torch, no weights) take {w.mib(idle.pss)} of it.")
+    print(f"weightd attach: skeleton build {w.ms(attach.build)} of {w.ms(attach.latency)}, {attach.copies} weights copied, "
+          f"forward pass in every worker: {'ok' if attach.forward_ok else 'FAILED'}; first touch of all weights {w.ms(attach.touch)}.")
     print(f"the daemon itself: Pss {w.mib(daemon_pss)} (its Python and torch; the weights are in the segment, "
           f"{segments} segment{'s' if segments != 1 else ''}).")
     if leftover or d.leftover:
@@ -153,12 +160,3 @@ def run(workers: int = 4, size_mib: int = 256) -> None:
         print(f"daemon stopped; /dev/shm holds no segment of instance {d.instance}.")
     print(f"({time.monotonic() - t_start:.1f} s)")
 
-
-def ratio_or_ref(r, ref, x, y) -> str:
-    return "(ref)" if r is ref else w.ratio(x, y)
-
-
-def memory_segments(instance: str) -> list[str]:
-    from weightd import segment
-
-    return segment.list_segments(f"weightd.{instance}.")

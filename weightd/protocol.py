@@ -30,7 +30,7 @@ MAX_REQUEST_ID_BYTES = 64
 
 # Operations anyone who can reach the socket may use, and those that change what is loaded.
 READ_OPS = frozenset({"ping", "list", "manifest"})
-ADMIN_OPS = frozenset({"load", "unload"})
+ADMIN_OPS = frozenset({"load", "unload", "publish_begin", "publish_commit"})
 
 ENV_SOCKET = "WEIGHTD_SOCKET"
 SYSTEM_SOCKET = "/run/weightd/weightd.sock"

@@ -28,6 +28,7 @@ creates one must unlink it on failure, and a daemon sweeps what a killed predece
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import struct
@@ -35,6 +36,7 @@ import struct
 import posix_ipc
 
 from weightd.errors import OutOfSpace, PermissionDenied, SegmentError
+from weightd.manifest import Manifest
 
 MAGIC = b"WEIGHTD\0"
 FORMAT_VERSION = 1
@@ -73,7 +75,7 @@ class Segment:
         """
         free = shm_free_bytes()
         if size > free:
-            raise OutOfSpace(_no_space_message(size, free))
+            raise OutOfSpace(no_space_message(size, free))
         try:
             shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode, size=size)
         except posix_ipc.ExistentialError:
@@ -85,7 +87,7 @@ class Segment:
                 os.posix_fallocate(shm.fd, 0, size)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                    raise OutOfSpace(_no_space_message(size, shm_free_bytes())) from None
+                    raise OutOfSpace(no_space_message(size, shm_free_bytes())) from None
                 raise
             buf = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -138,6 +140,32 @@ def read_header(buf) -> tuple[int, int, bool]:
     return moff, mlen, seal == SEALED
 
 
+def inspect(name: str):
+    """(manifest or None, size, sealed) of an existing segment, read without writing to it."""
+    try:
+        shm = posix_ipc.SharedMemory(name, read_only=True)
+    except posix_ipc.ExistentialError:
+        raise SegmentError(f"segment {name} does not exist") from None
+    except posix_ipc.PermissionsError:
+        raise PermissionDenied(f"may not read segment {name}") from None
+    try:
+        size = os.fstat(shm.fd).st_size
+        if size < DATA_OFFSET:
+            return None, size, False
+        with mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as buf:
+            moff, mlen, sealed = read_header(buf)
+            if not sealed:
+                return None, size, False
+            try:
+                manifest = Manifest.from_dict(json.loads(buf[moff : moff + mlen]))
+            except ValueError as e:
+                raise SegmentError(f"segment {name}: manifest is not JSON ({e})") from None
+            manifest.validate(DATA_OFFSET, moff)
+            return manifest, size, True
+    finally:
+        shm.close_fd()
+
+
 def list_segments(prefix: str, directory: str = SHM_DIR) -> list[str]:
     """Names (with leading slash) of the segments in /dev/shm that start with ``prefix``."""
     try:
@@ -154,7 +182,7 @@ def unlink(name: str) -> None:
         pass
 
 
-def _no_space_message(size: int, free: int) -> str:
+def no_space_message(size: int, free: int) -> str:
     return (
         f"/dev/shm has {_gib(free)} free, the model needs {_gib(size)}: free space there (weightd unload, "
         "or remove stale segments), or give the machine or container more shared memory "

@@ -1,7 +1,7 @@
 """The daemon: one ROUTER socket, a loop that answers requests, loads on a worker thread.
 
-Lifecycle (as in uvicorn): ``run`` → ``startup`` (lock the socket, sweep what a killed
-predecessor left, preload models, bind) → ``main_loop`` → ``shutdown``. Signal handlers only
+Lifecycle (as in uvicorn): ``run`` → ``startup`` (lock the socket, adopt what a previous
+daemon of this instance left, preload models, bind) → ``main_loop`` → ``shutdown``. Signal handlers only
 set a flag; the loop polls it.
 
 Daemon-only.
@@ -29,6 +29,17 @@ log = logging.getLogger("weightd")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_MS = 100
+REAP_SECONDS = 1.0  # how often retired generations are checked for processes still mapping them
+
+
+def maps_segment(pid: int, name: str) -> bool:
+    """Whether process ``pid`` has segment ``name`` mapped (from /proc/PID/maps)."""
+    needle = "/dev/shm/" + name.lstrip("/")
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(needle in line for line in f)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
 
 
 class Server:
@@ -51,6 +62,8 @@ class Server:
             "manifest": self._manifest,
             "load": self._load,
             "unload": self._unload,
+            "publish_begin": self._publish_begin,
+            "publish_commit": self._publish_commit,
         }
 
     # --- lifecycle ---
@@ -66,7 +79,7 @@ class Server:
     def startup(self) -> None:
         self._acquire_lock()
         try:
-            self.store.sweep()
+            self.store.adopt()
             for spec in self.config.models:
                 self.store.load(spec.path, spec.name, spec.factory)
             self._bind()
@@ -81,10 +94,14 @@ class Server:
     def main_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        next_reap = time.monotonic() + REAP_SECONDS
         while not self.should_exit:
             if poller.poll(POLL_MS):
                 self._drain()
             self._reap_loads()
+            if time.monotonic() >= next_reap:
+                self.store.reap(maps_segment)
+                next_reap = time.monotonic() + REAP_SECONDS
 
     def shutdown(self) -> None:
         self._loads.shutdown(wait=True, cancel_futures=True)
@@ -97,9 +114,10 @@ class Server:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
-        # Attached workers keep their mappings (Note [segment lifetime after unlink]); the
-        # names go so that nothing is left in /dev/shm once the daemon is stopped.
-        self.store.close()
+        # By default the segments stay for the next daemon of this instance to adopt (a restart
+        # costs no reload); attached workers keep their mappings either way (Note [segment
+        # lifetime after unlink]). `weightd purge` frees them when no daemon runs.
+        self.store.close(unlink=self.config.unlink_on_exit)
         self._release_lock()
         log.info("weightd stopped")
 
@@ -214,7 +232,8 @@ class Server:
     def _manifest(self, req, identity, rid) -> bytes:
         name = protocol.field(req, "name", str)
         generation = protocol.field(req, "generation", int, required=False)
-        model = self.store.get(name, generation)
+        pid = protocol.field(req, "pid", int, required=False)
+        model = self.store.get(name, generation, pid)
         key = (name, model.manifest.generation)
         reply = self._manifest_replies.get(key)
         if reply is None:
@@ -234,6 +253,15 @@ class Server:
 
     def _unload(self, req, identity, rid) -> bytes:
         model = self.store.unload(protocol.field(req, "name", str))
+        return protocol.ok(model=model.summary())
+
+    def _publish_begin(self, req, identity, rid) -> bytes:
+        manifest = self.store.reserve(protocol.field(req, "name", str), protocol.field(req, "nbytes", int))
+        return protocol.ok(segment=manifest.segment, generation=manifest.generation, uuid=manifest.uuid,
+                           created=manifest.created, mode=self.store.mode)
+
+    def _publish_commit(self, req, identity, rid) -> bytes:
+        model = self.store.commit(protocol.field(req, "segment", str))
         return protocol.ok(model=model.summary())
 
     def _reap_loads(self) -> None:

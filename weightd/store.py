@@ -1,9 +1,20 @@
-"""The daemon's loaded models: one sealed segment per (name, generation).
+"""The daemon's models: one sealed segment per (name, generation).
 
 Daemon-only. Loading is all-or-nothing: the checkpoint is validated first, the segment is
 created with every page reserved, filled, described, sealed, and only then published under
 its name. Any failure on the way unlinks the half-made segment, and the models already served
 are never touched.
+
+Generations: loading or publishing a name that exists makes a new generation, published
+atomically (the name is never empty). The generation it replaces is *retired*: still linked,
+so a client may ask for it by number, until no process that attached it maps it any more;
+then it is unlinked and the kernel frees its pages with the last mapping (Note [segment
+lifetime after unlink]). Unload unlinks at once: the name is gone, attached workers keep
+what they mapped.
+
+Restart: segments are named ``weightd.<instance>.*`` and self-describing, so a new daemon of
+the same instance adopts the sealed ones (reading only headers and manifests: instant,
+whatever their size) and removes the unsealed ones a killed load left.
 """
 
 from __future__ import annotations
@@ -14,24 +25,28 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from weightd import checkpoint, segment
-from weightd.errors import ModelNotFound, OutOfSpace, ProtocolError
-from weightd.manifest import PAGE_ALIGN, Manifest, StorageMeta, align_up, storage_alignment
+from weightd import checkpoint, layout, segment
+from weightd.errors import ModelNotFound, OutOfSpace, ProtocolError, SegmentError
+from weightd.manifest import Manifest
 
 log = logging.getLogger("weightd")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+RESERVATION_SECONDS = 600.0  # a publish that does not commit in this long is abandoned
+RETIRE_GRACE_SECONDS = 5.0  # a retired generation is kept at least this long after its last request
 
 
 @dataclass
 class Model:
     manifest: Manifest
     size: int  # bytes of the segment
+    attached: set[int] = field(default_factory=set)  # pids that asked for this generation
+    touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
 
     def summary(self) -> dict:
         m = self.manifest
@@ -56,6 +71,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_factory(factory: str | None) -> str | None:
+    if factory is not None and not (isinstance(factory, str) and FACTORY_RE.match(factory)):
+        raise ProtocolError(f"bad factory {factory!r:.80}: write it as package.module:function")
+    return factory
+
+
 def default_name(path: str) -> str:
     p = Path(path)
     return p.name.split(".")[0] if p.is_file() or p.suffix else p.name
@@ -67,147 +88,224 @@ class Store:
         self.mode = mode
         self.max_bytes = max_bytes
         self.allow_pickle = allow_pickle
-        self._models: dict[str, Model] = {}
+        self._models: dict[str, Model] = {}  # name -> newest generation
+        self._retired: dict[str, Model] = {}  # segment -> an older generation someone may map
+        self._reserved: dict[str, tuple[Manifest, float]] = {}  # segment -> publish under way
         self._generations: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    # --- queries (the loop thread) ---
+    # --- queries ---
 
-    def get(self, name: str, generation: int | None = None) -> Model:
+    def get(self, name: str, generation: int | None = None, pid: int | None = None) -> Model:
         with self._lock:
             model = self._models.get(name)
-        if model is None:
-            known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {known}): load it with `weightd load PATH --name {name}`")
-        if generation is not None and generation != model.manifest.generation:
-            raise ModelNotFound(
-                f"model {name!r} is at generation {model.manifest.generation}; generation {generation} is no longer served"
-            )
+            if generation is not None and (model is None or model.manifest.generation != generation):
+                model = next(
+                    (m for m in self._retired.values() if m.manifest.name == name and m.manifest.generation == generation),
+                    None,
+                )
+                if model is None:
+                    raise ModelNotFound(f"model {name!r} generation {generation} is not served (any more)")
+            if model is None:
+                known = ", ".join(sorted(self._models)) or "none"
+                raise ModelNotFound(
+                    f"no model named {name!r} is loaded (loaded: {known}): load it with `weightd load PATH --name {name}`"
+                )
+            if pid is not None:
+                model.attached.add(pid)
+            model.touched = time.monotonic()
         return model
 
     def list(self) -> list[dict]:
         with self._lock:
             return [m.summary() for _, m in sorted(self._models.items())]
 
-    # --- changes ---
+    def segments(self) -> list[Model]:
+        with self._lock:
+            return list(self._models.values()) + list(self._retired.values())
 
-    def load(
-        self,
-        path: str,
-        name: str | None = None,
-        factory: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> Model:
+    # --- loading and publishing ---
+
+    def load(self, path: str, name: str | None = None, factory: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Model:
         name = check_name(name or default_name(path))
-        if factory is not None and not (isinstance(factory, str) and FACTORY_RE.match(factory)):
-            raise ProtocolError(f"bad factory {factory!r:.80}: write it as package.module:function")
+        check_factory(factory)
         started = time.monotonic()
         ck = checkpoint.read(path, allow_pickle=self.allow_pickle)
         try:
-            if factory:
-                ck.skeleton = {"factory": factory}
-            model = self._write(name, ck, progress)
+            manifest = self._new_manifest(name, source=str(Path(ck.path).resolve()), format=ck.format)
+            manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
+            manifest.skeleton = {"factory": factory} if factory else ck.skeleton
+            self._check_space(name, ck.nbytes)
+            size = layout.write(manifest, ck.blobs, mode=self.mode, progress=progress)
         finally:
             checkpoint.close(ck)
-        seconds = time.monotonic() - started
+        model = self._publish(Model(manifest, size))
         log.info(
             "loaded %s generation %d from %s: %d tensors, %.1f MiB in %.2f s (%s)",
-            name, model.manifest.generation, path, len(model.manifest.tensors),
-            model.manifest.nbytes / 2**20, seconds, model.manifest.segment,
+            name, manifest.generation, path, len(manifest.tensors), manifest.nbytes / 2**20,
+            time.monotonic() - started, manifest.segment,
         )
+        return model
+
+    def reserve(self, name: str, nbytes: int) -> Manifest:
+        """Start a publish: a generation and a segment name the publisher will create and seal."""
+        check_name(name)
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise ProtocolError(f"nbytes must be a non-negative integer, got {nbytes!r:.40}")
+        self._check_space(name, nbytes)
+        manifest = self._new_manifest(name, source="publish", format="published")
+        with self._lock:
+            self._reserved[manifest.segment] = (manifest, time.monotonic() + RESERVATION_SECONDS)
+        return manifest
+
+    def commit(self, segment_name: str) -> Model:
+        """Finish a publish: check the sealed segment against its reservation and serve it."""
+        with self._lock:
+            reserved, _ = self._reserved.pop(segment_name, (None, 0))
+        if reserved is None:
+            raise ProtocolError(f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)")
+        try:
+            manifest, size, sealed = segment.inspect(segment_name)
+            if not sealed:
+                raise SegmentError(f"segment {segment_name} is not sealed: the publish did not finish")
+            if (manifest.name, manifest.generation, manifest.uuid) != (reserved.name, reserved.generation, reserved.uuid):
+                raise SegmentError(f"segment {segment_name} does not hold the publish that reserved it")
+            check_factory((manifest.skeleton or {}).get("factory"))
+        except BaseException:
+            segment.unlink(segment_name)
+            raise
+        model = self._publish(Model(manifest, size))
+        log.info("published %s generation %d: %d tensors, %.1f MiB", manifest.name, manifest.generation,
+                 len(manifest.tensors), manifest.nbytes / 2**20)
         return model
 
     def unload(self, name: str) -> Model:
         with self._lock:
             model = self._models.pop(name, None)
+            retired = [s for s, m in self._retired.items() if m.manifest.name == name]
+            for s in retired:
+                del self._retired[s]
         if model is None:
             raise ModelNotFound(f"no model named {name!r} is loaded")
         # Attached workers keep their mappings: Note [segment lifetime after unlink].
-        segment.unlink(model.manifest.segment)
+        for s in [model.manifest.segment, *retired]:
+            segment.unlink(s)
         log.info("unloaded %s generation %d", name, model.manifest.generation)
         return model
 
-    def close(self) -> None:
-        """Unlink every segment this store made (on a graceful stop)."""
-        with self._lock:
-            models, self._models = list(self._models.values()), {}
-        for m in models:
-            segment.unlink(m.manifest.segment)
+    # --- housekeeping ---
 
-    def sweep(self) -> list[str]:
-        """Remove segments a previous daemon of this instance left behind (it was killed)."""
-        stale = segment.list_segments(self.prefix.lstrip("/"))
-        for name in stale:
-            segment.unlink(name)
-        if stale:
-            log.warning("removed %d segments left by a previous daemon of this instance", len(stale))
-        return stale
+    def adopt(self) -> list[Model]:
+        """Serve the sealed segments a previous daemon of this instance left; remove the rest."""
+        found: dict[str, list[Model]] = {}
+        for name in segment.list_segments(self.prefix):
+            try:
+                manifest, size, sealed = segment.inspect(name)
+            except SegmentError as e:
+                log.warning("removing %s: %s", name, e)
+                manifest, sealed = None, False
+            if not sealed or manifest.segment != name:
+                log.warning("removing unfinished segment %s (a load or publish that was cut off)", name)
+                segment.unlink(name)
+                continue
+            found.setdefault(manifest.name, []).append(Model(manifest, size))
+        adopted = []
+        for name, models in found.items():
+            models.sort(key=lambda m: m.manifest.generation)
+            newest = models[-1]
+            with self._lock:
+                self._models[name] = newest
+                self._generations[name] = newest.manifest.generation
+            adopted.append(newest)
+            for old in models[:-1]:  # nobody can be known to map them after a restart
+                segment.unlink(old.manifest.segment)
+            log.info("adopted %s generation %d (%s)", name, newest.manifest.generation, newest.manifest.segment)
+        return adopted
+
+    def reap(self, maps: Callable[[int, str], bool]) -> None:
+        """Unlink retired generations no live process maps, and abandoned publishes.
+
+        ``maps(pid, segment)`` says whether process ``pid`` still maps ``segment``.
+        """
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, (_, deadline) in self._reserved.items() if deadline < now]
+            for s in expired:
+                del self._reserved[s]
+            retired = list(self._retired.items())
+        for s in expired:
+            log.warning("publish of %s was never committed: removing it", s)
+            segment.unlink(s)
+        for s, model in retired:
+            if now - model.touched < RETIRE_GRACE_SECONDS:
+                continue  # a client may be between the manifest reply and its mmap
+            model.attached = {pid for pid in model.attached if maps(pid, s)}
+            if not model.attached:
+                with self._lock:
+                    self._retired.pop(s, None)
+                segment.unlink(s)
+                log.info("freed %s generation %d: no process maps it any more", model.manifest.name, model.manifest.generation)
+
+    def close(self, unlink: bool) -> None:
+        """On stop: keep the segments for the next daemon to adopt, or unlink them all."""
+        with self._lock:
+            models = list(self._models.values()) + list(self._retired.values())
+            pending = list(self._reserved)
+            self._models, self._retired, self._reserved = {}, {}, {}
+        for s in pending:
+            segment.unlink(s)
+        if unlink:
+            for m in models:
+                segment.unlink(m.manifest.segment)
 
     # --- internals ---
 
-    def _write(self, name: str, ck: checkpoint.Checkpoint, progress) -> Model:
-        offset = segment.DATA_OFFSET
-        storages = []
-        for blob in ck.blobs:
-            offset = align_up(offset, storage_alignment(blob.nbytes))
-            storages.append(StorageMeta(offset, blob.nbytes))
-            offset += blob.nbytes
-        manifest_offset = align_up(offset, PAGE_ALIGN)
+    def _new_manifest(self, name: str, *, source: str, format: str) -> Manifest:
+        """A manifest with a fresh generation and segment name; storages still to place."""
         with self._lock:
             generation = self._generations.get(name, 0) + 1
             self._generations[name] = generation
         uid = uuid.uuid4().hex
         slug = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:48]
         tag = hashlib.sha1(name.encode()).hexdigest()[:6]
-        manifest = Manifest(
+        return Manifest(
             name=name,
             generation=generation,
-            storages=storages,
-            tensors=ck.tensors,
-            source=str(Path(ck.path).resolve()),
-            format=ck.format,
+            storages=[],
+            tensors=[],
+            source=source,
+            format=format,
             created=time.time(),
             segment=f"/{self.prefix}{slug}-{tag}.{uid[:12]}",
             uuid=uid,
-            skeleton=ck.skeleton,
-            metadata=ck.metadata,
         )
-        manifest.validate(segment.DATA_OFFSET, manifest_offset)
-        blob_json = manifest.to_json()
-        size = manifest_offset + len(blob_json)
-        self._check_budget(name, size)
-        seg = segment.Segment.create(manifest.segment, size, self.mode)
-        try:
-            total, done = ck.nbytes, 0
-            with memoryview(seg.buf) as view:
-                for blob, st in zip(ck.blobs, storages):
-                    blob.fill(view[st.offset : st.offset + st.nbytes])
-                    done += st.nbytes
-                    if progress is not None:
-                        progress(done, total)
-            seg.write_manifest(blob_json, manifest_offset)
-            seg.seal()
-        except BaseException:
-            seg.destroy()
-            raise
-        seg.close()
-        model = Model(manifest, size)
+
+    def _publish(self, model: Model) -> Model:
+        """Make ``model`` what its name serves; the generation it replaces is retired."""
+        name = model.manifest.name
         with self._lock:
             old = self._models.get(name)
+            if old is not None and old.manifest.generation > model.manifest.generation:
+                # a slower load or publish finished after a newer one: it is born retired
+                self._retired[model.manifest.segment] = model
+                return model
             self._models[name] = model
-        if old is not None:
-            # The new generation is published first, so no request ever finds the name empty.
-            segment.unlink(old.manifest.segment)
+            if old is not None:
+                old.touched = time.monotonic()
+                self._retired[old.manifest.segment] = old
         return model
 
-    def _check_budget(self, name: str, size: int) -> None:
+    def _check_space(self, name: str, nbytes: int) -> None:
+        free = segment.shm_free_bytes()
+        if nbytes > free:
+            raise OutOfSpace(segment.no_space_message(nbytes, free))
         if self.max_bytes is None:
             return
         with self._lock:
-            used = sum(m.size for n, m in self._models.items() if n != name)
-        if used + size > self.max_bytes:
+            used = sum(m.size for m in list(self._models.values()) + list(self._retired.values()))
+        if used + nbytes > self.max_bytes:
             raise OutOfSpace(
-                f"loading {name!r} needs {size} bytes but the daemon's budget (--max-bytes {self.max_bytes}) "
-                f"has {self.max_bytes - used} left: unload a model or raise --max-bytes"
+                f"{name!r} needs {nbytes} bytes but the daemon's budget (--max-bytes {self.max_bytes}) has "
+                f"{max(self.max_bytes - used, 0)} left: unload a model or raise --max-bytes"
             )
-

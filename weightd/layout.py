@@ -1,0 +1,139 @@
+"""Laying tensors out by storage and writing them into a new segment, once.
+
+Shared by the daemon (loading checkpoints) and the client (publishing a running process's
+module): both describe what they have as blobs, one per storage, and tensors over them, and
+``write`` turns that into a sealed segment or leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from weightd import segment
+from weightd.errors import CheckpointError
+from weightd.manifest import DTYPE_SIZES, PAGE_ALIGN, Manifest, StorageMeta, TensorMeta, align_up, storage_alignment
+
+
+@dataclass
+class Blob:
+    """One storage's bytes: ``fill(dst)`` writes exactly ``nbytes`` into ``dst``."""
+
+    nbytes: int
+    fill: Callable[[memoryview], None]
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], *, source: str) -> tuple[list[Blob], list[TensorMeta], list]:
+    """Describe CPU tensors by storage; tensors sharing memory (ties, views) share one blob.
+
+    Returns the blobs, the tensors over them, and the storages the fills read from (keep
+    them alive until the segment is written).
+    """
+    blobs: list[Blob] = []
+    metas: list[TensorMeta] = []
+    keep = []
+    by_storage: dict[tuple[int, int], int] = {}
+    for name, t in tensors.items():
+        t = plain(t, name, source)
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            raise CheckpointError(f"{source}: tensor {name!r} ({type(t).__name__}) has no plain storage to share") from None
+        key = (storage.data_ptr(), storage.nbytes())
+        index = by_storage.get(key)
+        if index is None:
+            index = by_storage[key] = len(blobs)
+            blobs.append(Blob(storage.nbytes(), _storage_fill(storage)))
+            keep.append(storage)
+        dtype = str(t.dtype).removeprefix("torch.")
+        offset = t.storage_offset() * t.element_size()
+        metas.append(TensorMeta(name, index, offset, dtype, tuple(t.shape), tuple(t.stride())))
+    return blobs, metas, keep
+
+
+def flatten(obj: dict, source, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A (nested) dict of tensors as one flat ``{"a.b": tensor}`` dict; anything else is refused."""
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out[key] = v
+        elif isinstance(v, dict):
+            out.update(flatten(v, source, key + "."))
+        else:
+            raise CheckpointError(
+                f"{source}: key {key!r} holds a {type(v).__name__}, not a tensor: save model.state_dict() "
+                "(weights only) rather than a training checkpoint"
+            )
+    return out
+
+
+def plain(t: torch.Tensor, name: str, source) -> torch.Tensor:
+    """The tensor as plain strided CPU bytes, or a clear refusal."""
+    if t.is_nested:
+        raise CheckpointError(f"{source}: tensor {name!r} is a nested tensor: unbind it or pad it to a strided tensor")
+    if t.layout != torch.strided:
+        raise CheckpointError(f"{source}: tensor {name!r} has layout {t.layout}: convert it with .to_dense() first")
+    if t.device.type == "meta":
+        raise CheckpointError(f"{source}: tensor {name!r} is on the meta device: it has no data to serve")
+    if t.device.type != "cpu":
+        raise CheckpointError(f"{source}: tensor {name!r} is on {t.device}: move it to the CPU first")
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{source}: tensor {name!r} has dtype {dtype}, which weightd cannot store as plain bytes")
+    # Conjugate and negative views are lazy flags over someone else's bytes: materialise them
+    # so the bytes in the segment mean what the tensor means.
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t.detach()
+
+
+def _storage_fill(storage: torch.UntypedStorage) -> Callable[[memoryview], None]:
+    def fill(dst: memoryview) -> None:
+        src = torch.empty(0, dtype=torch.uint8).set_(storage)
+        torch.frombuffer(dst, dtype=torch.uint8, count=storage.nbytes()).copy_(src)
+
+    return fill
+
+
+def write(
+    manifest: Manifest,
+    blobs: list[Blob],
+    *,
+    mode: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
+
+    ``manifest`` arrives with everything but its storages, which are placed here. All or
+    nothing: any failure unlinks the segment (Note [segment lifetime after unlink]).
+    """
+    offset = segment.DATA_OFFSET
+    storages = []
+    for blob in blobs:
+        offset = align_up(offset, storage_alignment(blob.nbytes))
+        storages.append(StorageMeta(offset, blob.nbytes))
+        offset += blob.nbytes
+    manifest_offset = align_up(offset, PAGE_ALIGN)
+    manifest.storages = storages
+    manifest.validate(segment.DATA_OFFSET, manifest_offset)
+    encoded = manifest.to_json()
+    size = manifest_offset + len(encoded)
+    seg = segment.Segment.create(manifest.segment, size, mode)
+    try:
+        total, done = sum(b.nbytes for b in blobs), 0
+        with memoryview(seg.buf) as view:
+            for blob, st in zip(blobs, storages):
+                blob.fill(view[st.offset : st.offset + st.nbytes])
+                done += st.nbytes
+                if progress is not None:
+                    progress(done, total)
+        seg.write_manifest(encoded, manifest_offset)
+        seg.seal()
+    except BaseException:
+        seg.destroy()
+        raise
+    seg.close()
+    return size
