@@ -320,8 +320,12 @@ def main(argv=None) -> int:
     args.latency_repeats = 100 if args.quick else 500
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with w.sigterm_exits():
-        out = run_all(args)
+    try:
+        with w.sigterm_exits():
+            out = run_all(args)
+    except KeyboardInterrupt:  # everything started has been stopped and removed on the way here
+        print("interrupted", file=sys.stderr)
+        return 130
     report(out)
     out["env"] = {
         "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),

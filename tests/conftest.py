@@ -180,7 +180,7 @@ def workers():
     started: list[Worker] = []
 
     def make(code: str, env: dict | None = None) -> Worker:
-        w = Worker(code, env=env)
+        w = Worker(code, env=env or worker_env())
         started.append(w)
         return w
 
@@ -194,6 +194,13 @@ def workers():
                 f.close()
             except (BrokenPipeError, OSError):
                 pass
+
+
+def worker_env() -> dict:
+    """The test environment, with tests/ importable (for models.py)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return env
 
 
 def worker_code(sock: str, body: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from pathlib import Path
 
 import posix_ipc
 import torch
@@ -15,13 +14,6 @@ from conftest import segments, worker_code
 from weightd.memory import shm_used, usage
 
 MiB = 1 << 20
-TESTS = str(Path(__file__).parent)
-
-
-def worker_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([TESTS, env.get("PYTHONPATH", "")])
-    return env
 
 
 def make_model(path, mib: int = 64, tensors: int = 16) -> dict[str, torch.Tensor]:
@@ -56,13 +48,13 @@ def test_four_workers_share_one_copy(tmp_path, make_daemon, workers):
         say({"pid": os.getpid(), "total": total})
         hear()
     """)
-    ws = [workers(code, env=worker_env()) for _ in range(4)]
+    ws = [workers(code) for _ in range(4)]
     # the same process without the model: what a worker costs anyway (torch alone is ~150 MB)
     baseline = workers(worker_code(d.socket, """
         total = float(torch.randn(1000).sum())
         say({"pid": os.getpid()})
         hear()
-    """), env=worker_env())
+    """))
     reports = [w.read() for w in ws]
     baseline.read()
     expected = sum(float(t.sum()) for t in sd.values())
@@ -96,14 +88,14 @@ def test_a_workers_writes_stay_private(tmp_path, make_daemon, workers):
         sd["layer1.weight"].mul_(0)
         say({"first": float(w[0]), "zeros": bool((sd["layer1.weight"] == 0).all())})
         hear()
-    """), env=worker_env())
+    """))
     reader_code = worker_code(d.socket, """
         sd = state_dict("m", socket=SOCK)
         say({"first": float(sd["layer0.weight"][0]), "sum1": float(sd["layer1.weight"].double().sum())})
     """)
     wrote = writer.read()
     assert wrote == {"first": 12345.0, "zeros": True}, "the writer sees its own writes"
-    seen = workers(reader_code, env=worker_env()).read()
+    seen = workers(reader_code).read()
     assert seen["first"] == float(sd["layer0.weight"][0])
     assert abs(seen["sum1"] - float(sd["layer1.weight"].double().sum())) < 1e-3
     assert segment_digest(seg) == digest, "the daemon's bytes are untouched"
@@ -127,7 +119,7 @@ def test_tensors_outlive_the_client_the_unload_and_the_daemon(tmp_path, make_dae
         hear()                                    # the parent unloads and stops the daemon
         gc.collect()
         say({"view": view.tolist()})
-    """), env=worker_env())
+    """))
     assert w.read() == "attached"
     with d.client() as c:
         c.unload("m")

@@ -309,7 +309,10 @@ def daemon(models: dict[str, str], *, ready_timeout: float = 300.0):
     instance = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = tempfile.mkdtemp(prefix="weightd-")  # short: a unix socket path has ~100 bytes
     sock = os.path.join(tmp, "w.sock")
-    cmd = [sys.executable, "-m", "weightd", "serve", "--socket", sock, "--instance", instance, "--log-level", "warning"]
+    # --unlink-on-exit: this daemon is throwaway, so a stop frees its segments (by default a
+    # daemon leaves them for the next one on its socket to adopt).
+    cmd = [sys.executable, "-m", "weightd", "serve", "--socket", sock, "--instance", instance, "--unlink-on-exit",
+           "--log-level", "warning"]
     for name, path in models.items():
         cmd += ["--model", f"{name}={path}"]
     log = open(os.path.join(tmp, "daemon.log"), "w+b")
