@@ -38,21 +38,29 @@ class Client:
 
     def __init__(self, socket: str | None = None, *, timeout: float | None = None):
         self.socket_path = os.path.abspath(socket or protocol.default_socket())
+        self.admin_path = protocol.admin_socket(self.socket_path)
         self.timeout = timeout if timeout is not None else float(os.environ.get("WEIGHTD_TIMEOUT", DEFAULT_TIMEOUT))
-        self._check_listening()
+        _check_listening(self.socket_path)
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(protocol.endpoint(self.socket_path))
+        self._sock = self._connect(self.socket_path)
+        self._admin: zmq.Socket | None = None  # connected on the first call that changes what is loaded
 
     # --- plumbing ---
 
+    @staticmethod
+    def _connect(path: str) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(protocol.endpoint(path))
+        return sock
+
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        for sock in (self._sock, self._admin):
+            if sock is not None:
+                sock.close(linger=0)
+        self._sock = self._admin = None
 
     def __enter__(self) -> "Client":
         return self
@@ -60,53 +68,50 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check_listening(self) -> None:
-        """Tell 'no daemon' apart from 'slow daemon' at once, instead of after a timeout."""
-        hint = (
-            "start one with `weightd serve --model NAME=PATH`, or point socket= / $WEIGHTD_SOCKET at the socket "
-            "of the daemon that is running"
-        )
-        if not os.path.exists(self.socket_path):
-            raise DaemonNotRunning(f"no weightd daemon at {self.socket_path} (no socket file): {hint}")
-        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.socket_path)
-        except ConnectionRefusedError:
-            raise DaemonNotRunning(f"no weightd daemon at {self.socket_path} (connection refused; the daemon that made it is gone): {hint}") from None
-        except PermissionError:
-            raise PermissionDenied(f"may not connect to {self.socket_path}: run as a member of the daemon's group") from None
-        except OSError as e:
-            raise DaemonNotRunning(f"cannot reach a weightd daemon at {self.socket_path} ({e.strerror}): {hint}") from None
-        finally:
-            probe.close()
+    def _socket_for(self, op: str) -> tuple[zmq.Socket, str]:
+        if op not in protocol.ADMIN_OPS:
+            return self._sock, self.socket_path
+        if self._admin is None:
+            _check_listening(self.admin_path, admin=True)
+            self._admin = self._connect(self.admin_path)
+        return self._admin, self.admin_path
 
-    def call(self, op: str, *, timeout: float | None = None, **fields) -> dict:
-        """Send one request and wait for its reply; raises the daemon's typed error."""
+    def call(self, op: str, *, timeout: float | None = None, progress=None, **fields) -> dict:
+        """Send one request and wait for its reply; raises the daemon's typed error.
+
+        ``timeout`` bounds the silence between messages: a long load that keeps reporting
+        ``progress(done, total)`` is not cut off.
+        """
         if self._sock is None:
             raise errors.WeightdError("this Client is closed")
         if os.getpid() != self._pid:
             raise errors.WeightdError("this Client was made before a fork: make a new one in the child")
+        sock, path = self._socket_for(op)
         rid = self._prefix + next(self._ids).to_bytes(8, "little")
-        self._sock.send_multipart([rid, protocol.request(op, **fields)])
+        sock.send_multipart([rid, protocol.request(op, **fields)])
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(remaining * 1000):
+            if remaining <= 0 or not sock.poll(remaining * 1000):
                 if time.monotonic() < deadline:
                     continue
-                self._check_listening()
+                _check_listening(path)
                 raise RequestTimeout(
-                    f"the daemon at {self.socket_path} did not answer {op!r} within {limit:g} s: it may be busy; "
+                    f"the daemon at {path} did not answer {op!r} within {limit:g} s: it may be busy; "
                     "raise timeout= or $WEIGHTD_TIMEOUT"
                 )
-            frames = self._sock.recv_multipart()
+            frames = sock.recv_multipart()
             if len(frames) != 2 or frames[0] != rid:
                 continue  # a late reply to a request that already timed out
             reply = protocol.decode(frames[1], "reply")
             if not reply.get("ok"):
                 raise errors.from_wire(reply.get("error"))
+            if "progress" in reply:
+                if progress is not None:
+                    progress(int(reply["progress"]["done"]), int(reply["progress"]["total"]))
+                deadline = time.monotonic() + limit
+                continue
             return reply
 
     # --- operations ---
@@ -124,9 +129,18 @@ class Client:
         reply = self.call("manifest", name=name, generation=generation, pid=os.getpid())
         return Manifest.from_dict(reply["manifest"])
 
-    def load(self, path: str, name: str | None = None, *, factory: str | None = None, timeout: float | None = None) -> dict:
-        """Have the daemon load a checkpoint (a new generation if ``name`` exists)."""
-        return self.call("load", path=os.path.abspath(path), name=name, factory=factory, timeout=timeout or LOAD_TIMEOUT)["model"]
+    def load(self, path: str, name: str | None = None, *, factory: str | None = None, progress=None,
+             timeout: float | None = None) -> dict:
+        """Have the daemon load a checkpoint (a new generation if ``name`` exists).
+
+        ``progress(done, total)`` is called with bytes as the daemon reports them.
+        """
+        return self.call("load", path=os.path.abspath(path), name=name, factory=factory, progress=progress,
+                         timeout=timeout or LOAD_TIMEOUT)["model"]
+
+    def stats(self) -> dict:
+        """Models with their attached processes and memory, /dev/shm, and the daemon's own memory."""
+        return self.call("stats")
 
     def publish(self, name: str, obj, *, factory: str | None = None, metadata: dict | None = None) -> dict:
         """Put a running process's module (or dict of tensors) into a new generation of ``name``.
@@ -150,7 +164,7 @@ class Client:
             format="published", created=r["created"], segment=r["segment"], uuid=r["uuid"],
             skeleton={"factory": factory} if factory else None, metadata=dict(metadata or {}),
         )
-        layout.write(manifest, blobs, mode=r["mode"])
+        layout.write(manifest, blobs, mode=r["mode"], owner=tuple(r["owner"]))
         del keep
         # If this call fails the daemon removes the segment (or does when the reservation
         # expires): unlinking it here could remove a publish the daemon did commit.
@@ -226,6 +240,29 @@ def _attachment(mapping: Mapping, tensors: dict, copies: int, build: float, seco
         name=m.name, generation=m.generation, segment=m.segment, uuid=m.uuid, nbytes=m.nbytes,
         tensors=len(tensors), copies=copies, build_seconds=build, attach_seconds=seconds,
     )
+
+
+def _check_listening(path: str, admin: bool = False) -> None:
+    """Tell 'no daemon' apart from 'slow daemon' at once, instead of after a timeout."""
+    hint = (
+        "start one with `weightd serve --model NAME=PATH`, or point socket= / $WEIGHTD_SOCKET at the socket "
+        "of the daemon that is running"
+    )
+    if not os.path.exists(path):
+        raise DaemonNotRunning(f"no weightd daemon at {path} (no socket file): {hint}")
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise DaemonNotRunning(f"no weightd daemon at {path} (connection refused; the daemon that made it is gone): {hint}") from None
+    except PermissionError:
+        who = "the daemon's user or root may load, unload and publish" if admin else "run as a member of the daemon's group"
+        raise PermissionDenied(f"may not connect to {path}: {who}") from None
+    except OSError as e:
+        raise DaemonNotRunning(f"cannot reach a weightd daemon at {path} ({e.strerror}): {hint}") from None
+    finally:
+        probe.close()
 
 
 # --- module-level API: one cached Client per thread and socket ---

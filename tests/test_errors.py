@@ -198,12 +198,22 @@ MALFORMED = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_requests_get_a_typed_error(case, served):
     d, good = served
-    reply = raw_request(d.socket, MALFORMED[case])
+    # the admin socket takes every op, so every kind of malformation reaches the parser
+    reply = raw_request(protocol.admin_socket(d.socket), MALFORMED[case])
     assert reply is not None and len(reply) == 2
     body = json.loads(reply[1])
     assert body["ok"] is False and body["error"]["code"] in (ProtocolError.code, CheckpointError.code), body
     assert body["error"]["message"]
     # and the daemon keeps serving, undisturbed
+    assert torch.equal(state_dict("good", socket=d.socket)["w"], good["w"])
+
+
+def test_changes_are_refused_on_the_read_socket(served, tmp_path):
+    d, good = served
+    for op in ('{"v":1,"op":"unload","name":"good"}', '{"v":1,"op":"load","path":"/x.pt"}',
+               '{"v":1,"op":"publish_begin","name":"x","nbytes":1}'):
+        body = json.loads(raw_request(d.socket, [b"r", op.encode()])[1])
+        assert body["error"]["code"] == "permission_denied" and "admin socket" in body["error"]["message"]
     assert torch.equal(state_dict("good", socket=d.socket)["w"], good["w"])
 
 

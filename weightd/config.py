@@ -31,6 +31,7 @@ class Config:
     max_bytes: int | None = None
     allow_pickle: bool = False
     unlink_on_exit: bool = False  # default: leave segments for the next daemon to adopt
+    group: int | None = None  # gid that may read segments and use the read socket
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())

@@ -103,6 +103,7 @@ def write(
     blobs: list[Blob],
     *,
     mode: int,
+    owner: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
@@ -121,7 +122,7 @@ def write(
     manifest.validate(segment.DATA_OFFSET, manifest_offset)
     encoded = manifest.to_json()
     size = manifest_offset + len(encoded)
-    seg = segment.Segment.create(manifest.segment, size, mode)
+    seg = segment.Segment.create(manifest.segment, size, mode, owner)
     try:
         total, done = sum(b.nbytes for b in blobs), 0
         with memoryview(seg.buf) as view:

@@ -41,7 +41,39 @@ def usage(pid: int | None = None) -> Usage:
     )
 
 
+def mapping_usage(pid: int, needle: str) -> Usage | None:
+    """Memory of the mappings of ``pid`` whose path contains ``needle`` (one segment), or None.
+
+    ``Private`` here is what the process copied on write: pages of weights it wrote into.
+    """
+    total = {"Rss": 0, "Pss": 0, "Pss_Shmem": 0, "Private_Clean": 0, "Private_Dirty": 0}
+    found = inside = False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):  # a new mapping's header line
+                    inside = needle in line
+                    found |= inside
+                elif inside:
+                    key, _, rest = line.partition(":")
+                    if key in total:
+                        total[key] += int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    if not found:
+        return None
+    return Usage(rss=total["Rss"], pss=total["Pss"], pss_shmem=total["Pss_Shmem"] or total["Pss"],
+                 private=total["Private_Clean"] + total["Private_Dirty"])
+
+
 def shm_used(directory: str = "/dev/shm") -> int:
     """Bytes in use on the shared-memory filesystem."""
     st = os.statvfs(directory)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def shm_usage(directory: str = "/dev/shm") -> dict:
+    st = os.statvfs(directory)
+    return {"size": st.f_blocks * st.f_frsize, "used": (st.f_blocks - st.f_bfree) * st.f_frsize,
+            "free": st.f_bavail * st.f_frsize}

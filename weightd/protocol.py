@@ -55,6 +55,12 @@ def default_socket() -> str:
     return f"/tmp/weightd-{os.getuid()}/weightd.sock"
 
 
+def admin_socket(socket_path: str) -> str:
+    """The admin socket beside a daemon's socket: ``weightd.sock`` -> ``weightd.admin.sock``."""
+    base = socket_path[:-5] if socket_path.endswith(".sock") else socket_path
+    return base + ".admin.sock"
+
+
 def endpoint(socket_path: str) -> str:
     return f"ipc://{socket_path}"
 

@@ -66,7 +66,7 @@ class Segment:
         self.buf = buf
 
     @classmethod
-    def create(cls, name: str, size: int, mode: int = 0o600) -> "Segment":
+    def create(cls, name: str, size: int, mode: int = 0o600, owner: tuple[int, int] | None = None) -> "Segment":
         """Create a new segment of ``size`` bytes with every page reserved.
 
         ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error
@@ -83,6 +83,15 @@ class Segment:
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"cannot create segment {name}: {e}") from None
         try:
+            if owner is not None and (owner[0], owner[1]) != (os.geteuid(), os.getegid()):
+                # Published by another user (root) for a daemon that must be able to unlink it
+                # later and whose group must read it.
+                try:
+                    os.fchown(shm.fd, owner[0], owner[1])
+                except PermissionError:
+                    raise PermissionDenied(
+                        f"cannot give segment {name} to uid {owner[0]} gid {owner[1]}: publish as the daemon's user or root"
+                    ) from None
             try:
                 os.posix_fallocate(shm.fd, 0, size)
             except OSError as e:

@@ -1,8 +1,13 @@
-"""The daemon: one ROUTER socket, a loop that answers requests, loads on a worker thread.
+"""The daemon: two ROUTER sockets, a loop that answers requests, loads on a worker thread.
 
 Lifecycle (as in uvicorn): ``run`` → ``startup`` (lock the socket, adopt what a previous
-daemon of this instance left, preload models, bind) → ``main_loop`` → ``shutdown``. Signal handlers only
-set a flag; the loop polls it.
+daemon of this instance left, preload models, bind, tell systemd) → ``main_loop`` →
+``shutdown``. Signal handlers only set a flag; the loop polls it.
+
+Access is filesystem permissions. The *read* socket (mode 0660, the daemon's group) serves
+ping, list, stats and manifests; the *admin* socket beside it (mode 0600) serves everything,
+including load, unload and publish. Whoever may connect to the admin socket may change what
+is loaded: the daemon's own user, and root.
 
 Daemon-only.
 """
@@ -17,19 +22,22 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import zmq
 
-from weightd import __version__, protocol
+from weightd import __version__, memory, protocol
 from weightd.config import Config
-from weightd.errors import AlreadyRunning, InternalError, ProtocolError, WeightdError
-from weightd.store import Model, Store
+from weightd.errors import AlreadyRunning, InternalError, PermissionDenied, ProtocolError, WeightdError
+from weightd.notify import Notifier
+from weightd.store import Model, Store, check_name, default_name
 
 log = logging.getLogger("weightd")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_MS = 100
 REAP_SECONDS = 1.0  # how often retired generations are checked for processes still mapping them
+PROGRESS_SECONDS = 0.25  # how often a loading client hears how far its load is
 
 
 def maps_segment(pid: int, name: str) -> bool:
@@ -42,23 +50,37 @@ def maps_segment(pid: int, name: str) -> bool:
         return False
 
 
+@dataclass
+class _PendingLoad:
+    sock: zmq.Socket
+    identity: bytes
+    rid: bytes
+    name: str
+    future: Future
+    reported: float = 0.0
+
+
 class Server:
     def __init__(self, config: Config):
         self.config = config
         self.store = Store(
-            config.instance, mode=config.mode, max_bytes=config.max_bytes, allow_pickle=config.allow_pickle
+            config.instance, mode=config.mode, max_bytes=config.max_bytes, allow_pickle=config.allow_pickle,
+            group=config.group,
         )
+        self.notifier = Notifier()
         self.should_exit = False
         self.started = time.time()
         self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
+        self._read: zmq.Socket | None = None
+        self._admin: zmq.Socket | None = None
         self._lock_fd: int | None = None
         self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightd-load")
-        self._pending: list[tuple[bytes, bytes, Future]] = []
+        self._pending: list[_PendingLoad] = []
         self._manifest_replies: dict[tuple[str, int], bytes] = {}
         self._ops = {
             "ping": self._ping,
             "list": self._list,
+            "stats": self._stats,
             "manifest": self._manifest,
             "load": self._load,
             "unload": self._unload,
@@ -79,38 +101,49 @@ class Server:
     def startup(self) -> None:
         self._acquire_lock()
         try:
-            self.store.adopt()
+            for model in self.store.adopt():
+                self.notifier.send(STATUS=f"adopted {model.manifest.name}")
             for spec in self.config.models:
-                self.store.load(spec.path, spec.name, spec.factory)
+                self.store.load(spec.path, spec.name, spec.factory, progress=self._startup_progress(spec))
             self._bind()
         except BaseException:
             self.shutdown()
             raise
-        log.info(
-            "weightd %s serving %d models on %s (pid %d)",
-            __version__, len(self.store.list()), self.config.socket, os.getpid(),
-        )
+        status = f"serving {len(self.store.list())} models on {self.config.socket}"
+        log.info("weightd %s %s (pid %d)", __version__, status, os.getpid())
+        self.notifier.send(READY=1, STATUS=status, MAINPID=os.getpid())
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._read, zmq.POLLIN)
+        poller.register(self._admin, zmq.POLLIN)
         next_reap = time.monotonic() + REAP_SECONDS
+        next_watchdog = time.monotonic()
         while not self.should_exit:
-            if poller.poll(POLL_MS):
-                self._drain()
-            self._reap_loads()
-            if time.monotonic() >= next_reap:
+            for sock, _ in poller.poll(POLL_MS):
+                self._drain(sock)
+            self._report_loads()
+            now = time.monotonic()
+            if now >= next_reap:
                 self.store.reap(maps_segment)
-                next_reap = time.monotonic() + REAP_SECONDS
+                next_reap = now + REAP_SECONDS
+            if self.notifier.watchdog_interval and now >= next_watchdog:
+                self.notifier.send(WATCHDOG=1)
+                next_watchdog = now + self.notifier.watchdog_interval
 
     def shutdown(self) -> None:
+        self.notifier.send(STOPPING=1, STATUS="stopping")
         self._loads.shutdown(wait=True, cancel_futures=True)
-        if self._sock is not None:
-            self._reap_loads()
-            self._sock.close(linger=0)
-            self._sock = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket)
+        if self._read is not None:
+            self._report_loads()
+        for sock in (self._read, self._admin):
+            if sock is not None:
+                sock.close(linger=0)
+        for path in (self.config.socket, protocol.admin_socket(self.config.socket)):
+            if self._read is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._read = self._admin = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -119,6 +152,7 @@ class Server:
         # lifetime after unlink]). `weightd purge` frees them when no daemon runs.
         self.store.close(unlink=self.config.unlink_on_exit)
         self._release_lock()
+        self.notifier.close()
         log.info("weightd stopped")
 
     @contextlib.contextmanager
@@ -136,7 +170,21 @@ class Server:
     def _handle_exit(self, sig, frame) -> None:
         self.should_exit = True
 
-    # --- socket ---
+    def _startup_progress(self, spec):
+        name = spec.name or default_name(spec.path)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 2.0 or done == total:
+                last[0] = now
+                pct = 100.0 * done / total if total else 100.0
+                log.info("loading %s: %.0f%% of %.1f MiB", name, pct, total / 2**20)
+                self.notifier.send(STATUS=f"loading {name}: {pct:.0f}%")
+
+        return progress
+
+    # --- sockets ---
 
     def _acquire_lock(self) -> None:
         """One daemon per socket: an flock beside it, held for the daemon's life."""
@@ -165,33 +213,40 @@ class Server:
             self._lock_fd = None
 
     def _bind(self) -> None:
+        self._ctx = zmq.Context()
+        self._read = self._bind_one(self.config.socket, 0o660)
+        self._admin = self._bind_one(protocol.admin_socket(self.config.socket), 0o600)
+
+    def _bind_one(self, path: str, mode: int) -> zmq.Socket:
         # We hold the lock, so a socket file here is a dead daemon's: replace it.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket)
-        self._ctx = zmq.Context()
+            os.unlink(path)
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.bind(protocol.endpoint(self.config.socket))
-        os.chmod(self.config.socket, 0o660)
-        self._sock = sock
+        sock.bind(protocol.endpoint(path))
+        os.chmod(path, mode)
+        if self.config.group is not None:
+            os.chown(path, -1, self.config.group)
+        return sock
 
-    def _drain(self) -> None:
+    def _drain(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            self._handle(frames)
+            self._handle(sock, frames)
 
-    def _send(self, identity: bytes, rid: bytes, reply: bytes) -> None:
+    @staticmethod
+    def _send(sock: zmq.Socket, identity: bytes, rid: bytes, reply: bytes) -> None:
         with contextlib.suppress(zmq.ZMQError):  # the peer went away: nothing to do
-            self._sock.send_multipart([identity, rid, reply], zmq.NOBLOCK)
+            sock.send_multipart([identity, rid, reply], zmq.NOBLOCK)
 
     # --- requests ---
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         if len(frames) < 2:
             log.debug("dropped a message with no request id")
             return
@@ -207,16 +262,21 @@ class Server:
             handler = self._ops.get(op)
             if handler is None:
                 raise ProtocolError(f"unknown op {op!r:.40}; this daemon knows {', '.join(sorted(self._ops))}")
-            reply = handler(req, identity, rid)
+            if op in protocol.ADMIN_OPS and sock is not self._admin:
+                raise PermissionDenied(
+                    f"{op!r} changes what is loaded, so it is served on the admin socket "
+                    f"{protocol.admin_socket(self.config.socket)} only: run it as the daemon's user or root"
+                )
+            reply = handler(req, sock, identity, rid)
         except WeightdError as e:
             reply = protocol.error(e)
         except Exception as e:  # a bug: answer it, log it, keep serving
             log.exception("internal error")
             reply = protocol.error(InternalError(f"internal error in weightd: {type(e).__name__}: {e}"))
         if reply is not None:
-            self._send(identity, rid, reply)
+            self._send(sock, identity, rid, reply)
 
-    def _ping(self, req, identity, rid) -> bytes:
+    def _ping(self, req, *_) -> bytes:
         return protocol.ok(
             pid=os.getpid(),
             version=__version__,
@@ -226,10 +286,30 @@ class Server:
             models=len(self.store.list()),
         )
 
-    def _list(self, req, identity, rid) -> bytes:
-        return protocol.ok(models=self.store.list())
+    def _list(self, req, *_) -> bytes:
+        return protocol.ok(models=self.store.list() + self._loading())
 
-    def _manifest(self, req, identity, rid) -> bytes:
+    def _stats(self, req, *_) -> bytes:
+        models = []
+        for model in self.store.segments():
+            entry = model.summary()
+            entry["current"] = self.store.is_current(model)
+            entry["attached"] = []
+            for pid in sorted(model.attached):
+                use = memory.mapping_usage(pid, "/dev/shm/" + model.manifest.segment.lstrip("/"))
+                if use is not None:
+                    entry["attached"].append({"pid": pid, "shared": use.pss, "rss": use.rss, "private": use.private})
+            models.append(entry)
+        me = memory.usage()
+        return protocol.ok(
+            models=models,
+            loading=self._loading(),
+            shm=memory.shm_usage(),
+            daemon={"pid": os.getpid(), "rss": me.rss, "pss": me.pss, "private": me.private,
+                    "uptime": time.time() - self.started, "version": __version__},
+        )
+
+    def _manifest(self, req, *_) -> bytes:
         name = protocol.field(req, "name", str)
         generation = protocol.field(req, "generation", int, required=False)
         pid = protocol.field(req, "pid", int, required=False)
@@ -238,40 +318,53 @@ class Server:
         reply = self._manifest_replies.get(key)
         if reply is None:
             # Encoded once per generation: attach is the hot path.
-            self._manifest_replies = {k: v for k, v in self._manifest_replies.items() if k[0] != name}
+            if len(self._manifest_replies) > 256:
+                self._manifest_replies.clear()
             reply = protocol.ok(size=model.size, manifest=model.manifest.to_dict())
             self._manifest_replies[key] = reply
         return reply
 
-    def _load(self, req, identity, rid) -> None:
+    def _load(self, req, sock, identity, rid) -> None:
         path = protocol.field(req, "path", str)
-        name = protocol.field(req, "name", str, required=False)
+        name = check_name(protocol.field(req, "name", str, required=False) or default_name(path))
         factory = protocol.field(req, "factory", str, required=False)
         future = self._loads.submit(self.store.load, path, name, factory)
-        self._pending.append((identity, rid, future))
-        return None  # answered by _reap_loads when the load is done
+        self._pending.append(_PendingLoad(sock, identity, rid, name, future))
+        return None  # answered by _report_loads: progress while it runs, then the result
 
-    def _unload(self, req, identity, rid) -> bytes:
+    def _unload(self, req, *_) -> bytes:
         model = self.store.unload(protocol.field(req, "name", str))
         return protocol.ok(model=model.summary())
 
-    def _publish_begin(self, req, identity, rid) -> bytes:
+    def _publish_begin(self, req, *_) -> bytes:
         manifest = self.store.reserve(protocol.field(req, "name", str), protocol.field(req, "nbytes", int))
         return protocol.ok(segment=manifest.segment, generation=manifest.generation, uuid=manifest.uuid,
-                           created=manifest.created, mode=self.store.mode)
+                           created=manifest.created, mode=self.store.mode, owner=[os.geteuid(), self.store.gid])
 
-    def _publish_commit(self, req, identity, rid) -> bytes:
+    def _publish_commit(self, req, *_) -> bytes:
         model = self.store.commit(protocol.field(req, "segment", str))
         return protocol.ok(model=model.summary())
 
-    def _reap_loads(self) -> None:
+    def _loading(self) -> list[dict]:
+        out = []
+        for p in self._pending:
+            done, total = self.store.progress(p.name)
+            out.append({"name": p.name, "state": "loading", "done": done, "total": total})
+        return out
+
+    def _report_loads(self) -> None:
         still = []
-        for identity, rid, future in self._pending:
-            if not future.done():
-                still.append((identity, rid, future))
+        now = time.monotonic()
+        for p in self._pending:
+            if not p.future.done():
+                if now - p.reported >= PROGRESS_SECONDS:
+                    done, total = self.store.progress(p.name)
+                    self._send(p.sock, p.identity, p.rid, protocol.ok(progress={"done": done, "total": total}))
+                    p.reported = now
+                still.append(p)
                 continue
             try:
-                model: Model = future.result()
+                model: Model = p.future.result()
                 reply = protocol.ok(model=model.summary())
             except WeightdError as e:
                 log.warning("load failed: %s", e)
@@ -279,5 +372,5 @@ class Server:
             except Exception as e:
                 log.exception("internal error during a load")
                 reply = protocol.error(InternalError(f"internal error while loading: {type(e).__name__}: {e}"))
-            self._send(identity, rid, reply)
+            self._send(p.sock, p.identity, p.rid, reply)
         self._pending = still

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -83,15 +84,18 @@ def default_name(path: str) -> str:
 
 
 class Store:
-    def __init__(self, instance: str, mode: int = 0o640, max_bytes: int | None = None, allow_pickle: bool = False):
+    def __init__(self, instance: str, mode: int = 0o640, max_bytes: int | None = None, allow_pickle: bool = False,
+                 group: int | None = None):
         self.prefix = f"weightd.{instance}."
         self.mode = mode
+        self.gid = os.getegid() if group is None else group
         self.max_bytes = max_bytes
         self.allow_pickle = allow_pickle
         self._models: dict[str, Model] = {}  # name -> newest generation
         self._retired: dict[str, Model] = {}  # segment -> an older generation someone may map
         self._reserved: dict[str, tuple[Manifest, float]] = {}  # segment -> publish under way
         self._generations: dict[str, int] = {}
+        self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
         self._lock = threading.Lock()
 
     # --- queries ---
@@ -116,6 +120,13 @@ class Store:
             model.touched = time.monotonic()
         return model
 
+    def progress(self, name: str) -> tuple[int, int]:
+        return self._progress.get(name, (0, 0))
+
+    def is_current(self, model: Model) -> bool:
+        with self._lock:
+            return self._models.get(model.manifest.name) is model
+
     def list(self) -> list[dict]:
         with self._lock:
             return [m.summary() for _, m in sorted(self._models.items())]
@@ -132,14 +143,22 @@ class Store:
         check_factory(factory)
         started = time.monotonic()
         ck = checkpoint.read(path, allow_pickle=self.allow_pickle)
+        self._progress[name] = (0, ck.nbytes)
+
+        def tracked(done: int, total: int) -> None:
+            self._progress[name] = (done, total)
+            if progress is not None:
+                progress(done, total)
+
         try:
             manifest = self._new_manifest(name, source=str(Path(ck.path).resolve()), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             manifest.skeleton = {"factory": factory} if factory else ck.skeleton
             self._check_space(name, ck.nbytes)
-            size = layout.write(manifest, ck.blobs, mode=self.mode, progress=progress)
+            size = layout.write(manifest, ck.blobs, mode=self.mode, owner=self._owner(), progress=tracked)
         finally:
             checkpoint.close(ck)
+            self._progress.pop(name, None)
         model = self._publish(Model(manifest, size))
         log.info(
             "loaded %s generation %d from %s: %d tensors, %.1f MiB in %.2f s (%s)",
@@ -260,6 +279,9 @@ class Store:
                 segment.unlink(m.manifest.segment)
 
     # --- internals ---
+
+    def _owner(self) -> tuple[int, int] | None:
+        return None if self.gid == os.getegid() else (os.geteuid(), self.gid)
 
     def _new_manifest(self, name: str, *, source: str, format: str) -> Manifest:
         """A manifest with a fresh generation and segment name; storages still to place."""

@@ -1,0 +1,244 @@
+"""A weightd daemon on every Ray node, and how a process finds its own node's daemon.
+
+Note [the node-local socket]
+    A process inside Ray resolves its daemon's socket in this order:
+
+    1. ``socket=``, where the caller gives one;
+    2. ``$WEIGHTD_SOCKET`` (set it per node, e.g. ``WEIGHTD_SOCKET=... ray start ...``: the
+       raylet and every worker it starts inherit it);
+    3. the socket of the daemon that :func:`ensure_daemons` started *for this Ray node*:
+       ``<runtime dir>/weightd-ray-<node id[:12]>.sock``, where it exists (runtime dir:
+       ``$XDG_RUNTIME_DIR``, else ``/tmp/weightd-<uid>``);
+    4. ``weightd.protocol.default_socket()``: the node's fixed path (a systemd daemon).
+
+    The node id in (3) is what keeps several Ray nodes on one machine (``ray.cluster_utils.
+    Cluster``, or several raylets per host) apart: they share /tmp and /dev/shm, so a fixed path
+    would make them share one daemon. A daemon's segments are named after a hash of its socket
+    path (``weightd.<instance>.*``), so per-node sockets get per-node segments too.
+
+This module imports neither torch nor weightd.client.client: the daemon actor and the probe
+tasks stay small processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+import zmq
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from weightd import protocol
+from weightd.errors import DaemonNotRunning
+
+NAMESPACE = "weightd"
+ACTOR_PREFIX = "weightd-daemon-"
+READY_TIMEOUT = 120.0
+
+
+def node_socket(socket: str | None = None) -> str:
+    """The socket of this node's daemon, resolved as Note [the node-local socket] says.
+
+    >>> from weightd.client import ray_zerocopy
+    >>> ray_zerocopy.node_socket()            # inside an actor on node 5f3a...
+    '/run/user/1000/weightd-ray-5f3a09c1d2e4.sock'
+    """
+    if socket:
+        return os.path.abspath(socket)
+    if os.environ.get(protocol.ENV_SOCKET):
+        return os.path.abspath(os.environ[protocol.ENV_SOCKET])
+    node = _current_node_id()
+    if node is not None:
+        ours = ray_socket(node)
+        if os.path.exists(ours):
+            return ours
+    return os.path.abspath(protocol.default_socket())
+
+
+def ray_socket(node_id: str) -> str:
+    """Where the daemon that Ray starts for node ``node_id`` listens."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(f"/tmp/weightd-{os.getuid()}")
+    return str(base / f"weightd-ray-{node_id[:12]}.sock")
+
+
+def ping(socket: str, timeout: float = 2.0) -> dict | None:
+    """The daemon's ping reply, or None when nobody answers there (torch-free)."""
+    if not os.path.exists(socket):
+        return None
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(protocol.endpoint(socket))
+        sock.send_multipart([b"ping", protocol.request("ping")])
+        if not sock.poll(timeout * 1000):
+            return None
+        frames = sock.recv_multipart()
+        reply = protocol.decode(frames[-1], "reply")
+        return reply if reply.get("ok") else None
+    except (zmq.ZMQError, ValueError):
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+def alive_nodes() -> list[str]:
+    """Ids of the Ray nodes that are alive and can run work (the driver must be connected)."""
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
+def ensure_daemons(socket: str | None = None, *, timeout: float = READY_TIMEOUT) -> dict[str, str]:
+    """Make sure every alive Ray node has a weightd daemon; returns ``{node id: socket}``.
+
+    On each node, a daemon that already answers at the node's socket (Note [the node-local
+    socket]) is used as it is. Elsewhere a detached actor pinned to the node starts
+    ``weightd serve --unlink-on-exit`` (at ``socket``, or at the node's own Ray path) and keeps
+    it running for the cluster's life, or until :func:`shutdown_daemons`. Idempotent: call it
+    again after adding nodes, or to replace a daemon that died.
+
+    >>> ray.init()
+    >>> ray_zerocopy.ensure_daemons()
+    {'5f3a09c1d2e4...': '/tmp/weightd-1000/weightd-ray-5f3a09c1d2e4.sock'}
+    """
+    nodes = alive_nodes()
+    probes = {n: _probe.options(scheduling_strategy=_on(n)).remote(socket) for n in nodes}
+    found: dict[str, str] = {}
+    starting = {}
+    for node, ref in probes.items():
+        existing = ray.get(ref, timeout=timeout)
+        if existing is not None:
+            found[node] = existing
+        else:
+            starting[node] = _daemon_actor(node).ensure.remote(socket)
+    for node, ref in starting.items():
+        found[node] = ray.get(ref, timeout=timeout)
+    return found
+
+
+def shutdown_daemons(*, timeout: float = 30.0) -> list[str]:
+    """Stop the daemons :func:`ensure_daemons` started and free their segments.
+
+    Daemons that were already running (systemd, by hand) are left alone. Workers that are
+    still attached keep their mappings; the memory goes when they let go. Returns the sockets
+    of the daemons stopped.
+    """
+    stopped = []
+    for name in _daemon_actor_names():
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
+        with contextlib.suppress(ray.exceptions.RayError):
+            stopped.append(ray.get(actor.stop.remote(), timeout=timeout))
+        ray.kill(actor, no_restart=True)
+    return [s for s in stopped if s]
+
+
+def _current_node_id() -> str | None:
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def _on(node: str) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+
+
+# num_cpus=0: a probe must run even while every CPU of the node is busy with inference.
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe(socket: str | None) -> str | None:
+    path = node_socket(socket)
+    return path if ping(path) else None
+
+
+def _daemon_actor(node: str):
+    return NodeDaemon.options(
+        name=ACTOR_PREFIX + node, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=_on(node), num_cpus=0, max_restarts=0,
+    ).remote()
+
+
+def _daemon_actor_names() -> list[str]:
+    from ray.util import list_named_actors
+
+    return sorted(
+        a["name"] for a in list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and a["name"].startswith(ACTOR_PREFIX)
+    )
+
+
+@ray.remote
+class NodeDaemon:
+    """Runs ``weightd serve`` on one node as a child process and keeps it running.
+
+    The child gets SIGTERM when this actor's process dies however it dies (PR_SET_PDEATHSIG),
+    and, started with ``--unlink-on-exit``, removes its segments as it stops: a cluster that
+    goes down takes its weights with it.
+    """
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.socket: str | None = None
+
+    def ensure(self, socket: str | None) -> str:
+        path = os.path.abspath(socket or os.environ.get(protocol.ENV_SOCKET) or ray_socket(ray.get_runtime_context().get_node_id()))
+        if self.proc is not None and self.proc.poll() is None and ping(path):
+            return path
+        if ping(path):  # someone else's daemon appeared there meanwhile: use it
+            return path
+        self._purge(path)  # what a daemon that died by SIGKILL left behind
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = open(path + ".log", "ab")
+        cmd = [sys.executable, "-m", "weightd", "serve", "--socket", path, "--unlink-on-exit"]
+        env = {k: v for k, v in os.environ.items() if k != protocol.ENV_SOCKET}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
+                                     start_new_session=True)
+        log.close()
+        self.socket = path
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ping(path, timeout=1.0):
+            if self.proc.poll() is not None:
+                raise DaemonNotRunning(
+                    f"weightd serve --socket {path} exited with {self.proc.returncode} on this node: see {path}.log"
+                )
+            if time.monotonic() > deadline:
+                raise DaemonNotRunning(f"weightd serve --socket {path} did not answer in {READY_TIMEOUT:g} s: see {path}.log")
+            time.sleep(0.05)
+        return path
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def stop(self) -> str | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._purge(self.socket)
+        return self.socket
+
+    @staticmethod
+    def _purge(path: str) -> None:
+        # Only segments of this socket's instance; purge refuses while a daemon answers there.
+        subprocess.run([sys.executable, "-m", "weightd", "purge", "--socket", path],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. Actor methods run on the process's main thread,
+    # which lives as long as the actor, so the "parent thread" of PDEATHSIG is the actor.
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,108 @@
+"""A model on every node of a Ray cluster: loaded from a path, published from this process, or
+unloaded, in each node's own daemon (Note [the node-local socket] in ray_daemons)."""
+
+from __future__ import annotations
+
+import ray
+import torch
+from torch import nn
+
+from weightd.client import client as _client
+from weightd.client.ray_daemons import _on, ensure_daemons, node_socket, ping
+
+
+def node_sockets(socket: str | None = None) -> dict[str | None, str]:
+    """Where a model must go for every process of the cluster to attach it: ``{node: socket}``.
+
+    Without Ray running, and with a daemon on this machine, that is this machine's daemon
+    alone (key None). Without either, Ray is started here, as ``ray.put`` would.
+    """
+    if not ray.is_initialized():
+        local = node_socket(socket)
+        if ping(local):
+            return {None: local}
+        ray.init()
+    return ensure_daemons(socket)
+
+
+def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str | None, dict]:
+    """Publish a module (or dict of tensors) as ``name`` in every node's daemon.
+
+    This node's daemon gets it straight from this process's memory. Other nodes get it
+    through the object store, once per node, as a transient object freed when they are done.
+    Returns ``{node id: the daemon's model summary}``.
+
+    >>> ray_zerocopy.publish_everywhere("policy", policy_net)
+    """
+    sockets = node_sockets(socket)
+    here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    out: dict[str | None, dict] = {}
+    if here in sockets:
+        out[here] = _client.publish(name, obj, socket=sockets[here])
+    others = {n: s for n, s in sockets.items() if n != here}
+    if others:
+        ref = ray.put(_tensors(obj))
+        refs = {n: _publish.options(scheduling_strategy=_on(n)).remote(name, ref, s) for n, s in others.items()}
+        out.update({n: ray.get(r) for n, r in refs.items()})
+        del ref
+    return out
+
+
+def load_everywhere(name: str, path: str, *, socket: str | None = None, factory: str | None = None) -> dict[str, dict]:
+    """Have every node's daemon load the checkpoint at ``path`` (a path every node can read).
+
+    >>> ray_zerocopy.load_everywhere("llama", "/shared/llama-3-8b")
+    """
+    sockets = node_sockets(socket)
+    refs = {n: _load.options(scheduling_strategy=_on(n)).remote(name, path, s, factory) if n else None for n, s in sockets.items()}
+    out = {}
+    for n, ref in refs.items():
+        out[n] = ray.get(ref) if ref is not None else _client.Client(sockets[n]).load(path, name, factory=factory)
+    return out
+
+
+def unload_everywhere(name: str, *, socket: str | None = None) -> int:
+    """Unload ``name`` from every node's daemon that has it; returns how many had it.
+
+    Workers still attached keep working on what they mapped.
+    """
+    if not ray.is_initialized():
+        return int(_unload(node_socket(socket), name))
+    sockets = ensure_daemons(socket)
+    refs = [_unload_task.options(scheduling_strategy=_on(n)).remote(s, name) for n, s in sockets.items()]
+    return sum(ray.get(refs))
+
+
+def _tensors(obj):
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    return obj
+
+
+def _unload(socket: str, name: str) -> bool:
+    from weightd.errors import ModelNotFound
+
+    try:
+        with _client.Client(socket) as c:
+            c.unload(name)
+        return True
+    except ModelNotFound:
+        return False
+
+
+# num_cpus=0: these are the daemon's work, not the node's; they must not wait for a free CPU.
+@ray.remote(num_cpus=0)
+def _publish(name: str, tensors: dict[str, torch.Tensor], socket: str) -> dict:
+    with _client.Client(socket) as c:
+        return c.publish(name, tensors)
+
+
+@ray.remote(num_cpus=0)
+def _load(name: str, path: str, socket: str, factory: str | None) -> dict:
+    with _client.Client(socket) as c:
+        return c.load(path, name, factory=factory)
+
+
+@ray.remote(num_cpus=0)
+def _unload_task(socket: str, name: str) -> bool:
+    return _unload(socket, name)
