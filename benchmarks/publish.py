@@ -66,6 +66,7 @@ MiB = 1 << 20
 
 PUBLISH = "publish"
 PUBLISH_1T = "publish, torch.set_num_threads(1)"
+PUBLISH_NP = "publish, fill patched to np.copyto"
 SHM_REF = "numpy copyto (fresh shm mmap)"
 TARGET_PUBLISH_RATIO = 0.7  # publish GB/s over the memory-copy GB/s
 TARGET_RESTART_EXTRA_S = 1.0  # restart-to-serving beyond an empty daemon's start
@@ -436,9 +437,30 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
         finally:
             torch.set_num_threads(before)
 
+    def publish_numpy_fill():
+        # diagnostic, in this process only: weightd's per-storage fill (torch copy_, which
+        # OpenMP splits across threads) swapped for a single-threaded np.copyto of the same bytes
+        import numpy as np
+        from weightd import layout
+
+        original = layout._storage_fill
+
+        def numpy_fill(storage):
+            def fill(dst):
+                src = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+                np.copyto(np.frombuffer(dst, dtype=np.uint8, count=storage.nbytes()), src)
+            return fill
+
+        layout._storage_fill = numpy_fill
+        try:
+            return client.publish("bench", module)
+        finally:
+            layout._storage_fill = original
+
     methods = {
         PUBLISH: lambda: client.publish("bench", module),
         PUBLISH_1T: publish_one_thread,
+        PUBLISH_NP: publish_numpy_fill,
         "torch copy_ (warm buffer)": lambda: copy_warm(warm_dst, srcs, offs),
         "numpy copyto (warm buffer)": lambda: copy_warm_numpy(warm_np, srcs, offs),
         SHM_REF: lambda: copy_shm(h, srcs, offs, size, how="numpy", fallocate=False),
@@ -452,7 +474,7 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
         for r in range(repeats):
             for label, fn in methods.items():
                 gc.collect()
-                if label in (PUBLISH, PUBLISH_1T):
+                if label in (PUBLISH, PUBLISH_1T, PUBLISH_NP):
                     parts: dict[str, float] = {}
                     with sections.measure(parts):
                         t0 = time.perf_counter()
@@ -482,13 +504,13 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     # The same, while every CPU is oversubscribed (3 busy-looping processes per CPU), as in a
     # trainer whose data loaders keep every core busy when it publishes.
     hog_n = 3 * (os.cpu_count() or 1)
-    busy = [PUBLISH, PUBLISH_1T, "torch copy_ (warm buffer)", "numpy copyto (warm buffer)", SHM_REF,
+    busy = [PUBLISH, PUBLISH_1T, PUBLISH_NP, "torch copy_ (warm buffer)", "numpy copyto (warm buffer)", SHM_REF,
             "os.pwrite (fresh shm file, no mmap)"]
     print(f"  with {hog_n} busy-looping processes on {os.cpu_count()} CPUs:", flush=True)
     hogs = [h.start_hog() for _ in range(hog_n)]
     try:
         time.sleep(0.5)
-        loaded_times = run({k: methods[k] for k in busy}, max(2, args.repeats // 2), record=False)
+        loaded_times = run({k: methods[k] for k in busy}, args.contended_repeats, record=False)
     finally:
         for p in hogs:
             Harness.stop(p, signal.SIGKILL)
@@ -501,7 +523,7 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
                 "gbps": nbytes / statistics.median(ts) / GB}
 
     res["publish"] = {"repeats": args.repeats, "methods": {k: stats(v) for k, v in times.items()}}
-    res["publish_contended"] = {"busy_processes": hog_n, "repeats": max(2, args.repeats // 2),
+    res["publish_contended"] = {"busy_processes": hog_n, "repeats": args.contended_repeats,
                                 "methods": {k: stats(v) for k, v in loaded_times.items()}}
     keys = sorted({k for b in breakdown for k in b}, key=lambda k: -statistics.median([b.get(k, 0.0) for b in breakdown]))
     res["publish"]["breakdown_median_s"] = {k: statistics.median([b.get(k, 0.0) for b in breakdown]) for k in keys}
@@ -805,6 +827,7 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.rounds = args.rounds or (3 if args.quick else 9)
     args.restarts = args.restarts or (1 if args.quick else 3)
+    args.contended_repeats = 1 if args.quick else 2
     check_room(args)
 
     # SIGTERM (e.g. from a CI timeout) unwinds through the finally below like Ctrl-C does.

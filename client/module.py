@@ -171,7 +171,7 @@ def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict
             "the model's weights. Non-persistent buffers need real values: pass a function that builds the module "
             "(weightd builds its buffers for real) or a module built on the CPU, not one built on the meta device"
         )
-    copies = [n for n in loadable if _get(module, n).numel() and not mapping.contains(_get(module, n))]
+    copies = _copied(module, loadable, mapping)
     if copies:
         warnings.warn(f"weightd copied {len(copies)} weights instead of sharing them, e.g. {copies[:3]}", stacklevel=3)
     return len(copies)
@@ -198,7 +198,13 @@ def refill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping) -> int:
             t.data = tensors[n]
         else:
             _set(module, n, tensors[n])
-    return sum(1 for n in tensors if n in persistent and _get(module, n).numel() and not mapping.contains(_get(module, n)))
+    return len(_copied(module, tensors, mapping))
+
+
+def _copied(module: nn.Module, names, mapping) -> list[str]:
+    """Names of the module's weights (among ``names``) whose memory is not in the mapping."""
+    now = module.state_dict(keep_vars=True)  # one walk of the module, not one per name
+    return [n for n in names if n in now and now[n].numel() and not mapping.contains(now[n])]
 
 
 def _named_tensors(module: nn.Module):

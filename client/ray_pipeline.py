@@ -65,6 +65,41 @@ def skeleton(pipeline, modules: dict[str, nn.Module]):
         ) from e
 
 
+def meta_slots(pipeline) -> dict[int, list[tuple[dict, str]]]:
+    """Where each meta tensor of the pipeline's modules is held: ``{id: [(table, key)]}``.
+
+    A tensor tied between a published module and one that is not (``model_attr_names``)
+    is meta in both places of the skeleton; attach fills only the published place.
+    """
+    slots: dict[int, list[tuple[dict, str]]] = {}
+    seen: set[int] = set()
+    for top in find_modules(pipeline).values():
+        for module in top.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    if t is not None and t.is_meta:
+                        slots.setdefault(id(t), []).append((table, key))
+    return slots
+
+
+def retie(slots: dict[int, list[tuple[dict, str]]]) -> None:
+    """After attach: every place that held a meta tensor gets what attach put in its first place."""
+    for places in slots.values():
+        real = next((table[key] for table, key in places if not table[key].is_meta), None)
+        if real is None:
+            table, key = places[0]
+            raise AttachError(
+                f"a weight ({key!r}) of the pipeline is on the meta device after attach: it is held by no module "
+                "the wrapper published; add that module's attribute to model_attr_names"
+            )
+        for table, key in places:
+            if table[key].is_meta:
+                table[key] = real
+
+
 def get_path(pipeline, path: str):
     obj = pipeline
     for part in _parts(path):

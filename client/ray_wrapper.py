@@ -119,7 +119,9 @@ class ModelWrapper:
             return self._rewrite()
         pipeline = copy.deepcopy(self._skeleton)
         target = pipeline if self._is_standalone_module else self._holder(pipeline)
+        slots = rp.meta_slots(pipeline)
         _client.attach(self._name, target, socket=node_socket(self._socket), requires_grad=requires_grad)
+        rp.retie(slots)
         for module in (target.values() if isinstance(target, nn.ModuleDict) else [target]):
             module.eval()
             if device is not None and torch.device(device).type != "cpu":

@@ -56,32 +56,27 @@ def main() -> None:
 @socket_option
 @click.option("--instance", default=None, help="Segment names are weightd.INSTANCE.*  [default: a hash of the socket path]")
 @click.option("--mode", default="640", show_default=True, help="Permission bits (octal) of the segments.")
+@click.option("--group", default=None, help="Group (name or gid) that may attach: owns the segments and the read socket [default: the daemon's].")
 @click.option("--max-bytes", type=int, default=None, help="Refuse loads that would take the models past this many bytes.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also accept whole pickled nn.Modules. Unpickling runs any code the file names: only for files you made yourself.")
 @click.option("--unlink-on-exit", is_flag=True,
               help="Remove the segments when the daemon stops. By default they stay, and the next daemon on this socket adopts them at once instead of reloading.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(models, factories, socket, instance, mode, max_bytes, allow_pickle, unlink_on_exit, log_level) -> None:
+def serve(models, factories, socket, instance, mode, group, max_bytes, allow_pickle, unlink_on_exit, log_level) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    from weightd.config import Config, ModelSpec
+    from weightd.config import Config
     from weightd.server import Server
-    from weightd.store import default_name
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s weightd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
-    specs = [ModelSpec.parse(m) for text in models for m in text.split()]
-    by_name = {}
-    for text in factories:
-        name, sep, factory = text.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{text!r}: write NAME=package.module:function", param_hint="--factory")
-        by_name[name] = factory
-    for spec in specs:
-        spec.factory = by_name.pop(spec.name or default_name(spec.path), None)
-    if by_name:
-        raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
+    specs = _model_specs(models, factories)
+    gid = None
+    if group is not None:
+        import grp
+
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     config = Config(models=specs, socket=socket, instance=instance, mode=int(mode, 8), max_bytes=max_bytes,
-                    allow_pickle=allow_pickle, unlink_on_exit=unlink_on_exit)
+                    allow_pickle=allow_pickle, unlink_on_exit=unlink_on_exit, group=gid)
     Server(config).run()
 
 
@@ -97,11 +92,40 @@ def ls(socket, as_json) -> None:
     if as_json:
         click.echo(json.dumps(models, indent=2))
         return
-    rows = [("NAME", "GEN", "SIZE", "TENSORS", "LOADED", "SEGMENT")]
+    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SEGMENT")]
     for m in models:
-        loaded = datetime.fromtimestamp(m["created"]).strftime("%Y-%m-%d %H:%M:%S")
-        rows.append((m["name"], str(m["generation"]), _size(m["nbytes"]), str(m["tensors"]), loaded, m["segment"]))
+        if m.get("state") == "loading":
+            pct = 100 * m["done"] / m["total"] if m["total"] else 0
+            rows.append((m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", "-"))
+            continue
+        rows.append((m["name"], str(m["generation"]), _size(m["nbytes"]), str(m["tensors"]), "ready", _when(m["created"]), m["segment"]))
     _table(rows)
+
+
+@main.command()
+@socket_option
+@json_option
+def stats(socket, as_json) -> None:
+    """Models, the processes attached to each and their memory, /dev/shm, and the daemon itself."""
+    from weightd.client import Client
+
+    with Client(socket) as c:
+        s = c.stats()
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in s.items() if k not in ("v", "ok")}, indent=2))
+        return
+    rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "SHARED", "PRIVATE", "SEGMENT")]
+    for m in s["models"]:
+        gen = str(m["generation"]) + ("" if m["current"] else " (old)")
+        rows.append((m["name"], gen, _size(m["nbytes"]), _when(m["created"]), "", "", "", m["segment"]))
+        for a in m["attached"]:
+            rows.append(("", "", "", "", str(a["pid"]), _size(a["shared"]), _size(a["private"]), ""))
+    for m in s["loading"]:
+        rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", ""))
+    _table(rows)
+    shm, d = s["shm"], s["daemon"]
+    click.echo(f"/dev/shm: {_size(shm['used'])} used of {_size(shm['size'])}, {_size(shm['free'])} free")
+    click.echo(f"daemon: pid {d['pid']}, weightd {d['version']}, up {d['uptime']:.0f} s, Pss {_size(d['pss'])}, private {_size(d['private'])}")
 
 
 @main.command()
@@ -115,7 +139,15 @@ def load(path, name, factory, socket, as_json) -> None:
     from weightd.client import Client
 
     with Client(socket) as c:
-        model = c.load(path, name, factory=factory)
+        if sys.stderr.isatty() and not as_json:
+            with click.progressbar(length=1, label=f"loading {path}", file=sys.stderr) as bar:
+                def progress(done, total):
+                    bar.length = max(total, 1)
+                    bar.update(done - bar.pos)
+
+                model = c.load(path, name, factory=factory, progress=progress)
+        else:
+            model = c.load(path, name, factory=factory)
     click.echo(json.dumps(model, indent=2) if as_json else f"loaded {model['name']} generation {model['generation']} ({_size(model['nbytes'])})")
 
 
@@ -130,6 +162,30 @@ def unload(name, socket, as_json) -> None:
     with Client(socket) as c:
         model = c.unload(name)
     click.echo(json.dumps(model, indent=2) if as_json else f"unloaded {model['name']} generation {model['generation']}")
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH", envvar="WEIGHTD_SERVE_MODEL",
+              help="The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).")
+@click.option("--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY")
+@socket_option
+def reload(models, factories, socket) -> None:
+    """Load the models of --model / $WEIGHTD_SERVE_MODEL that the daemon does not serve yet.
+
+    What systemd's ExecReload runs after you add a model to the EnvironmentFile. Models
+    already served (and in use) are left alone.
+    """
+    from weightd.client import Client
+
+    specs = _model_specs(models, factories)
+    with Client(socket) as c:
+        have = {m["name"] for m in c.list()}
+        for spec in specs:
+            name = spec.name or _default_name(spec.path)
+            if name in have:
+                continue
+            model = c.load(spec.path, name, factory=spec.factory)
+            click.echo(f"loaded {model['name']} generation {model['generation']} ({_size(model['nbytes'])})")
 
 
 @main.command()
@@ -169,6 +225,34 @@ def demo(workers, size_mib) -> None:
     from weightd.demo import run
 
     run(workers=workers, size_mib=size_mib)
+
+
+def _model_specs(models, factories):
+    from weightd.config import ModelSpec
+
+    specs = [ModelSpec.parse(m) for text in models for m in text.split()]
+    by_name = {}
+    for text in factories:
+        for item in text.split():
+            name, sep, factory = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r}: write NAME=package.module:function", param_hint="--factory")
+            by_name[name] = factory
+    for spec in specs:
+        spec.factory = by_name.pop(spec.name or _default_name(spec.path), None)
+    if by_name:
+        raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
+    return specs
+
+
+def _default_name(path: str) -> str:
+    from weightd.store import default_name
+
+    return default_name(path)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _size(n: int) -> str:

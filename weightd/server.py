@@ -357,8 +357,8 @@ class Server:
         now = time.monotonic()
         for p in self._pending:
             if not p.future.done():
-                if now - p.reported >= PROGRESS_SECONDS:
-                    done, total = self.store.progress(p.name)
+                done, total = self.store.progress(p.name)
+                if total and now - p.reported >= PROGRESS_SECONDS:  # total is 0 until the checkpoint is read
                     self._send(p.sock, p.identity, p.rid, protocol.ok(progress={"done": done, "total": total}))
                     p.reported = now
                 still.append(p)
