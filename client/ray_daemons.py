@@ -23,7 +23,6 @@ tasks stay small processes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -176,69 +175,61 @@ def _daemon_actor_names() -> list[str]:
 
 @ray.remote
 class NodeDaemon:
-    """Runs ``weightd serve`` on one node as a child process and keeps it running.
+    """Keeps ``weightd serve --unlink-on-exit`` running on one node, for the cluster's life.
 
-    The child gets SIGTERM when this actor's process dies however it dies (PR_SET_PDEATHSIG),
-    and, started with ``--unlink-on-exit``, removes its segments as it stops: a cluster that
-    goes down takes its weights with it.
+    The daemon runs under a supervisor (Note [a Ray actor's children are SIGKILLed] in
+    ray_supervisor) that stops it gracefully when this actor's process ends, however it ends:
+    a cluster that goes down takes its weights with it.
     """
 
     def __init__(self):
-        self.proc: subprocess.Popen | None = None
         self.socket: str | None = None
 
     def ensure(self, socket: str | None) -> str:
         path = os.path.abspath(socket or os.environ.get(protocol.ENV_SOCKET) or ray_socket(ray.get_runtime_context().get_node_id()))
-        if self.proc is not None and self.proc.poll() is None and ping(path):
+        if ping(path):  # ours, still running, or someone else's that appeared meanwhile: use it
             return path
-        if ping(path):  # someone else's daemon appeared there meanwhile: use it
-            return path
-        self._purge(path)  # what a daemon that died by SIGKILL left behind
+        _purge(path)  # what a daemon that died by SIGKILL left behind
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log = open(path + ".log", "ab")
-        cmd = [sys.executable, "-m", "weightd", "serve", "--socket", path, "--unlink-on-exit"]
         env = {k: v for k, v in os.environ.items() if k != protocol.ENV_SOCKET}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
-                                     start_new_session=True)
-        log.close()
+        cmd = [sys.executable, SUPERVISOR, str(os.getpid()), path + ".log", "--",
+               sys.executable, "-m", "weightd", "serve", "--socket", path, "--unlink-on-exit"]
+        subprocess.run(cmd, env=env, check=True, stdin=subprocess.DEVNULL)  # returns once it has forked away
         self.socket = path
         deadline = time.monotonic() + READY_TIMEOUT
         while not ping(path, timeout=1.0):
-            if self.proc.poll() is not None:
-                raise DaemonNotRunning(
-                    f"weightd serve --socket {path} exited with {self.proc.returncode} on this node: see {path}.log"
-                )
             if time.monotonic() > deadline:
                 raise DaemonNotRunning(f"weightd serve --socket {path} did not answer in {READY_TIMEOUT:g} s: see {path}.log")
             time.sleep(0.05)
         return path
 
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def stop(self) -> str | None:
-        if self.proc is None:
+    def stop(self, timeout: float = 30.0) -> str | None:
+        if self.socket is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._purge(self.socket)
+        reply = ping(self.socket)
+        if reply:
+            pid = int(reply["pid"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        _purge(self.socket)
         return self.socket
 
-    @staticmethod
-    def _purge(path: str) -> None:
-        # Only segments of this socket's instance; purge refuses while a daemon answers there.
-        subprocess.run([sys.executable, "-m", "weightd", "purge", "--socket", path],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+SUPERVISOR = str(Path(__file__).with_name("ray_supervisor.py"))  # run by path: no torch import
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. Actor methods run on the process's main thread,
-    # which lives as long as the actor, so the "parent thread" of PDEATHSIG is the actor.
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _purge(path: str) -> None:
+    # Only the segments of this socket's instance; purge refuses while a daemon answers there.
+    subprocess.run([sys.executable, "-m", "weightd", "purge", "--socket", path],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -83,29 +82,31 @@ def test_stats_names_attached_processes_and_their_memory(tmp_path, make_daemon, 
 
 def test_load_reports_progress_and_ls_shows_it(tmp_path, make_daemon):
     big_model(tmp_path / "big.safetensors", 512)
+    save_file({"w": torch.ones(8)}, tmp_path / "small.safetensors")
     d = make_daemon()
-    calls = []
-    seen_loading = []
-    done = threading.Event()
-
-    def watch():
-        with Client(d.socket) as c:
-            while not done.is_set():
-                seen_loading.extend(m for m in c.list() if m.get("state") == "loading")
-                time.sleep(0.01)
-
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
-        with Client(d.socket) as c:
-            model = c.load(str(tmp_path / "big.safetensors"), "big", progress=lambda d_, t_: calls.append((d_, t_)))
-    finally:
-        done.set()
-        t.join()
-    assert model["nbytes"] == 512 << 20
-    assert calls and all(t_ == 512 << 20 for _, t_ in calls)
-    assert [d_ for d_, _ in calls] == sorted(d_ for d_, _ in calls)
-    assert seen_loading and seen_loading[0]["name"] == "big" and seen_loading[0]["total"] == 512 << 20
+    with Client(d.socket) as c, Client(d.socket) as watcher:
+        admin, _ = c._socket_for("load")
+        for rid, path in [(b"1", "big.safetensors"), (b"2", "small.safetensors")]:
+            admin.send_multipart([rid, json.dumps({"v": 1, "op": "load", "path": str(tmp_path / path)}).encode()])
+        # loads run one at a time: while the big one runs, both are listed as loading
+        for _ in range(100):  # both requests reach the daemon within a few ms
+            loading = {m["name"] for m in watcher.list() if m.get("state") == "loading"}
+            if loading == {"big", "small"}:
+                break
+            time.sleep(0.002)
+        assert loading == {"big", "small"}
+        replies = {}
+        while len(replies) < 2:
+            rid, body = admin.recv_multipart()
+            body = json.loads(body)
+            if "model" in body:
+                replies[rid] = body["model"]
+        assert replies[b"1"]["nbytes"] == 512 << 20 and replies[b"2"]["name"] == "small"
+        assert [m["name"] for m in watcher.list()] == ["big", "small"]
+        calls = []
+        c.load(str(tmp_path / "big.safetensors"), "big", progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (512 << 20, 512 << 20), "progress ends at 100%"
+    assert all(t == 512 << 20 for _, t in calls) and [x for x, _ in calls] == sorted(x for x, _ in calls)
 
 
 def test_reload_loads_only_what_is_new(tmp_path, make_daemon):

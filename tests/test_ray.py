@@ -304,17 +304,19 @@ def test_task_mode_custom_methods_and_pickling(cluster):
     assert int(wrapper.where(x)) != os.getpid(), "the method ran in a Ray task, not here"
     restored = pickle.loads(pickle.dumps(wrapper))
     assert torch.equal(restored.forward(x), src(x))
+    only_call = ModelWrapper.from_model(src, mode="task")
     with pytest.raises(AttributeError, match="method_names"):
-        ModelWrapper.for_tasks(src).predict  # only __call__ unless asked
+        only_call.predict  # only __call__ unless asked
 
     pipe = bf16_pipeline(seed=2)
     ids = torch.arange(10)
-    rewritten = ModelWrapper.for_tasks(pipe)
+    pipe_wrapper = ModelWrapper.from_model(pipe, mode="task")
+    rewritten = pipe_wrapper.load()
     assert torch.equal(rewritten(ids), pipe(ids))
     assert isinstance(rewritten.encoder, rz.RemoteModule) and rewritten.extra["again"] is rewritten.encoder
     assert isinstance(pipe.encoder, Encoder), "the user's pipeline is left as it was"
-    rz.unload_everywhere(wrapper.model_name)
-    rz.unload_everywhere(rewritten.encoder._spec[1])
+    for w in (wrapper, only_call, pipe_wrapper):
+        assert w.unload() == 2
 
 
 def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):

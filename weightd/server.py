@@ -365,6 +365,9 @@ class Server:
                 continue
             try:
                 model: Model = p.future.result()
+                # progress always ends at 100%, however quick the load was
+                n = model.manifest.nbytes
+                self._send(p.sock, p.identity, p.rid, protocol.ok(progress={"done": n, "total": n}))
                 reply = protocol.ok(model=model.summary())
             except WeightdError as e:
                 log.warning("load failed: %s", e)
