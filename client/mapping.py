@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import warnings
 
-import posix_ipc
 import torch
 
 from weightd.errors import PermissionDenied, SegmentError
@@ -31,26 +31,40 @@ from weightd.manifest import DTYPE_SIZES, Manifest
 from weightd.segment import read_header
 
 
+_SEGMENT_NAME = re.compile(r"^/weightd\.[A-Za-z0-9_.\-]+$")
+
+
+def shm_dir() -> str:
+    """Where this process finds segments: ``$WEIGHTD_SHM_DIR``, else /dev/shm."""
+    return os.environ.get("WEIGHTD_SHM_DIR") or "/dev/shm"
+
+
 class Mapping:
     """One private, copy-on-write mapping of a sealed segment."""
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
+        # shm_open(name) is open("/dev/shm/" + name) on Linux; opening the file directly lets a
+        # container find the host's segments wherever they are mounted ($WEIGHTD_SHM_DIR).
+        if not _SEGMENT_NAME.match(manifest.segment):
+            raise SegmentError(f"the daemon named a segment {manifest.segment!r:.80}, which is not a weightd segment")
+        path = os.path.join(shm_dir(), manifest.segment[1:])
         try:
-            shm = posix_ipc.SharedMemory(manifest.segment, read_only=True)
-        except posix_ipc.ExistentialError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
             raise SegmentError(
-                f"segment {manifest.segment} of {manifest.name!r} is gone (unloaded or replaced a moment ago): attach again"
+                f"segment {path} of {manifest.name!r} is gone (unloaded or replaced a moment ago, or this process "
+                "sees another /dev/shm than the daemon: share the host's with --ipc=host or a mount and $WEIGHTD_SHM_DIR)"
             ) from None
-        except posix_ipc.PermissionsError:
+        except PermissionError:
             raise PermissionDenied(
-                f"may not read segment {manifest.segment} of {manifest.name!r}: run as a member of the daemon's group"
+                f"may not read segment {path} of {manifest.name!r}: run as a member of the daemon's group"
             ) from None
         try:
-            self.size = os.fstat(shm.fd).st_size
-            self._mmap = mmap.mmap(shm.fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.size = os.fstat(fd).st_size
+            self._mmap = mmap.mmap(fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            shm.close_fd()  # the mapping holds the pages (Note [segment lifetime after unlink])
+            os.close(fd)  # the mapping holds the pages (Note [segment lifetime after unlink])
         self._view = memoryview(self._mmap)
         self._check(manifest)
         self.base = torch.frombuffer(self._view, dtype=torch.uint8, count=1).data_ptr()

@@ -10,7 +10,7 @@ import posix_ipc
 import torch
 from safetensors.torch import save_file
 
-from conftest import segments, worker_code
+from conftest import segments, worker_code, worker_env
 from weightd.memory import shm_used, usage
 
 MiB = 1 << 20
@@ -128,3 +128,22 @@ def test_tensors_outlive_the_client_the_unload_and_the_daemon(tmp_path, make_dae
     w.send("go")
     assert w.read() == {"view": sd["layer2.weight"][10:20].tolist()}
     assert w.finish() == 0, "no SIGSEGV after unlink and daemon exit"
+
+
+def test_segments_under_a_configured_directory(tmp_path, make_daemon, workers):
+    """Containers mount the host's /dev/shm somewhere and say where with $WEIGHTD_SHM_DIR."""
+    make_model(tmp_path / "m.safetensors", mib=1, tensors=1)
+    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
+    (tmp_path / "host-shm").symlink_to("/dev/shm")  # stands in for a bind mount
+    (tmp_path / "private-shm").mkdir()  # what a container without --ipc=host sees
+    code = worker_code(d.socket, """
+        from weightd.client import SegmentError
+        try:
+            say(float(state_dict("m", socket=SOCK)["layer0.weight"].sum()))
+        except SegmentError as e:
+            say(str(e))
+    """)
+    ok = workers(code, env=dict(worker_env(), WEIGHTD_SHM_DIR=str(tmp_path / "host-shm"))).read()
+    assert isinstance(ok, float)
+    missing = workers(code, env=dict(worker_env(), WEIGHTD_SHM_DIR=str(tmp_path / "private-shm"))).read()
+    assert "--ipc=host" in missing and "WEIGHTD_SHM_DIR" in missing
