@@ -1,7 +1,7 @@
 """Publish throughput, publish-to-attach latency, and restart-to-serving.
 
-    python benchmarks/publish.py           # ~1 GiB module, 2 x 2 GiB restart test (~3 min)
-    python benchmarks/publish.py --quick   # ~256 MiB module, 2 x 128 MiB restart (~25 s)
+    python benchmarks/publish.py           # ~1 GiB module, 2 x 2 GiB restart test (~4 min)
+    python benchmarks/publish.py --quick   # ~256 MiB module, 2 x 128 MiB restart (~25-50 s)
 
 1. Publish. ``Client.publish(name, module)`` of an ``nn.Module`` of Linear layers (float32 and
    bfloat16, a few hundred tensors) against copying the same bytes, from the same source
@@ -12,7 +12,12 @@
      in /dev/shm (open + ftruncate + mmap + copy: every page is faulted in during the copy,
      as it must be for any publish);
    - the same with ``posix_fallocate`` first, which is what a weightd segment does to turn a
-     full /dev/shm into an error instead of a SIGBUS.
+     full /dev/shm into an error instead of a SIGBUS;
+   - os.pwrite into a fresh /dev/shm file (no mapping, so no page-table faults).
+
+   Two diagnostic publish rows change only this process: torch limited to one thread, and
+   weightd's per-storage fill (a torch ``copy_``, which OpenMP splits over threads) swapped
+   for ``np.copyto``. Everything is measured again with 3 busy-looping processes per CPU.
 
    Each repeat runs every method once, interleaved, so drift hits all of them alike; the
    publish is split in sections (timed by wrapping weightd's functions in this process).
