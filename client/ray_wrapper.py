@@ -16,6 +16,7 @@ pages. Differences a user of ``ray-zerocopy`` may notice, all on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import uuid
@@ -64,6 +65,8 @@ class ModelWrapper:
         self._methods = methods or {}
         self._socket = socket
         self._rewritten = None
+        self._fresh = False  # the skeleton is this process's own unpickled copy, never loaded into
+        self._loaded = None  # what the fresh skeleton became, to make the next skeleton from
 
     # --- the ray-zerocopy API ---
 
@@ -117,7 +120,12 @@ class ModelWrapper:
         """
         if self._mode == "task":
             return self._rewrite()
-        pipeline = copy.deepcopy(self._skeleton)
+        if self._fresh:
+            # The wrapper Ray unpickled in this actor holds a skeleton nobody else uses: fill it
+            # instead of copying it (the first load() is the one an actor waits for).
+            pipeline, self._fresh, self._loaded, self._skeleton = self._skeleton, False, self._skeleton, None
+        else:
+            pipeline = copy.deepcopy(self._weightless())
         target = pipeline if self._is_standalone_module else self._holder(pipeline)
         slots = rp.meta_slots(pipeline)
         _client.attach(self._name, target, socket=node_socket(self._socket), requires_grad=requires_grad)
@@ -130,7 +138,7 @@ class ModelWrapper:
 
     def serialize(self) -> dict:
         """The wrapper's state as a dict; ``ModelWrapper.deserialize(**d)`` rebuilds it."""
-        return {"skeleton": self._skeleton, "name": self._name, "paths": self._paths,
+        return {"skeleton": self._weightless(), "name": self._name, "paths": self._paths,
                 "is_standalone_module": self._is_standalone_module, "mode": self._mode, "methods": self._methods,
                 "socket": self._socket}
 
@@ -170,9 +178,22 @@ class ModelWrapper:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["skeleton"], state["name"], state["paths"], is_standalone_module=state["is_standalone_module"],
                       mode=state["mode"], methods=state["methods"], socket=state["socket"])
+        self._fresh = True
+        if self._mode == "actor":
+            # Connect to the node's daemon while Ray is still setting the actor up, so that
+            # load() only asks for the manifest. A failure here is load()'s to report.
+            with contextlib.suppress(Exception):
+                _client._client(node_socket(self._socket))
 
     def __repr__(self) -> str:
         return f"ModelWrapper({self._name!r}, mode={self._mode!r}, modules={sorted(set(self._paths.values()))})"
+
+    def _weightless(self):
+        """The skeleton; made anew (weights to meta) after a fresh one was loaded into."""
+        if self._skeleton is None:
+            self._skeleton = rp.skeleton(self._loaded, {p: rp.get_path(self._loaded, p) for p in self._paths})
+            self._loaded = None
+        return self._skeleton
 
     def _holder(self, pipeline) -> nn.ModuleDict:
         holder = nn.ModuleDict()
@@ -183,7 +204,8 @@ class ModelWrapper:
 
     def _rewrite(self):
         if self._rewritten is None:
-            skeleton = self._skeleton if self._is_standalone_module else self._holder(self._skeleton)
+            weightless = self._weightless()
+            skeleton = weightless if self._is_standalone_module else self._holder(weightless)
             # One copy of the weightless skeleton in the object store, shared by every call.
             ref = ray.put(skeleton)
             shims = {key: RemoteModule(ref, self._name, key, self._is_standalone_module, methods, self._socket)
@@ -191,7 +213,7 @@ class ModelWrapper:
             if self._is_standalone_module:
                 self._rewritten = shims["root"]
             else:
-                rewritten = copy.copy(self._skeleton)
+                rewritten = copy.copy(weightless)
                 for path, key in self._paths.items():
                     rewritten = _replaced(rewritten, path, shims[key])
                 self._rewritten = rewritten

@@ -14,12 +14,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from weightd import layout
-from weightd.errors import CheckpointError
+from weightd.errors import CheckpointError, SegmentError
 from weightd.layout import Blob
 from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
 
@@ -132,7 +131,7 @@ def read_safetensors(path: Path) -> Checkpoint:
                 )
             spans.append((begin, end, name))
             ck.tensors.append(TensorMeta(name, len(ck.blobs), 0, dtype, shape, contiguous_stride(shape)))
-            ck.blobs.append(Blob(end - begin, _pread_fill(f, data_start + begin, end - begin, path)))
+            ck.blobs.append(Blob(end - begin, _file_fill(f, data_start + begin, end - begin, path)))
         spans.sort()
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0 and e1 > b1:  # zero-length tensors overlap nothing
@@ -172,14 +171,12 @@ def _safetensors_entry(path, name, info):
     return dtype, tuple(shape), begin, end
 
 
-def _pread_fill(f, offset: int, nbytes: int, path) -> Callable[[memoryview], None]:
-    def fill(dst: memoryview) -> None:
-        done = 0
-        while done < nbytes:
-            n = os.preadv(f.fileno(), [dst[done:nbytes]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{path}: file shrank while it was being loaded")
-            done += n
+def _file_fill(f, offset: int, nbytes: int, path):
+    def fill(seg, dst_offset: int) -> None:
+        try:
+            seg.copy_from(f.fileno(), offset, nbytes, dst_offset)
+        except SegmentError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     return fill
 

@@ -44,6 +44,7 @@ SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
 HEADER = struct.Struct("<8sIIQQQ")
 SEAL_OFFSET = 32
 DATA_OFFSET = 4096
+WRITE_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per write or sendfile call
 
 SHM_DIR = "/dev/shm"
 
@@ -58,12 +59,17 @@ def _gib(n: int) -> str:
 
 
 class Segment:
-    """A segment the daemon creates and owns, mapped read-write and shared."""
+    """A segment being written: its name and an open read-write file descriptor.
 
-    def __init__(self, name: str, size: int, buf: mmap.mmap):
+    Writes go through the descriptor (``pwrite``, ``sendfile``), not through a mapping: the
+    kernel copies straight into the shared pages, with no page faults in the writer, which
+    measured twice as fast as copying through a fresh mapping (benchmarks/publish.py).
+    """
+
+    def __init__(self, name: str, size: int, fd: int):
         self.name = name
         self.size = size
-        self.buf = buf
+        self.fd = fd
 
     @classmethod
     def create(cls, name: str, size: int, mode: int = 0o600, owner: tuple[int, int] | None = None) -> "Segment":
@@ -98,41 +104,58 @@ class Segment:
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
                     raise OutOfSpace(no_space_message(size, shm_free_bytes())) from None
                 raise
-            buf = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             shm.close_fd()
             unlink(name)
             raise
-        shm.close_fd()  # the mapping keeps the pages; the fd is not needed any more
-        return cls(name, size, buf)
+        return cls(name, size, shm.fd)
+
+    def write(self, offset: int, data) -> None:
+        """Write all of ``data`` (any buffer) at ``offset``."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self.fd, [view[done : done + WRITE_CHUNK]], offset + done)
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
+        """Copy ``nbytes`` of file ``src_fd`` into the segment, inside the kernel."""
+        done = 0
+        try:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            while done < nbytes:
+                n = os.sendfile(self.fd, src_fd, src_offset + done, min(nbytes - done, WRITE_CHUNK))
+                if n == 0:
+                    raise SegmentError("the source file ended early: it shrank while it was being loaded")
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV):
+                raise
+            while done < nbytes:  # no sendfile between these files: read and write
+                chunk = os.pread(src_fd, min(nbytes - done, WRITE_CHUNK), src_offset + done)
+                if not chunk:
+                    raise SegmentError("the source file ended early: it shrank while it was being loaded") from None
+                self.write(offset + done, chunk)
+                done += len(chunk)
 
     def write_manifest(self, manifest_json: bytes, manifest_offset: int) -> None:
-        end = manifest_offset + len(manifest_json)
-        if end > self.size:
+        if manifest_offset + len(manifest_json) > self.size:
             raise SegmentError(f"manifest does not fit in segment {self.name}")
-        self.buf[manifest_offset:end] = manifest_json
-        self.buf[: HEADER.size] = HEADER.pack(MAGIC, FORMAT_VERSION, 0, manifest_offset, len(manifest_json), 0)
+        self.write(manifest_offset, manifest_json)
+        self.write(0, HEADER.pack(MAGIC, FORMAT_VERSION, 0, manifest_offset, len(manifest_json), 0))
 
     def seal(self) -> None:
         """Mark the segment complete. Written last: everything before it is in place."""
-        self.buf[SEAL_OFFSET : SEAL_OFFSET + 8] = struct.pack("<Q", SEALED)
+        self.write(SEAL_OFFSET, struct.pack("<Q", SEALED))
 
     def close(self) -> None:
-        """Unmap the daemon's own view (clients' mappings are theirs)."""
-        try:
-            self.buf.close()
-        except BufferError:
-            # A tensor of the daemon still points into the mapping; it is unmapped when that
-            # tensor goes. Closing now would turn its next read into a SIGSEGV.
-            pass
-
-    def unlink(self) -> None:
-        """Remove the name; see Note [segment lifetime after unlink]."""
-        unlink(self.name)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def destroy(self) -> None:
+        """Close and remove the name; see Note [segment lifetime after unlink]."""
         self.close()
-        self.unlink()
+        unlink(self.name)
 
 
 def read_header(buf) -> tuple[int, int, bool]:
