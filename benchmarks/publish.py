@@ -70,8 +70,6 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 PUBLISH = "publish"
-PUBLISH_1T = "publish, torch.set_num_threads(1)"
-PUBLISH_NP = "publish, fill patched to np.copyto"
 SHM_REF = "numpy copyto (fresh shm mmap)"
 TARGET_PUBLISH_RATIO = 0.7  # publish GB/s over the memory-copy GB/s
 TARGET_RESTART_EXTRA_S = 1.0  # restart-to-serving beyond an empty daemon's start
@@ -392,7 +390,7 @@ class Sections:
         segment.Segment.create = staticmethod(create_timed)
         self.wrap(segment.Segment, "write_manifest", "manifest+seal")
         self.wrap(segment.Segment, "seal", "manifest+seal")
-        self.wrap(segment.Segment, "close", "munmap")
+        self.wrap(segment.Segment, "close", "close")
 
     @contextlib.contextmanager
     def measure(self, into: dict):
@@ -432,40 +430,8 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     copy_warm(warm_dst, srcs, offs)
     copy_shm(h, srcs[:4], offs[:4], offs[4], how="torch", fallocate=True)
 
-    def publish_one_thread():
-        # the same publish with torch limited to one thread: shows what torch's parallel copy_
-        # (OpenMP) costs here. Not something a user should have to do.
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return client.publish("bench", module)
-        finally:
-            torch.set_num_threads(before)
-
-    def publish_numpy_fill():
-        # diagnostic, in this process only: weightd's per-storage fill (torch copy_, which
-        # OpenMP splits across threads) swapped for a single-threaded np.copyto of the same bytes
-        import numpy as np
-        from weightd import layout
-
-        original = layout._storage_fill
-
-        def numpy_fill(storage):
-            def fill(dst):
-                src = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-                np.copyto(np.frombuffer(dst, dtype=np.uint8, count=storage.nbytes()), src)
-            return fill
-
-        layout._storage_fill = numpy_fill
-        try:
-            return client.publish("bench", module)
-        finally:
-            layout._storage_fill = original
-
     methods = {
         PUBLISH: lambda: client.publish("bench", module),
-        PUBLISH_1T: publish_one_thread,
-        PUBLISH_NP: publish_numpy_fill,
         "torch copy_ (warm buffer)": lambda: copy_warm(warm_dst, srcs, offs),
         "numpy copyto (warm buffer)": lambda: copy_warm_numpy(warm_np, srcs, offs),
         SHM_REF: lambda: copy_shm(h, srcs, offs, size, how="numpy", fallocate=False),
@@ -479,7 +445,7 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
         for r in range(repeats):
             for label, fn in methods.items():
                 gc.collect()
-                if label in (PUBLISH, PUBLISH_1T, PUBLISH_NP):
+                if label == PUBLISH:
                     parts: dict[str, float] = {}
                     with sections.measure(parts):
                         t0 = time.perf_counter()
@@ -487,8 +453,8 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
                         dt = time.perf_counter() - t0
                     if label == PUBLISH and record:
                         parts["total"] = dt
-                        parts["fill = layout.write - create - manifest - munmap"] = parts["layout.write"] - sum(
-                            parts.get(k, 0.0) for k in ("Segment.create", "manifest+seal", "munmap"))
+                        parts["fill = layout.write - create - manifest - close"] = parts["layout.write"] - sum(
+                            parts.get(k, 0.0) for k in ("Segment.create", "manifest+seal", "close"))
                         breakdown.append(parts)
                     assert info["nbytes"] == nbytes, (info["nbytes"], nbytes)
                     t0 = time.perf_counter()
@@ -509,7 +475,7 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     # The same, while every CPU is oversubscribed (3 busy-looping processes per CPU), as in a
     # trainer whose data loaders keep every core busy when it publishes.
     hog_n = 3 * (os.cpu_count() or 1)
-    busy = [PUBLISH, PUBLISH_1T, PUBLISH_NP, "torch copy_ (warm buffer)", "numpy copyto (warm buffer)", SHM_REF,
+    busy = [PUBLISH, "torch copy_ (warm buffer)", "numpy copyto (warm buffer)", SHM_REF,
             "os.pwrite (fresh shm file, no mmap)"]
     print(f"  with {hog_n} busy-looping processes on {os.cpu_count()} CPUs:", flush=True)
     hogs = [h.start_hog() for _ in range(hog_n)]
