@@ -14,7 +14,7 @@ import zmq
 from torch import nn
 
 from weightd import errors, layout, protocol
-from weightd.client.mapping import Mapping
+from weightd.client.mapping import DeviceCopy, Mapping, rebuild
 from weightd.client.module import Attachment, build_skeleton, fill, refill
 from weightd.errors import DaemonNotRunning, PermissionDenied, RequestTimeout, SegmentError
 from weightd.manifest import Manifest
@@ -179,19 +179,24 @@ class Client:
         a = _attachments.get(module)
         if a is None:
             raise errors.AttachError("this module was not attached by weightd: use attach() first")
-        mapping, tensors = self._map(a.name, generation)
+        mapping, tensors = self._map(a.name, generation, a.device)
         if mapping.manifest.uuid != a.uuid:
             copies = refill(module, tensors, mapping)
-            _attachments[module] = _attachment(mapping, tensors, copies, a.build_seconds, 0.0)
+            _attachments[module] = _attachment(mapping, tensors, copies, a.build_seconds, 0.0, a.device)
         return module
 
     def unload(self, name: str) -> dict:
         """Remove a model; attached workers keep working on what they mapped."""
         return self.call("unload", name=name)["model"]
 
-    def state_dict(self, name: str, *, generation: int | None = None) -> dict[str, torch.Tensor]:
-        """The model's tensors over the shared pages, as plain tensors (zero-copy)."""
-        return self._map(name, generation)[1]
+    def state_dict(self, name: str, *, generation: int | None = None, device=None, pin: bool = False) -> dict[str, torch.Tensor]:
+        """The model's tensors over the shared pages, as plain tensors (zero-copy).
+
+        With ``device="cuda:N"``: views of the daemon's copy on that GPU through CUDA IPC where
+        it holds one (``serve --device``), else a copy from shared memory to the device
+        (``pin=True`` pins the mapping for the copy, for full-speed transfers).
+        """
+        return self._map(name, generation, device, pin)[1]
 
     def attach(
         self,
@@ -201,25 +206,31 @@ class Client:
         generation: int | None = None,
         strict: bool = True,
         requires_grad: bool = False,
+        device=None,
+        pin: bool = False,
     ) -> nn.Module:
         """An ``nn.Module`` whose weights are the shared pages of model ``name``.
 
         ``model`` is the module to fill (built on the meta device or on the CPU), a function
         that builds one, or None to let the daemon say how (a factory or a Hugging Face config
         it was loaded with). Parameters come back with ``requires_grad=False`` unless asked;
-        writes to them stay private to this process.
+        writes to them stay private to this process. ``device`` and ``pin`` as for
+        ``state_dict``.
         """
         t0 = time.perf_counter()
-        mapping, tensors = self._map(name, generation)
+        mapping, tensors = self._map(name, generation, device, pin)
         manifest = mapping.manifest
         b0 = time.perf_counter()
         module = build_skeleton(model, manifest.skeleton, name)
         build = time.perf_counter() - b0
         copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
-        _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0)
+        _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0,
+                                           None if device is None else str(device))
         return module
 
-    def _map(self, name: str, generation: int | None):
+    def _map(self, name: str, generation: int | None, device=None, pin: bool = False):
+        if device is not None:
+            return self._map_device(name, generation, device, pin)
         # A new generation may replace (and unlink) the segment between the reply and the
         # mapping; asking again gets the new one.
         for attempt in range(3):
@@ -233,12 +244,24 @@ class Client:
             return mapping, mapping.tensors()
         raise AssertionError("unreachable")
 
+    def _map_device(self, name: str, generation: int | None, device, pin: bool):
+        from weightd import gpu  # only here: nothing of CUDA is touched on CPU-only paths
 
-def _attachment(mapping: Mapping, tensors: dict, copies: int, build: float, seconds: float) -> Attachment:
+        dev = gpu.resolve(device)
+        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid(), device=gpu.device_uuid(dev.index))
+        manifest = Manifest.from_dict(reply["manifest"])
+        if reply.get("cuda"):
+            block, offsets = gpu.open_shared(reply["cuda"], manifest)
+        else:
+            block, offsets = gpu.copy_to_device(Mapping(manifest), dev, pin)
+        return DeviceCopy(manifest, block), rebuild(manifest, [block] * len(manifest.storages), offsets)
+
+
+def _attachment(mapping, tensors: dict, copies: int, build: float, seconds: float, device=None) -> Attachment:
     m = mapping.manifest
     return Attachment(
         name=m.name, generation=m.generation, segment=m.segment, uuid=m.uuid, nbytes=m.nbytes,
-        tensors=len(tensors), copies=copies, build_seconds=build, attach_seconds=seconds,
+        tensors=len(tensors), copies=copies, build_seconds=build, attach_seconds=seconds, device=device,
     )
 
 
@@ -302,9 +325,12 @@ def attach(name: str, model=None, *, socket: str | None = None, **kwargs) -> nn.
     return _with_client(socket, lambda c: c.attach(name, model, **kwargs))
 
 
-def state_dict(name: str, *, socket: str | None = None, generation: int | None = None) -> dict[str, torch.Tensor]:
-    """Model ``name``'s tensors over the shared pages: ``{name: tensor}``, zero-copy."""
-    return _with_client(socket, lambda c: c.state_dict(name, generation=generation))
+def state_dict(name: str, *, socket: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """Model ``name``'s tensors over the shared pages: ``{name: tensor}``, zero-copy.
+
+    Keyword arguments as for ``Client.state_dict`` (``generation``, ``device``, ``pin``).
+    """
+    return _with_client(socket, lambda c: c.state_dict(name, **kwargs))
 
 
 def publish(name: str, obj, *, socket: str | None = None, factory: str | None = None) -> dict:

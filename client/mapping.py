@@ -93,23 +93,42 @@ class Mapping:
             else:
                 # Note [a mapping outlives its tensors]
                 storages.append(torch.frombuffer(self._view, dtype=torch.uint8, count=st.nbytes, offset=st.offset).untyped_storage())
-        out = {}
-        for t in self.manifest.tensors:
-            dtype = _dtype(t.dtype)
-            itemsize = DTYPE_SIZES[t.dtype]
-            if t.offset % itemsize:
-                raise SegmentError(f"tensor {t.name!r}: offset {t.offset} is not a multiple of its {itemsize}-byte dtype")
-            out[t.name] = _empty(dtype).set_(storages[t.storage], t.offset // itemsize, t.shape, t.stride)
-        return out
+        return rebuild(self.manifest, storages, [0] * len(storages))
 
 
-def _empty(dtype: torch.dtype) -> torch.Tensor:
+class DeviceCopy:
+    """A model's storages carved from one allocation on a GPU (a daemon's copy, or our own)."""
+
+    def __init__(self, manifest: Manifest, block: torch.UntypedStorage):
+        self.manifest = manifest
+        self.block = block
+
+    def contains(self, t: torch.Tensor) -> bool:
+        ptr, base = t.untyped_storage().data_ptr(), self.block.data_ptr()
+        return base <= ptr and ptr + t.untyped_storage().nbytes() <= base + self.block.nbytes()
+
+
+def rebuild(manifest: Manifest, storages: list, bases: list[int]) -> dict[str, torch.Tensor]:
+    """The manifest's tensors over ``storages[i]`` starting ``bases[i]`` bytes in."""
+    out = {}
+    for t in manifest.tensors:
+        dtype = _dtype(t.dtype)
+        itemsize = DTYPE_SIZES[t.dtype]
+        offset = bases[t.storage] + t.offset
+        if offset % itemsize:
+            raise SegmentError(f"tensor {t.name!r}: offset {t.offset} is not a multiple of its {itemsize}-byte dtype")
+        storage = storages[t.storage]
+        out[t.name] = _empty(dtype, storage.device).set_(storage, offset // itemsize, t.shape, t.stride)
+    return out
+
+
+def _empty(dtype: torch.dtype, device) -> torch.Tensor:
     if dtype is torch.complex32:
         # PyTorch warns that complex32 is experimental each time one is made; the bytes are fine.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.empty(0, dtype=dtype)
-    return torch.empty(0, dtype=dtype)
+            return torch.empty(0, dtype=dtype, device=device)
+    return torch.empty(0, dtype=dtype, device=device)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -135,6 +135,7 @@ class Attachment:
     copies: int  # weights that did not end up inside the mapping (0 unless something forced a copy)
     build_seconds: float  # building the skeleton (the user's own code)
     attach_seconds: float  # everything, including the skeleton
+    device: str | None = None  # where the weights are: None for the shared CPU pages
 
 
 def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict: bool, requires_grad: bool):

@@ -235,3 +235,15 @@ def _no_stray_env():
     # Tests must never talk to a daemon of the machine by accident.
     os.environ.pop("WEIGHTD_SOCKET", None)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA; on a machine without it they skip, cleanly."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -32,6 +32,7 @@ class Config:
     allow_pickle: bool = False
     unlink_on_exit: bool = False  # default: leave segments for the next daemon to adopt
     group: int | None = None  # gid that may read segments and use the read socket
+    devices: list[str] = field(default_factory=list)  # GPUs that get a copy of every model
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())

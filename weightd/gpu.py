@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import mmap
 import os
+import warnings
 
 import torch
 
@@ -88,6 +90,20 @@ def offsets(storage_sizes: list[int]) -> tuple[list[int], int]:
 class GpuCopy:
     """One model's storages in one allocation on one GPU, held by the daemon."""
 
+    @classmethod
+    def from_segment(cls, manifest, device: torch.device) -> "GpuCopy":
+        """Copy a sealed segment's storages to ``device`` (read through a read-only mapping)."""
+        fd = os.open("/dev/shm/" + manifest.segment.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # frombuffer warns about a read-only buffer; we only read
+                cpu = torch.frombuffer(buf, dtype=torch.uint8)
+                copy = cls([cpu[s.offset : s.offset + s.nbytes] for s in manifest.storages], device)
+                del cpu
+            return copy
+        finally:
+            os.close(fd)
+
     def __init__(self, storages: list[torch.Tensor], device: torch.device):
         sizes = [t.numel() for t in storages]
         self.offsets, total = offsets(sizes)
@@ -139,7 +155,7 @@ def collect() -> None:
 # --- the client's side ----------------------------------------------------------------------
 
 
-def open_shared(export: dict, manifest) -> list[torch.UntypedStorage]:
+def open_shared(export: dict, manifest) -> tuple[torch.UntypedStorage, list[int]]:
     """The daemon's GPU copy as this process's storages, one per manifest storage."""
     index = local_index(export["uuid"])
     if index is None:
@@ -165,17 +181,15 @@ def open_shared(export: dict, manifest) -> list[torch.UntypedStorage]:
             "the daemon must share the GPU and an IPC and PID namespace (docker --ipc=host --pid=host), "
             "or attach without a GPU copy (the client then copies from shared memory)"
         ) from None
-    base = torch.empty(0, dtype=torch.uint8, device=block.device).set_(block)
-    out = []
-    for st, off in zip(manifest.storages, export["offsets"]):
-        if off + st.nbytes > block.nbytes():
-            raise SegmentError(f"GPU copy of {manifest.name!r} is smaller than its manifest says")
-        # Views of the one block keep it (and so the IPC mapping) alive as long as any tensor.
-        out.append(base[off : off + st.nbytes].untyped_storage() if st.nbytes else torch.UntypedStorage(0, device=block.device))
-    return out, [int(o) for o in export["offsets"]]
+    offs = [int(o) for o in export["offsets"]]
+    if len(offs) != len(manifest.storages) or any(o + st.nbytes > block.nbytes() for o, st in zip(offs, manifest.storages)):
+        raise SegmentError(f"the GPU copy of {manifest.name!r} does not match its manifest")
+    # Every tensor is a view of the one block, which keeps the IPC mapping alive as long as any
+    # of them lives (Note [CUDA IPC offsets and the producer staying alive]).
+    return block, offs
 
 
-def copy_to_device(mapping, device: torch.device, pin: bool) -> tuple[list[torch.UntypedStorage], list[int]]:
+def copy_to_device(mapping, device: torch.device, pin: bool) -> tuple[torch.UntypedStorage, list[int]]:
     """Copy each storage of a CPU mapping to ``device`` (one allocation), optionally pinned.
 
     With ``pin`` the mapping is registered with CUDA read-only for the copy and unregistered
@@ -199,7 +213,7 @@ def copy_to_device(mapping, device: torch.device, pin: bool) -> tuple[list[torch
     finally:
         if registered:
             torch.cuda.cudart().cudaHostUnregister(cpu.data_ptr())
-    return [block[o : o + s.nbytes].untyped_storage() for o, s in zip(offs, manifest.storages)], offs
+    return block.untyped_storage(), offs
 
 
 def _b64(b: bytes) -> str:

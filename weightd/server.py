@@ -65,7 +65,7 @@ class Server:
         self.config = config
         self.store = Store(
             config.instance, mode=config.mode, max_bytes=config.max_bytes, allow_pickle=config.allow_pickle,
-            group=config.group,
+            group=config.group, devices=config.devices,
         )
         self.notifier = Notifier()
         self.should_exit = False
@@ -322,7 +322,11 @@ class Server:
         name = protocol.field(req, "name", str)
         generation = protocol.field(req, "generation", int, required=False)
         pid = protocol.field(req, "pid", int, required=False)
+        device = protocol.field(req, "device", str, required=False)
         model = self.store.get(name, generation, pid)
+        if device is not None and device in model.gpu:
+            # Each export is counted by PyTorch, so it is made per request, never cached.
+            return protocol.ok(size=model.size, manifest=model.manifest.to_dict(), cuda=model.gpu[device].export())
         key = (name, model.manifest.generation)
         reply = self._manifest_replies.get(key)
         if reply is None:

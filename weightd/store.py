@@ -47,6 +47,7 @@ class Model:
     manifest: Manifest
     size: int  # bytes of the segment
     attached: set[int] = field(default_factory=set)  # pids that asked for this generation
+    gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.gpu.GpuCopy (serve --device)
     touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
 
     def summary(self) -> dict:
@@ -85,7 +86,7 @@ def default_name(path: str) -> str:
 
 class Store:
     def __init__(self, instance: str, mode: int = 0o640, max_bytes: int | None = None, allow_pickle: bool = False,
-                 group: int | None = None):
+                 group: int | None = None, devices: list[str] | None = None):
         self.prefix = f"weightd.{instance}."
         self.mode = mode
         self.gid = os.getegid() if group is None else group
@@ -97,6 +98,11 @@ class Store:
         self._generations: dict[str, int] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
         self._lock = threading.Lock()
+        self.devices = list(devices or [])
+        if self.devices:
+            from weightd import gpu  # only with --device: CPU-only daemons never touch CUDA
+
+            self._devices = [gpu.resolve(d) for d in self.devices]
 
     # --- queries ---
 
@@ -233,8 +239,8 @@ class Store:
         for name, models in found.items():
             models.sort(key=lambda m: m.manifest.generation)
             newest = models[-1]
+            self._publish(newest)
             with self._lock:
-                self._models[name] = newest
                 self._generations[name] = newest.manifest.generation
             adopted.append(newest)
             for old in models[:-1]:  # nobody can be known to map them after a restart
@@ -253,6 +259,10 @@ class Store:
             for s in expired:
                 del self._reserved[s]
             retired = list(self._retired.items())
+        if self.devices:
+            from weightd import gpu
+
+            gpu.collect()  # blocks of dropped generations whose clients have all let go
         for s in expired:
             log.warning("publish of %s was never committed: removing it", s)
             segment.unlink(s)
@@ -305,6 +315,12 @@ class Store:
 
     def _publish(self, model: Model) -> Model:
         """Make ``model`` what its name serves; the generation it replaces is retired."""
+        if self.devices:
+            from weightd import gpu
+
+            for dev in self._devices:  # one copy per GPU, made before the name serves it
+                copy = gpu.GpuCopy.from_segment(model.manifest, dev)
+                model.gpu[copy.uuid] = copy
         name = model.manifest.name
         with self._lock:
             old = self._models.get(name)

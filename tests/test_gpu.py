@@ -1,0 +1,94 @@
+"""GPUs: one copy per GPU shared through CUDA IPC, and copies from shared memory.
+
+Marked ``gpu``: skipped where torch.cuda.is_available() is False (conftest), so CPU-only
+machines and CI run none of it; the CPU paths are covered everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import worker_code, worker_env
+from weightd.client import Client, attach, info, state_dict
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": torch.randn(1024, 256, generator=g) for i in range(8)}
+    sd["bf16"] = torch.randn(333, dtype=torch.bfloat16, generator=g)
+    save_file(sd, tmp_path / "m.safetensors")
+    return tmp_path / "m.safetensors", sd
+
+
+def test_two_processes_share_one_gpu_allocation_bit_exact(model_file, make_daemon, workers):
+    path, sd = model_file
+    d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
+    code = worker_code(d.socket, """
+        free0, _ = torch.cuda.mem_get_info()
+        sd = state_dict("m", socket=SOCK, device="cuda:0")
+        torch.cuda.synchronize()
+        free1, _ = torch.cuda.mem_get_info()
+        sums = {k: float(v.double().sum()) for k, v in sd.items()}
+        say({"sums": sums, "grew": free0 - free1, "device": str(sd["t0"].device)})
+        hear()
+    """)
+    a, b = workers(code), workers(code)
+    ra, rb = a.read(), b.read()
+    expected = {k: float(v.double().sum()) for k, v in sd.items()}
+    assert ra["sums"] == rb["sums"] == expected
+    assert ra["device"] == "cuda:0"
+    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+    assert rb["grew"] < nbytes / 2, "the second process holds no copy of its own"
+    for w in (a, b):
+        w.send("bye")
+        assert w.finish() == 0
+
+
+def test_gpu_found_by_uuid_whatever_the_numbering(model_file, make_daemon, workers):
+    path, _ = model_file
+    d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    env = dict(worker_env(), CUDA_VISIBLE_DEVICES=f"GPU-{uuid}" if not uuid.startswith("GPU-") else uuid)
+    w = workers(worker_code(d.socket, """
+        from weightd import gpu
+        sd = state_dict("m", socket=SOCK, device="cuda:0")
+        say({"uuid": gpu.device_uuid(0), "ok": bool(torch.isfinite(sd["t0"]).all())})
+    """), env=env)
+    r = w.read()
+    assert r == {"uuid": uuid, "ok": True}
+
+
+def test_unload_while_a_client_reads(model_file, make_daemon, workers):
+    path, sd = model_file
+    d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
+    w = workers(worker_code(d.socket, """
+        sd = state_dict("m", socket=SOCK, device="cuda:0")
+        say("ready")
+        hear()
+        say(float(sd["t3"].double().sum()))
+    """))
+    assert w.read() == "ready"
+    with Client(d.socket) as c:
+        c.unload("m")
+    w.send("go")
+    assert w.read() == float(sd["t3"].double().sum())
+    assert w.finish() == 0
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_copy_from_shared_memory_when_the_daemon_has_no_gpu_copy(pin, model_file, make_daemon):
+    path, sd = model_file
+    d = make_daemon("--model", f"m={path}")  # no --device: the client copies
+    got = state_dict("m", socket=d.socket, device="cuda:0", pin=pin)
+    for k, v in sd.items():
+        assert got[k].device.type == "cuda" and torch.equal(got[k].cpu(), v)
+    model = attach("m", model=lambda: torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in sd.items()}),
+                   socket=d.socket, device="cuda:0", pin=pin)
+    assert info(model).copies == 0 and all(p.is_cuda for p in model.parameters())
