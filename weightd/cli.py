@@ -60,12 +60,15 @@ def main() -> None:
 @click.option("--max-bytes", type=int, default=None, help="Refuse loads that would take the models past this many bytes.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also accept whole pickled nn.Modules. Unpickling runs any code the file names: only for files you made yourself.")
+@click.option("--model-dir", "model_dirs", multiple=True, metavar="DIR",
+              help="Confine `weightd load` requests to checkpoints inside DIR (symlinks and '..' resolved). Repeatable. [default: any path the daemon can read]")
 @click.option("--device", "devices", multiple=True, metavar="cuda:N",
               help="Also keep one copy of every model on this GPU, shared with clients through CUDA IPC. Repeatable.")
 @click.option("--unlink-on-exit", is_flag=True,
               help="Remove the segments when the daemon stops. By default they stay, and the next daemon on this socket adopts them at once instead of reloading.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(models, factories, socket, instance, mode, group, max_bytes, allow_pickle, devices, unlink_on_exit, log_level) -> None:
+def serve(models, factories, socket, instance, mode, group, max_bytes, allow_pickle, model_dirs, devices, unlink_on_exit,
+          log_level) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from weightd.config import Config
     from weightd.server import Server
@@ -79,7 +82,7 @@ def serve(models, factories, socket, instance, mode, group, max_bytes, allow_pic
         gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     config = Config(models=specs, socket=socket, instance=instance, mode=int(mode, 8), max_bytes=max_bytes,
                     allow_pickle=allow_pickle, unlink_on_exit=unlink_on_exit, group=gid,
-                    devices=list(devices))
+                    devices=list(devices), model_dirs=list(model_dirs))
     Server(config).run()
 
 

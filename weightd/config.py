@@ -33,6 +33,7 @@ class Config:
     unlink_on_exit: bool = False  # default: leave segments for the next daemon to adopt
     group: int | None = None  # gid that may read segments and use the read socket
     devices: list[str] = field(default_factory=list)  # GPUs that get a copy of every model
+    model_dirs: list[str] = field(default_factory=list)  # load requests must name paths inside these
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())

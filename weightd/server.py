@@ -38,6 +38,7 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_MS = 100
 REAP_SECONDS = 1.0  # how often retired generations are checked for processes still mapping them
 PROGRESS_SECONDS = 0.25  # how often a loading client hears how far its load is
+SOCKET_CHECK_SECONDS = 1.0  # how often the daemon checks that its socket files are still its own
 
 
 def maps_segment(pid: int, name: str) -> bool:
@@ -120,12 +121,15 @@ class Server:
         poller.register(self._admin, zmq.POLLIN)
         reaper = threading.Thread(target=self._reap, name="weightd-reap", daemon=True)
         reaper.start()
-        next_watchdog = time.monotonic()
+        next_watchdog = next_check = time.monotonic()
         while not self.should_exit:
             for sock, _ in poller.poll(POLL_MS):
                 self._drain(sock)
             self._report_loads()
             now = time.monotonic()
+            if now >= next_check:
+                self._check_sockets()
+                next_check = now + SOCKET_CHECK_SECONDS
             if self.notifier.watchdog_interval and now >= next_watchdog:
                 self.notifier.send(WATCHDOG=1)
                 next_watchdog = now + self.notifier.watchdog_interval
@@ -223,22 +227,47 @@ class Server:
 
     def _bind(self) -> None:
         self._ctx = zmq.Context()
-        self._read = self._bind_one(self.config.socket, 0o660)
-        self._admin = self._bind_one(protocol.admin_socket(self.config.socket), 0o600)
+        self._read = self._ctx.socket(zmq.ROUTER)
+        self._admin = self._ctx.socket(zmq.ROUTER)
+        self._inodes: dict[str, int] = {}
+        for sock, path, mode in self._endpoints():
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self._bind_one(sock, path, mode)
 
-    def _bind_one(self, path: str, mode: int) -> zmq.Socket:
-        # We hold the lock, so a socket file here is a dead daemon's: replace it.
+    def _endpoints(self):
+        return [(self._read, self.config.socket, 0o660), (self._admin, protocol.admin_socket(self.config.socket), 0o600)]
+
+    def _bind_one(self, sock: zmq.Socket, path: str, mode: int) -> None:
+        # We hold the lock, so a socket file here is a dead daemon's (or stale): replace it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.bind(protocol.endpoint(path))
         os.chmod(path, mode)
         if self.config.group is not None:
             os.chown(path, -1, self.config.group)
-        return sock
+        self._inodes[path] = os.stat(path).st_ino
+
+    def _check_sockets(self) -> None:
+        """Bind again if someone deleted (or replaced) a socket file under the running daemon.
+
+        Clients find the daemon by path only; without this, a stray `rm` or a tmp cleaner
+        would make a healthy daemon unreachable until restarted.
+        """
+        for sock, path, mode in self._endpoints():
+            try:
+                ours = os.stat(path).st_ino == self._inodes.get(path)
+            except FileNotFoundError:
+                ours = False
+            if not ours:
+                log.warning("socket %s was removed or replaced: binding it again", path)
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.unbind(protocol.endpoint(path))
+                try:
+                    self._bind_one(sock, path, mode)
+                except (OSError, zmq.ZMQError) as e:
+                    log.error("cannot bind %s again: %s", path, e)
 
     def _drain(self, sock: zmq.Socket) -> None:
         while True:
@@ -338,12 +367,26 @@ class Server:
         return reply
 
     def _load(self, req, sock, identity, rid) -> None:
-        path = protocol.field(req, "path", str)
+        path = self._allowed(protocol.field(req, "path", str))
         name = check_name(protocol.field(req, "name", str, required=False) or default_name(path))
         factory = protocol.field(req, "factory", str, required=False)
         future = self._loads.submit(self.store.load, path, name, factory)
         self._pending.append(_PendingLoad(sock, identity, rid, name, future))
         return None  # answered by _report_loads: progress while it runs, then the result
+
+    def _allowed(self, path: str) -> str:
+        """With --model-dir, a load request may only name a checkpoint inside those folders."""
+        if not self.config.model_dirs:
+            return path
+        real = os.path.realpath(path)  # resolves '..' and symlinks that point elsewhere
+        for root in self.config.model_dirs:
+            root = os.path.realpath(root)
+            if real == root or real.startswith(root.rstrip("/") + "/"):
+                return real
+        raise PermissionDenied(
+            f"{path} is outside the folders this daemon loads from ({', '.join(self.config.model_dirs)}): "
+            "move the checkpoint there, or start the daemon with another --model-dir"
+        )
 
     def _unload(self, req, *_) -> bytes:
         model = self.store.unload(protocol.field(req, "name", str))
