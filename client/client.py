@@ -354,10 +354,14 @@ def detach(module: nn.Module) -> None:
     The mapping is unmapped once no other tensor over it is left (Note [a mapping outlives
     its tensors]); the module keeps its structure and can be attached again.
     """
+    weights = {id(t) for t in module.state_dict(keep_vars=True).values()}  # not non-persistent buffers
+    replaced: dict[int, torch.Tensor] = {}  # tied weights stay tied: one meta tensor per object
     for sub in module.modules():
         for table in (sub._parameters, sub._buffers):
             for k, t in table.items():
-                if t is not None and not t.is_meta:
-                    meta = t.detach().to("meta")
-                    table[k] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                if t is not None and id(t) in weights and not t.is_meta:
+                    if id(t) not in replaced:
+                        meta = t.detach().to("meta")
+                        replaced[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                    table[k] = replaced[id(t)]
     _attachments.pop(module, None)

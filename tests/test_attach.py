@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import mapped_ranges
 from models import TinyLM, build_tiny, trained_tiny
-from weightd.client import AttachError, attach, info, state_dict
+from weightd.client import AttachError, attach, detach, info, state_dict
 from weightd.manifest import DTYPE_SIZES
 
 
@@ -178,3 +178,20 @@ def test_huggingface_folder_builds_from_config(tmp_path, make_daemon):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, src(ids).logits)
     assert info(model).copies == 0
+
+
+def test_detach_lets_go_of_the_mapping_and_keeps_the_structure(tmp_path, make_daemon):
+    torch.save(trained_tiny().state_dict(), tmp_path / "lm.pt")
+    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
+    model = attach("lm", model=build_tiny, socket=d.socket)
+    segment = info(model).segment.lstrip("/")
+    assert any(segment in path for _, _, path in mapped_ranges())
+    detach(model)
+    import gc
+
+    gc.collect()
+    assert not any(segment in path for _, _, path in mapped_ranges()), "unmapped with the last tensor"
+    assert model.head.weight is model.embed.weight and model.head.weight.is_meta
+    assert info(model) is None
+    again = attach("lm", model=model, socket=d.socket)  # the same skeleton, attached again
+    assert again is model and not model.embed.weight.is_meta
