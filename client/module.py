@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -138,41 +137,95 @@ class Attachment:
     device: str | None = None  # where the weights are: None for the shared CPU pages
 
 
+@dataclass
+class _Slot:
+    """One place a tensor lives in a module: ``owner._parameters[leaf]`` or ``owner._buffers[leaf]``."""
+
+    owner: nn.Module
+    leaf: str
+    is_param: bool
+    persistent: bool
+    obj: torch.Tensor
+
+
+def _slots(module: nn.Module) -> dict[str, _Slot]:
+    """Every parameter and buffer by its full name, tied ones under each of their names: one walk."""
+    out = {}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for leaf, p in m._parameters.items():
+            if p is not None:
+                out[dot + leaf] = _Slot(m, leaf, True, True, p)
+        for leaf, b in m._buffers.items():
+            if b is not None:
+                out[dot + leaf] = _Slot(m, leaf, False, leaf not in m._non_persistent_buffers_set, b)
+    return out
+
+
+def _has_load_hooks(module: nn.Module) -> bool:
+    """Whether some submodule changes how state dicts load (BatchNorm, quantized modules...)."""
+    base = nn.Module._load_from_state_dict
+    return any(
+        type(m)._load_from_state_dict is not base or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+        for m in module.modules()
+    )
+
+
 def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict: bool, requires_grad: bool):
-    """Assign mapped tensors into ``module``; returns how many weights were copied."""
-    ties = _tied_groups(module)
-    persistent = set(module.state_dict(keep_vars=True))
+    """Assign mapped tensors into ``module``; returns how many weights were copied.
+
+    Each slot gets the mapped tensor itself (a Parameter wrapping it, for parameters): no
+    copy, and one new object per skeleton object, so ties the skeleton had stay ties. Modules
+    with their own state-dict loading logic go through ``load_state_dict(assign=True)``.
+    """
+    slots = _slots(module)
+    persistent = {n for n, sl in slots.items() if sl.persistent}
     unexpected = [k for k in tensors if k not in persistent]
     if unexpected and strict:
         raise AttachError(
             f"{len(unexpected)} weights have no place in the module, e.g. {unexpected[:5]}: "
             "pass the matching model=, or strict=False to ignore them"
         )
-    loadable = {k: v for k, v in tensors.items() if k in persistent}
-    module.load_state_dict(loadable, strict=False, assign=True)
-    for group in ties:
-        source = next((n for n in group if n in loadable), None)
-        if source is not None:
-            obj = _get(module, source)
-            for n in group:
-                _set(module, n, obj)
-            loadable.update({n: loadable[source] for n in group})
-    missing = sorted(persistent - set(loadable))
+    # a skeleton object (tied: several names) -> the mapped tensor for it, from its first name found
+    source: dict[int, tuple[str, torch.Tensor]] = {}
+    for n, sl in slots.items():
+        if sl.persistent and n in tensors and id(sl.obj) not in source:
+            t = tensors[n]
+            if t.shape != sl.obj.shape:
+                raise AttachError(f"{n!r} is {tuple(t.shape)} in the model but {tuple(sl.obj.shape)} in the module: pass the matching model=")
+            source[id(sl.obj)] = (n, t)
+    if _has_load_hooks(module):
+        module.load_state_dict({n: t for n, t in source.values()}, strict=False, assign=True)
+        loaded = {id_: _slots(module)[n].obj for id_, (n, _) in source.items()}
+        # assigning replaced each name's object on its own: restore the skeleton's ties
+    else:
+        loaded = {}
+        for id_, (n, t) in source.items():
+            loaded[id_] = nn.Parameter(t, requires_grad=requires_grad) if slots[n].is_param else t
+    for n, sl in slots.items():
+        new = loaded.get(id(sl.obj))
+        if new is not None:
+            (sl.owner._parameters if sl.is_param else sl.owner._buffers)[sl.leaf] = new
+    filled = {n for n, sl in slots.items() if id(sl.obj) in loaded}
+    missing = sorted(persistent - filled)
     if missing and strict:
         raise AttachError(
             f"{len(missing)} weights of the module are not in the model, e.g. {missing[:5]}: "
             "pass the matching model=, or strict=False to keep them as they are"
         )
-    for p in module.parameters():
-        p.requires_grad_(requires_grad)
-    on_meta = [n for n, t in _named_tensors(module) if t.is_meta]
+    on_meta = []
+    for n, sl in _slots(module).items():
+        if sl.is_param and sl.obj.requires_grad != requires_grad:
+            sl.obj.requires_grad_(requires_grad)
+        if sl.obj.is_meta:
+            on_meta.append(n)
     if on_meta:
         raise AttachError(
             f"{len(on_meta)} tensors of the module are still on the meta device, e.g. {on_meta[:5]}: they are not in "
             "the model's weights. Non-persistent buffers need real values: pass a function that builds the module "
             "(weightd builds its buffers for real) or a module built on the CPU, not one built on the meta device"
         )
-    copies = _copied(module, loadable, mapping)
+    copies = [n for n in filled if loaded[id(slots[n].obj)].numel() and not mapping.contains(loaded[id(slots[n].obj)])]
     if copies:
         warnings.warn(f"weightd copied {len(copies)} weights instead of sharing them, e.g. {copies[:3]}", stacklevel=3)
     return len(copies)
@@ -184,62 +237,21 @@ def refill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping) -> int:
     Parameters get the new tensor as ``.data`` (so optimizers, hooks and ties, which hold the
     Parameter objects, follow along); buffers are replaced.
     """
-    persistent = module.state_dict(keep_vars=True)
-    tied = {n for g in _tied_groups(module) for n in g if any(m in tensors for m in g)}
-    missing = [n for n in persistent if n not in tensors and n not in tied]
-    changed = [n for n, t in persistent.items() if n in tensors and tensors[n].shape != t.shape]
+    slots = {n: sl for n, sl in _slots(module).items() if sl.persistent}
+    given = {id(sl.obj) for n, sl in slots.items() if n in tensors}
+    missing = [n for n, sl in slots.items() if id(sl.obj) not in given]
+    changed = [n for n, sl in slots.items() if n in tensors and tensors[n].shape != sl.obj.shape]
     if missing or changed:
         raise AttachError(
             f"the new generation does not fit this module (missing {missing[:3]}, reshaped {changed[:3]}): attach it anew"
         )
-    for n, t in persistent.items():
+    copies = 0
+    for n, sl in slots.items():
         if n not in tensors:
-            continue
-        if isinstance(t, nn.Parameter):
-            t.data = tensors[n]
+            continue  # a tied name: its object is set through the other name
+        if sl.is_param:
+            sl.obj.data = tensors[n]
         else:
-            _set(module, n, tensors[n])
-    return len(_copied(module, tensors, mapping))
-
-
-def _copied(module: nn.Module, names, mapping) -> list[str]:
-    """Names of the module's weights (among ``names``) whose memory is not in the mapping."""
-    now = module.state_dict(keep_vars=True)  # one walk of the module, not one per name
-    return [n for n in names if n in now and now[n].numel() and not mapping.contains(now[n])]
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
-
-
-def _tied_groups(module: nn.Module) -> list[list[str]]:
-    """Names that are one object in the skeleton (tied weights), in groups of two or more."""
-    groups: dict[int, list[str]] = {}
-    for n, t in _named_tensors(module):
-        groups.setdefault(id(t), []).append(n)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def _owner(module: nn.Module, name: str):
-    path, _, leaf = name.rpartition(".")
-    return (module.get_submodule(path) if path else module), leaf
-
-
-def _get(module: nn.Module, name: str) -> torch.Tensor:
-    owner, leaf = _owner(module, name)
-    return getattr(owner, leaf)
-
-
-def _set(module: nn.Module, name: str, obj: torch.Tensor) -> None:
-    owner, leaf = _owner(module, name)
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = obj
-    else:
-        owner._buffers[leaf] = obj
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+            sl.owner._buffers[sl.leaf] = tensors[n]
+        copies += bool(tensors[n].numel()) and not mapping.contains(tensors[n])
+    return copies

@@ -6,7 +6,6 @@ machines and CI run none of it; the CPU paths are covered everywhere else.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

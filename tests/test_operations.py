@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from conftest import Daemon, segments, worker_code, worker_env
 from weightd.client import Client, publish, state_dict
-from weightd.errors import PermissionDenied
 
 ROOT = Path(__file__).resolve().parent.parent
 

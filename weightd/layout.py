@@ -8,12 +8,13 @@ module): both describe what they have as blobs, one per storage, and tensors ove
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from weightd import segment
 from weightd.errors import CheckpointError
+if TYPE_CHECKING:
+    import torch
+
 from weightd.manifest import DTYPE_SIZES, PAGE_ALIGN, Manifest, StorageMeta, TensorMeta, align_up, storage_alignment
 
 
@@ -25,7 +26,7 @@ class Blob:
     fill: Callable[["segment.Segment", int], None]
 
 
-def from_tensors(tensors: dict[str, torch.Tensor], *, source: str) -> tuple[list[Blob], list[TensorMeta], list]:
+def from_tensors(tensors: "dict[str, torch.Tensor]", *, source: str) -> tuple[list[Blob], list[TensorMeta], list]:
     """Describe CPU tensors by storage; tensors sharing memory (ties, views) share one blob.
 
     Returns the blobs, the tensors over them, and the storages the fills read from (keep
@@ -53,8 +54,10 @@ def from_tensors(tensors: dict[str, torch.Tensor], *, source: str) -> tuple[list
     return blobs, metas, keep
 
 
-def flatten(obj: dict, source, prefix: str = "") -> dict[str, torch.Tensor]:
+def flatten(obj: dict, source, prefix: str = "") -> "dict[str, torch.Tensor]":
     """A (nested) dict of tensors as one flat ``{"a.b": tensor}`` dict; anything else is refused."""
+    import torch
+
     out = {}
     for k, v in obj.items():
         key = f"{prefix}{k}"
@@ -70,8 +73,10 @@ def flatten(obj: dict, source, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def plain(t: torch.Tensor, name: str, source) -> torch.Tensor:
+def plain(t: "torch.Tensor", name: str, source) -> "torch.Tensor":
     """The tensor as plain strided CPU bytes, or a clear refusal."""
+    import torch
+
     if t.is_nested:
         raise CheckpointError(f"{source}: tensor {name!r} is a nested tensor: unbind it or pad it to a strided tensor")
     if t.layout != torch.strided:
@@ -90,7 +95,9 @@ def plain(t: torch.Tensor, name: str, source) -> torch.Tensor:
     return t.detach()
 
 
-def _storage_fill(storage: torch.UntypedStorage):
+def _storage_fill(storage: "torch.UntypedStorage"):
+    import torch
+
     def fill(seg: "segment.Segment", offset: int) -> None:
         # A single-threaded kernel copy (pwrite): torch's copy_ splits every storage across
         # its threads, which stalls when other processes hold the cores (2.7x slower measured).
