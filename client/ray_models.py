@@ -3,6 +3,9 @@ unloaded, in each node's own daemon (Note [the node-local socket] in ray_daemons
 
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
+
 import ray
 import torch
 from torch import nn
@@ -41,7 +44,7 @@ def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str
         out[here] = _client.publish(name, obj, socket=sockets[here])
     others = {n: s for n, s in sockets.items() if n != here}
     if others:
-        ref = ray.put(_tensors(obj))
+        ref = ray.put(_Shipment(_tensors(obj)))
         refs = {n: _publish.options(scheduling_strategy=_on(n)).remote(name, ref, s) for n, s in others.items()}
         out.update({n: ray.get(r) for n, r in refs.items()})
         del ref
@@ -79,6 +82,61 @@ def _tensors(obj):
     return obj
 
 
+class _Shipment:
+    """Tensors on their way to another node's daemon, with their storages shipped once.
+
+    Ray's serializer copies each tensor on its own, so a tied weight (or two views of one
+    storage) would arrive as separate copies and be published twice. Here each storage travels
+    once, as a uint8 array Ray keeps zero-copy in the object store, and every tensor as
+    ``(storage, offset, shape, stride, dtype)`` over it; ``tensors()`` puts them back together
+    with the same sharing, which ``publish`` then lays out once.
+    """
+
+    def __init__(self, tree):
+        self.storages: list = []
+        index: dict[tuple[int, int], int] = {}
+
+        def describe(t: torch.Tensor):
+            if t.layout != torch.strided or t.is_nested or t.device.type != "cpu":
+                return t  # as it is, for publish to store or refuse with its own message
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in index:
+                index[key] = len(self.storages)
+                self.storages.append(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+            return _Ref(index[key], t.storage_offset(), tuple(t.shape), t.stride(), str(t.dtype).removeprefix("torch."))
+
+        self.tree = _map(tree, describe, torch.Tensor)
+
+    def tensors(self):
+        with warnings.catch_warnings():
+            # The object store hands out read-only arrays; publish only reads them.
+            warnings.simplefilter("ignore", UserWarning)
+            storages = [torch.from_numpy(a).untyped_storage() for a in self.storages]
+
+        def rebuild(r: "_Ref") -> torch.Tensor:
+            return torch.empty(0, dtype=getattr(torch, r.dtype)).set_(storages[r.storage], r.offset, r.shape, r.stride)
+
+        return _map(self.tree, rebuild, kind=_Ref)
+
+
+class _Ref(NamedTuple):
+    storage: int
+    offset: int
+    shape: tuple
+    stride: tuple
+    dtype: str
+
+
+def _map(tree, fn, kind):
+    """``tree`` (dicts at any depth) with ``fn`` applied to each leaf of type ``kind``."""
+    if isinstance(tree, kind):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map(v, fn, kind) for k, v in tree.items()}
+    return tree
+
+
 def _unload(socket: str, name: str) -> bool:
     from weightd.errors import ModelNotFound
 
@@ -92,9 +150,9 @@ def _unload(socket: str, name: str) -> bool:
 
 # num_cpus=0: these are the daemon's work, not the node's; they must not wait for a free CPU.
 @ray.remote(num_cpus=0)
-def _publish(name: str, tensors: dict[str, torch.Tensor], socket: str) -> dict:
+def _publish(name: str, shipment: _Shipment, socket: str) -> dict:
     with _client.Client(socket) as c:
-        return c.publish(name, tensors)
+        return c.publish(name, shipment.tensors())
 
 
 @ray.remote(num_cpus=0)

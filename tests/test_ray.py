@@ -327,9 +327,11 @@ def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):
     unique = {t.data_ptr(): t for m in (pipe.encoder, pipe.extra["norm"], pipe.stages[0].head) for t in m.state_dict().values()}
     nbytes = sum(t.numel() * t.element_size() for t in unique.values())
     sockets = cluster.sockets
-    with rz._client.Client(next(iter(sockets.values()))) as c:
-        published = {m["name"]: m for m in c.list()}[wrapper.model_name]
-    assert published["nbytes"] == nbytes, "the tied embedding and the module held twice are stored once"
+    assert len(sockets) == 2
+    for socket in sockets.values():  # this node's daemon from this process, the other's through Ray
+        with rz._client.Client(socket) as c:
+            published = {m["name"]: m for m in c.list()}[wrapper.model_name]
+        assert published["nbytes"] == nbytes, "the tied embedding and the module held twice are stored once"
 
     @ray.remote(num_cpus=0)
     def run(w, ids):
