@@ -109,7 +109,7 @@ def read_safetensors(path: Path) -> Checkpoint:
             )
         try:
             header = json.loads(f.read(hlen))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{path}: header is not valid JSON ({e}): the file is corrupt") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: header is not a JSON object: the file is corrupt")
@@ -131,9 +131,23 @@ def read_safetensors(path: Path) -> Checkpoint:
             ck.tensors.append(TensorMeta(name, len(ck.blobs), 0, dtype, shape, contiguous_stride(shape)))
             ck.blobs.append(Blob(end - begin, _file_fill(f, data_start + begin, end - begin, path)))
         spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0 and e1 > b1:  # zero-length tensors overlap nothing
+        b0 = e0 = 0
+        n0 = None
+        for b1, e1, n1 in spans:
+            if e1 == b1:
+                continue  # zero-length tensors overlap nothing (and must not hide an overlap)
+            if n0 is not None and b1 < e0:
                 raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
+            if e1 > e0:
+                b0, e0, n0 = b1, e1, n1
+        end = max((e for _, e, _ in spans), default=0)
+        if end != data_len:
+            # What the reference library refuses too: bytes no tensor covers are the sign of a
+            # header length that lies by a few bytes, which would shift every tensor silently.
+            raise CheckpointError(
+                f"{path}: the tensors end at byte {end} of a {data_len}-byte data area: the header length "
+                "is wrong or the file has trailing bytes: the file is corrupt"
+            )
         ck.keepalive.append(f)
         return ck
     except BaseException:
@@ -155,6 +169,10 @@ def _safetensors_entry(path, name, info):
     offsets = info.get("data_offsets")
     if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
         raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r:.100}")
+    if math.prod(max(n, 1) for n in shape) >= 2**63:
+        # Even with no elements (a 0 in the shape), sizes and strides must fit in int64 or no
+        # client can build the tensor.
+        raise CheckpointError(f"{path}: tensor {name!r} has a shape {shape!r:.100} whose sizes overflow int64")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
     ) or offsets[0] > offsets[1]:
@@ -241,7 +259,7 @@ def _read_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
     if config.is_file():
         try:
             ck.skeleton = {"hf_config": json.loads(config.read_text())}
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{config}: not valid JSON ({e})") from None
         ck.format = "huggingface"
     return ck
@@ -251,7 +269,7 @@ def _read_index(index: Path, *, allow_pickle: bool) -> Checkpoint:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         assert isinstance(weight_map, dict)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError, RecursionError):
         raise CheckpointError(f"{index}: not a valid index (a JSON object with a 'weight_map' object)") from None
     shards = sorted(set(map(str, weight_map.values())))
     for shard in shards:

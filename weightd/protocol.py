@@ -87,6 +87,8 @@ def decode(frame: bytes, what: str = "message") -> dict:
         obj = json.loads(frame)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"{what} header is not UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} header nests too deeply to be a weightd message") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} header must be a JSON object, got {type(obj).__name__}")
     version = obj.get("v")
@@ -108,4 +110,13 @@ def field(obj: dict, key: str, kind: type | tuple, *, required: bool = True, def
     # bool is an int in Python; a JSON true is never a valid generation number.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ProtocolError(f"field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r:.80}")
+    if isinstance(value, str):
+        # Names, paths and segments: a NUL or a lone surrogate is never one, and would make
+        # the OS calls that use the value raise where nobody expects it.
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError(f"field {key!r} is not valid Unicode: {value!r:.80}") from None
+        if "\x00" in value:
+            raise ProtocolError(f"field {key!r} holds a NUL character: {value!r:.80}")
     return value

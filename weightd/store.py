@@ -36,8 +36,8 @@ from weightd.manifest import Manifest
 
 log = logging.getLogger("weightd")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
-FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")  # \Z: "$" would let a final newline in
+FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 RESERVATION_SECONDS = 600.0  # a publish that does not commit in this long is abandoned
 RETIRE_GRACE_SECONDS = 5.0  # a retired generation is kept at least this long after its last request
 
@@ -225,6 +225,15 @@ class Store:
         """Serve the sealed segments a previous daemon of this instance left; remove the rest."""
         found: dict[str, list[Model]] = {}
         for name in segment.list_segments(self.prefix):
+            try:
+                uid = os.stat(os.path.join(segment.SHM_DIR, name.lstrip("/"))).st_uid
+            except FileNotFoundError:
+                continue
+            if uid != os.geteuid():
+                # /dev/shm is writable by everyone: anybody can create a file with our prefix.
+                # Serving it would let its owner choose (and later rewrite) what workers run.
+                log.warning("ignoring %s: it belongs to uid %d, not to this daemon's user", name, uid)
+                continue
             try:
                 manifest, size, sealed = segment.inspect(name)
             except SegmentError as e:
