@@ -533,7 +533,7 @@ def part_latency(h: Harness, args, res: dict) -> None:
         got = watcher.stdout.readline().split()
         if len(got) != 6:
             raise RuntimeError(f"watcher failed:\n{_tail(h.tmp / 'watcher.log')}")
-        rr, seen, tries, t_wake, t_a, t_b = int(got[0]), int(got[1]), int(got[2]), *map(float, got[3:])
+        _, seen, tries, t_wake, t_a, t_b = int(got[0]), int(got[1]), int(got[2]), *map(float, got[3:])
         if seen != r:
             raise RuntimeError(f"round {r}: the watcher still saw marker {seen} 10 s after publish returned")
         rows.append({"publish_s": t_ret - t0, "latency_s": t_b - t_ret, "wake_s": t_wake - t_ret,
@@ -703,7 +703,7 @@ def report(res: dict) -> list[str]:
         lines.append(f"   {'restart after ' + sig:24s} {ms(s['stop_median_s'])} {ms(s['ready_median_s'])} "
                      f"{ms(s['serving_median_s'])} {ms(s['serving_minus_empty_median_s'])}  {ms(s['adopt_in_process_median_s'])}")
     worst = max(rs[s]["serving_minus_empty_median_s"] for s in ("SIGTERM", "SIGKILL"))
-    lines.append(f"   (all from Popen; 'serving' = both state_dicts returned with the right markers; adopt() timed in-process)")
+    lines.append("   (all from Popen; 'serving' = both state_dicts returned with the right markers; adopt() timed in-process)")
     lines.append(f"   target serving - empty start < {TARGET_RESTART_EXTRA_S:g} s: worst median {worst:.3f} s "
                  f"[{'met' if worst < TARGET_RESTART_EXTRA_S else 'NOT met'}]")
     return lines

@@ -27,7 +27,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from conftest import SHM, remove_segments  # noqa: E402
-from models import TinyLM, build_tiny, trained_tiny  # noqa: E402
+from models import build_tiny, trained_tiny  # noqa: E402
 from weightd.client import DaemonNotRunning, ModelNotFound, info  # noqa: E402
 from weightd.client import ray_daemons  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
