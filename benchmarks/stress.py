@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 import hostile  # noqa: E402
 from weightd.client import Client, publish, state_dict  # noqa: E402
@@ -72,18 +71,10 @@ def finish(d: hostile.Daemon, problems: list[str], what: str) -> None:
 
 
 def load(tmp: Path, clients: int, cycles: int, problems: list[str]) -> dict:
-    files, expected = {}, {}
-    for i, name in enumerate(["a", "b", "c", "d", "x"]):
-        files[name] = tmp / f"{name}.safetensors"
-        expected[name] = hostile.write_model(files[name], seed=10 + i, kib=512)
-    lin = torch.nn.Linear(128, 128)
-    save_file(lin.state_dict(), str(tmp / "lin.safetensors"))
-    expected["lin"] = hostile.digests(lin.state_dict())
-    args = ["--unlink-on-exit"] + [a for n in ("a", "b", "lin", "x") for a in ("--model", f"{n}={tmp / (n + '.safetensors')}")]
-    d = new_daemon(tmp, args)
+    files, expected, args = hostile.load_models(tmp, kib=512, dim=128)
+    d = new_daemon(tmp, ["--unlink-on-exit", *args])
     try:
         publish("c", hostile.model_tensors(12, 512), socket=d.socket)
-        expected["c"] = hostile.digests(hostile.model_tensors(12, 512))
         # as many clients as the run (ZeroMQ's buffers grow with the peers connected at once)
         warm = hostile.run_load(d.socket, d.instance, expected, clients=clients, cycles=5, names=["a", "b", "c", "lin"],
                                 module_name="lin", module_dim=128)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -38,6 +40,16 @@ def remove_segments(instance: str) -> list[str]:
         except posix_ipc.ExistentialError:
             pass
     return left
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
+    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Daemon:
@@ -228,6 +240,27 @@ def mapped_ranges(pid: int | str = "self", needle: str = "weightd.") -> list[tup
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 out.append((lo, hi, parts[5]))
     return out
+
+
+def as_user(gid: int, groups: list[int], body: str) -> str:
+    """Worker code that imports as root, then becomes ``nobody`` before it touches weightd.
+
+    The interpreter here lives under /root, which other users cannot read, so the process
+    starts as root and drops its privileges for good before the part under test.
+    """
+    return f"os.setgroups({groups!r}); os.setgid({gid}); os.setuid(65534)\n" + textwrap.dedent(body)
+
+
+@pytest.fixture
+def shared_dir():
+    """A socket directory other users can reach (pytest's tmp_path is 0700)."""
+    path = tempfile.mkdtemp(prefix="weightd-acl-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -78,6 +78,23 @@ def write_model(path: Path, seed: int, kib: int = 256) -> dict[str, str]:
     return digests(tensors)
 
 
+def load_models(folder: Path, kib: int, dim: int) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+    """The load scenario's checkpoints: models a..x, and a ``Linear(dim, dim)`` "lin" that
+    clients attach as a module. Returns the files, every model's digests (with "c", which the
+    scenario publishes rather than loads) and the ``serve`` arguments for a, b, lin and x."""
+    files, expected = {}, {}
+    for i, name in enumerate(["a", "b", "c", "d", "x"]):
+        files[name] = folder / f"{name}.safetensors"
+        expected[name] = write_model(files[name], seed=10 + i, kib=kib)
+    lin = torch.nn.Linear(dim, dim)
+    files["lin"] = folder / "lin.safetensors"
+    save_file(lin.state_dict(), str(files["lin"]))
+    expected["lin"] = digests(lin.state_dict())
+    expected["c"] = digests(model_tensors(12, kib))
+    args = [a for n in ("a", "b", "lin", "x") for a in ("--model", f"{n}={files[n]}")]
+    return files, expected, args
+
+
 def big_model(path: Path, mib: int) -> dict[str, str]:
     g = torch.Generator().manual_seed(mib)
     tensors = {f"t{i}": torch.randn(mib // 8, 1 << 18, generator=g) for i in range(8)}

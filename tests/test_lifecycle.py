@@ -9,19 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import segments, worker_code
+from conftest import segments, wait_until, worker_code
 from models import build_tiny, trained_tiny
 from weightd.client import Client, ModelNotFound, attach, info, publish, refresh, state_dict
 from weightd.errors import CheckpointError, OutOfSpace
-
-
-def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_publish_from_a_running_process(make_daemon, workers):

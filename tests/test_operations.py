@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import Daemon, segments, worker_code, worker_env
+from conftest import Daemon, as_user, needs_root, segments, worker_code, worker_env
 from weightd.client import Client, publish, state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,25 +131,7 @@ def test_one_daemon_per_socket_and_graceful_sigint(tmp_path, make_daemon):
 GROUP = 4242  # a group id no one else uses: the tests run as root and drop to nobody
 
 
-def as_user(gid: int, groups: list[int], body: str) -> str:
-    """Worker code that imports as root, then becomes ``nobody`` before it touches weightd.
-
-    The interpreter here lives under /root, which other users cannot read, so the process
-    starts as root and drops its privileges for good before the part under test.
-    """
-    return f"os.setgroups({groups!r}); os.setgid({gid}); os.setuid(65534)\n" + textwrap.dedent(body)
-
-
-@pytest.fixture
-def shared_dir():
-    """A socket directory other users can reach (pytest's tmp_path is 0700)."""
-    path = tempfile.mkdtemp(prefix="weightd-acl-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+@needs_root
 def test_group_members_attach_but_cannot_change_anything(tmp_path, shared_dir, make_daemon):
     save_file({"w": torch.arange(4096, dtype=torch.float32)}, tmp_path / "m.safetensors")
     sock = os.path.join(shared_dir, "weightd.sock")

@@ -23,23 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import hostile
-from conftest import Daemon, remove_segments, segments, worker_code, worker_env
+from conftest import Daemon, as_user, needs_root, remove_segments, segments, wait_until, worker_code, worker_env
 from weightd import protocol
 from weightd.client import Client, publish, state_dict
 from weightd.errors import CheckpointError, ModelNotFound, PermissionDenied, ProtocolError
 from weightd.store import NAME_RE
-
-
-def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 MIB = 1 << 20
@@ -206,7 +197,18 @@ def test_load_paths_cannot_escape_the_model_dir(served, corpus_dir, tmp_path):
     (models / "subdir").mkdir(exist_ok=True)
     if not (models / "linkdir").exists():
         os.symlink(root, models / "linkdir")
+    for kind in ("folder", "indexed"):  # a folder inside whose shard is a symlink to outside
+        folder = models / f"shard-link-{kind}"
+        if not folder.exists():
+            folder.mkdir()
+            shard = "model-00001-of-00001.safetensors" if kind == "indexed" else "model.safetensors"
+            os.symlink(root / "outside.safetensors", folder / shard)
+            if kind == "indexed":
+                names = load_file(str(root / "outside.safetensors")).keys()
+                (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
     escapes = [
+        str(models / "shard-link-folder"),
+        str(models / "shard-link-indexed"),
         str(models / ".." / "outside.safetensors"),  # '..'
         str(root / "outside.safetensors"),  # absolute, outside
         str(models / "link.safetensors"),  # a symlink inside pointing outside
@@ -270,18 +272,10 @@ def test_model_names_cannot_escape_dev_shm(served, corpus_dir):
 
 
 def load_scenario(make_daemon, tmp_path, clients: int, cycles: int):
-    files, expected = {}, {}
-    for i, name in enumerate(["a", "b", "c", "d", "x"]):
-        files[name] = tmp_path / f"{name}.safetensors"
-        expected[name] = hostile.write_model(files[name], seed=10 + i, kib=256)
-    lin = torch.nn.Linear(96, 96)
-    save_file(lin.state_dict(), str(tmp_path / "lin.safetensors"))
-    expected["lin"] = hostile.digests(lin.state_dict())
-    args = [a for n in ("a", "b", "lin", "x") for a in ("--model", f"{n}={tmp_path / (n + '.safetensors')}")]
+    files, expected, args = hostile.load_models(tmp_path, kib=256, dim=96)
     d = make_daemon(*args)
     # c is published (a 3rd served model), d is loaded and x unloaded while the clients run
     publish("c", hostile.model_tensors(12, 256), socket=d.socket)
-    expected["c"] = hostile.digests(hostile.model_tensors(12, 256))
     names = ["a", "b", "c", "lin", "d", "x"]
     warm = hostile.run_load(d.socket, d.instance, expected, clients=clients, cycles=5, names=["a", "b", "c"])
     assert not warm.untyped and not warm.bad
@@ -411,7 +405,7 @@ def unshare_works() -> str | None:
 
 SMALL_SHM = """
 import json, os, subprocess, sys, time, torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from weightd.client import Client, DaemonNotRunning
 from weightd.errors import OutOfSpace
 tmp, out = sys.argv[1], {}
@@ -512,21 +506,6 @@ def test_socket_file_deleted_or_replaced_under_a_running_daemon(tmp_path, make_d
 # --- isolation --------------------------------------------------------------------------------
 
 GROUP = 4243
-
-
-def as_user(gid: int, groups: list[int], body: str) -> str:
-    return f"os.setgroups({groups!r}); os.setgid({gid}); os.setuid(65534)\n" + textwrap.dedent(body)
-
-
-@pytest.fixture
-def shared_dir():
-    path = tempfile.mkdtemp(prefix="weightd-rel-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
 
 
 @needs_root

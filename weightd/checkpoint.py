@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightd import layout
-from weightd.errors import CheckpointError, SegmentError
+from weightd.errors import CheckpointError, PermissionDenied, SegmentError
 from weightd.layout import Blob
 from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
 
@@ -71,13 +71,19 @@ class Checkpoint:
         self.keepalive.extend(other.keepalive)
 
 
-def read(path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
-    """Open and validate a checkpoint file or folder; nothing is copied yet."""
+def read(path: str | os.PathLike, *, allow_pickle: bool = False, within: list[str] | None = None) -> Checkpoint:
+    """Open and validate a checkpoint file or folder; nothing is copied yet.
+
+    ``within``: folders every file read must lie in, after resolving symlinks (``--model-dir``:
+    a shard in an allowed folder may be a symlink to anywhere).
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder: check the path given to --model or load")
+    if within is not None:
+        check_within(p, within)
     if p.is_dir():
-        return _read_folder(p, allow_pickle=allow_pickle)
+        return _read_folder(p, allow_pickle=allow_pickle, within=within)
     if p.suffix == ".safetensors":
         return read_safetensors(p)
     if p.suffix in TORCH_SUFFIXES:
@@ -85,6 +91,19 @@ def read(path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
     raise CheckpointError(
         f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
         "and Hugging Face model folders"
+    )
+
+
+def check_within(path: str | os.PathLike, roots: list[str]) -> str:
+    """``path`` with symlinks and ``..`` resolved, if that lies inside one of ``roots``."""
+    real = os.path.realpath(path)
+    for root in roots:
+        root = os.path.realpath(root)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            return real
+    raise PermissionDenied(
+        f"{path} resolves to {real}, outside the folders this daemon loads from ({', '.join(roots)}): "
+        "move the checkpoint there, or start the daemon with another --model-dir"
     )
 
 
@@ -242,11 +261,11 @@ def _torch_load(path: Path, *, weights_only: bool):
 # --- folders ------------------------------------------------------------------------------
 
 
-def _read_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
+def _read_folder(folder: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
-            ck = _read_index(folder / index_name, allow_pickle=allow_pickle)
+            ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within)
             break
     else:
         files = sorted(folder.glob("*.safetensors")) or sorted(
@@ -254,9 +273,11 @@ def _read_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
         )
         if not files:
             raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
-        ck = _read_many(folder, files, allow_pickle=allow_pickle)
+        ck = _read_many(folder, files, allow_pickle=allow_pickle, within=within)
     config = folder / "config.json"
     if config.is_file():
+        if within is not None:
+            check_within(config, within)
         try:
             ck.skeleton = {"hf_config": json.loads(config.read_text())}
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -265,17 +286,20 @@ def _read_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
     return ck
 
 
-def _read_index(index: Path, *, allow_pickle: bool) -> Checkpoint:
+def _read_index(index: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
+    if within is not None:
+        check_within(index, within)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError, RecursionError):
-        raise CheckpointError(f"{index}: not a valid index (a JSON object with a 'weight_map' object)") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid index (a JSON object with a 'weight_map' object)")
     shards = sorted(set(map(str, weight_map.values())))
     for shard in shards:
         if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
             raise CheckpointError(f"{index}: names shard {shard!r}, which is not a file in {index.parent}")
-    ck = _read_many(index.parent, [index.parent / s for s in shards], allow_pickle=allow_pickle)
+    ck = _read_many(index.parent, [index.parent / s for s in shards], allow_pickle=allow_pickle, within=within)
     have = {t.name for t in ck.tensors}
     missing = [k for k in weight_map if k not in have]
     if missing:
@@ -283,11 +307,11 @@ def _read_index(index: Path, *, allow_pickle: bool) -> Checkpoint:
     return ck
 
 
-def _read_many(folder: Path, files: list[Path], *, allow_pickle: bool) -> Checkpoint:
+def _read_many(folder: Path, files: list[Path], *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
     ck = Checkpoint(path=str(folder), format="safetensors" if files[0].suffix == ".safetensors" else "torch")
     try:
         for f in files:
-            ck.extend(read(f, allow_pickle=allow_pickle))
+            ck.extend(read(f, allow_pickle=allow_pickle, within=within))
     except BaseException:
         close(ck)
         raise

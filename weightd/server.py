@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from weightd import __version__, memory, protocol
+from weightd import __version__, checkpoint, memory, protocol
 from weightd.config import Config
 from weightd.errors import AlreadyRunning, InternalError, PermissionDenied, ProtocolError, WeightdError
 from weightd.notify import Notifier
@@ -370,23 +370,16 @@ class Server:
         path = self._allowed(protocol.field(req, "path", str))
         name = check_name(protocol.field(req, "name", str, required=False) or default_name(path))
         factory = protocol.field(req, "factory", str, required=False)
-        future = self._loads.submit(self.store.load, path, name, factory)
+        future = self._loads.submit(self.store.load, path, name, factory, within=self.config.model_dirs or None)
         self._pending.append(_PendingLoad(sock, identity, rid, name, future))
         return None  # answered by _report_loads: progress while it runs, then the result
 
     def _allowed(self, path: str) -> str:
-        """With --model-dir, a load request may only name a checkpoint inside those folders."""
+        """With --model-dir, a load request may only name a checkpoint inside those folders
+        (and every file the load reads is checked again: a shard may be a symlink)."""
         if not self.config.model_dirs:
             return path
-        real = os.path.realpath(path)  # resolves '..' and symlinks that point elsewhere
-        for root in self.config.model_dirs:
-            root = os.path.realpath(root)
-            if real == root or real.startswith(root.rstrip("/") + "/"):
-                return real
-        raise PermissionDenied(
-            f"{path} is outside the folders this daemon loads from ({', '.join(self.config.model_dirs)}): "
-            "move the checkpoint there, or start the daemon with another --model-dir"
-        )
+        return checkpoint.check_within(path, self.config.model_dirs)
 
     def _unload(self, req, *_) -> bytes:
         model = self.store.unload(protocol.field(req, "name", str))

@@ -144,11 +144,11 @@ class Store:
     # --- loading and publishing ---
 
     def load(self, path: str, name: str | None = None, factory: str | None = None,
-             progress: Callable[[int, int], None] | None = None) -> Model:
+             progress: Callable[[int, int], None] | None = None, within: list[str] | None = None) -> Model:
         name = check_name(name or default_name(path))
         check_factory(factory)
         started = time.monotonic()
-        ck = checkpoint.read(path, allow_pickle=self.allow_pickle)
+        ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within)
         self._progress[name] = (0, ck.nbytes)
 
         def tracked(done: int, total: int) -> None:
