@@ -58,7 +58,8 @@ class Mapping:
             ) from None
         except PermissionError:
             raise PermissionDenied(
-                f"may not read segment {path} of {manifest.name!r}: run as a member of the daemon's group"
+                f"may not read segment {path} of {manifest.name!r} ({_mode(path)}): run as a member of the "
+                "daemon's group, and have the daemon grant its group read access (--mode 640, the default)"
             ) from None
         try:
             self.size = os.fstat(fd).st_size
@@ -136,3 +137,11 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise SegmentError(f"dtype {name!r} is not known to this PyTorch ({torch.__version__}): upgrade torch in the client")
     return dtype
+
+
+def _mode(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "mode unknown"
+    return f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, you are uid {os.geteuid()}"

@@ -536,7 +536,7 @@ def test_mode_600_segments_are_unreadable_even_to_the_group(tmp_path, shared_dir
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["list"] == ["m"]
-    assert "may not read segment" in out["attach"], out
+    assert "may not read segment" in out["attach"] and "mode 600" in out["attach"] and "--mode 640" in out["attach"], out
     assert (out["unlink"], out["truncate"], out["read"]) == ("denied", "denied", "denied")
     assert segments(d.instance) == [seg]
 
