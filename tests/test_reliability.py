@@ -405,7 +405,7 @@ def unshare_works() -> str | None:
 
 SMALL_SHM = """
 import json, os, subprocess, sys, time, torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from weightd.client import Client, DaemonNotRunning
 from weightd.errors import OutOfSpace
 tmp, out = sys.argv[1], {}

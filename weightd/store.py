@@ -268,6 +268,10 @@ class Store:
             for s in expired:
                 del self._reserved[s]
             retired = list(self._retired.items())
+            for model in self._models.values():
+                # Only for `stats`: forget processes that are gone, or the set grows with every
+                # short-lived client for as long as the generation is served.
+                model.attached = {pid for pid in model.attached if os.path.exists(f"/proc/{pid}")}
         if self.devices:
             from weightd import gpu
 
