@@ -16,6 +16,7 @@ import zmq
 from torch import nn
 
 from weightd import errors, layout, protocol
+from weightd.client import hf
 from weightd.client.mapping import DeviceCopy, Mapping, rebuild
 from weightd.client.module import Attachment, build_skeleton, fill, refill
 from weightd.errors import DaemonNotRunning, PermissionDenied, RequestTimeout, SegmentError
@@ -211,6 +212,7 @@ class Client:
         requires_grad: bool = False,
         device=None,
         pin: bool = False,
+        config=None,
     ) -> nn.Module:
         """An ``nn.Module`` whose weights are the shared pages of model ``name``.
 
@@ -219,16 +221,25 @@ class Client:
         it was loaded with). Parameters come back with ``requires_grad=False`` unless asked;
         writes to them stay private to this process. ``device`` and ``pin`` as for
         ``state_dict``.
+
+        A Hugging Face folder comes back as ``from_pretrained(folder)`` returns it (its class, or
+        the transformers class / ``AutoModelFor...`` given as ``model``, built with ``config`` if
+        given; ``strict`` gives way to the class's own rules): see ``weightd.client.hf``.
         """
         t0 = time.perf_counter()
         with _gc_paused():
             mapping, tensors = self._map(name, generation, device, pin)
         manifest = mapping.manifest
-        b0 = time.perf_counter()
-        module = build_skeleton(model, manifest.skeleton, name)
-        build = time.perf_counter() - b0
-        with _gc_paused():
-            copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
+        if hf.wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
+            with _gc_paused():
+                module, copies, build = hf.build(name, mapping, tensors, model, requires_grad=requires_grad,
+                                                 config=config)
+        else:
+            b0 = time.perf_counter()
+            module = build_skeleton(model, manifest.skeleton, name)
+            build = time.perf_counter() - b0
+            with _gc_paused():
+                copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
         _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0,
                                            None if device is None else str(device))
         return module

@@ -85,6 +85,11 @@ class Mapping:
         ptr = t.untyped_storage().data_ptr()
         return self.base <= ptr and ptr + t.untyped_storage().nbytes() <= self.base + self.size
 
+    def storage_bytes(self, index: int) -> memoryview:
+        """Storage ``index`` as read-only bytes (a Hugging Face folder's small files live in such storages)."""
+        st = self.manifest.storages[index]
+        return self._view[st.offset : st.offset + st.nbytes].toreadonly()
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the manifest, over this mapping; shared storages stay shared."""
         storages = []

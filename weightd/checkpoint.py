@@ -263,6 +263,11 @@ def _torch_load(path: Path, *, weights_only: bool):
 
 def _read_folder(folder: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
+    # Hook (issue 11): transformers model folders load through from_pretrained, in weightd/daemon/hf.py.
+    from weightd.daemon import hf
+
+    if hf.is_model_folder(folder):
+        return hf.read_folder(folder, within=within)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
             ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within)

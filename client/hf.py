@@ -1,0 +1,372 @@
+"""weightd.client.hf: a Hugging Face model folder the daemon serves, as ``from_pretrained`` gives it.
+
+>>> from weightd.client import attach, hf
+>>> model = attach("llama")                    # == LlamaForCausalLM.from_pretrained(folder), zero-copy
+>>> model, tok = hf.pretrained("llama")        # and its tokenizer, from the daemon's copy of the files
+>>> st = hf.sentence_transformer("minilm")     # a SentenceTransformer over the shared weights
+
+The daemon loaded the folder with ``from_pretrained`` and serves the resulting state dict
+(every load-time conversion applied) plus the folder's small files. Here the module is built
+the way ``from_pretrained`` builds it, with transformers' own pieces: the config from the
+folder's config.json, the dtype by its ``"auto"`` rule, the class created on the meta device
+in its init context, then the mapped tensors assigned (no copy), then its own finishing step
+(non-persistent buffers, missing keys, ties, the loading report), ``eval()`` and the
+generation config. Differences from ``from_pretrained``: parameters come with
+``requires_grad=False`` unless asked (writes stay private to the process either way).
+
+transformers is imported only when an HF model is attached; never at import of this module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import torch
+from torch import nn
+
+from weightd.errors import AttachError
+
+EXTRA = "pip install 'weightd[hf]'"
+_files_dirs: dict[str, str] = {}  # segment uuid -> this process's private copy of the small files
+_lock = threading.RLock()
+
+
+# --- public helpers --------------------------------------------------------------------------
+
+
+def attach(name: str, cls=None, *, socket: str | None = None, **kwargs) -> nn.Module:
+    """``cls.from_pretrained(folder)`` for the folder the daemon serves as ``name``, zero-copy.
+
+    ``cls``: a transformers class or ``AutoModelFor...``; by default the class the folder's
+    config names (``architectures[0]``), as ``weightd.client.attach(name)`` does.
+    """
+    from weightd.client.client import attach as _attach
+
+    return _attach(name, cls, socket=socket, **kwargs)
+
+
+def files(name: str, *, socket: str | None = None) -> dict[str, bytes]:
+    """The folder's small files (config, tokenizer, processor, sentence-transformers modules)."""
+    mapping = _mapping(name, socket)
+    return {rel: bytes(mapping.storage_bytes(i)) for rel, i in _skeleton(mapping.manifest)["files"].items()}
+
+
+def files_dir(name: str, *, socket: str | None = None) -> str:
+    """A private folder holding the small files, for ``AutoTokenizer.from_pretrained(path)`` and the like.
+
+    Made once per process and model generation, removed when the process exits.
+    """
+    return _files_dir(_mapping(name, socket))
+
+
+def tokenizer(name: str, *, socket: str | None = None, **kwargs):
+    """``AutoTokenizer.from_pretrained(folder, **kwargs)``, from the daemon's copy of the files."""
+    transformers = _transformers(name)
+    return transformers.AutoTokenizer.from_pretrained(files_dir(name, socket=socket), **kwargs)
+
+
+def processor(name: str, *, socket: str | None = None, **kwargs):
+    """``AutoProcessor.from_pretrained(folder, **kwargs)`` (image, audio and multimodal models)."""
+    transformers = _transformers(name)
+    return transformers.AutoProcessor.from_pretrained(files_dir(name, socket=socket), **kwargs)
+
+
+def pretrained(name: str, cls=None, *, socket: str | None = None, **kwargs):
+    """``(model, tokenizer)``: the model as ``attach`` gives it, and its tokenizer (None if the folder has none)."""
+    model = attach(name, cls, socket=socket, **kwargs)
+    names = set(files(name, socket=socket))
+    has_tokenizer = any(n.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece")) for n in names)
+    return model, tokenizer(name, socket=socket) if has_tokenizer else None
+
+
+def sentence_transformer(name: str, *, socket: str | None = None, **kwargs):
+    """A ``SentenceTransformer`` built from the folder's modules.json, its transformer over the shared weights.
+
+    Needs the ``sentence-transformers`` package. Keyword arguments go to ``SentenceTransformer``.
+    """
+    try:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.base.modules import transformer as st_transformer
+    except ImportError:
+        raise AttachError(f"model {name!r}: sentence_transformer() needs sentence-transformers: pip install sentence-transformers") from None
+    folder = files_dir(name, socket=socket)
+    if not os.path.exists(os.path.join(folder, "modules.json")):
+        raise AttachError(f"model {name!r} is not a sentence-transformers folder (it has no modules.json): use attach()")
+
+    def load_model(self, model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs):
+        if backend != "torch" or is_peft_model:
+            raise AttachError(f"model {name!r}: weightd serves torch weights, not {backend!r} or PEFT adapters")
+        auto = st_transformer.TRANSFORMER_TASK_TO_AUTO_MODEL.get(transformer_task)
+        return attach(name, auto, socket=socket, config=config)
+
+    with _lock:  # the patch is process-wide while the modules are built
+        original = st_transformer.Transformer._load_model
+        st_transformer.Transformer._load_model = load_model
+        try:
+            return SentenceTransformer(folder, local_files_only=True, **{"device": "cpu", **kwargs})
+        finally:
+            st_transformer.Transformer._load_model = original
+
+
+# --- what weightd.client.attach uses ---------------------------------------------------------
+
+
+def wants(model, skeleton: dict | None) -> bool:
+    """Whether attach should build this model the ``from_pretrained`` way."""
+    if not (skeleton and isinstance(skeleton.get("hf"), dict)):
+        return False
+    return model is None or (isinstance(model, type) and _is_transformers_class(model))
+
+
+def build(name: str, mapping, tensors: dict[str, torch.Tensor], cls=None, *, requires_grad: bool = False,
+          config=None) -> tuple[nn.Module, int, float]:
+    """The module ``cls.from_pretrained(folder)`` returns, over the mapped tensors.
+
+    Returns ``(module, copies, build_seconds)``.
+    """
+    hf = _skeleton(mapping.manifest)
+    transformers = _transformers(name)
+    from transformers import modeling_utils
+    from transformers.utils.generic import ContextManagers
+
+    t0 = time.perf_counter()
+    same_version = hf.get("transformers") == transformers.__version__
+    folder = _files_dir(mapping)
+    try:
+        cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
+        config.name_or_path = hf.get("source", "")
+        config, dtype = modeling_utils._get_dtype("auto", None, config, None, tensors, True, None)
+        with ContextManagers(cls.get_init_context(dtype, False, False, None)):
+            module = cls(config)
+        with contextlib.suppress(ImportError, AttributeError):
+            from transformers.monkey_patching import patch_output_recorders
+
+            patch_output_recorders(module)
+    except AttachError:
+        raise
+    except Exception as e:
+        raise _version_error(name, hf, transformers, f"building {getattr(cls, '__name__', cls)} failed: {e}") from None
+    build_seconds = time.perf_counter() - t0
+    info, assigned = _assign(module, tensors, requires_grad)
+    if info.mismatched_keys:
+        k, have, want = sorted(info.mismatched_keys)[0]
+        raise _version_error(name, hf, transformers, f"{len(info.mismatched_keys)} weights have another shape than "
+                             f"{cls.__name__} wants, e.g. {k!r} is {tuple(have)}, the module wants {tuple(want)}",
+                             same_version)
+    if not same_version and (info.unexpected_keys or info.missing_keys - set(module.all_tied_weights_keys)):
+        odd = sorted(info.unexpected_keys)[:3] or sorted(info.missing_keys)[:3]
+        raise _version_error(name, hf, transformers, f"its weights do not match {cls.__name__} here (e.g. {odd})")
+    try:
+        load_config = modeling_utils.LoadStateDictConfig(
+            pretrained_model_name_or_path=hf.get("source"), dtype=dtype, dtype_plan=module._get_dtype_plan(dtype)
+        )
+        # from_pretrained's own finishing: non-persistent buffers off meta and computed, missing keys
+        # initialized by the class's rules, ties, the report of ignored and initialized keys.
+        cls._finalize_model_loading(module, load_config, info)
+        module.eval()
+        module.set_use_kernels(False)
+        if module.can_generate() and hasattr(module, "adjust_generation_fn"):
+            module.adjust_generation_fn(None, False, None, folder, None, False, None, True, None, None, "", False)
+    except AttachError:
+        raise
+    except Exception as e:
+        raise _version_error(name, hf, transformers, f"finishing {cls.__name__} failed: {e}") from None
+    final = dict(module.state_dict(keep_vars=True))
+    copies = [n for n in assigned if n in final and final[n].numel() and not mapping.contains(final[n])]
+    if copies:
+        copies = _reshare(module, final, assigned, copies)
+    on_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise AttachError(f"model {name!r}: {len(on_meta)} tensors are still on the meta device, e.g. {on_meta[:3]}")
+    return module, len(copies), build_seconds
+
+
+# --- internals ----------------------------------------------------------------------------
+
+
+def _transformers(name: str):
+    try:
+        import transformers
+    except ImportError:
+        raise AttachError(
+            f"model {name!r} is a Hugging Face model; building it needs transformers here: {EXTRA}, "
+            "or pass model= to attach"
+        ) from None
+    return transformers
+
+
+def _is_transformers_class(obj) -> bool:
+    return any(c.__module__.split(".")[0] == "transformers" for c in getattr(obj, "__mro__", ()))
+
+
+def _skeleton(manifest) -> dict:
+    hf = (manifest.skeleton or {}).get("hf")
+    if not isinstance(hf, dict):
+        raise AttachError(f"model {manifest.name!r} was not loaded from a Hugging Face model folder")
+    return hf
+
+
+def _mapping(name: str, socket: str | None):
+    from weightd.client.client import _with_client
+
+    return _with_client(socket, lambda c: c._map(name, None)[0])
+
+
+def _files_dir(mapping) -> str:
+    manifest = mapping.manifest
+    if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
+        from weightd.client.mapping import Mapping
+
+        mapping = Mapping(manifest)
+    with _lock:
+        path = _files_dirs.get(manifest.uuid)
+        if path is not None and os.path.isdir(path):
+            return path
+        path = tempfile.mkdtemp(prefix=f"weightd-{manifest.name[:40]}-")  # 0700: private to this user
+        try:
+            for rel, index in _skeleton(manifest)["files"].items():
+                target = os.path.join(path, rel)
+                if os.path.isabs(rel) or ".." in rel.split("/"):
+                    raise AttachError(f"model {manifest.name!r} names a file {rel!r:.80} outside its folder")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(mapping.storage_bytes(index))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        if not _files_dirs:
+            atexit.register(_remove_files_dirs)
+        _files_dirs[manifest.uuid] = path
+        return path
+
+
+def _remove_files_dirs() -> None:
+    if _files_dirs and os.getpid() == _owner_pid:
+        for path in _files_dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_owner_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    # A forked child shares the parent's folders; it makes its own rather than remove the parent's.
+    global _owner_pid
+    _owner_pid = os.getpid()
+    _files_dirs.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: str):
+    """The concrete class and its config, as ``cls.from_pretrained(folder)`` would pick them."""
+    if cls is None:
+        cls = getattr(transformers, hf.get("class", ""), None)
+        if cls is None:
+            raise AttachError(
+                f"model {name!r} is a {hf.get('class')!r}, which transformers {transformers.__version__} here does not "
+                f"ship (the daemon loaded it with {hf.get('transformers')}): install that version, or pass model="
+            )
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
+
+    if isinstance(cls, type) and issubclass(cls, _BaseAutoModelClass):
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(folder)
+        else:
+            config = copy.deepcopy(config)
+        if type(config) not in cls._model_mapping:
+            raise AttachError(f"model {name!r}: {cls.__name__} has no class for a {type(config).__name__}")
+        return _get_model_class(config, cls._model_mapping), config
+    if config is None:
+        config = cls.config_class.from_pretrained(folder)
+    else:
+        config = copy.deepcopy(config)
+    return cls, config
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: bool):
+    """Put the mapped tensors in place, as from_pretrained's loading loop does; nothing is copied.
+
+    Keys follow from_pretrained's prefix rule (a base model's weights into a model with a head,
+    and back); what has no place is unexpected, what gets none is missing: both then go to
+    the class's own rules in ``_finalize_model_loading``.
+    """
+    from transformers.core_model_loading import rename_source_key
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+    expected = module.state_dict()
+    info = LoadStateDictInfo(missing_keys=set(expected), unexpected_keys=set(), mismatched_keys=set(),
+                             error_msgs=[], conversion_errors={}, skipped_pp_keys=set())
+    prefix = getattr(module, "base_model_prefix", None) or None
+    assigned: dict[str, torch.Tensor] = {}
+    owners: dict[str, nn.Module] = {}
+    for key, t in tensors.items():
+        target = key if key in expected else rename_source_key(key, [], [], prefix, expected)[0]
+        want = expected.get(target)
+        if want is None:
+            info.unexpected_keys.add(target)
+            continue
+        if t.shape != want.shape:
+            info.mismatched_keys.add((target, tuple(t.shape), tuple(want.shape)))
+            continue
+        path, _, leaf = target.rpartition(".")
+        owner = owners.get(path)
+        if owner is None:
+            owner = owners[path] = module.get_submodule(path) if path else module
+        if leaf in owner._parameters:
+            value = nn.Parameter(t, requires_grad=requires_grad and t.is_floating_point())
+            value._is_hf_initialized = True
+            owner._parameters[leaf] = value
+        elif leaf in owner._buffers:
+            t._is_hf_initialized = True
+            owner._buffers[leaf] = t
+        else:
+            info.unexpected_keys.add(target)
+            continue
+        info.missing_keys.discard(target)
+        assigned[target] = t
+    return info, assigned
+
+
+def _reshare(module: nn.Module, final: dict, assigned: dict, copies: list[str]) -> list[str]:
+    """Point weights that transformers' finishing replaced by an equal copy back at the mapping.
+
+    Tying an output embedding pads its bias (``_adjust_bias``), which copies it even when
+    there is nothing to pad: the values stay the mapped ones, so the mapped tensor can stand
+    in for the copy (``.data`` keeps the Parameter object, and with it every tie).
+    """
+    left = []
+    for n in copies:
+        have, mapped = final[n], assigned[n]
+        if have.shape == mapped.shape and have.dtype == mapped.dtype and _same_bytes(have, mapped):
+            if isinstance(have, nn.Parameter):
+                have.data = mapped
+            else:
+                path, _, leaf = n.rpartition(".")
+                (module.get_submodule(path) if path else module)._buffers[leaf] = mapped
+        else:
+            left.append(n)
+    return left
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.detach().contiguous(), b.detach().contiguous()
+    return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)) if a.numel() else True
+
+
+def _version_error(name: str, hf: dict, transformers, what: str, same_version: bool = False) -> AttachError:
+    if same_version:
+        return AttachError(f"model {name!r}: {what}: pass the class the folder was saved with, or none")
+    return AttachError(
+        f"model {name!r} was converted by transformers {hf.get('transformers')} in the daemon, this process has "
+        f"{transformers.__version__}, and {what}: install transformers=={hf.get('transformers')} here, or reload "
+        "the model in a daemon with this version"
+    )
