@@ -82,7 +82,9 @@ def pretrained(name: str, cls=None, *, socket: str | None = None, **kwargs):
     """``(model, tokenizer)``: the model as ``attach`` gives it, and its tokenizer (None if the folder has none)."""
     model = attach(name, cls, socket=socket, **kwargs)
     names = set(files(name, socket=socket))
-    has_tokenizer = any(n.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece")) for n in names)
+    has_tokenizer = any(
+        n.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece")) for n in names
+    )
     return model, tokenizer(name, socket=socket) if has_tokenizer else None
 
 
@@ -95,14 +97,22 @@ def sentence_transformer(name: str, *, socket: str | None = None, **kwargs):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.base.modules import transformer as st_transformer
     except ImportError:
-        raise AttachError(f"model {name!r}: sentence_transformer() needs sentence-transformers: pip install sentence-transformers") from None
+        raise AttachError(
+            f"model {name!r}: sentence_transformer() needs sentence-transformers: pip install sentence-transformers"
+        ) from None
     folder = files_dir(name, socket=socket)
     if not os.path.exists(os.path.join(folder, "modules.json")):
-        raise AttachError(f"model {name!r} is not a sentence-transformers folder (it has no modules.json): use attach()")
+        raise AttachError(
+            f"model {name!r} is not a sentence-transformers folder (it has no modules.json): use attach()"
+        )
 
-    def load_model(self, model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs):
+    def load_model(
+        self, model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs
+    ):
         if backend != "torch" or is_peft_model:
-            raise AttachError(f"model {name!r}: weightd serves torch weights, not {backend!r} or PEFT adapters")
+            raise AttachError(
+                f"model {name!r}: weightd serves torch weights, not {backend!r} or PEFT adapters"
+            )
         auto = st_transformer.TRANSFORMER_TASK_TO_AUTO_MODEL.get(transformer_task)
         return attach(name, auto, socket=socket, config=config)
 
@@ -125,8 +135,15 @@ def wants(model, skeleton: dict | None) -> bool:
     return model is None or (isinstance(model, type) and _is_transformers_class(model))
 
 
-def build(name: str, mapping, tensors: dict[str, torch.Tensor], cls=None, *, requires_grad: bool = False,
-          config=None) -> tuple[nn.Module, int, float]:
+def build(
+    name: str,
+    mapping,
+    tensors: dict[str, torch.Tensor],
+    cls=None,
+    *,
+    requires_grad: bool = False,
+    config=None,
+) -> tuple[nn.Module, int, float]:
     """The module ``cls.from_pretrained(folder)`` returns, over the mapped tensors.
 
     Returns ``(module, copies, build_seconds)``.
@@ -152,20 +169,31 @@ def build(name: str, mapping, tensors: dict[str, torch.Tensor], cls=None, *, req
     except AttachError:
         raise
     except Exception as e:
-        raise _version_error(name, hf, transformers, f"building {getattr(cls, '__name__', cls)} failed: {e}") from None
+        raise _version_error(
+            name, hf, transformers, f"building {getattr(cls, '__name__', cls)} failed: {e}"
+        ) from None
     build_seconds = time.perf_counter() - t0
     info, assigned = _assign(module, tensors, requires_grad)
     if info.mismatched_keys:
         k, have, want = sorted(info.mismatched_keys)[0]
-        raise _version_error(name, hf, transformers, f"{len(info.mismatched_keys)} weights have another shape than "
-                             f"{cls.__name__} wants, e.g. {k!r} is {tuple(have)}, the module wants {tuple(want)}",
-                             same_version)
+        raise _version_error(
+            name,
+            hf,
+            transformers,
+            f"{len(info.mismatched_keys)} weights have another shape than "
+            f"{cls.__name__} wants, e.g. {k!r} is {tuple(have)}, the module wants {tuple(want)}",
+            same_version,
+        )
     if not same_version and (info.unexpected_keys or info.missing_keys - set(module.all_tied_weights_keys)):
         odd = sorted(info.unexpected_keys)[:3] or sorted(info.missing_keys)[:3]
-        raise _version_error(name, hf, transformers, f"its weights do not match {cls.__name__} here (e.g. {odd})")
+        raise _version_error(
+            name, hf, transformers, f"its weights do not match {cls.__name__} here (e.g. {odd})"
+        )
     try:
         load_config = modeling_utils.LoadStateDictConfig(
-            pretrained_model_name_or_path=hf.get("source"), dtype=dtype, dtype_plan=module._get_dtype_plan(dtype)
+            pretrained_model_name_or_path=hf.get("source"),
+            dtype=dtype,
+            dtype_plan=module._get_dtype_plan(dtype),
         )
         # from_pretrained's own finishing: non-persistent buffers off meta and computed, missing keys
         # initialized by the class's rules, ties, the report of ignored and initialized keys.
@@ -173,7 +201,9 @@ def build(name: str, mapping, tensors: dict[str, torch.Tensor], cls=None, *, req
         module.eval()
         module.set_use_kernels(False)
         if module.can_generate() and hasattr(module, "adjust_generation_fn"):
-            module.adjust_generation_fn(None, False, None, folder, None, False, None, True, None, None, "", False)
+            module.adjust_generation_fn(
+                None, False, None, folder, None, False, None, True, None, None, "", False
+            )
     except AttachError:
         raise
     except Exception as e:
@@ -184,7 +214,9 @@ def build(name: str, mapping, tensors: dict[str, torch.Tensor], cls=None, *, req
         copies = _reshare(module, final, assigned, copies)
     on_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if on_meta:
-        raise AttachError(f"model {name!r}: {len(on_meta)} tensors are still on the meta device, e.g. {on_meta[:3]}")
+        raise AttachError(
+            f"model {name!r}: {len(on_meta)} tensors are still on the meta device, e.g. {on_meta[:3]}"
+        )
     return module, len(copies), build_seconds
 
 
@@ -303,8 +335,14 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: 
     from transformers.utils.loading_report import LoadStateDictInfo
 
     expected = module.state_dict()
-    info = LoadStateDictInfo(missing_keys=set(expected), unexpected_keys=set(), mismatched_keys=set(),
-                             error_msgs=[], conversion_errors={}, skipped_pp_keys=set())
+    info = LoadStateDictInfo(
+        missing_keys=set(expected),
+        unexpected_keys=set(),
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
     prefix = getattr(module, "base_model_prefix", None) or None
     assigned: dict[str, torch.Tensor] = {}
     owners: dict[str, nn.Module] = {}

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import torch
 
-TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64)
+TEXT = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 LLAMA_LIKE = dict(TEXT, num_key_value_heads=2)
 MOE = dict(LLAMA_LIKE, intermediate_size=32)
 
@@ -22,73 +28,237 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
     # encoder-only
     "bert": ("BertConfig", "BertForMaskedLM", TEXT, "text", "safetensors"),
     "roberta": ("RobertaConfig", "RobertaForMaskedLM", dict(TEXT, max_position_embeddings=70), "text", "bin"),
-    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM",
-                   dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64),
-                   "text", "safetensors"),
-    "electra": ("ElectraConfig", "ElectraForSequenceClassification", dict(TEXT, embedding_size=16), "text", "sharded"),
-    "deberta-v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", dict(TEXT, relative_attention=True,
-                                                                   position_buckets=8, pos_att_type=["p2c", "c2p"]),
-                   "text", "safetensors"),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForMaskedLM",
+        dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64),
+        "text",
+        "safetensors",
+    ),
+    "electra": (
+        "ElectraConfig",
+        "ElectraForSequenceClassification",
+        dict(TEXT, embedding_size=16),
+        "text",
+        "sharded",
+    ),
+    "deberta-v2": (
+        "DebertaV2Config",
+        "DebertaV2ForMaskedLM",
+        dict(TEXT, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"]),
+        "text",
+        "safetensors",
+    ),
     "albert": ("AlbertConfig", "AlbertForMaskedLM", dict(TEXT, embedding_size=16), "text", "safetensors"),
     # decoder-only
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                   bos_token_id=0, eos_token_id=0), "text", "safetensors"),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA_LIKE, tie_word_embeddings=False), "text", "sharded"),
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA_LIKE, tie_word_embeddings=True), "text", "bin"),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+        "text",
+        "safetensors",
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(LLAMA_LIKE, tie_word_embeddings=False),
+        "text",
+        "sharded",
+    ),
+    "llama-tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(LLAMA_LIKE, tie_word_embeddings=True),
+        "text",
+        "bin",
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", LLAMA_LIKE, "text", "safetensors"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", LLAMA_LIKE, "text", "safetensors"),
     "phi": ("PhiConfig", "PhiForCausalLM", TEXT, "text", "safetensors"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(LLAMA_LIKE, head_dim=8), "text", "safetensors"),
-    "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                               ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32),
-            "text", "safetensors"),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        ),
+        "text",
+        "safetensors",
+    ),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", TEXT, "text", "safetensors"),
-    "falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                                                         num_attention_heads=4), "text", "safetensors"),
-    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=99, hidden_size=32, n_layer=2, n_head=4),
-              "text", "safetensors"),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "text",
+        "safetensors",
+    ),
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        dict(vocab_size=99, hidden_size=32, n_layer=2, n_head=4),
+        "text",
+        "safetensors",
+    ),
     # encoder-decoder
-    "t5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                          num_heads=4, decoder_start_token_id=0), "seq2seq", "safetensors"),
-    "bart": ("BartConfig", "BartForConditionalGeneration",
-             dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
-             "seq2seq", "safetensors"),
-    "marian": ("MarianConfig", "MarianMTModel",
-               dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                    pad_token_id=98, decoder_start_token_id=98), "seq2seq", "safetensors"),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+        "seq2seq",
+        "safetensors",
+    ),
+    "bart": (
+        "BartConfig",
+        "BartForConditionalGeneration",
+        dict(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+        ),
+        "seq2seq",
+        "safetensors",
+    ),
+    "marian": (
+        "MarianConfig",
+        "MarianMTModel",
+        dict(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=98,
+            decoder_start_token_id=98,
+        ),
+        "seq2seq",
+        "safetensors",
+    ),
     # vision
-    "vit": ("ViTConfig", "ViTForImageClassification", dict(image_size=32, patch_size=8, hidden_size=32,
-                                                           num_hidden_layers=2, num_attention_heads=4,
-                                                           intermediate_size=64, num_labels=3), "image", "safetensors"),
-    "convnext": ("ConvNextConfig", "ConvNextForImageClassification", dict(hidden_sizes=[8, 16], depths=[1, 1],
-                                                                          num_labels=3, num_stages=2), "image",
-                 "safetensors"),
-    "resnet": ("ResNetConfig", "ResNetForImageClassification", dict(embedding_size=8, hidden_sizes=[8, 16],
-                                                                    depths=[1, 1], num_labels=3), "image", "bin"),
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=3,
+        ),
+        "image",
+        "safetensors",
+    ),
+    "convnext": (
+        "ConvNextConfig",
+        "ConvNextForImageClassification",
+        dict(hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, num_stages=2),
+        "image",
+        "safetensors",
+    ),
+    "resnet": (
+        "ResNetConfig",
+        "ResNetForImageClassification",
+        dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
+        "image",
+        "bin",
+    ),
     # audio
-    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForCTC", dict(vocab_size=20, hidden_size=32, num_hidden_layers=2,
-                                                          num_attention_heads=4, intermediate_size=64,
-                                                          conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
-                                                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
-                 "audio", "safetensors"),
-    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration",
-                dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
-                     max_source_positions=16, max_target_positions=32, decoder_start_token_id=1, pad_token_id=0,
-                     bos_token_id=1, eos_token_id=2, suppress_tokens=None, begin_suppress_tokens=None),
-                "whisper", "safetensors"),
+    "wav2vec2": (
+        "Wav2Vec2Config",
+        "Wav2Vec2ForCTC",
+        dict(
+            vocab_size=20,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            conv_dim=(16, 16),
+            conv_stride=(5, 4),
+            conv_kernel=(10, 8),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+        ),
+        "audio",
+        "safetensors",
+    ),
+    "whisper": (
+        "WhisperConfig",
+        "WhisperForConditionalGeneration",
+        dict(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_mel_bins=16,
+            max_source_positions=16,
+            max_target_positions=32,
+            decoder_start_token_id=1,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            suppress_tokens=None,
+            begin_suppress_tokens=None,
+        ),
+        "whisper",
+        "safetensors",
+    ),
     # mixture of experts: checkpoints hold per-expert weights, transformers fuses them at load
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, num_local_experts=4, num_experts_per_tok=2),
-                "text", "safetensors"),
-    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, num_experts=4, num_experts_per_tok=2,
-                                                                moe_intermediate_size=16,
-                                                                shared_expert_intermediate_size=32), "text", "sharded"),
-    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(MOE, num_experts=4, num_experts_per_tok=2,
-                                                                moe_intermediate_size=16, head_dim=8), "text",
-                  "safetensors"),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(MOE, num_experts=4, num_experts_per_tok=2), "text", "safetensors"),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(MOE, num_local_experts=4, num_experts_per_tok=2),
+        "text",
+        "safetensors",
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            MOE,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+        ),
+        "text",
+        "sharded",
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(MOE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+        "text",
+        "safetensors",
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(MOE, num_experts=4, num_experts_per_tok=2),
+        "text",
+        "safetensors",
+    ),
 }
 
 GENERATES = {"text", "seq2seq", "whisper"}
@@ -121,7 +291,9 @@ def save(name: str, folder: Path) -> Path:
         # tied copies, pickled by torch.save (loaded back with weights_only=True).
         model.save_pretrained(folder)
         tied = set(model.all_tied_weights_keys)
-        torch.save({k: v for k, v in model.state_dict().items() if k not in tied}, folder / "pytorch_model.bin")
+        torch.save(
+            {k: v for k, v in model.state_dict().items() if k not in tied}, folder / "pytorch_model.bin"
+        )
         (folder / "model.safetensors").unlink()
     return folder
 
@@ -142,8 +314,10 @@ def inputs(name: str, model) -> dict:
         return {"input_values": torch.randn(2, 800, generator=g)}
     if kind == "whisper":
         cfg = model.config
-        return {"input_features": torch.randn(2, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g),
-                "decoder_input_ids": torch.tensor([[1, 5, 6], [1, 7, 8]])}
+        return {
+            "input_features": torch.randn(2, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g),
+            "decoder_input_ids": torch.tensor([[1, 5, 6], [1, 7, 8]]),
+        }
     raise AssertionError(kind)
 
 

@@ -79,7 +79,9 @@ def test_attach_is_from_pretrained(name, folders, daemon):
     assert tied_groups(model) == tied_groups(ref)
     # every weight lies in the shared segment (ties included), none is private
     ranges = mapped_ranges(needle=info(model).segment.lstrip("/"))
-    private = [k for k, t in sd.items() if t.numel() and not any(lo <= t.data_ptr() < hi for lo, hi, _ in ranges)]
+    private = [
+        k for k, t in sd.items() if t.numel() and not any(lo <= t.data_ptr() < hi for lo, hi, _ in ranges)
+    ]
     assert not private
 
     x = inputs(name, ref)
@@ -109,7 +111,9 @@ def test_moe_experts_are_fused_once_by_the_daemon(folders, daemon):
 
     with safe_open(str(folders["mixtral"] / "model.safetensors"), "pt") as f:
         saved = list(f.keys())
-    assert any(".experts.0." in k for k in saved) and not any(k.endswith("experts.gate_up_proj") for k in saved)
+    assert any(".experts.0." in k for k in saved) and not any(
+        k.endswith("experts.gate_up_proj") for k in saved
+    )
     sd = state_dict("mixtral", socket=daemon.socket)
     assert "model.layers.0.mlp.experts.gate_up_proj" in sd and not any(".experts.0." in k for k in sd)
     meta = daemon.client().manifest("mixtral").skeleton["hf"]
@@ -149,7 +153,9 @@ def test_small_files_come_from_the_daemon(folders, daemon):
     assert sorted(files) == ["config.json", "generation_config.json"]
     assert json.loads(files["config.json"]) == json.loads((folders["gpt2"] / "config.json").read_text())
     path = hf.files_dir("gpt2", socket=daemon.socket)
-    assert (Path(path) / "generation_config.json").read_bytes() == (folders["gpt2"] / "generation_config.json").read_bytes()
+    assert (Path(path) / "generation_config.json").read_bytes() == (
+        folders["gpt2"] / "generation_config.json"
+    ).read_bytes()
     # weights and index files are not among them
     assert "model.safetensors.index.json" not in hf.files("llama", socket=daemon.socket)
 
@@ -179,7 +185,9 @@ model, tok = hf.pretrained("minilm" if {MINILM is not None} else "gpt2", socket=
 print(json.dumps({{"cls": type(model).__name__, "copies": info(model).copies, "tok": tok is not None,
                    "training": model.training}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(), timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["copies"] == 0 and not got["training"]
@@ -197,7 +205,9 @@ def test_daemon_reads_only_the_files_from_pretrained_reads(folders, tmp_path, ma
     meta = d.client().manifest("g").skeleton["hf"]
     assert meta["weight_files"] == ["model.safetensors"]
     assert "optimizer.pt" not in meta["files"] and "training_args.bin" not in meta["files"]
-    assert sorted(state_dict("g", socket=d.socket)) == sorted(transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict())
+    assert sorted(state_dict("g", socket=d.socket)) == sorted(
+        transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    )
 
 
 def test_safetensors_preferred_over_bin_like_transformers(folders, tmp_path, make_daemon):
@@ -274,12 +284,19 @@ def test_another_transformers_version_gets_an_equal_module_or_a_clear_error(daem
     # A module the converted weights no longer fit (as when a version changes a layout) is
     # refused, naming both versions.
     with pytest.raises(AttachError, match=rf"{real}.*5\.0\.0\.fake"):
-        attach("mixtral", transformers.MixtralModel, socket=daemon.socket, config=_renamed_mixtral_config(daemon))
+        attach(
+            "mixtral", transformers.MixtralModel, socket=daemon.socket, config=_renamed_mixtral_config(daemon)
+        )
 
 
 def _renamed_mixtral_config(daemon):
     files = hf.files("mixtral", socket=daemon.socket)
-    config = transformers.MixtralConfig(**{k: v for k, v in json.loads(files["config.json"]).items()
-                                           if k not in ("architectures", "model_type", "transformers_version")})
+    config = transformers.MixtralConfig(
+        **{
+            k: v
+            for k, v in json.loads(files["config.json"]).items()
+            if k not in ("architectures", "model_type", "transformers_version")
+        }
+    )
     config.num_local_experts = 2  # a layout this checkpoint does not have
     return config

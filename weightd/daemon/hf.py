@@ -83,6 +83,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
         data = path.read_bytes()
         files[rel] = len(blobs)
         blobs.append(Blob(len(data), _bytes_fill(data)))
+    converted_bytes = sum(state[k].untyped_storage().nbytes() for k in converted)
     dtype = str(model.dtype).removeprefix("torch.")
     skeleton = {
         "hf": {
@@ -97,7 +98,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
             "generation_config": model.generation_config.to_diff_dict()
             if getattr(model, "generation_config", None) is not None and model.can_generate()
             else None,
-            "converted": converted,
+            "converted": converted,  # tensors transformers computed (fused, cast...), not taken from the files
+            "converted_bytes": converted_bytes,
             # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
             "unexpected": sorted(info.get("unexpected_keys") or ()),
             "missing": sorted(info.get("missing_keys") or ()),
@@ -105,11 +107,24 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
     }
     log.info(
         "%s: %s.from_pretrained in %.2f s (transformers %s, %s): %d tensors, %d converted (%.1f MiB), %d small files",
-        folder, type(model).__name__, seconds, transformers.__version__, dtype, len(tensors), len(converted),
-        sum(state[k].untyped_storage().nbytes() for k in converted) / 2**20, len(files),
+        folder,
+        type(model).__name__,
+        seconds,
+        transformers.__version__,
+        dtype,
+        len(tensors),
+        len(converted),
+        converted_bytes / 2**20,
+        len(files),
     )
-    return Checkpoint(path=str(folder), format="huggingface", blobs=blobs, tensors=tensors, skeleton=skeleton,
-                      keepalive=keep)
+    return Checkpoint(
+        path=str(folder),
+        format="huggingface",
+        blobs=blobs,
+        tensors=tensors,
+        skeleton=skeleton,
+        keepalive=keep,
+    )
 
 
 # --- which class, which files --------------------------------------------------------------
@@ -171,7 +186,9 @@ def _weight_files(folder: Path, config: dict) -> list[Path]:
         p = Path(f)
         inside = os.path.realpath(p.parent) == root or os.path.abspath(p.parent) == os.path.abspath(folder)
         if not inside:
-            raise CheckpointError(f"{folder}: its index names shard {str(p)!r:.200}, which is not a file in {folder}")
+            raise CheckpointError(
+                f"{folder}: its index names shard {str(p)!r:.200}, which is not a file in {folder}"
+            )
         if not p.is_file():
             raise CheckpointError(
                 f"{folder}: its index names shard {p.name!r}, which is missing: copy every shard the index lists "
@@ -189,7 +206,12 @@ def _small_files(folder: Path, weights: set[Path]) -> dict[str, Path]:
     """
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix in SMALL_FILE_SUFFIXES and not p.name.endswith(".index.json") and p not in weights:
+        if (
+            p.is_file()
+            and p.suffix in SMALL_FILE_SUFFIXES
+            and not p.name.endswith(".index.json")
+            and p not in weights
+        ):
             out[p.name] = p
     modules = out.get("modules.json")
     if modules is not None:
@@ -210,7 +232,12 @@ def _small_files(folder: Path, weights: set[Path]) -> dict[str, Path]:
     for rel, p in out.items():
         size = p.stat().st_size
         if size > MAX_SMALL_FILE or total + size > MAX_SMALL_FILES:
-            log.warning("%s: not serving %s (%d bytes): larger than weightd serves beside the weights", folder, rel, size)
+            log.warning(
+                "%s: not serving %s (%d bytes): larger than weightd serves beside the weights",
+                folder,
+                rel,
+                size,
+            )
             continue
         kept[rel] = p
         total += size
