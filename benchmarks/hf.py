@@ -45,15 +45,49 @@ METHODS = (FROM_PRETRAINED, DEVICE_MAP, ATTACH)
 
 # name: (config class, model class, dtype, config at 1 GiB; scaled by --gib through the layer count)
 MODELS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", "bfloat16",
-              dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-                   num_key_value_heads=4, num_hidden_layers=9, tie_word_embeddings=False)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "float16",
-              dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_attention_heads=16,
-                   num_key_value_heads=4, num_hidden_layers=10, tie_word_embeddings=True)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "bfloat16",
-                dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
-                     num_key_value_heads=4, num_hidden_layers=6, num_local_experts=8, num_experts_per_tok=2)),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        "bfloat16",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            num_hidden_layers=9,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        "float16",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5504,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            num_hidden_layers=10,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        "bfloat16",
+        dict(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            num_hidden_layers=6,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
 }
 
 
@@ -127,8 +161,9 @@ def run_workers(n: int, method: str, folder: Path, model_cls: str, name: str, so
     try:
         for _ in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker, args=(child, method, str(folder), model_cls, name, socket, touch),
-                            daemon=True)
+            p = ctx.Process(
+                target=worker, args=(child, method, str(folder), model_cls, name, socket, touch), daemon=True
+            )
             p.start()
             procs.append((p, parent))
         imports = [expect(c, p, "ready", 300) for p, c in procs]
@@ -181,22 +216,40 @@ def run(args) -> dict:
             sd_bytes = client.manifest(name).nbytes
             converted = hf.get("converted_bytes", 0)
             model_cls = hf["class"]
-            row = {"bytes": nbytes, "daemon_load": load, "converted": converted, "segment": sd_bytes,
-                   "times": {}, "pss": {}, "imports": []}
+            row = {
+                "bytes": nbytes,
+                "daemon_load": load,
+                "converted": converted,
+                "segment": sd_bytes,
+                "times": {},
+                "pss": {},
+                "imports": [],
+            }
             for method in METHODS:
                 samples = []
                 for _ in range(args.repeats):
                     imports, done, _ = run_workers(1, method, folder, model_cls, name, d.socket, touch=False)
                     samples.append(done[0])
                     row["imports"] += imports
-                row["times"][method] = {k: statistics.median(s[k] for s in samples) for k in ("ready", "first")}
+                row["times"][method] = {
+                    k: statistics.median(s[k] for s in samples) for k in ("ready", "first")
+                }
                 row.setdefault("checksums", {})[method] = samples[0]["checksum"]
-                print(f"{name}: {method}: ready {harness.ms(row['times'][method]['ready'])}, "
-                      f"first answer {harness.ms(row['times'][method]['first'])}", flush=True)
+                print(
+                    f"{name}: {method}: ready {harness.ms(row['times'][method]['ready'])}, "
+                    f"first answer {harness.ms(row['times'][method]['first'])}",
+                    flush=True,
+                )
             for method in (NOTHING, FROM_PRETRAINED, ATTACH):
                 _, _, usage = run_workers(args.workers, method, folder, model_cls, name, d.socket, touch=True)
-                row["pss"][method] = {"pss": sum(u.pss for u in usage), "private": sum(u.pss_private for u in usage)}
-                print(f"{name}: {args.workers} x {method}: Pss {harness.mib(row['pss'][method]['pss'])}", flush=True)
+                row["pss"][method] = {
+                    "pss": sum(u.pss for u in usage),
+                    "private": sum(u.pss_private for u in usage),
+                }
+                print(
+                    f"{name}: {args.workers} x {method}: Pss {harness.mib(row['pss'][method]['pss'])}",
+                    flush=True,
+                )
             daemon_usage = harness.memory.usage(d.pid)
             row["daemon_pss"] = daemon_usage.pss
             out["models"][name] = row
@@ -208,34 +261,81 @@ def run(args) -> dict:
 
 def report(out: dict) -> None:
     n = out["workers"]
-    rows = [["model", "size", "daemon load", "converted in it", "from_pretrained", 'device_map="cpu"', "attach",
-             "attach / fp", "first answer fp", "first answer attach"]]
+    rows = [
+        [
+            "model",
+            "size",
+            "daemon load",
+            "converted in it",
+            "from_pretrained",
+            'device_map="cpu"',
+            "attach",
+            "attach / fp",
+            "first answer fp",
+            "first answer attach",
+        ]
+    ]
     for name, r in out["models"].items():
         t = r["times"]
-        rows.append([
-            name, harness.mib(r["bytes"]), harness.ms(r["daemon_load"]), harness.mib(r["converted"]),
-            harness.ms(t[FROM_PRETRAINED]["ready"]), harness.ms(t[DEVICE_MAP]["ready"]), harness.ms(t[ATTACH]["ready"]),
-            f"{t[ATTACH]['ready'] / t[FROM_PRETRAINED]['ready']:.2f}x",
-            harness.ms(t[FROM_PRETRAINED]["first"]), harness.ms(t[ATTACH]["first"]),
-        ])
+        rows.append(
+            [
+                name,
+                harness.mib(r["bytes"]),
+                harness.ms(r["daemon_load"]),
+                harness.mib(r["converted"]),
+                harness.ms(t[FROM_PRETRAINED]["ready"]),
+                harness.ms(t[DEVICE_MAP]["ready"]),
+                harness.ms(t[ATTACH]["ready"]),
+                f"{t[ATTACH]['ready'] / t[FROM_PRETRAINED]['ready']:.2f}x",
+                harness.ms(t[FROM_PRETRAINED]["first"]),
+                harness.ms(t[ATTACH]["first"]),
+            ]
+        )
     print("\nTime to a ready model in a fresh worker (imports done; median of fresh workers)")
     print(harness.table(rows))
-    print("(daemon load: from_pretrained in the daemon plus the segment written; the first one also imports torch "
-          "and transformers there)")
-    rows = [["model", "size", f"{n} x imports only", f"{n} x from_pretrained", "model part / size",
-             f"{n} x attach", "model part / size", "attach / fp", "daemon Pss"]]
+    print(
+        "(daemon load: from_pretrained in the daemon plus the segment written; the first one also imports torch "
+        "and transformers there)"
+    )
+    rows = [
+        [
+            "model",
+            "size",
+            f"{n} x imports only",
+            f"{n} x from_pretrained",
+            "model part / size",
+            f"{n} x attach",
+            "model part / size",
+            "attach / fp",
+            "daemon Pss",
+        ]
+    ]
     for name, r in out["models"].items():
         base = r["pss"][NOTHING]["pss"]
         fp, at = r["pss"][FROM_PRETRAINED]["pss"], r["pss"][ATTACH]["pss"]
-        rows.append([name, harness.mib(r["bytes"]), harness.mib(base), harness.mib(fp),
-                     f"{(fp - base) / r['bytes']:.2f}x", harness.mib(at), f"{(at - base) / r['bytes']:.2f}x",
-                     f"{at / fp:.2f}x", harness.mib(r["daemon_pss"])])
-    print(f"\nMemory of {n} workers holding the model, every weight read (sum of Pss; the model part is the"
-          " sum less that of as many workers that only imported)")
+        rows.append(
+            [
+                name,
+                harness.mib(r["bytes"]),
+                harness.mib(base),
+                harness.mib(fp),
+                f"{(fp - base) / r['bytes']:.2f}x",
+                harness.mib(at),
+                f"{(at - base) / r['bytes']:.2f}x",
+                f"{at / fp:.2f}x",
+                harness.mib(r["daemon_pss"]),
+            ]
+        )
+    print(
+        f"\nMemory of {n} workers holding the model, every weight read (sum of Pss; the model part is the"
+        " sum less that of as many workers that only imported)"
+    )
     print(harness.table(rows))
     imports = [s for r in out["models"].values() for s in r["imports"]]
-    print(f"\nCold worker: importing torch, transformers and the modeling module: median "
-          f"{harness.ms(statistics.median(imports))} (paid by both ways, once per process)")
+    print(
+        f"\nCold worker: importing torch, transformers and the modeling module: median "
+        f"{harness.ms(statistics.median(imports))} (paid by both ways, once per process)"
+    )
 
 
 def plot(out: dict, path: Path) -> None:
@@ -248,15 +348,29 @@ def plot(out: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.27
     for i, method in enumerate(METHODS):
-        a.bar([k + (i - 1) * width for k in range(len(names))],
-              [out["models"][m]["times"][method]["ready"] * 1e3 for m in names], width, label=method)
+        a.bar(
+            [k + (i - 1) * width for k in range(len(names))],
+            [out["models"][m]["times"][method]["ready"] * 1e3 for m in names],
+            width,
+            label=method,
+        )
     a.set_xticks(range(len(names)), names)
     a.set_ylabel("ms to a ready model (fresh worker)")
     a.legend(fontsize=8)
     for i, method in enumerate((FROM_PRETRAINED, ATTACH)):
-        b.bar([k + (i - 0.5) * width for k in range(len(names))],
-              [out["models"][m]["pss"][method]["pss"] / 2**20 for m in names], width, label=f"{out['workers']} x {method}")
-    b.plot(range(len(names)), [out["models"][m]["bytes"] / 2**20 for m in names], "k_", markersize=30, label="one model")
+        b.bar(
+            [k + (i - 0.5) * width for k in range(len(names))],
+            [out["models"][m]["pss"][method]["pss"] / 2**20 for m in names],
+            width,
+            label=f"{out['workers']} x {method}",
+        )
+    b.plot(
+        range(len(names)),
+        [out["models"][m]["bytes"] / 2**20 for m in names],
+        "k_",
+        markersize=30,
+        label="one model",
+    )
     b.set_xticks(range(len(names)), names)
     b.set_ylabel("MiB (sum of Pss)")
     b.legend(fontsize=8)

@@ -344,10 +344,20 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: 
         skipped_pp_keys=set(),
     )
     prefix = getattr(module, "base_model_prefix", None) or None
+    renamed = {
+        (key if key in expected else rename_source_key(key, [], [], prefix, expected)[0]): t
+        for key, t in tensors.items()
+    }
+    # Tied names are left to tie_weights, as when save_pretrained dropped them from the files:
+    # given both, transformers would compare them byte for byte (reading a whole embedding).
+    tied = getattr(module, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        a, b = renamed.get(target), renamed.get(source)
+        if a is not None and b is not None and _same_place(a, b):
+            del renamed[target]
     assigned: dict[str, torch.Tensor] = {}
     owners: dict[str, nn.Module] = {}
-    for key, t in tensors.items():
-        target = key if key in expected else rename_source_key(key, [], [], prefix, expected)[0]
+    for target, t in renamed.items():
         want = expected.get(target)
         if want is None:
             info.unexpected_keys.add(target)
@@ -372,6 +382,16 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: 
         info.missing_keys.discard(target)
         assigned[target] = t
     return info, assigned
+
+
+def _same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
 
 
 def _reshare(module: nn.Module, final: dict, assigned: dict, copies: list[str]) -> list[str]:
