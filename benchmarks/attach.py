@@ -12,7 +12,7 @@ Side by side, for each worker count, N fresh processes each get the same model b
 - safetensors.load_file   every worker loads the .safetensors
 
 then touch every weight byte and wait, all alive, while the parent sums their Pss
-(``weightd.workers``). The file-loading methods run before the daemon starts, so each row's
+(``weightd.bench.workers``). The file-loading methods run before the daemon starts, so each row's
 /dev/shm growth is its own; the checkpoint files are warm in the page cache for all of them.
 
 Also measured, in this (one, long-lived) client process: ``state_dict(name)`` for the model and
@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from weightd import memory
-from weightd import workers as w
-from weightd.demo import TinyLM, save
+from weightd.bench import workers as w
+from weightd.bench.demo import TinyLM, save
 
 OUT = Path(__file__).resolve().parent / "out"
 FILE_METHODS = (w.TORCH_LOAD, w.TORCH_MMAP_ASSIGN, w.SAFETENSORS)
@@ -56,7 +56,11 @@ SHORT = {
     w.NONE: "idle worker (no weights)",
 }
 # Each method is compared with the weightd call that gives the same thing.
-REFERENCE = {w.TORCH_LOAD: w.WEIGHTD_STATE_DICT, w.SAFETENSORS: w.WEIGHTD_STATE_DICT, w.TORCH_MMAP_ASSIGN: w.WEIGHTD_ATTACH}
+REFERENCE = {
+    w.TORCH_LOAD: w.WEIGHTD_STATE_DICT,
+    w.SAFETENSORS: w.WEIGHTD_STATE_DICT,
+    w.TORCH_MMAP_ASSIGN: w.WEIGHTD_ATTACH,
+}
 TARGET_STATE_DICT_S = 2e-3
 TARGET_SCALING = 1.5
 TARGET_PSS = 1.1
@@ -151,7 +155,12 @@ def run_all(args) -> dict:
         del model
         gc.collect()
         builder = functools.partial(TinyLM, **cfg)
-        out["model"] = {"nbytes": nbytes, "tensors": ntensors, "safetensors": st.stat().st_size, "pt": pt.stat().st_size}
+        out["model"] = {
+            "nbytes": nbytes,
+            "tensors": ntensors,
+            "safetensors": st.stat().st_size,
+            "pt": pt.stat().st_size,
+        }
         base = memory.shm_used()
 
         def measure(job: w.Job, n: int) -> None:
@@ -159,8 +168,11 @@ def run_all(args) -> dict:
             r = w.run(job, n)
             r.extra["shm_growth"] = max(0, r.shm_used - base)
             out["results"].append(r)
-            print(f"  {n} x {SHORT[job.method]:<24} {w.ms(r.latency):>10}  Pss {w.mib(r.pss):>10}"
-                  f"  ({time.monotonic() - t0:.0f} s)", flush=True)
+            print(
+                f"  {n} x {SHORT[job.method]:<24} {w.ms(r.latency):>10}  Pss {w.mib(r.pss):>10}"
+                f"  ({time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
 
         for n in counts:
             for method in FILE_METHODS:
@@ -171,7 +183,9 @@ def run_all(args) -> dict:
         with w.daemon({"bench": str(st)}) as d:
             for n in counts:
                 measure(w.Job(w.WEIGHTD_STATE_DICT, name="bench", socket=d.socket, repeats=10), n)
-                measure(w.Job(w.WEIGHTD_ATTACH, name="bench", socket=d.socket, builder=builder, repeats=10), n)
+                measure(
+                    w.Job(w.WEIGHTD_ATTACH, name="bench", socket=d.socket, builder=builder, repeats=10), n
+                )
             out["daemon_pss"] = memory.usage(d.pid).pss
 
             print(f"latency in one client process, {args.latency_repeats} repeats ...", flush=True)
@@ -187,7 +201,9 @@ def run_all(args) -> dict:
                     t0 = time.monotonic()
                     c.load(str(big), "bench8x")
                     load_s = time.monotonic() - t0
-                out["latency"]["8x"] = latency(d.socket, "bench8x", functools.partial(TinyLM, **cfg8), args.latency_repeats)
+                out["latency"]["8x"] = latency(
+                    d.socket, "bench8x", functools.partial(TinyLM, **cfg8), args.latency_repeats
+                )
                 out["latency"]["8x"].update(config=cfg8, daemon_load_s=load_s)
             finally:
                 # Free the 8x model at once: its segment (unlinked now, freed once this
@@ -206,12 +222,29 @@ def report(out: dict) -> None:
     by = {(r.method, r.workers): r for r in results}
     nbytes = out["model"]["nbytes"]
     print()
-    print(f"Model: {w.mib(nbytes)} in {out['model']['tensors']} tensors. Median get-the-weights latency per worker "
-          "(all workers start at once; median of repeats inside each worker), then total Pss of all workers "
-          "with every weight touched and all of them alive.")
-    print("'vs weightd': against weightd state_dict for methods that give a state dict, weightd attach for those "
-          "that give a module.")
-    rows = [["workers / method", "latency", "vs weightd", "touch", "total Pss", "vs weightd", "Pss_Shmem", "/dev/shm +"]]
+    print(
+        f"Model: {w.mib(nbytes)} in {out['model']['tensors']} tensors. Median get-the-weights latency per "
+        "worker "
+        "(all workers start at once; median of repeats inside each worker), then total Pss of all workers "
+        "with every weight touched and all of them alive."
+    )
+    print(
+        "'vs weightd': against weightd state_dict for methods that give a state dict, weightd attach for "
+        "those "
+        "that give a module."
+    )
+    rows = [
+        [
+            "workers / method",
+            "latency",
+            "vs weightd",
+            "touch",
+            "total Pss",
+            "vs weightd",
+            "Pss_Shmem",
+            "/dev/shm +",
+        ]
+    ]
     for n in out["worker_counts"]:
         for method in (w.WEIGHTD_STATE_DICT, w.WEIGHTD_ATTACH, *FILE_METHODS):
             r = by.get((method, n))
@@ -219,41 +252,80 @@ def report(out: dict) -> None:
                 continue
             ref = by.get((REFERENCE.get(method, method), n))
             same = ref is r
-            rows.append([
-                f"{n}  {SHORT[method]}", w.ms(r.latency), "(ref)" if same else w.ratio(r.latency, ref.latency),
-                w.ms(r.touch), w.mib(r.pss), "(ref)" if same else w.ratio(r.pss, ref.pss),
-                w.mib(r.pss_shmem), w.mib(r.extra["shm_growth"]),
-            ])
+            rows.append(
+                [
+                    f"{n}  {SHORT[method]}",
+                    w.ms(r.latency),
+                    "(ref)" if same else w.ratio(r.latency, ref.latency),
+                    w.ms(r.touch),
+                    w.mib(r.pss),
+                    "(ref)" if same else w.ratio(r.pss, ref.pss),
+                    w.mib(r.pss_shmem),
+                    w.mib(r.extra["shm_growth"]),
+                ]
+            )
     idle = next(r for r in results if r.method == w.NONE)
-    rows.append([f"{idle.workers}  {SHORT[w.NONE]}", "-", "", "", w.mib(idle.pss), "", w.mib(idle.pss_shmem), ""])
+    rows.append(
+        [f"{idle.workers}  {SHORT[w.NONE]}", "-", "", "", w.mib(idle.pss), "", w.mib(idle.pss_shmem), ""]
+    )
     print()
     print(w.table(rows))
 
     lat = out["latency"]
     print()
     print("In one long-lived client process (median; state_dict p10-p90 in brackets):")
-    rows = [["model", "bytes", "tensors", "state_dict", "p10-p90", "attach", "skeleton build", "the rest", "copies"]]
+    rows = [
+        [
+            "model",
+            "bytes",
+            "tensors",
+            "state_dict",
+            "p10-p90",
+            "attach",
+            "skeleton build",
+            "the rest",
+            "copies",
+        ]
+    ]
     for key, L in lat.items():
-        rows.append([
-            key, w.mib(L["nbytes"]), str(L["tensors"]), f"{L['state_dict_median_s'] * 1e3:.3f} ms",
-            f"{L['state_dict_p10_s'] * 1e3:.3f}-{L['state_dict_p90_s'] * 1e3:.3f} ms",
-            w.ms(L["attach_median_s"]), w.ms(L["attach_build_median_s"]), w.ms(L["attach_rest_median_s"]),
-            str(L["attach_copies"]),
-        ])
+        rows.append(
+            [
+                key,
+                w.mib(L["nbytes"]),
+                str(L["tensors"]),
+                f"{L['state_dict_median_s'] * 1e3:.3f} ms",
+                f"{L['state_dict_p10_s'] * 1e3:.3f}-{L['state_dict_p90_s'] * 1e3:.3f} ms",
+                w.ms(L["attach_median_s"]),
+                w.ms(L["attach_build_median_s"]),
+                w.ms(L["attach_rest_median_s"]),
+                str(L["attach_copies"]),
+            ]
+        )
     print(w.table(rows))
 
     checks = out["checks"] = {}
     one = lat["1x"]["state_dict_median_s"]
-    checks["state_dict_under_2ms"] = {"value_s": one, "target_s": TARGET_STATE_DICT_S, "met": one < TARGET_STATE_DICT_S}
+    checks["state_dict_under_2ms"] = {
+        "value_s": one,
+        "target_s": TARGET_STATE_DICT_S,
+        "met": one < TARGET_STATE_DICT_S,
+    }
     if "8x" in lat:
         scale = lat["8x"]["state_dict_median_s"] / one
-        checks["state_dict_8x_scaling"] = {"value": scale, "target": TARGET_SCALING, "met": scale < TARGET_SCALING}
+        checks["state_dict_8x_scaling"] = {
+            "value": scale,
+            "target": TARGET_SCALING,
+            "met": scale < TARGET_SCALING,
+        }
     n = max(out["worker_counts"])
     for method in w.WEIGHTD_METHODS:
         r = by[(method, n)]
         expected = nbytes + idle.pss  # one model, plus what n workers cost with no weights at all
         checks[f"pss_{method}_{n}_workers"] = {
-            "total_pss": r.pss, "expected": expected, "value": r.pss / expected, "target": TARGET_PSS,
+            "total_pss": r.pss,
+            "expected": expected,
+            "value": r.pss / expected,
+            "target": TARGET_PSS,
             "met": r.pss / expected < TARGET_PSS,
             "pss_shmem_over_model": r.pss_shmem / nbytes,
         }
@@ -266,11 +338,16 @@ def report(out: dict) -> None:
         print(f"  state_dict 8x model / 1x model = {c['value']:.2f}x < {TARGET_SCALING}x: {_met(c)}")
     for method in w.WEIGHTD_METHODS:
         c = checks[f"pss_{method}_{n}_workers"]
-        print(f"  {SHORT[method]}, {n} workers: total Pss {w.mib(c['total_pss'])} vs one model + {n} idle workers "
-              f"{w.mib(c['expected'])} = {c['value']:.3f}x < {TARGET_PSS}x: {_met(c)} "
-              f"(Pss_Shmem = {c['pss_shmem_over_model']:.3f} models)")
-    print(f"  the daemon itself: Pss {w.mib(out['daemon_pss'])}; segments left after it stopped: "
-          f"{len(out['leftover_segments']) or 'none'}")
+        print(
+            f"  {SHORT[method]}, {n} workers: total Pss {w.mib(c['total_pss'])} vs one model + {n} idle "
+            "workers "
+            f"{w.mib(c['expected'])} = {c['value']:.3f}x < {TARGET_PSS}x: {_met(c)} "
+            f"(Pss_Shmem = {c['pss_shmem_over_model']:.3f} models)"
+        )
+    print(
+        f"  the daemon itself: Pss {w.mib(out['daemon_pss'])}; segments left after it stopped: "
+        f"{len(out['leftover_segments']) or 'none'}"
+    )
 
 
 def _met(check: dict) -> str:
@@ -293,13 +370,27 @@ def plot(out: dict, path: Path) -> None:
     nbytes = out["model"]["nbytes"]
     idle = next(r for r in out["results"] if r.method == w.NONE)
     per_worker = idle.pss / idle.workers  # Python and torch alone, per worker
-    ax1.plot(counts, [(nbytes + n * per_worker) / 2**30 for n in counts], ":", color="black",
-             label="one model + idle workers (ideal)")
+    ax1.plot(
+        counts,
+        [(nbytes + n * per_worker) / 2**30 for n in counts],
+        ":",
+        color="black",
+        label="one model + idle workers (ideal)",
+    )
     ax1.axhline(nbytes / 2**30, color="grey", linestyle=":", label="one model's bytes")
-    ax1.set(xlabel="workers", ylabel="total Pss of all workers (GiB)", xticks=counts,
-            title=f"Memory: {w.mib(out['model']['nbytes'])} model, every weight touched")
-    ax2.set(xlabel="workers", ylabel="median latency per worker (ms)", yscale="log", xticks=counts,
-            title="Getting the weights (all workers at once)")
+    ax1.set(
+        xlabel="workers",
+        ylabel="total Pss of all workers (GiB)",
+        xticks=counts,
+        title=f"Memory: {w.mib(out['model']['nbytes'])} model, every weight touched",
+    )
+    ax2.set(
+        xlabel="workers",
+        ylabel="median latency per worker (ms)",
+        yscale="log",
+        xticks=counts,
+        title="Getting the weights (all workers at once)",
+    )
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     ax1.grid(alpha=0.3)
@@ -311,7 +402,9 @@ def plot(out: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a ~76 MiB model, 1 and 2 workers, fewer repeats")
-    p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], help="worker counts, e.g. 1,2,4,8")
+    p.add_argument(
+        "--workers", type=lambda s: [int(x) for x in s.split(",")], help="worker counts, e.g. 1,2,4,8"
+    )
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     args.dim = 256 if args.quick else 1024  # 76 MiB or 1 GiB, 244 tensors either way
@@ -328,8 +421,11 @@ def main(argv=None) -> int:
         return 130
     report(out)
     out["env"] = {
-        "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-        "thp_shmem": _read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"), "seconds": time.monotonic() - t0,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "thp_shmem": _read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+        "seconds": time.monotonic() - t0,
         "argv": sys.argv[1:],
     }
     png, js = args.out / "attach.png", args.out / "attach.json"

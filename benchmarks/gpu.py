@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from weightd.bench import spawn
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1 << 20
@@ -56,8 +57,15 @@ def gpu_used(device: torch.device) -> int:
 
 
 def run_workers(n: int, method: str, sock: str, path: str, device: str) -> tuple[list[float], int]:
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, sock, method, path, device],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, sock, method, path, device],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     try:
         reports = [json.loads(p.stdout.readline()) for p in procs]
         time.sleep(0.2)
@@ -105,54 +113,49 @@ def main() -> int:
     path = tmp / "m.safetensors"
     per = args.mib * MiB // 4 // 256
     save_file({f"t{i}": torch.randn(per) for i in range(256)}, path)
-    sock = str(tmp / "w.sock")
-    instance = f"gpubench-{os.getpid()}"
-    daemon = subprocess.Popen([sys.executable, "-m", "weightd", "serve", "--socket", sock, "--instance", instance,
-                               "--model", f"m={path}", "--device", args.device, "--unlink-on-exit"])
     rows, results = [], {"mib": args.mib, "device": torch.cuda.get_device_name(device), "runs": []}
-    try:
-        from weightd.client import Client
-        from weightd.errors import DaemonNotRunning
-
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                Client(sock, timeout=5).ping()
-                break
-            except DaemonNotRunning:
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not start")
-                time.sleep(0.2)
+    with spawn.throwaway({"m": str(path)}, args=["--device", args.device]) as d:
+        sock = d.socket
         before = gpu_used(device)  # the daemon's copy and context are in here
         for n in (1, 2, 4):
             _, idle = run_workers(n, "none", sock, str(path), args.device)
             for method in ("ipc", "copy", "load"):
                 seconds, used = run_workers(n, method, sock, str(path), args.device)
                 weights = used - idle
-                run = {"workers": n, "method": method, "median_s": statistics.median(seconds), "gpu_bytes": weights}
+                run = {
+                    "workers": n,
+                    "method": method,
+                    "median_s": statistics.median(seconds),
+                    "gpu_bytes": weights,
+                }
                 results["runs"].append(run)
-                rows.append((n, method, f"{run['median_s'] * 1e3:.1f} ms", f"{weights / MiB:,.0f} MiB",
-                             f"{weights / (args.mib * MiB):.2f}x model"))
+                rows.append(
+                    (
+                        n,
+                        method,
+                        f"{run['median_s'] * 1e3:.1f} ms",
+                        f"{weights / MiB:,.0f} MiB",
+                        f"{weights / (args.mib * MiB):.2f}x model",
+                    )
+                )
         results["daemon_gpu_bytes"] = before
-        results["h2d_gbps"] = {"unpinned": bandwidth(args.mib, device, False, sock), "pinned": bandwidth(args.mib, device, True, sock)}
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(f"weightd.{instance}."):
-                os.unlink(f"/dev/shm/{name}")
-        path.unlink(missing_ok=True)
+        results["h2d_gbps"] = {
+            "unpinned": bandwidth(args.mib, device, False, sock),
+            "pinned": bandwidth(args.mib, device, True, sock),
+        }
+    path.unlink(missing_ok=True)
 
-    print(f"model {args.mib} MiB on {results['device']}; GPU memory beyond the workers' CUDA contexts "
-          "(the daemon's own copy is counted for every method alike)")
+    print(
+        f"model {args.mib} MiB on {results['device']}; GPU memory beyond the workers' CUDA contexts "
+        "(the daemon's own copy is counted for every method alike)"
+    )
     print(f"{'workers':>7}  {'method':<6}  {'attach/load':>12}  {'GPU memory':>12}  {'':>12}")
     for r in rows:
         print(f"{r[0]:>7}  {r[1]:<6}  {r[2]:>12}  {r[3]:>12}  {r[4]:>12}")
     h = results["h2d_gbps"]
-    print(f"host-to-device from shared memory: unpinned {h['unpinned']:.2f} GB/s, pinned {h['pinned']:.2f} GB/s")
+    print(
+        f"host-to-device from shared memory: unpinned {h['unpinned']:.2f} GB/s, pinned {h['pinned']:.2f} GB/s"
+    )
     (OUT / "gpu.json").write_text(json.dumps(results, indent=2))
     try:
         import matplotlib

@@ -1,6 +1,6 @@
 """Hugging Face folders: a ready model in a fresh worker, ``attach(NAME)`` vs ``from_pretrained(FOLDER)``.
 
-    python benchmarks/hf.py                       # llama (bf16), qwen2 (fp16), mixtral (bf16 MoE), ~1 GiB each
+    python benchmarks/hf.py              # llama (bf16), qwen2 (fp16), mixtral (bf16 MoE), ~1 GiB each
     python benchmarks/hf.py --models llama --gib 0.25 --repeats 2
 
 For each architecture, a folder written by transformers' own ``save_pretrained`` (kept in
@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-try:  # the worker harness moves to weightd/bench/ (issue 15)
-    from weightd.bench import workers as harness
-except ImportError:
-    from weightd import workers as harness
+from weightd import memory
+from weightd.bench import spawn
+from weightd.bench import workers as harness
 
 FROM_PRETRAINED = "from_pretrained"
 DEVICE_MAP = 'from_pretrained(device_map="cpu")'
@@ -170,7 +168,7 @@ def run_workers(n: int, method: str, folder: Path, model_cls: str, name: str, so
         for _, c in procs:
             c.send("go")
         done = [expect(c, p, "done", 600) for p, c in procs]
-        usage = [harness.memory.usage(p.pid) for p, _ in procs]
+        usage = [memory.usage(p.pid) for p, _ in procs]
         for _, c in procs:
             c.send("bye")
         for p, _ in procs:
@@ -205,7 +203,7 @@ def run(args) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     out = {"models": {}, "workers": args.workers}
     folders = {name: make_folder(root, name, args.gib) for name in args.models}
-    with harness.daemon({}) as d:
+    with spawn.throwaway() as d:
         client = Client(d.socket, timeout=600)
         for name, folder in folders.items():
             nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -250,7 +248,7 @@ def run(args) -> dict:
                     f"{name}: {args.workers} x {method}: Pss {harness.mib(row['pss'][method]['pss'])}",
                     flush=True,
                 )
-            daemon_usage = harness.memory.usage(d.pid)
+            daemon_usage = memory.usage(d.pid)
             row["daemon_pss"] = daemon_usage.pss
             out["models"][name] = row
         client.close()
@@ -294,7 +292,8 @@ def report(out: dict) -> None:
     print("\nTime to a ready model in a fresh worker (imports done; median of fresh workers)")
     print(harness.table(rows))
     print(
-        "(daemon load: from_pretrained in the daemon plus the segment written; the first one also imports torch "
+        "(daemon load: from_pretrained in the daemon plus the segment written; the first one also "
+        "imports torch "
         "and transformers there)"
     )
     rows = [

@@ -62,6 +62,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from weightd import segment
+from weightd.bench import spawn
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 PY = sys.executable
@@ -130,25 +133,30 @@ class Harness:
         return str(d / "w.sock")
 
     def start_daemon(self, sock: str, instance: str, *, unlink_on_exit: bool, log: Path) -> subprocess.Popen:
-        cmd = [PY, "-m", "weightd", "serve", "--socket", sock, "--instance", instance]
-        if unlink_on_exit:
-            cmd.append("--unlink-on-exit")
-        with open(log, "ab") as f:
-            p = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
+        args = ["--unlink-on-exit"] if unlink_on_exit else []
+        p = spawn.Daemon(sock, instance, args, log=log).start(wait=False).proc
         self.procs.append(p)
         return p
 
     def start_watcher(self, sock: str, name: str) -> subprocess.Popen:
         with open(self.tmp / "watcher.log", "ab") as f:
             p = subprocess.Popen(
-                [PY, str(Path(__file__).resolve()), "--_watch", sock, name], cwd=ROOT, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=f, text=True, bufsize=1, start_new_session=True,
+                [PY, str(Path(__file__).resolve()), "--_watch", sock, name],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=f,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
             )
         self.procs.append(p)
         return p
 
     def start_hog(self) -> subprocess.Popen:
-        p = subprocess.Popen([PY, "-S", "-c", "while True: pass"], stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            [PY, "-S", "-c", "while True: pass"], stdin=subprocess.DEVNULL, start_new_session=True
+        )
         self.procs.append(p)
         return p
 
@@ -164,11 +172,13 @@ class Harness:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-            raise RuntimeError(f"pid {p.pid} did not exit within {timeout:g} s of signal {sig}: killed it")
+            raise RuntimeError(
+                f"pid {p.pid} did not exit within {timeout:g} s of signal {sig}: killed it"
+            ) from None
         return time.monotonic() - t0
 
     def segments(self) -> list[str]:
-        return sorted(e for e in os.listdir("/dev/shm") if e.startswith(f"weightd.{self.tag}-"))
+        return [n.lstrip("/") for n in segment.list_segments(segment.prefix(self.tag)[:-1] + "-")]
 
     def cleanup(self) -> list[str]:
         problems = []
@@ -183,9 +193,8 @@ class Harness:
                 except Exception as e:  # noqa: BLE001
                     problems.append(str(e))
         for e in self.segments():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"/dev/shm/{e}")
-            problems.append(f"removed leftover segment /dev/shm/{e}")
+            segment.unlink("/" + e)
+            problems.append(f"removed leftover segment {segment.path(e)}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         return problems
 
@@ -370,7 +379,7 @@ class Sections:
         setattr(owner, attr, timed)
 
     def install(self) -> None:
-        from weightd import layout, segment
+        from weightd import layout
         from weightd.client import client as client_mod
 
         self.wrap(client_mod.Client, "call", lambda self_, op, **kw: f"rpc {op}")
@@ -403,6 +412,7 @@ class Sections:
 
 def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     import torch
+
     from weightd.client import Client
 
     unit, n32, n16 = (512, 192, 128) if args.quick else (1024, 192, 128)
@@ -412,7 +422,9 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     offs, size = offsets_for(srcs)
     nbytes = sum(s.numel() for s in srcs)
     res["module"] = {
-        "tensors": len(state), "storages": len(srcs), "nbytes": nbytes,
+        "tensors": len(state),
+        "storages": len(srcs),
+        "nbytes": nbytes,
         "layers": f"{n32} x Linear({unit},{unit}) float32 + {n16} x bfloat16",
     }
     print(f"module: {len(state)} tensors, {nbytes / MiB:.0f} MiB ({res['module']['layers']})", flush=True)
@@ -435,10 +447,17 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
         "torch copy_ (warm buffer)": lambda: copy_warm(warm_dst, srcs, offs),
         "numpy copyto (warm buffer)": lambda: copy_warm_numpy(warm_np, srcs, offs),
         SHM_REF: lambda: copy_shm(h, srcs, offs, size, how="numpy", fallocate=False),
-        "numpy copyto (fresh shm, fallocate)": lambda: copy_shm(h, srcs, offs, size, how="numpy", fallocate=True),
-        "torch copy_ (fresh shm, fallocate)": lambda: copy_shm(h, srcs, offs, size, how="torch", fallocate=True),
-        "os.pwrite (fresh shm file, no mmap)": lambda: copy_shm(h, srcs, offs, size, how="pwrite", fallocate=False),
+        "numpy copyto (fresh shm, fallocate)": lambda: copy_shm(
+            h, srcs, offs, size, how="numpy", fallocate=True
+        ),
+        "torch copy_ (fresh shm, fallocate)": lambda: copy_shm(
+            h, srcs, offs, size, how="torch", fallocate=True
+        ),
+        "os.pwrite (fresh shm file, no mmap)": lambda: copy_shm(
+            h, srcs, offs, size, how="pwrite", fallocate=False
+        ),
     }
+
     def run(methods: dict, repeats: int, *, record: bool) -> dict:
         times = {k: [] for k in methods}
         print("  methods: " + " | ".join(methods), flush=True)
@@ -453,8 +472,9 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
                         dt = time.perf_counter() - t0
                     if label == PUBLISH and record:
                         parts["total"] = dt
-                        parts["fill = layout.write - create - manifest - close"] = parts["layout.write"] - sum(
-                            parts.get(k, 0.0) for k in ("Segment.create", "manifest+seal", "close"))
+                        parts["fill = layout.write - create - manifest - close"] = parts[
+                            "layout.write"
+                        ] - sum(parts.get(k, 0.0) for k in ("Segment.create", "manifest+seal", "close"))
                         breakdown.append(parts)
                     assert info["nbytes"] == nbytes, (info["nbytes"], nbytes)
                     t0 = time.perf_counter()
@@ -466,7 +486,11 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
                     fn()
                     dt = time.perf_counter() - t0
                 times[label].append(dt)
-            print(f"  repeat {r + 1}/{repeats}, GB/s: " + " | ".join(f"{nbytes / v[-1] / GB:.2f}" for v in times.values()), flush=True)
+            print(
+                f"  repeat {r + 1}/{repeats}, GB/s: "
+                + " | ".join(f"{nbytes / v[-1] / GB:.2f}" for v in times.values()),
+                flush=True,
+            )
         return times
 
     breakdown, unload_s = [], []
@@ -475,8 +499,13 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     # The same, while every CPU is oversubscribed (3 busy-looping processes per CPU), as in a
     # trainer whose data loaders keep every core busy when it publishes.
     hog_n = 3 * (os.cpu_count() or 1)
-    busy = [PUBLISH, "torch copy_ (warm buffer)", "numpy copyto (warm buffer)", SHM_REF,
-            "os.pwrite (fresh shm file, no mmap)"]
+    busy = [
+        PUBLISH,
+        "torch copy_ (warm buffer)",
+        "numpy copyto (warm buffer)",
+        SHM_REF,
+        "os.pwrite (fresh shm file, no mmap)",
+    ]
     print(f"  with {hog_n} busy-looping processes on {os.cpu_count()} CPUs:", flush=True)
     hogs = [h.start_hog() for _ in range(hog_n)]
     try:
@@ -485,19 +514,32 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
     finally:
         for p in hogs:
             Harness.stop(p, signal.SIGKILL)
-    del warm_dst, warm_np
+    warm_dst = warm_np = None  # noqa: F841 (the lambdas above hold them)
     client.close()
     Harness.stop(daemon)
 
     def stats(ts):
-        return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "samples_s": ts,
-                "gbps": nbytes / statistics.median(ts) / GB}
+        return {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "samples_s": ts,
+            "gbps": nbytes / statistics.median(ts) / GB,
+        }
 
     res["publish"] = {"repeats": args.repeats, "methods": {k: stats(v) for k, v in times.items()}}
-    res["publish_contended"] = {"busy_processes": hog_n, "repeats": args.contended_repeats,
-                                "methods": {k: stats(v) for k, v in loaded_times.items()}}
-    keys = sorted({k for b in breakdown for k in b}, key=lambda k: -statistics.median([b.get(k, 0.0) for b in breakdown]))
-    res["publish"]["breakdown_median_s"] = {k: statistics.median([b.get(k, 0.0) for b in breakdown]) for k in keys}
+    res["publish_contended"] = {
+        "busy_processes": hog_n,
+        "repeats": args.contended_repeats,
+        "methods": {k: stats(v) for k, v in loaded_times.items()},
+    }
+    keys = sorted(
+        {k for b in breakdown for k in b},
+        key=lambda k: -statistics.median([b.get(k, 0.0) for b in breakdown]),
+    )
+    res["publish"]["breakdown_median_s"] = {
+        k: statistics.median([b.get(k, 0.0) for b in breakdown]) for k in keys
+    }
     res["publish"]["unload_1_segment_median_s"] = statistics.median(unload_s)
     res["_module"] = module  # reused by part 2, dropped before the JSON is written
 
@@ -507,6 +549,7 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
 
 def part_latency(h: Harness, args, res: dict) -> None:
     import torch
+
     from weightd.client import Client
 
     module = res.pop("_module")
@@ -536,8 +579,15 @@ def part_latency(h: Harness, args, res: dict) -> None:
         _, seen, tries, t_wake, t_a, t_b = int(got[0]), int(got[1]), int(got[2]), *map(float, got[3:])
         if seen != r:
             raise RuntimeError(f"round {r}: the watcher still saw marker {seen} 10 s after publish returned")
-        rows.append({"publish_s": t_ret - t0, "latency_s": t_b - t_ret, "wake_s": t_wake - t_ret,
-                     "last_attach_s": t_b - t_a, "tries": tries})
+        rows.append(
+            {
+                "publish_s": t_ret - t0,
+                "latency_s": t_b - t_ret,
+                "wake_s": t_wake - t_ret,
+                "last_attach_s": t_b - t_a,
+                "tries": tries,
+            }
+        )
     watcher.stdin.write("-1\n")
     watcher.stdin.flush()
     watcher.wait(30)
@@ -546,7 +596,9 @@ def part_latency(h: Harness, args, res: dict) -> None:
     lat = [x["latency_s"] for x in rows]
     res["latency"] = {
         "rounds": rows,
-        "median_s": statistics.median(lat), "min_s": min(lat), "max_s": max(lat),
+        "median_s": statistics.median(lat),
+        "min_s": min(lat),
+        "max_s": max(lat),
         "wake_median_s": statistics.median([x["wake_s"] for x in rows]),
         "attach_median_s": statistics.median([x["last_attach_s"] for x in rows]),
         "steady_attach_median_s": steady_attach,
@@ -560,8 +612,9 @@ def part_latency(h: Harness, args, res: dict) -> None:
 
 def part_restart(h: Harness, args, res: dict) -> None:
     import torch
+
     from weightd.client import Client
-    from weightd.store import Store
+    from weightd.daemon.store import Store
 
     per_model = (128 if args.quick else 2048) * MiB
     names = ["alpha", "beta"]
@@ -578,7 +631,10 @@ def part_restart(h: Harness, args, res: dict) -> None:
         for k, name in enumerate(names, 1):
             t0 = time.perf_counter()
             info = c.publish(name, {**src, "marker": torch.tensor([k])})
-            print(f"  published {name}: {info['nbytes'] / GiB:.2f} GiB in {time.perf_counter() - t0:.2f} s", flush=True)
+            print(
+                f"  published {name}: {info['nbytes'] / GiB:.2f} GiB in {time.perf_counter() - t0:.2f} s",
+                flush=True,
+            )
         del src
     gc.collect()
     total = sum(os.stat(f"/dev/shm/{e}").st_size for e in h.segments())
@@ -591,8 +647,12 @@ def part_restart(h: Harness, args, res: dict) -> None:
         ed = h.start_daemon(esock, einst, unlink_on_exit=True, log=elog)
         t_ready = wait_ready(esock, ed, elog)
         ev = log_events(elog, ed.pid)
-        empty_rows.append({"ready_s": t_ready - t0,
-                           "log_serving_s": next((t - wall0 for t, m in ev if " serving " in m), None)})
+        empty_rows.append(
+            {
+                "ready_s": t_ready - t0,
+                "log_serving_s": next((t - wall0 for t, m in ev if " serving " in m), None),
+            }
+        )
         Harness.stop(ed)
 
         stop_s = Harness.stop(daemon, sig)
@@ -614,15 +674,23 @@ def part_restart(h: Harness, args, res: dict) -> None:
         adopted_at = [t - wall0 for t, m in ev if m.startswith("adopted ")]
         if len(adopted_at) != len(names):
             raise RuntimeError(f"restart {i}: the daemon did not log adopting {names}:\n{_tail(log)}")
-        rows.append({
-            "signal": signal.Signals(sig).name, "stop_s": stop_s, "ready_s": t_ready - t0, "serving_s": t_serving - t0,
-            "adopt_in_process_s": adopt_s,
-            "log_first_adopted_s": min(adopted_at),
-            "log_serving_s": next((t - wall0 for t, m in ev if " serving " in m), None),
-            "empty_ready_s": empty_rows[-1]["ready_s"],
-        })
-        print(f"  {signal.Signals(sig).name}: serving {rows[-1]['serving_s']:.3f} s after Popen "
-              f"(empty daemon {empty_rows[-1]['ready_s']:.3f} s)", flush=True)
+        rows.append(
+            {
+                "signal": signal.Signals(sig).name,
+                "stop_s": stop_s,
+                "ready_s": t_ready - t0,
+                "serving_s": t_serving - t0,
+                "adopt_in_process_s": adopt_s,
+                "log_first_adopted_s": min(adopted_at),
+                "log_serving_s": next((t - wall0 for t, m in ev if " serving " in m), None),
+                "empty_ready_s": empty_rows[-1]["ready_s"],
+            }
+        )
+        print(
+            f"  {signal.Signals(sig).name}: serving {rows[-1]['serving_s']:.3f} s after Popen "
+            f"(empty daemon {empty_rows[-1]['ready_s']:.3f} s)",
+            flush=True,
+        )
     Harness.stop(daemon)  # keeps the segments; removed below
     for e in h.segments():
         os.unlink(f"/dev/shm/{e}")
@@ -630,15 +698,22 @@ def part_restart(h: Harness, args, res: dict) -> None:
     def med(rows_, key):
         return statistics.median([r[key] for r in rows_])
 
-    out = {"models": {n: per_model for n in names}, "segment_bytes": total, "restarts": rows,
-           "empty_ready_median_s": med(empty_rows, "ready_s"), "empty": empty_rows}
+    out = {
+        "models": {n: per_model for n in names},
+        "segment_bytes": total,
+        "restarts": rows,
+        "empty_ready_median_s": med(empty_rows, "ready_s"),
+        "empty": empty_rows,
+    }
     for sig in ("SIGTERM", "SIGKILL"):
         rs = [r for r in rows if r["signal"] == sig]
         out[sig] = {
             "stop_median_s": med(rs, "stop_s"),
             "ready_median_s": med(rs, "ready_s"),
             "serving_median_s": med(rs, "serving_s"),
-            "serving_minus_empty_median_s": statistics.median([r["serving_s"] - r["empty_ready_s"] for r in rs]),
+            "serving_minus_empty_median_s": statistics.median(
+                [r["serving_s"] - r["empty_ready_s"] for r in rs]
+            ),
             "adopt_in_process_median_s": med(rs, "adopt_in_process_s"),
         }
     res["restart"] = out
@@ -658,54 +733,98 @@ def report(res: dict) -> list[str]:
     meth = p["methods"]
     ref_warm = meth["torch copy_ (warm buffer)"]["gbps"]
     ref_shm = meth[SHM_REF]["gbps"]
-    lines.append(f"1. Publish of a {nbytes / GiB:.2f} GiB module ({res['module']['tensors']} tensors, "
-                 f"{res['module']['layers']}), median of {p['repeats']}")
-    lines.append(f"   load average at start {res['environment']['loadavg_start']}, at end {res.get('loadavg_end')} "
-                 f"on {res['environment']['cpus']} CPUs")
-    lines.append(f"   {'method':38s} {'median':>9s} {'min':>9s} {'max':>9s} {'GB/s':>6s} {'/torch warm':>11s} {'/numpy shm':>10s}")
+    lines.append(
+        f"1. Publish of a {nbytes / GiB:.2f} GiB module ({res['module']['tensors']} tensors, "
+        f"{res['module']['layers']}), median of {p['repeats']}"
+    )
+    lines.append(
+        f"   load average at start {res['environment']['loadavg_start']}, at end {res.get('loadavg_end')} "
+        f"on {res['environment']['cpus']} CPUs"
+    )
+    lines.append(
+        f"   {'method':38s} {'median':>9s} {'min':>9s} {'max':>9s} {'GB/s':>6s} {'/torch warm':>11s} "
+        f"{'/numpy shm':>10s}"
+    )
     for k, m in meth.items():
-        lines.append(f"   {k:38s} {m['median_s']:8.3f}s {m['min_s']:8.3f}s {m['max_s']:8.3f}s {m['gbps']:6.2f} "
-                     f"{m['gbps'] / ref_warm:10.2f}x {m['gbps'] / ref_shm:9.2f}x")
+        lines.append(
+            f"   {k:38s} {m['median_s']:8.3f}s {m['min_s']:8.3f}s {m['max_s']:8.3f}s {m['gbps']:6.2f} "
+            f"{m['gbps'] / ref_warm:10.2f}x {m['gbps'] / ref_shm:9.2f}x"
+        )
     ratio_warm = meth[PUBLISH]["gbps"] / ref_warm
     ratio_shm = meth[PUBLISH]["gbps"] / ref_shm
-    lines.append(f"   target publish >= {TARGET_PUBLISH_RATIO}x memory copy: {ratio_warm:.2f}x the torch warm copy "
-                 f"[{'met' if ratio_warm >= TARGET_PUBLISH_RATIO else 'NOT met'}], {ratio_shm:.2f}x the fresh-shm copy "
-                 f"[{'met' if ratio_shm >= TARGET_PUBLISH_RATIO else 'NOT met'}] (the fair one: both fault in new pages)")
+    lines.append(
+        f"   target publish >= {TARGET_PUBLISH_RATIO}x memory copy: {ratio_warm:.2f}x the torch warm copy "
+        f"[{'met' if ratio_warm >= TARGET_PUBLISH_RATIO else 'NOT met'}], {ratio_shm:.2f}x the fresh-shm "
+        "copy "
+        f"[{'met' if ratio_shm >= TARGET_PUBLISH_RATIO else 'NOT met'}] (the fair one: both fault in new "
+        "pages)"
+    )
     pc = res["publish_contended"]
     cm = pc["methods"]
-    lines.append(f"   the same with {pc['busy_processes']} busy-looping processes on {res['environment']['cpus']} CPUs "
-                 f"(median of {pc['repeats']}):")
+    lines.append(
+        f"   the same with {pc['busy_processes']} busy-looping processes on {res['environment']['cpus']} "
+        "CPUs "
+        f"(median of {pc['repeats']}):"
+    )
     for k, m in cm.items():
-        lines.append(f"   {k:38s} {m['median_s']:8.3f}s {m['min_s']:8.3f}s {m['max_s']:8.3f}s {m['gbps']:6.2f} "
-                     f"{m['gbps'] / cm['torch copy_ (warm buffer)']['gbps']:10.2f}x {m['gbps'] / cm[SHM_REF]['gbps']:9.2f}x")
+        lines.append(
+            f"   {k:38s} {m['median_s']:8.3f}s {m['min_s']:8.3f}s {m['max_s']:8.3f}s {m['gbps']:6.2f} "
+            f"{m['gbps'] / cm['torch copy_ (warm buffer)']['gbps']:10.2f}x "
+            f"{m['gbps'] / cm[SHM_REF]['gbps']:9.2f}x"
+        )
     lines.append("   where publish's time goes (median per section of the default publish, this process):")
     for k, v in p["breakdown_median_s"].items():
         lines.append(f"     {k:28s} {ms(v)}")
-    lines.append(f"   (not timed) unload of one {nbytes / GiB:.2f} GiB generation, freed synchronously by the daemon: "
-                 f"{ms(p['unload_1_segment_median_s']).strip()}")
+    lines.append(
+        f"   (not timed) unload of one {nbytes / GiB:.2f} GiB generation, freed synchronously by the daemon: "
+        f"{ms(p['unload_1_segment_median_s']).strip()}"
+    )
     lat = res["latency"]
     lines.append("")
-    lines.append(f"2. Publish returns -> new state_dict in a running client sees it ({len(lat['rounds'])} rounds)")
-    lines.append(f"   publish returned -> state_dict returned the new generation: median {ms(lat['median_s']).strip()} "
-                 f"(min {ms(lat['min_s']).strip()}, max {ms(lat['max_s']).strip()})")
-    lines.append(f"     of which: pipe wake-up {ms(lat['wake_median_s']).strip()}, the state_dict call "
-                 f"{ms(lat['attach_median_s']).strip()} (same generation, steady: {ms(lat['steady_attach_median_s']).strip()})")
-    lines.append(f"   first attach after publish returned already saw it: {lat['first_try']}/{len(lat['rounds'])}")
+    lines.append(
+        f"2. Publish returns -> new state_dict in a running client sees it ({len(lat['rounds'])} rounds)"
+    )
+    lines.append(
+        "   publish returned -> state_dict returned the new generation: median "
+        f"{ms(lat['median_s']).strip()} "
+        f"(min {ms(lat['min_s']).strip()}, max {ms(lat['max_s']).strip()})"
+    )
+    lines.append(
+        f"     of which: pipe wake-up {ms(lat['wake_median_s']).strip()}, the state_dict call "
+        f"{ms(lat['attach_median_s']).strip()} (same generation, steady: "
+        f"{ms(lat['steady_attach_median_s']).strip()})"
+    )
+    lines.append(
+        f"   first attach after publish returned already saw it: {lat['first_try']}/{len(lat['rounds'])}"
+    )
     lines.append(f"   publish with the watcher attached: median {lat['publish_median_s']:.3f} s")
     rs = res["restart"]
     lines.append("")
-    lines.append(f"3. Restart to serving: {len(rs['models'])} models, {rs['segment_bytes'] / GiB:.2f} GiB in /dev/shm, "
-                 f"{len(rs['restarts']) // 2} restarts per signal")
-    lines.append(f"   {'':24s} {'stop':>10s} {'ping':>11s} {'serving':>11s} {'minus empty':>12s} {'adopt()':>11s}")
+    lines.append(
+        f"3. Restart to serving: {len(rs['models'])} models, {rs['segment_bytes'] / GiB:.2f} GiB in "
+        "/dev/shm, "
+        f"{len(rs['restarts']) // 2} restarts per signal"
+    )
+    lines.append(
+        f"   {'':24s} {'stop':>10s} {'ping':>11s} {'serving':>11s} {'minus empty':>12s} {'adopt()':>11s}"
+    )
     lines.append(f"   {'empty daemon':24s} {'':>10s} {ms(rs['empty_ready_median_s'])}")
     for sig in ("SIGTERM", "SIGKILL"):
         s = rs[sig]
-        lines.append(f"   {'restart after ' + sig:24s} {ms(s['stop_median_s'])} {ms(s['ready_median_s'])} "
-                     f"{ms(s['serving_median_s'])} {ms(s['serving_minus_empty_median_s'])}  {ms(s['adopt_in_process_median_s'])}")
+        lines.append(
+            f"   {'restart after ' + sig:24s} {ms(s['stop_median_s'])} {ms(s['ready_median_s'])} "
+            f"{ms(s['serving_median_s'])} {ms(s['serving_minus_empty_median_s'])}  "
+            f"{ms(s['adopt_in_process_median_s'])}"
+        )
     worst = max(rs[s]["serving_minus_empty_median_s"] for s in ("SIGTERM", "SIGKILL"))
-    lines.append("   (all from Popen; 'serving' = both state_dicts returned with the right markers; adopt() timed in-process)")
-    lines.append(f"   target serving - empty start < {TARGET_RESTART_EXTRA_S:g} s: worst median {worst:.3f} s "
-                 f"[{'met' if worst < TARGET_RESTART_EXTRA_S else 'NOT met'}]")
+    lines.append(
+        "   (all from Popen; 'serving' = both state_dicts returned with the right markers; adopt() timed "
+        "in-process)"
+    )
+    lines.append(
+        f"   target serving - empty start < {TARGET_RESTART_EXTRA_S:g} s: worst median {worst:.3f} s "
+        f"[{'met' if worst < TARGET_RESTART_EXTRA_S else 'NOT met'}]"
+    )
     return lines
 
 
@@ -731,8 +850,13 @@ def plot(res: dict, path: Path) -> None:
 
     ax = axes[1]
     lat = res["latency"]
-    ax.bar(["publish\u2192attach"], [lat["median_s"] * 1e3], color="tab:blue",
-           yerr=[[(lat["median_s"] - lat["min_s"]) * 1e3], [(lat["max_s"] - lat["median_s"]) * 1e3]], capsize=6)
+    ax.bar(
+        ["publish\u2192attach"],
+        [lat["median_s"] * 1e3],
+        color="tab:blue",
+        yerr=[[(lat["median_s"] - lat["min_s"]) * 1e3], [(lat["max_s"] - lat["median_s"]) * 1e3]],
+        capsize=6,
+    )
     ax.set_ylabel("ms (median, min-max)")
     ax.set_title("publish returns \u2192 new attach sees it", fontsize=10)
 
@@ -764,8 +888,12 @@ def environment() -> dict:
         k, _, v = line.partition(":")
         mem[k] = v.strip()
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "kernel": platform.release(), "mem_total": mem.get("MemTotal"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "mem_total": mem.get("MemTotal"),
         "thp_shmem": read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
         "when": datetime.now().isoformat(timespec="seconds"),
         "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
@@ -781,8 +909,10 @@ def check_room(args) -> None:
     st = os.statvfs("/dev/shm")
     shm_free = st.f_bavail * st.f_frsize
     if avail < need or shm_free < need * 0.6:
-        raise SystemExit(f"needs about {need / GiB:.0f} GiB of free memory and {need * 0.6 / GiB:.0f} GiB in /dev/shm; "
-                         f"have {avail / GiB:.1f} GiB and {shm_free / GiB:.1f} GiB")
+        raise SystemExit(
+            f"needs about {need / GiB:.0f} GiB of free memory and {need * 0.6 / GiB:.0f} GiB in /dev/shm; "
+            f"have {avail / GiB:.1f} GiB and {shm_free / GiB:.1f} GiB"
+        )
 
 
 def main(argv=None) -> int:

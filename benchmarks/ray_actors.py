@@ -100,22 +100,28 @@ def run_method(method: str, size_mib: int, actors: int, dtype: str) -> dict:
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
     shm0 = memory.shm_used()
     instances: list[str] = []
-    ray.init(address="local", num_cpus=actors, include_dashboard=False, object_store_memory=int(2.5 * size_mib * MIB) + 256 * MIB,
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=actors,
+        include_dashboard=False,
+        object_store_memory=int(2.5 * size_mib * MIB) + 256 * MIB,
+        log_to_driver=False,
+    )
     result = {"method": method, "dtype": dtype, "actors": actors, "size_mib": size_mib}
     daemon_pids = []
     try:
         model = build_model(size_mib, dtype)
-        result["model_bytes"] = sum(t.numel() * t.element_size() for t in
-                                    {t.data_ptr(): t for t in model.state_dict().values()}.values())
+        result["model_bytes"] = sum(
+            t.numel() * t.element_size()
+            for t in {t.data_ptr(): t for t in model.state_dict().values()}.values()
+        )
         ids = torch.arange(16)
         expected = model(ids)
         t0 = time.perf_counter()
         if method == "weightd":
             from weightd.client.ray_zerocopy import ModelWrapper, ensure_daemons
-            from weightd.client.ray_daemons import ping
-
-            from weightd.config import Config
+            from weightd.client.ray_zerocopy.daemons import ping
+            from weightd.daemon.config import Config
 
             sockets = ensure_daemons()
             daemon_pids = [ping(s)["pid"] for s in sockets.values()]
@@ -147,7 +153,9 @@ def run_method(method: str, size_mib: int, actors: int, dtype: str) -> dict:
         result["ready_s"] = time.perf_counter() - t0
         result["load_s"] = statistics.median(r[1] for r in replies)
         # allclose: the actors run on one thread each, the driver on several (another summation order)
-        result["correct"] = all(torch.allclose(r[2].float(), expected.float(), rtol=1e-3, atol=1e-3) for r in replies)
+        result["correct"] = all(
+            torch.allclose(r[2].float(), expected.float(), rtol=1e-3, atol=1e-3) for r in replies
+        )
         pids = [r[0] for r in replies]
         del model, expected
         usages = [memory.usage(p) for p in pids]
@@ -158,13 +166,21 @@ def run_method(method: str, size_mib: int, actors: int, dtype: str) -> dict:
         result["daemon_private"] = sum(memory.usage(p).pss_private for p in daemon_pids)
         # Exact, and blind to whatever else on the machine uses /dev/shm meanwhile: the bytes
         # allocated to weightd's segments (of this run's daemons) and to Ray's plasma file.
-        segs = sum(p.stat().st_blocks * 512 for i in (instances if method == "weightd" else [])
-                   for p in Path("/dev/shm").glob(f"weightd.{i}.*"))
+        segs = sum(
+            p.stat().st_blocks * 512
+            for i in (instances if method == "weightd" else [])
+            for p in Path("/dev/shm").glob(f"weightd.{i}.*")
+        )
         result["weightd_segments"] = segs
         result["object_store"] = _plasma_bytes(raylet)
         result["shm_growth"] = segs + result["object_store"]
         result["shm_growth_statvfs"] = memory.shm_used() - shm0
-        result["total"] = result["shm_growth"] + result["actors_private"] + result["raylet_private"] + result["daemon_private"]
+        result["total"] = (
+            result["shm_growth"]
+            + result["actors_private"]
+            + result["raylet_private"]
+            + result["daemon_private"]
+        )
         for h in handles:
             ray.kill(h)
     except Exception as e:  # ray-zerocopy and bf16: the failure is the result
@@ -209,7 +225,10 @@ def _our_raylets() -> list[int]:
 def rzc_python() -> tuple[Path | None, str]:
     """The ray-zerocopy venv's python, built if missing; or None and why."""
     python = RZC_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import ray_zerocopy"], capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([python, "-c", "import ray_zerocopy"], capture_output=True).returncode == 0
+    ):
         return python, ""
     import ray
     import torch
@@ -218,33 +237,85 @@ def rzc_python() -> tuple[Path | None, str]:
     try:
         subprocess.run([sys.executable, "-m", "venv", "--clear", RZC_VENV], check=True)
         # constraints.txt pins the CPU torch on this machine's disk; ray pinned to the project's.
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "-c", ROOT / "constraints.txt", f"torch=={torch_version}",
-                        f"ray=={ray.__version__}", f"ray-zerocopy=={RZC_VERSION}"], check=True)
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "-c",
+                ROOT / "constraints.txt",
+                f"torch=={torch_version}",
+                f"ray=={ray.__version__}",
+                f"ray-zerocopy=={RZC_VERSION}",
+            ],
+            check=True,
+        )
     except subprocess.CalledProcessError as e:
         return None, f"building {RZC_VENV} failed: {e}"
     return python, ""
 
 
 def run_child(python: Path, method: str, args, dtype: str) -> dict:
-    cmd = [str(python), __file__, "--run", method, "--dtype", dtype, "--size-mib", str(args.size_mib), "--actors", str(args.actors)]
+    cmd = [
+        str(python),
+        __file__,
+        "--run",
+        method,
+        "--dtype",
+        dtype,
+        "--size-mib",
+        str(args.size_mib),
+        "--actors",
+        str(args.actors),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"method": method, "dtype": dtype, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        return {
+            "method": method,
+            "dtype": dtype,
+            "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}",
+        }
     return json.loads(lines[-1])
 
 
 def table(results: list[dict]) -> str:
-    head = ("method", "dtype", "ready s", "load s", "actors Pss", "object store", "shm in use", "total", "driver peak", "ok")
+    head = (
+        "method",
+        "dtype",
+        "ready s",
+        "load s",
+        "actors Pss",
+        "object store",
+        "shm in use",
+        "total",
+        "driver peak",
+        "ok",
+    )
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append((r["method"], r["dtype"], "-", "-", "-", "-", "-", "-", "-", "FAILED: " + r["error"][:70]))
+            rows.append(
+                (r["method"], r["dtype"], "-", "-", "-", "-", "-", "-", "-", "FAILED: " + r["error"][:70])
+            )
             continue
-        rows.append((r["method"], r["dtype"], f"{r['ready_s']:.2f}", f"{r['load_s'] * 1e3:.1f} ms", _g(r["actors_pss"]),
-                     _g(r["object_store"]), _g(r["shm_growth"]), _g(r["total"]), _g(r["driver_peak_rss"]),
-                     "yes" if r["correct"] else "WRONG OUTPUT"))
+        rows.append(
+            (
+                r["method"],
+                r["dtype"],
+                f"{r['ready_s']:.2f}",
+                f"{r['load_s'] * 1e3:.1f} ms",
+                _g(r["actors_pss"]),
+                _g(r["object_store"]),
+                _g(r["shm_growth"]),
+                _g(r["total"]),
+                _g(r["driver_peak_rss"]),
+                "yes" if r["correct"] else "WRONG OUTPUT",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -294,8 +365,13 @@ def main() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     rzc, why = rzc_python()
-    plan = [("weightd", "float32"), ("ray-zerocopy", "float32"), ("naive", "float32"),
-            ("weightd", "bfloat16"), ("ray-zerocopy", "bfloat16")]
+    plan = [
+        ("weightd", "float32"),
+        ("ray-zerocopy", "float32"),
+        ("naive", "float32"),
+        ("weightd", "bfloat16"),
+        ("ray-zerocopy", "bfloat16"),
+    ]
     results = []
     for method, dtype in plan:
         if method == "ray-zerocopy" and rzc is None:
@@ -318,13 +394,21 @@ def _targets(results: list[dict]) -> list[str]:
     w, z = by.get(("weightd", "float32"), {}), by.get(("ray-zerocopy", "float32"), {})
     out = []
     if "error" not in w and "error" not in z and w and z:
-        out.append(f"target attach <= ray-zerocopy load(): {w['load_s'] * 1e3:.1f} ms vs {z['load_s'] * 1e3:.1f} ms: "
-                   f"{'MET' if w['load_s'] <= z['load_s'] else 'MISSED'}")
-        out.append(f"target total memory <= ray-zerocopy: {_g(w['total'])} vs {_g(z['total'])}: "
-                   f"{'MET' if w['total'] <= z['total'] else 'MISSED'}")
+        out.append(
+            f"target attach <= ray-zerocopy load(): {w['load_s'] * 1e3:.1f} ms vs {z['load_s'] * 1e3:.1f} "
+            "ms: "
+            f"{'MET' if w['load_s'] <= z['load_s'] else 'MISSED'}"
+        )
+        out.append(
+            f"target total memory <= ray-zerocopy: {_g(w['total'])} vs {_g(z['total'])}: "
+            f"{'MET' if w['total'] <= z['total'] else 'MISSED'}"
+        )
     wb, zb = by.get(("weightd", "bfloat16"), {}), by.get(("ray-zerocopy", "bfloat16"), {})
-    out.append(f"target bf16 works with weightd where ray-zerocopy fails: weightd {'ok' if wb.get('correct') else 'FAILED'}, "
-               f"ray-zerocopy {'FAILED (' + zb['error'][:80] + ')' if 'error' in zb else 'ok'}")
+    out.append(
+        "target bf16 works with weightd where ray-zerocopy fails: "
+        f"weightd {'ok' if wb.get('correct') else 'FAILED'}, "
+        f"ray-zerocopy {'FAILED (' + zb['error'][:80] + ')' if 'error' in zb else 'ok'}"
+    )
     return out
 
 

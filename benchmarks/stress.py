@@ -41,9 +41,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
-import hostile  # noqa: E402
 from weightd.client import Client, publish, state_dict  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
+
+import hostile  # noqa: E402
 
 MIB = 1 << 20
 OUT = ROOT / "benchmarks" / "out"
@@ -53,9 +54,13 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def new_daemon(tmp: Path, args: list[str], *, instance: str | None = None, sock: str | None = None) -> hostile.Daemon:
+def new_daemon(
+    tmp: Path, args: list[str], *, instance: str | None = None, sock: str | None = None
+) -> hostile.Daemon:
     instance = instance or f"stress-{uuid.uuid4().hex[:8]}"
-    return hostile.Daemon(sock or str(tmp / f"{instance}.sock"), instance, args + ["--log-level", "info"], str(tmp)).start()
+    return hostile.Daemon(
+        sock or str(tmp / f"{instance}.sock"), instance, args + ["--log-level", "info"], str(tmp)
+    ).start()
 
 
 def finish(d: hostile.Daemon, problems: list[str], what: str) -> None:
@@ -76,8 +81,16 @@ def load(tmp: Path, clients: int, cycles: int, problems: list[str]) -> dict:
     try:
         publish("c", hostile.model_tensors(12, 512), socket=d.socket)
         # as many clients as the run (ZeroMQ's buffers grow with the peers connected at once)
-        warm = hostile.run_load(d.socket, d.instance, expected, clients=clients, cycles=5, names=["a", "b", "c", "lin"],
-                                module_name="lin", module_dim=128)
+        warm = hostile.run_load(
+            d.socket,
+            d.instance,
+            expected,
+            clients=clients,
+            cycles=5,
+            names=["a", "b", "c", "lin"],
+            module_name="lin",
+            module_dim=128,
+        )
         if warm.untyped or warm.bad:
             problems.append(f"load warm-up: {warm.untyped[:1]} {warm.bad[:3]}")
         before = hostile.daemon_memory(d.proc.pid)
@@ -92,9 +105,20 @@ def load(tmp: Path, clients: int, cycles: int, problems: list[str]) -> dict:
                 c.unload("x")
                 return {"load_d_s": t1 - t0, "unload_x_at_s": time.perf_counter() - t0 + 0.5}
 
-        r = hostile.run_load(d.socket, d.instance, expected, clients=clients, cycles=cycles,
-                             names=["a", "b", "c", "lin", "d", "x"], during=during, timeout=60, deadline=600,
-                             module_name="lin", module_dim=128, seed=1)
+        r = hostile.run_load(
+            d.socket,
+            d.instance,
+            expected,
+            clients=clients,
+            cycles=cycles,
+            names=["a", "b", "c", "lin", "d", "x"],
+            during=during,
+            timeout=60,
+            deadline=600,
+            module_name="lin",
+            module_dim=128,
+            seed=1,
+        )
         after = hostile.daemon_memory(d.proc.pid)
         with Client(d.socket) as c:
             listed = {m["name"]: m["segment"].lstrip("/") for m in c.list()}
@@ -110,21 +134,40 @@ def load(tmp: Path, clients: int, cycles: int, problems: list[str]) -> dict:
         if set(r.typed) - {"not_found", "bad_segment"}:
             problems.append(f"load: unexpected errors {dict(r.typed)}")
         if r.attaches + sum(r.typed.values()) != clients * cycles:
-            problems.append(f"load: {clients * cycles - r.attaches - sum(r.typed.values())} attaches unaccounted for")
+            problems.append(
+                f"load: {clients * cycles - r.attaches - sum(r.typed.values())} attaches unaccounted for"
+            )
         if r.left_mapped:
             problems.append(f"load: {r.left_mapped} mappings left after detach")
         if after["private_dirty"] - before["private_dirty"] > 4 * MIB:
-            problems.append(f"load: daemon private dirty memory grew {(after['private_dirty'] - before['private_dirty']) / MIB:.1f} MiB")
-        if sorted(listed) != ["a", "b", "c", "d", "lin"] or set(hostile.segments(d.instance)) != set(listed.values()):
+            problems.append(
+                f"load: daemon private dirty memory grew "
+                f"{(after['private_dirty'] - before['private_dirty']) / MIB:.1f} MiB"
+            )
+        if sorted(listed) != ["a", "b", "c", "d", "lin"] or set(hostile.segments(d.instance)) != set(
+            listed.values()
+        ):
             problems.append(f"load: served {sorted(listed)}, segments {hostile.segments(d.instance)}")
     finally:
         finish(d, problems, "load")
     return {
-        "clients": clients, "cycles": cycles, "seconds": r.seconds, "attaches": r.attaches,
-        "modules": r.modules, "typed_errors": dict(r.typed), "per_model": dict(r.ok), "requests_per_s": r.rps,
-        "p50_ms": r.pct(0.50) * 1e3, "p99_ms": r.pct(0.99) * 1e3, "max_ms": max(r.latencies) * 1e3 if r.latencies else None,
-        "bad": len(r.bad), "untyped": len(r.untyped), "hung": len(r.hung), "during": r.during,
-        "daemon_before": before, "daemon_after": after,
+        "clients": clients,
+        "cycles": cycles,
+        "seconds": r.seconds,
+        "attaches": r.attaches,
+        "modules": r.modules,
+        "typed_errors": dict(r.typed),
+        "per_model": dict(r.ok),
+        "requests_per_s": r.rps,
+        "p50_ms": r.pct(0.50) * 1e3,
+        "p99_ms": r.pct(0.99) * 1e3,
+        "max_ms": max(r.latencies) * 1e3 if r.latencies else None,
+        "bad": len(r.bad),
+        "untyped": len(r.untyped),
+        "hung": len(r.hung),
+        "during": r.during,
+        "daemon_before": before,
+        "daemon_after": after,
     }
 
 
@@ -138,14 +181,22 @@ def fuzz(tmp: Path, examples: int, problems: list[str]) -> dict:
     hostile.write_model(tmp / "outside.safetensors", seed=2)
     os.symlink(tmp / "outside.safetensors", models / "link.safetensors")
     (models / "trunc.safetensors").write_bytes((models / "good.safetensors").read_bytes()[:1000])
-    d = new_daemon(tmp, ["--unlink-on-exit", "--model", f"good={models / 'good.safetensors'}", "--model-dir", str(models)])
+    d = new_daemon(
+        tmp,
+        ["--unlink-on-exit", "--model", f"good={models / 'good.safetensors'}", "--model-dir", str(models)],
+    )
     stats = Counter()
     try:
         for _ in range(300):
             hostile.raw_request(d.socket, [b"w", b'{"v":1,"op":"manifest","name":"good"}'])
         before = hostile.daemon_memory(d.proc.pid)
-        paths = [str(models / "good.safetensors"), str(models / "link.safetensors"), str(models / "trunc.safetensors"),
-                 str(models / ".." / "outside.safetensors"), str(tmp / "outside.safetensors")]
+        paths = [
+            str(models / "good.safetensors"),
+            str(models / "link.safetensors"),
+            str(models / "trunc.safetensors"),
+            str(models / ".." / "outside.safetensors"),
+            str(tmp / "outside.safetensors"),
+        ]
         t0 = time.perf_counter()
         try:
             hostile.fuzz(d.socket, paths, max_examples=examples, stats=stats)()
@@ -158,7 +209,10 @@ def fuzz(tmp: Path, examples: int, problems: list[str]) -> dict:
         elif hostile.digests(state_dict("good", socket=d.socket)) != good:
             problems.append("fuzz: good is not bit-exact afterwards")
         if after["private_dirty"] - before["private_dirty"] > 8 * MIB:
-            problems.append(f"fuzz: daemon private dirty memory grew {(after['private_dirty'] - before['private_dirty']) / MIB:.1f} MiB")
+            problems.append(
+                f"fuzz: daemon private dirty memory grew "
+                f"{(after['private_dirty'] - before['private_dirty']) / MIB:.1f} MiB"
+            )
         with Client(d.socket) as c:
             for m in c.list():
                 if m["name"] != "good":
@@ -170,9 +224,15 @@ def fuzz(tmp: Path, examples: int, problems: list[str]) -> dict:
             problems.append(f"fuzz: {internal} internal errors in the daemon's log")
     finally:
         finish(d, problems, "fuzz")
-    return {"examples": examples, "messages": stats["messages"], "batches": stats["batches"], "seconds": seconds,
-            "replies": {k: v for k, v in stats.items() if k not in ("messages", "batches")},
-            "daemon_before": before, "daemon_after": after}
+    return {
+        "examples": examples,
+        "messages": stats["messages"],
+        "batches": stats["batches"],
+        "seconds": seconds,
+        "replies": {k: v for k, v in stats.items() if k not in ("messages", "batches")},
+        "daemon_before": before,
+        "daemon_after": after,
+    }
 
 
 # --- 3. corpus -----------------------------------------------------------------------------------
@@ -213,8 +273,13 @@ def corpus(tmp: Path, problems: list[str]) -> dict:
 
 
 def kill(tmp: Path, rounds: int, seed: int, problems: list[str]) -> dict:
-    files = {"base": str(tmp / "base.safetensors"), "unload": str(tmp / "u.safetensors"),
-             "big": str(tmp / "big.safetensors"), "publish_kib": 32 * 1024, "digests": {}}
+    files = {
+        "base": str(tmp / "base.safetensors"),
+        "unload": str(tmp / "u.safetensors"),
+        "big": str(tmp / "big.safetensors"),
+        "publish_kib": 32 * 1024,
+        "digests": {},
+    }
     files["digests"]["base"] = hostile.write_model(Path(files["base"]), seed=21)
     files["digests"]["U"] = hostile.write_model(Path(files["unload"]), seed=22)
     files["digests"]["L"] = hostile.big_model(Path(files["big"]), 128)
@@ -239,8 +304,13 @@ def kill(tmp: Path, rounds: int, seed: int, problems: list[str]) -> dict:
                 d.proc.wait()
         if hostile.remove_segments(instance):
             problems.append("kill: segments left after the sweep")
-    return {"rounds": rounds, "seed": seed, "seconds": time.perf_counter() - t0, "tally": dict(out["tally"]),
-            "windows_ms": {k: v * 1e3 for k, v in out["windows"].items()}}
+    return {
+        "rounds": rounds,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "tally": dict(out["tally"]),
+        "windows_ms": {k: v * 1e3 for k, v in out["windows"].items()},
+    }
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -268,8 +338,11 @@ def main() -> int:
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
     tmp = Path(tempfile.mkdtemp(prefix="weightd-stress-"))
     problems: list[str] = []
-    res = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-           "args": vars(a), "seed": seed}
+    res = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "args": vars(a),
+        "seed": seed,
+    }
     t0 = time.perf_counter()
     try:
         log(f"load: {a.clients} clients x {a.cycles} attach/detach cycles ...")
@@ -294,14 +367,34 @@ def main() -> int:
         ("load: untyped errors / hung / not bit-exact", f"{L['untyped']} / {L['hung']} / {L['bad']}"),
         ("load: requests per second", f"{L['requests_per_s']:,.0f}"),
         ("load: attach latency p50 / p99", f"{L['p50_ms']:.2f} / {L['p99_ms']:.2f} ms"),
-        ("load: daemon Pss before -> after", f"{L['daemon_before']['pss'] / MIB:.1f} -> {L['daemon_after']['pss'] / MIB:.1f} MiB"),
-        ("load: daemon private before -> after", f"{L['daemon_before']['private'] / MIB:.1f} -> {L['daemon_after']['private'] / MIB:.1f} MiB"),
+        (
+            "load: daemon Pss before -> after",
+            f"{L['daemon_before']['pss'] / MIB:.1f} -> {L['daemon_after']['pss'] / MIB:.1f} MiB",
+        ),
+        (
+            "load: daemon private before -> after",
+            f"{L['daemon_before']['private'] / MIB:.1f} -> {L['daemon_after']['private'] / MIB:.1f} MiB",
+        ),
         ("fuzz: hypothesis examples (messages)", f"{F['examples']:,} ({F['messages']:,})"),
-        ("fuzz: typed error replies / ok replies", f"{sum(v for k, v in F['replies'].items() if k not in ('ok', 'oversized')):,} / {F['replies'].get('ok', 0):,}"),
+        (
+            "fuzz: typed error replies / ok replies",
+            f"{sum(v for k, v in F['replies'].items() if k not in ('ok', 'oversized')):,} / "
+            f"{F['replies'].get('ok', 0):,}",
+        ),
         ("fuzz: oversized frames (peer dropped)", f"{F['replies'].get('oversized', 0):,}"),
-        ("fuzz: daemon private before -> after", f"{F['daemon_before']['private'] / MIB:.1f} -> {F['daemon_after']['private'] / MIB:.1f} MiB"),
-        ("corpus: corrupt checkpoints refused", f"{C['cases']} ({', '.join(f'{k} {v}' for k, v in sorted(C['by_kind'].items()))})"),
-        ("kill: SIGKILL rounds (load/publish/unload)", f"{K['rounds']} ({K['tally'].get('load', 0)}/{K['tally'].get('publish', 0)}/{K['tally'].get('unload', 0)})"),
+        (
+            "fuzz: daemon private before -> after",
+            f"{F['daemon_before']['private'] / MIB:.1f} -> {F['daemon_after']['private'] / MIB:.1f} MiB",
+        ),
+        (
+            "corpus: corrupt checkpoints refused",
+            f"{C['cases']} ({', '.join(f'{k} {v}' for k, v in sorted(C['by_kind'].items()))})",
+        ),
+        (
+            "kill: SIGKILL rounds (load/publish/unload)",
+            f"{K['rounds']} ({K['tally'].get('load', 0)}/{K['tally'].get('publish', 0)}/"
+            f"{K['tally'].get('unload', 0)})",
+        ),
         ("kill: models checked bit-exact after restart", f"{K['tally'].get('models checked bit-exact', 0)}"),
         ("kill: unfinished segments swept at restart", f"{K['tally'].get('unfinished segments swept', 0)}"),
         ("problems", str(len(problems))),

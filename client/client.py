@@ -4,32 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import os
-import socket as _socket
 import threading
 import time
 import weakref
 
 import torch
-import zmq
 from torch import nn
 
-from weightd import errors, layout, protocol
+from weightd import cuda, errors, layout, protocol
 from weightd.client import hf
+from weightd.client.connection import Connection
 from weightd.client.mapping import DeviceCopy, Mapping, rebuild
-from weightd.client.module import Attachment, build_skeleton, fill, refill
-from weightd.errors import DaemonNotRunning, PermissionDenied, RequestTimeout, SegmentError
+from weightd.client.module import Attachment, build_skeleton, fill, meta_twins, refill
+from weightd.errors import DaemonNotRunning, RequestTimeout, SegmentError
 from weightd.manifest import Manifest
 
-DEFAULT_TIMEOUT = 10.0
 LOAD_TIMEOUT = 3600.0
 
 _attachments: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
 
 
-class Client:
-    """One connection to a weightd daemon.
+class Client(Connection):
+    """One connection to a weightd daemon, and the operations on it.
 
     >>> with Client() as c:
     ...     c.ping()["version"]
@@ -38,84 +35,6 @@ class Client:
     Not thread-safe (a ZeroMQ socket is not); the module-level functions keep one per thread.
     Every call has a deadline (``timeout`` seconds, default ``$WEIGHTD_TIMEOUT`` or 10).
     """
-
-    def __init__(self, socket: str | None = None, *, timeout: float | None = None):
-        self.socket_path = os.path.abspath(socket or protocol.default_socket())
-        self.admin_path = protocol.admin_socket(self.socket_path)
-        self.timeout = timeout if timeout is not None else float(os.environ.get("WEIGHTD_TIMEOUT", DEFAULT_TIMEOUT))
-        _check_listening(self.socket_path)
-        self._pid = os.getpid()
-        self._ids = itertools.count(1)
-        self._prefix = os.urandom(4)
-        self._sock = self._connect(self.socket_path)
-        self._admin: zmq.Socket | None = None  # connected on the first call that changes what is loaded
-
-    # --- plumbing ---
-
-    @staticmethod
-    def _connect(path: str) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(protocol.endpoint(path))
-        return sock
-
-    def close(self) -> None:
-        for sock in (self._sock, self._admin):
-            if sock is not None:
-                sock.close(linger=0)
-        self._sock = self._admin = None
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _socket_for(self, op: str) -> tuple[zmq.Socket, str]:
-        if op not in protocol.ADMIN_OPS:
-            return self._sock, self.socket_path
-        if self._admin is None:
-            _check_listening(self.admin_path, admin=True)
-            self._admin = self._connect(self.admin_path)
-        return self._admin, self.admin_path
-
-    def call(self, op: str, *, timeout: float | None = None, progress=None, **fields) -> dict:
-        """Send one request and wait for its reply; raises the daemon's typed error.
-
-        ``timeout`` bounds the silence between messages: a long load that keeps reporting
-        ``progress(done, total)`` is not cut off.
-        """
-        if self._sock is None:
-            raise errors.WeightdError("this Client is closed")
-        if os.getpid() != self._pid:
-            raise errors.WeightdError("this Client was made before a fork: make a new one in the child")
-        sock, path = self._socket_for(op)
-        rid = self._prefix + next(self._ids).to_bytes(8, "little")
-        sock.send_multipart([rid, protocol.request(op, **fields)])
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000):
-                if time.monotonic() < deadline:
-                    continue
-                _check_listening(path)
-                raise RequestTimeout(
-                    f"the daemon at {path} did not answer {op!r} within {limit:g} s: it may be busy; "
-                    "raise timeout= or $WEIGHTD_TIMEOUT"
-                )
-            frames = sock.recv_multipart()
-            if len(frames) != 2 or frames[0] != rid:
-                continue  # a late reply to a request that already timed out
-            reply = protocol.decode(frames[1], "reply")
-            if not reply.get("ok"):
-                raise errors.from_wire(reply.get("error"))
-            if "progress" in reply:
-                if progress is not None:
-                    progress(int(reply["progress"]["done"]), int(reply["progress"]["total"]))
-                deadline = time.monotonic() + limit
-                continue
-            return reply
 
     # --- operations ---
 
@@ -132,14 +51,27 @@ class Client:
         reply = self.call("manifest", name=name, generation=generation, pid=os.getpid())
         return Manifest.from_dict(reply["manifest"])
 
-    def load(self, path: str, name: str | None = None, *, factory: str | None = None, progress=None,
-             timeout: float | None = None) -> dict:
+    def load(
+        self,
+        path: str,
+        name: str | None = None,
+        *,
+        factory: str | None = None,
+        progress=None,
+        timeout: float | None = None,
+    ) -> dict:
         """Have the daemon load a checkpoint (a new generation if ``name`` exists).
 
         ``progress(done, total)`` is called with bytes as the daemon reports them.
         """
-        return self.call("load", path=os.path.abspath(path), name=name, factory=factory, progress=progress,
-                         timeout=timeout or LOAD_TIMEOUT)["model"]
+        return self.call(
+            "load",
+            path=os.path.abspath(path),
+            name=name,
+            factory=factory,
+            progress=progress,
+            timeout=timeout or LOAD_TIMEOUT,
+        )["model"]
 
     def stats(self) -> dict:
         """Models with their attached processes and memory, /dev/shm, and the daemon's own memory."""
@@ -159,13 +91,23 @@ class Client:
         if isinstance(obj, nn.Module):
             obj = obj.state_dict()
         if not isinstance(obj, dict):
-            raise errors.CheckpointError(f"{source}: publish an nn.Module or a dict of tensors, not {type(obj).__name__}")
+            raise errors.CheckpointError(
+                f"{source}: publish an nn.Module or a dict of tensors, not {type(obj).__name__}"
+            )
         blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, source), source=source)
         r = self.call("publish_begin", name=name, nbytes=sum(b.nbytes for b in blobs))
         manifest = Manifest(
-            name=name, generation=r["generation"], storages=[], tensors=tensors, source="publish",
-            format="published", created=r["created"], segment=r["segment"], uuid=r["uuid"],
-            skeleton={"factory": factory} if factory else None, metadata=dict(metadata or {}),
+            name=name,
+            generation=r["generation"],
+            storages=[],
+            tensors=tensors,
+            source="publish",
+            format="published",
+            created=r["created"],
+            segment=r["segment"],
+            uuid=r["uuid"],
+            skeleton={"factory": factory} if factory else None,
+            metadata=dict(metadata or {}),
         )
         layout.write(manifest, blobs, mode=r["mode"], owner=tuple(r["owner"]))
         del keep
@@ -192,7 +134,9 @@ class Client:
         """Remove a model; attached workers keep working on what they mapped."""
         return self.call("unload", name=name)["model"]
 
-    def state_dict(self, name: str, *, generation: int | None = None, device=None, pin: bool = False) -> dict[str, torch.Tensor]:
+    def state_dict(
+        self, name: str, *, generation: int | None = None, device=None, pin: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The model's tensors over the shared pages, as plain tensors (zero-copy).
 
         With ``device="cuda:N"``: views of the daemon's copy on that GPU through CUDA IPC where
@@ -232,16 +176,18 @@ class Client:
         manifest = mapping.manifest
         if hf.wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
             with _gc_paused():
-                module, copies, build = hf.build(name, mapping, tensors, model, requires_grad=requires_grad,
-                                                 config=config)
+                module, copies, build = hf.build(
+                    name, mapping, tensors, model, requires_grad=requires_grad, config=config
+                )
         else:
             b0 = time.perf_counter()
             module = build_skeleton(model, manifest.skeleton, name)
             build = time.perf_counter() - b0
             with _gc_paused():
                 copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
-        _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0,
-                                           None if device is None else str(device))
+        _attachments[module] = _attachment(
+            mapping, tensors, copies, build, time.perf_counter() - t0, None if device is None else str(device)
+        )
         return module
 
     def _map(self, name: str, generation: int | None, device=None, pin: bool = False):
@@ -261,10 +207,12 @@ class Client:
         raise AssertionError("unreachable")
 
     def _map_device(self, name: str, generation: int | None, device, pin: bool):
-        from weightd import gpu  # only here: nothing of CUDA is touched on CPU-only paths
+        from weightd.client import gpu  # only here: nothing of CUDA is touched on CPU-only paths
 
-        dev = gpu.resolve(device)
-        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid(), device=gpu.device_uuid(dev.index))
+        dev = cuda.resolve(device)
+        reply = self.call(
+            "manifest", name=name, generation=generation, pid=os.getpid(), device=cuda.device_uuid(dev.index)
+        )
         manifest = Manifest.from_dict(reply["manifest"])
         if reply.get("cuda"):
             block, offsets = gpu.open_shared(reply["cuda"], manifest)
@@ -276,8 +224,16 @@ class Client:
 def _attachment(mapping, tensors: dict, copies: int, build: float, seconds: float, device=None) -> Attachment:
     m = mapping.manifest
     return Attachment(
-        name=m.name, generation=m.generation, segment=m.segment, uuid=m.uuid, nbytes=m.nbytes,
-        tensors=len(tensors), copies=copies, build_seconds=build, attach_seconds=seconds, device=device,
+        name=m.name,
+        generation=m.generation,
+        segment=m.segment,
+        uuid=m.uuid,
+        nbytes=m.nbytes,
+        tensors=len(tensors),
+        copies=copies,
+        build_seconds=build,
+        attach_seconds=seconds,
+        device=device,
     )
 
 
@@ -300,35 +256,13 @@ def _gc_paused():
         gc.enable()
 
 
-def _check_listening(path: str, admin: bool = False) -> None:
-    """Tell 'no daemon' apart from 'slow daemon' at once, instead of after a timeout."""
-    hint = (
-        "start one with `weightd serve --model NAME=PATH`, or point socket= / $WEIGHTD_SOCKET at the socket "
-        "of the daemon that is running"
-    )
-    if not os.path.exists(path):
-        raise DaemonNotRunning(f"no weightd daemon at {path} (no socket file): {hint}")
-    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        raise DaemonNotRunning(f"no weightd daemon at {path} (connection refused; the daemon that made it is gone): {hint}") from None
-    except PermissionError:
-        who = "the daemon's user or root may load, unload and publish" if admin else "run as a member of the daemon's group"
-        raise PermissionDenied(f"may not connect to {path}: {who}") from None
-    except OSError as e:
-        raise DaemonNotRunning(f"cannot reach a weightd daemon at {path} ({e.strerror}): {hint}") from None
-    finally:
-        probe.close()
-
-
 # --- module-level API: one cached Client per thread and socket ---
 
 _local = threading.local()
 
 
-def _client(socket: str | None) -> Client:
+def cached_client(socket: str | None) -> Client:
+    """This thread's Client for ``socket`` (made on first use, made again after a fork)."""
     key = os.path.abspath(socket or protocol.default_socket())
     cache = getattr(_local, "clients", None)
     if cache is None or _local.pid != os.getpid():
@@ -341,7 +275,7 @@ def _client(socket: str | None) -> Client:
 
 
 def _with_client(socket, fn):
-    client = _client(socket)
+    client = cached_client(socket)
     try:
         return fn(client)
     except (DaemonNotRunning, RequestTimeout):
@@ -389,14 +323,10 @@ def detach(module: nn.Module) -> None:
     The mapping is unmapped once no other tensor over it is left (Note [a mapping outlives
     its tensors]); the module keeps its structure and can be attached again.
     """
-    weights = {id(t) for t in module.state_dict(keep_vars=True).values()}  # not non-persistent buffers
-    replaced: dict[int, torch.Tensor] = {}  # tied weights stay tied: one meta tensor per object
+    twins = meta_twins(module)  # not non-persistent buffers; tied weights stay tied
     for sub in module.modules():
         for table in (sub._parameters, sub._buffers):
             for k, t in table.items():
-                if t is not None and id(t) in weights and not t.is_meta:
-                    if id(t) not in replaced:
-                        meta = t.detach().to("meta")
-                        replaced[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-                    table[k] = replaced[id(t)]
+                if t is not None and id(t) in twins:
+                    table[k] = twins[id(t)]
     _attachments.pop(module, None)

@@ -79,7 +79,7 @@ def processor(name: str, *, socket: str | None = None, **kwargs):
 
 
 def pretrained(name: str, cls=None, *, socket: str | None = None, **kwargs):
-    """``(model, tokenizer)``: the model as ``attach`` gives it, and its tokenizer (None if the folder has none)."""
+    """``(model, tokenizer)``: the model as ``attach`` gives it, and its tokenizer (None if none)."""
     model = attach(name, cls, socket=socket, **kwargs)
     names = set(files(name, socket=socket))
     has_tokenizer = any(
@@ -89,7 +89,7 @@ def pretrained(name: str, cls=None, *, socket: str | None = None, **kwargs):
 
 
 def sentence_transformer(name: str, *, socket: str | None = None, **kwargs):
-    """A ``SentenceTransformer`` built from the folder's modules.json, its transformer over the shared weights.
+    """A ``SentenceTransformer`` from the folder's modules.json, its transformer over the shared weights.
 
     Needs the ``sentence-transformers`` package. Keyword arguments go to ``SentenceTransformer``.
     """
@@ -98,7 +98,8 @@ def sentence_transformer(name: str, *, socket: str | None = None, **kwargs):
         from sentence_transformers.base.modules import transformer as st_transformer
     except ImportError:
         raise AttachError(
-            f"model {name!r}: sentence_transformer() needs sentence-transformers: pip install sentence-transformers"
+            f"model {name!r}: sentence_transformer() needs sentence-transformers: pip install "
+            "sentence-transformers"
         ) from None
     folder = files_dir(name, socket=socket)
     if not os.path.exists(os.path.join(folder, "modules.json")):
@@ -304,8 +305,10 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
         cls = getattr(transformers, hf.get("class", ""), None)
         if cls is None:
             raise AttachError(
-                f"model {name!r} is a {hf.get('class')!r}, which transformers {transformers.__version__} here does not "
-                f"ship (the daemon loaded it with {hf.get('transformers')}): install that version, or pass model="
+                f"model {name!r} is a {hf.get('class')!r}, which transformers {transformers.__version__} "
+                "here does not "
+                f"ship (the daemon loaded it with {hf.get('transformers')}): install that version, or "
+                "pass model="
             )
     from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
@@ -424,7 +427,9 @@ def _version_error(name: str, hf: dict, transformers, what: str, same_version: b
     if same_version:
         return AttachError(f"model {name!r}: {what}: pass the class the folder was saved with, or none")
     return AttachError(
-        f"model {name!r} was converted by transformers {hf.get('transformers')} in the daemon, this process has "
-        f"{transformers.__version__}, and {what}: install transformers=={hf.get('transformers')} here, or reload "
+        f"model {name!r} was converted by transformers {hf.get('transformers')} in the daemon, this "
+        "process has "
+        f"{transformers.__version__}, and {what}: install transformers=={hf.get('transformers')} here, or "
+        "reload "
         "the model in a daemon with this version"
     )

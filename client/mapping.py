@@ -21,22 +21,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import warnings
 
 import torch
 
+from weightd import segment
 from weightd.errors import PermissionDenied, SegmentError
 from weightd.manifest import DTYPE_SIZES, Manifest
-from weightd.segment import read_header
-
-
-_SEGMENT_NAME = re.compile(r"^/weightd\.[A-Za-z0-9_.\-]+$")
-
-
-def shm_dir() -> str:
-    """Where this process finds segments: ``$WEIGHTD_SHM_DIR``, else /dev/shm."""
-    return os.environ.get("WEIGHTD_SHM_DIR") or "/dev/shm"
 
 
 class Mapping:
@@ -46,15 +37,19 @@ class Mapping:
         self.manifest = manifest
         # shm_open(name) is open("/dev/shm/" + name) on Linux; opening the file directly lets a
         # container find the host's segments wherever they are mounted ($WEIGHTD_SHM_DIR).
-        if not _SEGMENT_NAME.match(manifest.segment):
-            raise SegmentError(f"the daemon named a segment {manifest.segment!r:.80}, which is not a weightd segment")
-        path = os.path.join(shm_dir(), manifest.segment[1:])
+        if not segment.is_name(manifest.segment):
+            raise SegmentError(
+                f"the daemon named a segment {manifest.segment!r:.80}, which is not a weightd segment"
+            )
+        path = segment.path(manifest.segment)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise SegmentError(
-                f"segment {path} of {manifest.name!r} is gone (unloaded or replaced a moment ago, or this process "
-                "sees another /dev/shm than the daemon: share the host's with --ipc=host or a mount and $WEIGHTD_SHM_DIR)"
+                f"segment {path} of {manifest.name!r} is gone (unloaded or replaced a moment ago, or this "
+                "process "
+                "sees another /dev/shm than the daemon: share the host's with --ipc=host or a mount and "
+                "$WEIGHTD_SHM_DIR)"
             ) from None
         except PermissionError:
             raise PermissionDenied(
@@ -63,7 +58,9 @@ class Mapping:
             ) from None
         try:
             self.size = os.fstat(fd).st_size
-            self._mmap = mmap.mmap(fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mmap = mmap.mmap(
+                fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
         finally:
             os.close(fd)  # the mapping holds the pages (Note [segment lifetime after unlink])
         self._view = memoryview(self._mmap)
@@ -71,14 +68,23 @@ class Mapping:
         self.base = torch.frombuffer(self._view, dtype=torch.uint8, count=1).data_ptr()
 
     def _check(self, manifest: Manifest) -> None:
-        moff, mlen, sealed = read_header(self._view)
-        if not sealed:
-            raise SegmentError(f"segment {manifest.segment} is not sealed: it was never finished and is not served")
-        if self._mmap.find(f'"uuid":"{manifest.uuid}"'.encode(), moff, moff + mlen) < 0:
-            raise SegmentError(f"segment {manifest.segment} holds other contents than the daemon described: attach again")
+        header = segment.read_header(self._view)
+        if not header.sealed:
+            raise SegmentError(
+                f"segment {manifest.segment} is not sealed: it was never finished and is not served"
+            )
+        if header.uuid != manifest.uuid:
+            raise SegmentError(
+                f"segment {manifest.segment} holds other contents than the daemon described: attach again"
+            )
         for st in manifest.storages:
-            if st.offset + st.nbytes > moff:
+            if st.offset + st.nbytes > header.manifest_offset:
                 raise SegmentError(f"segment {manifest.segment}: a storage runs into the manifest")
+
+    @property
+    def view(self) -> memoryview:
+        """The whole mapping as bytes (Note [a mapping outlives its tensors] holds for it too)."""
+        return self._view
 
     def contains(self, t: torch.Tensor) -> bool:
         """Whether all of ``t``'s memory lies inside this mapping."""
@@ -86,7 +92,7 @@ class Mapping:
         return self.base <= ptr and ptr + t.untyped_storage().nbytes() <= self.base + self.size
 
     def storage_bytes(self, index: int) -> memoryview:
-        """Storage ``index`` as read-only bytes (a Hugging Face folder's small files live in such storages)."""
+        """Storage ``index`` as read-only bytes (a Hugging Face folder's small files live in these)."""
         st = self.manifest.storages[index]
         return self._view[st.offset : st.offset + st.nbytes].toreadonly()
 
@@ -98,7 +104,11 @@ class Mapping:
                 storages.append(torch.UntypedStorage(0))
             else:
                 # Note [a mapping outlives its tensors]
-                storages.append(torch.frombuffer(self._view, dtype=torch.uint8, count=st.nbytes, offset=st.offset).untyped_storage())
+                storages.append(
+                    torch.frombuffer(
+                        self._view, dtype=torch.uint8, count=st.nbytes, offset=st.offset
+                    ).untyped_storage()
+                )
         return rebuild(self.manifest, storages, [0] * len(storages))
 
 
@@ -122,7 +132,9 @@ def rebuild(manifest: Manifest, storages: list, bases: list[int]) -> dict[str, t
         itemsize = DTYPE_SIZES[t.dtype]
         offset = bases[t.storage] + t.offset
         if offset % itemsize:
-            raise SegmentError(f"tensor {t.name!r}: offset {t.offset} is not a multiple of its {itemsize}-byte dtype")
+            raise SegmentError(
+                f"tensor {t.name!r}: offset {t.offset} is not a multiple of its {itemsize}-byte dtype"
+            )
         storage = storages[t.storage]
         out[t.name] = _empty(dtype, storage.device).set_(storage, offset // itemsize, t.shape, t.stride)
     return out
@@ -140,7 +152,9 @@ def _empty(dtype: torch.dtype, device) -> torch.Tensor:
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None) if name in DTYPE_SIZES else None
     if not isinstance(dtype, torch.dtype):
-        raise SegmentError(f"dtype {name!r} is not known to this PyTorch ({torch.__version__}): upgrade torch in the client")
+        raise SegmentError(
+            f"dtype {name!r} is not known to this PyTorch ({torch.__version__}): upgrade torch in the client"
+        )
     return dtype
 
 
@@ -149,4 +163,7 @@ def _mode(path: str) -> str:
         st = os.stat(path)
     except OSError:
         return "mode unknown"
-    return f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, you are uid {os.geteuid()}"
+    return (
+        f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, "
+        f"you are uid {os.geteuid()}"
+    )

@@ -30,7 +30,16 @@ _patch_lock = threading.RLock()
 # would compute nothing anyway, so skeleton building skips them.
 _RANDOM_INIT = {
     getattr(torch.Tensor, n)
-    for n in ("normal_", "uniform_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_", "bernoulli_")
+    for n in (
+        "normal_",
+        "uniform_",
+        "random_",
+        "exponential_",
+        "geometric_",
+        "log_normal_",
+        "cauchy_",
+        "bernoulli_",
+    )
 }
 
 
@@ -73,7 +82,9 @@ def build_skeleton(model, skeleton: dict | None, name: str) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if model is not None and not callable(model):
-        raise AttachError(f"model= must be an nn.Module or a function that returns one, not {type(model).__name__}")
+        raise AttachError(
+            f"model= must be an nn.Module or a function that returns one, not {type(model).__name__}"
+        )
     if model is None:
         model = _builder(skeleton, name)
     with params_on_meta():
@@ -92,15 +103,18 @@ def _builder(skeleton: dict | None, name: str):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
             raise AttachError(
-                f"model {name!r} names the factory {skeleton['factory']!r}, which this process cannot import ({e}): "
+                f"model {name!r} names the factory {skeleton['factory']!r}, which this process cannot "
+                f"import ({e}): "
                 "install that package here, or pass model= to attach"
             ) from None
         return obj
     if skeleton and skeleton.get("hf_config"):
         return lambda: _from_hf_config(dict(skeleton["hf_config"]), name)
     raise AttachError(
-        f"weightd does not know how to build the module for {name!r}: pass model= (an nn.Module, or a function "
-        "that builds one) to attach, or load it with a factory (weightd serve --model NAME=PATH --factory NAME=pkg.module:function)"
+        f"weightd does not know how to build the module for {name!r}: pass model= (an nn.Module, or a "
+        "function "
+        "that builds one) to attach, or load it with a factory (weightd serve --model NAME=PATH --factory "
+        "NAME=pkg.module:function)"
     )
 
 
@@ -109,7 +123,8 @@ def _from_hf_config(config: dict, name: str) -> nn.Module:
         import transformers
     except ImportError:
         raise AttachError(
-            f"model {name!r} is a Hugging Face folder; building it needs transformers: pip install 'weightd[hf]', "
+            f"model {name!r} is a Hugging Face folder; building it needs transformers: pip install "
+            "'weightd[hf]', "
             "or pass model= to attach"
         ) from None
     model_type = config.pop("model_type", None)
@@ -119,6 +134,21 @@ def _from_hf_config(config: dict, name: str) -> nn.Module:
     if cls is None:
         return transformers.AutoModel.from_config(cfg)
     return cls(cfg)
+
+
+def meta_twins(module: nn.Module) -> dict[int, torch.Tensor]:
+    """One meta-device twin per weight object of ``module`` (parameters and persistent
+    buffers), keyed by the object's id: tied weights get one twin, so wherever the twins are
+    put (in place, or as a ``copy.deepcopy`` memo) ties stay ties. Non-persistent buffers are
+    values the module computes, not weights, and get none."""
+    twins: dict[int, torch.Tensor] = {}
+    for t in module.state_dict(keep_vars=True).values():
+        if id(t) not in twins:
+            meta = t.detach().to("meta")
+            twins[id(t)] = (
+                nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+            )
+    return twins
 
 
 @dataclass
@@ -166,7 +196,9 @@ def _has_load_hooks(module: nn.Module) -> bool:
     """Whether some submodule changes how state dicts load (BatchNorm, quantized modules...)."""
     base = nn.Module._load_from_state_dict
     return any(
-        type(m)._load_from_state_dict is not base or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+        type(m)._load_from_state_dict is not base
+        or m._load_state_dict_pre_hooks
+        or m._load_state_dict_post_hooks
         for m in module.modules()
     )
 
@@ -192,7 +224,10 @@ def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict
         if sl.persistent and n in tensors and id(sl.obj) not in source:
             t = tensors[n]
             if t.shape != sl.obj.shape:
-                raise AttachError(f"{n!r} is {tuple(t.shape)} in the model but {tuple(sl.obj.shape)} in the module: pass the matching model=")
+                raise AttachError(
+                    f"{n!r} is {tuple(t.shape)} in the model but {tuple(sl.obj.shape)} in the module: pass "
+                    "the matching model="
+                )
             source[id(sl.obj)] = (n, t)
     if _has_load_hooks(module):
         module.load_state_dict({n: t for n, t in source.values()}, strict=False, assign=True)
@@ -202,7 +237,7 @@ def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict
         loaded = {}
         for id_, (n, t) in source.items():
             loaded[id_] = nn.Parameter(t, requires_grad=requires_grad) if slots[n].is_param else t
-    for n, sl in slots.items():
+    for sl in slots.values():
         new = loaded.get(id(sl.obj))
         if new is not None:
             (sl.owner._parameters if sl.is_param else sl.owner._buffers)[sl.leaf] = new
@@ -221,13 +256,22 @@ def fill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping, *, strict
             on_meta.append(n)
     if on_meta:
         raise AttachError(
-            f"{len(on_meta)} tensors of the module are still on the meta device, e.g. {on_meta[:5]}: they are not in "
-            "the model's weights. Non-persistent buffers need real values: pass a function that builds the module "
-            "(weightd builds its buffers for real) or a module built on the CPU, not one built on the meta device"
+            f"{len(on_meta)} tensors of the module are still on the meta device, e.g. {on_meta[:5]}: they "
+            "are not in "
+            "the model's weights. Non-persistent buffers need real values: pass a function that builds the "
+            "module "
+            "(weightd builds its buffers for real) or a module built on the CPU, not one built on the meta "
+            "device"
         )
-    copies = [n for n in filled if loaded[id(slots[n].obj)].numel() and not mapping.contains(loaded[id(slots[n].obj)])]
+    copies = [
+        n
+        for n in filled
+        if loaded[id(slots[n].obj)].numel() and not mapping.contains(loaded[id(slots[n].obj)])
+    ]
     if copies:
-        warnings.warn(f"weightd copied {len(copies)} weights instead of sharing them, e.g. {copies[:3]}", stacklevel=3)
+        warnings.warn(
+            f"weightd copied {len(copies)} weights instead of sharing them, e.g. {copies[:3]}", stacklevel=3
+        )
     return len(copies)
 
 
@@ -243,7 +287,8 @@ def refill(module: nn.Module, tensors: dict[str, torch.Tensor], mapping) -> int:
     changed = [n for n, sl in slots.items() if n in tensors and tensors[n].shape != sl.obj.shape]
     if missing or changed:
         raise AttachError(
-            f"the new generation does not fit this module (missing {missing[:3]}, reshaped {changed[:3]}): attach it anew"
+            f"the new generation does not fit this module (missing {missing[:3]}, reshaped {changed[:3]}): "
+            "attach it anew"
         )
     copies = 0
     for n, sl in slots.items():

@@ -41,7 +41,15 @@ def worker(sock: str, results, commands) -> None:
 
     model = attach("net", model=Net, socket=sock)  # an nn.Module over the shared pages
     a = info(model)
-    results.put((os.getpid(), a.generation, a.copies, round(a.attach_seconds * 1e3, 1), model.head.weight is model.embed.weight))
+    results.put(
+        (
+            os.getpid(),
+            a.generation,
+            a.copies,
+            round(a.attach_seconds * 1e3, 1),
+            model.head.weight is model.embed.weight,
+        )
+    )
     if commands.get(timeout=120) == "refresh":
         refresh(model, socket=sock)  # same module, same Parameter objects, newest generation
         results.put(("refreshed to generation", info(model).generation))
@@ -55,8 +63,21 @@ def main() -> int:
     net = Net()
     save_file({k: v for k, v in net.state_dict().items() if k != "head.weight"}, f"{tmp}/net.safetensors")
     sock = f"{tmp}/weightd.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "weightd", "serve", "--model", f"net={tmp}/net.safetensors",
-                               "--socket", sock, "--unlink-on-exit", "--log-level", "warning"])
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "weightd",
+            "serve",
+            "--model",
+            f"net={tmp}/net.safetensors",
+            "--socket",
+            sock,
+            "--unlink-on-exit",
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -75,7 +96,10 @@ def main() -> int:
             p.start()
         for _ in procs:
             pid, generation, copies, ms, tied = results.get(timeout=120)
-            print(f"worker {pid}: attached generation {generation} in {ms} ms, {copies} weights copied, tied={tied}")
+            print(
+                f"worker {pid}: attached generation {generation} in {ms} ms, {copies} weights copied, "
+                f"tied={tied}"
+            )
 
         sd = state_dict("net", socket=sock)
         print(f"state_dict: {len(sd)} tensors over the shared pages")

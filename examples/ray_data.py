@@ -50,11 +50,16 @@ def main() -> None:
         wrapper = ModelWrapper.from_model(model, mode="actor", name="classifier")
 
         ds = ray.data.from_items([{"x": np.random.rand(16).astype(np.float32)} for _ in range(256)])
-        out = ds.map_batches(Predict, fn_constructor_kwargs={"model_wrapper": wrapper}, concurrency=2, batch_size=64)
+        out = ds.map_batches(
+            Predict, fn_constructor_kwargs={"model_wrapper": wrapper}, concurrency=2, batch_size=64
+        )
         rows = out.take_all()
         expected = model(torch.as_tensor(np.stack([r["x"] for r in rows]))).numpy()
         assert (np.array([r["label"] for r in rows]) == expected).all()
-        print(f"{len(rows)} rows labelled by {len({r['pid'] for r in rows})} actors sharing one copy of the weights")
+        print(
+            f"{len(rows)} rows labelled by {len({r['pid'] for r in rows})} actors sharing one copy of the "
+            "weights"
+        )
         wrapper.unload()
     finally:
         ray_zerocopy.shutdown_daemons()

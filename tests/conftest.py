@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,27 +18,13 @@ import time
 import uuid
 from pathlib import Path
 
-import posix_ipc
 import pytest
 
-from weightd.client import Client
-from weightd.errors import DaemonNotRunning
+from weightd.bench import spawn
+
+from hostile import remove_segments, segments  # noqa: F401 (re-exported for the tests)
 
 SHM = Path("/dev/shm")
-
-
-def segments(instance: str) -> list[str]:
-    return sorted(p.name for p in SHM.glob(f"weightd.{instance}.*"))
-
-
-def remove_segments(instance: str) -> list[str]:
-    left = segments(instance)
-    for name in left:
-        try:
-            posix_ipc.unlink_shared_memory("/" + name)
-        except posix_ipc.ExistentialError:
-            pass
-    return left
 
 
 def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
@@ -52,56 +37,11 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class Daemon:
-    """A real ``weightd serve`` process on a temporary socket."""
+class Daemon(spawn.Daemon):
+    """A real ``weightd serve`` process on a temporary socket (the one shared launcher)."""
 
     def __init__(self, socket: str, instance: str, args: list[str], env: dict | None = None):
-        self.socket = socket
-        self.instance = instance
-        self.args = args
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.log = Path(socket).with_suffix(f".{len(args)}.{time.monotonic_ns()}.log")
-
-    def start(self, wait: bool = True) -> "Daemon":
-        cmd = [sys.executable, "-m", "weightd", "serve", "--socket", self.socket, "--instance", self.instance, *self.args]
-        self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with Client(self.socket, timeout=2) as c:
-                    c.ping()
-                return
-            except DaemonNotRunning:
-                time.sleep(0.05)
-        raise RuntimeError(f"daemon not ready after {timeout} s:\n{self.output()}")
-
-    def client(self, **kw) -> Client:
-        return Client(self.socket, **kw)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(socket, instance, args, env=env)
 
 
 @pytest.fixture
@@ -126,7 +66,9 @@ def make_daemon(sock, instance):
     """
     started: list[Daemon] = []
 
-    def make(*args: str, wait: bool = True, socket: str | None = None, env: dict | None = None, keep: bool = False) -> Daemon:
+    def make(
+        *args: str, wait: bool = True, socket: str | None = None, env: dict | None = None, keep: bool = False
+    ) -> Daemon:
         d = Daemon(socket or sock, instance, list(args) + ([] if keep else ["--unlink-on-exit"]), env=env)
         started.append(d)
         return d.start(wait=wait)

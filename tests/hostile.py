@@ -26,7 +26,6 @@ import random
 import signal
 import struct
 import subprocess
-import sys
 import time
 import traceback
 import zipfile
@@ -38,11 +37,12 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
-from weightd import protocol
-from weightd.errors import _BY_CODE
+from weightd import protocol, segment
+from weightd.bench import spawn
+from weightd.errors import BY_CODE
 
 SHM = Path("/dev/shm")
-TYPED_CODES = frozenset(_BY_CODE) - {"internal"}  # "internal" is typed too, but it means a bug
+TYPED_CODES = frozenset(BY_CODE) - {"internal"}  # "internal" is typed too, but it means a bug
 
 
 # --- models with known bytes ---------------------------------------------------------------
@@ -112,16 +112,14 @@ def shm_sha(segment_name: str) -> str:
 
 
 def segments(instance: str) -> list[str]:
-    return sorted(p.name for p in SHM.glob(f"weightd.{instance}.*"))
+    """File names (no leading slash) of an instance's segments in the shared-memory directory."""
+    return [n.lstrip("/") for n in segment.list_segments(segment.prefix(instance))]
 
 
 def remove_segments(instance: str) -> list[str]:
-    import posix_ipc
-
     left = segments(instance)
     for name in left:
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory("/" + name)
+        segment.unlink("/" + name)
     return left
 
 
@@ -181,8 +179,12 @@ def build_corpus(root: Path, marker: Path) -> list[Case]:
         cases.append(Case(id_, path, problem))
 
     # safetensors, truncated at every 1/16 of the file (the header is ~1/30 of it)
-    good = {"a": torch.randn(48, 48), "b": torch.arange(100), "c": torch.randn(33).to(torch.bfloat16),
-            "e": torch.zeros(0)}
+    good = {
+        "a": torch.randn(48, 48),
+        "b": torch.arange(100),
+        "c": torch.randn(33).to(torch.bfloat16),
+        "e": torch.zeros(0),
+    }
     save_file(good, str(root / "good.safetensors"))
     blob = (root / "good.safetensors").read_bytes()
     hlen = struct.unpack("<Q", blob[:8])[0]
@@ -215,17 +217,41 @@ def build_corpus(root: Path, marker: Path) -> list[Case]:
         "__metadata__ is a list": ({"__metadata__": [1], "w": f32([4], [0, 16])}, 16, "__metadata__"),
         "entry is a number": ({"w": 5}, 16, "not an object"),
         "dtype missing": ({"w": {"shape": [4], "data_offsets": [0, 16]}}, 16, "dtype None"),
-        "dtype is a list": ({"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, 16, "does not know"),
-        "unknown dtype F4": ({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 16]}}, 16, "does not know"),
+        "dtype is a list": (
+            {"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}},
+            16,
+            "does not know",
+        ),
+        "unknown dtype F4": (
+            {"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 16]}},
+            16,
+            "does not know",
+        ),
         "shape of floats": ({"w": f32([2.0, 2.0], [0, 16])}, 16, "bad shape"),
         "shape of bools": ({"w": f32([True, 4], [0, 16])}, 16, "bad shape"),
         "shape is a string": ({"w": f32("4", [0, 16])}, 16, "bad shape"),
-        "shape product overflows int64": ({"w": f32([2**33, 2**33], [0, 16])}, 16, "overflow|data_offsets span"),
+        "shape product overflows int64": (
+            {"w": f32([2**33, 2**33], [0, 16])},
+            16,
+            "overflow|data_offsets span",
+        ),
         "zero-size shape with a 2**70 dim": ({"w": f32([0, 2**70], [0, 0])}, 0, "overflow"),
         "zero-size shape, strides overflow": ({"w": f32([0, 2**40, 2**40], [0, 0])}, 0, "overflow"),
-        "F64 over 16 bytes of 4 elements": ({"w": {"dtype": "F64", "shape": [4], "data_offsets": [0, 16]}}, 16, "data_offsets span"),
-        "BF16 over 16 bytes of 4 elements": ({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]}}, 16, "data_offsets span"),
-        "BOOL over 16 bytes of 4 elements": ({"w": {"dtype": "BOOL", "shape": [4], "data_offsets": [0, 16]}}, 16, "data_offsets span"),
+        "F64 over 16 bytes of 4 elements": (
+            {"w": {"dtype": "F64", "shape": [4], "data_offsets": [0, 16]}},
+            16,
+            "data_offsets span",
+        ),
+        "BF16 over 16 bytes of 4 elements": (
+            {"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]}},
+            16,
+            "data_offsets span",
+        ),
+        "BOOL over 16 bytes of 4 elements": (
+            {"w": {"dtype": "BOOL", "shape": [4], "data_offsets": [0, 16]}},
+            16,
+            "data_offsets span",
+        ),
         "offsets reversed": ({"w": f32([4], [16, 0])}, 16, "bad data_offsets"),
         "offsets negative": ({"w": f32([4], [-16, 0])}, 16, "bad data_offsets"),
         "offsets are floats": ({"w": f32([4], [0.0, 16.0])}, 16, "bad data_offsets"),
@@ -237,7 +263,10 @@ def build_corpus(root: Path, marker: Path) -> list[Case]:
         "overlap: identical": ({"a": f32([4], [0, 16]), "b": f32([4], [0, 16])}, 16, "overlap"),
         "overlap: contained": ({"a": f32([16], [0, 64]), "b": f32([2], [16, 24])}, 64, "overlap"),
         "overlap hidden behind an empty tensor": (
-            {"a": f32([16], [0, 64]), "e": f32([0], [8, 8]), "c": f32([2], [16, 24])}, 64, "overlap"),
+            {"a": f32([16], [0, 64]), "e": f32([0], [8, 8]), "c": f32([2], [16, 24])},
+            64,
+            "overlap",
+        ),
     }
     for i, (what, (h, nbytes, problem)) in enumerate(headers.items()):
         p = root / f"hdr-{i}.safetensors"
@@ -257,7 +286,10 @@ def build_corpus(root: Path, marker: Path) -> list[Case]:
         p = root / f"legacy-trunc-{k}.pt"
         p.write_bytes(lblob[: len(lblob) * k // 16])
         add(f"torch legacy format truncated at {k}/16", p, "torch.load failed")
-    with zipfile.ZipFile(root / "good.pt") as zin, zipfile.ZipFile(root / "no-record.pt", "w", zipfile.ZIP_STORED) as zout:
+    with (
+        zipfile.ZipFile(root / "good.pt") as zin,
+        zipfile.ZipFile(root / "no-record.pt", "w", zipfile.ZIP_STORED) as zout,
+    ):
         for item in zin.infolist():
             if not item.filename.endswith("/data/0"):
                 zout.writestr(item, zin.read(item.filename))
@@ -293,29 +325,89 @@ def build_corpus(root: Path, marker: Path) -> list[Case]:
             elif content is None:
                 (d / fname).mkdir()
             else:
-                (d / fname).write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+                (d / fname).write_bytes(
+                    content if isinstance(content, bytes) else json.dumps(content).encode()
+                )
         return d
 
     one, two = {"a": torch.ones(4)}, {"b": torch.ones(4)}
     idx = "model.safetensors.index.json"
     hf = [
-        ("index names a shard in the parent", {"s1.safetensors": one, idx: {"weight_map": {"a": "../s1.safetensors"}}}, "names shard"),
-        ("index names an absolute shard", {"s1.safetensors": one, idx: {"weight_map": {"a": "/etc/passwd"}}}, "names shard"),
-        ("index names a folder as a shard", {"s1.safetensors": one, "sub": None, idx: {"weight_map": {"a": "s1.safetensors", "b": "sub"}}}, "names shard"),
-        ("index names a hidden shard", {".s.safetensors": one, idx: {"weight_map": {"a": ".s.safetensors"}}}, "names shard"),
+        (
+            "index names a shard in the parent",
+            {"s1.safetensors": one, idx: {"weight_map": {"a": "../s1.safetensors"}}},
+            "names shard",
+        ),
+        (
+            "index names an absolute shard",
+            {"s1.safetensors": one, idx: {"weight_map": {"a": "/etc/passwd"}}},
+            "names shard",
+        ),
+        (
+            "index names a folder as a shard",
+            {"s1.safetensors": one, "sub": None, idx: {"weight_map": {"a": "s1.safetensors", "b": "sub"}}},
+            "names shard",
+        ),
+        (
+            "index names a hidden shard",
+            {".s.safetensors": one, idx: {"weight_map": {"a": ".s.safetensors"}}},
+            "names shard",
+        ),
         ("index is not JSON", {"s1.safetensors": one, idx: b"{nope"}, "not a valid index"),
-        ("index weight_map is a list", {"s1.safetensors": one, idx: {"weight_map": ["s1.safetensors"]}}, "not a valid index"),
-        ("index nests 100000 deep", {"s1.safetensors": one, idx: b"[" * 100_000 + b"]" * 100_000}, "not a valid index"),
-        ("index lists a tensor no shard has", {"s1.safetensors": one, idx: {"weight_map": {"a": "s1.safetensors", "zz": "s1.safetensors"}}}, "in no shard"),
-        ("two shards hold the same tensor", {"s1.safetensors": one, "s2.safetensors": one,
-                                             idx: {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}}, "also in another shard"),
-        ("a .bin index names a missing shard", {"pytorch_model.bin.index.json": {"weight_map": {"a": "pytorch_model-1.bin"}}}, "names shard"),
-        ("config.json is not JSON", {"model.safetensors": one, "config.json": b"{nope"}, "config.json: not valid JSON"),
-        ("config.json nests 100000 deep", {"model.safetensors": one, "config.json": b"[" * 100_000 + b"]" * 100_000}, "config.json: not valid JSON"),
+        (
+            "index weight_map is a list",
+            {"s1.safetensors": one, idx: {"weight_map": ["s1.safetensors"]}},
+            "not a valid index",
+        ),
+        (
+            "index nests 100000 deep",
+            {"s1.safetensors": one, idx: b"[" * 100_000 + b"]" * 100_000},
+            "not a valid index",
+        ),
+        (
+            "index lists a tensor no shard has",
+            {"s1.safetensors": one, idx: {"weight_map": {"a": "s1.safetensors", "zz": "s1.safetensors"}}},
+            "in no shard",
+        ),
+        (
+            "two shards hold the same tensor",
+            {
+                "s1.safetensors": one,
+                "s2.safetensors": one,
+                idx: {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}},
+            },
+            "also in another shard",
+        ),
+        (
+            "a .bin index names a missing shard",
+            {"pytorch_model.bin.index.json": {"weight_map": {"a": "pytorch_model-1.bin"}}},
+            "names shard",
+        ),
+        (
+            "config.json is not JSON",
+            {"model.safetensors": one, "config.json": b"{nope"},
+            "config.json: not valid JSON",
+        ),
+        (
+            "config.json nests 100000 deep",
+            {"model.safetensors": one, "config.json": b"[" * 100_000 + b"]" * 100_000},
+            "config.json: not valid JSON",
+        ),
         ("no weights at all", {"config.json": {"model_type": "bert"}}, "no \\*.safetensors"),
-        ("one good shard and one truncated", {"s1.safetensors": one, "s2.safetensors": b"\x10\x00\x00",
-                                              idx: {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}}, "s2.safetensors: truncated"),
-        ("unindexed shards that overlap by name", {"a.safetensors": one, "b.safetensors": one}, "also in another shard"),
+        (
+            "one good shard and one truncated",
+            {
+                "s1.safetensors": one,
+                "s2.safetensors": b"\x10\x00\x00",
+                idx: {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}},
+            },
+            "s2.safetensors: truncated",
+        ),
+        (
+            "unindexed shards that overlap by name",
+            {"a.safetensors": one, "b.safetensors": one},
+            "also in another shard",
+        ),
     ]
     for i, (what, files, problem) in enumerate(hf):
         add(f"HF folder: {what}", folder(f"hf-{i}", files), problem)
@@ -347,8 +439,16 @@ def raw_request(path: str, frames: list[bytes], timeout_ms: int = 5000) -> list[
 
 def _load_client(args: dict, ready, go, results) -> None:
     """One client process: ``cycles`` attach/detach cycles, every read checked bit-exact."""
-    out = {"pid": os.getpid(), "ok": Counter(), "typed": Counter(), "bad": [], "latencies": [], "untyped": None,
-           "left_mapped": 0, "modules": 0}
+    out = {
+        "pid": os.getpid(),
+        "ok": Counter(),
+        "typed": Counter(),
+        "bad": [],
+        "latencies": [],
+        "untyped": None,
+        "left_mapped": 0,
+        "modules": 0,
+    }
     try:
         from torch import nn
 
@@ -368,7 +468,7 @@ def _load_client(args: dict, ready, go, results) -> None:
             try:
                 if as_module:
                     n = args["module_dim"]
-                    got = client.attach(name, model=lambda: nn.Linear(n, n))
+                    got = client.attach(name, model=lambda n=n: nn.Linear(n, n))
                 else:
                     got = client.state_dict(name)
             except WeightdError as e:
@@ -437,9 +537,21 @@ class LoadResult:
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 
 
-def run_load(socket: str, instance: str, expected: dict, *, clients: int, cycles: int, names: list[str],
-             during=None, timeout: float = 30.0, deadline: float = 300.0, seed: int = 0,
-             module_name: str | None = None, module_dim: int = 0) -> LoadResult:
+def run_load(
+    socket: str,
+    instance: str,
+    expected: dict,
+    *,
+    clients: int,
+    cycles: int,
+    names: list[str],
+    during=None,
+    timeout: float = 30.0,
+    deadline: float = 300.0,
+    seed: int = 0,
+    module_name: str | None = None,
+    module_dim: int = 0,
+) -> LoadResult:
     """``clients`` processes, each doing ``cycles`` attaches of random ``names``; ``during()``
     runs in this process once they all started. Stragglers past ``deadline`` are killed and
     reported as hung."""
@@ -450,8 +562,17 @@ def run_load(socket: str, instance: str, expected: dict, *, clients: int, cycles
     end = time.monotonic() + deadline
     try:
         for i in range(clients):
-            args = {"socket": socket, "instance": instance, "expected": expected, "cycles": cycles, "names": names,
-                    "seed": seed * 100_003 + i, "timeout": timeout, "module_name": module_name, "module_dim": module_dim}
+            args = {
+                "socket": socket,
+                "instance": instance,
+                "expected": expected,
+                "cycles": cycles,
+                "names": names,
+                "seed": seed * 100_003 + i,
+                "timeout": timeout,
+                "module_name": module_name,
+                "module_dim": module_dim,
+            }
             p = ctx.Process(target=_load_client, args=(args, ready, go, results), daemon=True)
             p.start()
             procs.append(p)
@@ -478,12 +599,23 @@ def run_load(socket: str, instance: str, expected: dict, *, clients: int, cycles
         ok.update(o["ok"])
         typed.update(o["typed"])
     missing = len(procs) - len(outs)
-    untyped = [o["untyped"] for o in outs if o["untyped"]] + [f"{missing} clients died without a report"] * bool(missing)
+    untyped = [o["untyped"] for o in outs if o["untyped"]] + [
+        f"{missing} clients died without a report"
+    ] * bool(missing)
     return LoadResult(
-        clients=clients, cycles=cycles, seconds=seconds, attaches=sum(ok.values()), ok=ok, typed=typed,
-        bad=[b for o in outs for b in o["bad"]], untyped=untyped, hung=hung,
-        latencies=[x for o in outs for x in o["latencies"]], left_mapped=sum(o["left_mapped"] for o in outs),
-        modules=sum(o["modules"] for o in outs), during=extra or {},
+        clients=clients,
+        cycles=cycles,
+        seconds=seconds,
+        attaches=sum(ok.values()),
+        ok=ok,
+        typed=typed,
+        bad=[b for o in outs for b in o["bad"]],
+        untyped=untyped,
+        hung=hung,
+        latencies=[x for o in outs for x in o["latencies"]],
+        left_mapped=sum(o["left_mapped"] for o in outs),
+        modules=sum(o["modules"] for o in outs),
+        during=extra or {},
     )
 
 
@@ -502,18 +634,61 @@ def fuzz(read_sock: str, paths: list[str], max_examples: int, stats: Counter, *,
     from hypothesis import strategies as st
 
     admin = protocol.admin_socket(read_sock)
-    nasty_strings = st.sampled_from([
-        "", ".", "..", "../..", "/", "a/b", "../../../../etc/passwd", "/etc/passwd", "/etc/shadow", "/dev/zero",
-        "/proc/self/mem", "/dev/shm/x", "a\x00b", "\x00", "\ud800", "x" * 5000, "weightd", "good/../good",
-        "os:system", "builtins:exec", "/weightd.x.y", "/../../etc/passwd", "cuda:0", "cpu", "ok-name", "g2\n", "🦀",
-        "\n\r\t", "%s%n", "${HOME}", *paths, *(p + "\x00.txt" for p in paths),
-    ])
-    json_leaf = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**80), max_value=2**80)
-                 | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40) | nasty_strings)
-    json_value = st.recursive(json_leaf, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
-                              max_leaves=12)
+    nasty_strings = st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "../..",
+            "/",
+            "a/b",
+            "../../../../etc/passwd",
+            "/etc/passwd",
+            "/etc/shadow",
+            "/dev/zero",
+            "/proc/self/mem",
+            "/dev/shm/x",
+            "a\x00b",
+            "\x00",
+            "\ud800",
+            "x" * 5000,
+            "weightd",
+            "good/../good",
+            "os:system",
+            "builtins:exec",
+            "/weightd.x.y",
+            "/../../etc/passwd",
+            "cuda:0",
+            "cpu",
+            "ok-name",
+            "g2\n",
+            "🦀",
+            "\n\r\t",
+            "%s%n",
+            "${HOME}",
+            *paths,
+            *(p + "\x00.txt" for p in paths),
+        ]
+    )
+    json_leaf = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.integers(min_value=-(2**80), max_value=2**80)
+        | st.floats(allow_nan=True, allow_infinity=True)
+        | st.text(max_size=40)
+        | nasty_strings
+    )
+    json_value = st.recursive(
+        json_leaf,
+        lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
+        max_leaves=12,
+    )
     request = st.fixed_dictionaries(
-        {"v": st.just(1) | st.just(1.0) | json_leaf, "op": st.sampled_from(OPS) | st.text(max_size=20) | json_leaf},
+        {
+            "v": st.just(1) | st.just(1.0) | json_leaf,
+            "op": st.sampled_from(OPS) | st.text(max_size=20) | json_leaf,
+        },
         optional={k: json_value for k in FIELDS if k not in ("v", "op")},
     )
 
@@ -528,17 +703,23 @@ def fuzz(read_sock: str, paths: list[str], max_examples: int, stats: Counter, *,
         st.integers(1, 200_000).map(lambda n: b'{"v":1,"op":"ping","x":' + b"[" * n + b"]" * n + b"}"),
         st.integers(1, 200_000).map(lambda n: b"{" * n),
         st.integers(0, 900_000).map(lambda n: b'{"v":1,"op":"manifest","name":"' + b"n" * n + b'"}'),
-        st.integers(1, 6000).map(lambda n: b'{"v":1,"op":"manifest","name":"good","generation":' + b"9" * n + b"}"),
+        st.integers(1, 6000).map(
+            lambda n: b'{"v":1,"op":"manifest","name":"good","generation":' + b"9" * n + b"}"
+        ),
     )
     rid = st.sampled_from([b"r1", b"r2", b"", b"\x00" * 64]) | st.binary(max_size=100)
-    message = st.tuples(st.integers(0, 24), st.one_of(
-        st.tuples(rid, header).map(list),  # the usual shape (request id pool: replays)
-        st.lists(st.binary(max_size=200), min_size=1, max_size=6),  # any frames
-        st.tuples(rid, header, st.binary(max_size=50)).map(list),  # an extra frame
-    )).map(lambda t: "oversized" if t[0] == 0 else t[1])  # 1 in 25: one frame over ZMQ_MAXMSGSIZE
+    message = st.tuples(
+        st.integers(0, 24),
+        st.one_of(
+            st.tuples(rid, header).map(list),  # the usual shape (request id pool: replays)
+            st.lists(st.binary(max_size=200), min_size=1, max_size=6),  # any frames
+            st.tuples(rid, header, st.binary(max_size=50)).map(list),  # an extra frame
+        ),
+    ).map(lambda t: "oversized" if t[0] == 0 else t[1])  # 1 in 25: one frame over ZMQ_MAXMSGSIZE
 
-    @settings(max_examples=max_examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(batch=st.lists(message, min_size=1, max_size=5), to_admin=st.booleans())
     def prop(batch, to_admin):
         s = dealer(admin if to_admin else read_sock)
@@ -637,13 +818,18 @@ def kill_sweep(start, files: dict, rounds: int, rng: random.Random, log=print) -
         s = None
         if op == "publish":
             go = ctx.Event()
-            pub = ctx.Process(target=_publisher, args=(d.socket, "P", 7, files["publish_kib"], go), daemon=True)
+            pub = ctx.Process(
+                target=_publisher, args=(d.socket, "P", 7, files["publish_kib"], go), daemon=True
+            )
             pub.start()
             time.sleep(0.05)
             go.set()
         else:
             s = dealer(protocol.admin_socket(d.socket))
-            req = {"load": {"op": "load", "path": files["big"], "name": "L"}, "unload": {"op": "unload", "name": "U"}}[op]
+            req = {
+                "load": {"op": "load", "path": files["big"], "name": "L"},
+                "unload": {"op": "unload", "name": "U"},
+            }[op]
             s.send_multipart([b"k", protocol.request(req.pop("op"), **req)])
         time.sleep(delay)
         d.proc.kill()
@@ -665,14 +851,18 @@ def kill_sweep(start, files: dict, rounds: int, rng: random.Random, log=print) -
             for m in served:
                 got = digests(c.state_dict(m["name"]))
                 if got != expected.get(m["name"]):
-                    problems.append(f"round {r} ({op}, killed after {delay * 1e3:.0f} ms): {m['name']} "
-                                    f"generation {m['generation']} is not bit-exact")
+                    problems.append(
+                        f"round {r} ({op}, killed after {delay * 1e3:.0f} ms): {m['name']} "
+                        f"generation {m['generation']} is not bit-exact"
+                    )
             tally["models checked bit-exact"] += len(served)
             on_disk = set(segments(d.instance))
             listed = {m["segment"].lstrip("/") for m in served}
             if on_disk != listed:
-                problems.append(f"round {r} ({op}): segments {sorted(on_disk - listed)} are not served, "
-                                f"{sorted(listed - on_disk)} are served but missing")
+                problems.append(
+                    f"round {r} ({op}): segments {sorted(on_disk - listed)} are not served, "
+                    f"{sorted(listed - on_disk)} are served but missing"
+                )
         names = ", ".join(f"{m['name']}@{m['generation']}" for m in served)
         log(f"  kill round {r + 1}/{rounds}: {op}, SIGKILL after {delay * 1e3:.0f} ms -> serving {names}")
     tally["rounds"] = rounds
@@ -682,46 +872,8 @@ def kill_sweep(start, files: dict, rounds: int, rng: random.Random, log=print) -
 # --- a daemon for the stress script ------------------------------------------------------------
 
 
-class Daemon:
-    """``weightd serve`` on a socket, like tests/conftest.py's, for use outside pytest."""
+class Daemon(spawn.Daemon):
+    """``weightd serve`` on a socket for use outside pytest (the one shared launcher)."""
 
     def __init__(self, socket: str, instance: str, args: list[str], log_dir: str):
-        self.socket, self.instance, self.args = socket, instance, args
-        self.log = Path(log_dir) / f"daemon-{time.monotonic_ns()}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> "Daemon":
-        from weightd.client import Client, DaemonNotRunning
-
-        cmd = [sys.executable, "-m", "weightd", "serve", "--socket", self.socket, "--instance", self.instance, *self.args]
-        self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with Client(self.socket, timeout=2) as c:
-                    c.ping()
-                return self
-            except DaemonNotRunning:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
+        super().__init__(socket, instance, args, log_dir=log_dir)

@@ -12,10 +12,14 @@ class TinyLM(nn.Module):
     def __init__(self, vocab: int = 64, dim: int = 32, layers: int = 2):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(layers)
+        )
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.embed.weight
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.register_buffer(
+            "inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)), persistent=False
+        )
         self.register_buffer("scale", torch.tensor(0.5))
 
     def forward(self, ids):

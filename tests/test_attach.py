@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import mapped_ranges
-from models import TinyLM, build_tiny, trained_tiny
 from weightd.client import AttachError, attach, detach, info, state_dict
 from weightd.manifest import DTYPE_SIZES
+
+from conftest import mapped_ranges
+from models import TinyLM, build_tiny, trained_tiny
 
 
 def all_dtypes() -> dict[str, torch.Tensor]:
@@ -23,7 +24,9 @@ def all_dtypes() -> dict[str, torch.Tensor]:
         if dtype is None:
             continue
         raw = torch.randint(0, 256, (7, 5 * dtype.itemsize), dtype=torch.uint8, generator=g)
-        out[name] = raw.view(dtype) if name != "bool" else raw.view(torch.bool).clone().fill_(True) & (raw % 2 == 0)
+        out[name] = (
+            raw.view(dtype) if name != "bool" else raw.view(torch.bool).clone().fill_(True) & (raw % 2 == 0)
+        )
     return out
 
 
@@ -45,8 +48,23 @@ def test_every_dtype_round_trips_bit_exact_from_pt(tmp_path, make_daemon):
 
 def test_safetensors_dtypes_round_trip_bit_exact(tmp_path, make_daemon):
     # Every dtype the safetensors format can hold (it has no complex128, uint64 in old versions...)
-    names = ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64",
-             "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"]
+    names = [
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "uint16",
+        "uint32",
+        "uint64",
+    ]
     tensors = {k: v for k, v in all_dtypes().items() if k in names}
     save_file(tensors, tmp_path / "st.safetensors")
     d = make_daemon("--model", str(tmp_path / "st.safetensors"))  # name defaults to the stem
@@ -59,7 +77,10 @@ def test_sharded_safetensors_with_index(tmp_path, make_daemon):
     m = trained_tiny()
     sd = {k: v.clone() for k, v in m.state_dict().items() if k != "head.weight"}
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for fname, ks in shards.items():
         save_file({k: sd[k] for k in ks}, tmp_path / fname)
     index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
@@ -160,7 +181,9 @@ def test_wrong_skeleton_names_the_keys(tmp_path, make_daemon):
     d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
     with pytest.raises(AttachError, match="no place in the module"):
         attach("lm", model=lambda: nn.Linear(3, 3), socket=d.socket)
-    partial = attach("lm", model=lambda: nn.ModuleDict({"embed": nn.Embedding(64, 32)}), socket=d.socket, strict=False)
+    partial = attach(
+        "lm", model=lambda: nn.ModuleDict({"embed": nn.Embedding(64, 32)}), socket=d.socket, strict=False
+    )
     assert partial["embed"].weight.shape == (64, 32)
 
 

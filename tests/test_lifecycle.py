@@ -9,21 +9,27 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import segments, wait_until, worker_code
-from models import build_tiny, trained_tiny
 from weightd.client import Client, ModelNotFound, attach, info, publish, refresh, state_dict
 from weightd.errors import CheckpointError, OutOfSpace
+
+from conftest import segments, wait_until, worker_code
+from models import build_tiny, trained_tiny
 
 
 def test_publish_from_a_running_process(make_daemon, workers):
     d = make_daemon()
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         from models import trained_tiny
         from weightd.client import publish
         m = trained_tiny(seed=3)
         r = publish("lm", m, socket=SOCK, factory="models:build_tiny")
         say({"generation": r["generation"], "nbytes": r["nbytes"]})
-    """))
+    """,
+        )
+    )
     r = w.read()
     assert w.finish() == 0
     src = trained_tiny(seed=3)
@@ -38,8 +44,11 @@ def test_publish_from_a_running_process(make_daemon, workers):
 def test_publish_dicts_views_and_refusals(make_daemon):
     d = make_daemon()
     base = torch.randn(8, 6)
-    nested = {"enc": {"w": base.t(), "rows": base[2:4]}, "bf16": torch.randn(5, dtype=torch.bfloat16),
-              "f8": torch.randn(4).to(torch.float8_e4m3fn)}
+    nested = {
+        "enc": {"w": base.t(), "rows": base[2:4]},
+        "bf16": torch.randn(5, dtype=torch.bfloat16),
+        "f8": torch.randn(4).to(torch.float8_e4m3fn),
+    }
     r = publish("d", nested, socket=d.socket)
     assert r["nbytes"] == base.numel() * 4 + 5 * 2 + 4
     sd = state_dict("d", socket=d.socket)
@@ -49,8 +58,12 @@ def test_publish_dicts_views_and_refusals(make_daemon):
     assert torch.equal(sd["f8"].view(torch.uint8), nested["f8"].view(torch.uint8))
 
     jagged = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
-    for bad, match in [({"n": jagged}, "nested tensor"), ({"s": torch.eye(3).to_sparse()}, "layout"),
-                       ({"x": torch.ones(2), "step": 3}, "'step' holds a int"), ([torch.ones(1)], "not list")]:
+    for bad, match in [
+        ({"n": jagged}, "nested tensor"),
+        ({"s": torch.eye(3).to_sparse()}, "layout"),
+        ({"x": torch.ones(2), "step": 3}, "'step' holds a int"),
+        ([torch.ones(1)], "not list"),
+    ]:
         with pytest.raises(CheckpointError, match=match):
             publish("d", bad, socket=d.socket)
     with Client(d.socket) as c:
@@ -62,13 +75,18 @@ def test_generations_old_attachers_keep_working_and_are_freed(tmp_path, make_dae
     save_file({"w": torch.full((1024,), 1.0)}, tmp_path / "v1.safetensors")
     save_file({"w": torch.full((1024,), 2.0)}, tmp_path / "v2.safetensors")
     d = make_daemon("--model", f"m={tmp_path / 'v1.safetensors'}")
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         sd = state_dict("m", socket=SOCK)
         say(float(sd["w"].sum()))
         hear()
         say(float(sd["w"].sum()))
         hear()
-    """))
+    """,
+        )
+    )
     assert w.read() == 1024.0
     with Client(d.socket) as c:
         assert c.load(str(tmp_path / "v2.safetensors"), "m")["generation"] == 2
@@ -103,13 +121,18 @@ def test_refresh_in_place(make_daemon):
 def test_unload_while_attached(make_daemon, workers):
     d = make_daemon()
     publish("lm", trained_tiny(), socket=d.socket)
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         from models import build_tiny
         m = attach("lm", model=build_tiny, socket=SOCK)
         say("ready")
         hear()
         say(m(torch.arange(5)).sum().item())
-    """))
+    """,
+        )
+    )
     assert w.read() == "ready"
     with Client(d.socket) as c:
         c.unload("lm")
@@ -128,12 +151,17 @@ def test_restart_adopts_without_reloading(how, tmp_path, make_daemon, workers):
     save_file(src, tmp_path / "m.safetensors")
     d1 = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}", keep=True)
     before = segments(d1.instance)
-    w = workers(worker_code(d1.socket, """
+    w = workers(
+        worker_code(
+            d1.socket,
+            """
         sd = state_dict("m", socket=SOCK)
         say(float(sum(t.sum() for t in sd.values())))
         hear()
         say(float(sum(t.sum() for t in sd.values())))
-    """))
+    """,
+        )
+    )
     total = w.read()
     d1.stop(how)
     (tmp_path / "m.safetensors").unlink()  # proof that nothing is reloaded from the file
@@ -159,7 +187,9 @@ def test_sigkill_in_the_middle_of_a_load_leaves_nothing_served(tmp_path, make_da
     d = make_daemon(keep=True)
     c = Client(d.socket)
     admin, _ = c._socket_for("load")
-    admin.send_multipart([b"r1", b'{"v":1,"op":"load","path":"%s"}' % str(tmp_path / "big.safetensors").encode()])
+    admin.send_multipart(
+        [b"r1", b'{"v":1,"op":"load","path":"%s"}' % str(tmp_path / "big.safetensors").encode()]
+    )
     wait_until(lambda: segments(d.instance), timeout=30, what="the load to create its segment")
     d.stop(signal.SIGKILL)
     c.close()
@@ -193,7 +223,11 @@ def test_readers_always_see_a_whole_generation(make_daemon, workers):
         return {f"t{i}": torch.full(shape, float(g)) for i in range(8)}
 
     publish("m", generation(1), socket=d.socket)
-    readers = [workers(worker_code(d.socket, """
+    readers = [
+        workers(
+            worker_code(
+                d.socket,
+                """
         import time
         seen, reads, bad = set(), 0, 0
         state_dict("m", socket=SOCK)
@@ -208,7 +242,11 @@ def test_readers_always_see_a_whole_generation(make_daemon, workers):
             seen |= values
             reads += 1
         say({"reads": reads, "bad": bad, "seen": sorted(seen)})
-    """)) for _ in range(3)]
+    """,
+            )
+        )
+        for _ in range(3)
+    ]
     for r in readers:
         assert r.read() == "ready"
     for r in readers:

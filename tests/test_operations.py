@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import Daemon, as_user, needs_root, segments, worker_code, worker_env
 from weightd.client import Client, publish, state_dict
+
+from conftest import Daemon, as_user, needs_root, segments, worker_code, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,13 +56,18 @@ def test_readiness_status_watchdog_and_stopping_over_notify_socket(tmp_path, mak
 def test_stats_names_attached_processes_and_their_memory(tmp_path, make_daemon, workers):
     save_file({"w": torch.ones(1 << 20)}, tmp_path / "m.safetensors")  # 4 MiB
     d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         sd = state_dict("m", socket=SOCK)
         total = float(sd["w"].sum())          # every page read: shared
         sd["w"][:1024 * 4].fill_(2.0)         # four pages written: private copies
         say(os.getpid())
         hear()
-    """))
+    """,
+        )
+    )
     pid = w.read()
     with Client(d.socket) as c:
         s = c.stats()
@@ -71,7 +77,9 @@ def test_stats_names_attached_processes_and_their_memory(tmp_path, make_daemon, 
     assert a["rss"] >= 4 << 20 and a["private"] >= 4 * 4096, a
     assert s["shm"]["size"] >= s["shm"]["used"] >= 4 << 20 and s["shm"]["free"] > 0
     assert s["daemon"]["pid"] == d.proc.pid and s["daemon"]["pss"] > 0
-    out = subprocess.run([sys.executable, "-m", "weightd", "stats", "--socket", d.socket], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "weightd", "stats", "--socket", d.socket], capture_output=True, text=True
+    )
     assert str(pid) in out.stdout and "/dev/shm:" in out.stdout and "daemon: pid" in out.stdout
     w.send("bye")
     assert w.finish() == 0
@@ -84,7 +92,9 @@ def test_load_reports_progress_and_ls_shows_it(tmp_path, make_daemon):
     with Client(d.socket) as c, Client(d.socket) as watcher:
         admin, _ = c._socket_for("load")
         for rid, path in [(b"1", "big.safetensors"), (b"2", "small.safetensors")]:
-            admin.send_multipart([rid, json.dumps({"v": 1, "op": "load", "path": str(tmp_path / path)}).encode()])
+            admin.send_multipart(
+                [rid, json.dumps({"v": 1, "op": "load", "path": str(tmp_path / path)}).encode()]
+            )
         # loads run one at a time: while the big one runs, both are listed as loading
         for _ in range(100):  # both requests reach the daemon within a few ms
             loading = {m["name"] for m in watcher.list() if m.get("state") == "loading"}
@@ -101,7 +111,9 @@ def test_load_reports_progress_and_ls_shows_it(tmp_path, make_daemon):
         assert replies[b"1"]["nbytes"] == 512 << 20 and replies[b"2"]["name"] == "small"
         assert [m["name"] for m in watcher.list()] == ["big", "small"]
         calls = []
-        c.load(str(tmp_path / "big.safetensors"), "big", progress=lambda done, total: calls.append((done, total)))
+        c.load(
+            str(tmp_path / "big.safetensors"), "big", progress=lambda done, total: calls.append((done, total))
+        )
     assert calls[-1] == (512 << 20, 512 << 20), "progress ends at 100%"
     assert all(t == 512 << 20 for _, t in calls) and [x for x, _ in calls] == sorted(x for x, _ in calls)
 
@@ -110,8 +122,15 @@ def test_reload_loads_only_what_is_new(tmp_path, make_daemon):
     save_file({"w": torch.ones(8)}, tmp_path / "a.safetensors")
     save_file({"w": torch.ones(8)}, tmp_path / "b.safetensors")
     d = make_daemon("--model", f"a={tmp_path / 'a.safetensors'}")
-    env = dict(os.environ, WEIGHTD_SERVE_MODEL=f"a={tmp_path / 'a.safetensors'} b={tmp_path / 'b.safetensors'}")
-    out = subprocess.run([sys.executable, "-m", "weightd", "reload", "--socket", d.socket], env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ, WEIGHTD_SERVE_MODEL=f"a={tmp_path / 'a.safetensors'} b={tmp_path / 'b.safetensors'}"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "weightd", "reload", "--socket", d.socket],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "loaded b generation 1" in out.stdout and "loaded a" not in out.stdout
     with Client(d.socket) as c:
@@ -122,7 +141,9 @@ def test_one_daemon_per_socket_and_graceful_sigint(tmp_path, make_daemon):
     d = make_daemon()
     second = Daemon(d.socket, d.instance + "b", [])
     second.start(wait=False)
-    assert second.proc.wait(60) == 4 and f"already running on {d.socket} (pid {d.proc.pid})" in second.output()
+    assert (
+        second.proc.wait(60) == 4 and f"already running on {d.socket} (pid {d.proc.pid})" in second.output()
+    )
     second.stop()
     assert d.stop(signal.SIGINT) == 0
     assert not Path(d.socket).exists(), "the socket goes with the daemon"
@@ -139,7 +160,12 @@ def test_group_members_attach_but_cannot_change_anything(tmp_path, shared_dir, m
     [seg] = segments(d.instance)
     st = os.stat(f"/dev/shm/{seg}")
     assert (st.st_gid, st.st_mode & 0o777) == (GROUP, 0o640)
-    code = worker_code(sock, as_user(GROUP, [GROUP], """
+    code = worker_code(
+        sock,
+        as_user(
+            GROUP,
+            [GROUP],
+            """
         from weightd.errors import PermissionDenied
         out = {}
         sd = state_dict("m", socket=SOCK)
@@ -161,16 +187,36 @@ def test_group_members_attach_but_cannot_change_anything(tmp_path, shared_dir, m
         except PermissionError:
             out["write_segment"] = "denied"
         say(out)
-    """))
-    member = subprocess.run([sys.executable, "-c", code, seg], env=worker_env(), capture_output=True, text=True, timeout=60)
+    """,
+        ),
+    )
+    member = subprocess.run(
+        [sys.executable, "-c", code, seg], env=worker_env(), capture_output=True, text=True, timeout=60
+    )
     assert member.returncode == 0, member.stderr
-    assert json.loads(member.stdout) == {"read": 100.0, "wrote": -1.0, "list": ["m"], "load": "denied",
-                                         "unload": "denied", "publish": "denied", "write_segment": "denied"}
+    assert json.loads(member.stdout) == {
+        "read": 100.0,
+        "wrote": -1.0,
+        "list": ["m"],
+        "load": "denied",
+        "unload": "denied",
+        "publish": "denied",
+        "write_segment": "denied",
+    }
     assert float(state_dict("m", socket=sock)["w"][100]) == 100.0
 
-    stranger = subprocess.run([sys.executable, "-c", worker_code(sock, as_user(65534, [], "state_dict('m', socket=SOCK)"))],
-                              env=worker_env(), capture_output=True, text=True, timeout=60)
-    assert stranger.returncode != 0 and "PermissionDenied" in stranger.stderr and "daemon's group" in stranger.stderr
+    stranger = subprocess.run(
+        [sys.executable, "-c", worker_code(sock, as_user(65534, [], "state_dict('m', socket=SOCK)"))],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        stranger.returncode != 0
+        and "PermissionDenied" in stranger.stderr
+        and "daemon's group" in stranger.stderr
+    )
 
     # and the daemon's own user (root here) may do everything
     assert publish("x", {"w": torch.ones(2)}, socket=sock)["generation"] == 1
@@ -181,7 +227,9 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
     weightd = Path(sys.executable).with_name("weightd")
     unit = (ROOT / "systemd" / "weightd.service").read_text().replace("/usr/local/bin/weightd", str(weightd))
     (tmp_path / "weightd.service").write_text(unit)
-    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "weightd.service")], capture_output=True, text=True)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "weightd.service")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "Type=notify" in unit and "RuntimeDirectory=weightd" in unit and "EnvironmentFile=" in unit
     assert "ExecReload=" in unit and "WatchdogSec=" in unit and "User=weightd" in unit

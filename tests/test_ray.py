@@ -26,13 +26,14 @@ pytest.importorskip("ray.data")
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from conftest import SHM, remove_segments  # noqa: E402
-from models import build_tiny, trained_tiny  # noqa: E402
 from weightd.client import DaemonNotRunning, ModelNotFound, info  # noqa: E402
-from weightd.client import ray_daemons  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
 from weightd.client.ray_zerocopy import ModelWrapper  # noqa: E402
-from weightd.config import Config  # noqa: E402
+from weightd.client.ray_zerocopy import daemons as ray_daemons  # noqa: E402
+from weightd.daemon.config import Config  # noqa: E402
+
+from conftest import SHM, remove_segments  # noqa: E402
+from models import build_tiny, trained_tiny  # noqa: E402
 
 TESTS = str(Path(__file__).resolve().parent)
 MIB = 1 << 20
@@ -69,8 +70,12 @@ def cluster(tmp_path_factory):
                 else:
                     os.environ[k] = v
             sockets = list(Path(runtime).glob("weightd-ray-*.sock"))
-            leaked = [s for sock in sockets if not sock.name.endswith(".admin.sock")
-                      for s in remove_segments(Config(socket=str(sock)).instance)]
+            leaked = [
+                s
+                for sock in sockets
+                if not sock.name.endswith(".admin.sock")
+                for s in remove_segments(Config(socket=str(sock)).instance)
+            ]
             assert not leaked, f"daemons started through Ray left segments: {leaked}"
 
 
@@ -236,7 +241,10 @@ def test_each_node_gets_its_own_daemon(cluster, tmp_path):
     from safetensors.torch import save_file
 
     src = trained_tiny(seed=4)
-    save_file({k: v.contiguous() for k, v in src.state_dict().items() if k != "head.weight"}, tmp_path / "lm.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in src.state_dict().items() if k != "head.weight"},
+        tmp_path / "lm.safetensors",
+    )
     loaded = rz.load_everywhere("lm-file", str(tmp_path / "lm.safetensors"))
     assert sorted(loaded) == nodes
     ids = torch.arange(12)
@@ -257,7 +265,9 @@ def test_actor_mode_in_actors_and_in_the_driver(cluster):
     expected = src(ids)
     wrapper = ModelWrapper.from_model(src, mode="actor")
     restored = pickle.loads(pickle.dumps(wrapper))
-    assert len(pickle.dumps(wrapper)) < 16_000 < sum(p.numel() * 4 for p in src.parameters()), "no weights in the pickle"
+    assert len(pickle.dumps(wrapper)) < 16_000 < sum(p.numel() * 4 for p in src.parameters()), (
+        "no weights in the pickle"
+    )
     assert all(p.is_meta for p in wrapper._skeleton.parameters()), "the skeleton is weightless"
     assert not wrapper._skeleton.inv_freq.is_meta, "non-persistent buffers stay real"
 
@@ -269,7 +279,7 @@ def test_actor_mode_in_actors_and_in_the_driver(cluster):
     with pytest.raises(TypeError, match="actor mode wrapper"):
         wrapper(ids)
     with pytest.raises(AttributeError, match="actor mode wrapper"):
-        wrapper.embed
+        _ = wrapper.embed
 
     # actors, one on each node
     actors = [Loader.options(**on_node(n)).remote(wrapper) for n in rz.alive_nodes()]
@@ -306,7 +316,7 @@ def test_task_mode_custom_methods_and_pickling(cluster):
     assert torch.equal(restored.forward(x), src(x))
     only_call = ModelWrapper.from_model(src, mode="task")
     with pytest.raises(AttributeError, match="method_names"):
-        only_call.predict  # only __call__ unless asked
+        _ = only_call.predict  # only __call__ unless asked
 
     pipe = bf16_pipeline(seed=2)
     ids = torch.arange(10)
@@ -324,7 +334,11 @@ def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):
     ids = torch.arange(24) % 32
     expected = pipe(ids)
     wrapper = ModelWrapper.from_model(pipe, mode="actor")
-    unique = {t.data_ptr(): t for m in (pipe.encoder, pipe.extra["norm"], pipe.stages[0].head) for t in m.state_dict().values()}
+    unique = {
+        t.data_ptr(): t
+        for m in (pipe.encoder, pipe.extra["norm"], pipe.stages[0].head)
+        for t in m.state_dict().values()
+    }
     nbytes = sum(t.numel() * t.element_size() for t in unique.values())
     sockets = cluster.sockets
     assert len(sockets) == 2
@@ -341,7 +355,8 @@ def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):
             "tied": p.stages[0].head.out.weight is p.encoder.embed.weight,
             "shared": p.extra["again"] is p.encoder,
             "dtype": p.encoder.embed.weight.dtype,
-            "in_segment": in_weightd_segment(p.encoder.embed.weight) and in_weightd_segment(p.extra["norm"].weight),
+            "in_segment": in_weightd_segment(p.encoder.embed.weight)
+            and in_weightd_segment(p.extra["norm"].weight),
             "pos": p.encoder.pos.clone(),
         }
 
@@ -356,10 +371,13 @@ def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):
     w2 = ModelWrapper.from_model(pipe, mode="actor", model_attr_names=["encoder"])
     with rz._client.Client(next(iter(sockets.values()))) as c:
         assert {m["name"]: m for m in c.list()}[w2.model_name]["nbytes"] == sum(
-            t.numel() * t.element_size() for t in pipe.encoder.state_dict().values())
+            t.numel() * t.element_size() for t in pipe.encoder.state_dict().values()
+        )
     loaded = w2.load()
     assert not loaded.extra["norm"].weight.is_meta and torch.equal(loaded(ids), expected)
-    assert loaded.stages[0].head.out.weight is loaded.encoder.embed.weight, "a tie into an unpublished module holds"
+    assert loaded.stages[0].head.out.weight is loaded.encoder.embed.weight, (
+        "a tie into an unpublished module holds"
+    )
     rz.unload_everywhere(w2.model_name)
 
 
@@ -389,9 +407,15 @@ def test_ray_data_map_batches(cluster):
     expected = src(torch.arange(64) % 64).sum(-1)
     ds = ray.data.range(64, override_num_blocks=4)
     runs = {
-        "concurrency": ds.map_batches(Infer, fn_constructor_kwargs={"model_wrapper": wrapper}, concurrency=2, batch_size=16),
-        "ActorPoolStrategy": ds.map_batches(Infer, fn_constructor_kwargs={"model_wrapper": wrapper},
-                                            compute=ray.data.ActorPoolStrategy(size=2), batch_size=16),
+        "concurrency": ds.map_batches(
+            Infer, fn_constructor_kwargs={"model_wrapper": wrapper}, concurrency=2, batch_size=16
+        ),
+        "ActorPoolStrategy": ds.map_batches(
+            Infer,
+            fn_constructor_kwargs={"model_wrapper": wrapper},
+            compute=ray.data.ActorPoolStrategy(size=2),
+            batch_size=16,
+        ),
         "function": ds.map_batches(attach_udf, batch_size=16),
     }
     for how, out in runs.items():
@@ -424,8 +448,12 @@ print("driver done", flush=True)
 
 
 def test_driver_exits_while_a_detached_actor_keeps_computing(cluster):
-    proc = subprocess.run([sys.executable, "-c", DRIVER.format(address=cluster.address)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER.format(address=cluster.address)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "driver done" in proc.stdout, proc.stderr[-3000:]
     actor = ray.get_actor("survivor", namespace="weightd-test")
     try:

@@ -25,13 +25,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hostile
-from conftest import Daemon, as_user, needs_root, remove_segments, segments, wait_until, worker_code, worker_env
 from weightd import protocol
 from weightd.client import Client, publish, state_dict
 from weightd.errors import CheckpointError, ModelNotFound, PermissionDenied, ProtocolError
-from weightd.store import NAME_RE
+from weightd.protocol import NAME_RE
 
+import hostile
+from conftest import (
+    Daemon,
+    as_user,
+    needs_root,
+    remove_segments,
+    segments,
+    wait_until,
+    worker_code,
+    worker_env,
+)
 
 MIB = 1 << 20
 
@@ -61,8 +70,19 @@ def served(tmp_path_factory, corpus_dir):
     hostile.write_model(outside, seed=2)
     os.symlink(outside, models / "link.safetensors")
     instance = "t" + uuid.uuid4().hex[:10]
-    d = Daemon(str(root / "w.sock"), instance, ["--model", f"good={models / 'good-model.safetensors'}",
-                                              "--model-dir", str(models), "--unlink-on-exit", "--log-level", "warning"])
+    d = Daemon(
+        str(root / "w.sock"),
+        instance,
+        [
+            "--model",
+            f"good={models / 'good-model.safetensors'}",
+            "--model-dir",
+            str(models),
+            "--unlink-on-exit",
+            "--log-level",
+            "warning",
+        ],
+    )
     d.start()
     try:
         yield d, good
@@ -129,8 +149,14 @@ def test_fuzzed_requests_on_both_sockets_get_typed_answers(served, corpus_dir):
     check_good(d, good)
     before = hostile.daemon_memory(d.proc.pid)
     models = root / "corpus"
-    paths = [str(models / "good-model.safetensors"), str(models / "link.safetensors"), str(models / "trunc-4.safetensors"),
-             str(models / ".." / "outside.safetensors"), str(models / "hf-0"), str(models / "evil-os.system.pt")]
+    paths = [
+        str(models / "good-model.safetensors"),
+        str(models / "link.safetensors"),
+        str(models / "trunc-4.safetensors"),
+        str(models / ".." / "outside.safetensors"),
+        str(models / "hf-0"),
+        str(models / "evil-os.system.pt"),
+    ]
     hostile.fuzz(d.socket, paths, max_examples=400, stats=stats)()
     assert d.proc.poll() is None, "the daemon survived"
     check_good(d, good)
@@ -145,8 +171,11 @@ def test_fuzzed_requests_on_both_sockets_get_typed_answers(served, corpus_dir):
                 assert hostile.digests(c.state_dict(m["name"])) == good
                 c.unload(m["name"])
         served_segments = {m["segment"].lstrip("/") for m in c.list()}
-    wait_until(lambda: set(segments(d.instance)) == served_segments, timeout=20,
-               what="retired generations of fuzzer loads to be freed")
+    wait_until(
+        lambda: set(segments(d.instance)) == served_segments,
+        timeout=20,
+        what="retired generations of fuzzer loads to be freed",
+    )
 
 
 def test_replayed_and_reordered_request_ids_each_get_their_reply(served):
@@ -205,7 +234,9 @@ def test_load_paths_cannot_escape_the_model_dir(served, corpus_dir, tmp_path):
             os.symlink(root / "outside.safetensors", folder / shard)
             if kind == "indexed":
                 names = load_file(str(root / "outside.safetensors")).keys()
-                (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
+                (folder / "model.safetensors.index.json").write_text(
+                    json.dumps({"weight_map": dict.fromkeys(names, shard)})
+                )
     escapes = [
         str(models / "shard-link-folder"),
         str(models / "shard-link-indexed"),
@@ -221,10 +252,14 @@ def test_load_paths_cannot_escape_the_model_dir(served, corpus_dir, tmp_path):
     ]
     admin = protocol.admin_socket(d.socket)
     for path in escapes:
-        body = json.loads(hostile.raw_request(admin, [b"r", protocol.request("load", path=path, name="esc")])[1])
+        body = json.loads(
+            hostile.raw_request(admin, [b"r", protocol.request("load", path=path, name="esc")])[1]
+        )
         assert body["ok"] is False and body["error"]["code"] == PermissionDenied.code, (path, body)
     for path in [str(models) + "/good-model.safetensors\x00.txt", "\ud800"]:
-        body = json.loads(hostile.raw_request(admin, [b"r", json.dumps({"v": 1, "op": "load", "path": path}).encode()])[1])
+        body = json.loads(
+            hostile.raw_request(admin, [b"r", json.dumps({"v": 1, "op": "load", "path": path}).encode()])[1]
+        )
         assert body["error"]["code"] == ProtocolError.code, (path, body)
     with d.client() as c:
         assert [m["name"] for m in c.list()] == ["good"]
@@ -236,8 +271,22 @@ def test_load_paths_cannot_escape_the_model_dir(served, corpus_dir, tmp_path):
     check_good(d, good)
 
 
-BAD_NAMES = ["../../etc/x", "a/b", "/abs", ".hidden", "-dash", "", "x" * 129, "a\x00b", "a b", "é", "a\nb", "..", ".",
-             "etc\n"]
+BAD_NAMES = [
+    "../../etc/x",
+    "a/b",
+    "/abs",
+    ".hidden",
+    "-dash",
+    "",
+    "x" * 129,
+    "a\x00b",
+    "a b",
+    "é",
+    "a\nb",
+    "..",
+    ".",
+    "etc\n",
+]
 
 
 def test_model_names_cannot_escape_dev_shm(served, corpus_dir):
@@ -253,16 +302,21 @@ def test_model_names_cannot_escape_dev_shm(served, corpus_dir):
             reqs.append({"op": "load", "path": path, "name": name})
         for req in reqs:
             op = req.pop("op")
-            body = json.loads(hostile.raw_request(admin, [b"r", json.dumps({"v": 1, "op": op, **req}).encode()])[1])
-            assert body["error"]["code"] in ({ProtocolError.code, ModelNotFound.code} if op == "unload" else {ProtocolError.code}), \
-                (name, op, body)
+            body = json.loads(
+                hostile.raw_request(admin, [b"r", json.dumps({"v": 1, "op": op, **req}).encode()])[1]
+            )
+            assert body["error"]["code"] in (
+                {ProtocolError.code, ModelNotFound.code} if op == "unload" else {ProtocolError.code}
+            ), (name, op, body)
     # a file whose stem is not a valid name cannot become one either
     dotted = root / "corpus" / ".x.safetensors"
     shutil.copy(path, dotted)
     with d.client() as c, pytest.raises(ProtocolError, match="bad model name"):
         c.load(str(dotted))
     new = set(os.listdir("/dev/shm")) - shm_before
-    mine = [f for f in new if d.instance in f or any(k in f for k in ("etc", "abs", "hidden", "dash", "x" * 100))]
+    mine = [
+        f for f in new if d.instance in f or any(k in f for k in ("etc", "abs", "hidden", "dash", "x" * 100))
+    ]
     assert mine == [], "nothing new in /dev/shm"
     assert not Path("/etc/x").exists() and not Path("/dev/shm/a").exists()
     check_good(d, good)
@@ -289,8 +343,19 @@ def load_scenario(make_daemon, tmp_path, clients: int, cycles: int):
             c.unload("x")
             return {"load_unload_seconds": time.perf_counter() - t0}
 
-    r = hostile.run_load(d.socket, d.instance, expected, clients=clients, cycles=cycles, names=names, during=during,
-                         timeout=30, deadline=240, module_name="lin", module_dim=96)
+    r = hostile.run_load(
+        d.socket,
+        d.instance,
+        expected,
+        clients=clients,
+        cycles=cycles,
+        names=names,
+        during=during,
+        timeout=30,
+        deadline=240,
+        module_name="lin",
+        module_dim=96,
+    )
     mem_after = hostile.daemon_memory(d.proc.pid)
     return d, r, mem_before, mem_after
 
@@ -315,13 +380,20 @@ def test_many_clients_attach_and_detach_while_models_come_and_go(make_daemon, tm
 
 
 def test_sigkill_at_random_points_of_load_publish_unload(make_daemon, tmp_path, instance):
-    files = {"base": str(tmp_path / "base.safetensors"), "unload": str(tmp_path / "u.safetensors"),
-             "big": str(tmp_path / "big.safetensors"), "publish_kib": 16 * 1024, "digests": {}}
+    files = {
+        "base": str(tmp_path / "base.safetensors"),
+        "unload": str(tmp_path / "u.safetensors"),
+        "big": str(tmp_path / "big.safetensors"),
+        "publish_kib": 16 * 1024,
+        "digests": {},
+    }
     files["digests"]["base"] = hostile.write_model(Path(files["base"]), seed=21)
     files["digests"]["U"] = hostile.write_model(Path(files["unload"]), seed=22)
     files["digests"]["L"] = hostile.big_model(Path(files["big"]), 96)
     seed = int(os.environ.get("WEIGHTD_STRESS_SEED", random.randrange(1 << 30)))
-    out = hostile.kill_sweep(lambda: make_daemon(keep=True), files, rounds=6, rng=random.Random(seed), log=lambda *_: None)
+    out = hostile.kill_sweep(
+        lambda: make_daemon(keep=True), files, rounds=6, rng=random.Random(seed), log=lambda *_: None
+    )
     assert out["problems"] == [], f"seed {seed}: {out['problems']}"
     assert out["tally"]["models checked bit-exact"] >= 6
     # a last daemon that frees everything on exit: nothing is left after the sweep
@@ -337,13 +409,17 @@ def test_client_killed_mid_request_is_forgotten(make_daemon, workers, tmp_path):
     hostile.big_model(tmp_path / "big.safetensors", 64)
     d = make_daemon()
     publish("m", hostile.model_tensors(1), socket=d.socket)
-    w = workers(worker_code(d.socket, f"""
+    w = workers(
+        worker_code(
+            d.socket,
+            f"""
         import zmq
         from weightd import protocol
         sd = state_dict("m", socket=SOCK)           # maps generation 1
         c = Client(SOCK)
         admin, _ = c._socket_for("load")
-        admin.send_multipart([b"L", protocol.request("load", path={str(tmp_path / 'big.safetensors')!r}, name="big")])
+        big = {str(tmp_path / "big.safetensors")!r}
+        admin.send_multipart([b"L", protocol.request("load", path=big, name="big")])
         s = zmq.Context.instance().socket(zmq.DEALER)
         s.connect(protocol.endpoint(SOCK))
         for i in range(2000):                        # requests whose replies nobody will read
@@ -351,7 +427,9 @@ def test_client_killed_mid_request_is_forgotten(make_daemon, workers, tmp_path):
         say(os.getpid())
         while True:
             s.send_multipart([b"x", protocol.request("manifest", name="m", pid=os.getpid())])
-    """))
+    """,
+        )
+    )
     pid = w.read()
     os.kill(pid, signal.SIGKILL)
     assert w.proc.wait(10) == -signal.SIGKILL
@@ -359,19 +437,31 @@ def test_client_killed_mid_request_is_forgotten(make_daemon, workers, tmp_path):
         assert c.ping()["pid"] == d.proc.pid
         [gen1] = [m["segment"].lstrip("/") for m in c.list() if m["name"] == "m"]
         # the load the dead client asked for still completes, whole
-        wait_until(lambda: any(m["name"] == "big" and "generation" in m for m in c.list()), timeout=60,
-                   what="the orphaned load")
-        assert hostile.digests(c.state_dict("big")) == hostile.digests(load_file(str(tmp_path / "big.safetensors")))
+        wait_until(
+            lambda: any(m["name"] == "big" and "generation" in m for m in c.list()),
+            timeout=60,
+            what="the orphaned load",
+        )
+        assert hostile.digests(c.state_dict("big")) == hostile.digests(
+            load_file(str(tmp_path / "big.safetensors"))
+        )
         publish("m", hostile.model_tensors(2), socket=d.socket)
         # generation 1 was kept for the dead pid; the daemon notices it is gone and frees it
-        wait_until(lambda: gen1 not in segments(d.instance), timeout=30, what="the dead client's generation to be freed")
+        wait_until(
+            lambda: gen1 not in segments(d.instance),
+            timeout=30,
+            what="the dead client's generation to be freed",
+        )
         assert all(a["pid"] != pid for m in c.stats()["models"] for a in m["attached"])
         assert hostile.digests(c.state_dict("m")) == hostile.digests(hostile.model_tensors(2))
 
 
 def test_publisher_killed_mid_publish_leaves_nothing_served(make_daemon, workers, instance):
     d = make_daemon()
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         from weightd import segment
         c = Client(SOCK)
         r = c.call("publish_begin", name="p", nbytes=64 << 20)
@@ -379,7 +469,9 @@ def test_publisher_killed_mid_publish_leaves_nothing_served(make_daemon, workers
         seg.write(4096, bytes(32 << 20))            # half of it, never sealed
         say(r["segment"])
         hear()
-    """))
+    """,
+        )
+    )
     seg = w.read()
     w.proc.kill()
     w.proc.wait()
@@ -399,7 +491,9 @@ def unshare_works() -> str | None:
         return "needs root to mount a tmpfs"
     if shutil.which("unshare") is None:
         return "util-linux unshare is not installed"
-    r = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True)
+    r = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
+    )
     return None if r.returncode == 0 else f"cannot mount a private tmpfs: {r.stderr.decode().strip()}"
 
 
@@ -462,9 +556,22 @@ def test_a_small_dev_shm_fills_up_with_typed_errors_and_no_sigbus(tmp_path):
         pytest.skip(f"no private small tmpfs ({why}); test_lifecycle's --max-bytes test covers the budget")
     (tmp_path / "small.py").write_text(SMALL_SHM)
     # a private mount namespace: /dev/shm is a fresh 64 MiB tmpfs for the daemon and its clients only
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                        f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {tmp_path / 'small.py'} {tmp_path}"],
-                       capture_output=True, text=True, timeout=110, env=worker_env())
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {tmp_path / 'small.py'} "
+            f"{tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=worker_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["df"] == 64 * MIB
@@ -512,10 +619,17 @@ GROUP = 4243
 def test_mode_600_segments_are_unreadable_even_to_the_group(tmp_path, shared_dir, make_daemon):
     hostile.write_model(tmp_path / "m.safetensors", seed=6)
     sock = os.path.join(shared_dir, "weightd.sock")
-    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}", "--group", str(GROUP), "--mode", "600", socket=sock)
+    d = make_daemon(
+        "--model", f"m={tmp_path / 'm.safetensors'}", "--group", str(GROUP), "--mode", "600", socket=sock
+    )
     [seg] = segments(d.instance)
     assert os.stat(f"/dev/shm/{seg}").st_mode & 0o777 == 0o600
-    code = worker_code(sock, as_user(GROUP, [GROUP], """
+    code = worker_code(
+        sock,
+        as_user(
+            GROUP,
+            [GROUP],
+            """
         from weightd.errors import PermissionDenied
         out = {"list": [m["name"] for m in Client(SOCK).list()]}   # the read socket is the group's
         try:
@@ -531,12 +645,20 @@ def test_mode_600_segments_are_unreadable_even_to_the_group(tmp_path, shared_dir
             except PermissionError:
                 out[what] = "denied"
         say(out)
-    """))
-    r = subprocess.run([sys.executable, "-c", code, seg], env=worker_env(), capture_output=True, text=True, timeout=60)
+    """,
+        ),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, seg], env=worker_env(), capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["list"] == ["m"]
-    assert "may not read segment" in out["attach"] and "mode 600" in out["attach"] and "--mode 640" in out["attach"], out
+    assert (
+        "may not read segment" in out["attach"]
+        and "mode 600" in out["attach"]
+        and "--mode 640" in out["attach"]
+    ), out
     assert (out["unlink"], out["truncate"], out["read"]) == ("denied", "denied", "denied")
     assert segments(d.instance) == [seg]
 
@@ -548,7 +670,12 @@ def test_a_segment_planted_by_another_user_is_never_adopted(tmp_path, make_daemo
     d.stop(signal.SIGKILL)
     # Any user may create files in /dev/shm: one makes a well-formed, sealed segment with this
     # instance's prefix, hoping the next daemon serves it (and that it can rewrite it later).
-    code = worker_code("unused", as_user(65534, [], f"""
+    code = worker_code(
+        "unused",
+        as_user(
+            65534,
+            [],
+            f"""
         from weightd import layout
         from weightd.manifest import Manifest
         t = {{"w": torch.full((1024,), 666.0)}}
@@ -556,11 +683,17 @@ def test_a_segment_planted_by_another_user_is_never_adopted(tmp_path, make_daemo
         name = "/weightd.{instance}.evil-000000.0123456789ab"
         m = Manifest(name="evil", generation=99, storages=[], tensors=tensors, segment=name, uuid="0" * 32)
         layout.write(m, blobs, mode=0o666)
-        m2 = Manifest(name="m", generation=99, storages=[], tensors=tensors, segment=name[:-1] + "c", uuid="1" * 32)
+        m2 = Manifest(
+            name="m", generation=99, storages=[], tensors=tensors, segment=name[:-1] + "c", uuid="1" * 32
+        )
         layout.write(m2, blobs, mode=0o666)
         say("planted")
-    """))
-    r = subprocess.run([sys.executable, "-c", code], env=worker_env(), capture_output=True, text=True, timeout=60)
+    """,
+        ),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=worker_env(), capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     planted = [s for s in segments(instance) if os.stat(f"/dev/shm/{s}").st_uid == 65534]
     assert len(planted) == 2
@@ -584,7 +717,11 @@ def test_stray_writes_never_reach_the_daemon_or_other_workers(make_daemon, worke
     d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
     [seg] = segments(d.instance)
     before = hostile.shm_sha(seg)
-    writers = [workers(worker_code(d.socket, f"""
+    writers = [
+        workers(
+            worker_code(
+                d.socket,
+                f"""
         import hostile
         sd = state_dict("m", socket=SOCK)
         for t in sd.values():
@@ -594,13 +731,19 @@ def test_stray_writes_never_reach_the_daemon_or_other_workers(make_daemon, worke
         mine = all(bool((t.reshape(-1).view(torch.uint8) == {i + 1}).all()) for t in sd.values())
         fresh = hostile.digests(state_dict("m", socket=SOCK)) == {expected!r}
         say({{"mine": mine, "fresh": fresh}})
-    """)) for i in range(3)]
+    """,
+            )
+        )
+        for i in range(3)
+    ]
     for w in writers:
         assert w.read() == "written"
     assert hostile.digests(state_dict("m", socket=d.socket)) == expected
     for w in writers:
         w.send("check")
     for w in writers:
-        assert w.read() == {"mine": True, "fresh": True}, "each sees only its own writes; a new attach sees none"
+        assert w.read() == {"mine": True, "fresh": True}, (
+            "each sees only its own writes; a new attach sees none"
+        )
         assert w.finish() == 0
     assert hostile.shm_sha(seg) == before, "the segment's bytes never changed"

@@ -9,8 +9,9 @@ import posix_ipc
 import torch
 from safetensors.torch import save_file
 
-from conftest import segments, worker_code, worker_env
 from weightd.memory import shm_used, usage
+
+from conftest import segments, worker_code, worker_env
 
 MiB = 1 << 20
 
@@ -41,19 +42,27 @@ def test_four_workers_share_one_copy(tmp_path, make_daemon, workers):
     # /dev/shm grew by the model's size once (plus a header page and the manifest)
     assert model_bytes <= grew <= model_bytes + MiB, (grew, model_bytes)
 
-    code = worker_code(d.socket, """
+    code = worker_code(
+        d.socket,
+        """
         sd = state_dict("m", socket=SOCK)
         total = sum(float(t.sum()) for t in sd.values())   # touches every page, no big temporaries
         say({"pid": os.getpid(), "total": total})
         hear()
-    """)
+    """,
+    )
     ws = [workers(code) for _ in range(4)]
     # the same process without the model: what a worker costs anyway (torch alone is ~150 MB)
-    baseline = workers(worker_code(d.socket, """
+    baseline = workers(
+        worker_code(
+            d.socket,
+            """
         total = float(torch.randn(1000).sum())
         say({"pid": os.getpid()})
         hear()
-    """))
+    """,
+        )
+    )
     reports = [w.read() for w in ws]
     baseline.read()
     expected = sum(float(t.sum()) for t in sd.values())
@@ -63,7 +72,11 @@ def test_four_workers_share_one_copy(tmp_path, make_daemon, workers):
     daemon = usage(d.proc.pid)
     total_shmem = sum(u.pss_shmem for u in per_worker)
     # Every page counted once across workers and daemon: within 10% of one model.
-    assert abs(total_shmem + daemon.pss_shmem - model_bytes) <= 0.10 * model_bytes, (total_shmem, daemon.pss_shmem, model_bytes)
+    assert abs(total_shmem + daemon.pss_shmem - model_bytes) <= 0.10 * model_bytes, (
+        total_shmem,
+        daemon.pss_shmem,
+        model_bytes,
+    )
     # ...and each worker carries about a quarter, not a whole copy
     own = usage(baseline.pid).private
     for u in per_worker:
@@ -80,18 +93,26 @@ def test_a_workers_writes_stay_private(tmp_path, make_daemon, workers):
     seg = "/" + segments(d.instance)[0]
     digest = segment_digest(seg)
 
-    writer = workers(worker_code(d.socket, """
+    writer = workers(
+        worker_code(
+            d.socket,
+            """
         sd = state_dict("m", socket=SOCK)
         w = sd["layer0.weight"]
         w[:1024].fill_(12345.0)     # in-place writes into the shared weight
         sd["layer1.weight"].mul_(0)
         say({"first": float(w[0]), "zeros": bool((sd["layer1.weight"] == 0).all())})
         hear()
-    """))
-    reader_code = worker_code(d.socket, """
+    """,
+        )
+    )
+    reader_code = worker_code(
+        d.socket,
+        """
         sd = state_dict("m", socket=SOCK)
         say({"first": float(sd["layer0.weight"][0]), "sum1": float(sd["layer1.weight"].double().sum())})
-    """)
+    """,
+    )
     wrote = writer.read()
     assert wrote == {"first": 12345.0, "zeros": True}, "the writer sees its own writes"
     seen = workers(reader_code).read()
@@ -105,7 +126,10 @@ def test_a_workers_writes_stay_private(tmp_path, make_daemon, workers):
 def test_tensors_outlive_the_client_the_unload_and_the_daemon(tmp_path, make_daemon, workers):
     sd = make_model(tmp_path / "m.safetensors", mib=8, tensors=4)
     d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
-    w = workers(worker_code(d.socket, """
+    w = workers(
+        worker_code(
+            d.socket,
+            """
         import gc, weightd.client.client as cc
         from models import build_tiny
         sd = state_dict("m", socket=SOCK)
@@ -118,7 +142,9 @@ def test_tensors_outlive_the_client_the_unload_and_the_daemon(tmp_path, make_dae
         hear()                                    # the parent unloads and stops the daemon
         gc.collect()
         say({"view": view.tolist()})
-    """))
+    """,
+        )
+    )
     assert w.read() == "attached"
     with d.client() as c:
         c.unload("m")
@@ -135,13 +161,16 @@ def test_segments_under_a_configured_directory(tmp_path, make_daemon, workers):
     d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
     (tmp_path / "host-shm").symlink_to("/dev/shm")  # stands in for a bind mount
     (tmp_path / "private-shm").mkdir()  # what a container without --ipc=host sees
-    code = worker_code(d.socket, """
+    code = worker_code(
+        d.socket,
+        """
         from weightd.client import SegmentError
         try:
             say(float(state_dict("m", socket=SOCK)["layer0.weight"].sum()))
         except SegmentError as e:
             say(str(e))
-    """)
+    """,
+    )
     ok = workers(code, env=dict(worker_env(), WEIGHTD_SHM_DIR=str(tmp_path / "host-shm"))).read()
     assert isinstance(ok, float)
     missing = workers(code, env=dict(worker_env(), WEIGHTD_SHM_DIR=str(tmp_path / "private-shm"))).read()

@@ -37,52 +37,137 @@ socket_option = click.option(
     "--socket",
     envvar=protocol.ENV_SOCKET,
     default=None,
-    help="The daemon's socket [default: $WEIGHTD_SOCKET, /run/weightd/weightd.sock, $XDG_RUNTIME_DIR/weightd.sock, /tmp/weightd-$UID/weightd.sock].",
+    help="The daemon's socket [default: $WEIGHTD_SOCKET, /run/weightd/weightd.sock, "
+    "$XDG_RUNTIME_DIR/weightd.sock, /tmp/weightd-$UID/weightd.sock].",
 )
+
+
+def models_option(help_text: str):
+    """``--model [NAME=]PATH``, repeatable; serve and reload read the same variable."""
+    return click.option(
+        "--model",
+        "models",
+        multiple=True,
+        metavar="[NAME=]PATH",
+        envvar="WEIGHTD_SERVE_MODEL",
+        help=help_text,
+    )
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
 
-@click.group(cls=_Group, context_settings={"auto_envvar_prefix": "WEIGHTD", "help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_Group, context_settings={"auto_envvar_prefix": "WEIGHTD", "help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="weightd")
 def main() -> None:
     """weightd: load model weights once per node into shared memory; attach zero-copy anywhere."""
 
 
 @main.command()
-@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH", envvar="WEIGHTD_SERVE_MODEL",
-              help="A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; NAME defaults to the file or folder stem.")
-@click.option("--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY",
-              help="How clients build model NAME's module when they attach without model=. Repeatable.")
+@models_option(
+    "A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
+    "NAME defaults to the file or folder stem."
+)
+@click.option(
+    "--factory",
+    "factories",
+    multiple=True,
+    metavar="NAME=MODULE:FUNCTION",
+    envvar="WEIGHTD_SERVE_FACTORY",
+    help="How clients build model NAME's module when they attach without model=. Repeatable.",
+)
 @socket_option
-@click.option("--instance", default=None, help="Segment names are weightd.INSTANCE.*  [default: a hash of the socket path]")
+@click.option(
+    "--instance",
+    default=None,
+    help="Segment names are weightd.INSTANCE.*  [default: a hash of the socket path]",
+)
 @click.option("--mode", default="640", show_default=True, help="Permission bits (octal) of the segments.")
-@click.option("--group", default=None, help="Group (name or gid) that may attach: owns the segments and the read socket [default: the daemon's].")
-@click.option("--max-bytes", type=int, default=None, help="Refuse loads that would take the models past this many bytes.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Also accept whole pickled nn.Modules. Unpickling runs any code the file names: only for files you made yourself.")
-@click.option("--model-dir", "model_dirs", multiple=True, metavar="DIR",
-              help="Confine `weightd load` requests to checkpoints inside DIR (symlinks and '..' resolved). Repeatable. [default: any path the daemon can read]")
-@click.option("--device", "devices", multiple=True, metavar="cuda:N",
-              help="Also keep one copy of every model on this GPU, shared with clients through CUDA IPC. Repeatable.")
-@click.option("--unlink-on-exit", is_flag=True,
-              help="Remove the segments when the daemon stops. By default they stay, and the next daemon on this socket adopts them at once instead of reloading.")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(models, factories, socket, instance, mode, group, max_bytes, allow_pickle, model_dirs, devices, unlink_on_exit,
-          log_level) -> None:
+@click.option(
+    "--group",
+    default=None,
+    help="Group (name or gid) that may attach: owns the segments and the read socket "
+    "[default: the daemon's].",
+)
+@click.option(
+    "--max-bytes",
+    type=int,
+    default=None,
+    help="Refuse loads that would take the models past this many bytes.",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Also accept whole pickled nn.Modules. Unpickling runs any code the file names: only for files you "
+    "made yourself.",
+)
+@click.option(
+    "--model-dir",
+    "model_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="Confine `weightd load` requests to checkpoints inside DIR (symlinks and '..' resolved). "
+    "Repeatable. [default: any path the daemon can read]",
+)
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    metavar="cuda:N",
+    help="Also keep one copy of every model on this GPU, shared with clients through CUDA IPC. Repeatable.",
+)
+@click.option(
+    "--unlink-on-exit",
+    is_flag=True,
+    help="Remove the segments when the daemon stops. By default they stay, and the next daemon on this "
+    "socket adopts them at once instead of reloading.",
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def serve(
+    models,
+    factories,
+    socket,
+    instance,
+    mode,
+    group,
+    max_bytes,
+    allow_pickle,
+    model_dirs,
+    devices,
+    unlink_on_exit,
+    log_level,
+) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    from weightd.config import Config
-    from weightd.server import Server
+    from weightd.daemon.config import Config
+    from weightd.daemon.server import Server
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s weightd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s weightd[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     specs = _model_specs(models, factories)
     gid = None
     if group is not None:
         import grp
 
         gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    config = Config(models=specs, socket=socket, instance=instance, mode=int(mode, 8), max_bytes=max_bytes,
-                    allow_pickle=allow_pickle, unlink_on_exit=unlink_on_exit, group=gid,
-                    devices=list(devices), model_dirs=list(model_dirs))
+    config = Config(
+        models=specs,
+        socket=socket,
+        instance=instance,
+        mode=int(mode, 8),
+        max_bytes=max_bytes,
+        allow_pickle=allow_pickle,
+        unlink_on_exit=unlink_on_exit,
+        group=gid,
+        devices=list(devices),
+        model_dirs=list(model_dirs),
+    )
     Server(config).run()
 
 
@@ -91,12 +176,8 @@ def serve(models, factories, socket, instance, mode, group, max_bytes, allow_pic
 @json_option
 def ls(socket, as_json) -> None:
     """List the models the daemon serves."""
-    from weightd.client import Client
-
-    with Client(socket) as c:
-        models = c.list()
-    if as_json:
-        click.echo(json.dumps(models, indent=2))
+    models = _ask(socket, lambda c: c.list(), as_json)
+    if models is None:
         return
     rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SEGMENT")]
     for m in models:
@@ -104,7 +185,17 @@ def ls(socket, as_json) -> None:
             pct = 100 * m["done"] / m["total"] if m["total"] else 0
             rows.append((m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", "-"))
             continue
-        rows.append((m["name"], str(m["generation"]), _size(m["nbytes"]), str(m["tensors"]), "ready", _when(m["created"]), m["segment"]))
+        rows.append(
+            (
+                m["name"],
+                str(m["generation"]),
+                _size(m["nbytes"]),
+                str(m["tensors"]),
+                "ready",
+                _when(m["created"]),
+                m["segment"],
+            )
+        )
     _table(rows)
 
 
@@ -113,12 +204,8 @@ def ls(socket, as_json) -> None:
 @json_option
 def stats(socket, as_json) -> None:
     """Models, the processes attached to each and their memory, /dev/shm, and the daemon itself."""
-    from weightd.client import Client
-
-    with Client(socket) as c:
-        s = c.stats()
-    if as_json:
-        click.echo(json.dumps({k: v for k, v in s.items() if k not in ("v", "ok")}, indent=2))
+    s = _ask(socket, lambda c: {k: v for k, v in c.stats().items() if k not in ("v", "ok")}, as_json)
+    if s is None:
         return
     rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "SHARED", "PRIVATE", "SEGMENT")]
     for m in s["models"]:
@@ -131,7 +218,10 @@ def stats(socket, as_json) -> None:
     _table(rows)
     shm, d = s["shm"], s["daemon"]
     click.echo(f"/dev/shm: {_size(shm['used'])} used of {_size(shm['size'])}, {_size(shm['free'])} free")
-    click.echo(f"daemon: pid {d['pid']}, weightd {d['version']}, up {d['uptime']:.0f} s, Pss {_size(d['pss'])}, private {_size(d['private'])}")
+    click.echo(
+        f"daemon: pid {d['pid']}, weightd {d['version']}, up {d['uptime']:.0f} s, Pss {_size(d['pss'])}, "
+        f"private {_size(d['private'])}"
+    )
 
 
 @main.command()
@@ -147,6 +237,7 @@ def load(path, name, factory, socket, as_json) -> None:
     with Client(socket) as c:
         if sys.stderr.isatty() and not as_json:
             with click.progressbar(length=1, label=f"loading {path}", file=sys.stderr) as bar:
+
                 def progress(done, total):
                     bar.length = max(total, 1)
                     bar.update(done - bar.pos)
@@ -154,7 +245,11 @@ def load(path, name, factory, socket, as_json) -> None:
                 model = c.load(path, name, factory=factory, progress=progress)
         else:
             model = c.load(path, name, factory=factory)
-    click.echo(json.dumps(model, indent=2) if as_json else f"loaded {model['name']} generation {model['generation']} ({_size(model['nbytes'])})")
+    click.echo(
+        json.dumps(model, indent=2)
+        if as_json
+        else f"loaded {model['name']} generation {model['generation']} ({_size(model['nbytes'])})"
+    )
 
 
 @main.command()
@@ -167,13 +262,18 @@ def unload(name, socket, as_json) -> None:
 
     with Client(socket) as c:
         model = c.unload(name)
-    click.echo(json.dumps(model, indent=2) if as_json else f"unloaded {model['name']} generation {model['generation']}")
+    click.echo(
+        json.dumps(model, indent=2)
+        if as_json
+        else f"unloaded {model['name']} generation {model['generation']}"
+    )
 
 
 @main.command()
-@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH", envvar="WEIGHTD_SERVE_MODEL",
-              help="The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).")
-@click.option("--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY")
+@models_option("The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).")
+@click.option(
+    "--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY"
+)
 @socket_option
 def reload(models, factories, socket) -> None:
     """Load the models of --model / $WEIGHTD_SERVE_MODEL that the daemon does not serve yet.
@@ -187,7 +287,7 @@ def reload(models, factories, socket) -> None:
     with Client(socket) as c:
         have = {m["name"] for m in c.list()}
         for spec in specs:
-            name = spec.name or _default_name(spec.path)
+            name = spec.model_name
             if name in have:
                 continue
             model = c.load(spec.path, name, factory=spec.factory)
@@ -205,20 +305,22 @@ def purge(socket, instance) -> None:
     """
     from weightd import segment
     from weightd.client import Client
-    from weightd.config import Config
+    from weightd.daemon.config import Config
     from weightd.errors import AlreadyRunning, DaemonNotRunning
 
     config = Config(socket=socket, instance=instance)
     try:
         with Client(config.socket, timeout=2) as c:
             pid = c.ping()["pid"]
-        raise AlreadyRunning(f"weightd is running on {config.socket} (pid {pid}): stop it first, or unload models there")
+        raise AlreadyRunning(
+            f"weightd is running on {config.socket} (pid {pid}): stop it first, or unload models there"
+        )
     except DaemonNotRunning:
         pass
-    names = segment.list_segments(f"weightd.{config.instance}.")
+    names = segment.list_segments(segment.prefix(config.instance))
     freed = 0
     for name in names:
-        freed += os.stat("/dev/shm" + name).st_size
+        freed += os.stat(segment.path(name)).st_size
         segment.unlink(name)
     click.echo(f"removed {len(names)} segments ({_size(freed)}) of instance {config.instance}")
 
@@ -228,13 +330,13 @@ def purge(socket, instance) -> None:
 @click.option("--size-mib", default=256, show_default=True, help="Size of the built-in demo model.")
 def demo(workers, size_mib) -> None:
     """Build a model, serve it, attach from several workers, print memory and latency."""
-    from weightd.demo import run
+    from weightd.bench.demo import run
 
     run(workers=workers, size_mib=size_mib)
 
 
 def _model_specs(models, factories):
-    from weightd.config import ModelSpec
+    from weightd.daemon.config import ModelSpec
 
     specs = [ModelSpec.parse(m) for text in models for m in text.split()]
     by_name = {}
@@ -242,19 +344,28 @@ def _model_specs(models, factories):
         for item in text.split():
             name, sep, factory = item.partition("=")
             if not sep:
-                raise click.BadParameter(f"{item!r}: write NAME=package.module:function", param_hint="--factory")
+                raise click.BadParameter(
+                    f"{item!r}: write NAME=package.module:function", param_hint="--factory"
+                )
             by_name[name] = factory
     for spec in specs:
-        spec.factory = by_name.pop(spec.name or _default_name(spec.path), None)
+        spec.factory = by_name.pop(spec.model_name, None)
     if by_name:
         raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
     return specs
 
 
-def _default_name(path: str) -> str:
-    from weightd.store import default_name
+def _ask(socket, call, as_json: bool):
+    """``call(client)`` on the daemon at ``socket``; with --json the answer is printed and this
+    returns None, for the command to stop there."""
+    from weightd.client import Client
 
-    return default_name(path)
+    with Client(socket) as c:
+        answer = call(c)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return None
+    return answer
 
 
 def _when(ts: float) -> str:

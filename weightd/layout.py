@@ -7,15 +7,24 @@ module): both describe what they have as blobs, one per storage, and tensors ove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from weightd import segment
 from weightd.errors import CheckpointError
+from weightd.manifest import (
+    DTYPE_SIZES,
+    PAGE_ALIGN,
+    Manifest,
+    StorageMeta,
+    TensorMeta,
+    align_up,
+    storage_alignment,
+)
+
 if TYPE_CHECKING:
     import torch
-
-from weightd.manifest import DTYPE_SIZES, PAGE_ALIGN, Manifest, StorageMeta, TensorMeta, align_up, storage_alignment
 
 
 @dataclass
@@ -26,7 +35,9 @@ class Blob:
     fill: Callable[["segment.Segment", int], None]
 
 
-def from_tensors(tensors: "dict[str, torch.Tensor]", *, source: str) -> tuple[list[Blob], list[TensorMeta], list]:
+def from_tensors(
+    tensors: "dict[str, torch.Tensor]", *, source: str
+) -> tuple[list[Blob], list[TensorMeta], list]:
     """Describe CPU tensors by storage; tensors sharing memory (ties, views) share one blob.
 
     Returns the blobs, the tensors over them, and the storages the fills read from (keep
@@ -41,7 +52,9 @@ def from_tensors(tensors: "dict[str, torch.Tensor]", *, source: str) -> tuple[li
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
-            raise CheckpointError(f"{source}: tensor {name!r} ({type(t).__name__}) has no plain storage to share") from None
+            raise CheckpointError(
+                f"{source}: tensor {name!r} ({type(t).__name__}) has no plain storage to share"
+            ) from None
         key = (storage.data_ptr(), storage.nbytes())
         index = by_storage.get(key)
         if index is None:
@@ -78,16 +91,22 @@ def plain(t: "torch.Tensor", name: str, source) -> "torch.Tensor":
     import torch
 
     if t.is_nested:
-        raise CheckpointError(f"{source}: tensor {name!r} is a nested tensor: unbind it or pad it to a strided tensor")
+        raise CheckpointError(
+            f"{source}: tensor {name!r} is a nested tensor: unbind it or pad it to a strided tensor"
+        )
     if t.layout != torch.strided:
-        raise CheckpointError(f"{source}: tensor {name!r} has layout {t.layout}: convert it with .to_dense() first")
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has layout {t.layout}: convert it with .to_dense() first"
+        )
     if t.device.type == "meta":
         raise CheckpointError(f"{source}: tensor {name!r} is on the meta device: it has no data to serve")
     if t.device.type != "cpu":
         raise CheckpointError(f"{source}: tensor {name!r} is on {t.device}: move it to the CPU first")
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"{source}: tensor {name!r} has dtype {dtype}, which weightd cannot store as plain bytes")
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has dtype {dtype}, which weightd cannot store as plain bytes"
+        )
     # Conjugate and negative views are lazy flags over someone else's bytes: materialise them
     # so the bytes in the segment mean what the tensor means.
     if t.is_conj() or t.is_neg():
@@ -139,7 +158,7 @@ def write(
             done += st.nbytes
             if progress is not None:
                 progress(done, total)
-        seg.write_manifest(encoded, manifest_offset)
+        seg.write_manifest(encoded, manifest_offset, manifest.uuid)
         seg.seal()
     except BaseException:
         seg.destroy()

@@ -105,7 +105,9 @@ class Manifest:
             "skeleton": self.skeleton,
             "metadata": self.metadata,
             "storages": [list(s) for s in self.storages],
-            "tensors": [[t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors],
+            "tensors": [
+                [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
+            ],
         }
 
     def to_json(self) -> bytes:

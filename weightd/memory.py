@@ -63,8 +63,12 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
         return None
     if not found:
         return None
-    return Usage(rss=total["Rss"], pss=total["Pss"], pss_shmem=total["Pss_Shmem"] or total["Pss"],
-                 private=total["Private_Clean"] + total["Private_Dirty"])
+    return Usage(
+        rss=total["Rss"],
+        pss=total["Pss"],
+        pss_shmem=total["Pss_Shmem"] or total["Pss"],
+        private=total["Private_Clean"] + total["Private_Dirty"],
+    )
 
 
 def shm_used(directory: str = "/dev/shm") -> int:
@@ -75,5 +79,8 @@ def shm_used(directory: str = "/dev/shm") -> int:
 
 def shm_usage(directory: str = "/dev/shm") -> dict:
     st = os.statvfs(directory)
-    return {"size": st.f_blocks * st.f_frsize, "used": (st.f_blocks - st.f_bfree) * st.f_frsize,
-            "free": st.f_bavail * st.f_frsize}
+    return {
+        "size": st.f_blocks * st.f_frsize,
+        "used": (st.f_blocks - st.f_bfree) * st.f_frsize,
+        "free": st.f_bavail * st.f_frsize,
+    }

@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from weightd.errors import ProtocolError
+import zmq
+
+from weightd import errors
+from weightd.errors import ProtocolError, RequestTimeout
 
 PROTOCOL_VERSION = 1
 
@@ -28,9 +34,12 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
 MAX_REQUEST_ID_BYTES = 64
 
-# Operations anyone who can reach the socket may use, and those that change what is loaded.
-READ_OPS = frozenset({"ping", "list", "manifest"})
+# Operations anyone who can reach the read socket may use (an allow-list: an op in neither set
+# is refused there), and those that change what is loaded, served on the admin socket only.
+READ_OPS = frozenset({"ping", "list", "stats", "manifest"})
 ADMIN_OPS = frozenset({"load", "unload", "publish_begin", "publish_commit"})
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")  # \Z: "$" would let a final newline in
 
 ENV_SOCKET = "WEIGHTD_SOCKET"
 SYSTEM_SOCKET = "/run/weightd/weightd.sock"
@@ -120,3 +129,62 @@ def field(obj: dict, key: str, kind: type | tuple, *, required: bool = True, def
         if "\x00" in value:
             raise ProtocolError(f"field {key!r} holds a NUL character: {value!r:.80}")
     return value
+
+
+def check_name(name: str) -> str:
+    """A model name both sides accept: 1-128 of letters, digits, '.', '_', '-'."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ProtocolError(
+            f"bad model name {name!r:.80}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+# --- the one request round trip ----------------------------------------------------------------
+
+
+def round_trip(
+    sock: zmq.Socket,
+    rid: bytes,
+    op: str,
+    fields: dict,
+    *,
+    timeout: float,
+    progress: Callable[[int, int], None] | None = None,
+    silent: Callable[[], None] | None = None,
+    where: str = "the daemon",
+) -> dict:
+    """Send one request on a connected DEALER socket and return its reply's header.
+
+    ``timeout`` bounds the silence between messages: a long load that keeps reporting progress
+    (``progress(done, total)``) is not cut off. Replies to other request ids (late answers to
+    requests that already timed out) are dropped. A reply with ``ok: false`` raises the typed
+    error the daemon sent; silence raises ``RequestTimeout``, after ``silent()``, which may
+    raise a more precise error (the daemon is gone).
+    """
+    sock.send_multipart([rid, request(op, **fields)])
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not sock.poll(remaining * 1000):
+            if time.monotonic() < deadline:
+                continue
+            if silent is not None:
+                silent()
+            raise RequestTimeout(
+                f"{where} did not answer {op!r} within {timeout:g} s: it may be busy; "
+                "raise timeout= or $WEIGHTD_TIMEOUT"
+            )
+        frames = sock.recv_multipart()
+        if len(frames) != 2 or frames[0] != rid:
+            continue
+        reply = decode(frames[1], "reply")
+        if not reply.get("ok"):
+            raise errors.from_wire(reply.get("error"))
+        if "progress" in reply:
+            if progress is not None:
+                progress(int(reply["progress"]["done"]), int(reply["progress"]["total"]))
+            deadline = time.monotonic() + timeout
+            continue
+        return reply

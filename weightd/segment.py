@@ -8,6 +8,7 @@ Layout of a segment (all integers little-endian)::
     16     Q   manifest offset
     24     Q   manifest length
     32     Q   seal: 0 while being written, SEALED once complete (written last)
+    40     16s uuid of the contents (the manifest's ``uuid``), so a client checks it in O(1)
     4096   ... storages, 64-byte aligned, large ones page aligned
     M      ... manifest (UTF-8 JSON, see weightd.manifest)
 
@@ -31,7 +32,9 @@ import errno
 import json
 import mmap
 import os
+import re
 import struct
+from typing import NamedTuple
 
 import posix_ipc
 
@@ -39,18 +42,44 @@ from weightd.errors import OutOfSpace, PermissionDenied, SegmentError
 from weightd.manifest import Manifest
 
 MAGIC = b"WEIGHTD\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the contents' uuid in the header
 SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
-HEADER = struct.Struct("<8sIIQQQ")
+HEADER = struct.Struct("<8sIIQQQ16s")
 SEAL_OFFSET = 32
 DATA_OFFSET = 4096
 WRITE_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per write or sendfile call
 
 SHM_DIR = "/dev/shm"
+ENV_SHM_DIR = "WEIGHTD_SHM_DIR"
+_NAME = re.compile(r"^/weightd\.[A-Za-z0-9_.\-]+\Z")
 
 
-def shm_free_bytes(directory: str = SHM_DIR) -> int:
-    st = os.statvfs(directory)
+# --- names and where they live ---------------------------------------------------------------
+
+
+def shm_dir() -> str:
+    """Where segments are: ``$WEIGHTD_SHM_DIR`` (a container that mounts the host's shared
+    memory elsewhere), else /dev/shm, which is where ``shm_open`` puts them on Linux."""
+    return os.environ.get(ENV_SHM_DIR) or SHM_DIR
+
+
+def prefix(instance: str) -> str:
+    """The start of every segment name of a daemon instance (without the leading slash)."""
+    return f"weightd.{instance}."
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` (with its leading slash) can be a weightd segment's name."""
+    return bool(_NAME.match(name))
+
+
+def path(name: str, directory: str | None = None) -> str:
+    """The file behind segment ``name``: ``shm_open(name)`` is ``open(<shm dir>/name)``."""
+    return os.path.join(directory or shm_dir(), name.lstrip("/"))
+
+
+def shm_free_bytes(directory: str | None = None) -> int:
+    st = os.statvfs(directory or shm_dir())
     return st.f_bavail * st.f_frsize
 
 
@@ -72,7 +101,9 @@ class Segment:
         self.fd = fd
 
     @classmethod
-    def create(cls, name: str, size: int, mode: int = 0o600, owner: tuple[int, int] | None = None) -> "Segment":
+    def create(
+        cls, name: str, size: int, mode: int = 0o600, owner: tuple[int, int] | None = None
+    ) -> "Segment":
         """Create a new segment of ``size`` bytes with every page reserved.
 
         ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error
@@ -85,7 +116,9 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode, size=size)
         except posix_ipc.ExistentialError:
-            raise SegmentError(f"segment {name} already exists: another daemon uses the same instance name") from None
+            raise SegmentError(
+                f"segment {name} already exists: another daemon uses the same instance name"
+            ) from None
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"cannot create segment {name}: {e}") from None
         try:
@@ -96,7 +129,8 @@ class Segment:
                     os.fchown(shm.fd, owner[0], owner[1])
                 except PermissionError:
                     raise PermissionDenied(
-                        f"cannot give segment {name} to uid {owner[0]} gid {owner[1]}: publish as the daemon's user or root"
+                        f"cannot give segment {name} to uid {owner[0]} gid {owner[1]}: publish as the "
+                        "daemon's user or root"
                     ) from None
             try:
                 os.posix_fallocate(shm.fd, 0, size)
@@ -133,15 +167,20 @@ class Segment:
             while done < nbytes:  # no sendfile between these files: read and write
                 chunk = os.pread(src_fd, min(nbytes - done, WRITE_CHUNK), src_offset + done)
                 if not chunk:
-                    raise SegmentError("the source file ended early: it shrank while it was being loaded") from None
+                    raise SegmentError(
+                        "the source file ended early: it shrank while it was being loaded"
+                    ) from None
                 self.write(offset + done, chunk)
                 done += len(chunk)
 
-    def write_manifest(self, manifest_json: bytes, manifest_offset: int) -> None:
+    def write_manifest(self, manifest_json: bytes, manifest_offset: int, uuid: str) -> None:
         if manifest_offset + len(manifest_json) > self.size:
             raise SegmentError(f"manifest does not fit in segment {self.name}")
         self.write(manifest_offset, manifest_json)
-        self.write(0, HEADER.pack(MAGIC, FORMAT_VERSION, 0, manifest_offset, len(manifest_json), 0))
+        header = HEADER.pack(
+            MAGIC, FORMAT_VERSION, 0, manifest_offset, len(manifest_json), 0, bytes.fromhex(uuid)
+        )
+        self.write(0, header)
 
     def seal(self) -> None:
         """Mark the segment complete. Written last: everything before it is in place."""
@@ -158,18 +197,25 @@ class Segment:
         unlink(self.name)
 
 
-def read_header(buf) -> tuple[int, int, bool]:
-    """(manifest offset, manifest length, sealed) of a mapped segment, checking the magic."""
+class Header(NamedTuple):
+    manifest_offset: int
+    manifest_length: int
+    sealed: bool
+    uuid: str  # hex, as in the manifest
+
+
+def read_header(buf) -> Header:
+    """The header of a mapped segment, checking the magic, version and bounds."""
     if len(buf) < DATA_OFFSET:
         raise SegmentError(f"segment is {len(buf)} bytes, shorter than its header")
-    magic, version, _, moff, mlen, seal = HEADER.unpack_from(buf, 0)
+    magic, version, _, moff, mlen, seal, uuid = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise SegmentError("segment does not start with the weightd magic")
     if version != FORMAT_VERSION:
         raise SegmentError(f"segment format {version}, this weightd reads {FORMAT_VERSION}")
     if moff < DATA_OFFSET or moff + mlen > len(buf):
         raise SegmentError("segment header points outside the segment")
-    return moff, mlen, seal == SEALED
+    return Header(moff, mlen, seal == SEALED, uuid.hex())
 
 
 def inspect(name: str):
@@ -185,7 +231,7 @@ def inspect(name: str):
         if size < DATA_OFFSET:
             return None, size, False
         with mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as buf:
-            moff, mlen, sealed = read_header(buf)
+            moff, mlen, sealed, uuid = read_header(buf)
             if not sealed:
                 return None, size, False
             try:
@@ -193,18 +239,21 @@ def inspect(name: str):
             except ValueError as e:
                 raise SegmentError(f"segment {name}: manifest is not JSON ({e})") from None
             manifest.validate(DATA_OFFSET, moff)
+            if manifest.uuid != uuid:
+                raise SegmentError(f"segment {name}: its header and manifest disagree on what it holds")
             return manifest, size, True
     finally:
         shm.close_fd()
 
 
-def list_segments(prefix: str, directory: str = SHM_DIR) -> list[str]:
-    """Names (with leading slash) of the segments in /dev/shm that start with ``prefix``."""
+def list_segments(start: str, directory: str | None = None) -> list[str]:
+    """Names (with leading slash) of the segments in the shared-memory directory that start
+    with ``start`` (see ``prefix``)."""
     try:
-        entries = os.listdir(directory)
+        entries = os.listdir(directory or shm_dir())
     except FileNotFoundError:
         return []
-    return sorted("/" + e for e in entries if e.startswith(prefix))
+    return sorted("/" + e for e in entries if e.startswith(start))
 
 
 def unlink(name: str) -> None:

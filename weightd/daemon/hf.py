@@ -42,7 +42,7 @@ def is_model_folder(folder: Path) -> bool:
 
 def read_folder(folder: Path, *, within: list[str] | None = None):
     """Load ``folder`` with ``from_pretrained`` and describe its state dict as a Checkpoint."""
-    from weightd.checkpoint import Checkpoint, check_within
+    from weightd.daemon.checkpoint import Checkpoint, check_within
 
     config = _config(folder)
     try:
@@ -50,7 +50,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
         import transformers
     except ImportError:
         raise CheckpointError(
-            f"{folder} is a Hugging Face model folder (model type {config.get('model_type', '?')!r}); the daemon "
+            f"{folder} is a Hugging Face model folder (model type {config.get('model_type', '?')!r}); the "
+            "daemon "
             f"loads those with transformers, which is not installed where it runs: {EXTRA}"
         ) from None
     if within is not None:
@@ -68,7 +69,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
     except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
         first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{folder}: transformers {transformers.__version__} could not load it with {cls.__name__}.from_pretrained: "
+            f"{folder}: transformers {transformers.__version__} could not load it with "
+            f"{cls.__name__}.from_pretrained: "
             f"{first}"
         ) from None
     seconds = time.perf_counter() - started
@@ -98,7 +100,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
             "generation_config": model.generation_config.to_diff_dict()
             if getattr(model, "generation_config", None) is not None and model.can_generate()
             else None,
-            "converted": converted,  # tensors transformers computed (fused, cast...), not taken from the files
+            # tensors transformers computed (fused, cast...), not taken from the files as they are
+            "converted": converted,
             "converted_bytes": converted_bytes,
             # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
             "unexpected": sorted(info.get("unexpected_keys") or ()),
@@ -106,7 +109,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
         }
     }
     log.info(
-        "%s: %s.from_pretrained in %.2f s (transformers %s, %s): %d tensors, %d converted (%.1f MiB), %d small files",
+        "%s: %s.from_pretrained in %.2f s (transformers %s, %s): %d tensors, %d converted (%.1f MiB), %d "
+        "small files",
         folder,
         type(model).__name__,
         seconds,
@@ -149,8 +153,10 @@ def _model_class(transformers, folder: Path, config: dict):
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise CheckpointError(
-            f"{folder}: config.json names the architecture {name!r:.80}, which transformers {transformers.__version__} "
-            "does not ship (weightd never runs a folder's own code): upgrade transformers, or fix architectures"
+            f"{folder}: config.json names the architecture {name!r:.80}, which transformers "
+            f"{transformers.__version__} "
+            "does not ship (weightd never runs a folder's own code): upgrade transformers, or fix "
+            "architectures"
         )
     return cls
 
@@ -178,7 +184,8 @@ def _weight_files(folder: Path, config: dict) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{folder}: no *.safetensors or pytorch_model.bin weights that transformers would load "
-            f"(model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index): {str(e)[:300]}"
+            "(model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index): "
+            f"{str(e)[:300]}"
         ) from None
     out = []
     root = os.path.realpath(folder)
@@ -191,7 +198,8 @@ def _weight_files(folder: Path, config: dict) -> list[Path]:
             )
         if not p.is_file():
             raise CheckpointError(
-                f"{folder}: its index names shard {p.name!r}, which is missing: copy every shard the index lists "
+                f"{folder}: its index names shard {p.name!r}, which is missing: copy every shard the "
+                "index lists "
                 "into the folder (a partial download?)"
             )
         out.append(p)

@@ -2,7 +2,7 @@
 
 It builds a small transformer (``TinyLM``: a tied embedding/lm_head, and rotary frequencies as
 a non-persistent buffer, which no checkpoint holds and attach must still get right), saves it
-as safetensors and as a torch .pt, and then measures with ``weightd.workers``:
+as safetensors and as a torch .pt, and then measures with ``weightd.bench.workers``:
 
 - every worker loading the checkpoint itself: ``torch.load``, ``safetensors.load_file``;
 - ``weightd serve`` holding it once, and every worker ``attach``-ing it (and running a forward
@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightd import memory, segment, workers as w
+from weightd import memory
+from weightd.bench import workers as w
+from weightd.errors import WeightdError
 
 
 class Block(nn.Module):
@@ -67,7 +69,9 @@ class TinyLM(nn.Module):
         self.lm_head.weight = self.embed.weight  # tied: one storage, two names
         half = dim // heads // 2
         # Not in any checkpoint (persistent=False): attach must compute it, not look for it.
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half), persistent=False)
+        self.register_buffer(
+            "inv_freq", 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / half), persistent=False
+        )
 
     def forward(self, ids):
         angles = torch.arange(ids.shape[1], dtype=torch.float32)[:, None] * self.inv_freq
@@ -92,7 +96,9 @@ def smoke(model: nn.Module) -> None:
     ids = torch.randint(0, model.vocab, (1, 16))
     logits = model(ids)
     if logits.shape != (1, 16, model.vocab) or not torch.isfinite(logits).all():
-        raise AssertionError(f"forward pass gave {tuple(logits.shape)} logits, finite: {bool(torch.isfinite(logits).all())}")
+        raise AssertionError(
+            f"forward pass gave {tuple(logits.shape)} logits, finite: {bool(torch.isfinite(logits).all())}"
+        )
 
 
 def save(model: nn.Module, folder: Path) -> tuple[Path, Path]:
@@ -100,7 +106,7 @@ def save(model: nn.Module, folder: Path) -> tuple[Path, Path]:
     try:
         from safetensors.torch import save_model
     except ImportError:
-        raise SystemExit("weightd demo needs safetensors: pip install 'weightd[bench]'") from None
+        raise WeightdError("weightd demo needs safetensors: pip install 'weightd[bench]'") from None
     st, pt = folder / "model.safetensors", folder / "model.pt"
     save_model(model, str(st))
     torch.save(model.state_dict(), pt)
@@ -113,7 +119,10 @@ def run(workers: int = 4, size_mib: int = 256) -> None:
     torch.manual_seed(0)
     model = TinyLM(**cfg)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups the tie
-    print(f"weightd demo: TinyLM {cfg}: {len(model.state_dict())} tensors, {w.mib(nbytes)} of float32, {workers} workers")
+    print(
+        f"weightd demo: TinyLM {cfg}: {len(model.state_dict())} tensors, {w.mib(nbytes)} of float32, "
+        f"{workers} workers"
+    )
     builder = functools.partial(TinyLM, **cfg)
     with w.sigterm_exits(), tempfile.TemporaryDirectory(prefix="weightd-demo-") as tmp:
         st, pt = save(model, Path(tmp))
@@ -124,39 +133,73 @@ def run(workers: int = 4, size_mib: int = 256) -> None:
             print(f"  {workers} workers: {job.method} ...", flush=True)
             results.append(w.run(job, workers))
         idle = results.pop()
-        print(f"  weightd serve --model demo={st.name}; {workers} workers attach, then {workers} get its state_dict ...", flush=True)
+        print(
+            f"  weightd serve --model demo={st.name}; {workers} workers attach, then {workers} get its "
+            "state_dict ...",
+            flush=True,
+        )
         with w.daemon({"demo": str(st)}) as d:
             job = w.Job(w.WEIGHTD_ATTACH, name="demo", socket=d.socket, builder=builder, forward=smoke)
-            results[:0] = [w.run(job, workers), w.run(w.Job(w.WEIGHTD_STATE_DICT, name="demo", socket=d.socket), workers)]
+            results[:0] = [
+                w.run(job, workers),
+                w.run(w.Job(w.WEIGHTD_STATE_DICT, name="demo", socket=d.socket), workers),
+            ]
             daemon_pss = memory.usage(d.pid).pss
-            segments = len(segment.list_segments(f"weightd.{d.instance}."))
-        leftover = segment.list_segments(f"weightd.{d.instance}.")
+            segments = len(d.segments())
+        leftover = d.segments()
 
     attach, by_state_dict = results[0], results[1]
-    rows = [["method", "gives", "attach/load", "vs weightd", f"total Pss ({workers})", "vs weightd", "Pss_Shmem", "/dev/shm +"]]
+    rows = [
+        [
+            "method",
+            "gives",
+            "attach/load",
+            "vs weightd",
+            f"total Pss ({workers})",
+            "vs weightd",
+            "Pss_Shmem",
+            "/dev/shm +",
+        ]
+    ]
     for r in results:
         module = r.method in w.MODULE_METHODS
         ref = attach if module else by_state_dict
-        rows.append([
-            r.method.replace("-", " ") if r.method in w.WEIGHTD_METHODS else f"every worker {r.method}",
-            "module" if module else "state dict",
-            w.ms(r.latency), "(ref)" if r is ref else w.ratio(r.latency, ref.latency),
-            w.mib(r.pss), "(ref)" if r is ref else w.ratio(r.pss, ref.pss),
-            w.mib(r.pss_shmem), w.mib(max(0, r.shm_used - base)),
-        ])
+        rows.append(
+            [
+                r.method.replace("-", " ") if r.method in w.WEIGHTD_METHODS else f"every worker {r.method}",
+                "module" if module else "state dict",
+                w.ms(r.latency),
+                "(ref)" if r is ref else w.ratio(r.latency, ref.latency),
+                w.mib(r.pss),
+                "(ref)" if r is ref else w.ratio(r.pss, ref.pss),
+                w.mib(r.pss_shmem),
+                w.mib(max(0, r.shm_used - base)),
+            ]
+        )
     print()
     print(w.table(rows))
     print()
-    print(f"model: {w.mib(nbytes)}. attach/load: median per worker, all {workers} starting at once. Pss: summed over the "
-          f"{workers} workers (each page counted once however many share it), all alive, every weight touched; "
-          f"{workers} idle workers (Python and torch, no weights) take {w.mib(idle.pss)} of it.")
-    print(f"weightd attach: skeleton build {w.ms(attach.build)} of {w.ms(attach.latency)}, {attach.copies} weights copied, "
-          f"forward pass in every worker: {'ok' if attach.forward_ok else 'FAILED'}; first touch of all weights {w.ms(attach.touch)}.")
-    print(f"the daemon itself: Pss {w.mib(daemon_pss)} (its Python and torch; the weights are in the segment, "
-          f"{segments} segment{'s' if segments != 1 else ''}).")
+    print(
+        f"model: {w.mib(nbytes)}. attach/load: median per worker, all {workers} starting at once. Pss: "
+        "summed over the "
+        f"{workers} workers (each page counted once however many share it), all alive, every weight touched; "
+        f"{workers} idle workers (Python and torch, no weights) take {w.mib(idle.pss)} of it."
+    )
+    print(
+        f"weightd attach: skeleton build {w.ms(attach.build)} of {w.ms(attach.latency)}, {attach.copies} "
+        "weights copied, "
+        f"forward pass in every worker: {'ok' if attach.forward_ok else 'FAILED'}; first touch of all "
+        f"weights {w.ms(attach.touch)}."
+    )
+    print(
+        f"the daemon itself: Pss {w.mib(daemon_pss)} (its Python and torch; the weights are in the segment, "
+        f"{segments} segment{'s' if segments != 1 else ''})."
+    )
     if leftover or d.leftover:
-        print(f"WARNING: the daemon left {len(d.leftover)} segments of instance {d.instance} in /dev/shm; removed them.")
+        print(
+            f"WARNING: the daemon left {len(d.leftover)} segments of instance {d.instance} in /dev/shm; "
+            "removed them."
+        )
     else:
         print(f"daemon stopped; /dev/shm holds no segment of instance {d.instance}.")
     print(f"({time.monotonic() - t_start:.1f} s)")
-

@@ -20,6 +20,7 @@ import types
 import torch
 from torch import nn
 
+from weightd.client.module import meta_twins
 from weightd.errors import AttachError
 
 # How deep to look for modules in plain objects: a pipeline is a few levels of containers,
@@ -50,12 +51,7 @@ def skeleton(pipeline, modules: dict[str, nn.Module]):
     """A deep copy of ``pipeline`` whose modules' weights are on the meta device."""
     memo: dict[int, object] = {}
     for module in modules.values():
-        persistent = set(module.state_dict(keep_vars=True))
-        for name, t in _named_tensors(module):
-            if id(t) in memo or (name not in persistent and not isinstance(t, nn.Parameter)):
-                continue
-            meta = t.detach().to("meta")
-            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo.update(meta_twins(module))
     try:
         return copy.deepcopy(pipeline, memo)
     except Exception as e:  # deepcopy raises whatever the object's own __deepcopy__ raises
@@ -92,7 +88,8 @@ def retie(slots: dict[int, list[tuple[dict, str]]]) -> None:
         if real is None:
             table, key = places[0]
             raise AttachError(
-                f"a weight ({key!r}) of the pipeline is on the meta device after attach: it is held by no module "
+                f"a weight ({key!r}) of the pipeline is on the meta device after attach: it is held by no "
+                "module "
                 "the wrapper published; add that module's attribute to model_attr_names"
             )
         for table, key in places:
@@ -105,16 +102,6 @@ def get_path(pipeline, path: str):
     for part in _parts(path):
         obj = obj[part] if isinstance(obj, (list, tuple, dict)) else getattr(obj, part)
     return obj
-
-
-def set_path(pipeline, path: str, value) -> None:
-    parts = _parts(path)
-    owner = get_path(pipeline, ".".join(str(p) for p in parts[:-1])) if len(parts) > 1 else pipeline
-    leaf = parts[-1]
-    if isinstance(owner, (list, dict)):
-        owner[leaf] = value
-    else:
-        setattr(owner, leaf, value)
 
 
 def holder_key(path: str) -> str:
@@ -130,20 +117,20 @@ def _only(pipeline, attr_names: list[str]) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     for attr in attr_names:
         if not hasattr(pipeline, attr):
-            raise AttachError(f"model_attr_names names {attr!r}, which the {type(pipeline).__name__} does not have")
+            raise AttachError(
+                f"model_attr_names names {attr!r}, which the {type(pipeline).__name__} does not have"
+            )
         value = getattr(pipeline, attr)
         before = len(found)
         if isinstance(value, nn.Module):
-            _add(found, attr, value)
+            found[attr] = value
         else:
             _walk(value, attr, found, set(), 1)
         if len(found) == before and not any(m is value for m in found.values()):
-            raise AttachError(f"model_attr_names names {attr!r}, which holds a {type(value).__name__}, not an nn.Module")
+            raise AttachError(
+                f"model_attr_names names {attr!r}, which holds a {type(value).__name__}, not an nn.Module"
+            )
     return found
-
-
-def _add(found: dict, path: str, module: nn.Module) -> None:
-    found[path] = module
 
 
 def unique(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -159,10 +146,25 @@ def _walk(obj, path: str, found: dict, seen: set, depth: int) -> None:
     if depth > MAX_DEPTH or id(obj) in seen:
         return
     if isinstance(obj, nn.Module):
-        _add(found, path, obj)
+        found[path] = obj
         return
-    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.Tensor, type, types.ModuleType,
-                        types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+    if isinstance(
+        obj,
+        (
+            str,
+            bytes,
+            int,
+            float,
+            bool,
+            type(None),
+            torch.Tensor,
+            type,
+            types.ModuleType,
+            types.FunctionType,
+            types.MethodType,
+            types.BuiltinFunctionType,
+        ),
+    ):
         return
     seen.add(id(obj))
     prefix = f"{path}." if path else ""
@@ -176,8 +178,3 @@ def _walk(obj, path: str, found: dict, seen: set, depth: int) -> None:
     elif hasattr(obj, "__dict__"):
         for k, v in vars(obj).items():
             _walk(v, prefix + k, found, seen, depth + 1)
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)

@@ -64,14 +64,18 @@ class Checkpoint:
         base = len(self.blobs)
         for t in other.tensors:
             if t.name in names:
-                raise CheckpointError(f"{other.path}: tensor {t.name!r} is also in another shard of {self.path}")
+                raise CheckpointError(
+                    f"{other.path}: tensor {t.name!r} is also in another shard of {self.path}"
+                )
             self.tensors.append(t._replace(storage=t.storage + base))
         self.blobs.extend(other.blobs)
         self.metadata.update(other.metadata)
         self.keepalive.extend(other.keepalive)
 
 
-def read(path: str | os.PathLike, *, allow_pickle: bool = False, within: list[str] | None = None) -> Checkpoint:
+def read(
+    path: str | os.PathLike, *, allow_pickle: bool = False, within: list[str] | None = None
+) -> Checkpoint:
     """Open and validate a checkpoint file or folder; nothing is copied yet.
 
     ``within``: folders every file read must lie in, after resolving symlinks (``--model-dir``:
@@ -120,11 +124,14 @@ def read_safetensors(path: Path) -> Checkpoint:
         size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated: {size} bytes is shorter than the 8-byte safetensors header length")
+            raise CheckpointError(
+                f"{path}: truncated: {size} bytes is shorter than the 8-byte safetensors header length"
+            )
         hlen = int.from_bytes(raw, "little")
         if hlen > MAX_SAFETENSORS_HEADER or 8 + hlen > size:
             raise CheckpointError(
-                f"{path}: bad header length {hlen} for a file of {size} bytes: the file is truncated or not safetensors"
+                f"{path}: bad header length {hlen} for a file of {size} bytes: the file is truncated or not "
+                "safetensors"
             )
         try:
             header = json.loads(f.read(hlen))
@@ -144,7 +151,8 @@ def read_safetensors(path: Path) -> Checkpoint:
             dtype, shape, begin, end = _safetensors_entry(path, name, info)
             if end > data_len:
                 raise CheckpointError(
-                    f"{path}: tensor {name!r} ends at byte {end} of a {data_len}-byte data area: the file is truncated"
+                    f"{path}: tensor {name!r} ends at byte {end} of a {data_len}-byte data area: the file "
+                    "is truncated"
                 )
             spans.append((begin, end, name))
             ck.tensors.append(TensorMeta(name, len(ck.blobs), 0, dtype, shape, contiguous_stride(shape)))
@@ -156,7 +164,9 @@ def read_safetensors(path: Path) -> Checkpoint:
             if e1 == b1:
                 continue  # zero-length tensors overlap nothing (and must not hide an overlap)
             if n0 is not None and b1 < e0:
-                raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})")
+                raise CheckpointError(
+                    f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b0}-{e0} and {b1}-{e1})"
+                )
             if e1 > e0:
                 b0, e0, n0 = b1, e1, n1
         end = max((e for _, e, _ in spans), default=0)
@@ -191,10 +201,17 @@ def _safetensors_entry(path, name, info):
     if math.prod(max(n, 1) for n in shape) >= 2**63:
         # Even with no elements (a 0 in the shape), sizes and strides must fit in int64 or no
         # client can build the tensor.
-        raise CheckpointError(f"{path}: tensor {name!r} has a shape {shape!r:.100} whose sizes overflow int64")
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
-    ) or offsets[0] > offsets[1]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has a shape {shape!r:.100} whose sizes overflow int64"
+        )
+    if (
+        not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets)
+        )
+        or offsets[0] > offsets[1]
+    ):
         raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r:.100}")
     begin, end = offsets
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -304,15 +321,21 @@ def _read_index(index: Path, *, allow_pickle: bool, within: list[str] | None) ->
     for shard in shards:
         if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
             raise CheckpointError(f"{index}: names shard {shard!r}, which is not a file in {index.parent}")
-    ck = _read_many(index.parent, [index.parent / s for s in shards], allow_pickle=allow_pickle, within=within)
+    ck = _read_many(
+        index.parent, [index.parent / s for s in shards], allow_pickle=allow_pickle, within=within
+    )
     have = {t.name for t in ck.tensors}
     missing = [k for k in weight_map if k not in have]
     if missing:
-        raise CheckpointError(f"{index}: {len(missing)} tensors in the index are in no shard, e.g. {missing[:3]}")
+        raise CheckpointError(
+            f"{index}: {len(missing)} tensors in the index are in no shard, e.g. {missing[:3]}"
+        )
     return ck
 
 
-def _read_many(folder: Path, files: list[Path], *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
+def _read_many(
+    folder: Path, files: list[Path], *, allow_pickle: bool, within: list[str] | None
+) -> Checkpoint:
     ck = Checkpoint(path=str(folder), format="safetensors" if files[0].suffix == ".safetensors" else "torch")
     try:
         for f in files:

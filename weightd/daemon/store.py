@@ -26,17 +26,18 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from weightd import checkpoint, layout, segment
+from weightd import layout, segment
+from weightd.daemon import checkpoint
 from weightd.errors import ModelNotFound, OutOfSpace, ProtocolError, SegmentError
 from weightd.manifest import Manifest
+from weightd.protocol import check_name
 
 log = logging.getLogger("weightd")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")  # \Z: "$" would let a final newline in
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 RESERVATION_SECONDS = 600.0  # a publish that does not commit in this long is abandoned
 RETIRE_GRACE_SECONDS = 5.0  # a retired generation is kept at least this long after its last request
@@ -47,7 +48,7 @@ class Model:
     manifest: Manifest
     size: int  # bytes of the segment
     attached: set[int] = field(default_factory=set)  # pids that asked for this generation
-    gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.gpu.GpuCopy (serve --device)
+    gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.daemon.gpu.GpuCopy (serve --device)
     touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
 
     def summary(self) -> dict:
@@ -65,29 +66,23 @@ class Model:
         }
 
 
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ProtocolError(
-            f"bad model name {name!r:.80}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return name
-
-
 def check_factory(factory: str | None) -> str | None:
     if factory is not None and not (isinstance(factory, str) and FACTORY_RE.match(factory)):
         raise ProtocolError(f"bad factory {factory!r:.80}: write it as package.module:function")
     return factory
 
 
-def default_name(path: str) -> str:
-    p = Path(path)
-    return p.name.split(".")[0] if p.is_file() or p.suffix else p.name
-
-
 class Store:
-    def __init__(self, instance: str, mode: int = 0o640, max_bytes: int | None = None, allow_pickle: bool = False,
-                 group: int | None = None, devices: list[str] | None = None):
-        self.prefix = f"weightd.{instance}."
+    def __init__(
+        self,
+        instance: str,
+        mode: int = 0o640,
+        max_bytes: int | None = None,
+        allow_pickle: bool = False,
+        group: int | None = None,
+        devices: list[str] | None = None,
+    ):
+        self.prefix = segment.prefix(instance)
         self.mode = mode
         self.gid = os.getegid() if group is None else group
         self.max_bytes = max_bytes
@@ -100,9 +95,9 @@ class Store:
         self._lock = threading.Lock()
         self.devices = list(devices or [])
         if self.devices:
-            from weightd import gpu  # only with --device: CPU-only daemons never touch CUDA
+            from weightd import cuda  # only with --device: CPU-only daemons never touch CUDA
 
-            self._devices = [gpu.resolve(d) for d in self.devices]
+            self._devices = [cuda.resolve(d) for d in self.devices]
 
     # --- queries ---
 
@@ -111,7 +106,11 @@ class Store:
             model = self._models.get(name)
             if generation is not None and (model is None or model.manifest.generation != generation):
                 model = next(
-                    (m for m in self._retired.values() if m.manifest.name == name and m.manifest.generation == generation),
+                    (
+                        m
+                        for m in self._retired.values()
+                        if m.manifest.name == name and m.manifest.generation == generation
+                    ),
                     None,
                 )
                 if model is None:
@@ -119,7 +118,8 @@ class Store:
             if model is None:
                 known = ", ".join(sorted(self._models)) or "none"
                 raise ModelNotFound(
-                    f"no model named {name!r} is loaded (loaded: {known}): load it with `weightd load PATH --name {name}`"
+                    f"no model named {name!r} is loaded (loaded: {known}): load it with `weightd load PATH "
+                    f"--name {name}`"
                 )
             if pid is not None:
                 model.attached.add(pid)
@@ -143,9 +143,15 @@ class Store:
 
     # --- loading and publishing ---
 
-    def load(self, path: str, name: str | None = None, factory: str | None = None,
-             progress: Callable[[int, int], None] | None = None, within: list[str] | None = None) -> Model:
-        name = check_name(name or default_name(path))
+    def load(
+        self,
+        path: str,
+        name: str,
+        factory: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        within: list[str] | None = None,
+    ) -> Model:
+        name = check_name(name)
         check_factory(factory)
         started = time.monotonic()
         ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within)
@@ -168,8 +174,13 @@ class Store:
         model = self._publish(Model(manifest, size))
         log.info(
             "loaded %s generation %d from %s: %d tensors, %.1f MiB in %.2f s (%s)",
-            name, manifest.generation, path, len(manifest.tensors), manifest.nbytes / 2**20,
-            time.monotonic() - started, manifest.segment,
+            name,
+            manifest.generation,
+            path,
+            len(manifest.tensors),
+            manifest.nbytes / 2**20,
+            time.monotonic() - started,
+            manifest.segment,
         )
         return model
 
@@ -189,20 +200,31 @@ class Store:
         with self._lock:
             reserved, _ = self._reserved.pop(segment_name, (None, 0))
         if reserved is None:
-            raise ProtocolError(f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)")
+            raise ProtocolError(
+                f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)"
+            )
         try:
             manifest, size, sealed = segment.inspect(segment_name)
             if not sealed:
                 raise SegmentError(f"segment {segment_name} is not sealed: the publish did not finish")
-            if (manifest.name, manifest.generation, manifest.uuid) != (reserved.name, reserved.generation, reserved.uuid):
+            if (manifest.name, manifest.generation, manifest.uuid) != (
+                reserved.name,
+                reserved.generation,
+                reserved.uuid,
+            ):
                 raise SegmentError(f"segment {segment_name} does not hold the publish that reserved it")
             check_factory((manifest.skeleton or {}).get("factory"))
         except BaseException:
             segment.unlink(segment_name)
             raise
         model = self._publish(Model(manifest, size))
-        log.info("published %s generation %d: %d tensors, %.1f MiB", manifest.name, manifest.generation,
-                 len(manifest.tensors), manifest.nbytes / 2**20)
+        log.info(
+            "published %s generation %d: %d tensors, %.1f MiB",
+            manifest.name,
+            manifest.generation,
+            len(manifest.tensors),
+            manifest.nbytes / 2**20,
+        )
         return model
 
     def unload(self, name: str) -> Model:
@@ -226,7 +248,7 @@ class Store:
         found: dict[str, list[Model]] = {}
         for name in segment.list_segments(self.prefix):
             try:
-                uid = os.stat(os.path.join(segment.SHM_DIR, name.lstrip("/"))).st_uid
+                uid = os.stat(segment.path(name)).st_uid
             except FileNotFoundError:
                 continue
             if uid != os.geteuid():
@@ -254,7 +276,9 @@ class Store:
             adopted.append(newest)
             for old in models[:-1]:  # nobody can be known to map them after a restart
                 segment.unlink(old.manifest.segment)
-            log.info("adopted %s generation %d (%s)", name, newest.manifest.generation, newest.manifest.segment)
+            log.info(
+                "adopted %s generation %d (%s)", name, newest.manifest.generation, newest.manifest.segment
+            )
         return adopted
 
     def reap(self, maps: Callable[[int, str], bool]) -> None:
@@ -273,7 +297,7 @@ class Store:
                 # short-lived client for as long as the generation is served.
                 model.attached = {pid for pid in model.attached if os.path.exists(f"/proc/{pid}")}
         if self.devices:
-            from weightd import gpu
+            from weightd.daemon import gpu
 
             gpu.collect()  # blocks of dropped generations whose clients have all let go
         for s in expired:
@@ -287,7 +311,11 @@ class Store:
                 with self._lock:
                     self._retired.pop(s, None)
                 segment.unlink(s)
-                log.info("freed %s generation %d: no process maps it any more", model.manifest.name, model.manifest.generation)
+                log.info(
+                    "freed %s generation %d: no process maps it any more",
+                    model.manifest.name,
+                    model.manifest.generation,
+                )
 
     def close(self, unlink: bool) -> None:
         """On stop: keep the segments for the next daemon to adopt, or unlink them all."""
@@ -329,7 +357,7 @@ class Store:
     def _publish(self, model: Model) -> Model:
         """Make ``model`` what its name serves; the generation it replaces is retired."""
         if self.devices:
-            from weightd import gpu
+            from weightd.daemon import gpu
 
             for dev in self._devices:  # one copy per GPU, made before the name serves it
                 copy = gpu.GpuCopy.from_segment(model.manifest, dev)

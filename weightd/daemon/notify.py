@@ -28,10 +28,6 @@ class Notifier:
         self.watchdog_interval = int(usec) / 2e6 if watchdog else None
         self._sock = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def send(self, **fields) -> None:
         """``send(READY=1, STATUS="serving 3 models")``: best effort, never raises."""
         if not self.address:

@@ -10,7 +10,7 @@ Note [a Ray actor's children are SIGKILLed]
     the actor), starts the daemon as *its* child, and waits for the actor's process to end
     (a pidfd, immune to pid reuse); then it sends the daemon SIGTERM and waits for it.
 
-    python -m weightd.client.ray_supervisor ACTOR_PID LOG -- weightd serve ...
+    python -m weightd.client.ray_zerocopy.supervisor ACTOR_PID LOG -- weightd serve ...
 
 Stdlib only: it must start fast and hold little memory.
 """
@@ -35,8 +35,9 @@ def main(argv: list[str]) -> int:
     os.setsid()
     watch = os.pidfd_open(int(actor_pid))
     with open(log, "ab") as out:
-        daemon = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  preexec_fn=_die_with_parent)
+        daemon = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
     # Our own SIGTERM (shutdown_daemons, or the machine going down) passes on to the daemon.
     signal.signal(signal.SIGTERM, lambda *_: daemon.send_signal(signal.SIGTERM))
     while daemon.poll() is None:

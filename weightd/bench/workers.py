@@ -16,8 +16,9 @@ workers). Each one:
 
 Summing ``Pss`` over the workers counts every resident page once however many of them share
 it, so it is the memory the ``n`` workers cost together; ``Pss_Shmem`` is the part in shared
-memory (weightd's segments). ``daemon()`` runs a ``weightd serve`` for the workers to attach
-to and removes every segment of its instance on the way out.
+memory (weightd's segments). ``daemon()`` (``weightd.bench.spawn.throwaway``) runs a
+``weightd serve`` for the workers to attach to and removes every segment of its instance on
+the way out.
 
 Everything started here is stopped here, also on errors and Ctrl-C.
 """
@@ -25,23 +26,18 @@ Everything started here is stopped here, also on errors and Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import multiprocessing
 import os
-import shutil
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import traceback
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from weightd import memory, segment
+from weightd import memory
+from weightd.bench import spawn
 
 WEIGHTD_STATE_DICT = "weightd-state_dict"
 WEIGHTD_ATTACH = "weightd-attach"
@@ -117,7 +113,9 @@ def run(job: Job, workers: int, *, timeout: float = 600.0) -> Result:
     try:
         for _ in range(workers):
             parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(child_end, job), daemon=True, name=f"weightd-worker-{job.method}")
+            p = ctx.Process(
+                target=_worker, args=(child_end, job), daemon=True, name=f"weightd-worker-{job.method}"
+            )
             p.start()
             child_end.close()  # so that a dead worker reads as EOF here, not as silence
             procs.append(p)
@@ -153,7 +151,9 @@ def run(job: Job, workers: int, *, timeout: float = 600.0) -> Result:
         nbytes=reports[0]["nbytes"],
         build=statistics.median(builds) if builds else None,
         copies=max(r["copies"] for r in reports) if builds else None,
-        forward_ok=all(r["forward_ok"] for r in reports) if job.forward and job.method in MODULE_METHODS else None,
+        forward_ok=all(r["forward_ok"] for r in reports)
+        if job.forward and job.method in MODULE_METHODS
+        else None,
     )
 
 
@@ -167,7 +167,9 @@ def _expect(conn, proc, what: str, deadline: float):
         kind, payload = conn.recv()
     except EOFError:
         proc.join(1)
-        raise WorkerError(f"worker {proc.pid} died (exit code {proc.exitcode}) before it said {what!r}") from None
+        raise WorkerError(
+            f"worker {proc.pid} died (exit code {proc.exitcode}) before it said {what!r}"
+        ) from None
     if kind == "error":
         raise WorkerError(f"worker {proc.pid} failed:\n{payload}")
     assert kind == what, (kind, what)
@@ -211,14 +213,19 @@ def _worker(conn, job: Job) -> None:
             from weightd.client import info
 
             copies = info(weights).copies
-        conn.send(("done", {
-            "latency": statistics.median(times),
-            "touch": touch,
-            "nbytes": nbytes,
-            "build": statistics.median(builds) if builds else None,
-            "copies": copies,
-            "forward_ok": forward_ok,
-        }))
+        conn.send(
+            (
+                "done",
+                {
+                    "latency": statistics.median(times),
+                    "touch": touch,
+                    "nbytes": nbytes,
+                    "build": statistics.median(builds) if builds else None,
+                    "copies": copies,
+                    "forward_ok": forward_ok,
+                },
+            )
+        )
         conn.recv()  # the barrier: hold the weights until the parent has measured everyone
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass  # the parent went away or was interrupted: just go
@@ -283,84 +290,13 @@ def _touch(weights) -> tuple[int, int]:
 
 # --- a daemon to attach to -----------------------------------------------------------------
 
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    socket: str
-    instance: str
-    leftover: list[str] = field(default_factory=list)  # segments found after it stopped (removed)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-@contextlib.contextmanager
-def daemon(models: dict[str, str], *, ready_timeout: float = 300.0):
-    """``weightd serve`` in a subprocess on a private socket and a unique instance.
-
-    Yields once the daemon answers (it loads ``models`` before it binds). On the way out it
-    is stopped with SIGTERM (killed if it hangs), and any segment of its instance still in
-    /dev/shm is removed and listed in ``Daemon.leftover``.
-    """
-    from weightd.client import Client, DaemonNotRunning
-
-    instance = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = tempfile.mkdtemp(prefix="weightd-")  # short: a unix socket path has ~100 bytes
-    sock = os.path.join(tmp, "w.sock")
-    # --unlink-on-exit: this daemon is throwaway, so a stop frees its segments (by default a
-    # daemon leaves them for the next one on its socket to adopt).
-    cmd = [sys.executable, "-m", "weightd", "serve", "--socket", sock, "--instance", instance, "--unlink-on-exit",
-           "--log-level", "warning"]
-    for name, path in models.items():
-        cmd += ["--model", f"{name}={path}"]
-    log = open(os.path.join(tmp, "daemon.log"), "w+b")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    d = Daemon(proc, sock, instance)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"weightd serve exited with {proc.returncode}:\n{log.read().decode(errors='replace')[-3000:]}")
-            try:
-                with Client(sock, timeout=1.0) as c:
-                    c.ping()
-                break
-            except DaemonNotRunning:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"weightd serve did not answer within {ready_timeout:g} s") from None
-                time.sleep(0.05)
-        yield d
-    finally:
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            d.leftover = segment.list_segments(f"weightd.{instance}.")
-            for name in d.leftover:
-                segment.unlink(name)
-            log.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _die_with_parent() -> None:
-    """In the daemon's child, before exec: SIGTERM it if we die, even by SIGKILL, so that its
-    segments (gigabytes of /dev/shm that outlive every process) are unlinked."""
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+daemon = spawn.throwaway  # ``with daemon({"name": path}) as d:``, see weightd.bench.spawn
 
 
 @contextlib.contextmanager
 def sigterm_exits():
     """Turn SIGTERM into SystemExit for the duration, so ``finally`` blocks clean up."""
+
     def handler(sig, frame):
         raise SystemExit(128 + sig)
 

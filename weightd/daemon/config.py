@@ -5,8 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from weightd.protocol import default_socket
+
+
+def default_name(path: str) -> str:
+    """The name a model gets when none is given: the file's stem, or the folder's name."""
+    p = Path(path)
+    return p.name.split(".")[0] if p.is_file() or p.suffix else p.name
 
 
 @dataclass
@@ -14,6 +21,10 @@ class ModelSpec:
     path: str
     name: str | None = None
     factory: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.name or default_name(self.path)
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":

@@ -2,7 +2,7 @@
 
 ``ray-zerocopy`` puts each model into the Ray object store and rebuilds it from there in every
 actor. Here the weights go into each node's daemon once (``publish``), the wrapper that Ray
-pickles to actors holds only model names and a weightless skeleton (ray_pipeline), and
+pickles to actors holds only model names and a weightless skeleton (ray_zerocopy.pipeline), and
 ``load()`` attaches: the actor's module is an ordinary ``nn.Module`` over the node's shared
 pages. Differences a user of ``ray-zerocopy`` may notice, all on purpose:
 
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from weightd.client import client as _client
-from weightd.client import ray_pipeline as rp
-from weightd.client.ray_daemons import node_socket
-from weightd.client.ray_models import publish_everywhere, unload_everywhere
+from weightd.client.ray_zerocopy import pipeline as rp
+from weightd.client.ray_zerocopy.daemons import node_socket
+from weightd.client.ray_zerocopy.models import publish_everywhere, unload_everywhere
 from weightd.errors import AttachError
 
 Mode = Literal["task", "actor"]
@@ -55,8 +55,17 @@ class ModelWrapper:
     >>> rewritten(x)
     """
 
-    def __init__(self, skeleton, name: str, paths: dict[str, str], *, is_standalone_module: bool, mode: Mode = "actor",
-                 methods: dict[str, list[str]] | None = None, socket: str | None = None):
+    def __init__(
+        self,
+        skeleton,
+        name: str,
+        paths: dict[str, str],
+        *,
+        is_standalone_module: bool,
+        mode: Mode = "actor",
+        methods: dict[str, list[str]] | None = None,
+        socket: str | None = None,
+    ):
         self._skeleton = skeleton
         self._name = name
         self._paths = paths  # every path that holds a module -> the holder key of that module
@@ -71,8 +80,16 @@ class ModelWrapper:
     # --- the ray-zerocopy API ---
 
     @classmethod
-    def from_model(cls, model_or_pipeline, mode: Mode = "actor", model_attr_names: list[str] | None = None,
-                   method_names: tuple | None = None, *, name: str | None = None, socket: str | None = None) -> "ModelWrapper":
+    def from_model(
+        cls,
+        model_or_pipeline,
+        mode: Mode = "actor",
+        model_attr_names: list[str] | None = None,
+        method_names: tuple | None = None,
+        *,
+        name: str | None = None,
+        socket: str | None = None,
+    ) -> "ModelWrapper":
         """Publish the modules of ``model_or_pipeline`` to every node's daemon and wrap them.
 
         ``model_attr_names`` limits which attributes hold the models (default: every module
@@ -86,7 +103,8 @@ class ModelWrapper:
         found = rp.find_modules(model_or_pipeline, model_attr_names)
         if not found:
             raise AttachError(
-                f"found no nn.Module in the {type(model_or_pipeline).__name__}: wrap a module, or an object that holds "
+                f"found no nn.Module in the {type(model_or_pipeline).__name__}: wrap a module, or an object "
+                "that holds "
                 "modules in its attributes, lists or dicts (or name them with model_attr_names=)"
             )
         unique = rp.unique(found)
@@ -99,16 +117,21 @@ class ModelWrapper:
         methods = None
         if mode == "task":
             wanted = tuple(method_names) if method_names is not None else ("__call__",)
-            methods = {keys[p]: sorted({m for m in wanted if hasattr(mod, m)} | {"__call__"}) for p, mod in unique.items()}
+            methods = {
+                keys[p]: sorted({m for m in wanted if hasattr(mod, m)} | {"__call__"})
+                for p, mod in unique.items()
+            }
         skeleton = rp.skeleton(model_or_pipeline, found)
-        return cls(skeleton, name, paths, is_standalone_module=standalone, mode=mode, methods=methods, socket=socket)
+        return cls(
+            skeleton, name, paths, is_standalone_module=standalone, mode=mode, methods=methods, socket=socket
+        )
 
     @classmethod
     def for_tasks(cls, model_or_pipeline, method_names: tuple | None = None, **kwargs):
         """``from_model(..., mode="task").load()``: the pipeline with its modules run as Ray tasks."""
         return cls.from_model(model_or_pipeline, mode="task", method_names=method_names, **kwargs).load()
 
-    def load(self, device: str | torch.device | None = None, *, requires_grad: bool = False, _use_fast_load: bool = False):
+    def load(self, device: str | torch.device | None = None, *, requires_grad: bool = False):
         """The model or pipeline, ready to use.
 
         Actor mode: attaches the weights from this node's daemon (in an actor, a task, or the
@@ -130,7 +153,7 @@ class ModelWrapper:
         slots = rp.meta_slots(pipeline)
         _client.attach(self._name, target, socket=node_socket(self._socket), requires_grad=requires_grad)
         rp.retie(slots)
-        for module in (target.values() if isinstance(target, nn.ModuleDict) else [target]):
+        for module in target.values() if isinstance(target, nn.ModuleDict) else [target]:
             module.eval()
             if device is not None and torch.device(device).type != "cpu":
                 module.to(device)
@@ -138,14 +161,36 @@ class ModelWrapper:
 
     def serialize(self) -> dict:
         """The wrapper's state as a dict; ``ModelWrapper.deserialize(**d)`` rebuilds it."""
-        return {"skeleton": self._weightless(), "name": self._name, "paths": self._paths,
-                "is_standalone_module": self._is_standalone_module, "mode": self._mode, "methods": self._methods,
-                "socket": self._socket}
+        return {
+            "skeleton": self._weightless(),
+            "name": self._name,
+            "paths": self._paths,
+            "is_standalone_module": self._is_standalone_module,
+            "mode": self._mode,
+            "methods": self._methods,
+            "socket": self._socket,
+        }
 
     @classmethod
-    def deserialize(cls, skeleton, name: str, paths: dict, is_standalone_module: bool = False, mode: Mode = "actor",
-                    methods: dict | None = None, socket: str | None = None) -> "ModelWrapper":
-        return cls(skeleton, name, paths, is_standalone_module=is_standalone_module, mode=mode, methods=methods, socket=socket)
+    def deserialize(
+        cls,
+        skeleton,
+        name: str,
+        paths: dict,
+        is_standalone_module: bool = False,
+        mode: Mode = "actor",
+        methods: dict | None = None,
+        socket: str | None = None,
+    ) -> "ModelWrapper":
+        return cls(
+            skeleton,
+            name,
+            paths,
+            is_standalone_module=is_standalone_module,
+            mode=mode,
+            methods=methods,
+            socket=socket,
+        )
 
     # --- beyond ray-zerocopy ---
 
@@ -162,31 +207,44 @@ class ModelWrapper:
 
     def __call__(self, *args, **kwargs):
         if self._mode != "task":
-            raise TypeError("this is an actor mode wrapper: call .load() in the actor, and call what it returns")
+            raise TypeError(
+                "this is an actor mode wrapper: call .load() in the actor, and call what it returns"
+            )
         return self._rewrite()(*args, **kwargs)
 
     def __getattr__(self, attr: str):
         if attr.startswith("_"):
             raise AttributeError(attr)
         if self._mode != "task":
-            raise AttributeError(f"{attr!r}: this is an actor mode wrapper: call .load() in the actor and use what it returns")
+            raise AttributeError(
+                f"{attr!r}: this is an actor mode wrapper: call .load() in the actor and use what it returns"
+            )
         return getattr(self._rewrite(), attr)
 
     def __getstate__(self) -> dict:
         return self.serialize()
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["skeleton"], state["name"], state["paths"], is_standalone_module=state["is_standalone_module"],
-                      mode=state["mode"], methods=state["methods"], socket=state["socket"])
+        self.__init__(
+            state["skeleton"],
+            state["name"],
+            state["paths"],
+            is_standalone_module=state["is_standalone_module"],
+            mode=state["mode"],
+            methods=state["methods"],
+            socket=state["socket"],
+        )
         self._fresh = True
         if self._mode == "actor":
             # Connect to the node's daemon while Ray is still setting the actor up, so that
             # load() only asks for the manifest. A failure here is load()'s to report.
             with contextlib.suppress(Exception):
-                _client._client(node_socket(self._socket))
+                _client.cached_client(node_socket(self._socket))
 
     def __repr__(self) -> str:
-        return f"ModelWrapper({self._name!r}, mode={self._mode!r}, modules={sorted(set(self._paths.values()))})"
+        return (
+            f"ModelWrapper({self._name!r}, mode={self._mode!r}, modules={sorted(set(self._paths.values()))})"
+        )
 
     def _weightless(self):
         """The skeleton; made anew (weights to meta) after a fresh one was loaded into."""
@@ -208,8 +266,10 @@ class ModelWrapper:
             skeleton = weightless if self._is_standalone_module else self._holder(weightless)
             # One copy of the weightless skeleton in the object store, shared by every call.
             ref = ray.put(skeleton)
-            shims = {key: RemoteModule(ref, self._name, key, self._is_standalone_module, methods, self._socket)
-                     for key, methods in self._methods.items()}
+            shims = {
+                key: RemoteModule(ref, self._name, key, self._is_standalone_module, methods, self._socket)
+                for key, methods in self._methods.items()
+            }
             if self._is_standalone_module:
                 self._rewritten = shims["root"]
             else:
@@ -224,7 +284,9 @@ class RemoteModule:
     """Stands where a module was: calling it (or one of its methods) runs a Ray task that
     attaches the weights on its worker and calls the module there, under ``torch.no_grad()``."""
 
-    def __init__(self, skeleton_ref, name: str, key: str, standalone: bool, methods: list[str], socket: str | None):
+    def __init__(
+        self, skeleton_ref, name: str, key: str, standalone: bool, methods: list[str], socket: str | None
+    ):
         self._spec = (skeleton_ref, name, key, standalone, socket)
         self._methods = frozenset(methods)
 
@@ -250,7 +312,9 @@ class RemoteModule:
 
 
 @ray.remote
-def _call_module(skeleton, name: str, key: str, standalone: bool, socket: str | None, method: str, args, kwargs):
+def _call_module(
+    skeleton, name: str, key: str, standalone: bool, socket: str | None, method: str, args, kwargs
+):
     # Ray hands each call its own unpickled skeleton, so it can be filled in place.
     _client.attach(name, skeleton, socket=node_socket(socket))
     module = skeleton if standalone else skeleton[key]

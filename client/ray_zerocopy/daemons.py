@@ -16,8 +16,7 @@ Note [the node-local socket]
     would make them share one daemon. A daemon's segments are named after a hash of its socket
     path (``weightd.<instance>.*``), so per-node sockets get per-node segments too.
 
-This module imports neither torch nor weightd.client.client: the daemon actor and the probe
-tasks stay small processes.
+The daemon actor and the probe tasks use only the torch-free connection.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ import zmq
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from weightd import protocol
-from weightd.errors import DaemonNotRunning
+from weightd.client.connection import Connection
+from weightd.errors import DaemonNotRunning, WeightdError
 
 NAMESPACE = "weightd"
 ACTOR_PREFIX = "weightd-daemon-"
@@ -70,22 +70,11 @@ def ray_socket(node_id: str) -> str:
 
 def ping(socket: str, timeout: float = 2.0) -> dict | None:
     """The daemon's ping reply, or None when nobody answers there (torch-free)."""
-    if not os.path.exists(socket):
-        return None
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(protocol.endpoint(socket))
-        sock.send_multipart([b"ping", protocol.request("ping")])
-        if not sock.poll(timeout * 1000):
-            return None
-        frames = sock.recv_multipart()
-        reply = protocol.decode(frames[-1], "reply")
-        return reply if reply.get("ok") else None
-    except (zmq.ZMQError, ValueError):
+        with Connection(socket, timeout=timeout) as c:
+            return c.call("ping")
+    except (WeightdError, zmq.ZMQError):
         return None
-    finally:
-        sock.close(linger=0)
 
 
 def alive_nodes() -> list[str]:
@@ -107,7 +96,7 @@ def ensure_daemons(socket: str | None = None, *, timeout: float = READY_TIMEOUT)
     {'5f3a09c1d2e4...': '/tmp/weightd-1000/weightd-ray-5f3a09c1d2e4.sock'}
     """
     nodes = alive_nodes()
-    probes = {n: _probe.options(scheduling_strategy=_on(n)).remote(socket) for n in nodes}
+    probes = {n: _probe.options(scheduling_strategy=on_node(n)).remote(socket) for n in nodes}
     found: dict[str, str] = {}
     starting = {}
     for node, ref in probes.items():
@@ -146,7 +135,7 @@ def _current_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
-def _on(node: str) -> NodeAffinitySchedulingStrategy:
+def on_node(node: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
 
 
@@ -159,8 +148,13 @@ def _probe(socket: str | None) -> str | None:
 
 def _daemon_actor(node: str):
     return NodeDaemon.options(
-        name=ACTOR_PREFIX + node, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        scheduling_strategy=_on(node), num_cpus=0, max_restarts=0,
+        name=ACTOR_PREFIX + node,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=on_node(node),
+        num_cpus=0,
+        max_restarts=0,
     ).remote()
 
 
@@ -168,7 +162,8 @@ def _daemon_actor_names() -> list[str]:
     from ray.util import list_named_actors
 
     return sorted(
-        a["name"] for a in list_named_actors(all_namespaces=True)
+        a["name"]
+        for a in list_named_actors(all_namespaces=True)
         if a.get("namespace") == NAMESPACE and a["name"].startswith(ACTOR_PREFIX)
     )
 
@@ -178,7 +173,7 @@ class NodeDaemon:
     """Keeps ``weightd serve --unlink-on-exit`` running on one node, for the cluster's life.
 
     The daemon runs under a supervisor (Note [a Ray actor's children are SIGKILLed] in
-    ray_supervisor) that stops it gracefully when this actor's process ends, however it ends:
+    ray_zerocopy.supervisor) that stops it gracefully when this actor's process ends, however it ends:
     a cluster that goes down takes its weights with it.
     """
 
@@ -186,20 +181,38 @@ class NodeDaemon:
         self.socket: str | None = None
 
     def ensure(self, socket: str | None) -> str:
-        path = os.path.abspath(socket or os.environ.get(protocol.ENV_SOCKET) or ray_socket(ray.get_runtime_context().get_node_id()))
+        path = os.path.abspath(
+            socket
+            or os.environ.get(protocol.ENV_SOCKET)
+            or ray_socket(ray.get_runtime_context().get_node_id())
+        )
         if ping(path):  # ours, still running, or someone else's that appeared meanwhile: use it
             return path
         _purge(path)  # what a daemon that died by SIGKILL left behind
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = {k: v for k, v in os.environ.items() if k != protocol.ENV_SOCKET}
-        cmd = [sys.executable, SUPERVISOR, str(os.getpid()), path + ".log", "--",
-               sys.executable, "-m", "weightd", "serve", "--socket", path, "--unlink-on-exit"]
+        cmd = [
+            sys.executable,
+            SUPERVISOR,
+            str(os.getpid()),
+            path + ".log",
+            "--",
+            sys.executable,
+            "-m",
+            "weightd",
+            "serve",
+            "--socket",
+            path,
+            "--unlink-on-exit",
+        ]
         subprocess.run(cmd, env=env, check=True, stdin=subprocess.DEVNULL)  # returns once it has forked away
         self.socket = path
         deadline = time.monotonic() + READY_TIMEOUT
         while not ping(path, timeout=1.0):
             if time.monotonic() > deadline:
-                raise DaemonNotRunning(f"weightd serve --socket {path} did not answer in {READY_TIMEOUT:g} s: see {path}.log")
+                raise DaemonNotRunning(
+                    f"weightd serve --socket {path} did not answer in {READY_TIMEOUT:g} s: see {path}.log"
+                )
             time.sleep(0.05)
         return path
 
@@ -218,13 +231,17 @@ class NodeDaemon:
         return self.socket
 
 
-SUPERVISOR = str(Path(__file__).with_name("ray_supervisor.py"))  # run by path: no torch import
+SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))  # run by path: no torch import
 
 
 def _purge(path: str) -> None:
     # Only the segments of this socket's instance; purge refuses while a daemon answers there.
-    subprocess.run([sys.executable, "-m", "weightd", "purge", "--socket", path],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(
+        [sys.executable, "-m", "weightd", "purge", "--socket", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def _running(pid: int) -> bool:

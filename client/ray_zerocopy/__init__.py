@@ -16,7 +16,7 @@ Users of the ``ray-zerocopy`` package keep their code and change one import:
 >>> pipeline = wrapper.load()                                   # in each actor: attach
 
 How a process finds its node's daemon: Note [the node-local socket] in
-``weightd.client.ray_daemons`` (``socket=``, ``$WEIGHTD_SOCKET``, the daemon Ray started for this
+``weightd.client.ray_zerocopy.daemons`` (``socket=``, ``$WEIGHTD_SOCKET``, the daemon Ray started for this
 node, the fixed per-node path). ``shutdown_daemons()`` stops the daemons Ray started and frees
 their memory. Ray is needed here (``pip install 'weightd[ray]'``); ``import weightd.client``
 does not import it.
@@ -27,9 +27,21 @@ from __future__ import annotations
 from torch import nn
 
 from weightd.client import client as _client
-from weightd.client.ray_daemons import NodeDaemon, alive_nodes, ensure_daemons, node_socket, ray_socket, shutdown_daemons
-from weightd.client.ray_models import load_everywhere, node_sockets, publish_everywhere, unload_everywhere
-from weightd.client.ray_wrapper import ModelWrapper, RemoteModule
+from weightd.client.ray_zerocopy.daemons import (
+    NodeDaemon,
+    alive_nodes,
+    ensure_daemons,
+    node_socket,
+    ray_socket,
+    shutdown_daemons,
+)
+from weightd.client.ray_zerocopy.models import (
+    load_everywhere,
+    node_sockets,
+    publish_everywhere,
+    unload_everywhere,
+)
+from weightd.client.ray_zerocopy.wrapper import ModelWrapper, RemoteModule
 
 __all__ = [
     "ModelWrapper",

@@ -1,5 +1,5 @@
 """A model on every node of a Ray cluster: loaded from a path, published from this process, or
-unloaded, in each node's own daemon (Note [the node-local socket] in ray_daemons)."""
+unloaded, in each node's own daemon (Note [the node-local socket] in ray_zerocopy.daemons)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from weightd.client import client as _client
-from weightd.client.ray_daemons import _on, ensure_daemons, node_socket, ping
+from weightd.client.ray_zerocopy.daemons import ensure_daemons, node_socket, on_node, ping
 
 
 def node_sockets(socket: str | None = None) -> dict[str | None, str]:
@@ -45,22 +45,32 @@ def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str
     others = {n: s for n, s in sockets.items() if n != here}
     if others:
         ref = ray.put(_Shipment(_tensors(obj)))
-        refs = {n: _publish.options(scheduling_strategy=_on(n)).remote(name, ref, s) for n, s in others.items()}
+        refs = {
+            n: _publish.options(scheduling_strategy=on_node(n)).remote(name, ref, s)
+            for n, s in others.items()
+        }
         out.update({n: ray.get(r) for n, r in refs.items()})
         del ref
     return out
 
 
-def load_everywhere(name: str, path: str, *, socket: str | None = None, factory: str | None = None) -> dict[str, dict]:
+def load_everywhere(
+    name: str, path: str, *, socket: str | None = None, factory: str | None = None
+) -> dict[str, dict]:
     """Have every node's daemon load the checkpoint at ``path`` (a path every node can read).
 
     >>> ray_zerocopy.load_everywhere("llama", "/shared/llama-3-8b")
     """
     sockets = node_sockets(socket)
-    refs = {n: _load.options(scheduling_strategy=_on(n)).remote(name, path, s, factory) if n else None for n, s in sockets.items()}
+    refs = {
+        n: _load.options(scheduling_strategy=on_node(n)).remote(name, path, s, factory) if n else None
+        for n, s in sockets.items()
+    }
     out = {}
     for n, ref in refs.items():
-        out[n] = ray.get(ref) if ref is not None else _client.Client(sockets[n]).load(path, name, factory=factory)
+        out[n] = (
+            ray.get(ref) if ref is not None else _client.Client(sockets[n]).load(path, name, factory=factory)
+        )
     return out
 
 
@@ -72,7 +82,7 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
     if not ray.is_initialized():
         return int(_unload(node_socket(socket), name))
     sockets = ensure_daemons(socket)
-    refs = [_unload_task.options(scheduling_strategy=_on(n)).remote(s, name) for n, s in sockets.items()]
+    refs = [_unload_task.options(scheduling_strategy=on_node(n)).remote(s, name) for n, s in sockets.items()]
     return sum(ray.get(refs))
 
 
@@ -104,7 +114,13 @@ class _Shipment:
             if key not in index:
                 index[key] = len(self.storages)
                 self.storages.append(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
-            return _Ref(index[key], t.storage_offset(), tuple(t.shape), t.stride(), str(t.dtype).removeprefix("torch."))
+            return _Ref(
+                index[key],
+                t.storage_offset(),
+                tuple(t.shape),
+                t.stride(),
+                str(t.dtype).removeprefix("torch."),
+            )
 
         self.tree = _map(tree, describe, torch.Tensor)
 
@@ -115,7 +131,9 @@ class _Shipment:
             storages = [torch.from_numpy(a).untyped_storage() for a in self.storages]
 
         def rebuild(r: "_Ref") -> torch.Tensor:
-            return torch.empty(0, dtype=getattr(torch, r.dtype)).set_(storages[r.storage], r.offset, r.shape, r.stride)
+            return torch.empty(0, dtype=getattr(torch, r.dtype)).set_(
+                storages[r.storage], r.offset, r.shape, r.stride
+            )
 
         return _map(self.tree, rebuild, kind=_Ref)
 

@@ -1,0 +1,171 @@
+"""The one launcher of throwaway ``weightd serve`` processes: for the demo, the tests and every
+benchmark.
+
+``Daemon`` is a real daemon process on a socket of your choosing, its output in a log file;
+``throwaway(models)`` is one on a private socket and a unique instance that removes its
+segments on the way out, whatever happens. Every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from weightd import segment
+from weightd.client import Client, DaemonNotRunning
+
+
+class Daemon:
+    """``weightd serve --socket SOCKET --instance INSTANCE ARGS...`` as a subprocess."""
+
+    def __init__(
+        self,
+        socket: str,
+        instance: str,
+        args: list[str] | tuple = (),
+        *,
+        env: dict | None = None,
+        log_dir: str | None = None,
+        log: str | os.PathLike | None = None,
+        die_with_parent: bool = False,
+    ):
+        self.socket = socket
+        self.instance = instance
+        self.args = list(args)
+        self.env = env
+        self.die_with_parent = die_with_parent
+        self.log = (
+            Path(log)
+            if log
+            else Path(log_dir or os.path.dirname(socket)) / f"daemon.{time.monotonic_ns()}.log"
+        )
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        self.leftover: list[str] = []  # segments found after it stopped (removed by remove_segments)
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "weightd",
+            "serve",
+            "--socket",
+            self.socket,
+            "--instance",
+            self.instance,
+            *self.args,
+        ]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> "Daemon":
+        self._log = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Seconds until the daemon answers a ping; raises with its output if it exits first."""
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"weightd serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
+                )
+            try:
+                with Client(self.socket, timeout=2) as c:
+                    c.ping()
+                return time.monotonic() - t0
+            except DaemonNotRunning:
+                if time.monotonic() - t0 > timeout:
+                    raise RuntimeError(
+                        f"weightd serve not ready after {timeout:g} s:\n{self.output()[-3000:]}"
+                    ) from None
+                time.sleep(0.02)
+
+    def client(self, **kw) -> Client:
+        return Client(self.socket, **kw)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal the daemon and wait for it (killed if it hangs); returns its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+        return self.proc.returncode
+
+    def segments(self) -> list[str]:
+        return segment.list_segments(segment.prefix(self.instance))
+
+    def remove_segments(self) -> list[str]:
+        """Unlink every segment of this instance; returns their names (for leak reports)."""
+        self.leftover = self.segments()
+        for name in self.leftover:
+            segment.unlink(name)
+        return self.leftover
+
+
+@contextlib.contextmanager
+def throwaway(
+    models: dict[str, str] | None = None, *, args: list[str] | tuple = (), ready_timeout: float = 300.0
+):
+    """A daemon serving ``models`` ({name: path}) on a private socket; stopped and cleaned after.
+
+    Started with ``--unlink-on-exit`` (a stop frees its segments; by default a daemon leaves them
+    for the next one on its socket to adopt), it dies with this process even on SIGKILL, and
+    whatever segment of its instance is left on the way out is removed and listed in
+    ``Daemon.leftover``.
+    """
+    tmp = tempfile.mkdtemp(prefix="weightd-")  # short: a unix socket path has ~100 bytes
+    instance = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cmd = ["--unlink-on-exit", "--log-level", "warning", *args]
+    for name, path in (models or {}).items():
+        cmd += ["--model", f"{name}={path}"]
+    d = Daemon(os.path.join(tmp, "w.sock"), instance, cmd, die_with_parent=True)
+    try:
+        d.start(timeout=ready_timeout)
+        yield d
+    finally:
+        try:
+            d.stop()
+        finally:
+            d.remove_segments()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the daemon's child, before exec: SIGTERM it if we die, even by SIGKILL, so that its
+    segments (gigabytes of shared memory that outlive every process) are unlinked."""
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,171 @@
+"""Request handlers: a decoded request in, a reply out.
+
+``Handlers.handle(frames, peer)`` checks the frames, decodes the header, checks that the op may
+be served on the socket it came in on (``protocol.READ_OPS`` is an allow-list for the read
+socket; the admin socket serves every op), and calls the op's handler. Handlers return the
+encoded reply, or None when the reply comes later (a load, answered by ``Loads.report``).
+Every error becomes a typed error reply; a bug becomes an ``internal`` one, and the daemon
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from weightd import __version__, memory, protocol, segment
+from weightd.daemon import checkpoint
+from weightd.daemon.config import Config, default_name
+from weightd.daemon.endpoints import Peer
+from weightd.daemon.loads import Loads
+from weightd.daemon.store import Store
+from weightd.errors import InternalError, PermissionDenied, ProtocolError, WeightdError
+
+log = logging.getLogger("weightd")
+
+MANIFEST_CACHE = 256  # encoded manifest replies kept (attach is the hot path)
+
+
+class Handlers:
+    def __init__(self, config: Config, store: Store, loads: Loads):
+        self.config = config
+        self.store = store
+        self.loads = loads
+        self.started = time.time()
+        self._manifest_replies: dict[tuple[str, int], bytes] = {}
+        self._ops = {
+            "ping": self.ping,
+            "list": self.list,
+            "stats": self.stats,
+            "manifest": self.manifest,
+            "load": self.load,
+            "unload": self.unload,
+            "publish_begin": self.publish_begin,
+            "publish_commit": self.publish_commit,
+        }
+
+    def handle(self, frames: list[bytes], peer: Peer) -> bytes | None:
+        """The reply to one request (``frames``: request id, header), or None if it comes later."""
+        try:
+            if len(frames[0]) > protocol.MAX_REQUEST_ID_BYTES:
+                raise ProtocolError(f"request id is longer than {protocol.MAX_REQUEST_ID_BYTES} bytes")
+            if len(frames) != 2:
+                raise ProtocolError(f"a request is [request-id, header]; got {len(frames) - 1} frames")
+            req = protocol.decode(frames[1], "request")
+            op = protocol.field(req, "op", str)
+            handler = self._ops.get(op)
+            if handler is None:
+                raise ProtocolError(
+                    f"unknown op {op!r:.40}; this daemon knows {', '.join(sorted(self._ops))}"
+                )
+            if op not in protocol.READ_OPS and not peer.admin:
+                raise PermissionDenied(
+                    f"{op!r} changes what is loaded, so it is served on the admin socket "
+                    f"{protocol.admin_socket(self.config.socket)} only: run it as the daemon's user or root"
+                )
+            return handler(req, peer)
+        except WeightdError as e:
+            return protocol.error(e)
+        except Exception as e:  # a bug: answer it, log it, keep serving
+            log.exception("internal error")
+            return protocol.error(InternalError(f"internal error in weightd: {type(e).__name__}: {e}"))
+
+    # --- read ops ---
+
+    def ping(self, req, peer) -> bytes:
+        return protocol.ok(
+            pid=os.getpid(),
+            version=__version__,
+            instance=self.config.instance,
+            socket=self.config.socket,
+            uptime=time.time() - self.started,
+            models=len(self.store.list()),
+        )
+
+    def list(self, req, peer) -> bytes:
+        return protocol.ok(models=self.store.list() + self.loads.states())
+
+    def stats(self, req, peer) -> bytes:
+        models = []
+        for model in self.store.segments():
+            entry = model.summary()
+            entry["current"] = self.store.is_current(model)
+            entry["attached"] = []
+            for pid in sorted(model.attached):
+                use = memory.mapping_usage(pid, segment.path(model.manifest.segment))
+                if use is not None:
+                    entry["attached"].append(
+                        {"pid": pid, "shared": use.pss, "rss": use.rss, "private": use.private}
+                    )
+            models.append(entry)
+        me = memory.usage()
+        return protocol.ok(
+            models=models,
+            loading=self.loads.states(),
+            shm=memory.shm_usage(segment.shm_dir()),
+            daemon={
+                "pid": os.getpid(),
+                "rss": me.rss,
+                "pss": me.pss,
+                "private": me.private,
+                "uptime": time.time() - self.started,
+                "version": __version__,
+            },
+        )
+
+    def manifest(self, req, peer) -> bytes:
+        name = protocol.field(req, "name", str)
+        generation = protocol.field(req, "generation", int, required=False)
+        pid = protocol.field(req, "pid", int, required=False)
+        device = protocol.field(req, "device", str, required=False)
+        model = self.store.get(name, generation, pid)
+        if device is not None and device in model.gpu:
+            # Each export is counted by PyTorch, so it is made per request, never cached.
+            return protocol.ok(
+                size=model.size, manifest=model.manifest.to_dict(), cuda=model.gpu[device].export()
+            )
+        key = (name, model.manifest.generation)
+        reply = self._manifest_replies.get(key)
+        if reply is None:
+            if len(self._manifest_replies) > MANIFEST_CACHE:
+                self._manifest_replies.clear()
+            reply = protocol.ok(size=model.size, manifest=model.manifest.to_dict())
+            self._manifest_replies[key] = reply
+        return reply
+
+    # --- admin ops ---
+
+    def load(self, req, peer) -> None:
+        path = self._allowed(protocol.field(req, "path", str))
+        name = protocol.check_name(protocol.field(req, "name", str, required=False) or default_name(path))
+        factory = protocol.field(req, "factory", str, required=False)
+        within = self.config.model_dirs or None
+        self.loads.submit(peer, name, lambda: self.store.load(path, name, factory, within=within))
+        return None  # answered by Loads.report: progress while it runs, then the result
+
+    def _allowed(self, path: str) -> str:
+        """With --model-dir, a load request may only name a checkpoint inside those folders
+        (and every file the load reads is checked again: a shard may be a symlink)."""
+        if not self.config.model_dirs:
+            return path
+        return checkpoint.check_within(path, self.config.model_dirs)
+
+    def unload(self, req, peer) -> bytes:
+        model = self.store.unload(protocol.field(req, "name", str))
+        return protocol.ok(model=model.summary())
+
+    def publish_begin(self, req, peer) -> bytes:
+        manifest = self.store.reserve(protocol.field(req, "name", str), protocol.field(req, "nbytes", int))
+        return protocol.ok(
+            segment=manifest.segment,
+            generation=manifest.generation,
+            uuid=manifest.uuid,
+            created=manifest.created,
+            mode=self.store.mode,
+            owner=[os.geteuid(), self.store.gid],
+        )
+
+    def publish_commit(self, req, peer) -> bytes:
+        model = self.store.commit(protocol.field(req, "segment", str))
+        return protocol.ok(model=model.summary())
