@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import ARCHS, GENERATES, inputs, main_output, save, write_old_bert  # noqa: E402
 
-from weightd.client import AttachError, attach, hf, info, state_dict  # noqa: E402
+from weightd.client import AttachError, attach, hf, info, refresh, state_dict  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
 
 from conftest import Daemon, mapped_ranges, remove_segments, worker_env  # noqa: E402
@@ -302,3 +302,36 @@ def _renamed_mixtral_config(daemon):
     )
     config.num_local_experts = 2  # a layout this checkpoint does not have
     return config
+
+
+def test_a_restarted_daemon_adopts_the_model_and_its_files(folders, tmp_path, make_daemon):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(folders["gpt2"], folder)
+    make_daemon("--model", f"g={folder}", keep=True).stop()
+    shutil.rmtree(folder)  # proof that nothing is read from the folder again
+    d = make_daemon()
+    assert "adopted g generation 1" in d.output()
+    model = attach("g", socket=d.socket)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(folders["gpt2"])
+    ids = torch.arange(3, 12).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert model.generation_config.to_dict() == ref.generation_config.to_dict()
+    assert sorted(hf.files("g", socket=d.socket)) == ["config.json", "generation_config.json"]
+
+
+def test_refresh_moves_an_attached_hf_model_to_a_new_generation(folders, tmp_path, make_daemon):
+    d = make_daemon("--model", f"g={folders['gpt2']}")
+    model = attach("g", socket=d.socket)
+    wte = model.transformer.wte.weight
+    changed = transformers.GPT2LMHeadModel.from_pretrained(folders["gpt2"])
+    with torch.no_grad():
+        changed.transformer.wte.weight.mul_(3)
+    changed.save_pretrained(tmp_path / "g2")
+    d.client().load(str(tmp_path / "g2"), "g")
+    refresh(model, socket=d.socket)
+    assert info(model).generation == 2 and info(model).copies == 0
+    assert model.transformer.wte.weight is wte and model.lm_head.weight is wte  # same objects, ties kept
+    ids = torch.arange(3, 12).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, changed(ids).logits)
