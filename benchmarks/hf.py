@@ -223,6 +223,12 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             client.load(str(folder), name)
             load = time.perf_counter() - t0
+            # The same bytes as a plain safetensors file (no transformers): what the conversion adds.
+            raw = sorted(folder.glob("*.safetensors"))
+            t0 = time.perf_counter()
+            client.load(str(raw[0]), f"{name}-raw")
+            raw_load = time.perf_counter() - t0 if len(raw) == 1 else None
+            client.unload(f"{name}-raw")
             hf = client.manifest(name).skeleton["hf"]
             sd_bytes = client.manifest(name).nbytes
             converted = hf.get("converted_bytes", 0)
@@ -230,6 +236,7 @@ def run(args) -> dict:
             row = {
                 "bytes": nbytes,
                 "daemon_load": load,
+                "raw_load": raw_load,
                 "converted": converted,
                 "segment": sd_bytes,
                 "times": {},
@@ -277,6 +284,7 @@ def report(out: dict) -> None:
             "model",
             "size",
             "daemon load",
+            "as a plain file",
             "converted in it",
             "from_pretrained",
             'device_map="cpu"',
@@ -293,6 +301,7 @@ def report(out: dict) -> None:
                 name,
                 harness.mib(r["bytes"]),
                 harness.ms(r["daemon_load"]),
+                "-" if r["raw_load"] is None else harness.ms(r["raw_load"]),
                 harness.mib(r["converted"]),
                 harness.ms(t[FROM_PRETRAINED]["ready"]),
                 harness.ms(t[DEVICE_MAP]["ready"]),
