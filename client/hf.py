@@ -171,7 +171,7 @@ def build(
         raise
     except Exception as e:
         raise _version_error(
-            name, hf, transformers, f"building {getattr(cls, '__name__', cls)} failed: {e}"
+            name, hf, transformers, f"building {getattr(cls, '__name__', cls)} failed: {e}", same_version
         ) from None
     build_seconds = time.perf_counter() - t0
     info, assigned = _assign(module, tensors, requires_grad)
@@ -208,7 +208,9 @@ def build(
     except AttachError:
         raise
     except Exception as e:
-        raise _version_error(name, hf, transformers, f"finishing {cls.__name__} failed: {e}") from None
+        raise _version_error(
+            name, hf, transformers, f"finishing {cls.__name__} failed: {e}", same_version
+        ) from None
     final = dict(module.state_dict(keep_vars=True))
     copies = [n for n in assigned if n in final and final[n].numel() and not mapping.contains(final[n])]
     if copies:
@@ -306,9 +308,8 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
         if cls is None:
             raise AttachError(
                 f"model {name!r} is a {hf.get('class')!r}, which transformers {transformers.__version__} "
-                "here does not "
-                f"ship (the daemon loaded it with {hf.get('transformers')}): install that version, or "
-                "pass model="
+                f"here does not ship (the daemon loaded it with {hf.get('transformers')}): install that "
+                "version, or pass model="
             )
     from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
@@ -428,8 +429,6 @@ def _version_error(name: str, hf: dict, transformers, what: str, same_version: b
         return AttachError(f"model {name!r}: {what}: pass the class the folder was saved with, or none")
     return AttachError(
         f"model {name!r} was converted by transformers {hf.get('transformers')} in the daemon, this "
-        "process has "
-        f"{transformers.__version__}, and {what}: install transformers=={hf.get('transformers')} here, or "
-        "reload "
-        "the model in a daemon with this version"
+        f"process has {transformers.__version__}, and {what}: install "
+        f"transformers=={hf.get('transformers')} here, or reload the model in a daemon with this version"
     )

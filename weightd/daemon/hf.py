@@ -51,8 +51,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
     except ImportError:
         raise CheckpointError(
             f"{folder} is a Hugging Face model folder (model type {config.get('model_type', '?')!r}); the "
-            "daemon "
-            f"loads those with transformers, which is not installed where it runs: {EXTRA}"
+            f"daemon loads those with transformers, which is not installed where it runs: {EXTRA}"
         ) from None
     if within is not None:
         check_within(folder / "config.json", within)
@@ -70,8 +69,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
         first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{folder}: transformers {transformers.__version__} could not load it with "
-            f"{cls.__name__}.from_pretrained: "
-            f"{first}"
+            f"{cls.__name__}.from_pretrained: {first}"
         ) from None
     seconds = time.perf_counter() - started
     state = model.state_dict()
@@ -109,8 +107,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
         }
     }
     log.info(
-        "%s: %s.from_pretrained in %.2f s (transformers %s, %s): %d tensors, %d converted (%.1f MiB), %d "
-        "small files",
+        "%s: %s.from_pretrained in %.2f s (transformers %s, %s): %d tensors, %d converted (%.1f MiB), "
+        "%d small files",
         folder,
         type(model).__name__,
         seconds,
@@ -154,9 +152,8 @@ def _model_class(transformers, folder: Path, config: dict):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise CheckpointError(
             f"{folder}: config.json names the architecture {name!r:.80}, which transformers "
-            f"{transformers.__version__} "
-            "does not ship (weightd never runs a folder's own code): upgrade transformers, or fix "
-            "architectures"
+            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): upgrade "
+            "transformers, or fix architectures"
         )
     return cls
 
@@ -199,8 +196,7 @@ def _weight_files(folder: Path, config: dict) -> list[Path]:
         if not p.is_file():
             raise CheckpointError(
                 f"{folder}: its index names shard {p.name!r}, which is missing: copy every shard the "
-                "index lists "
-                "into the folder (a partial download?)"
+                "index lists into the folder (a partial download?)"
             )
         out.append(p)
     return out
