@@ -378,19 +378,19 @@ def plot(out: dict, path: Path) -> None:
     a.set_xticks(range(len(names)), names)
     a.set_ylabel("ms to a ready model (fresh worker)")
     a.legend(fontsize=8)
-    for i, method in enumerate((FROM_PRETRAINED, ATTACH)):
+    for i, method in enumerate((NOTHING, FROM_PRETRAINED, ATTACH)):
         b.bar(
-            [k + (i - 0.5) * width for k in range(len(names))],
+            [k + (i - 1) * width for k in range(len(names))],
             [out["models"][m]["pss"][method]["pss"] / 2**20 for m in names],
             width,
             label=f"{out['workers']} x {method}",
         )
     b.plot(
         range(len(names)),
-        [out["models"][m]["bytes"] / 2**20 for m in names],
+        [(out["models"][m]["bytes"] + out["models"][m]["pss"][NOTHING]["pss"]) / 2**20 for m in names],
         "k_",
         markersize=30,
-        label="one model",
+        label="imports only + one model",
     )
     b.set_xticks(range(len(names)), names)
     b.set_ylabel("MiB (sum of Pss)")
