@@ -89,7 +89,7 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
             word_embed_proj_dim=32,
         ),
         "text",
-        "safetensors",
+        "bin-sharded",
     ),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", TEXT, "text", "safetensors"),
     "falcon": (
@@ -295,6 +295,21 @@ def save(name: str, folder: Path) -> Path:
             {k: v for k, v in model.state_dict().items() if k not in tied}, folder / "pytorch_model.bin"
         )
         (folder / "model.safetensors").unlink()
+    elif how == "bin-sharded":
+        # Sharded pytorch_model-0000N-of-0000M.bin with pytorch_model.bin.index.json, as transformers 4 wrote.
+        model.save_pretrained(folder)
+        (folder / "model.safetensors").unlink()
+        tied = set(model.all_tied_weights_keys)
+        sd = {k: v.clone() for k, v in model.state_dict().items() if k not in tied}
+        keys = sorted(sd)
+        shards = {
+            "pytorch_model-00001-of-00002.bin": keys[::2],
+            "pytorch_model-00002-of-00002.bin": keys[1::2],
+        }
+        for fname, ks in shards.items():
+            torch.save({k: sd[k] for k in ks}, folder / fname)
+        index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     return folder
 
 

@@ -335,3 +335,13 @@ def test_refresh_moves_an_attached_hf_model_to_a_new_generation(folders, tmp_pat
     ids = torch.arange(3, 12).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, changed(ids).logits)
+
+
+def test_weight_files_are_the_ones_transformers_picks(daemon):
+    def files(name):
+        return daemon.client().manifest(name).skeleton["hf"]["weight_files"]
+
+    assert files("opt") == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    assert files("roberta") == ["pytorch_model.bin"]
+    assert len(files("llama")) > 1 and all(f.startswith("model-000") for f in files("llama"))
+    assert files("gpt2") == ["model.safetensors"]
