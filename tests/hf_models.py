@@ -72,9 +72,16 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
         "text",
         "bin",
     ),
-    "mistral": ("MistralConfig", "MistralForCausalLM", LLAMA_LIKE, "text", "safetensors"),
+    # saved in float32 with dtype bfloat16 in its config: from_pretrained casts at load
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(LLAMA_LIKE, dtype="bfloat16"),
+        "text",
+        "safetensors",
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", LLAMA_LIKE, "text", "safetensors"),
-    "phi": ("PhiConfig", "PhiForCausalLM", TEXT, "text", "safetensors"),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(TEXT, dtype="float16"), "text", "safetensors"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(LLAMA_LIKE, head_dim=8), "text", "safetensors"),
     "opt": (
         "OPTConfig",
@@ -310,6 +317,13 @@ def save(name: str, folder: Path) -> Path:
             torch.save({k: sd[k] for k in ks}, folder / fname)
         index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    dtype = ARCHS[name][2].get("dtype")
+    if dtype is not None:
+        # save_pretrained writes the weights' own dtype: a folder whose config asks for another
+        # one (as many on the Hub do, e.g. float32 files with "dtype": "bfloat16").
+        config = json.loads((folder / "config.json").read_text())
+        config["dtype"] = dtype
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 

@@ -345,3 +345,14 @@ def test_weight_files_are_the_ones_transformers_picks(daemon):
     assert files("roberta") == ["pytorch_model.bin"]
     assert len(files("llama")) > 1 and all(f.startswith("model-000") for f in files("llama"))
     assert files("gpt2") == ["model.safetensors"]
+
+
+def test_the_config_dtype_is_applied_as_from_pretrained_does(folders, daemon):
+    from safetensors import safe_open
+
+    with safe_open(str(folders["mistral"] / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32  # saved in float32
+    model = attach("mistral", socket=daemon.socket)
+    assert model.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert attach("phi", socket=daemon.socket).dtype == torch.float16
+    assert daemon.client().manifest("mistral").skeleton["hf"]["dtype"] == "bfloat16"
