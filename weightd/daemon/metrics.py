@@ -49,7 +49,8 @@ log = logging.getLogger("weightd")
 LOCALHOST = "127.0.0.1"
 CACHE_SECONDS = 1.0  # how long a process's "maps this segment" answer is reused
 SCRAPE_TIMEOUT = 5.0  # a scraper that sends nothing for this long is dropped (one scrape at a time)
-REQUEST_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 5e-2, 0.25, 1, 10, 60, 600)
+REQUEST_BUCKETS = (1e-4, 2.5e-4, 1e-3, 5e-3, 0.025, 0.25, 1, 10, 60, 600)  # loads are requests too
+YIELD_SECONDS = 5e-5  # a scrape lets the request loop have the GIL between metric families
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -103,7 +104,7 @@ class Metrics:
 
     def __init__(self, store: Store, maps: Callable[[int, str], bool]):
         disable_created_metrics()  # *_created series double what is stored and nobody graphs them
-        self.registry = CollectorRegistry()
+        self.registry = _Registry()
         ProcessCollector(registry=self.registry)
         self._requests = Counter(
             "weightd_requests",
@@ -138,9 +139,9 @@ class Metrics:
         # children by label: .labels() costs two microseconds per request, a dict lookup far less
         self._counted: dict[tuple[str, str], object] = {}
         self._timed: dict[str, object] = {}
-        # every op's success series exists from the start, so that rate() sees the first request
+        # every op's success count exists from the start, so that rate() sees the first request
         for op in sorted(protocol.READ_OPS | protocol.ADMIN_OPS):
-            self._child(op, "ok")
+            self._counted[op, "ok"] = self._requests.labels(op, "ok")
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self._path: str | None = None
@@ -148,8 +149,14 @@ class Metrics:
     # --- events (request loop, loader thread) ---
 
     def request(self, op: str, outcome: str, seconds: float) -> None:
-        self._child(op, outcome).inc()
-        self._timed[op].observe(seconds)
+        counter = self._counted.get((op, outcome))
+        if counter is None:
+            counter = self._counted[op, outcome] = self._requests.labels(op, outcome)
+        counter.inc()
+        timer = self._timed.get(op)
+        if timer is None:  # made when first used: a histogram is a dozen lines of every scrape
+            timer = self._timed[op] = self._request_seconds.labels(op)
+        timer.observe(seconds)
 
     def loaded(self, format: str, nbytes: int, seconds: float) -> None:
         self._load_seconds.labels(format).observe(seconds)
@@ -157,14 +164,6 @@ class Metrics:
 
     def published(self, model: str) -> None:
         self._publishes.labels(model).inc()
-
-    def _child(self, op: str, outcome: str):
-        counter = self._counted.get((op, outcome))
-        if counter is None:
-            counter = self._counted[op, outcome] = self._requests.labels(op, outcome)
-            if op not in self._timed:
-                self._timed[op] = self._request_seconds.labels(op)
-        return counter
 
     # --- serving ---
 
@@ -210,6 +209,16 @@ class Metrics:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
         self._server = self._thread = None
+
+
+class _Registry(CollectorRegistry):
+    def collect(self):
+        # A scrape runs on its own thread but needs the GIL, and a request arriving meanwhile
+        # would wait for it up to the interpreter's switch interval (5 ms) on a ~100 us reply.
+        # A short sleep after each family hands the GIL to the request loop if it wants it.
+        for family in super().collect():
+            yield family
+            time.sleep(YIELD_SECONDS)
 
 
 class _Accounting:
