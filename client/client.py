@@ -249,7 +249,8 @@ def _gc_paused():
 _local = threading.local()
 
 
-def _client(socket: str | None) -> Client:
+def cached_client(socket: str | None) -> Client:
+    """This thread's Client for ``socket`` (made on first use, made again after a fork)."""
     key = os.path.abspath(socket or protocol.default_socket())
     cache = getattr(_local, "clients", None)
     if cache is None or _local.pid != os.getpid():
@@ -262,7 +263,7 @@ def _client(socket: str | None) -> Client:
 
 
 def _with_client(socket, fn):
-    client = _client(socket)
+    client = cached_client(socket)
     try:
         return fn(client)
     except (DaemonNotRunning, RequestTimeout):

@@ -39,10 +39,10 @@ from safetensors.torch import save_file
 
 from weightd import protocol, segment
 from weightd.bench import spawn
-from weightd.errors import _BY_CODE
+from weightd.errors import BY_CODE
 
 SHM = Path("/dev/shm")
-TYPED_CODES = frozenset(_BY_CODE) - {"internal"}  # "internal" is typed too, but it means a bug
+TYPED_CODES = frozenset(BY_CODE) - {"internal"}  # "internal" is typed too, but it means a bug
 
 
 # --- models with known bytes ---------------------------------------------------------------

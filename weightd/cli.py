@@ -39,6 +39,20 @@ socket_option = click.option(
     help="The daemon's socket [default: $WEIGHTD_SOCKET, /run/weightd/weightd.sock, "
     "$XDG_RUNTIME_DIR/weightd.sock, /tmp/weightd-$UID/weightd.sock].",
 )
+
+
+def models_option(help_text: str):
+    """``--model [NAME=]PATH``, repeatable; serve and reload read the same variable."""
+    return click.option(
+        "--model",
+        "models",
+        multiple=True,
+        metavar="[NAME=]PATH",
+        envvar="WEIGHTD_SERVE_MODEL",
+        help=help_text,
+    )
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
 
@@ -51,14 +65,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    metavar="[NAME=]PATH",
-    envvar="WEIGHTD_SERVE_MODEL",
-    help="A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
-    "NAME defaults to the file or folder stem.",
+@models_option(
+    "A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
+    "NAME defaults to the file or folder stem."
 )
 @click.option(
     "--factory",
@@ -182,12 +191,8 @@ def serve(
 @json_option
 def ls(socket, as_json) -> None:
     """List the models the daemon serves."""
-    from weightd.client import Client
-
-    with Client(socket) as c:
-        models = c.list()
-    if as_json:
-        click.echo(json.dumps(models, indent=2))
+    models = _ask(socket, lambda c: c.list(), as_json)
+    if models is None:
         return
     rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SEGMENT")]
     for m in models:
@@ -214,12 +219,8 @@ def ls(socket, as_json) -> None:
 @json_option
 def stats(socket, as_json) -> None:
     """Models, the processes attached to each and their memory, /dev/shm, and the daemon itself."""
-    from weightd.client import Client
-
-    with Client(socket) as c:
-        s = c.stats()
-    if as_json:
-        click.echo(json.dumps({k: v for k, v in s.items() if k not in ("v", "ok")}, indent=2))
+    s = _ask(socket, lambda c: {k: v for k, v in c.stats().items() if k not in ("v", "ok")}, as_json)
+    if s is None:
         return
     rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "SHARED", "PRIVATE", "SEGMENT")]
     for m in s["models"]:
@@ -284,14 +285,7 @@ def unload(name, socket, as_json) -> None:
 
 
 @main.command()
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    metavar="[NAME=]PATH",
-    envvar="WEIGHTD_SERVE_MODEL",
-    help="The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).",
-)
+@models_option("The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).")
 @click.option(
     "--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY"
 )
@@ -385,6 +379,19 @@ def _model_specs(models, factories):
     if by_name:
         raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
     return specs
+
+
+def _ask(socket, call, as_json: bool):
+    """``call(client)`` on the daemon at ``socket``; with --json the answer is printed and this
+    returns None, for the command to stop there."""
+    from weightd.client import Client
+
+    with Client(socket) as c:
+        answer = call(c)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return None
+    return answer
 
 
 def _when(ts: float) -> str:

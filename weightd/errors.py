@@ -102,7 +102,7 @@ class InternalError(WeightdError):
     exit_code = 70
 
 
-_BY_CODE = {
+BY_CODE = {
     cls.code: cls
     for cls in (
         WeightdError,
@@ -125,5 +125,5 @@ def from_wire(error: object) -> WeightdError:
     """Rebuild the typed error a daemon sent; unknown codes become the base class."""
     if not isinstance(error, dict):
         return ProtocolError(f"daemon sent a malformed error: {error!r}")
-    cls = _BY_CODE.get(str(error.get("code")), WeightdError)
+    cls = BY_CODE.get(str(error.get("code")), WeightdError)
     return cls(str(error.get("message", "(no message)")))

@@ -96,7 +96,7 @@ def ensure_daemons(socket: str | None = None, *, timeout: float = READY_TIMEOUT)
     {'5f3a09c1d2e4...': '/tmp/weightd-1000/weightd-ray-5f3a09c1d2e4.sock'}
     """
     nodes = alive_nodes()
-    probes = {n: _probe.options(scheduling_strategy=_on(n)).remote(socket) for n in nodes}
+    probes = {n: _probe.options(scheduling_strategy=on_node(n)).remote(socket) for n in nodes}
     found: dict[str, str] = {}
     starting = {}
     for node, ref in probes.items():
@@ -135,7 +135,7 @@ def _current_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
-def _on(node: str) -> NodeAffinitySchedulingStrategy:
+def on_node(node: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
 
 
@@ -152,7 +152,7 @@ def _daemon_actor(node: str):
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
-        scheduling_strategy=_on(node),
+        scheduling_strategy=on_node(node),
         num_cpus=0,
         max_restarts=0,
     ).remote()

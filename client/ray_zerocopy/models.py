@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from weightd.client import client as _client
-from weightd.client.ray_zerocopy.daemons import _on, ensure_daemons, node_socket, ping
+from weightd.client.ray_zerocopy.daemons import ensure_daemons, node_socket, on_node, ping
 
 
 def node_sockets(socket: str | None = None) -> dict[str | None, str]:
@@ -46,7 +46,8 @@ def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str
     if others:
         ref = ray.put(_Shipment(_tensors(obj)))
         refs = {
-            n: _publish.options(scheduling_strategy=_on(n)).remote(name, ref, s) for n, s in others.items()
+            n: _publish.options(scheduling_strategy=on_node(n)).remote(name, ref, s)
+            for n, s in others.items()
         }
         out.update({n: ray.get(r) for n, r in refs.items()})
         del ref
@@ -62,7 +63,7 @@ def load_everywhere(
     """
     sockets = node_sockets(socket)
     refs = {
-        n: _load.options(scheduling_strategy=_on(n)).remote(name, path, s, factory) if n else None
+        n: _load.options(scheduling_strategy=on_node(n)).remote(name, path, s, factory) if n else None
         for n, s in sockets.items()
     }
     out = {}
@@ -81,7 +82,7 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
     if not ray.is_initialized():
         return int(_unload(node_socket(socket), name))
     sockets = ensure_daemons(socket)
-    refs = [_unload_task.options(scheduling_strategy=_on(n)).remote(s, name) for n, s in sockets.items()]
+    refs = [_unload_task.options(scheduling_strategy=on_node(n)).remote(s, name) for n, s in sockets.items()]
     return sum(ray.get(refs))
 
 

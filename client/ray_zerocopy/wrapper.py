@@ -239,7 +239,7 @@ class ModelWrapper:
             # Connect to the node's daemon while Ray is still setting the actor up, so that
             # load() only asks for the manifest. A failure here is load()'s to report.
             with contextlib.suppress(Exception):
-                _client._client(node_socket(self._socket))
+                _client.cached_client(node_socket(self._socket))
 
     def __repr__(self) -> str:
         return (
