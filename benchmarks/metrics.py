@@ -178,7 +178,8 @@ def measure(rounds: int, per_round: int) -> dict:
 def report(result: dict) -> bool:
     s = result["scrapes"]
     print(
-        f"{result['rounds']} rounds x {result['per_round']} requests per op and mode in {result['seconds']:.0f} s "
+        f"{result['rounds']} rounds x {result['per_round']} requests per op and mode "
+        f"in {result['seconds']:.0f} s "
         f"(load average {result['load_average'][0]:.1f}); {s['count']} scrapes of {s['bytes']} bytes, "
         f"p50 {1e3 * s['p50']:.1f} ms, p99 {1e3 * s['p99']:.1f} ms"
     )
@@ -192,8 +193,9 @@ def report(result: dict) -> bool:
             ratio = result["ratio"].get(f"{mode}/{op}", {"p50": 1.0, "mean": 1.0})
             ok &= ratio["p50"] <= LIMIT and ratio["mean"] <= LIMIT
             print(
-                f"{op:<10}{mode:<9}{1e6 * lat['p50']:>11.1f}{1e6 * lat['mean']:>11.1f}{1e6 * lat['p99']:>11.1f}"
-                f"{ratio['p50']:>11.3f}{ratio['mean']:>11.3f}"
+                f"{op:<10}{mode:<9}"
+                + "".join(f"{1e6 * lat[k]:>11.1f}" for k in ("p50", "mean", "p99"))
+                + f"{ratio['p50']:>11.3f}{ratio['mean']:>11.3f}"
             )
     print(
         f"\nratios: the median over rounds of each round's figure over the same round's 'off' (limit {LIMIT})"

@@ -259,6 +259,17 @@ def test_a_bad_metrics_address_is_a_usage_error(address, says):
     assert "Invalid value for '--metrics'" in result.output and says in result.output
 
 
+def test_metrics_are_off_by_default_and_an_environment_variable_turns_them_on(monkeypatch):
+    from weightd.daemon.server import Server
+
+    seen = []
+    monkeypatch.setattr(Server, "run", lambda self: seen.append(self.config))  # the CLI boundary
+    assert CliRunner().invoke(cli.main, ["serve"]).exit_code == 0
+    env = {"WEIGHTD_SERVE_METRICS": "9477", "WEIGHTD_SERVE_LOG_FORMAT": "json"}
+    assert CliRunner().invoke(cli.main, ["serve"], env=env).exit_code == 0
+    assert [c.metrics for c in seen] == [None, "127.0.0.1:9477"]
+
+
 def test_metrics_addresses_as_written():
     from weightd.daemon.metrics import parse_address
 

@@ -37,9 +37,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str = "info", format: str = "human") -> None:
-    """Send the daemon's log to stderr, ``format`` "human" or "json", from ``level`` up."""
+    """Send the daemon's log to stderr, ``format`` "human" or "json", from ``level`` up.
+
+    As ``logging.basicConfig``: nothing changes where logging was set up already (a test
+    runner that calls the command in its own process keeps its handlers).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if format == "json" else logging.Formatter(HUMAN))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
