@@ -9,7 +9,6 @@ is ``$WEIGHTD_SOCKET`` for every command.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from datetime import datetime
@@ -125,7 +124,23 @@ def main() -> None:
     "socket adopts them at once instead of reloading.",
 )
 @click.option(
+    "--metrics",
+    default=None,
+    metavar="ADDRESS",
+    callback=lambda ctx, param, value: _metrics_address(value),
+    help="Serve Prometheus metrics at PORT (on 127.0.0.1), HOST:PORT or unix:PATH. Read-only; shows "
+    "what `ls` and `stats` show, without paths or pids. [default: off]",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+@click.option(
+    "--log-format",
+    default="human",
+    show_default=True,
+    type=click.Choice(["human", "json"]),
+    help="json: one JSON object per line (time, level, message, pid, model, generation), for journald "
+    "and log shippers.",
 )
 def serve(
     models,
@@ -139,17 +154,16 @@ def serve(
     model_dirs,
     devices,
     unlink_on_exit,
+    metrics,
     log_level,
+    log_format,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    from weightd.daemon import logs
     from weightd.daemon.config import Config
     from weightd.daemon.server import Server
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s weightd[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(log_level, log_format)
     specs = _model_specs(models, factories)
     gid = None
     if group is not None:
@@ -167,6 +181,7 @@ def serve(
         group=gid,
         devices=list(devices),
         model_dirs=list(model_dirs),
+        metrics=metrics,
     )
     Server(config).run()
 
@@ -333,6 +348,17 @@ def demo(workers, size_mib) -> None:
     from weightd.bench.demo import run
 
     run(workers=workers, size_mib=size_mib)
+
+
+def _metrics_address(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from weightd.daemon.metrics import parse_address
+
+    try:
+        return str(parse_address(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _model_specs(models, factories):

@@ -45,6 +45,7 @@ class Config:
     group: int | None = None  # gid that may read segments and use the read socket
     devices: list[str] = field(default_factory=list)  # GPUs that get a copy of every model
     model_dirs: list[str] = field(default_factory=list)  # load requests must name paths inside these
+    metrics: str | None = None  # where to serve Prometheus metrics (PORT, HOST:PORT, unix:PATH); None: off
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())

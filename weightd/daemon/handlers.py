@@ -34,6 +34,7 @@ class Handlers:
         self.loads = loads
         self.started = time.time()
         self._manifest_replies: dict[tuple[str, int], bytes] = {}
+        self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
         self._ops = {
             "ping": self.ping,
             "list": self.list,
@@ -47,29 +48,36 @@ class Handlers:
 
     def handle(self, frames: list[bytes], peer: Peer) -> bytes | None:
         """The reply to one request (``frames``: request id, header), or None if it comes later."""
+        started = time.perf_counter()
+        op, outcome = "invalid", "ok"  # the metrics' labels: a known op, and ok or the error's code
         try:
             if len(frames[0]) > protocol.MAX_REQUEST_ID_BYTES:
                 raise ProtocolError(f"request id is longer than {protocol.MAX_REQUEST_ID_BYTES} bytes")
             if len(frames) != 2:
                 raise ProtocolError(f"a request is [request-id, header]; got {len(frames) - 1} frames")
             req = protocol.decode(frames[1], "request")
-            op = protocol.field(req, "op", str)
-            handler = self._ops.get(op)
+            name = protocol.field(req, "op", str)
+            handler = self._ops.get(name)
             if handler is None:
                 raise ProtocolError(
-                    f"unknown op {op!r:.40}; this daemon knows {', '.join(sorted(self._ops))}"
+                    f"unknown op {name!r:.40}; this daemon knows {', '.join(sorted(self._ops))}"
                 )
+            op = name
             if op not in protocol.READ_OPS and not peer.admin:
                 raise PermissionDenied(
                     f"{op!r} changes what is loaded, so it is served on the admin socket "
                     f"{protocol.admin_socket(self.config.socket)} only: run it as the daemon's user or root"
                 )
-            return handler(req, peer)
+            reply = handler(req, peer)
         except WeightdError as e:
-            return protocol.error(e)
+            outcome, reply = e.code, protocol.error(e)
         except Exception as e:  # a bug: answer it, log it, keep serving
             log.exception("internal error")
-            return protocol.error(InternalError(f"internal error in weightd: {type(e).__name__}: {e}"))
+            err = InternalError(f"internal error in weightd: {type(e).__name__}: {e}")
+            outcome, reply = err.code, protocol.error(err)
+        if self.metrics is not None and reply is not None:  # a load is counted when it is answered
+            self.metrics.request(op, outcome, time.perf_counter() - started)
+        return reply
 
     # --- read ops ---
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from weightd import protocol
 from weightd.daemon.endpoints import Peer
@@ -29,6 +29,7 @@ class _Pending:
     name: str
     future: Future
     reported: float = 0.0
+    received: float = field(default_factory=time.perf_counter)
 
 
 class Loads:
@@ -36,6 +37,7 @@ class Loads:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightd-load")
         self._pending: list[_Pending] = []
+        self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each load request
 
     def submit(self, peer: Peer, name: str, load: Callable[[], Model]) -> None:
         self._pending.append(_Pending(peer, name, self._pool.submit(load)))
@@ -65,16 +67,17 @@ class Loads:
                 # progress always ends at 100%, however quick the load was
                 n = model.manifest.nbytes
                 send(p.peer, protocol.ok(progress={"done": n, "total": n}))
-                reply = protocol.ok(model=model.summary())
+                reply, outcome = protocol.ok(model=model.summary()), "ok"
             except WeightdError as e:
-                log.warning("load failed: %s", e)
-                reply = protocol.error(e)
+                log.warning("load failed: %s", e, extra={"model": p.name})
+                reply, outcome = protocol.error(e), e.code
             except Exception as e:
-                log.exception("internal error during a load")
-                reply = protocol.error(
-                    InternalError(f"internal error while loading: {type(e).__name__}: {e}")
-                )
+                log.exception("internal error during a load", extra={"model": p.name})
+                err = InternalError(f"internal error while loading: {type(e).__name__}: {e}")
+                reply, outcome = protocol.error(err), err.code
             send(p.peer, reply)
+            if self.metrics is not None:
+                self.metrics.request("load", outcome, time.perf_counter() - p.received)
         self._pending = still
 
     def shutdown(self) -> None:

@@ -58,6 +58,12 @@ class Server:
         self.endpoints = Endpoints(config.socket, group=config.group)
         self.loads = Loads(self.store)
         self.handlers = Handlers(config, self.store, self.loads)
+        self.metrics = None
+        if config.metrics is not None:
+            from weightd.daemon.metrics import Metrics  # prometheus-client only when asked for
+
+            self.metrics = Metrics(self.store, maps_segment)
+            self.store.metrics = self.loads.metrics = self.handlers.metrics = self.metrics
         self.notifier = Notifier()
         self.should_exit = False
         self._stopping = threading.Event()
@@ -73,6 +79,8 @@ class Server:
     def startup(self) -> None:
         self.endpoints.acquire_lock()
         try:
+            if self.metrics is not None:  # before the preloads: a long one shows in weightd_loading
+                self.metrics.start(self.config.metrics, group=self.config.group)
             for model in self.store.adopt():
                 self.notifier.send(STATUS=f"adopted {model.manifest.name}")
             for spec in self.config.models:
@@ -130,6 +138,8 @@ class Server:
         if self.endpoints.bound:
             self.loads.report(self.endpoints.send)
         self.endpoints.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         # By default the segments stay for the next daemon of this instance to adopt (a restart
         # costs no reload); attached workers keep their mappings either way (Note [segment
         # lifetime after unlink]). `weightd purge` frees them when no daemon runs.

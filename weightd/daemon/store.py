@@ -93,6 +93,9 @@ class Store:
         self._generations: dict[str, int] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
         self._lock = threading.Lock()
+        self.metrics = (
+            None  # weightd.daemon.metrics.Metrics with serve --metrics: told of loads and publishes
+        )
         self.devices = list(devices or [])
         if self.devices:
             from weightd import cuda  # only with --device: CPU-only daemons never touch CUDA
@@ -129,6 +132,11 @@ class Store:
     def progress(self, name: str) -> tuple[int, int]:
         return self._progress.get(name, (0, 0))
 
+    def loading(self) -> dict[str, tuple[int, int]]:
+        """Loads under way (on start-up or requested): name -> (bytes done, total; 0 until read)."""
+        with self._lock:
+            return dict(self._progress)
+
     def is_current(self, model: Model) -> bool:
         with self._lock:
             return self._models.get(model.manifest.name) is model
@@ -140,6 +148,13 @@ class Store:
     def segments(self) -> list[Model]:
         with self._lock:
             return list(self._models.values()) + list(self._retired.values())
+
+    def view(self) -> list[tuple[Model, bool, frozenset[int]]]:
+        """Every served segment, whether it is its name's newest, and the pids that asked for it:
+        one consistent copy, for readers on other threads (metrics) while the loop adds pids."""
+        with self._lock:
+            models = list(self._models.values()) + list(self._retired.values())
+            return [(m, self._models.get(m.manifest.name) is m, frozenset(m.attached)) for m in models]
 
     # --- loading and publishing ---
 
@@ -154,7 +169,12 @@ class Store:
         name = check_name(name)
         check_factory(factory)
         started = time.monotonic()
-        ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within)
+        self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
+        try:
+            ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within)
+        except BaseException:
+            self._progress.pop(name, None)
+            raise
         self._progress[name] = (0, ck.nbytes)
 
         def tracked(done: int, total: int) -> None:
@@ -172,6 +192,9 @@ class Store:
             checkpoint.close(ck)
             self._progress.pop(name, None)
         model = self._publish(Model(manifest, size))
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.loaded(manifest.format, manifest.nbytes, seconds)
         log.info(
             "loaded %s generation %d from %s: %d tensors, %.1f MiB in %.2f s (%s)",
             name,
@@ -179,8 +202,9 @@ class Store:
             path,
             len(manifest.tensors),
             manifest.nbytes / 2**20,
-            time.monotonic() - started,
+            seconds,
             manifest.segment,
+            extra={"model": name, "generation": manifest.generation},
         )
         return model
 
@@ -218,12 +242,15 @@ class Store:
             segment.unlink(segment_name)
             raise
         model = self._publish(Model(manifest, size))
+        if self.metrics is not None:
+            self.metrics.published(manifest.name)
         log.info(
             "published %s generation %d: %d tensors, %.1f MiB",
             manifest.name,
             manifest.generation,
             len(manifest.tensors),
             manifest.nbytes / 2**20,
+            extra={"model": manifest.name, "generation": manifest.generation},
         )
         return model
 
@@ -238,7 +265,12 @@ class Store:
         # Attached workers keep their mappings: Note [segment lifetime after unlink].
         for s in [model.manifest.segment, *retired]:
             segment.unlink(s)
-        log.info("unloaded %s generation %d", name, model.manifest.generation)
+        log.info(
+            "unloaded %s generation %d",
+            name,
+            model.manifest.generation,
+            extra={"model": name, "generation": model.manifest.generation},
+        )
         return model
 
     # --- housekeeping ---
@@ -277,7 +309,11 @@ class Store:
             for old in models[:-1]:  # nobody can be known to map them after a restart
                 segment.unlink(old.manifest.segment)
             log.info(
-                "adopted %s generation %d (%s)", name, newest.manifest.generation, newest.manifest.segment
+                "adopted %s generation %d (%s)",
+                name,
+                newest.manifest.generation,
+                newest.manifest.segment,
+                extra={"model": name, "generation": newest.manifest.generation},
             )
         return adopted
 
@@ -315,6 +351,7 @@ class Store:
                     "freed %s generation %d: no process maps it any more",
                     model.manifest.name,
                     model.manifest.generation,
+                    extra={"model": model.manifest.name, "generation": model.manifest.generation},
                 )
 
     def close(self, unlink: bool) -> None:
