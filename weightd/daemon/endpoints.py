@@ -15,12 +15,14 @@ Note [a request is bounded as a whole]
 ``ZMQ_MAXMSGSIZE`` bounds one frame, not a message, and ZeroMQ hands a multipart message over
 only once all of it has arrived. So the daemon counts frames and bytes of every message it
 receives: one with more frames than a request has, or more bytes in all than
-``MAX_REQUEST_BYTES``, is dropped unanswered and the peer's connection is shut (ZeroMQ has no
-call for that on a ROUTER: the kernel's peer credentials, which ZeroMQ reports as the
-message's Peer-Address, find its socket among ours). ``ZMQ_RCVHWM`` bounds how many messages
-one connection may queue. What remains: ZeroMQ assembles one message before the daemon sees
-it, so a member of the socket's group can make the daemon hold one oversized message per
-connection, briefly.
+``MAX_REQUEST_BYTES``, is dropped unanswered at once, its frames never copied (they are
+received zero-copy), and logged with the sender's pid and uid (the kernel's, which ZeroMQ
+reports as the message's Peer-Address). ``ZMQ_RCVHWM`` bounds how many messages one
+connection may have waiting. What remains: ZeroMQ assembles a whole message before the daemon
+can see it, so a member of the socket's group can make the daemon hold one oversized message
+per connection until it is read (the next turn of the loop). The connection is not shut:
+ZeroMQ has no call for that on a ROUTER, and shutting the sender's sockets by its credentials
+would cut every connection of that process, good ones included.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ import errno
 import fcntl
 import logging
 import os
-import socket
 import stat
-import struct
 from dataclasses import dataclass
 
 import zmq
@@ -190,19 +190,16 @@ class Endpoints:
                 log.debug("dropped a message with no request id")
                 continue
             pid, uid, gid = _credentials(frames[1])
-            size = sum(len(f) for f in frames)
+            size = sum(len(f) for f in frames[1:])
             if len(frames) > REQUEST_FRAMES or size > protocol.MAX_REQUEST_BYTES:
-                path = self.socket_path if sock is self.read else self.admin_path
-                closed = _shut_connections(path, (pid, uid, gid))
                 log.warning(
-                    "dropped a message of %d frames, %d bytes from pid %d uid %d (a request is "
-                    "[request-id, header], at most %d bytes): closed %d connection(s) of it",
+                    "dropped a message of %d frames, %d bytes from pid %d uid %d: a request is "
+                    "[request-id, header], at most %d bytes",
                     len(frames),
                     size,
                     pid,
                     uid,
                     protocol.MAX_REQUEST_BYTES,
-                    closed,
                 )
                 del frames
                 continue
@@ -261,29 +258,3 @@ def _credentials(frame: zmq.Frame) -> tuple[int, int, int]:
         return int(pid), int(uid), int(gid)
     except (zmq.ZMQError, ValueError, AttributeError):
         return 0, -1, -1
-
-
-def _shut_connections(path: str, credentials: tuple[int, int, int]) -> int:
-    """Shut this process's accepted connections on socket ``path`` whose peer has
-    ``credentials``: ZeroMQ's I/O thread sees the end and forgets them and what they queued."""
-    closed = 0
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
-                continue
-            s = socket.socket(fileno=os.dup(int(entry)))
-        except OSError:
-            continue
-        with s:
-            try:
-                if s.family != socket.AF_UNIX or s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    continue
-                if s.getsockname() != path:
-                    continue
-                peer = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-                if peer == credentials:
-                    s.shutdown(socket.SHUT_RDWR)
-                    closed += 1
-            except OSError:
-                continue
-    return closed
