@@ -28,18 +28,19 @@ class Connection:
         self.socket_path = os.path.abspath(socket or protocol.default_socket())
         self.timeout = timeout if timeout is not None else float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT))
         # Only a socket in a directory nobody else can write is the daemon's (weightd.trust);
-        # from here on it is used by that checked, resolved path.
+        # it is connected by that checked, resolved path.
         trust.check_length(self.socket_path)
-        if os.path.isdir(os.path.dirname(self.socket_path)):
-            self.socket_path = trust.socket_path(self.socket_path)
-        self.admin_path = protocol.admin_socket(self.socket_path)
+        real = self.socket_path
+        if os.path.isdir(os.path.dirname(real)):
+            real = trust.socket_path(real)
+        self.admin_path = protocol.admin_socket(real)
         # Who the daemon runs as, from the kernel (SO_PEERCRED), not from what it says: the
         # segments it names must be that user's.
-        self.daemon_uid = check_listening(self.socket_path)
+        self.daemon_uid = check_listening(real)
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
-        self._sock: zmq.Socket | None = _connect(self.socket_path)
+        self._sock: zmq.Socket | None = _connect(real)
         self._admin: zmq.Socket | None = None
 
     def close(self) -> None:

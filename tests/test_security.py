@@ -232,6 +232,7 @@ def test_a_client_maps_only_segments_of_the_daemons_user(tmp_path, make_daemon, 
     shutil.copyfile(f"/dev/shm/{seg}", fake / seg)
     with Client(d.socket) as c:
         offset = c.manifest("m").storages[0].offset
+        assert c.daemon_uid == c.ping()["uid"] == os.geteuid()  # the kernel's word and the daemon's
     with open(fake / seg, "r+b") as f:
         f.seek(offset)
         f.write(torch.full((256,), 666.0).numpy().tobytes())
@@ -263,6 +264,7 @@ def test_planted_names_are_skipped_at_restart_and_by_purge(tmp_path, make_daemon
         os.mkfifo(p["fifo"])                        # opening it for reading would block forever
         with open(p["file"], "wb") as f:
             f.write(sys.stdin.buffer.read())        # a perfect copy, but not the daemon's
+        os.chmod(p["file"], 0o600)                  # and closed to the daemon
     """,
         ),
         input=Path(f"/dev/shm/{seg}").read_bytes(),
@@ -456,7 +458,9 @@ def test_a_message_of_many_frames_is_dropped_unanswered(tmp_path, make_daemon):
     finally:
         s.close(linger=0)
     out = d.output()
-    assert "dropped a message of 2003 frames, 2000021 bytes" in out and "dropped a message of 4 frames" in out, out
+    assert (
+        "dropped a message of 2003 frames, 2000021 bytes" in out and "dropped a message of 4 frames" in out
+    ), out
     assert f"uid {os.geteuid()}" in out
     assert float(state_dict("m", socket=d.socket)["w"][0]) == 1.0  # everyone else is served
 

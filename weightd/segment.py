@@ -36,6 +36,7 @@ creates one must unlink it on failure, and a daemon sweeps what a killed predece
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -246,6 +247,10 @@ def open_entry(name: str, flags: int = os.O_RDONLY, owner: int | None = None) ->
     except FileNotFoundError:
         raise SegmentError(f"segment {name} does not exist") from None
     except PermissionError:
+        with contextlib.suppress(OSError):
+            uid = os.lstat(where).st_uid
+            if owner is not None and uid != owner:  # another user's file, closed to us
+                raise Planted(f"{where} belongs to uid {uid}, not to uid {owner}") from None
         raise PermissionDenied(f"may not open segment {where}") from None
     except OSError as e:
         kind = "a symbolic link" if e.errno == errno.ELOOP else f"not a segment ({e.strerror})"

@@ -77,7 +77,7 @@ def check_directory(real: str, shown: str | None = None) -> None:
             raise UnsafePath(f"{name} is not a directory: use a socket in a directory that is yours")
         if st.st_uid not in (me, 0) and not vouched:
             raise UnsafePath(
-                f"{name} belongs to {who(st.st_uid)}, in a directory every user may write: anyone can "
+                f"{name} belongs to {who(st.st_uid)}, in a directory others may write: anyone can "
                 f"make it first to catch the daemon's clients. Have {who(st.st_uid)} or root remove it, or "
                 "use a socket in a directory that is yours (--socket, $WEIGHTD_SOCKET or $XDG_RUNTIME_DIR)"
             )

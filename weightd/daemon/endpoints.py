@@ -138,9 +138,8 @@ class Endpoints:
         self.admin = self._ctx.socket(zmq.ROUTER)
         for sock, path, mode in self._endpoints():
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(
-                zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES
-            )  # Note [a request is bounded as a whole]
+            # a frame, and how many messages wait: Note [a request is bounded as a whole]
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
             sock.setsockopt(zmq.RCVHWM, QUEUED_PER_PEER)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self._bind_one(sock, path, mode)

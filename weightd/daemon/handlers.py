@@ -77,6 +77,7 @@ class Handlers:
     def ping(self, req, peer) -> bytes:
         return protocol.ok(
             pid=os.getpid(),
+            uid=os.geteuid(),  # what clients also learn from the kernel (SO_PEERCRED)
             version=__version__,
             instance=self.config.instance,
             socket=self.config.socket,
