@@ -12,7 +12,7 @@ import weakref
 import torch
 from torch import nn
 
-from weightd import cuda, errors, layout, protocol
+from weightd import cuda, errors, layout, protocol, segment
 from weightd.client import hf
 from weightd.client.connection import Connection
 from weightd.client.mapping import DeviceCopy, Mapping, rebuild
@@ -109,7 +109,8 @@ class Client(Connection):
             skeleton={"factory": factory} if factory else None,
             metadata=dict(metadata or {}),
         )
-        layout.write(manifest, blobs, mode=r["mode"], owner=tuple(r["owner"]))
+        # PUBLISHED, not SEALED: only the daemon seals, once it has checked it (weightd.segment).
+        layout.write(manifest, blobs, mode=r["mode"], owner=tuple(r["owner"]), seal=segment.PUBLISHED)
         del keep
         # If this call fails the daemon removes the segment (or does when the reservation
         # expires): unlinking it here could remove a publish the daemon did commit.
@@ -198,7 +199,7 @@ class Client(Connection):
         for attempt in range(3):
             manifest = self.manifest(name, generation)
             try:
-                mapping = Mapping(manifest)
+                mapping = Mapping(manifest, owner=self.daemon_uid)
             except SegmentError:
                 if attempt == 2 or generation is not None:
                     raise
@@ -217,7 +218,7 @@ class Client(Connection):
         if reply.get("cuda"):
             block, offsets = gpu.open_shared(reply["cuda"], manifest)
         else:
-            block, offsets = gpu.copy_to_device(Mapping(manifest), dev, pin)
+            block, offsets = gpu.copy_to_device(Mapping(manifest, owner=self.daemon_uid), dev, pin)
         return DeviceCopy(manifest, block), rebuild(manifest, [block] * len(manifest.storages), offsets)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import itertools
 import os
 import socket as _socket
+import struct
 
 import zmq
 
-from weightd import protocol
+from weightd import protocol, trust
 from weightd.errors import DaemonNotRunning, PermissionDenied, WeightdError
 
 DEFAULT_TIMEOUT = 10.0
@@ -25,13 +26,21 @@ class Connection:
 
     def __init__(self, socket: str | None = None, *, timeout: float | None = None):
         self.socket_path = os.path.abspath(socket or protocol.default_socket())
-        self.admin_path = protocol.admin_socket(self.socket_path)
         self.timeout = timeout if timeout is not None else float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT))
-        check_listening(self.socket_path)
+        # Only a socket in a directory nobody else can write is the daemon's (weightd.trust);
+        # it is connected by that checked, resolved path.
+        trust.check_length(self.socket_path)
+        real = self.socket_path
+        if os.path.isdir(os.path.dirname(real)):
+            real = trust.socket_path(real)
+        self.admin_path = protocol.admin_socket(real)
+        # Who the daemon runs as, from the kernel (SO_PEERCRED), not from what it says: the
+        # segments it names must be that user's.
+        self.daemon_uid = check_listening(real)
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
-        self._sock: zmq.Socket | None = _connect(self.socket_path)
+        self._sock: zmq.Socket | None = _connect(real)
         self._admin: zmq.Socket | None = None
 
     def close(self) -> None:
@@ -85,8 +94,9 @@ def _connect(path: str) -> zmq.Socket:
     return sock
 
 
-def check_listening(path: str, admin: bool = False) -> None:
-    """Tell 'no daemon' apart from 'slow daemon' at once, instead of after a timeout."""
+def check_listening(path: str, admin: bool = False) -> int:
+    """Tell 'no daemon' apart from 'slow daemon' at once, instead of after a timeout; the uid
+    the daemon runs as."""
     hint = (
         "start one with `weightd serve --model NAME=PATH`, or point socket= / $WEIGHTD_SOCKET at the socket "
         "of the daemon that is running"
@@ -97,6 +107,7 @@ def check_listening(path: str, admin: bool = False) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
+        return struct.unpack("3i", probe.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[1]
     except ConnectionRefusedError:
         raise DaemonNotRunning(
             f"no weightd daemon at {path} (connection refused; the daemon that made it is gone): {hint}"

@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import warnings
 
 import torch
 
 from weightd import segment
-from weightd.errors import PermissionDenied, SegmentError
+from weightd.errors import PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import DTYPE_SIZES, Manifest
 
 
 class Mapping:
     """One private, copy-on-write mapping of a sealed segment."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, owner: int | None = None):
+        """``owner``: the daemon's uid; a segment of anyone else is refused."""
         self.manifest = manifest
         # shm_open(name) is open("/dev/shm/" + name) on Linux; opening the file directly lets a
         # container find the host's segments wherever they are mounted ($WEIGHTD_SHM_DIR).
@@ -43,7 +45,8 @@ class Mapping:
             )
         path = segment.path(manifest.segment)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            # Never a symlink, never a FIFO that would block: see weightd.segment.open_entry.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SegmentError(
                 f"segment {path} of {manifest.name!r} is gone (unloaded or replaced a moment ago, or this "
@@ -56,8 +59,19 @@ class Mapping:
                 f"may not read segment {path} of {manifest.name!r} ({_mode(path)}): run as a member of the "
                 "daemon's group, and have the daemon grant its group read access (--mode 640, the default)"
             ) from None
+        except OSError as e:  # ELOOP: a symlink
+            raise UnsafePath(
+                f"segment {path} of {manifest.name!r} is not a file ({e.strerror}): refusing it"
+            ) from None
         try:
-            self.size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (owner is not None and st.st_uid != owner):
+                # /dev/shm (or what $WEIGHTD_SHM_DIR names) is writable by every user.
+                raise UnsafePath(
+                    f"segment {path} of {manifest.name!r} belongs to uid {st.st_uid}, not to the daemon's "
+                    f"user (uid {owner}), or is not a file: another user put it there; refusing to map it"
+                )
+            self.size = st.st_size
             self._mmap = mmap.mmap(
                 fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )

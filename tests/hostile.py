@@ -730,6 +730,9 @@ def fuzz(read_sock: str, paths: list[str], max_examples: int, stats: Counter, *,
             for msg in batch:
                 if msg == "oversized":
                     msg = [b"big", b"x" * (protocol.MAX_REQUEST_BYTES + 1)]
+                if len(msg) > 2 or sum(map(len, msg)) > protocol.MAX_REQUEST_BYTES:
+                    # over a frame's bound (ZeroMQ drops the connection) or a request's (dropped
+                    # unanswered): fewer replies than messages
                     oversized = True
                     stats["oversized"] += 1
                 s.send_multipart(msg)
@@ -737,8 +740,8 @@ def fuzz(read_sock: str, paths: list[str], max_examples: int, stats: Counter, *,
                 answerable += 1  # even a lone frame is answered: it is read as a request id
                 sent_rids.add(msg[0][: protocol.MAX_REQUEST_ID_BYTES])
             stats["batches"] += 1
-            # Every message gets exactly one final reply (loads also send progress); with an
-            # oversized one the daemon drops the connection, and what was queued behind it.
+            # Every message gets exactly one final reply (loads also send progress); one over the
+            # bounds gets none, and an oversized frame takes the connection with what followed.
             finals = 0
             wait_ms = 10_000 if not oversized else 200
             while finals < answerable and s.poll(wait_ms):

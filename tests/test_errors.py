@@ -192,7 +192,6 @@ MALFORMED = {
     "op of the wrong type": [b"r1", b'{"v":1,"op":7}'],
     "name of the wrong type": [b"r1", b'{"v":1,"op":"manifest","name":["a"]}'],
     "generation is a bool": [b"r1", b'{"v":1,"op":"manifest","name":"good","generation":true}'],
-    "extra frames": [b"r1", b'{"v":1,"op":"ping"}', b"payload"],
     "bad model name": [b"r1", b'{"v":1,"op":"load","path":"/x.safetensors","name":"../../etc"}'],
     "huge request id": [b"r" * 1000, b'{"v":1,"op":"ping"}'],
 }

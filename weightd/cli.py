@@ -56,6 +56,57 @@ def models_option(help_text: str):
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
 
+class SegmentMode(click.ParamType):
+    """Octal permission bits for the segments: the owner (the daemon) reads and writes, nobody
+    else may write (a writer would change the weights every attached worker runs)."""
+
+    name = "MODE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            mode = value
+        else:
+            text = str(value).strip().lower().removeprefix("0o")
+            try:
+                mode = int(text, 8)
+            except ValueError:
+                self.fail(f"{value!r} is not an octal mode such as 640 (group reads) or 600", param, ctx)
+        if not 0 <= mode <= 0o777:
+            self.fail(f"{value!r} is not an octal mode such as 640 (group reads) or 600", param, ctx)
+        if mode & 0o022:
+            self.fail(
+                f"{mode:o} lets other users write the segments, and with them the weights every attached "
+                "worker runs: use 640 (the group reads) or 644 (everyone reads)",
+                param,
+                ctx,
+            )
+        if mode & 0o600 != 0o600:
+            self.fail(
+                f"{mode:o}: the daemon must read and write its own segments: use 6xx (640, 600)", param, ctx
+            )
+        return mode
+
+
+class GroupId(click.ParamType):
+    """A group by name or number."""
+
+    name = "GROUP"
+
+    def convert(self, value, param, ctx):
+        import grp
+
+        if isinstance(value, int) or str(value).isdigit():
+            return int(value)
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            self.fail(
+                f"no group named {value!r} on this machine: give an existing group's name or its gid",
+                param,
+                ctx,
+            )
+
+
 @click.group(
     cls=_Group, context_settings={"auto_envvar_prefix": "WEIGHTD", "help_option_names": ["-h", "--help"]}
 )
@@ -83,9 +134,17 @@ def main() -> None:
     default=None,
     help="Segment names are weightd.INSTANCE.*  [default: a hash of the socket path]",
 )
-@click.option("--mode", default="640", show_default=True, help="Permission bits (octal) of the segments.")
+@click.option(
+    "--mode",
+    type=SegmentMode(),
+    default="640",
+    show_default=True,
+    help="Permission bits (octal) of the segments, exactly (whatever the umask). Nobody but the daemon "
+    "may write them: 640 lets the group read, 644 everyone.",
+)
 @click.option(
     "--group",
+    type=GroupId(),
     default=None,
     help="Group (name or gid) that may attach: owns the segments and the read socket "
     "[default: the daemon's].",
@@ -165,20 +224,15 @@ def serve(
 
     logs.configure(log_level, log_format)
     specs = _model_specs(models, factories)
-    gid = None
-    if group is not None:
-        import grp
-
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     config = Config(
         models=specs,
         socket=socket,
         instance=instance,
-        mode=int(mode, 8),
+        mode=mode,
         max_bytes=max_bytes,
         allow_pickle=allow_pickle,
         unlink_on_exit=unlink_on_exit,
-        group=gid,
+        group=group,
         devices=list(devices),
         model_dirs=list(model_dirs),
         metrics=metrics,
@@ -231,6 +285,22 @@ def stats(socket, as_json) -> None:
     for m in s["loading"]:
         rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", ""))
     _table(rows)
+    for m in s["models"]:
+        hidden = m.get("not_visible", {})
+        parts = [
+            _count(
+                hidden.get("other_pid_namespace", 0),
+                "process in another PID namespace",
+                "processes in other PID namespaces",
+            ),
+            _count(hidden.get("unreadable", 0), "process of another user", "processes of other users"),
+        ]
+        parts = [p for p in parts if p]
+        if parts:
+            click.echo(
+                f"{m['name']} generation {m['generation']}: also asked for by {' and '.join(parts)}, "
+                "which the daemon cannot see: their memory is not counted above"
+            )
     shm, d = s["shm"], s["daemon"]
     click.echo(f"/dev/shm: {_size(shm['used'])} used of {_size(shm['size'])}, {_size(shm['free'])} free")
     click.echo(
@@ -321,7 +391,7 @@ def purge(socket, instance) -> None:
     from weightd import segment
     from weightd.client import Client
     from weightd.daemon.config import Config
-    from weightd.errors import AlreadyRunning, DaemonNotRunning
+    from weightd.errors import AlreadyRunning, DaemonNotRunning, PermissionDenied
 
     config = Config(socket=socket, instance=instance)
     try:
@@ -332,11 +402,23 @@ def purge(socket, instance) -> None:
         )
     except DaemonNotRunning:
         pass
-    names = segment.list_segments(segment.prefix(config.instance))
-    freed = 0
-    for name in names:
-        freed += os.stat(segment.path(name)).st_size
-        segment.unlink(name)
+    # The daemon's user owns its lock file; segments of anyone else are not its.
+    try:
+        owner = os.lstat(config.socket + ".lock").st_uid
+    except OSError:
+        owner = os.geteuid()
+    removed, planted, denied = segment.purge(segment.prefix(config.instance), owner)
+    for problem in planted:
+        click.echo(f"weightd: warning: skipping a name others may have planted: {problem}", err=True)
+    if denied:
+        message = (
+            f"{denied} segments of instance {config.instance} belong to uid {owner}, and you are uid "
+            f"{os.geteuid()}: run purge as uid {owner} or root"
+        )
+        if not removed:
+            raise PermissionDenied(message)
+        click.echo(f"weightd: warning: {message}", err=True)
+    names, freed = [n for n, _ in removed], sum(size for _, size in removed)
     click.echo(f"removed {len(names)} segments ({_size(freed)}) of instance {config.instance}")
 
 
@@ -392,6 +474,10 @@ def _ask(socket, call, as_json: bool):
         click.echo(json.dumps(answer, indent=2))
         return None
     return answer
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return "" if not n else f"1 {one}" if n == 1 else f"{n} {many}"
 
 
 def _when(ts: float) -> str:

@@ -95,6 +95,22 @@ class PermissionDenied(WeightdError):
     exit_code = 13
 
 
+class UnsafePath(PermissionDenied):
+    """A socket directory, lock file or segment that another user could have planted or can
+    change: refused rather than trusted (README, "Security model")."""
+
+    code = "unsafe_path"
+    exit_code = 13
+
+
+class ConfigError(WeightdError):
+    """An option that cannot work (a socket path too long for a Unix socket...), refused
+    before anything is made."""
+
+    code = "bad_config"
+    exit_code = 2
+
+
 class InternalError(WeightdError):
     """A bug in weightd: the daemon survived it, but please report it."""
 
@@ -116,6 +132,8 @@ BY_CODE = {
         SegmentError,
         AttachError,
         PermissionDenied,
+        UnsafePath,
+        ConfigError,
         InternalError,
     )
 }

@@ -132,8 +132,11 @@ def write(
     mode: int,
     owner: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    seal: int = segment.SEALED,
 ) -> int:
     """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
+
+    ``seal``: publishers pass ``segment.PUBLISHED``, which only the daemon turns into SEALED.
 
     ``manifest`` arrives with everything but its storages, which are placed here. All or
     nothing: any failure unlinks the segment (Note [segment lifetime after unlink]).
@@ -159,7 +162,7 @@ def write(
             if progress is not None:
                 progress(done, total)
         seg.write_manifest(encoded, manifest_offset, manifest.uuid)
-        seg.seal()
+        seg.seal(seal)
     except BaseException:
         seg.destroy()
         raise

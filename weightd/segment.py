@@ -7,14 +7,22 @@ Layout of a segment (all integers little-endian)::
     12     I   reserved (0)
     16     Q   manifest offset
     24     Q   manifest length
-    32     Q   seal: 0 while being written, SEALED once complete (written last)
+    32     Q   seal: 0 while being written; PUBLISHED when a publisher finished it; SEALED once
+               complete and checked by the daemon (written last)
     40     16s uuid of the contents (the manifest's ``uuid``), so a client checks it in O(1)
     4096   ... storages, 64-byte aligned, large ones page aligned
     M      ... manifest (UTF-8 JSON, see weightd.manifest)
 
 The manifest sits after the data so that storage offsets are known before it is encoded. A
 segment whose seal is not set was never finished (a load that failed or was killed) and is
-never served: a daemon that finds one sweeps it.
+never served: a daemon that finds one sweeps it. A publisher (a client) cannot seal: it
+marks its segment PUBLISHED, and only the daemon, once it has checked it on commit, rewrites
+that to SEALED. So a publish the daemon never checked (it died before the commit) is swept
+on restart, not adopted.
+
+The shared-memory directory is writable by every user, so anything there may be planted:
+``open_entry`` opens a name without following a symlink or blocking on a FIFO and refuses
+anything but a regular file; the daemon adopts and ``purge`` removes only what passes.
 
 Note [segment lifetime after unlink]
 ------------------------------------
@@ -28,11 +36,13 @@ creates one must unlink it on failure, and a daemon sweeps what a killed predece
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
 import os
 import re
+import stat
 import struct
 from typing import NamedTuple
 
@@ -44,6 +54,7 @@ from weightd.manifest import Manifest
 MAGIC = b"WEIGHTD\0"
 FORMAT_VERSION = 2  # 2: the contents' uuid in the header
 SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
+PUBLISHED = 0x214E_4554_5449_5257  # b"WRITTEN!": finished by a publisher, not yet checked
 HEADER = struct.Struct("<8sIIQQQ16s")
 SEAL_OFFSET = 32
 DATA_OFFSET = 4096
@@ -122,6 +133,8 @@ class Segment:
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"cannot create segment {name}: {e}") from None
         try:
+            # The mode is exactly what was asked, whatever the umask (umask 077 would make 0600).
+            os.fchmod(shm.fd, mode)
             if owner is not None and (owner[0], owner[1]) != (os.geteuid(), os.getegid()):
                 # Published by another user (root) for a daemon that must be able to unlink it
                 # later and whose group must read it.
@@ -182,9 +195,11 @@ class Segment:
         )
         self.write(0, header)
 
-    def seal(self) -> None:
-        """Mark the segment complete. Written last: everything before it is in place."""
-        self.write(SEAL_OFFSET, struct.pack("<Q", SEALED))
+    def seal(self, word: int = SEALED) -> None:
+        """Mark the segment complete. Written last: everything before it is in place.
+
+        Publishers write ``PUBLISHED``; only the daemon seals (``commit_seal``)."""
+        self.write(SEAL_OFFSET, struct.pack("<Q", word))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -218,21 +233,59 @@ def read_header(buf) -> Header:
     return Header(moff, mlen, seal == SEALED, uuid.hex())
 
 
-def inspect(name: str):
-    """(manifest or None, size, sealed) of an existing segment, read without writing to it."""
+class Planted(SegmentError):
+    """A name in the shared-memory directory that is not a segment of this user: a symlink,
+    a directory, a FIFO, or a file of another user. Skipped, never followed or removed."""
+
+
+def open_entry(name: str, flags: int = os.O_RDONLY, owner: int | None = None) -> int:
+    """A descriptor of segment ``name``, opened without following a symlink or blocking on a
+    FIFO; anything but a regular file (owned by ``owner``, when given) is ``Planted``."""
+    where = path(name)
     try:
-        shm = posix_ipc.SharedMemory(name, read_only=True)
-    except posix_ipc.ExistentialError:
+        fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         raise SegmentError(f"segment {name} does not exist") from None
-    except posix_ipc.PermissionsError:
-        raise PermissionDenied(f"may not read segment {name}") from None
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            uid = os.lstat(where).st_uid
+            if owner is not None and uid != owner:  # another user's file, closed to us
+                raise Planted(f"{where} belongs to uid {uid}, not to uid {owner}") from None
+        raise PermissionDenied(f"may not open segment {where}") from None
+    except OSError as e:
+        kind = "a symbolic link" if e.errno == errno.ELOOP else f"not a segment ({e.strerror})"
+        raise Planted(f"{where} is {kind}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "not a file"
+        )
+        problem = f"{where} is {kind} (owner uid {st.st_uid})"
+    elif owner is not None and st.st_uid != owner:
+        problem = f"{where} belongs to uid {st.st_uid}, not to uid {owner}"
+    if problem is not None:
+        os.close(fd)
+        raise Planted(problem)
+    return fd
+
+
+def inspect(name: str, *, seal: int = SEALED):
+    """(manifest or None, size, sealed) of an existing segment of this user, read without
+    writing to it. ``seal``: the seal word that counts as finished (``PUBLISHED`` on commit).
+    Raises ``Planted`` for names that are not this user's segments."""
+    fd = open_entry(name, owner=os.geteuid())
     try:
-        size = os.fstat(shm.fd).st_size
+        size = os.fstat(fd).st_size
         if size < DATA_OFFSET:
             return None, size, False
-        with mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as buf:
-            moff, mlen, sealed, uuid = read_header(buf)
-            if not sealed:
+        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as buf:
+            moff, mlen, _, uuid = read_header(buf)
+            if struct.unpack_from("<Q", buf, SEAL_OFFSET)[0] != seal:
                 return None, size, False
             try:
                 manifest = Manifest.from_dict(json.loads(buf[moff : moff + mlen]))
@@ -243,7 +296,16 @@ def inspect(name: str):
                 raise SegmentError(f"segment {name}: its header and manifest disagree on what it holds")
             return manifest, size, True
     finally:
-        shm.close_fd()
+        os.close(fd)
+
+
+def commit_seal(name: str) -> None:
+    """Seal a published segment the daemon has checked (see ``PUBLISHED``)."""
+    fd = open_entry(name, os.O_RDWR, owner=os.geteuid())
+    try:
+        os.pwrite(fd, struct.pack("<Q", SEALED), SEAL_OFFSET)
+    finally:
+        os.close(fd)
 
 
 def list_segments(start: str, directory: str | None = None) -> list[str]:
@@ -254,6 +316,35 @@ def list_segments(start: str, directory: str | None = None) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted("/" + e for e in entries if e.startswith(start))
+
+
+def purge(start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int]:
+    """Remove the segments of uid ``owner`` whose names start with ``start``: (removed (name,
+    bytes), what was skipped as planted (``Planted``), how many this user may not remove)."""
+    removed, planted, denied = [], [], 0
+    for name in list_segments(start):
+        try:
+            fd = open_entry(name, owner=owner)
+        except Planted as e:
+            planted.append(str(e))
+            continue
+        except SegmentError:
+            continue  # gone meanwhile
+        except PermissionDenied:
+            fd = None  # not readable to us: unlinking says whether we may remove it
+        size = 0
+        if fd is not None:
+            size = os.fstat(fd).st_size
+            os.close(fd)
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            continue
+        except posix_ipc.PermissionsError:
+            denied += 1
+            continue
+        removed.append((name, size))
+    return removed, planted, denied
 
 
 def unlink(name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,18 +90,29 @@ def read(
     if p.is_dir():
         return _read_folder(p, allow_pickle=allow_pickle, within=within)
     if p.suffix == ".safetensors":
-        return read_safetensors(p)
+        return read_safetensors(p, within)
     if p.suffix in TORCH_SUFFIXES:
-        return read_torch(p, allow_pickle=allow_pickle)
+        return read_torch(p, allow_pickle=allow_pickle, within=within)
     raise CheckpointError(
         f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
         "and Hugging Face model folders"
     )
 
 
-def check_within(path: str | os.PathLike, roots: list[str]) -> str:
-    """``path`` with symlinks and ``..`` resolved, if that lies inside one of ``roots``."""
-    real = os.path.realpath(path)
+def real_path(path: str | os.PathLike) -> str:
+    """``path`` with symlinks and ``..`` resolved; a path being changed meanwhile is refused."""
+    try:
+        return os.path.realpath(path)
+    except OSError as e:  # a symlink turned into something else between lstat and readlink
+        raise PermissionDenied(
+            f"{path} changed while it was being resolved ({e.strerror}): try again"
+        ) from None
+
+
+def check_within(path: str | os.PathLike, roots: list[str], real: str | None = None) -> str:
+    """``path`` with symlinks and ``..`` resolved (or ``real``, where it was found to be), if
+    that lies inside one of ``roots``."""
+    real = real_path(path) if real is None else real
     for root in roots:
         root = os.path.realpath(root)
         if real == root or real.startswith(root.rstrip("/") + "/"):
@@ -111,15 +123,41 @@ def check_within(path: str | os.PathLike, roots: list[str]) -> str:
     )
 
 
+def open_file(path: str | os.PathLike, within: list[str] | None = None):
+    """Open a checkpoint file once, for reading from that descriptor only.
+
+    Never blocks (a FIFO named like a checkpoint is refused, not waited on). With ``within``
+    the check is of the file actually opened, by its descriptor (/proc/self/fd/N), not of the
+    path: a symlink or folder swapped in between a check and the open cannot make the daemon
+    read a file outside ``--model-dir``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path}: not a regular file: a checkpoint is a file or a folder of them")
+        if within is not None:
+            check_within(path, within, real=os.readlink(f"/proc/self/fd/{fd}"))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_text(path: Path, within: list[str] | None) -> str:
+    with open_file(path, within) as f:
+        return f.read().decode()
+
+
 # --- safetensors ----------------------------------------------------------------------------
 
 
-def read_safetensors(path: Path) -> Checkpoint:
+def read_safetensors(path: Path, within: list[str] | None = None) -> Checkpoint:
     """Parse and check a safetensors header: lengths, dtypes, offsets in range, no overlaps."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    f = open_file(path, within)
     try:
         size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
@@ -236,7 +274,7 @@ def _file_fill(f, offset: int, nbytes: int, path):
 # --- PyTorch -------------------------------------------------------------------------------
 
 
-def read_torch(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
+def read_torch(path: Path, *, allow_pickle: bool = False, within: list[str] | None = None) -> Checkpoint:
     """A ``torch.save``d state dict, read with ``weights_only=True`` (no code runs).
 
     With ``allow_pickle`` a whole pickled ``nn.Module`` is accepted too; unpickling runs
@@ -245,7 +283,10 @@ def read_torch(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
     import torch  # here: a daemon that serves only safetensors never pays for importing torch
 
     try:
-        obj = _torch_load(path, weights_only=not allow_pickle)
+        with open_file(path, within) as f:
+            # The file opened and checked above, by its descriptor: /proc/self/fd/N is that
+            # very file whatever happens to the path meanwhile.
+            obj = _torch_load(f"/proc/self/fd/{f.fileno()}", weights_only=not allow_pickle)
     except CheckpointError:
         raise
     except Exception as e:
@@ -298,10 +339,8 @@ def _read_folder(folder: Path, *, allow_pickle: bool, within: list[str] | None) 
         ck = _read_many(folder, files, allow_pickle=allow_pickle, within=within)
     config = folder / "config.json"
     if config.is_file():
-        if within is not None:
-            check_within(config, within)
         try:
-            ck.skeleton = {"hf_config": json.loads(config.read_text())}
+            ck.skeleton = {"hf_config": json.loads(_read_text(config, within))}
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{config}: not valid JSON ({e})") from None
         ck.format = "huggingface"
@@ -309,10 +348,8 @@ def _read_folder(folder: Path, *, allow_pickle: bool, within: list[str] | None) 
 
 
 def _read_index(index: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
-    if within is not None:
-        check_within(index, within)
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(_read_text(index, within))["weight_map"]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         weight_map = None
     if not isinstance(weight_map, dict):

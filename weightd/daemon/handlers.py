@@ -25,6 +25,7 @@ from weightd.errors import InternalError, PermissionDenied, ProtocolError, Weigh
 log = logging.getLogger("weightd")
 
 MANIFEST_CACHE = 256  # encoded manifest replies kept (attach is the hot path)
+UNSEEN_KEPT = 4096  # clients counted per generation that the daemon has no pid for
 
 
 class Handlers:
@@ -84,6 +85,7 @@ class Handlers:
     def ping(self, req, peer) -> bytes:
         return protocol.ok(
             pid=os.getpid(),
+            uid=os.geteuid(),  # what clients also learn from the kernel (SO_PEERCRED)
             version=__version__,
             instance=self.config.instance,
             socket=self.config.socket,
@@ -100,12 +102,19 @@ class Handlers:
             entry = model.summary()
             entry["current"] = self.store.is_current(model)
             entry["attached"] = []
+            unreadable = 0
             for pid in sorted(model.attached):
                 use = memory.mapping_usage(pid, segment.path(model.manifest.segment))
                 if use is not None:
                     entry["attached"].append(
                         {"pid": pid, "shared": use.pss, "rss": use.rss, "private": use.private}
                     )
+                elif _unreadable(pid):
+                    unreadable += 1
+            # What the daemon cannot see: clients in a PID namespace it has no view into (the
+            # kernel gives it no pid for them), and processes of other users whose memory maps
+            # only root may read. Their mappings are not listed and their memory is not counted.
+            entry["not_visible"] = {"other_pid_namespace": len(model.unseen), "unreadable": unreadable}
             models.append(entry)
         me = memory.usage()
         return protocol.ok(
@@ -125,9 +134,14 @@ class Handlers:
     def manifest(self, req, peer) -> bytes:
         name = protocol.field(req, "name", str)
         generation = protocol.field(req, "generation", int, required=False)
-        pid = protocol.field(req, "pid", int, required=False)
+        announced = protocol.field(req, "pid", int, required=False)
         device = protocol.field(req, "device", str, required=False)
+        # The kernel's pid of the sender, in this daemon's namespace (a client in a container
+        # announces its own namespace's pid); 0 when the daemon cannot see the sender at all.
+        pid = (peer.pid or None) if announced is not None else None
         model = self.store.get(name, generation, pid)
+        if announced is not None and not peer.pid and len(model.unseen) < UNSEEN_KEPT:
+            model.unseen.add((peer.uid, announced))
         if device is not None and device in model.gpu:
             # Each export is counted by PyTorch, so it is made per request, never cached.
             return protocol.ok(
@@ -177,3 +191,14 @@ class Handlers:
     def publish_commit(self, req, peer) -> bytes:
         model = self.store.commit(protocol.field(req, "segment", str))
         return protocol.ok(model=model.summary())
+
+
+def _unreadable(pid: int) -> bool:
+    """Whether ``pid`` runs but its memory maps are closed to this daemon (another user's)."""
+    try:
+        with open(f"/proc/{pid}/smaps"):
+            return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False

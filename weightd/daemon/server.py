@@ -116,8 +116,8 @@ class Server:
 
     def _serve(self, sock: zmq.Socket) -> None:
         admin = sock is self.endpoints.admin
-        for identity, frames in self.endpoints.receive(sock):
-            peer = Peer(sock, identity, frames[0][: protocol.MAX_REQUEST_ID_BYTES], admin)
+        for identity, frames, (pid, uid) in self.endpoints.receive(sock):
+            peer = Peer(sock, identity, frames[0][: protocol.MAX_REQUEST_ID_BYTES], admin, pid, uid)
             reply = self.handlers.handle(frames, peer)
             if reply is not None:
                 self.endpoints.send(peer, reply)

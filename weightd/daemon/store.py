@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from weightd import layout, segment
 from weightd.daemon import checkpoint
@@ -47,7 +46,10 @@ RETIRE_GRACE_SECONDS = 5.0  # a retired generation is kept at least this long af
 class Model:
     manifest: Manifest
     size: int  # bytes of the segment
-    attached: set[int] = field(default_factory=set)  # pids that asked for this generation
+    attached: set[int] = field(default_factory=set)  # pids (in the daemon's namespace) that asked for it
+    # (uid, pid it announced) of clients the daemon has no pid for: in a PID namespace it cannot
+    # see into. Counted for `stats`; whether they still map the segment is unknowable here.
+    unseen: set[tuple[int, int]] = field(default_factory=set)
     gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.daemon.gpu.GpuCopy (serve --device)
     touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
 
@@ -183,7 +185,7 @@ class Store:
                 progress(done, total)
 
         try:
-            manifest = self._new_manifest(name, source=str(Path(ck.path).resolve()), format=ck.format)
+            manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             manifest.skeleton = {"factory": factory} if factory else ck.skeleton
             self._check_space(name, ck.nbytes)
@@ -228,7 +230,8 @@ class Store:
                 f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)"
             )
         try:
-            manifest, size, sealed = segment.inspect(segment_name)
+            # The publisher marked it PUBLISHED; it is SEALED (adoptable) once checked here.
+            manifest, size, sealed = segment.inspect(segment_name, seal=segment.PUBLISHED)
             if not sealed:
                 raise SegmentError(f"segment {segment_name} is not sealed: the publish did not finish")
             if (manifest.name, manifest.generation, manifest.uuid) != (
@@ -238,6 +241,7 @@ class Store:
             ):
                 raise SegmentError(f"segment {segment_name} does not hold the publish that reserved it")
             check_factory((manifest.skeleton or {}).get("factory"))
+            segment.commit_seal(segment_name)
         except BaseException:
             segment.unlink(segment_name)
             raise
@@ -280,16 +284,13 @@ class Store:
         found: dict[str, list[Model]] = {}
         for name in segment.list_segments(self.prefix):
             try:
-                uid = os.stat(segment.path(name)).st_uid
-            except FileNotFoundError:
-                continue
-            if uid != os.geteuid():
-                # /dev/shm is writable by everyone: anybody can create a file with our prefix.
-                # Serving it would let its owner choose (and later rewrite) what workers run.
-                log.warning("ignoring %s: it belongs to uid %d, not to this daemon's user", name, uid)
-                continue
-            try:
                 manifest, size, sealed = segment.inspect(name)
+            except segment.Planted as e:
+                # /dev/shm is writable by everyone: anybody can create a name with our prefix
+                # (a file, symlink, directory, FIFO). Serving it would let its owner choose (and
+                # later rewrite) what workers run; following it, read what it points at.
+                log.warning("skipping %s (ignoring a name others may have planted)", e)
+                continue
             except SegmentError as e:
                 log.warning("removing %s: %s", name, e)
                 manifest, sealed = None, False
