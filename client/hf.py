@@ -157,7 +157,7 @@ def build(
     t0 = time.perf_counter()
     same_version = hf.get("transformers") == transformers.__version__
     folder = _files_dir(mapping)
-    try:
+    with _stage(lambda: f"building {getattr(cls, '__name__', cls)}", name, hf, transformers, same_version):
         cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
         config.name_or_path = hf.get("source", "")
         config, dtype = modeling_utils._get_dtype("auto", None, config, None, tensors, True, None)
@@ -167,12 +167,6 @@ def build(
             from transformers.monkey_patching import patch_output_recorders
 
             patch_output_recorders(module)
-    except AttachError:
-        raise
-    except Exception as e:
-        raise _version_error(
-            name, hf, transformers, f"building {getattr(cls, '__name__', cls)} failed: {e}", same_version
-        ) from None
     build_seconds = time.perf_counter() - t0
     info, assigned = _assign(module, tensors, requires_grad)
     if info.mismatched_keys:
@@ -190,7 +184,7 @@ def build(
         raise _version_error(
             name, hf, transformers, f"its weights do not match {cls.__name__} here (e.g. {odd})"
         )
-    try:
+    with _stage(lambda: f"finishing {cls.__name__}", name, hf, transformers, same_version):
         load_config = modeling_utils.LoadStateDictConfig(
             pretrained_model_name_or_path=hf.get("source"),
             dtype=dtype,
@@ -205,12 +199,6 @@ def build(
             module.adjust_generation_fn(
                 None, False, None, folder, None, False, None, True, None, None, "", False
             )
-    except AttachError:
-        raise
-    except Exception as e:
-        raise _version_error(
-            name, hf, transformers, f"finishing {cls.__name__} failed: {e}", same_version
-        ) from None
     final = dict(module.state_dict(keep_vars=True))
     copies = [n for n in assigned if n in final and final[n].numel() and not mapping.contains(final[n])]
     if copies:
@@ -422,6 +410,18 @@ def _reshare(module: nn.Module, final: dict, assigned: dict, copies: list[str]) 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.detach().contiguous(), b.detach().contiguous()
     return torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)) if a.numel() else True
+
+
+@contextlib.contextmanager
+def _stage(what, name: str, hf: dict, transformers, same_version: bool):
+    """Run one stage of building the module; a failure of transformers' own code there becomes
+    the AttachError that names the versions (``what()`` says which stage, read when it fails)."""
+    try:
+        yield
+    except AttachError:
+        raise
+    except Exception as e:
+        raise _version_error(name, hf, transformers, f"{what()} failed: {e}", same_version) from None
 
 
 def _version_error(name: str, hf: dict, transformers, what: str, same_version: bool = False) -> AttachError:

@@ -22,6 +22,15 @@ TEXT = dict(
 )
 LLAMA_LIKE = dict(TEXT, num_key_value_heads=2)
 MOE = dict(LLAMA_LIKE, intermediate_size=32)
+# the encoder-decoder families (bart, marian, whisper) name their sizes alike
+ENC_DEC = dict(
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+)
 
 # name: (config class, model class, config kwargs, input kind, save as)
 ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
@@ -127,12 +136,7 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
         dict(
             vocab_size=99,
             d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
+            **ENC_DEC,
             max_position_embeddings=64,
         ),
         "seq2seq",
@@ -144,12 +148,7 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
         dict(
             vocab_size=99,
             d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
+            **ENC_DEC,
             max_position_embeddings=64,
             pad_token_id=98,
             decoder_start_token_id=98,
@@ -212,12 +211,7 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
         dict(
             vocab_size=99,
             d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
+            **ENC_DEC,
             num_mel_bins=16,
             max_source_positions=16,
             max_target_positions=32,
