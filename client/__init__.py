@@ -12,21 +12,25 @@ from weightd.client.client import Client, attach, detach, info, publish, refresh
 from weightd.client.module import Attachment
 from weightd.errors import (
     AttachError,
+    Cancelled,
     DaemonNotRunning,
     ModelNotFound,
     RequestTimeout,
     SegmentError,
+    StillLoading,
     WeightdError,
 )
 
 __all__ = [
     "Attachment",
     "AttachError",
+    "Cancelled",
     "Client",
     "DaemonNotRunning",
     "ModelNotFound",
     "RequestTimeout",
     "SegmentError",
+    "StillLoading",
     "WeightdError",
     "attach",
     "detach",

@@ -48,7 +48,10 @@ class Client(Connection):
 
     def manifest(self, name: str, generation: int | None = None) -> Manifest:
         # The pid lets the daemon keep an older generation linked while this process maps it.
-        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid())
+        # wait: a model still loading (a daemon just started) is waited for within this call's
+        # deadline, less a margin for the daemon's "still loading" answer to arrive in time.
+        wait = max(self.timeout - min(1.0, self.timeout / 5), 0.0)
+        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid(), wait=wait)
         return Manifest.from_dict(reply["manifest"])
 
     def load(
@@ -62,16 +65,32 @@ class Client(Connection):
     ) -> dict:
         """Have the daemon load a checkpoint (a new generation if ``name`` exists).
 
-        ``progress(done, total)`` is called with bytes as the daemon reports them.
+        ``progress(done, total)`` is called with bytes as the daemon reports them. ``timeout``:
+        seconds the whole load may take; past them the daemon cancels it (or never starts it)
+        and this raises ``Cancelled``. Default: no limit. If the daemon stops or dies
+        meanwhile this raises ``DaemonNotRunning`` within seconds.
         """
+        return self._load(path, name, factory=factory, progress=progress, timeout=timeout)["model"]
+
+    def reload_one(self, path: str, name: str, *, factory: str | None = None, progress=None):
+        """(model, reused): load ``path`` as ``name`` unless the served generation already holds
+        it, unchanged since it was loaded (what ``weightd reload`` does for each entry)."""
+        reply = self._load(path, name, factory=factory, progress=progress, timeout=None, reuse=True)
+        return reply["model"], bool(reply.get("reused"))
+
+    def _load(self, path, name, *, factory, progress, timeout, reuse: bool = False) -> dict:
         return self.call(
             "load",
             path=os.path.abspath(path),
             name=name,
             factory=factory,
+            deadline=timeout,
+            reuse=reuse or None,
             progress=progress,
-            timeout=timeout or LOAD_TIMEOUT,
-        )["model"]
+            # silence this long means the daemon is stuck; the daemon's own answer to a passed
+            # deadline (Cancelled) arrives before it
+            timeout=LOAD_TIMEOUT if timeout is None else timeout + 2.0,
+        )
 
     def stats(self) -> dict:
         """Models with their attached processes and memory, /dev/shm, and the daemon's own memory."""

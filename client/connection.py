@@ -11,14 +11,17 @@ import itertools
 import os
 import socket as _socket
 import struct
+import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from weightd import protocol, trust
 from weightd.errors import DaemonNotRunning, PermissionDenied, WeightdError
 
 DEFAULT_TIMEOUT = 10.0
 ENV_TIMEOUT = "WEIGHTD_TIMEOUT"
+PROBE_SECONDS = 2.0  # while waiting, how often the socket file is also probed (connection refused?)
 
 
 class Connection:
@@ -40,14 +43,50 @@ class Connection:
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
-        self._sock: zmq.Socket | None = _connect(real)
+        # A monitor per socket: a daemon that dies drops the connection, and a caller waiting on
+        # a reply (a long load) hears of it within protocol.ALIVE_SECONDS, not at its timeout.
+        self._monitors: dict[zmq.Socket, zmq.Socket] = {}
+        self._sock: zmq.Socket | None = self._connect(real)
         self._admin: zmq.Socket | None = None
 
     def close(self) -> None:
+        for monitor in self._monitors.values():
+            monitor.close(linger=0)
+        self._monitors.clear()
         for sock in (self._sock, self._admin):
             if sock is not None:
                 sock.close(linger=0)
         self._sock = self._admin = None
+
+    def _connect(self, path: str) -> zmq.Socket:
+        sock = _connect(path)
+        self._monitors[sock] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        return sock
+
+    def _disconnected(self, sock: zmq.Socket) -> bool:
+        """Whether ``sock`` lost its connection to the daemon since the last look."""
+        monitor = self._monitors.get(sock)
+        lost = False
+        while monitor is not None and monitor.poll(0):
+            lost |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        return lost
+
+    def _watch(self, sock: zmq.Socket, path: str, op: str):
+        """``alive()`` for one request: raises once the daemon is seen to be gone."""
+        last_probe = [time.monotonic()]
+
+        def alive() -> None:
+            if self._disconnected(sock):
+                raise DaemonNotRunning(
+                    f"the daemon at {path} went away while answering {op!r} (it stopped or died): see "
+                    "its log (journalctl -u weightd); what it was doing did not finish"
+                )
+            now = time.monotonic()
+            if now - last_probe[0] >= PROBE_SECONDS:
+                last_probe[0] = now
+                check_listening(path)
+
+        return alive
 
     def __enter__(self):
         return self
@@ -66,6 +105,7 @@ class Connection:
         if os.getpid() != self._pid:
             raise WeightdError("this Client was made before a fork: make a new one in the child")
         sock, path = self._socket_for(op)
+        self._disconnected(sock)  # a restart between calls is no error: the socket reconnects
         rid = self._prefix + next(self._ids).to_bytes(8, "little")
         return protocol.round_trip(
             sock,
@@ -76,6 +116,7 @@ class Connection:
             progress=progress,
             silent=lambda: check_listening(path),
             where=f"the daemon at {path}",
+            alive=self._watch(sock, path, op),
         )
 
     def _socket_for(self, op: str) -> tuple[zmq.Socket, str]:
@@ -83,7 +124,7 @@ class Connection:
             return self._sock, self.socket_path
         if self._admin is None:
             check_listening(self.admin_path, admin=True)
-            self._admin = _connect(self.admin_path)
+            self._admin = self._connect(self.admin_path)
         return self._admin, self.admin_path
 
 

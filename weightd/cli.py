@@ -16,7 +16,7 @@ from datetime import datetime
 import click
 
 from weightd import __version__, protocol
-from weightd.errors import WeightdError
+from weightd.errors import DaemonNotRunning, WeightdError
 
 
 def _fail(e: WeightdError) -> None:
@@ -191,6 +191,18 @@ def main() -> None:
     "what `ls` and `stats` show, without paths or pids. [default: off]",
 )
 @click.option(
+    "--keep-going",
+    is_flag=True,
+    help="A preload that fails is logged and shown in `ls` as failed, and the other models are served. "
+    "[default: the daemon stops, with the error's exit status; the systemd unit passes --keep-going]",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Load every --model, then exit: 0 if all are ready, else the first failure's exit status. The "
+    "segments stay for the daemon that starts next to adopt (for CI, or a unit's ExecStartPre).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option(
@@ -214,6 +226,8 @@ def serve(
     devices,
     unlink_on_exit,
     metrics,
+    keep_going,
+    check,
     log_level,
     log_format,
 ) -> None:
@@ -236,6 +250,8 @@ def serve(
         devices=list(devices),
         model_dirs=list(model_dirs),
         metrics=metrics,
+        keep_going=keep_going,
+        check=check,
     )
     Server(config).run()
 
@@ -248,11 +264,16 @@ def ls(socket, as_json) -> None:
     models = _ask(socket, lambda c: c.list(), as_json)
     if models is None:
         return
-    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SEGMENT")]
+    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SOURCE")]
+    failures = []
     for m in models:
         if m.get("state") == "loading":
             pct = 100 * m["done"] / m["total"] if m["total"] else 0
-            rows.append((m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", "-"))
+            rows.append((m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", m["source"]))
+            continue
+        if m.get("state") == "failed":
+            rows.append((m["name"], "-", "-", "-", "failed", "-", "-"))
+            failures.append(f"{m['name']}: failed: [{m['error']['code']}] {m['error']['message']}")
             continue
         rows.append(
             (
@@ -260,12 +281,14 @@ def ls(socket, as_json) -> None:
                 str(m["generation"]),
                 _size(m["nbytes"]),
                 str(m["tensors"]),
-                "ready",
+                "ready (adopted)" if m.get("adopted") else "ready",
                 _when(m["created"]),
-                m["segment"],
+                m["source"],
             )
         )
     _table(rows)
+    for line in failures:
+        click.echo(line)
 
 
 @main.command()
@@ -284,7 +307,14 @@ def stats(socket, as_json) -> None:
             rows.append(("", "", "", "", str(a["pid"]), _size(a["shared"]), _size(a["private"]), ""))
     for m in s["loading"]:
         rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", ""))
+    for m in s.get("failed", []):
+        rows.append((m["name"], "failed", "", "", "", "", "", ""))
     _table(rows)
+    for m in s["models"]:
+        adopted = " (adopted from the previous daemon)" if m.get("adopted") else ""
+        click.echo(f"{m['name']} generation {m['generation']}: from {m['source']}{adopted}")
+    for m in s.get("failed", []):
+        click.echo(f"{m['name']}: failed: [{m['error']['code']}] {m['error']['message']}")
     for m in s["models"]:
         hidden = m.get("not_visible", {})
         parts = [
@@ -313,13 +343,22 @@ def stats(socket, as_json) -> None:
 @click.argument("path")
 @click.option("--name", default=None, help="Model name [default: the file or folder stem].")
 @click.option("--factory", default=None, metavar="MODULE:FUNCTION", help="How clients build the module.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds the load may take; past them the daemon cancels it. [default: no limit]",
+)
 @socket_option
 @json_option
-def load(path, name, factory, socket, as_json) -> None:
-    """Have the running daemon load PATH (a new generation if NAME is loaded)."""
+def load(path, name, factory, timeout, socket, as_json) -> None:
+    """Have the running daemon load PATH (a new generation if NAME is loaded).
+
+    Exits at once with an error if the daemon stops or dies meanwhile.
+    """
     from weightd.client import Client
 
-    with Client(socket) as c:
+    with Client(socket, timeout=timeout) as c:
         if sys.stderr.isatty() and not as_json:
             with click.progressbar(length=1, label=f"loading {path}", file=sys.stderr) as bar:
 
@@ -327,9 +366,9 @@ def load(path, name, factory, socket, as_json) -> None:
                     bar.length = max(total, 1)
                     bar.update(done - bar.pos)
 
-                model = c.load(path, name, factory=factory, progress=progress)
+                model = c.load(path, name, factory=factory, progress=progress, timeout=timeout)
         else:
-            model = c.load(path, name, factory=factory)
+            model = c.load(path, name, factory=factory, timeout=timeout)
     click.echo(
         json.dumps(model, indent=2)
         if as_json
@@ -361,22 +400,33 @@ def unload(name, socket, as_json) -> None:
 )
 @socket_option
 def reload(models, factories, socket) -> None:
-    """Load the models of --model / $WEIGHTD_SERVE_MODEL that the daemon does not serve yet.
+    """Load the models of --model / $WEIGHTD_SERVE_MODEL that are new or whose files changed.
 
-    What systemd's ExecReload runs after you add a model to the EnvironmentFile. Models
-    already served (and in use) are left alone.
+    What systemd's ExecReload runs after you add a model to the EnvironmentFile or rewrite a
+    checkpoint. A model whose files are unchanged since its generation was loaded is left
+    alone (and in use). Goes on past an entry that fails, reports each failure, and exits
+    with the first failure's status.
     """
     from weightd.client import Client
 
     specs = _model_specs(models, factories)
+    failures: list[WeightdError] = []
     with Client(socket) as c:
-        have = {m["name"] for m in c.list()}
         for spec in specs:
             name = spec.model_name
-            if name in have:
+            try:
+                model, reused = c.reload_one(spec.path, name, factory=spec.factory)
+            except WeightdError as e:
+                if isinstance(e, DaemonNotRunning):
+                    raise
+                click.echo(f"weightd: error [{e.code}]: {name}: {e}", err=True)
+                failures.append(e)
                 continue
-            model = c.load(spec.path, name, factory=spec.factory)
-            click.echo(f"loaded {model['name']} generation {model['generation']} ({_size(model['nbytes'])})")
+            what = "unchanged" if reused else "loaded"
+            click.echo(f"{what} {model['name']} generation {model['generation']} ({_size(model['nbytes'])})")
+    if failures:
+        click.echo(f"weightd: {len(failures)} of {len(specs)} models failed to load", err=True)
+        sys.exit(failures[0].exit_code)
 
 
 @main.command()

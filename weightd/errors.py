@@ -103,6 +103,22 @@ class UnsafePath(PermissionDenied):
     exit_code = 13
 
 
+class StillLoading(WeightdError):
+    """The model is being loaded (a preload at start-up, or a load request) and was not ready
+    within the caller's deadline."""
+
+    code = "loading"
+    exit_code = 12
+
+
+class Cancelled(WeightdError):
+    """A load was stopped before it finished: the daemon is stopping, or the requester's
+    deadline passed. Nothing of it is left in shared memory."""
+
+    code = "cancelled"
+    exit_code = 14
+
+
 class ConfigError(WeightdError):
     """An option that cannot work (a socket path too long for a Unix socket...), refused
     before anything is made."""
@@ -133,6 +149,8 @@ BY_CODE = {
         AttachError,
         PermissionDenied,
         UnsafePath,
+        StillLoading,
+        Cancelled,
         ConfigError,
         InternalError,
     )

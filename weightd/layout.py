@@ -125,6 +125,32 @@ def _storage_fill(storage: "torch.UntypedStorage"):
     return fill
 
 
+FILL_CHUNK = 64 << 20  # progress (and a chance to cancel) at least every this many bytes
+
+
+class _Watched:
+    """A segment as a fill sees it: writes split into ``FILL_CHUNK`` pieces, each reported to
+    ``tick(nbytes)``, which may raise to stop the load (a stop request, a passed deadline)."""
+
+    def __init__(self, seg: "segment.Segment", tick: Callable[[int], None]):
+        self._seg = seg
+        self._tick = tick
+        self.name, self.size = seg.name, seg.size
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), FILL_CHUNK):
+            piece = view[start : start + FILL_CHUNK]
+            self._seg.write(offset + start, piece)
+            self._tick(len(piece))
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
+        for start in range(0, nbytes, FILL_CHUNK):
+            n = min(FILL_CHUNK, nbytes - start)
+            self._seg.copy_from(src_fd, src_offset + start, n, offset + start)
+            self._tick(n)
+
+
 def write(
     manifest: Manifest,
     blobs: list[Blob],
@@ -139,7 +165,8 @@ def write(
     ``seal``: publishers pass ``segment.PUBLISHED``, which only the daemon turns into SEALED.
 
     ``manifest`` arrives with everything but its storages, which are placed here. All or
-    nothing: any failure unlinks the segment (Note [segment lifetime after unlink]).
+    nothing: any failure unlinks the segment (Note [segment lifetime after unlink]), also one
+    that ``progress(done, total)`` raises to cancel the write (called every ``FILL_CHUNK``).
     """
     offset = segment.DATA_OFFSET
     storages = []
@@ -155,9 +182,20 @@ def write(
     seg = segment.Segment.create(manifest.segment, size, mode, owner)
     try:
         total, done = sum(b.nbytes for b in blobs), 0
+        if progress is None:
+            target = seg
+        else:
+
+            def tick(n: int) -> None:
+                nonlocal within
+                within += n
+                progress(min(done + within, total), total)
+
+            target = _Watched(seg, tick)
         for blob, st in zip(blobs, storages):
+            within = 0
             if st.nbytes:
-                blob.fill(seg, st.offset)
+                blob.fill(target, st.offset)
             done += st.nbytes
             if progress is not None:
                 progress(done, total)

@@ -88,6 +88,12 @@ class Manifest:
     uuid: str = ""  # identifies this segment's contents, so a recycled name is never mistaken
     skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf_config": {...}}
     metadata: dict = field(default_factory=dict)
+    # Where a loaded model came from, to tell at a restart or reload whether its source changed
+    # (Note [a preload is adopted, not reloaded] in weightd/daemon/store.py):
+    # {"path": resolved path, "files": [{"path", "size", "mtime_ns", "ino", "dev"}, ...] (each
+    # file or folder the load read), "options": {"factory": ...}, "conversions": {...}}.
+    # None for publishes.
+    origin: dict | None = None
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +110,7 @@ class Manifest:
             "uuid": self.uuid,
             "skeleton": self.skeleton,
             "metadata": self.metadata,
+            "origin": self.origin,
             "storages": [list(s) for s in self.storages],
             "tensors": [
                 [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
@@ -126,6 +133,7 @@ class Manifest:
                 uuid=str(d["uuid"]),
                 skeleton=d.get("skeleton"),
                 metadata=dict(d.get("metadata") or {}),
+                origin=d.get("origin") if isinstance(d.get("origin"), dict) else None,
                 storages=[StorageMeta(int(o), int(n)) for o, n in d["storages"]],
                 tensors=[
                     TensorMeta(str(n), int(s), int(o), str(dt), tuple(shape), tuple(stride))

@@ -143,6 +143,8 @@ def check_name(name: str) -> str:
 
 # --- the one request round trip ----------------------------------------------------------------
 
+ALIVE_SECONDS = 0.5  # how often a caller waiting on a reply checks that the daemon is still there
+
 
 def round_trip(
     sock: zmq.Socket,
@@ -154,6 +156,7 @@ def round_trip(
     progress: Callable[[int, int], None] | None = None,
     silent: Callable[[], None] | None = None,
     where: str = "the daemon",
+    alive: Callable[[], None] | None = None,
 ) -> dict:
     """Send one request on a connected DEALER socket and return its reply's header.
 
@@ -161,14 +164,18 @@ def round_trip(
     (``progress(done, total)``) is not cut off. Replies to other request ids (late answers to
     requests that already timed out) are dropped. A reply with ``ok: false`` raises the typed
     error the daemon sent; silence raises ``RequestTimeout``, after ``silent()``, which may
-    raise a more precise error (the daemon is gone).
+    raise a more precise error (the daemon is gone). ``alive()``, called every
+    ``ALIVE_SECONDS`` of silence, raises as soon as the daemon is seen to be gone (a long
+    load waits no longer than that for a daemon that died).
     """
     sock.send_multipart([rid, request(op, **fields)])
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not sock.poll(remaining * 1000):
+        if remaining <= 0 or not sock.poll(min(remaining, ALIVE_SECONDS) * 1000):
             if time.monotonic() < deadline:
+                if alive is not None:
+                    alive()
                 continue
             if silent is not None:
                 silent()

@@ -37,10 +37,12 @@ class Daemon:
         log_dir: str | None = None,
         log: str | os.PathLike | None = None,
         die_with_parent: bool = False,
+        argv: list[str] | None = None,
     ):
         self.socket = socket
         self.instance = instance
         self.args = list(args)
+        self.argv = argv  # a whole command line instead (a systemd unit's ExecStart=)
         self.env = env
         self.die_with_parent = die_with_parent
         self.log = (
@@ -54,6 +56,8 @@ class Daemon:
 
     @property
     def command(self) -> list[str]:
+        if self.argv is not None:
+            return list(self.argv)
         return [
             sys.executable,
             "-m",
@@ -70,7 +74,7 @@ class Daemon:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, wait: bool = True, timeout: float = 60.0) -> "Daemon":
+    def start(self, wait: bool = True, timeout: float = 60.0, until: str = "loaded") -> "Daemon":
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             self.command,
@@ -81,11 +85,13 @@ class Daemon:
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         if wait:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, until)
         return self
 
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Seconds until the daemon answers a ping; raises with its output if it exits first."""
+    def wait_ready(self, timeout: float = 60.0, until: str = "loaded") -> float:
+        """Seconds until the daemon answers a ping (``until="ping"``), or also has every
+        preload done (``"loaded"``: what READY=1 tells systemd); raises with its output if it
+        exits first."""
         t0 = time.monotonic()
         while True:
             if self.proc.poll() is not None:
@@ -94,8 +100,15 @@ class Daemon:
                 )
             try:
                 with Client(self.socket, timeout=2) as c:
-                    c.ping()
-                return time.monotonic() - t0
+                    pending = c.ping().get("preloading", 0)
+                if until == "ping" or not pending:
+                    return time.monotonic() - t0
+                time.sleep(0.02)
+                if time.monotonic() - t0 > timeout:
+                    raise RuntimeError(
+                        f"weightd serve still preloading after {timeout:g} s:\n{self.output()[-3000:]}"
+                    )
+                continue
             except DaemonNotRunning:
                 if time.monotonic() - t0 > timeout:
                     raise RuntimeError(

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)
     skeleton: dict | None = None
     keepalive: list = field(default_factory=list)  # objects the fills read from (mmaps, files)
+    # Identity of every file (and folder) read, as ``identity`` gives it: the manifest's
+    # ``origin["files"]``, compared by ``unchanged`` at a restart or reload.
+    files: list[dict] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -70,17 +74,23 @@ class Checkpoint:
                 )
             self.tensors.append(t._replace(storage=t.storage + base))
         self.blobs.extend(other.blobs)
+        self.files.extend(other.files)
         self.metadata.update(other.metadata)
         self.keepalive.extend(other.keepalive)
 
 
 def read(
-    path: str | os.PathLike, *, allow_pickle: bool = False, within: list[str] | None = None
+    path: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    within: list[str] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Checkpoint:
     """Open and validate a checkpoint file or folder; nothing is copied yet.
 
     ``within``: folders every file read must lie in, after resolving symlinks (``--model-dir``:
-    a shard in an allowed folder may be a symlink to anywhere).
+    a shard in an allowed folder may be a symlink to anywhere). ``check()``, called between
+    files and stages, raises to stop (``weightd.daemon.loads``: a stop, a passed deadline).
     """
     p = Path(path)
     if not p.exists():
@@ -88,7 +98,19 @@ def read(
     if within is not None:
         check_within(p, within)
     if p.is_dir():
-        return _read_folder(p, allow_pickle=allow_pickle, within=within)
+        ck = _read_folder(p, allow_pickle=allow_pickle, within=within, check=check)
+        ck.files.append(identity(p))  # a shard added or removed changes the folder's mtime
+        return ck
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        # Before anything opens it: a FIFO would block the loader (and every load queued behind
+        # it) until someone writes to it; a device may never end.
+        raise CheckpointError(
+            f"{p}: not a regular file (a FIFO, device or socket): a checkpoint is a file or a folder of them"
+        )
     if p.suffix == ".safetensors":
         return read_safetensors(p, within)
     if p.suffix in TORCH_SUFFIXES:
@@ -97,6 +119,38 @@ def read(
         f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
         "and Hugging Face model folders"
     )
+
+
+def identity(path: str | os.PathLike, fd: int | None = None) -> dict:
+    """What identifies a file's contents without reading them: resolved path, size, mtime_ns,
+    inode and device (of the open ``fd`` when given: the file actually read)."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(path)
+        real = os.readlink(f"/proc/self/fd/{fd}") if fd is not None else os.path.realpath(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot stat it ({e.strerror})") from None
+    return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
+
+
+def unchanged(files: list[dict]) -> bool:
+    """Whether every file recorded by ``identity`` is still the same (same inode, device,
+    size and mtime): then its contents are taken to be what was loaded from it. A file
+    rewritten in place changes its mtime; one replaced (an atomic rename) changes its inode."""
+    if not files:
+        return False
+    for f in files:
+        try:
+            st = os.stat(f["path"])
+        except (OSError, KeyError, TypeError):
+            return False
+        if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) != (
+            f.get("size"),
+            f.get("mtime_ns"),
+            f.get("ino"),
+            f.get("dev"),
+        ):
+            return False
+    return True
 
 
 def real_path(path: str | os.PathLike) -> str:
@@ -147,8 +201,9 @@ def open_file(path: str | os.PathLike, within: list[str] | None = None):
         raise
 
 
-def _read_text(path: Path, within: list[str] | None) -> str:
+def _read_text(path: Path, within: list[str] | None, files: list[dict]) -> str:
     with open_file(path, within) as f:
+        files.append(identity(path, f.fileno()))
         return f.read().decode()
 
 
@@ -179,7 +234,7 @@ def read_safetensors(path: Path, within: list[str] | None = None) -> Checkpoint:
             raise CheckpointError(f"{path}: header is not a JSON object: the file is corrupt")
         data_start = 8 + hlen
         data_len = size - data_start
-        ck = Checkpoint(path=str(path), format="safetensors")
+        ck = Checkpoint(path=str(path), format="safetensors", files=[identity(path, f.fileno())])
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict):
             raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
@@ -284,6 +339,7 @@ def read_torch(path: Path, *, allow_pickle: bool = False, within: list[str] | No
 
     try:
         with open_file(path, within) as f:
+            files = [identity(path, f.fileno())]
             # The file opened and checked above, by its descriptor: /proc/self/fd/N is that
             # very file whatever happens to the path meanwhile.
             obj = _torch_load(f"/proc/self/fd/{f.fileno()}", weights_only=not allow_pickle)
@@ -301,7 +357,9 @@ def read_torch(path: Path, *, allow_pickle: bool = False, within: list[str] | No
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
     blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, path), source=path)
-    return Checkpoint(path=str(path), format="torch", blobs=blobs, tensors=tensors, keepalive=keep)
+    return Checkpoint(
+        path=str(path), format="torch", blobs=blobs, tensors=tensors, keepalive=keep, files=files
+    )
 
 
 def _torch_load(path: Path, *, weights_only: bool):
@@ -319,16 +377,18 @@ def _torch_load(path: Path, *, weights_only: bool):
 # --- folders ------------------------------------------------------------------------------
 
 
-def _read_folder(folder: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
+def _read_folder(
+    folder: Path, *, allow_pickle: bool, within: list[str] | None, check: Callable[[], None] | None
+) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
     # Hook (issue 11): transformers model folders load through from_pretrained, in weightd/daemon/hf.py.
     from weightd.daemon import hf
 
     if hf.is_model_folder(folder):
-        return hf.read_folder(folder, within=within)
+        return hf.read_folder(folder, within=within, check=check)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
-            ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within)
+            ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within, check=check)
             break
     else:
         files = sorted(folder.glob("*.safetensors")) or sorted(
@@ -336,20 +396,23 @@ def _read_folder(folder: Path, *, allow_pickle: bool, within: list[str] | None) 
         )
         if not files:
             raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
-        ck = _read_many(folder, files, allow_pickle=allow_pickle, within=within)
+        ck = _read_many(folder, files, allow_pickle=allow_pickle, within=within, check=check)
     config = folder / "config.json"
     if config.is_file():
         try:
-            ck.skeleton = {"hf_config": json.loads(_read_text(config, within))}
+            ck.skeleton = {"hf_config": json.loads(_read_text(config, within, ck.files))}
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{config}: not valid JSON ({e})") from None
         ck.format = "huggingface"
     return ck
 
 
-def _read_index(index: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
+def _read_index(
+    index: Path, *, allow_pickle: bool, within: list[str] | None, check: Callable[[], None] | None
+) -> Checkpoint:
+    files: list[dict] = []
     try:
-        weight_map = json.loads(_read_text(index, within))["weight_map"]
+        weight_map = json.loads(_read_text(index, within, files))["weight_map"]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         weight_map = None
     if not isinstance(weight_map, dict):
@@ -359,8 +422,13 @@ def _read_index(index: Path, *, allow_pickle: bool, within: list[str] | None) ->
         if "/" in shard or shard.startswith(".") or not (index.parent / shard).is_file():
             raise CheckpointError(f"{index}: names shard {shard!r}, which is not a file in {index.parent}")
     ck = _read_many(
-        index.parent, [index.parent / s for s in shards], allow_pickle=allow_pickle, within=within
+        index.parent,
+        [index.parent / s for s in shards],
+        allow_pickle=allow_pickle,
+        within=within,
+        check=check,
     )
+    ck.files.extend(files)
     have = {t.name for t in ck.tensors}
     missing = [k for k in weight_map if k not in have]
     if missing:
@@ -371,11 +439,18 @@ def _read_index(index: Path, *, allow_pickle: bool, within: list[str] | None) ->
 
 
 def _read_many(
-    folder: Path, files: list[Path], *, allow_pickle: bool, within: list[str] | None
+    folder: Path,
+    files: list[Path],
+    *,
+    allow_pickle: bool,
+    within: list[str] | None,
+    check: Callable[[], None] | None,
 ) -> Checkpoint:
     ck = Checkpoint(path=str(folder), format="safetensors" if files[0].suffix == ".safetensors" else "torch")
     try:
         for f in files:
+            if check is not None:
+                check()
             ck.extend(read(f, allow_pickle=allow_pickle, within=within))
     except BaseException:
         close(ck)

@@ -46,6 +46,8 @@ class Config:
     devices: list[str] = field(default_factory=list)  # GPUs that get a copy of every model
     model_dirs: list[str] = field(default_factory=list)  # load requests must name paths inside these
     metrics: str | None = None  # where to serve Prometheus metrics (PORT, HOST:PORT, unix:PATH); None: off
+    keep_going: bool = False  # a failed preload is reported and the others served; default: the daemon stops
+    check: bool = False  # serve --check: load every preload, then exit (non-zero if one failed)
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())

@@ -20,7 +20,7 @@ from weightd.daemon.config import Config, default_name
 from weightd.daemon.endpoints import Peer
 from weightd.daemon.loads import Loads
 from weightd.daemon.store import Store
-from weightd.errors import InternalError, PermissionDenied, ProtocolError, WeightdError
+from weightd.errors import InternalError, ModelNotFound, PermissionDenied, ProtocolError, WeightdError
 
 log = logging.getLogger("weightd")
 
@@ -91,7 +91,12 @@ class Handlers:
             socket=self.config.socket,
             uptime=time.time() - self.started,
             models=len(self.store.list()),
+            # preloads not finished yet: READY=1 for systemd, and spawn.Daemon's wait, once 0
+            preloading=self.preloading(),
         )
+
+    def preloading(self) -> int:
+        return sum(1 for j in self.loads._pending if j.peer is None)
 
     def list(self, req, peer) -> bytes:
         return protocol.ok(models=self.store.list() + self.loads.states())
@@ -119,7 +124,8 @@ class Handlers:
         me = memory.usage()
         return protocol.ok(
             models=models,
-            loading=self.loads.states(),
+            loading=[m for m in self.loads.states() if m["state"] == "loading"],
+            failed=[m for m in self.loads.states() if m["state"] == "failed"],
             shm=memory.shm_usage(segment.shm_dir()),
             daemon={
                 "pid": os.getpid(),
@@ -131,15 +137,35 @@ class Handlers:
             },
         )
 
-    def manifest(self, req, peer) -> bytes:
+    def manifest(self, req, peer) -> bytes | None:
         name = protocol.field(req, "name", str)
         generation = protocol.field(req, "generation", int, required=False)
         announced = protocol.field(req, "pid", int, required=False)
         device = protocol.field(req, "device", str, required=False)
+        # How long the caller waits for a model still loading (its own deadline, less a margin
+        # for this answer to reach it); absent: answer at once.
+        wait = protocol.field(req, "wait", (int, float), required=False, default=0)
         # The kernel's pid of the sender, in this daemon's namespace (a client in a container
         # announces its own namespace's pid); 0 when the daemon cannot see the sender at all.
         pid = (peer.pid or None) if announced is not None else None
-        model = self.store.get(name, generation, pid)
+        try:
+            model = self.store.get(name, generation, pid)
+        except ModelNotFound:
+            if generation is not None:
+                raise
+            if self.loads.loading(name):
+                if wait <= 0:
+                    raise self.loads.still_loading(name) from None
+                req = {k: v for k, v in req.items() if k != "wait"}
+                self.loads.park(peer, name, min(float(wait), 3600.0), lambda: self.handle_parked(req, peer))
+                return None  # answered by Loads.report once loaded, or at the deadline
+            failed = self.loads.failed.get(name)
+            if failed is not None:
+                raise ModelNotFound(
+                    f"model {name!r} failed to load: {failed['message']} (fix it, then `weightd load` or "
+                    "`weightd reload`)"
+                ) from None
+            raise
         if announced is not None and not peer.pid and len(model.unseen) < UNSEEN_KEPT:
             model.unseen.add((peer.uid, announced))
         if device is not None and device in model.gpu:
@@ -156,14 +182,39 @@ class Handlers:
             self._manifest_replies[key] = reply
         return reply
 
+    def handle_parked(self, req: dict, peer) -> bytes:
+        """The answer to a parked manifest request, now that its model's load ended."""
+        try:
+            reply = self.manifest(req, peer)
+        except WeightdError as e:
+            reply = protocol.error(e)
+        return reply if reply is not None else protocol.error(self.loads.still_loading(req["name"]))
+
     # --- admin ops ---
 
-    def load(self, req, peer) -> None:
+    def load(self, req, peer) -> bytes | None:
         path = self._allowed(protocol.field(req, "path", str))
         name = protocol.check_name(protocol.field(req, "name", str, required=False) or default_name(path))
         factory = protocol.field(req, "factory", str, required=False)
+        # reuse: a reload entry, which keeps the served generation if its source is unchanged
+        # (Note [a preload is adopted, not reloaded] in store.py)
+        reuse = protocol.field(req, "reuse", bool, required=False, default=False)
+        # the requester's deadline for the whole load, in seconds from now: past it the load
+        # is not started, or is cancelled
+        deadline = protocol.field(req, "deadline", (int, float), required=False)
+        if reuse and not self.loads.loading(name):
+            same = self.store.unchanged(name, path, factory)
+            if same is not None:
+                return protocol.ok(model=same.summary(), reused=True)
         within = self.config.model_dirs or None
-        self.loads.submit(peer, name, lambda: self.store.load(path, name, factory, within=within))
+        self.loads.submit(
+            peer,
+            name,
+            path,
+            factory=factory,
+            within=within,
+            deadline=None if deadline is None else time.monotonic() + float(deadline),
+        )
         return None  # answered by Loads.report: progress while it runs, then the result
 
     def _allowed(self, path: str) -> str:

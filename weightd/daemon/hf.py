@@ -40,10 +40,16 @@ def is_model_folder(folder: Path) -> bool:
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
 
-def read_folder(folder: Path, *, within: list[str] | None = None):
-    """Load ``folder`` with ``from_pretrained`` and describe its state dict as a Checkpoint."""
-    from weightd.daemon.checkpoint import Checkpoint, check_within
+def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
+    """Load ``folder`` with ``from_pretrained`` and describe its state dict as a Checkpoint.
 
+    ``check()`` (raises to stop the load) is called between the stages: ``from_pretrained``
+    itself cannot be interrupted, so a stop waits for it at most. The identity of every file
+    read (config, weights, small files) goes into the checkpoint's ``files``.
+    """
+    from weightd.daemon.checkpoint import Checkpoint, check_within, identity
+
+    check = check or (lambda: None)
     config = _config(folder)
     try:
         import torch
@@ -60,6 +66,9 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
     for f in weight_files:
         if within is not None:
             check_within(f, within)
+    # Taken before from_pretrained reads them: a file rewritten meanwhile then counts as changed.
+    files = [identity(folder / "config.json")] + [identity(f) for f in weight_files]
+    check()
     started = time.perf_counter()
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
@@ -72,6 +81,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
             f"{cls.__name__}.from_pretrained: {first}"
         ) from None
     seconds = time.perf_counter() - started
+    check()
     state = model.state_dict()
     blobs, tensors, keep = layout.from_tensors(state, source=str(folder))
     keep.append(model)
@@ -80,7 +90,11 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
     for rel, path in _small_files(folder, set(weight_files)).items():
         if within is not None:
             check_within(path, within)
+        check()
+        files_entry = identity(path)
         data = path.read_bytes()
+        if files_entry["path"] not in {f["path"] for f in files}:
+            files.append(files_entry)
         files[rel] = len(blobs)
         blobs.append(Blob(len(data), _bytes_fill(data)))
     converted_bytes = sum(state[k].untyped_storage().nbytes() for k in converted)
@@ -126,6 +140,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None):
         tensors=tensors,
         skeleton=skeleton,
         keepalive=keep,
+        files=files,
     )
 
 

@@ -1,9 +1,16 @@
 """The daemon's lifecycle: ``run`` → ``startup`` → ``main_loop`` → ``shutdown`` (as in uvicorn).
 
-``startup`` locks the socket, adopts what a previous daemon of this instance left, preloads
-models, binds and tells systemd; ``main_loop`` answers requests (``handlers``), reports loads
-(``loads``), checks the socket files and pings the watchdog; ``shutdown`` undoes it. Signal
-handlers only set a flag; the loop polls it. Retired generations are freed by a reaper thread.
+``startup`` locks the socket, adopts what a previous daemon of this instance left, binds, and
+queues the preloads that the adopted segments do not already hold (Note [a preload is adopted,
+not reloaded] in store.py); ``main_loop`` answers requests (``handlers``) while the preloads
+run (``loads``), tells systemd READY=1 once every preload is done, checks the socket files and
+pings the watchdog; ``shutdown`` cancels loads under way and undoes the rest. Signal handlers
+only set a flag; the loop polls it. Retired generations are freed by a reaper thread.
+
+A failed preload stops the daemon (exit status of its error) unless ``keep_going``: then it is
+logged, shown in ``ls``/``stats`` as that model's state, and the others are served. ``check``
+(``serve --check``) loads every preload and exits: 0 if all are ready, else the first failure's
+status; the segments stay for the daemon that starts next to adopt.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from weightd.daemon.handlers import Handlers
 from weightd.daemon.loads import Loads
 from weightd.daemon.notify import Notifier
 from weightd.daemon.store import Store
+from weightd.errors import WeightdError
 
 log = logging.getLogger("weightd")
 
@@ -67,6 +75,9 @@ class Server:
         self.notifier = Notifier()
         self.should_exit = False
         self._stopping = threading.Event()
+        self.preloads: dict[str, WeightdError | None] = {}  # name -> None (ready) or its error, once done
+        self.failure: WeightdError | None = None  # what makes the daemon exit non-zero
+        self._ready_sent = False
 
     def run(self) -> None:
         with self.capture_signals():
@@ -75,6 +86,8 @@ class Server:
                 self.main_loop()
             finally:
                 self.shutdown()
+        if self.failure is not None:
+            raise self.failure
 
     def startup(self) -> None:
         self.endpoints.acquire_lock()
@@ -83,29 +96,99 @@ class Server:
                 self.metrics.start(self.config.metrics, group=self.config.group)
             for model in self.store.adopt():
                 self.notifier.send(STATUS=f"adopted {model.manifest.name}")
-            for spec in self.config.models:
-                self.store.load(
-                    spec.path, spec.model_name, spec.factory, progress=self._startup_progress(spec.model_name)
-                )
+            # Bound before the preloads: ping, ls and attaches of served models are answered at
+            # once; an attach of a model still loading waits for it (Handlers.manifest).
             self.endpoints.bind()
+            for spec in self.config.models:
+                name = spec.model_name
+                same = self.store.unchanged(name, spec.path, spec.factory)
+                if same is not None:
+                    log.info(
+                        "%s: generation %d already holds %s, unchanged since it was loaded: not reloaded",
+                        name,
+                        same.manifest.generation,
+                        spec.path,
+                        extra={"model": name, "generation": same.manifest.generation},
+                    )
+                    self.preloads[name] = None
+                    continue
+                self.loads.submit(
+                    None, name, spec.path, factory=spec.factory, progress=self._startup_progress(name)
+                )
         except BaseException:
             self.shutdown()
             raise
-        status = f"serving {len(self.store.list())} models on {self.config.socket}"
-        log.info("weightd %s %s (pid %d)", __version__, status, os.getpid())
+        log.info(
+            "weightd %s serving on %s (pid %d): %d models adopted or unchanged, %d to load",
+            __version__,
+            self.config.socket,
+            os.getpid(),
+            len(self.store.list()),
+            self.handlers.preloading(),
+        )
+        self.notifier.send(MAINPID=os.getpid(), STATUS=self._status())
+        self._preloads_done()
+
+    def _status(self) -> str:
+        failed = [n for n, e in self.preloads.items() if e is not None]
+        pending = self.handlers.preloading()
+        parts = [f"serving {len(self.store.list())} models on {self.config.socket}"]
+        if pending:
+            parts.append(f"{pending} loading")
+        if failed:
+            parts.append(f"failed: {', '.join(failed)}")
+        return "; ".join(parts)
+
+    def _preloads_done(self) -> None:
+        """Once every preload is done: READY=1 (systemd's start ends), or the exit of --check."""
+        if self._ready_sent or self.handlers.preloading():
+            return
+        self._ready_sent = True
+        failed = {n: e for n, e in self.preloads.items() if e is not None}
+        status = self._status()
+        log.info("every preload done: %s", status)
+        if self.config.check:
+            if failed:
+                self.failure = next(iter(failed.values()))
+            self.should_exit = True
+            return
+        # READY=1 means every preload is done (the unit's TimeoutStartSec= covers them); those
+        # that failed with --keep-going are named in STATUS=, ls and stats.
         self.notifier.send(READY=1, STATUS=status, MAINPID=os.getpid())
+
+    def _ended(self, ended) -> None:
+        for job, _model, err in ended:
+            if job.peer is not None:
+                continue
+            self.preloads[job.name] = err
+            if err is not None and not self.config.keep_going and not self.config.check:
+                log.error(
+                    "preload of %s failed, so the daemon stops (serve --keep-going serves the others): %s",
+                    job.name,
+                    err,
+                    extra={"model": job.name},
+                )
+                self.failure = err
+                self.should_exit = True
+            elif err is not None:
+                log.error("preload of %s failed: %s", job.name, err, extra={"model": job.name})
+            self.notifier.send(STATUS=self._status())
+        if ended:
+            self._preloads_done()
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
         for sock in (self.endpoints.read, self.endpoints.admin):
             poller.register(sock, zmq.POLLIN)
+        poller.register(self.loads.wakeup_fd, zmq.POLLIN)  # a load ended: report it now
         reaper = threading.Thread(target=self._reap, name="weightd-reap", daemon=True)
         reaper.start()
         next_watchdog = next_check = time.monotonic()
         while not self.should_exit:
             for sock, _ in poller.poll(POLL_MS):
-                self._serve(sock)
-            self.loads.report(self.endpoints.send)
+                if sock != self.loads.wakeup_fd:
+                    self._serve(sock)
+            self._ended(self.loads.report(self.endpoints.send))
             now = time.monotonic()
             if now >= next_check:
                 self.endpoints.check()
@@ -134,9 +217,10 @@ class Server:
     def shutdown(self) -> None:
         self._stopping.set()
         self.notifier.send(STOPPING=1, STATUS="stopping")
-        self.loads.shutdown()
+        self.loads.shutdown()  # loads under way are cancelled: their half-written segments go
         if self.endpoints.bound:
             self.loads.report(self.endpoints.send)
+        self.loads.close()
         self.endpoints.close()
         if self.metrics is not None:
             self.metrics.stop()

@@ -15,6 +15,17 @@ what they mapped.
 Restart: segments are named ``weightd.<instance>.*`` and self-describing, so a new daemon of
 the same instance adopts the sealed ones (reading only headers and manifests: instant,
 whatever their size) and removes the unsealed ones a killed load left.
+
+Note [a preload is adopted, not reloaded]
+-----------------------------------------
+A loaded model's manifest records its ``origin``: the resolved path it was asked for, the
+load options (the factory), and the identity of every file and folder the load read (size,
+mtime_ns, inode, device; ``checkpoint.identity``). A preload at start-up, or a ``reload``
+entry (a load request with ``reuse``), whose path and options equal the served generation's
+and whose files are all unchanged is that generation: nothing is read, no generation made,
+no shared memory taken (``Store.unchanged``). A file rewritten (new mtime) or replaced (new
+inode) loads a new generation as any load does. Only contents changed without touching size
+or mtime (clock games, ``touch -r``) go unnoticed; a plain ``weightd load`` always loads.
 """
 
 from __future__ import annotations
@@ -52,10 +63,13 @@ class Model:
     unseen: set[tuple[int, int]] = field(default_factory=set)
     gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.daemon.gpu.GpuCopy (serve --device)
     touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
+    adopted: bool = False  # left by a previous daemon of this instance, served without a reload
 
     def summary(self) -> dict:
         m = self.manifest
         return {
+            "state": "ready",
+            "adopted": self.adopted,
             "name": m.name,
             "generation": m.generation,
             "segment": m.segment,
@@ -66,6 +80,11 @@ class Model:
             "format": m.format,
             "created": m.created,
         }
+
+
+def _options(factory: str | None) -> dict:
+    """The load options a manifest's origin records: what must match for a reload to be skipped."""
+    return {"factory": factory}
 
 
 def check_factory(factory: str | None) -> str | None:
@@ -160,6 +179,18 @@ class Store:
 
     # --- loading and publishing ---
 
+    def unchanged(self, name: str, path: str, factory: str | None = None) -> Model | None:
+        """The served generation of ``name`` if loading ``path`` with these options would load
+        the same bytes again: Note [a preload is adopted, not reloaded]."""
+        with self._lock:
+            model = self._models.get(name)
+        origin = model.manifest.origin if model is not None else None
+        if not origin or origin.get("options") != _options(factory):
+            return None
+        if origin.get("path") != os.path.realpath(path):
+            return None
+        return model if checkpoint.unchanged(origin.get("files") or []) else None
+
     def load(
         self,
         path: str,
@@ -167,13 +198,19 @@ class Store:
         factory: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         within: list[str] | None = None,
+        check: Callable[[], None] | None = None,
     ) -> Model:
+        """Load ``path`` as a new generation of ``name``. ``check()`` raises to stop the load
+        (between files, and every ``layout.FILL_CHUNK`` of the copy): the half-written
+        segment is removed."""
         name = check_name(name)
         check_factory(factory)
+        check = check or (lambda: None)
         started = time.monotonic()
+        check()
         self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
         try:
-            ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within)
+            ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within, check=check)
         except BaseException:
             self._progress.pop(name, None)
             raise
@@ -181,13 +218,23 @@ class Store:
 
         def tracked(done: int, total: int) -> None:
             self._progress[name] = (done, total)
+            check()
             if progress is not None:
                 progress(done, total)
 
         try:
+            check()
             manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             manifest.skeleton = {"factory": factory} if factory else ck.skeleton
+            hf = (ck.skeleton or {}).get("hf") or {}
+            manifest.origin = {
+                "path": os.path.realpath(path),
+                "files": ck.files,
+                "options": _options(factory),
+                # what the reader computed rather than copied (Hugging Face folders)
+                "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
+            }
             self._check_space(name, ck.nbytes)
             size = layout.write(manifest, ck.blobs, mode=self.mode, owner=self._owner(), progress=tracked)
         finally:
@@ -303,6 +350,7 @@ class Store:
         for name, models in found.items():
             models.sort(key=lambda m: m.manifest.generation)
             newest = models[-1]
+            newest.adopted = True
             self._publish(newest)
             with self._lock:
                 self._generations[name] = newest.manifest.generation
@@ -310,9 +358,11 @@ class Store:
             for old in models[:-1]:  # nobody can be known to map them after a restart
                 segment.unlink(old.manifest.segment)
             log.info(
-                "adopted %s generation %d (%s)",
+                "adopted %s generation %d from %s, loaded %s (%s)",
                 name,
                 newest.manifest.generation,
+                newest.manifest.source,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest.manifest.created)),
                 newest.manifest.segment,
                 extra={"model": name, "generation": newest.manifest.generation},
             )
