@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from weightd import segment
-from weightd.client import Client, DaemonNotRunning
+from weightd.client import Client, DaemonNotRunning, RequestTimeout
 
 
 class Daemon:
@@ -109,7 +109,8 @@ class Daemon:
                         f"weightd serve still preloading after {timeout:g} s:\n{self.output()[-3000:]}"
                     )
                 continue
-            except DaemonNotRunning:
+            except (DaemonNotRunning, RequestTimeout):
+                # RequestTimeout: a ping sent just as the socket changed hands (a loaded machine)
                 if time.monotonic() - t0 > timeout:
                     raise RuntimeError(
                         f"weightd serve not ready after {timeout:g} s:\n{self.output()[-3000:]}"
