@@ -43,6 +43,9 @@ class Token:
     def cancel(self, reason: str) -> None:
         self._reason = reason
 
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
     def check(self) -> None:
         if self._reason is not None:
             raise Cancelled(f"load of {self.name!r} cancelled: {self._reason}")
@@ -52,6 +55,17 @@ class Token:
                 f"load of {self.name!r} cancelled: its requester's deadline passed {when}: "
                 "give the load a longer timeout"
             )
+
+
+def _failed(check: Callable[[], None]) -> Future:
+    """A finished future holding the error ``check()`` raises (a cancelled load's)."""
+    f = Future()
+    try:
+        check()
+        raise Cancelled("load cancelled")
+    except Cancelled as e:
+        f.set_exception(e)
+    return f
 
 
 @dataclass
@@ -154,6 +168,9 @@ class Loads:
         still = []
         now = time.monotonic()
         for job in self._pending:
+            if job.token.expired(now) and job.future.cancel():
+                # queued, never started: answered now rather than when its turn would come
+                job.future = _failed(job.token.check)
             if not job.future.done():
                 done, total = self.store.progress(job.name)
                 # total is 0 until the checkpoint is read
@@ -201,9 +218,7 @@ class Loads:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for job in self._pending:
             if job.future.cancelled():  # never started: answered as cancelled too
-                f = Future()
-                f.set_exception(Cancelled(f"load of {job.name!r} cancelled: the daemon is stopping"))
-                job.future = f
+                job.future = _failed(job.token.check)
 
     def close(self) -> None:
         for fd in (self.wakeup_fd, self._wake_w):
