@@ -50,9 +50,13 @@ class Client(Connection):
         # The pid lets the daemon keep an older generation linked while this process maps it.
         # wait: a model still loading (a daemon just started) is waited for within this call's
         # deadline, less a margin for the daemon's "still loading" answer to arrive in time.
-        wait = max(self.timeout - min(1.0, self.timeout / 5), 0.0)
-        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid(), wait=wait)
+        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid(), wait=self._wait())
         return Manifest.from_dict(reply["manifest"])
+
+    def _wait(self) -> float:
+        """How long the daemon may hold a manifest request for a model still loading: this
+        call's deadline, less a margin for its "still loading" answer to arrive in time."""
+        return max(self.timeout - min(1.0, self.timeout / 5), 0.0)
 
     def load(
         self,
@@ -231,7 +235,12 @@ class Client(Connection):
 
         dev = cuda.resolve(device)
         reply = self.call(
-            "manifest", name=name, generation=generation, pid=os.getpid(), device=cuda.device_uuid(dev.index)
+            "manifest",
+            name=name,
+            generation=generation,
+            pid=os.getpid(),
+            device=cuda.device_uuid(dev.index),
+            wait=self._wait(),
         )
         manifest = Manifest.from_dict(reply["manifest"])
         if reply.get("cuda"):

@@ -7,6 +7,7 @@ one round trip (``weightd.protocol.round_trip``) with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket as _socket
@@ -50,13 +51,23 @@ class Connection:
         self._admin: zmq.Socket | None = None
 
     def close(self) -> None:
-        for monitor in self._monitors.values():
+        for sock, monitor in self._monitors.items():
+            # Monitoring off before its reader goes: libzmq's I/O thread (one per process, shared
+            # by every connection) would otherwise block for good sending a later event (the
+            # daemon going away while the socket closes) to a monitor nobody reads.
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
             monitor.close(linger=0)
         self._monitors.clear()
         for sock in (self._sock, self._admin):
             if sock is not None:
                 sock.close(linger=0)
         self._sock = self._admin = None
+
+    def __del__(self):
+        # A connection dropped unclosed: its monitors must still be switched off first (close()).
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _connect(self, path: str) -> zmq.Socket:
         sock = _connect(path)

@@ -96,7 +96,7 @@ class Handlers:
         )
 
     def preloading(self) -> int:
-        return sum(1 for j in self.loads._pending if j.peer is None)
+        return self.loads.preloading()
 
     def list(self, req, peer) -> bytes:
         return protocol.ok(models=self.store.list() + self.loads.states())
@@ -214,6 +214,7 @@ class Handlers:
             factory=factory,
             within=within,
             deadline=None if deadline is None else time.monotonic() + float(deadline),
+            reuse=reuse,
         )
         return None  # answered by Loads.report: progress while it runs, then the result
 

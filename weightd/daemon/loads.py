@@ -75,6 +75,7 @@ class Job:
     peer: Peer | None  # None: a preload of start-up
     token: Token
     future: Future | None = None
+    reused: bool = False  # a reload entry whose source was unchanged: nothing loaded
     reported: float = 0.0
     received: float = field(default_factory=time.perf_counter)
 
@@ -108,12 +109,20 @@ class Loads:
         within: list[str] | None = None,
         deadline: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        reuse: bool = False,
     ) -> Job:
+        """Queue a load. ``reuse``: keep the served generation if its source is unchanged,
+        checked when the load's turn comes (a reload while the preload of the same name runs)."""
         job = Job(name, path, peer, Token(name, deadline))
 
         def run() -> Model:
             job.token.check()  # not started at all once stopping or past the requester's deadline
             job.token.started = True
+            if reuse:
+                same = self.store.unchanged(name, path, factory)
+                if same is not None:
+                    job.reused = True
+                    return same
             return self.store.load(
                 path, name, factory, progress=progress, within=within, check=job.token.check
             )
@@ -122,6 +131,10 @@ class Loads:
         job.future.add_done_callback(lambda _: self._wake())
         self._pending.append(job)
         return job
+
+    def preloading(self) -> int:
+        """Preloads of start-up not finished yet."""
+        return sum(1 for j in self._pending if j.peer is None)
 
     def loading(self, name: str) -> bool:
         return any(j.name == name for j in self._pending)
@@ -190,7 +203,7 @@ class Loads:
                     # progress always ends at 100%, however quick the load was
                     n = model.manifest.nbytes
                     send(job.peer, protocol.ok(progress={"done": n, "total": n}))
-                    reply, outcome = protocol.ok(model=model.summary()), "ok"
+                    reply, outcome = protocol.ok(model=model.summary(), reused=job.reused), "ok"
                 else:
                     reply, outcome = protocol.error(err), err.code
                 send(job.peer, reply)

@@ -355,8 +355,12 @@ class Store:
             with self._lock:
                 self._generations[name] = newest.manifest.generation
             adopted.append(newest)
-            for old in models[:-1]:  # nobody can be known to map them after a restart
-                segment.unlink(old.manifest.segment)
+            with self._lock:
+                # Retired, not unlinked here: nobody can be known to map them after a restart, so
+                # the reaper frees them after its grace, off the start-up path (unlink frees the
+                # pages inside the call: ~80 ms per GiB, before the sockets are bound).
+                for old in models[:-1]:
+                    self._retired[old.manifest.segment] = old
             log.info(
                 "adopted %s generation %d from %s, loaded %s (%s)",
                 name,
