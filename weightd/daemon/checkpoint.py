@@ -44,6 +44,7 @@ SAFETENSORS_DTYPES = {
 # A header larger than this is not a real checkpoint (the reference library uses 100 MB).
 MAX_SAFETENSORS_HEADER = 100_000_000
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # the files `read` knows; default names drop them
 
 
 @dataclass

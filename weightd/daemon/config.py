@@ -7,13 +7,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weightd.daemon.checkpoint import CHECKPOINT_SUFFIXES
+from weightd.errors import ConfigError
 from weightd.protocol import default_socket
 
 
 def default_name(path: str) -> str:
-    """The name a model gets when none is given: the file's stem, or the folder's name."""
+    """The name a model gets when none is given: the file's or folder's name without a
+    checkpoint extension (``model.safetensors`` -> ``model``; the folder ``Qwen2.5-0.5B`` keeps
+    its dots). Only the one extension weightd reads is cut: ``x.tar.pt`` -> ``x.tar``."""
     p = Path(path)
-    return p.name.split(".")[0] if p.is_file() or p.suffix else p.name
+    if p.suffix in CHECKPOINT_SUFFIXES and not p.is_dir():
+        return p.name[: -len(p.suffix)]
+    return p.name
 
 
 @dataclass
@@ -48,8 +54,20 @@ class Config:
     metrics: str | None = None  # where to serve Prometheus metrics (PORT, HOST:PORT, unix:PATH); None: off
 
     def __post_init__(self):
+        self._check_names()
         self.socket = os.path.abspath(self.socket or default_socket())
         if self.instance is None:
             # One daemon per socket, so the socket path names the instance; a hash keeps the
             # segment names short and free of '/'.
             self.instance = hashlib.sha1(self.socket.encode()).hexdigest()[:10]
+
+    def _check_names(self) -> None:
+        """Two preloads under one name would silently make the second a new generation of the first."""
+        seen: dict[str, ModelSpec] = {}
+        for spec in self.models:
+            first = seen.setdefault(spec.model_name, spec)
+            if first is not spec:
+                raise ConfigError(
+                    f"two models to preload are both named {spec.model_name!r}: {first.path} and "
+                    f"{spec.path}: name them apart with NAME=PATH (--model {spec.model_name}-2={spec.path})"
+                )

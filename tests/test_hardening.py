@@ -1,0 +1,62 @@
+"""Issue 14, hardening: wrong answers given silently, and papercuts. One test per finding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from weightd import cli
+from weightd.client import Client
+from weightd.errors import CheckpointError, ConfigError
+
+
+def weightd(sock: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "weightd", *args, "--socket", sock], capture_output=True, text=True, timeout=60
+    )
+
+
+# --- 8: default names keep everything but a known extension ---------------------------------
+
+
+def test_default_names_keep_dots_and_drop_only_a_checkpoint_extension(tmp_path, make_daemon, sock):
+    for folder in ("Qwen2.5-0.5B", "Qwen2.5-1.5B"):
+        (tmp_path / folder).mkdir()
+        save_file({"w": torch.ones(4)}, tmp_path / folder / "model.safetensors")
+    save_file({"w": torch.ones(4)}, tmp_path / "model.v2.safetensors")
+    torch.save({"w": torch.ones(4)}, tmp_path / "x.tar.pt")
+    make_daemon("--model", str(tmp_path / "Qwen2.5-0.5B"))
+    for path in ("Qwen2.5-1.5B", "model.v2.safetensors", "x.tar.pt"):  # the CLI's load: the same rule
+        out = weightd(sock, "load", str(tmp_path / path))
+        assert out.returncode == 0, out.stderr
+    with Client(sock) as c:
+        got = {m["name"]: m["generation"] for m in c.list()}
+    assert got == {"Qwen2.5-0.5B": 1, "Qwen2.5-1.5B": 1, "model.v2": 1, "x.tar": 1}
+
+
+def test_two_preloads_with_one_name_are_refused_at_start(tmp_path, monkeypatch):
+    from weightd.daemon.server import Server
+
+    monkeypatch.setattr(Server, "run", lambda self: pytest.fail("started with two models of one name"))
+    a, b = tmp_path / "a" / "bert.safetensors", tmp_path / "b" / "bert.safetensors"
+    result = CliRunner().invoke(
+        cli.main, ["serve", "--socket", str(tmp_path / "s.sock"), "--model", str(a), "--model", str(b)]
+    )
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert str(a) in result.output and str(b) in result.output and "NAME=PATH" in result.output
+
+
+# --- 10: flattening refuses colliding keys ---------------------------------------------------
+
+
+def test_publish_refuses_a_nested_key_that_collides_with_a_dotted_one(make_daemon, sock):
+    make_daemon()
+    with Client(sock) as c:
+        with pytest.raises(CheckpointError, match=r"'a\.b'"):
+            c.publish("m", {"a": {"b": torch.ones(2)}, "a.b": torch.zeros(2)})
+        assert c.list() == []
