@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -60,3 +62,38 @@ def test_publish_refuses_a_nested_key_that_collides_with_a_dotted_one(make_daemo
         with pytest.raises(CheckpointError, match=r"'a\.b'"):
             c.publish("m", {"a": {"b": torch.ones(2)}, "a.b": torch.zeros(2)})
         assert c.list() == []
+
+
+# --- 9: skeleton building touches no state another thread can see ---------------------------
+
+
+def test_a_thread_building_modules_during_attaches_gets_real_parameters(make_daemon, sock):
+    from models import TinyLM, trained_tiny
+
+    make_daemon()
+    with Client(sock) as c:
+        c.publish("tiny", trained_tiny())
+        stop, seen = threading.Event(), {"built": 0, "meta": []}
+
+        def build_own_modules():
+            while not stop.is_set():
+                m = TinyLM()
+                seen["built"] += 1
+                seen["meta"] += [n for n, p in m.named_parameters() if p.is_meta]
+                if any(bool((p == 0).all()) for p in m.parameters() if not p.is_meta and p.dim() > 1):
+                    seen["meta"].append("an initialiser was skipped")
+
+        other = threading.Thread(target=build_own_modules)
+        other.start()
+        try:
+            deadline = time.monotonic() + 3
+            attaches = 0
+            while time.monotonic() < deadline or attaches < 50:
+                model = c.attach("tiny", model=TinyLM)
+                assert not any(p.is_meta for p in model.parameters())
+                attaches += 1
+        finally:
+            stop.set()
+            other.join()
+    assert seen["built"] > 10, "the other thread hardly ran"
+    assert not seen["meta"], f"another thread's modules got meta parameters: {seen['meta'][:5]}"
