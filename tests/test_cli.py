@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -72,6 +75,88 @@ def test_every_option_is_an_environment_variable(captured, tmp_path):
     )
     # the instance (segment names) follows from the socket unless given
     assert len(c.instance) == 10
+
+
+# A value each option's type accepts, as its environment variable would hold it.
+ENV_VALUES = {"mode": "600", "group": "0", "metrics": "9477", "log_level": "debug", "log_format": "json"}
+
+
+def _options():
+    for name, command in cli.main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.expose_value:
+                yield name, command, param
+
+
+@pytest.mark.parametrize(
+    "name,command,option", list(_options()), ids=[f"{n}-{max(o.opts, key=len)}" for n, _, o in _options()]
+)
+def test_each_option_reads_weightd_command_option(name, command, option, monkeypatch):
+    """README's rule, for every option of every command: WEIGHTD_<COMMAND>_<OPTION>, OPTION the
+    long option's name in capitals with dashes as underscores."""
+    variable = "WEIGHTD_" + (name + "_" + max(option.opts, key=len).lstrip("-")).upper().replace("-", "_")
+    if option.is_flag:
+        value = "1"
+    elif isinstance(option.type, click.types.IntParamType):
+        value = "7"
+    else:
+        value = ENV_VALUES.get(option.name, "x")
+    monkeypatch.setenv(variable, value)
+    args = [a.name for a in command.params if isinstance(a, click.Argument)]  # load PATH, unload NAME
+    ctx = command.make_context(name, args)
+    assert ctx.get_parameter_source(option.name) == click.core.ParameterSource.ENVIRONMENT, variable
+    got = ctx.params[option.name]
+    assert got is not None and got is not False and got != (), f"{variable}={value} did not arrive: {got!r}"
+
+
+def test_old_variable_names_are_not_read(captured, tmp_path):
+    """The names before the rule (click's from the parameter: model_dirs, as_json) are gone."""
+    env = {"WEIGHTD_SERVE_MODEL_DIRS": str(tmp_path), "WEIGHTD_SERVE_MODEL_DIR": "/m"}
+    result = CliRunner().invoke(cli.main, ["serve", "--socket", str(tmp_path / "s.sock")], env=env)
+    assert result.exit_code == 0, result.output
+    assert captured["config"].model_dirs == ["/m"]
+
+
+def test_a_path_with_a_space_is_one_model_on_the_command_line_and_quoted_in_the_variable(captured):
+    result = CliRunner().invoke(cli.main, ["serve", "--model", "a=/m/my models/a.safetensors"])
+    assert result.exit_code == 0, result.output
+    assert [(m.name, m.path) for m in captured["config"].models] == [("a", "/m/my models/a.safetensors")]
+    env = {"WEIGHTD_SERVE_MODEL": "b=/m/b.pt 'a=/m/my models/a.safetensors' c=/m/with\\ space"}
+    result = CliRunner().invoke(cli.main, ["serve"], env=env)
+    assert result.exit_code == 0, result.output
+    assert [(m.name, m.path) for m in captured["config"].models] == [
+        ("b", "/m/b.pt"),
+        ("a", "/m/my models/a.safetensors"),
+        ("c", "/m/with space"),
+    ]
+    result = CliRunner().invoke(cli.main, ["serve"], env={"WEIGHTD_SERVE_MODEL": "'a=/m/x"})
+    assert result.exit_code == 2 and "quote each value as in a shell" in result.output
+
+
+def _systemd_environment_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (outer quotes removed), with the
+    commented-out examples too: each must be a variable the CLI reads."""
+    env = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^#?\s*(WEIGHTD_[A-Z_]+)=(.*)$", line)
+        if m:
+            value = m.group(2)
+            env[m.group(1)] = value[1:-1] if value[:1] == value[-1:] == '"' else value
+    return env
+
+
+def test_systemd_environment_file_names_real_variables(captured, tmp_path):
+    root = Path(__file__).parent.parent / "systemd"
+    env = _systemd_environment_file(root / "weightd.env")
+    known = {v for _, _, o in _options() for v in o.envvar}
+    assert env and set(env) <= known, f"weightd.env names variables no option reads: {set(env) - known}"
+    env.pop("WEIGHTD_SERVE_FACTORY", None)  # names models of its own
+    result = CliRunner().invoke(cli.main, ["serve", "--socket", str(tmp_path / "s.sock")], env=env)
+    assert result.exit_code == 0, result.output
+    assert [m.model_name for m in captured["config"].models] == ["bert", "llama"]
+    unit = (root / "weightd.service").read_text()
+    for command in re.findall(r"^Exec\w+=/usr/local/bin/weightd (\w+)", unit, re.M):
+        assert command in cli.main.commands
 
 
 def test_factory_for_an_unknown_model_is_a_usage_error(captured):

@@ -97,3 +97,14 @@ def test_a_thread_building_modules_during_attaches_gets_real_parameters(make_dae
             other.join()
     assert seen["built"] > 10, "the other thread hardly ran"
     assert not seen["meta"], f"another thread's modules got meta parameters: {seen['meta'][:5]}"
+
+
+# --- 11: --model does not split its argument ------------------------------------------------
+
+
+def test_a_checkpoint_path_with_a_space_serves(tmp_path, make_daemon, sock):
+    (tmp_path / "my models").mkdir()
+    save_file({"w": torch.ones(8)}, tmp_path / "my models" / "a.safetensors")
+    make_daemon("--model", f"a={tmp_path / 'my models' / 'a.safetensors'}")
+    with Client(sock) as c:
+        assert [m["name"] for m in c.list()] == ["a"]

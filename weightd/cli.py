@@ -1,15 +1,22 @@
 """The ``weightd`` command. The only module that sees both the daemon and the client, and the
 only place where typed errors become exit codes.
 
-Every option is also an environment variable: ``WEIGHTD_<COMMAND>_<OPTION>`` (click's
-``auto_envvar_prefix``), e.g. ``WEIGHTD_SERVE_MODEL="a=/m/a.safetensors b=/m/b"``; the socket
-is ``$WEIGHTD_SOCKET`` for every command.
+Every option is also an environment variable: ``WEIGHTD_<COMMAND>_<OPTION>``, OPTION being the
+long option's name in capitals with dashes as underscores (``serve --model-dir`` is
+``WEIGHTD_SERVE_MODEL_DIR``, ``ls --json`` is ``WEIGHTD_LS_JSON``), named by
+``_name_environment_variables`` for every command at once. A few options read a shared
+variable after their own: ``--socket`` then ``$WEIGHTD_SOCKET``; reload's ``--model`` and
+``--factory`` then serve's (``$WEIGHTD_SERVE_MODEL``). In a variable of a repeatable option,
+whitespace separates the values, quoted as a shell would (``shlex``):
+``WEIGHTD_SERVE_MODEL="a=/m/a.safetensors 'b=/m/my model'"``; on the command line a value is
+never split.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from datetime import datetime
 
@@ -41,14 +48,45 @@ socket_option = click.option(
 )
 
 
+class ShellWords(click.ParamType):
+    """A value of a repeatable option; in its environment variable, the values are separated by
+    whitespace and quoted as in a shell (``shlex``), so a path may hold a space."""
+
+    name = "TEXT"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        try:
+            return shlex.split(rv)
+        except ValueError as e:  # an unclosed quote
+            raise click.BadParameter(
+                f"{rv!r}: {e}: quote each value as in a shell, e.g. 'a=/m/my model'"
+            ) from None
+
+    def convert(self, value, param, ctx):
+        return str(value)
+
+
 def models_option(help_text: str):
-    """``--model [NAME=]PATH``, repeatable; serve and reload read the same variable."""
+    """``--model [NAME=]PATH``, repeatable; reload reads serve's variable too."""
     return click.option(
         "--model",
         "models",
         multiple=True,
+        type=ShellWords(),
         metavar="[NAME=]PATH",
         envvar="WEIGHTD_SERVE_MODEL",
+        help=help_text,
+    )
+
+
+def factories_option(help_text: str | None = None):
+    return click.option(
+        "--factory",
+        "factories",
+        multiple=True,
+        type=ShellWords(),
+        metavar="NAME=MODULE:FUNCTION",
+        envvar="WEIGHTD_SERVE_FACTORY",
         help=help_text,
     )
 
@@ -107,9 +145,7 @@ class GroupId(click.ParamType):
             )
 
 
-@click.group(
-    cls=_Group, context_settings={"auto_envvar_prefix": "WEIGHTD", "help_option_names": ["-h", "--help"]}
-)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="weightd")
 def main() -> None:
     """weightd: load model weights once per node into shared memory; attach zero-copy anywhere."""
@@ -118,16 +154,9 @@ def main() -> None:
 @main.command()
 @models_option(
     "A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
-    "NAME defaults to the file or folder stem."
+    "NAME defaults to the file or folder name less its extension (.safetensors, .pt, .pth, .bin)."
 )
-@click.option(
-    "--factory",
-    "factories",
-    multiple=True,
-    metavar="NAME=MODULE:FUNCTION",
-    envvar="WEIGHTD_SERVE_FACTORY",
-    help="How clients build model NAME's module when they attach without model=. Repeatable.",
-)
+@factories_option("How clients build model NAME's module when they attach without model=. Repeatable.")
 @socket_option
 @click.option(
     "--instance",
@@ -311,7 +340,11 @@ def stats(socket, as_json) -> None:
 
 @main.command()
 @click.argument("path")
-@click.option("--name", default=None, help="Model name [default: the file or folder stem].")
+@click.option(
+    "--name",
+    default=None,
+    help="Model name [default: the file or folder name without its checkpoint extension].",
+)
 @click.option("--factory", default=None, metavar="MODULE:FUNCTION", help="How clients build the module.")
 @socket_option
 @json_option
@@ -356,9 +389,7 @@ def unload(name, socket, as_json) -> None:
 
 @main.command()
 @models_option("The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).")
-@click.option(
-    "--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY"
-)
+@factories_option()
 @socket_option
 def reload(models, factories, socket) -> None:
     """Load the models of --model / $WEIGHTD_SERVE_MODEL that the daemon does not serve yet.
@@ -446,16 +477,13 @@ def _metrics_address(value: str | None) -> str | None:
 def _model_specs(models, factories):
     from weightd.daemon.config import ModelSpec
 
-    specs = [ModelSpec.parse(m) for text in models for m in text.split()]
+    specs = [ModelSpec.parse(m) for m in models]
     by_name = {}
-    for text in factories:
-        for item in text.split():
-            name, sep, factory = item.partition("=")
-            if not sep:
-                raise click.BadParameter(
-                    f"{item!r}: write NAME=package.module:function", param_hint="--factory"
-                )
-            by_name[name] = factory
+    for item in factories:
+        name, sep, factory = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: write NAME=package.module:function", param_hint="--factory")
+        by_name[name] = factory
     for spec in specs:
         spec.factory = by_name.pop(spec.model_name, None)
     if by_name:
@@ -496,6 +524,31 @@ def _table(rows) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+ENV_PREFIX = "WEIGHTD"
+
+
+def environment_variable(command: str, option: click.Option) -> str:
+    """``WEIGHTD_<COMMAND>_<OPTION>``: the long option's name in capitals, dashes as underscores."""
+    long = max(option.opts, key=len).lstrip("-")
+    return f"{ENV_PREFIX}_{command}_{long}".upper().replace("-", "_")
+
+
+def _name_environment_variables(group: click.Group) -> None:
+    """Give every option of every command its variable (README: the rule), then any shared one
+    it read before (``$WEIGHTD_SOCKET``, serve's ``$WEIGHTD_SERVE_MODEL`` for reload)."""
+    for command_name, command in group.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.expose_value:
+                continue
+            shared = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            own = environment_variable(command_name, param)
+            param.envvar = [own, *(v for v in shared if v != own)]
+            param.show_envvar = True
+
+
+_name_environment_variables(main)
 
 
 if __name__ == "__main__":
