@@ -133,24 +133,26 @@ def test_a_path_with_a_space_is_one_model_on_the_command_line_and_quoted_in_the_
     assert result.exit_code == 2 and "quote each value as in a shell" in result.output
 
 
-def _systemd_environment_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (outer quotes removed), with the
-    commented-out examples too: each must be a variable the CLI reads."""
-    env = {}
+def _systemd_environment_file(path: Path) -> tuple[dict[str, str], set[str]]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (outer quotes removed), and the
+    names of the commented-out examples: each must be a variable the CLI reads."""
+    env, examples = {}, set()
     for line in path.read_text().splitlines():
-        m = re.match(r"^#?\s*(WEIGHTD_[A-Z_]+)=(.*)$", line)
-        if m:
-            value = m.group(2)
-            env[m.group(1)] = value[1:-1] if value[:1] == value[-1:] == '"' else value
-    return env
+        m = re.match(r"^(#?)\s*(WEIGHTD_[A-Z_]+)=(.*)$", line)
+        if m and m.group(1):
+            examples.add(m.group(2))
+        elif m:
+            value = m.group(3)
+            env[m.group(2)] = value[1:-1] if value[:1] == value[-1:] == '"' else value
+    return env, examples
 
 
 def test_systemd_environment_file_names_real_variables(captured, tmp_path):
     root = Path(__file__).parent.parent / "systemd"
-    env = _systemd_environment_file(root / "weightd.env")
+    env, examples = _systemd_environment_file(root / "weightd.env")
     known = {v for _, _, o in _options() for v in o.envvar}
-    assert env and set(env) <= known, f"weightd.env names variables no option reads: {set(env) - known}"
-    env.pop("WEIGHTD_SERVE_FACTORY", None)  # names models of its own
+    named = set(env) | examples
+    assert env and named <= known, f"weightd.env names variables no option reads: {named - known}"
     result = CliRunner().invoke(cli.main, ["serve", "--socket", str(tmp_path / "s.sock")], env=env)
     assert result.exit_code == 0, result.output
     assert [m.model_name for m in captured["config"].models] == ["bert", "llama"]

@@ -194,6 +194,7 @@ def main() -> None:
     "--model-dir",
     "model_dirs",
     multiple=True,
+    type=ShellWords(),
     metavar="DIR",
     help="Confine `weightd load` requests to checkpoints inside DIR (symlinks and '..' resolved). "
     "Repeatable. [default: any path the daemon can read]",
@@ -202,6 +203,7 @@ def main() -> None:
     "--device",
     "devices",
     multiple=True,
+    type=ShellWords(),
     metavar="cuda:N",
     help="Also keep one copy of every model on this GPU, shared with clients through CUDA IPC. Repeatable.",
 )
