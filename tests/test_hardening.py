@@ -16,6 +16,8 @@ from weightd import cli
 from weightd.client import Client
 from weightd.errors import CheckpointError, ConfigError
 
+from conftest import segments, wait_until, worker_code
+
 
 def weightd(sock: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -108,3 +110,68 @@ def test_a_checkpoint_path_with_a_space_serves(tmp_path, make_daemon, sock):
     make_daemon("--model", f"a={tmp_path / 'my models' / 'a.safetensors'}")
     with Client(sock) as c:
         assert [m["name"] for m in c.list()] == ["a"]
+
+
+# --- papercut: a publisher killed mid-write ----------------------------------------------------
+
+
+def test_a_publisher_killed_mid_write_frees_its_reservation_promptly(make_daemon, sock, instance, workers):
+    make_daemon()
+    w = workers(
+        worker_code(
+            sock,
+            """
+        from weightd import segment
+        with Client(SOCK) as c:
+            r = c.call("publish_begin", name="p", nbytes=4 << 20)
+            seg = segment.Segment.create(r["segment"], 4 << 20, r["mode"], tuple(r["owner"]))
+            seg.write(segment.DATA_OFFSET, b"half a model")
+            say(r["segment"])
+            hear()  # killed here, mid-write
+    """,
+        )
+    )
+    name = w.read()
+    assert segments(instance), "the publisher made its segment"
+    with Client(sock) as c:
+        [pending] = c.stats()["publishing"]
+        assert (pending["name"], pending["segment"], pending["pid"]) == ("p", name, w.pid)
+        assert pending["nbytes"] == 4 << 20
+        out = weightd(sock, "stats")
+        assert "publishing" in out.stdout and name in out.stdout, out.stdout
+        w.proc.kill()
+        w.proc.wait()
+        wait_until(lambda: not segments(instance), timeout=10, what="the dead publisher's segment to go")
+        assert c.stats()["publishing"] == [] and c.list() == []
+
+
+# --- papercut: stats does not call memory one process maps "private" ------------------------
+
+
+def test_stats_tells_pages_mapped_alone_from_pages_copied(make_daemon, sock, workers):
+    make_daemon()
+    with Client(sock) as c:
+        c.publish("m", {"w": torch.ones(1 << 20)})  # 4 MiB
+    w = workers(
+        worker_code(
+            sock,
+            """
+        sd = state_dict("m", socket=SOCK)
+        float(sd["w"].sum())                  # every page read, by this process alone
+        sd["w"][: 1024 * 4].fill_(2.0)        # four pages written: its own copies
+        say(os.getpid())
+        hear()
+    """,
+        )
+    )
+    pid = w.read()
+    with Client(sock) as c:
+        [a] = [a for a in c.stats()["models"][0]["attached"] if a["pid"] == pid]
+    assert "private" not in a
+    assert 4 * 4096 <= a["copied"] < 1 << 20 and a["mapped_alone"] >= 3 << 20, a
+    out = weightd(sock, "stats")
+    header = out.stdout.splitlines()[0]
+    assert "PRIVATE" not in header and "MAPPED ALONE" in header and "COPIED" in header, out.stdout
+    assert "private" not in out.stdout.lower(), out.stdout
+    w.send("bye")
+    assert w.finish() == 0

@@ -307,15 +307,41 @@ def stats(socket, as_json) -> None:
     s = _ask(socket, lambda c: {k: v for k, v in c.stats().items() if k not in ("v", "ok")}, as_json)
     if s is None:
         return
-    rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "SHARED", "PRIVATE", "SEGMENT")]
+    # Note [memory mapped by one process is not private]: a segment page only one process maps
+    # is still shared memory (the next attach shares it); only pages it wrote are its own.
+    rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "PSS", "MAPPED ALONE", "COPIED", "SEGMENT")]
     for m in s["models"]:
         gen = str(m["generation"]) + ("" if m["current"] else " (old)")
-        rows.append((m["name"], gen, _size(m["nbytes"]), _when(m["created"]), "", "", "", m["segment"]))
+        rows.append((m["name"], gen, _size(m["nbytes"]), _when(m["created"]), "", "", "", "", m["segment"]))
         for a in m["attached"]:
-            rows.append(("", "", "", "", str(a["pid"]), _size(a["shared"]), _size(a["private"]), ""))
+            rows.append(
+                (
+                    *("", "", "", "", str(a["pid"])),
+                    *(_size(a["shared"]), _size(a["mapped_alone"]), _size(a["copied"]), ""),
+                )
+            )
     for m in s["loading"]:
-        rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", ""))
+        rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", "", ""))
+    for r in s.get("publishing", []):
+        rows.append(
+            (
+                r["name"],
+                "publishing",
+                _size(r["nbytes"]),
+                _when(r["created"]),
+                str(r["pid"] or "?"),
+                "",
+                "",
+                "",
+                r["segment"],
+            )
+        )
     _table(rows)
+    if any(m["attached"] for m in s["models"]):
+        click.echo(
+            "PSS: the process's share of the segment's pages; MAPPED ALONE: pages of it no other process "
+            "maps now (still shared memory); COPIED: pages it wrote, its own copies"
+        )
     for m in s["models"]:
         hidden = m.get("not_visible", {})
         parts = [
@@ -336,7 +362,7 @@ def stats(socket, as_json) -> None:
     click.echo(f"/dev/shm: {_size(shm['used'])} used of {_size(shm['size'])}, {_size(shm['free'])} free")
     click.echo(
         f"daemon: pid {d['pid']}, weightd {d['version']}, up {d['uptime']:.0f} s, Pss {_size(d['pss'])}, "
-        f"private {_size(d['private'])}"
+        f"{_size(d['mapped_alone'])} of it mapped by no other process"
     )
 
 
