@@ -134,7 +134,16 @@ def _from_hf_config(config: dict, name: str) -> nn.Module:
             "or pass model= to attach"
         ) from None
     model_type = config.pop("model_type", None)
-    cfg = transformers.AutoConfig.for_model(model_type, **config)
+    try:
+        if not isinstance(model_type, str):
+            raise ValueError("it has no 'model_type'")
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+    except ValueError as e:  # what transformers raises for an unknown or missing model type
+        raise AttachError(
+            f"model {name!r} came with a config.json transformers cannot build a model from "
+            f"({str(e).splitlines()[0][:200]}): pass model= to attach, or add the model_type "
+            '(e.g. "bert") to config.json and load it again'
+        ) from None
     archs = getattr(cfg, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from weightd import cli
 from weightd.client import Client
-from weightd.errors import CheckpointError, ConfigError
+from weightd.errors import AttachError, CheckpointError, ConfigError
 
 from conftest import segments, wait_until, worker_code
 
@@ -175,3 +176,18 @@ def test_stats_tells_pages_mapped_alone_from_pages_copied(make_daemon, sock, wor
     assert "private" not in out.stdout.lower(), out.stdout
     w.send("bye")
     assert w.finish() == 0
+
+
+# --- papercut: a Hugging Face config.json without model_type ----------------------------------
+
+
+def test_a_config_json_without_model_type_is_a_typed_error(tmp_path, make_daemon, sock):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"w": torch.ones(4)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    make_daemon("--model", f"m={folder}")
+    with Client(sock) as c:
+        with pytest.raises(AttachError, match="model_type"):
+            c.attach("m")
+        assert c.state_dict("m")["w"].sum() == 4, "the weights themselves are served"
