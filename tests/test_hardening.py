@@ -191,3 +191,22 @@ def test_a_config_json_without_model_type_is_a_typed_error(tmp_path, make_daemon
         with pytest.raises(AttachError, match="model_type"):
             c.attach("m")
         assert c.state_dict("m")["w"].sum() == 4, "the weights themselves are served"
+
+
+# --- papercut: an I/O error while reading a checkpoint ---------------------------------------
+
+
+def test_an_io_error_reading_a_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, make_daemon, sock):
+    # A real read error: /proc/self/mem is a regular file whose first page (address 0) no
+    # process maps, so reading it fails with EIO, as a bad disk or a broken NFS mount would.
+    bad = tmp_path / "bad.safetensors"
+    bad.symlink_to("/proc/self/mem")
+    save_file({"w": torch.ones(4)}, tmp_path / "good.safetensors")
+    make_daemon("--model", f"good={tmp_path / 'good.safetensors'}")
+    with Client(sock) as c:
+        with pytest.raises(CheckpointError) as e:
+            c.load(str(bad))
+        assert str(bad) in str(e.value) and "Input/output error" in str(e.value)
+        assert [m["name"] for m in c.list()] == ["good"]
+    out = weightd(sock, "load", str(bad))
+    assert out.returncode == CheckpointError.exit_code and "internal" not in out.stderr, out.stderr
