@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from safetensors.torch import save_file
 
 from weightd import cli
 from weightd.client import Client
-from weightd.errors import AttachError, CheckpointError, ConfigError
+from weightd.errors import AttachError, CheckpointError, ConfigError, RequestTimeout
 
 from conftest import segments, wait_until, worker_code
 
@@ -210,3 +212,29 @@ def test_an_io_error_reading_a_checkpoint_is_a_checkpoint_error_naming_the_file(
         assert [m["name"] for m in c.list()] == ["good"]
     out = weightd(sock, "load", str(bad))
     assert out.returncode == CheckpointError.exit_code and "internal" not in out.stderr, out.stderr
+
+
+# --- papercut: attach / state_dict / publish take timeout= -----------------------------------
+
+
+def test_attach_state_dict_and_publish_give_up_within_their_timeout(make_daemon, sock):
+    from weightd.client import attach, publish, state_dict
+
+    d = make_daemon()
+    with Client(sock) as c:
+        c.publish("m", {"w": torch.ones(4)})
+    state_dict("m", socket=sock)  # connected, so the calls below wait on a reply only
+    os.kill(d.pid, signal.SIGSTOP)  # a daemon that answers nothing
+    try:
+        calls = {
+            "attach": lambda: attach("m", model=lambda: torch.nn.Linear(2, 2), socket=sock, timeout=0.5),
+            "state_dict": lambda: state_dict("m", socket=sock, timeout=0.5),
+            "publish": lambda: publish("m", {"w": torch.zeros(4)}, socket=sock, timeout=0.5),
+        }
+        for what, call in calls.items():
+            t0 = time.monotonic()
+            with pytest.raises(RequestTimeout, match="0.5 s"):
+                call()
+            assert time.monotonic() - t0 < 4, f"{what} waited past its timeout= (default: 10 s)"
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
