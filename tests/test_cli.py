@@ -200,3 +200,21 @@ def test_ls_load_unload_on_a_real_daemon(tmp_path, make_daemon):
     assert weightd("unload", "b").returncode == ModelNotFound.exit_code
     assert weightd("load", str(tmp_path / "missing.pt")).returncode == CheckpointError.exit_code
     assert [m["name"] for m in json.loads(weightd("ls", "--json").stdout)] == ["a"]
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "lots"])
+def test_max_bytes_must_be_a_positive_number_of_bytes(captured, value, tmp_path):
+    result = CliRunner().invoke(
+        cli.main, ["serve", "--socket", str(tmp_path / "s.sock"), "--max-bytes", value]
+    )
+    assert result.exit_code == 2 and "--max-bytes" in result.output and "Traceback" not in result.output
+    assert "64G" in result.output, result.output
+    assert "config" not in captured
+
+
+def test_max_bytes_takes_binary_units(captured, tmp_path):
+    result = CliRunner().invoke(
+        cli.main, ["serve", "--socket", str(tmp_path / "s.sock"), "--max-bytes", "64G"]
+    )
+    assert result.exit_code == 0, result.output
+    assert captured["config"].max_bytes == 64 << 30

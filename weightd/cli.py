@@ -125,6 +125,33 @@ class SegmentMode(click.ParamType):
         return mode
 
 
+class ByteCount(click.ParamType):
+    """A positive number of bytes: 68719476736, or with a binary unit: 64G, 512M, 64GiB."""
+
+    name = "BYTES"
+    UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            n = value
+        else:
+            text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+            unit = text[-1:] if text[-1:] in self.UNITS else ""
+            try:
+                n = int(text[: len(text) - len(unit)]) * self.UNITS[unit]
+            except ValueError:
+                self.fail(f"{value!r} is not a number of bytes such as 68719476736 or 64G", param, ctx)
+        if n <= 0:
+            # 0 would refuse every load; "no budget" is leaving the option out
+            self.fail(
+                f"{value!r}: the budget must be at least 1 byte (such as 64G); leave --max-bytes out for "
+                "none",
+                param,
+                ctx,
+            )
+        return n
+
+
 class GroupId(click.ParamType):
     """A group by name or number."""
 
@@ -180,9 +207,10 @@ def main() -> None:
 )
 @click.option(
     "--max-bytes",
-    type=int,
+    type=ByteCount(),
     default=None,
-    help="Refuse loads that would take the models past this many bytes.",
+    help="Refuse loads that would take the models past this many bytes (or 512M, 64G, 1T). "
+    "[default: no budget but the free space of /dev/shm]",
 )
 @click.option(
     "--allow-pickle",
