@@ -238,3 +238,15 @@ def test_attach_state_dict_and_publish_give_up_within_their_timeout(make_daemon,
             assert time.monotonic() - t0 < 4, f"{what} waited past its timeout= (default: 10 s)"
     finally:
         os.kill(d.pid, signal.SIGCONT)
+
+
+# --- papercut: every user-facing error is importable from weightd.client ----------------------
+
+
+def test_every_weightd_error_is_importable_from_weightd_client():
+    import weightd.client
+    from weightd import errors
+
+    for cls in errors.BY_CODE.values():
+        assert getattr(weightd.client, cls.__name__, None) is cls, cls.__name__
+        assert cls.__name__ in weightd.client.__all__
