@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from weightd import cli
+from weightd import cli, segment
 from weightd.client import Client
-from weightd.errors import AttachError, CheckpointError, ConfigError, RequestTimeout
+from weightd.errors import AttachError, CheckpointError, ConfigError, ModelNotFound, RequestTimeout
 
 from conftest import segments, wait_until, worker_code
 
@@ -250,3 +250,23 @@ def test_every_weightd_error_is_importable_from_weightd_client():
     for cls in errors.BY_CODE.values():
         assert getattr(weightd.client, cls.__name__, None) is cls, cls.__name__
         assert cls.__name__ in weightd.client.__all__
+
+
+# --- papercut: a segment deleted behind the daemon's back ------------------------------------
+
+
+def test_a_model_whose_segment_was_deleted_is_no_longer_listed(tmp_path, make_daemon, sock):
+    save_file({"w": torch.ones(4)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.ones(4)}, tmp_path / "b.safetensors")
+    d = make_daemon("--model", str(tmp_path / "a.safetensors"), "--model", str(tmp_path / "b.safetensors"))
+    with Client(sock) as c:
+        seg = {m["name"]: m["segment"] for m in c.list()}["a"]
+        os.unlink(segment.path(seg))  # as `rm /dev/shm/weightd.*` would
+
+        wait_until(lambda: [m["name"] for m in c.list()] == ["b"], timeout=10, what="ls to drop model a")
+        with pytest.raises(ModelNotFound):
+            c.state_dict("a")
+        assert c.state_dict("b")["w"].sum() == 4
+    out = weightd(sock, "ls")
+    assert " a " not in out.stdout and "b" in out.stdout
+    wait_until(lambda: "no longer served" in d.log.read_text(), timeout=5, what="the warning in the log")

@@ -303,7 +303,11 @@ def serve(
 @socket_option
 @json_option
 def ls(socket, as_json) -> None:
-    """List the models the daemon serves."""
+    """List the models the daemon serves.
+
+    A model whose segment someone removed from /dev/shm is no longer served: the daemon drops
+    it within a second or two, with a warning in its log (load it again to serve it).
+    """
     models = _ask(socket, lambda c: c.list(), as_json)
     if models is None:
         return

@@ -357,6 +357,7 @@ class Store:
 
         ``maps(pid, segment)`` says whether process ``pid`` still maps ``segment``.
         """
+        self._drop_lost()
         now = time.monotonic()
         with self._lock:
             expired = [self._reserved.pop(s) for s, r in list(self._reserved.items()) if r.abandoned(now)]
@@ -387,6 +388,35 @@ class Store:
                     model.manifest.generation,
                     extra={"model": model.manifest.name, "generation": model.manifest.generation},
                 )
+
+    def _drop_lost(self) -> None:
+        """Stop serving models whose segment file someone removed from the shared-memory
+        directory (``rm /dev/shm/weightd.*``): no client could map them any more. Attached
+        workers keep what they mapped (Note [segment lifetime after unlink])."""
+        with self._lock:
+            served = list(self._models.items()) + list(self._retired.items())
+        lost = []
+        for key, model in served:
+            try:
+                os.lstat(segment.path(model.manifest.segment))
+            except FileNotFoundError:
+                lost.append((key, model))
+        for key, model in lost:
+            with self._lock:
+                table = self._models if self._models.get(key) is model else self._retired
+                if table.get(key) is not model:
+                    continue  # replaced or unloaded meanwhile
+                del table[key]
+            m = model.manifest
+            log.warning(
+                "%s generation %d is no longer served: its segment %s was removed from %s by someone "
+                "else (load it again to serve it)",
+                m.name,
+                m.generation,
+                m.segment,
+                segment.shm_dir(),
+                extra={"model": m.name, "generation": m.generation},
+            )
 
     def close(self, unlink: bool) -> None:
         """On stop: keep the segments for the next daemon to adopt, or unlink them all."""
