@@ -56,6 +56,11 @@ def test_two_preloads_with_one_name_are_refused_at_start(tmp_path, monkeypatch):
     )
     assert result.exit_code == ConfigError.exit_code, result.output
     assert str(a) in result.output and str(b) in result.output and "NAME=PATH" in result.output
+    # reload (systemd's ExecReload) reads the same list: the same refusal, before it loads anything
+    result = CliRunner().invoke(
+        cli.main, ["reload", "--socket", str(tmp_path / "s.sock")], env={"WEIGHTD_SERVE_MODEL": f"{a} {b}"}
+    )
+    assert result.exit_code == ConfigError.exit_code and "NAME=PATH" in result.output, result.output
 
 
 # --- 10: flattening refuses colliding keys ---------------------------------------------------

@@ -535,9 +535,10 @@ def _metrics_address(value: str | None) -> str | None:
 
 
 def _model_specs(models, factories):
-    from weightd.daemon.config import ModelSpec
+    from weightd.daemon.config import ModelSpec, check_unique_names
 
     specs = [ModelSpec.parse(m) for m in models]
+    check_unique_names(specs)  # serve's Config checks again; reload has none
     by_name = {}
     for item in factories:
         name, sep, factory = item.partition("=")

@@ -39,6 +39,18 @@ class ModelSpec:
         return cls(path=path, name=name) if sep and "/" not in name else cls(path=text)
 
 
+def check_unique_names(specs: list[ModelSpec]) -> None:
+    """Two preloads under one name would silently make the second a new generation of the first."""
+    seen: dict[str, ModelSpec] = {}
+    for spec in specs:
+        first = seen.setdefault(spec.model_name, spec)
+        if first is not spec:
+            raise ConfigError(
+                f"two models to preload are both named {spec.model_name!r}: {first.path} and "
+                f"{spec.path}: name them apart with NAME=PATH (--model {spec.model_name}-2={spec.path})"
+            )
+
+
 @dataclass
 class Config:
     models: list[ModelSpec] = field(default_factory=list)
@@ -54,20 +66,9 @@ class Config:
     metrics: str | None = None  # where to serve Prometheus metrics (PORT, HOST:PORT, unix:PATH); None: off
 
     def __post_init__(self):
-        self._check_names()
+        check_unique_names(self.models)
         self.socket = os.path.abspath(self.socket or default_socket())
         if self.instance is None:
             # One daemon per socket, so the socket path names the instance; a hash keeps the
             # segment names short and free of '/'.
             self.instance = hashlib.sha1(self.socket.encode()).hexdigest()[:10]
-
-    def _check_names(self) -> None:
-        """Two preloads under one name would silently make the second a new generation of the first."""
-        seen: dict[str, ModelSpec] = {}
-        for spec in self.models:
-            first = seen.setdefault(spec.model_name, spec)
-            if first is not spec:
-                raise ConfigError(
-                    f"two models to preload are both named {spec.model_name!r}: {first.path} and "
-                    f"{spec.path}: name them apart with NAME=PATH (--model {spec.model_name}-2={spec.path})"
-                )
