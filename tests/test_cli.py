@@ -78,7 +78,14 @@ def test_every_option_is_an_environment_variable(captured, tmp_path):
 
 
 # A value each option's type accepts, as its environment variable would hold it.
-ENV_VALUES = {"mode": "600", "group": "0", "metrics": "9477", "log_level": "debug", "log_format": "json"}
+ENV_VALUES = {
+    "max_bytes": "64G",
+    "mode": "600",
+    "group": "0",
+    "metrics": "9477",
+    "log_level": "debug",
+    "log_format": "json",
+}
 
 
 def _options():
