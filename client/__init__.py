@@ -10,27 +10,45 @@ does, on demand).
 
 from weightd.client.client import Client, attach, detach, info, publish, refresh, state_dict
 from weightd.client.module import Attachment
+
+# Every error a caller can meet, so that ``except weightd.client.OutOfSpace`` needs no other import.
 from weightd.errors import (
+    AlreadyRunning,
     AttachError,
     Cancelled,
+    CheckpointError,
+    ConfigError,
     DaemonNotRunning,
+    InternalError,
     ModelNotFound,
+    OutOfSpace,
+    PermissionDenied,
+    ProtocolError,
     RequestTimeout,
     SegmentError,
     StillLoading,
+    UnsafePath,
     WeightdError,
 )
 
 __all__ = [
+    "AlreadyRunning",
     "Attachment",
     "AttachError",
     "Cancelled",
+    "CheckpointError",
     "Client",
+    "ConfigError",
     "DaemonNotRunning",
+    "InternalError",
     "ModelNotFound",
+    "OutOfSpace",
+    "PermissionDenied",
+    "ProtocolError",
     "RequestTimeout",
     "SegmentError",
     "StillLoading",
+    "UnsafePath",
     "WeightdError",
     "attach",
     "detach",

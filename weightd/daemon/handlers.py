@@ -112,7 +112,15 @@ class Handlers:
                 use = memory.mapping_usage(pid, segment.path(model.manifest.segment))
                 if use is not None:
                     entry["attached"].append(
-                        {"pid": pid, "shared": use.pss, "rss": use.rss, "private": use.private}
+                        {
+                            "pid": pid,
+                            "shared": use.pss,  # its share (Pss) of the segment's pages
+                            "rss": use.rss,
+                            # Note [memory mapped by one process is not private]: pages it wrote
+                            # (its own copies), and shared pages no other process maps now.
+                            "copied": use.anonymous,
+                            "mapped_alone": max(use.private - use.anonymous, 0),
+                        }
                     )
                 elif _unreadable(pid):
                     unreadable += 1
@@ -126,12 +134,13 @@ class Handlers:
             models=models,
             loading=[m for m in self.loads.states() if m["state"] == "loading"],
             failed=[m for m in self.loads.states() if m["state"] == "failed"],
+            publishing=self.store.reservations(),
             shm=memory.shm_usage(segment.shm_dir()),
             daemon={
                 "pid": os.getpid(),
                 "rss": me.rss,
                 "pss": me.pss,
-                "private": me.private,
+                "mapped_alone": me.private,  # no other process maps it (heap, and any segment it alone maps)
                 "uptime": time.time() - self.started,
                 "version": __version__,
             },
@@ -230,7 +239,9 @@ class Handlers:
         return protocol.ok(model=model.summary())
 
     def publish_begin(self, req, peer) -> bytes:
-        manifest = self.store.reserve(protocol.field(req, "name", str), protocol.field(req, "nbytes", int))
+        manifest = self.store.reserve(
+            protocol.field(req, "name", str), protocol.field(req, "nbytes", int), pid=peer.pid
+        )
         return protocol.ok(
             segment=manifest.segment,
             generation=manifest.generation,
