@@ -397,3 +397,31 @@ def test_a_2gib_model_restarts_in_a_tmpfs_sized_for_1_2_models(tmp_path, sock, i
     generation, adopted, segments, first, last = r.stdout.split()
     assert (generation, adopted, segments, first, last) == ("1", "True", "1", "7", "9"), log
     assert "not reloaded" in log
+
+
+def test_a_hugging_face_folder_is_adopted_unchanged_and_reloaded_when_one_of_its_files_changes(
+    make_daemon, tmp_path
+):
+    pytest.importorskip("transformers")
+    from hf_models import save
+
+    folder = save("gpt2", tmp_path / "gpt2")
+    args = ("--model", f"g={folder}")
+    make_daemon(*args, keep=True).stop()
+    d = make_daemon(*args, keep=True)
+    assert "not reloaded" in d.output()
+    with Client(d.socket) as c:
+        origin = c.manifest("g").origin
+    read = {Path(f["path"]).name for f in origin["files"]}
+    # every file from_pretrained and the small-file copy read, and the folder itself
+    assert {"config.json", "model.safetensors", "generation_config.json", "gpt2"} <= read, read
+    assert origin["conversions"]["transformers"]
+    d.stop()
+    # a small file rewritten is a change too: workers read it from the segment
+    import json
+
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "top_k": 7}))
+    d = make_daemon(*args)
+    with Client(d.socket) as c:
+        assert [m["generation"] for m in c.list()] == [2]

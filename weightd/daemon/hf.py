@@ -67,7 +67,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
         if within is not None:
             check_within(f, within)
     # Taken before from_pretrained reads them: a file rewritten meanwhile then counts as changed.
-    files = [identity(folder / "config.json")] + [identity(f) for f in weight_files]
+    read = [identity(folder / "config.json")] + [identity(f) for f in weight_files]
     check()
     started = time.perf_counter()
     try:
@@ -91,10 +91,10 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
         if within is not None:
             check_within(path, within)
         check()
-        files_entry = identity(path)
+        entry = identity(path)
         data = path.read_bytes()
-        if files_entry["path"] not in {f["path"] for f in files}:
-            files.append(files_entry)
+        if entry["path"] not in {f["path"] for f in read}:
+            read.append(entry)
         files[rel] = len(blobs)
         blobs.append(Blob(len(data), _bytes_fill(data)))
     converted_bytes = sum(state[k].untyped_storage().nbytes() for k in converted)
@@ -140,7 +140,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
         tensors=tensors,
         skeleton=skeleton,
         keepalive=keep,
-        files=files,
+        files=read,
     )
 
 

@@ -208,6 +208,7 @@ class Server:
     def _reap(self) -> None:
         # Off the request loop: freeing an unmapped segment takes the kernel ~80 ms per GiB
         # inside unlink, and reading /proc/PID/maps of many workers adds up too.
+        self.store.free_stale()
         while not self._stopping.wait(REAP_SECONDS):
             try:
                 self.store.reap(maps_segment)

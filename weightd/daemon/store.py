@@ -136,6 +136,7 @@ class Store:
         self._retired: dict[str, Model] = {}  # segment -> an older generation someone may map
         self._reserved: dict[str, Reservation] = {}  # segment -> publish under way
         self._generations: dict[str, int] = {}
+        self._stale: list[str] = []  # older generations left by a previous daemon (adopt)
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
         self._lock = threading.Lock()
         self.metrics = (
@@ -388,12 +389,10 @@ class Store:
             with self._lock:
                 self._generations[name] = newest.manifest.generation
             adopted.append(newest)
-            with self._lock:
-                # Retired, not unlinked here: nobody can be known to map them after a restart, so
-                # the reaper frees them after its grace, off the start-up path (unlink frees the
-                # pages inside the call: ~80 ms per GiB, before the sockets are bound).
-                for old in models[:-1]:
-                    self._retired[old.manifest.segment] = old
+            # Nobody can be known to map them after a restart: freed by free_stale(), off the
+            # start-up path (unlink frees the pages inside the call: ~80 ms per GiB, and the
+            # sockets are not bound yet).
+            self._stale.extend(old.manifest.segment for old in models[:-1])
             log.info(
                 "adopted %s generation %d from %s, loaded %s (%s)",
                 name,
@@ -404,6 +403,12 @@ class Store:
                 extra={"model": name, "generation": newest.manifest.generation},
             )
         return adopted
+
+    def free_stale(self) -> None:
+        """Unlink the older generations ``adopt`` found beside each model's newest."""
+        stale, self._stale = self._stale, []
+        for s in stale:
+            segment.unlink(s)
 
     def reap(self, maps: Callable[[int, str], bool]) -> None:
         """Unlink retired generations no live process maps, and abandoned publishes (their
@@ -474,6 +479,7 @@ class Store:
 
     def close(self, unlink: bool) -> None:
         """On stop: keep the segments for the next daemon to adopt, or unlink them all."""
+        self.free_stale()  # if the reaper did not get to them
         with self._lock:
             models = list(self._models.values()) + list(self._retired.values())
             pending = list(self._reserved)
