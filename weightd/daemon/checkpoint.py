@@ -119,9 +119,9 @@ def _read(
         return ck
     try:
         mode = os.stat(p).st_mode
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot read it ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
+    except OSError:
+        mode = None  # changed meanwhile (a swap under --model-dir): the reader's open decides
+    if mode is not None and not stat.S_ISREG(mode):
         # Before anything opens it: a FIFO would block the loader (and every load queued behind
         # it) until someone writes to it; a device may never end.
         raise CheckpointError(

@@ -246,7 +246,7 @@ class Loads:
             log.warning("%s", e, extra={"model": job.name})
             return None, e
         except WeightdError as e:
-            log.warning("load of %s from %s failed: %s", job.name, job.path, e, extra={"model": job.name})
+            log.warning("load failed: %s", e, extra={"model": job.name})
             return None, e
         except Exception as e:
             log.exception("internal error during a load", extra={"model": job.name})
