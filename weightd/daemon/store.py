@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from weightd import layout, segment
 from weightd.daemon import checkpoint
-from weightd.errors import ModelNotFound, OutOfSpace, ProtocolError, SegmentError
+from weightd.errors import ModelNotFound, OutOfSpace, PermissionDenied, ProtocolError, SegmentError
 from weightd.manifest import Manifest
 from weightd.protocol import check_name
 
@@ -217,7 +217,10 @@ class Store:
         origin = model.manifest.origin if model is not None else None
         if not origin or origin.get("options") != _options(factory):
             return None
-        if origin.get("path") != os.path.realpath(path):
+        try:
+            if origin.get("path") != checkpoint.real_path(path):
+                return None
+        except PermissionDenied:  # changing while resolved: not known to be the same
             return None
         return model if checkpoint.unchanged(origin.get("files") or []) else None
 
@@ -259,7 +262,7 @@ class Store:
             manifest.skeleton = {"factory": factory} if factory else ck.skeleton
             hf = (ck.skeleton or {}).get("hf") or {}
             manifest.origin = {
-                "path": os.path.realpath(path),
+                "path": manifest.source,
                 "files": ck.files,
                 "options": _options(factory),
                 # what the reader computed rather than copied (Hugging Face folders)
