@@ -110,7 +110,17 @@ class Client(Connection):
             metadata=dict(metadata or {}),
         )
         # PUBLISHED, not SEALED: only the daemon seals, once it has checked it (weightd.segment).
-        layout.write(manifest, blobs, mode=r["mode"], owner=tuple(r["owner"]), seal=segment.PUBLISHED)
+        # With "reuse" the daemon handed us a retired generation's segment nobody maps, to write
+        # again in place (Note [reusing a segment's pages] in weightd.daemon.store).
+        layout.write(
+            manifest,
+            blobs,
+            mode=r["mode"],
+            owner=tuple(r["owner"]),
+            seal=segment.PUBLISHED,
+            directory=segment.client_dir(r.get("directory")),
+            reuse=r["owner"][0] if r.get("reuse") else None,
+        )
         del keep
         # If this call fails the daemon removes the segment (or does when the reservation
         # expires): unlinking it here could remove a publish the daemon did commit.
@@ -136,16 +146,23 @@ class Client(Connection):
         return self.call("unload", name=name)["model"]
 
     def state_dict(
-        self, name: str, *, generation: int | None = None, device=None, pin: bool = False
+        self,
+        name: str,
+        *,
+        generation: int | None = None,
+        device=None,
+        pin: bool = False,
+        populate: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """The model's tensors over the shared pages, as plain tensors (zero-copy).
 
         With ``device="cuda:N"``: views of the daemon's copy on that GPU through CUDA IPC where
         it holds one (``serve --device``), else a copy from shared memory to the device
-        (``pin=True`` pins the mapping for the copy, for full-speed transfers).
+        (``pin=True`` pins the mapping for the copy, for full-speed transfers). ``populate``
+        as for ``attach``.
         """
         with _gc_paused():
-            return self._map(name, generation, device, pin)[1]
+            return self._map(name, generation, device, pin, populate)[1]
 
     def attach(
         self,
@@ -158,6 +175,7 @@ class Client(Connection):
         device=None,
         pin: bool = False,
         config=None,
+        populate: bool | None = None,
     ) -> nn.Module:
         """An ``nn.Module`` whose weights are the shared pages of model ``name``.
 
@@ -170,10 +188,17 @@ class Client(Connection):
         A Hugging Face folder comes back as ``from_pretrained(folder)`` returns it (its class, or
         the transformers class / ``AutoModelFor...`` given as ``model``, built with ``config`` if
         given; ``strict`` gives way to the class's own rules): see ``weightd.client.hf``.
+
+        ``populate``: map every page into this process now (``MADV_POPULATE_READ``; never copies
+        one), so the first forward pays no page faults. Default (None): where the segment is on
+        huge pages (``serve --shm-dir`` on a huge-page tmpfs), where it costs ~1 ms per GiB and
+        takes the first touch from ~7 ms per GiB to nothing; not on 4 KiB pages, where it would
+        cost more than the faults it saves (measured), and attach stays milliseconds whatever
+        the size for processes that touch only part of a model.
         """
         t0 = time.perf_counter()
         with _gc_paused():
-            mapping, tensors = self._map(name, generation, device, pin)
+            mapping, tensors = self._map(name, generation, device, pin, populate)
         manifest = mapping.manifest
         if hf.wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
             with _gc_paused():
@@ -191,15 +216,19 @@ class Client(Connection):
         )
         return module
 
-    def _map(self, name: str, generation: int | None, device=None, pin: bool = False):
+    def _map(
+        self, name: str, generation: int | None, device=None, pin: bool = False, populate: bool | None = None
+    ):
         if device is not None:
             return self._map_device(name, generation, device, pin)
         # A new generation may replace (and unlink) the segment between the reply and the
         # mapping; asking again gets the new one.
         for attempt in range(3):
             manifest = self.manifest(name, generation)
+            if populate is None:
+                populate = manifest.page_size >= segment.HUGE_PAGE
             try:
-                mapping = Mapping(manifest, owner=self.daemon_uid)
+                mapping = Mapping(manifest, owner=self.daemon_uid, populate=populate)
             except SegmentError:
                 if attempt == 2 or generation is not None:
                     raise

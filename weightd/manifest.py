@@ -88,6 +88,10 @@ class Manifest:
     uuid: str = ""  # identifies this segment's contents, so a recycled name is never mistaken
     skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf_config": {...}}
     metadata: dict = field(default_factory=dict)
+    # Where the segment's file is and which page size its memory got (set by the daemon when it
+    # serves it; weightd.segment, Note [huge pages]): clients open it there and prefault huge pages.
+    directory: str = ""
+    page_size: int = 0  # 0: not known
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +108,8 @@ class Manifest:
             "uuid": self.uuid,
             "skeleton": self.skeleton,
             "metadata": self.metadata,
+            "directory": self.directory,
+            "page_size": self.page_size,
             "storages": [list(s) for s in self.storages],
             "tensors": [
                 [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
@@ -126,6 +132,8 @@ class Manifest:
                 uuid=str(d["uuid"]),
                 skeleton=d.get("skeleton"),
                 metadata=dict(d.get("metadata") or {}),
+                directory=str(d.get("directory") or ""),
+                page_size=int(d.get("page_size") or 0),
                 storages=[StorageMeta(int(o), int(n)) for o, n in d["storages"]],
                 tensors=[
                     TensorMeta(str(n), int(s), int(o), str(dt), tuple(shape), tuple(stride))

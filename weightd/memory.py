@@ -17,6 +17,7 @@ class Usage:
     pss: int
     pss_shmem: int
     private: int  # Private_Clean + Private_Dirty: bytes no other process shares
+    huge: int = 0  # of rss, mapped by huge-page entries (ShmemPmdMapped + FilePmdMapped)
 
     @property
     def pss_private(self) -> int:
@@ -46,7 +47,15 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
 
     ``Private`` here is what the process copied on write: pages of weights it wrote into.
     """
-    total = {"Rss": 0, "Pss": 0, "Pss_Shmem": 0, "Private_Clean": 0, "Private_Dirty": 0}
+    total = {
+        "Rss": 0,
+        "Pss": 0,
+        "Pss_Shmem": 0,
+        "Private_Clean": 0,
+        "Private_Dirty": 0,
+        "ShmemPmdMapped": 0,
+        "FilePmdMapped": 0,
+    }
     found = inside = False
     try:
         with open(f"/proc/{pid}/smaps") as f:
@@ -68,6 +77,7 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
         pss=total["Pss"],
         pss_shmem=total["Pss_Shmem"] or total["Pss"],
         private=total["Private_Clean"] + total["Private_Dirty"],
+        huge=total["ShmemPmdMapped"] + total["FilePmdMapped"],
     )
 
 

@@ -46,6 +46,7 @@ class Config:
     devices: list[str] = field(default_factory=list)  # GPUs that get a copy of every model
     model_dirs: list[str] = field(default_factory=list)  # load requests must name paths inside these
     metrics: str | None = None  # where to serve Prometheus metrics (PORT, HOST:PORT, unix:PATH); None: off
+    shm_dir: str | None = None  # where segments live (a huge-page tmpfs); None: /dev/shm (weightd.segment)
 
     def __post_init__(self):
         self.socket = os.path.abspath(self.socket or default_socket())
