@@ -572,7 +572,8 @@ def huge_page_warning(directory: str, why: str) -> str:
         f"segments in {directory} got 4 KiB pages although {why}: workers pay ~10x more per first "
         "touch. The kernel found no free 2 MiB blocks (memory fragmented) or has transparent huge "
         "pages off: check /sys/kernel/mm/transparent_hugepage/shmem_enabled is not 'deny', free "
-        "memory, run `echo 1 > /proc/sys/vm/compact_memory`, then reload the models"
+        "memory, run `echo 1 > /proc/sys/vm/compact_memory`, then reload the models; a tmpfs needs "
+        "huge=always (systemd/weightd-shm.mount)"
     )
 
 
@@ -594,6 +595,9 @@ def huge_pages_asked(directory: str | None = None) -> str | None:
     huge = re.search(r"\bhuge=(\w+)", options)
     if huge and huge.group(1) in ("always", "within_size"):
         return f"{best} is mounted huge={huge.group(1)}"
+    if huge and huge.group(1) == "advise":
+        # Only mappings that madvise(MADV_HUGEPAGE) get them; segments are written with pwrite.
+        return f"{best} is mounted huge=advise, which weightd's writes never ask for (mount it huge=always)"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
             if "[force]" in f.read():

@@ -243,41 +243,45 @@ class Store:
         return manifest, reused
 
     def _recycle(self, name: str, new: str, nbytes: int) -> bool:
-        """Make a retired, unmapped segment of ``name`` (one big enough to hold ``nbytes`` without
-        growing much) segment ``new``, unsealed; False if there is none. Note [reusing a segment's pages]."""
+        """Make a retired segment of ``name`` that no process maps (one big enough to hold
+        ``nbytes`` without growing much) segment ``new``, unsealed; False if there is none.
+        Note [reusing a segment's pages]."""
         with self._lock:
-            fits = [
-                (s, m)
-                for s, m in self._retired.items()
-                if m.manifest.name == name
-                and not m.gpu
-                and nbytes <= m.size <= 2 * nbytes + segment.HUGE_PAGE
-            ]
-            fits.sort(key=lambda sm: sm[1].size)
-            if not fits:
-                return False
-            old, model = fits[0]
-            del self._retired[old]
-        try:
-            segment.rename(old, new)
-        except OSError as e:
-            log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
+            fits = sorted(
+                (
+                    (s, m)
+                    for s, m in self._retired.items()
+                    if m.manifest.name == name
+                    and not m.gpu
+                    and nbytes <= m.size <= 2 * nbytes + segment.HUGE_PAGE
+                ),
+                key=lambda sm: sm[1].size,
+            )
+        for old, model in fits:
             with self._lock:
-                self._retired[old] = model
-            return False
-        if segment.in_use(new):
-            segment.rename(new, old)
-            with self._lock:
-                self._retired[old] = model
-            return False
-        segment.clear_seal(new, os.geteuid())
-        log.info(
-            "publishing %s into the pages of generation %d (no process maps it any more)",
-            name,
-            model.manifest.generation,
-            extra={"model": name, "generation": model.manifest.generation},
-        )
-        return True
+                if self._retired.pop(old, None) is None:
+                    continue  # freed by the reaper meanwhile
+            try:
+                segment.rename(old, new)
+            except OSError as e:
+                log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
+                with self._lock:
+                    self._retired[old] = model
+                continue
+            if segment.in_use(new):  # mapped somewhere: it stays what it is, retired
+                segment.rename(new, old)
+                with self._lock:
+                    self._retired[old] = model
+                continue
+            segment.clear_seal(new, os.geteuid())
+            log.info(
+                "publishing %s into the pages of generation %d (no process maps it any more)",
+                name,
+                model.manifest.generation,
+                extra={"model": name, "generation": model.manifest.generation},
+            )
+            return True
+        return False
 
     def commit(self, segment_name: str) -> Model:
         """Finish a publish: check the sealed segment against its reservation and serve it."""
