@@ -156,7 +156,7 @@ def write(
     manifest.storages = storages
     manifest.validate(segment.DATA_OFFSET, manifest_offset)
     encoded = manifest.to_json()
-    size = segment.rounded_size(manifest_offset + len(encoded))
+    size = segment.rounded_size(manifest_offset + len(encoded), directory)
     if reuse is not None:
         seg = segment.Segment.reopen(manifest.segment, size, reuse, directory)
     else:

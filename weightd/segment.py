@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -296,10 +297,17 @@ def reserve(fd: int, size: int) -> None:
         raise
 
 
-def rounded_size(size: int) -> int:
-    """A segment's size, rounded up so its last huge page is whole (Note [huge pages]); one
-    smaller than a huge page stays as it is (it would never get one)."""
-    return size if size < HUGE_PAGE else (size + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+def rounded_size(size: int, directory: str | None = None) -> int:
+    """A segment's size, rounded up so its last huge page is whole where segments get huge
+    pages (Note [huge pages]); elsewhere, or smaller than a huge page, as it is."""
+    if size < HUGE_PAGE or not _huge_dir(os.path.realpath(directory or shm_dir())):
+        return size
+    return (size + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+
+
+@functools.lru_cache(maxsize=16)
+def _huge_dir(directory: str) -> bool:
+    return huge_pages_asked(directory) is not None
 
 
 def clear_seal(name: str, owner: int) -> None:

@@ -84,6 +84,7 @@ class Result:
     build: float | None = None  # weightd-attach: median skeleton build, seconds
     copies: int | None = None  # weightd-attach: weights copied instead of shared
     forward_ok: bool | None = None
+    ready: float = 0.0  # seconds: median over workers of the first get plus the touch of every weight
     extra: dict = field(default_factory=dict)
 
     @property
@@ -145,6 +146,7 @@ def run(job: Job, workers: int, *, timeout: float = 600.0) -> Result:
         workers=workers,
         latency=statistics.median(r["latency"] for r in reports),
         touch=statistics.median(r["touch"] for r in reports),
+        ready=statistics.median(r["ready"] for r in reports),
         latencies=[r["latency"] for r in reports],
         usages=usages,
         shm_used=shm,
@@ -219,6 +221,7 @@ def _worker(conn, job: Job) -> None:
                 {
                     "latency": statistics.median(times),
                     "touch": touch,
+                    "ready": times[0] + touch,  # ready to serve (exact with repeats=1)
                     "nbytes": nbytes,
                     "build": statistics.median(builds) if builds else None,
                     "copies": copies,
