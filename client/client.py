@@ -198,8 +198,40 @@ class Client(Connection):
         """
         t0 = time.perf_counter()
         with _gc_paused():
-            mapping, tensors = self._map(name, generation, device, pin, populate)
+            mapped = self._map(name, generation, device, pin, populate)
+        return self.attach_mapped(
+            mapped,
+            model,
+            strict=strict,
+            requires_grad=requires_grad,
+            config=config,
+            t0=t0,
+            device=None if device is None else str(device),
+        )
+
+    def prepare(self, name: str, *, populate: bool | None = None) -> tuple:
+        """The first half of ``attach``: ask for the manifest and map the segment (CPU), to
+        ``attach_mapped`` later; a Ray actor does it while Ray is still unpickling its
+        arguments (weightd.client.ray_zerocopy), so that ``load()`` only fills the module."""
+        with _gc_paused():
+            return self._map(name, None, None, False, populate)
+
+    def attach_mapped(
+        self,
+        mapped: tuple,
+        model=None,
+        *,
+        strict: bool = True,
+        requires_grad: bool = False,
+        config=None,
+        t0: float | None = None,
+        device: str | None = None,
+    ) -> nn.Module:
+        """The second half of ``attach``: the module over what ``prepare`` mapped."""
+        t0 = time.perf_counter() if t0 is None else t0
+        mapping, tensors = mapped
         manifest = mapping.manifest
+        name = manifest.name
         if hf.wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
             with _gc_paused():
                 module, copies, build = hf.build(
@@ -211,9 +243,7 @@ class Client(Connection):
             build = time.perf_counter() - b0
             with _gc_paused():
                 copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
-        _attachments[module] = _attachment(
-            mapping, tensors, copies, build, time.perf_counter() - t0, None if device is None else str(device)
-        )
+        _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0, device)
         return module
 
     def _map(
