@@ -103,7 +103,7 @@ def use_dir(directory: str | None) -> str:
         if not os.path.isdir(directory):
             raise ConfigError(
                 f"--shm-dir {directory} is not a folder: create it, or mount the huge-page tmpfs there "
-                "(systemd/weightd-shm.mount)"
+                "(systemd/mnt-weightd.mount)"
             )
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(
@@ -581,7 +581,7 @@ def huge_page_warning(directory: str, why: str) -> str:
         "touch. The kernel found no free 2 MiB blocks (memory fragmented) or has transparent huge "
         "pages off: check /sys/kernel/mm/transparent_hugepage/shmem_enabled is not 'deny', free "
         "memory, run `echo 1 > /proc/sys/vm/compact_memory`, then reload the models; a tmpfs needs "
-        "huge=always (systemd/weightd-shm.mount)"
+        "huge=always (systemd/mnt-weightd.mount)"
     )
 
 

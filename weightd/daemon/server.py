@@ -182,7 +182,7 @@ class Server:
         else:
             log.info(
                 "segments in %s get 4 KiB pages: for ~10x faster first touch in workers, serve them from a "
-                "huge-page tmpfs (--shm-dir, systemd/weightd-shm.mount)",
+                "huge-page tmpfs (--shm-dir, systemd/mnt-weightd.mount)",
                 where,
             )
 
