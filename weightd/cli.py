@@ -195,7 +195,7 @@ def main() -> None:
     default=None,
     metavar="DIR",
     help="Keep segments in DIR, a tmpfs the clients see too: one mounted huge=always gives workers "
-    "2 MiB pages (systemd/weightd-shm.mount). Clients learn it from the daemon. [default: /dev/shm]",
+    "2 MiB pages (systemd/mnt-weightd.mount). Clients learn it from the daemon. [default: /dev/shm]",
 )
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
