@@ -170,6 +170,16 @@ class Server:
         """Say which page size segments get here, read back from a scratch segment (Note [huge
         pages] in weightd.segment), and warn where huge pages were asked for but not given."""
         where, asked = segment.shm_dir(), self.store.huge_asked
+        elsewhere = [] if where == segment.SHM_DIR else segment.list_segments(self.store.prefix, segment.SHM_DIR)
+        if elsewhere:
+            log.warning(
+                "%d segments of this instance are in %s, not in --shm-dir %s (a daemon without --shm-dir "
+                "left them): they are not served; free them with `weightd purge --socket %s`",
+                len(elsewhere),
+                segment.SHM_DIR,
+                where,
+                self.config.socket,
+            )
         try:
             size = segment.probe_dir(self.config.instance)
         except (OSError, WeightdError) as e:
