@@ -170,7 +170,7 @@ class Server:
         """Say which page size segments get here, read back from a scratch segment (Note [huge
         pages] in weightd.segment), and warn where huge pages were asked for but not given."""
         where, asked = segment.shm_dir(), self.store.huge_asked
-        elsewhere = [] if where == segment.SHM_DIR else segment.list_segments(self.store.prefix, segment.SHM_DIR)
+        elsewhere = where != segment.SHM_DIR and segment.list_segments(self.store.prefix, segment.SHM_DIR)
         if elsewhere:
             log.warning(
                 "%d segments of this instance are in %s, not in --shm-dir %s (a daemon without --shm-dir "
