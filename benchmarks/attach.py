@@ -181,6 +181,8 @@ def ready_to_serve(st: Path, pt: Path, builder, counts: list[int], nbytes: int) 
         for n in counts:
             job = w.Job(w.WEIGHTD_ATTACH, name="bench", socket=d.socket, builder=builder, repeats=1)
             measure(w.WEIGHTD_ATTACH, job, n)
+        first = phases(d.socket, builder.keywords)
+        print("  a fresh process's first attach: " + ", ".join(f"{k} {v:.2f} ms" for k, v in first.items()))
     skipped = None
     with huge_tmpfs(nbytes + (256 << 20)) as where:
         if where is None:
@@ -190,7 +192,7 @@ def ready_to_serve(st: Path, pt: Path, builder, counts: list[int], nbytes: int) 
                 for n in counts:
                     job = w.Job(w.WEIGHTD_ATTACH, name="bench", socket=d.socket, builder=builder, repeats=1)
                     measure(HUGE, job, n)
-    return {"rows": rows, "counts": counts, "nbytes": nbytes, "skipped": skipped}
+    return {"rows": rows, "counts": counts, "nbytes": nbytes, "skipped": skipped, "phases": first}
 
 
 def report_ready(ready: dict) -> list[str]:
@@ -234,6 +236,12 @@ def report_ready(ready: dict) -> list[str]:
                     f"{TARGET_SMALL_READY}x: {'met' if met else 'MISSED'}"
                 )
     lines += ["", w.table(table), "", "Targets (ready to serve):", *checks]
+    if ready.get("phases"):
+        lines += [
+            "",
+            "A fresh process's first attach (4 KiB pages, median of 5 processes): "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in ready["phases"].items()),
+        ]
     if ready["skipped"]:
         lines.append(f"  huge pages: skipped: {ready['skipped']}")
     return lines
@@ -262,6 +270,64 @@ def plot_ready(ready: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+PHASES_CHILD = r"""
+import functools, gc, json, os, sys, time
+import torch
+from weightd.bench.demo import TinyLM
+from weightd.client import Client
+from weightd.client.mapping import Mapping
+from weightd.client.module import build_skeleton, fill
+from weightd.manifest import Manifest
+
+socket, cfg = sys.argv[1], json.loads(sys.argv[2])
+builder = functools.partial(TinyLM, **cfg)
+gc.disable()  # as attach does (client._gc_paused)
+out, t = {}, time.perf_counter()
+
+
+def lap(key):
+    global t
+    now = time.perf_counter()
+    out[key] = (now - t) * 1e3
+    t = now
+
+
+c = Client(socket)
+lap("connect")
+reply = c.call("manifest", name="bench", generation=None, pid=os.getpid())
+lap("request")
+manifest = Manifest.from_dict(reply["manifest"])
+lap("manifest decode")
+mapping = Mapping(manifest, owner=c.daemon_uid)
+lap("mapping")
+tensors = mapping.tensors()
+lap("tensor views")
+module = build_skeleton(builder, manifest.skeleton, "bench")
+lap("skeleton (the model's __init__)")
+fill(module, tensors, mapping, strict=True, requires_grad=False)
+lap("fill")
+print(json.dumps(out))
+"""
+
+
+def phases(socket: str, cfg: dict, runs: int = 5) -> dict:
+    """Where a fresh process's first attach spends its milliseconds (median of ``runs`` processes)."""
+    import subprocess
+
+    got = []
+    for _ in range(runs):
+        r = subprocess.run(
+            [sys.executable, "-c", PHASES_CHILD, socket, json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        got.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(g[k] for g in got) for k in got[0]}
 
 
 def run_ready_only(args) -> int:
