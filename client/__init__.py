@@ -10,23 +10,41 @@ does, on demand).
 
 from weightd.client.client import Client, attach, detach, info, publish, refresh, state_dict
 from weightd.client.module import Attachment
+
+# Every error a caller can meet, so that ``except weightd.client.OutOfSpace`` needs no other import.
 from weightd.errors import (
+    AlreadyRunning,
     AttachError,
+    CheckpointError,
+    ConfigError,
     DaemonNotRunning,
+    InternalError,
     ModelNotFound,
+    OutOfSpace,
+    PermissionDenied,
+    ProtocolError,
     RequestTimeout,
     SegmentError,
+    UnsafePath,
     WeightdError,
 )
 
 __all__ = [
+    "AlreadyRunning",
     "Attachment",
     "AttachError",
+    "CheckpointError",
     "Client",
+    "ConfigError",
     "DaemonNotRunning",
+    "InternalError",
     "ModelNotFound",
+    "OutOfSpace",
+    "PermissionDenied",
+    "ProtocolError",
     "RequestTimeout",
     "SegmentError",
+    "UnsafePath",
     "WeightdError",
     "attach",
     "detach",

@@ -46,9 +46,9 @@ class Client(Connection):
         """One summary per loaded model (name, generation, bytes, tensors, segment...)."""
         return self.call("list")["models"]
 
-    def manifest(self, name: str, generation: int | None = None) -> Manifest:
+    def manifest(self, name: str, generation: int | None = None, *, timeout: float | None = None) -> Manifest:
         # The pid lets the daemon keep an older generation linked while this process maps it.
-        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid())
+        reply = self.call("manifest", name=name, generation=generation, pid=os.getpid(), timeout=timeout)
         return Manifest.from_dict(reply["manifest"])
 
     def load(
@@ -77,13 +77,22 @@ class Client(Connection):
         """Models with their attached processes and memory, /dev/shm, and the daemon's own memory."""
         return self.call("stats")
 
-    def publish(self, name: str, obj, *, factory: str | None = None, metadata: dict | None = None) -> dict:
+    def publish(
+        self,
+        name: str,
+        obj,
+        *,
+        factory: str | None = None,
+        metadata: dict | None = None,
+        timeout: float | None = None,
+    ) -> dict:
         """Put a running process's module (or dict of tensors) into a new generation of ``name``.
 
         The bytes are copied once, from this process's tensors into a segment this process
         creates and seals; the daemon checks it and serves it from then on. Tensors that share
         memory (tied weights, views) are stored once. ``factory`` ("pkg.module:function") tells
-        clients how to build the module when they attach without ``model=``.
+        clients how to build the module when they attach without ``model=``. ``timeout``
+        (seconds) bounds each of its two requests, as for every call.
 
         >>> Client().publish("policy", policy_net)     # RL: push new weights every few minutes
         """
@@ -95,7 +104,7 @@ class Client(Connection):
                 f"{source}: publish an nn.Module or a dict of tensors, not {type(obj).__name__}"
             )
         blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, source), source=source)
-        r = self.call("publish_begin", name=name, nbytes=sum(b.nbytes for b in blobs))
+        r = self.call("publish_begin", name=name, nbytes=sum(b.nbytes for b in blobs), timeout=timeout)
         manifest = Manifest(
             name=name,
             generation=r["generation"],
@@ -124,7 +133,7 @@ class Client(Connection):
         del keep
         # If this call fails the daemon removes the segment (or does when the reservation
         # expires): unlinking it here could remove a publish the daemon did commit.
-        return self.call("publish_commit", segment=r["segment"])["model"]
+        return self.call("publish_commit", segment=r["segment"], timeout=timeout)["model"]
 
     def refresh(self, module: nn.Module, *, generation: int | None = None) -> nn.Module:
         """Move an attached module to the newest (or the given) generation, in place.
@@ -152,17 +161,19 @@ class Client(Connection):
         generation: int | None = None,
         device=None,
         pin: bool = False,
+        timeout: float | None = None,
         populate: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """The model's tensors over the shared pages, as plain tensors (zero-copy).
 
         With ``device="cuda:N"``: views of the daemon's copy on that GPU through CUDA IPC where
         it holds one (``serve --device``), else a copy from shared memory to the device
-        (``pin=True`` pins the mapping for the copy, for full-speed transfers). ``populate``
-        as for ``attach``.
+        (``pin=True`` pins the mapping for the copy, for full-speed transfers). ``timeout``:
+        seconds to wait for the daemon's answer [default: the Client's]. ``populate`` as for
+        ``attach``.
         """
         with _gc_paused():
-            return self._map(name, generation, device, pin, populate)[1]
+            return self._map(name, generation, device, pin, timeout, populate)[1]
 
     def attach(
         self,
@@ -175,6 +186,7 @@ class Client(Connection):
         device=None,
         pin: bool = False,
         config=None,
+        timeout: float | None = None,
         populate: bool | None = None,
     ) -> nn.Module:
         """An ``nn.Module`` whose weights are the shared pages of model ``name``.
@@ -182,8 +194,8 @@ class Client(Connection):
         ``model`` is the module to fill (built on the meta device or on the CPU), a function
         that builds one, or None to let the daemon say how (a factory or a Hugging Face config
         it was loaded with). Parameters come back with ``requires_grad=False`` unless asked;
-        writes to them stay private to this process. ``device`` and ``pin`` as for
-        ``state_dict``.
+        writes to them stay private to this process. ``device``, ``pin`` and ``timeout`` as
+        for ``state_dict``.
 
         A Hugging Face folder comes back as ``from_pretrained(folder)`` returns it (its class, or
         the transformers class / ``AutoModelFor...`` given as ``model``, built with ``config`` if
@@ -198,7 +210,7 @@ class Client(Connection):
         """
         t0 = time.perf_counter()
         with _gc_paused():
-            mapped = self._map(name, generation, device, pin, populate)
+            mapped = self._map(name, generation, device, pin, timeout, populate)
         return self.attach_mapped(
             mapped,
             model,
@@ -214,7 +226,7 @@ class Client(Connection):
         ``attach_mapped`` later; a Ray actor does it while Ray is still unpickling its
         arguments (weightd.client.ray_zerocopy), so that ``load()`` only fills the module."""
         with _gc_paused():
-            return self._map(name, None, None, False, populate)
+            return self._map(name, None, None, False, None, populate)
 
     def attach_mapped(
         self,
@@ -247,14 +259,20 @@ class Client(Connection):
         return module
 
     def _map(
-        self, name: str, generation: int | None, device=None, pin: bool = False, populate: bool | None = None
+        self,
+        name: str,
+        generation: int | None,
+        device=None,
+        pin: bool = False,
+        timeout: float | None = None,
+        populate: bool | None = None,
     ):
         if device is not None:
-            return self._map_device(name, generation, device, pin)
+            return self._map_device(name, generation, device, pin, timeout)
         # A new generation may replace (and unlink) the segment between the reply and the
         # mapping; asking again gets the new one.
         for attempt in range(3):
-            manifest = self.manifest(name, generation)
+            manifest = self.manifest(name, generation, timeout=timeout)
             if populate is None:
                 populate = manifest.page_size >= segment.HUGE_PAGE
             try:
@@ -266,12 +284,17 @@ class Client(Connection):
             return mapping, mapping.tensors()
         raise AssertionError("unreachable")
 
-    def _map_device(self, name: str, generation: int | None, device, pin: bool):
+    def _map_device(self, name: str, generation: int | None, device, pin: bool, timeout: float | None):
         from weightd.client import gpu  # only here: nothing of CUDA is touched on CPU-only paths
 
         dev = cuda.resolve(device)
         reply = self.call(
-            "manifest", name=name, generation=generation, pid=os.getpid(), device=cuda.device_uuid(dev.index)
+            "manifest",
+            name=name,
+            generation=generation,
+            pid=os.getpid(),
+            device=cuda.device_uuid(dev.index),
+            timeout=timeout,
         )
         manifest = Manifest.from_dict(reply["manifest"])
         if reply.get("cuda"):
@@ -357,14 +380,15 @@ def attach(name: str, model=None, *, socket: str | None = None, **kwargs) -> nn.
 def state_dict(name: str, *, socket: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
     """Model ``name``'s tensors over the shared pages: ``{name: tensor}``, zero-copy.
 
-    Keyword arguments as for ``Client.state_dict`` (``generation``, ``device``, ``pin``).
+    Keyword arguments as for ``Client.state_dict`` (``generation``, ``device``, ``pin``, ``timeout``).
     """
     return _with_client(socket, lambda c: c.state_dict(name, **kwargs))
 
 
-def publish(name: str, obj, *, socket: str | None = None, factory: str | None = None) -> dict:
-    """Publish a module or dict of tensors as the newest generation of ``name``; see Client.publish."""
-    return _with_client(socket, lambda c: c.publish(name, obj, factory=factory))
+def publish(name: str, obj, *, socket: str | None = None, **kwargs) -> dict:
+    """Publish a module or dict of tensors as the newest generation of ``name``; keyword
+    arguments as for Client.publish (``factory``, ``metadata``, ``timeout``)."""
+    return _with_client(socket, lambda c: c.publish(name, obj, **kwargs))
 
 
 def refresh(module: nn.Module, *, socket: str | None = None, generation: int | None = None) -> nn.Module:

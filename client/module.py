@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.overrides import TorchFunctionMode
 
 from weightd.errors import AttachError
-
-_patch_lock = threading.RLock()
 
 # Random initialisers have no meta kernel: PyTorch decomposes them through torch._refs, whose
 # first use imports half of the compiler stack (1.5 s measured here). On a meta tensor they
@@ -53,28 +52,35 @@ class _SkipInitOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Note [skeletons on meta, per thread]
+# A skeleton's parameters go to the meta device through torch's parameter-registration hook,
+# installed once at import and switched on per thread: a thread building its own modules
+# meanwhile gets real parameters. Nothing is patched (an earlier patch of
+# nn.Module.register_parameter was seen by every thread), and the hook is never added or
+# removed around a build (another thread registering a parameter iterates over the hooks).
+# The skipped initialisers are a TorchFunctionMode, whose stack is per thread too.
+_building = threading.local()
+
+
+def _parameter_to_meta(module, name, param):
+    if getattr(_building, "depth", 0) and param is not None and param.device.type != "meta":
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    return None
+
+
+register_module_parameter_registration_hook(_parameter_to_meta)
+
+
 @contextlib.contextmanager
 def params_on_meta():
-    """Build modules with parameters on the meta device and buffers where they would be.
-
-    This patches ``nn.Module.register_parameter`` for the duration, process-wide; a lock keeps
-    concurrent attaches from interleaving, but a thread building unrelated modules at the same
-    moment would get meta parameters too.
-    """
-    with _patch_lock:
-        original = nn.Module.register_parameter
-
-        def register_parameter(module, name, param):
-            original(module, name, param)
-            if param is not None and param.device.type != "meta":
-                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-        nn.Module.register_parameter = register_parameter
-        try:
-            with _SkipInitOnMeta():
-                yield
-        finally:
-            nn.Module.register_parameter = original
+    """Build modules with parameters on the meta device and buffers where they would be, in
+    this thread only (Note [skeletons on meta, per thread])."""
+    _building.depth = getattr(_building, "depth", 0) + 1
+    try:
+        with _SkipInitOnMeta():
+            yield
+    finally:
+        _building.depth -= 1
 
 
 def build_skeleton(model, skeleton: dict | None, name: str) -> nn.Module:
@@ -128,7 +134,16 @@ def _from_hf_config(config: dict, name: str) -> nn.Module:
             "or pass model= to attach"
         ) from None
     model_type = config.pop("model_type", None)
-    cfg = transformers.AutoConfig.for_model(model_type, **config)
+    try:
+        if not isinstance(model_type, str):
+            raise ValueError("it has no 'model_type'")
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+    except ValueError as e:  # what transformers raises for an unknown or missing model type
+        raise AttachError(
+            f"model {name!r} came with a config.json transformers cannot build a model from "
+            f"({str(e).splitlines()[0][:200]}): pass model= to attach, or add the model_type "
+            '(e.g. "bert") to config.json and load it again'
+        ) from None
     archs = getattr(cfg, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:

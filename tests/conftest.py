@@ -184,20 +184,6 @@ def mapped_ranges(pid: int | str = "self", needle: str = "weightd.") -> list[tup
     return out
 
 
-def copied(pid: int | str = "self", needle: str = "weightd.") -> int:
-    """Bytes of a process's segment mappings that are its own copies (``Anonymous`` in smaps:
-    copy-on-write pages), as opposed to pages it merely is the only one to map (``Private_*``)."""
-    total, inside = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0] if line.strip() else ""
-            if "-" in head and not head.endswith(":"):
-                inside = needle in line
-            elif inside and line.startswith("Anonymous:"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
 def as_user(gid: int, groups: list[int], body: str) -> str:
     """Worker code that imports as root, then becomes ``nobody`` before it touches weightd.
 

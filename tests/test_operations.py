@@ -74,7 +74,7 @@ def test_stats_names_attached_processes_and_their_memory(tmp_path, make_daemon, 
     [m] = s["models"]
     assert (m["name"], m["generation"], m["current"], m["nbytes"]) == ("m", 1, True, 4 << 20)
     [a] = [a for a in m["attached"] if a["pid"] == pid]
-    assert a["rss"] >= 4 << 20 and a["private"] >= 4 * 4096, a
+    assert a["rss"] >= 4 << 20 and a["copied"] >= 4 * 4096, a
     assert s["shm"]["size"] >= s["shm"]["used"] >= 4 << 20 and s["shm"]["free"] > 0
     assert s["daemon"]["pid"] == d.proc.pid and s["daemon"]["pss"] > 0
     out = subprocess.run(

@@ -85,11 +85,10 @@ def test_segments_on_a_huge_page_tmpfs_get_2mib_pages_end_to_end(tmp_path, huge_
             d.socket,
             """
             from weightd import memory
-            from conftest import copied
             sd = state_dict("m", socket=SOCK)
             use = memory.mapping_usage(os.getpid(), "weightd.")
             say({"sum": float(sum(t.double().sum() for t in sd.values())), "rss": use.rss,
-                 "huge": use.huge, "copied": copied()})
+                 "huge": use.huge, "copied": use.anonymous})
             hear()
             """,
         )
@@ -170,11 +169,10 @@ def test_populate_maps_every_page_without_copying_one(tmp_path, make_daemon, wor
             d.socket,
             """
             from weightd import memory
-            from conftest import copied
             for populate in (False, True):
                 sd = state_dict("m", socket=SOCK, populate=populate)
                 use = memory.mapping_usage(os.getpid(), "weightd.")
-                say({"rss": use.rss, "copied": copied()})
+                say({"rss": use.rss, "copied": use.anonymous})
                 del sd
             """,
         )

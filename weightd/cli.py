@@ -1,15 +1,22 @@
 """The ``weightd`` command. The only module that sees both the daemon and the client, and the
 only place where typed errors become exit codes.
 
-Every option is also an environment variable: ``WEIGHTD_<COMMAND>_<OPTION>`` (click's
-``auto_envvar_prefix``), e.g. ``WEIGHTD_SERVE_MODEL="a=/m/a.safetensors b=/m/b"``; the socket
-is ``$WEIGHTD_SOCKET`` for every command.
+Every option is also an environment variable: ``WEIGHTD_<COMMAND>_<OPTION>``, OPTION being the
+long option's name in capitals with dashes as underscores (``serve --model-dir`` is
+``WEIGHTD_SERVE_MODEL_DIR``, ``ls --json`` is ``WEIGHTD_LS_JSON``), named by
+``_name_environment_variables`` for every command at once. A few options read a shared
+variable after their own: ``--socket`` then ``$WEIGHTD_SOCKET``; reload's ``--model`` and
+``--factory`` then serve's (``$WEIGHTD_SERVE_MODEL``). In a variable of a repeatable option,
+whitespace separates the values, quoted as a shell would (``shlex``):
+``WEIGHTD_SERVE_MODEL="a=/m/a.safetensors 'b=/m/my model'"``; on the command line a value is
+never split.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from datetime import datetime
 
@@ -41,14 +48,45 @@ socket_option = click.option(
 )
 
 
+class ShellWords(click.ParamType):
+    """A value of a repeatable option; in its environment variable, the values are separated by
+    whitespace and quoted as in a shell (``shlex``), so a path may hold a space."""
+
+    name = "TEXT"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        try:
+            return shlex.split(rv)
+        except ValueError as e:  # an unclosed quote
+            raise click.BadParameter(
+                f"{rv!r}: {e}: quote each value as in a shell, e.g. 'a=/m/my model'"
+            ) from None
+
+    def convert(self, value, param, ctx):
+        return str(value)
+
+
 def models_option(help_text: str):
-    """``--model [NAME=]PATH``, repeatable; serve and reload read the same variable."""
+    """``--model [NAME=]PATH``, repeatable; reload reads serve's variable too."""
     return click.option(
         "--model",
         "models",
         multiple=True,
+        type=ShellWords(),
         metavar="[NAME=]PATH",
         envvar="WEIGHTD_SERVE_MODEL",
+        help=help_text,
+    )
+
+
+def factories_option(help_text: str | None = None):
+    return click.option(
+        "--factory",
+        "factories",
+        multiple=True,
+        type=ShellWords(),
+        metavar="NAME=MODULE:FUNCTION",
+        envvar="WEIGHTD_SERVE_FACTORY",
         help=help_text,
     )
 
@@ -87,6 +125,33 @@ class SegmentMode(click.ParamType):
         return mode
 
 
+class ByteCount(click.ParamType):
+    """A positive number of bytes: 68719476736, or with a binary unit: 64G, 512M, 64GiB."""
+
+    name = "BYTES"
+    UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            n = value
+        else:
+            text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+            unit = text[-1:] if text[-1:] in self.UNITS else ""
+            try:
+                n = int(text[: len(text) - len(unit)]) * self.UNITS[unit]
+            except ValueError:
+                self.fail(f"{value!r} is not a number of bytes such as 68719476736 or 64G", param, ctx)
+        if n <= 0:
+            # 0 would refuse every load; "no budget" is leaving the option out
+            self.fail(
+                f"{value!r}: the budget must be at least 1 byte (such as 64G); leave --max-bytes out for "
+                "none",
+                param,
+                ctx,
+            )
+        return n
+
+
 class GroupId(click.ParamType):
     """A group by name or number."""
 
@@ -107,9 +172,7 @@ class GroupId(click.ParamType):
             )
 
 
-@click.group(
-    cls=_Group, context_settings={"auto_envvar_prefix": "WEIGHTD", "help_option_names": ["-h", "--help"]}
-)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="weightd")
 def main() -> None:
     """weightd: load model weights once per node into shared memory; attach zero-copy anywhere."""
@@ -118,16 +181,9 @@ def main() -> None:
 @main.command()
 @models_option(
     "A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
-    "NAME defaults to the file or folder stem."
+    "NAME defaults to the file or folder name less its extension (.safetensors, .pt, .pth, .bin)."
 )
-@click.option(
-    "--factory",
-    "factories",
-    multiple=True,
-    metavar="NAME=MODULE:FUNCTION",
-    envvar="WEIGHTD_SERVE_FACTORY",
-    help="How clients build model NAME's module when they attach without model=. Repeatable.",
-)
+@factories_option("How clients build model NAME's module when they attach without model=. Repeatable.")
 @socket_option
 @click.option(
     "--instance",
@@ -151,9 +207,10 @@ def main() -> None:
 )
 @click.option(
     "--max-bytes",
-    type=int,
+    type=ByteCount(),
     default=None,
-    help="Refuse loads that would take the models past this many bytes.",
+    help="Refuse loads that would take the models past this many bytes (or 512M, 64G, 1T). "
+    "[default: no budget but the free space of /dev/shm]",
 )
 @click.option(
     "--allow-pickle",
@@ -165,6 +222,7 @@ def main() -> None:
     "--model-dir",
     "model_dirs",
     multiple=True,
+    type=ShellWords(),
     metavar="DIR",
     help="Confine `weightd load` requests to checkpoints inside DIR (symlinks and '..' resolved). "
     "Repeatable. [default: any path the daemon can read]",
@@ -173,6 +231,7 @@ def main() -> None:
     "--device",
     "devices",
     multiple=True,
+    type=ShellWords(),
     metavar="cuda:N",
     help="Also keep one copy of every model on this GPU, shared with clients through CUDA IPC. Repeatable.",
 )
@@ -253,7 +312,11 @@ def serve(
 @socket_option
 @json_option
 def ls(socket, as_json) -> None:
-    """List the models the daemon serves."""
+    """List the models the daemon serves.
+
+    A model whose segment someone removed from /dev/shm is no longer served: the daemon drops
+    it within a second or two, with a warning in its log (load it again to serve it).
+    """
     models = _ask(socket, lambda c: c.list(), as_json)
     if models is None:
         return
@@ -285,15 +348,41 @@ def stats(socket, as_json) -> None:
     s = _ask(socket, lambda c: {k: v for k, v in c.stats().items() if k not in ("v", "ok")}, as_json)
     if s is None:
         return
-    rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "SHARED", "PRIVATE", "SEGMENT")]
+    # Note [memory mapped by one process is not private]: a segment page only one process maps
+    # is still shared memory (the next attach shares it); only pages it wrote are its own.
+    rows = [("NAME", "GEN", "SIZE", "LOADED", "PID", "PSS", "MAPPED ALONE", "COPIED", "SEGMENT")]
     for m in s["models"]:
         gen = str(m["generation"]) + ("" if m["current"] else " (old)")
-        rows.append((m["name"], gen, _size(m["nbytes"]), _when(m["created"]), "", "", "", m["segment"]))
+        rows.append((m["name"], gen, _size(m["nbytes"]), _when(m["created"]), "", "", "", "", m["segment"]))
         for a in m["attached"]:
-            rows.append(("", "", "", "", str(a["pid"]), _size(a["shared"]), _size(a["private"]), ""))
+            rows.append(
+                (
+                    *("", "", "", "", str(a["pid"])),
+                    *(_size(a["shared"]), _size(a["mapped_alone"]), _size(a["copied"]), ""),
+                )
+            )
     for m in s["loading"]:
-        rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", ""))
+        rows.append((m["name"], "loading", _size(m["total"]), "", "", "", "", "", ""))
+    for r in s.get("publishing", []):
+        rows.append(
+            (
+                r["name"],
+                "publishing",
+                _size(r["nbytes"]),
+                _when(r["created"]),
+                str(r["pid"] or "?"),
+                "",
+                "",
+                "",
+                r["segment"],
+            )
+        )
     _table(rows)
+    if any(m["attached"] for m in s["models"]):
+        click.echo(
+            "PSS: the process's share of the segment's pages; MAPPED ALONE: pages of it no other process "
+            "maps now (still shared memory); COPIED: pages it wrote, its own copies"
+        )
     for m in s["models"]:
         hidden = m.get("not_visible", {})
         parts = [
@@ -321,13 +410,17 @@ def stats(socket, as_json) -> None:
         click.echo(f"weightd: warning: {shm['warning']}", err=True)
     click.echo(
         f"daemon: pid {d['pid']}, weightd {d['version']}, up {d['uptime']:.0f} s, Pss {_size(d['pss'])}, "
-        f"private {_size(d['private'])}"
+        f"{_size(d['mapped_alone'])} of it mapped by no other process"
     )
 
 
 @main.command()
 @click.argument("path")
-@click.option("--name", default=None, help="Model name [default: the file or folder stem].")
+@click.option(
+    "--name",
+    default=None,
+    help="Model name [default: the file or folder name without its checkpoint extension].",
+)
 @click.option("--factory", default=None, metavar="MODULE:FUNCTION", help="How clients build the module.")
 @socket_option
 @json_option
@@ -372,9 +465,7 @@ def unload(name, socket, as_json) -> None:
 
 @main.command()
 @models_option("The models serve would preload (default: $WEIGHTD_SERVE_MODEL, as for serve).")
-@click.option(
-    "--factory", "factories", multiple=True, metavar="NAME=MODULE:FUNCTION", envvar="WEIGHTD_SERVE_FACTORY"
-)
+@factories_option()
 @socket_option
 def reload(models, factories, socket) -> None:
     """Load the models of --model / $WEIGHTD_SERVE_MODEL that the daemon does not serve yet.
@@ -462,18 +553,16 @@ def _metrics_address(value: str | None) -> str | None:
 
 
 def _model_specs(models, factories):
-    from weightd.daemon.config import ModelSpec
+    from weightd.daemon.config import ModelSpec, check_unique_names
 
-    specs = [ModelSpec.parse(m) for text in models for m in text.split()]
+    specs = [ModelSpec.parse(m) for m in models]
+    check_unique_names(specs)  # serve's Config checks again; reload has none
     by_name = {}
-    for text in factories:
-        for item in text.split():
-            name, sep, factory = item.partition("=")
-            if not sep:
-                raise click.BadParameter(
-                    f"{item!r}: write NAME=package.module:function", param_hint="--factory"
-                )
-            by_name[name] = factory
+    for item in factories:
+        name, sep, factory = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: write NAME=package.module:function", param_hint="--factory")
+        by_name[name] = factory
     for spec in specs:
         spec.factory = by_name.pop(spec.model_name, None)
     if by_name:
@@ -514,6 +603,31 @@ def _table(rows) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+ENV_PREFIX = "WEIGHTD"
+
+
+def environment_variable(command: str, option: click.Option) -> str:
+    """``WEIGHTD_<COMMAND>_<OPTION>``: the long option's name in capitals, dashes as underscores."""
+    long = max(option.opts, key=len).lstrip("-")
+    return f"{ENV_PREFIX}_{command}_{long}".upper().replace("-", "_")
+
+
+def _name_environment_variables(group: click.Group) -> None:
+    """Give every option of every command its variable (README: the rule), then any shared one
+    it read before (``$WEIGHTD_SOCKET``, serve's ``$WEIGHTD_SERVE_MODEL`` for reload)."""
+    for command_name, command in group.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.expose_value:
+                continue
+            shared = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            own = environment_variable(command_name, param)
+            param.envvar = [own, *(v for v in shared if v != own)]
+            param.show_envvar = True
+
+
+_name_environment_variables(main)
 
 
 if __name__ == "__main__":

@@ -74,15 +74,22 @@ def flatten(obj: dict, source, prefix: str = "") -> "dict[str, torch.Tensor]":
     out = {}
     for k, v in obj.items():
         key = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            out[key] = v
-        elif isinstance(v, dict):
-            out.update(flatten(v, source, key + "."))
+        if isinstance(v, dict):
+            inner = flatten(v, source, key + ".")
+        elif isinstance(v, torch.Tensor):
+            inner = {key: v}
         else:
             raise CheckpointError(
                 f"{source}: key {key!r} holds a {type(v).__name__}, not a tensor: save model.state_dict() "
                 "(weights only) rather than a training checkpoint"
             )
+        for flat, t in inner.items():
+            if flat in out:
+                raise CheckpointError(
+                    f"{source}: two tensors would both be named {flat!r} (a nested key and a dotted one): "
+                    "rename one of them"
+                )
+            out[flat] = t
     return out
 
 

@@ -16,7 +16,14 @@ class Usage:
     rss: int
     pss: int
     pss_shmem: int
-    private: int  # Private_Clean + Private_Dirty: bytes no other process shares
+    # Note [memory mapped by one process is not private]
+    # Private_Clean + Private_Dirty: bytes no other process maps at the moment. Of a segment's
+    # mapping that is not "private memory": the clean part is shared memory that one process
+    # happens to map alone (a second one attaching shares it); only the dirty part, pages it
+    # wrote (copy-on-write: anonymous pages in the mapping) is its own. Private_Dirty does not
+    # tell them apart: tmpfs pages are always dirty.
+    private: int
+    anonymous: int = 0  # of one segment's mapping (mapping_usage): the pages it copied on write
     huge: int = 0  # of rss, mapped by huge-page entries (ShmemPmdMapped + FilePmdMapped)
 
     @property
@@ -45,7 +52,8 @@ def usage(pid: int | None = None) -> Usage:
 def mapping_usage(pid: int, needle: str) -> Usage | None:
     """Memory of the mappings of ``pid`` whose path contains ``needle`` (one segment), or None.
 
-    ``Private`` here is what the process copied on write: pages of weights it wrote into.
+    ``anonymous`` here is what the process copied on write (pages of weights it wrote into);
+    the rest of ``private`` is segment pages no other process maps right now.
     """
     total = {
         "Rss": 0,
@@ -53,6 +61,7 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
         "Pss_Shmem": 0,
         "Private_Clean": 0,
         "Private_Dirty": 0,
+        "Anonymous": 0,
         "ShmemPmdMapped": 0,
         "FilePmdMapped": 0,
     }
@@ -77,6 +86,7 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
         pss=total["Pss"],
         pss_shmem=total["Pss_Shmem"] or total["Pss"],
         private=total["Private_Clean"] + total["Private_Dirty"],
+        anonymous=total["Anonymous"],
         huge=total["ShmemPmdMapped"] + total["FilePmdMapped"],
     )
 

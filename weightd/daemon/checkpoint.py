@@ -9,6 +9,7 @@ Daemon-only: the client never imports this module.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -44,6 +45,7 @@ SAFETENSORS_DTYPES = {
 # A header larger than this is not a real checkpoint (the reference library uses 100 MB).
 MAX_SAFETENSORS_HEADER = 100_000_000
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # the files `read` knows; default names drop them
 
 
 @dataclass
@@ -82,7 +84,19 @@ def read(
     ``within``: folders every file read must lie in, after resolving symlinks (``--model-dir``:
     a shard in an allowed folder may be a symlink to anywhere).
     """
-    p = Path(path)
+    try:
+        return _read(Path(path), allow_pickle=allow_pickle, within=within)
+    except OSError as e:  # the disk, the network file system or the file itself failed a read
+        raise read_failed(e.filename or path, e) from None
+
+
+def read_failed(path, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: reading it failed ({e.strerror or e}): check the file and the disk or file system it is on"
+    )
+
+
+def _read(p: Path, *, allow_pickle: bool, within: list[str] | None) -> Checkpoint:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder: check the path given to --model or load")
     if within is not None:
@@ -267,6 +281,10 @@ def _file_fill(f, offset: int, nbytes: int, path):
             seg.copy_from(f.fileno(), offset, nbytes, dst_offset)
         except SegmentError as e:
             raise CheckpointError(f"{path}: {e}") from None
+        except OSError as e:
+            if e.errno == errno.ENOSPC:  # the segment's side: /dev/shm is full
+                raise
+            raise read_failed(path, e) from None
 
     return fill
 

@@ -7,13 +7,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weightd.daemon.checkpoint import CHECKPOINT_SUFFIXES
+from weightd.errors import ConfigError
 from weightd.protocol import default_socket
 
 
 def default_name(path: str) -> str:
-    """The name a model gets when none is given: the file's stem, or the folder's name."""
+    """The name a model gets when none is given: the file's or folder's name without a
+    checkpoint extension (``model.safetensors`` -> ``model``; the folder ``Qwen2.5-0.5B`` keeps
+    its dots). Only the one extension weightd reads is cut: ``x.tar.pt`` -> ``x.tar``."""
     p = Path(path)
-    return p.name.split(".")[0] if p.is_file() or p.suffix else p.name
+    if p.suffix in CHECKPOINT_SUFFIXES and not p.is_dir():
+        return p.name[: -len(p.suffix)]
+    return p.name
 
 
 @dataclass
@@ -33,6 +39,18 @@ class ModelSpec:
         return cls(path=path, name=name) if sep and "/" not in name else cls(path=text)
 
 
+def check_unique_names(specs: list[ModelSpec]) -> None:
+    """Two preloads under one name would silently make the second a new generation of the first."""
+    seen: dict[str, ModelSpec] = {}
+    for spec in specs:
+        first = seen.setdefault(spec.model_name, spec)
+        if first is not spec:
+            raise ConfigError(
+                f"two models to preload are both named {spec.model_name!r}: {first.path} and "
+                f"{spec.path}: name them apart with NAME=PATH (--model {spec.model_name}-2={spec.path})"
+            )
+
+
 @dataclass
 class Config:
     models: list[ModelSpec] = field(default_factory=list)
@@ -49,6 +67,7 @@ class Config:
     shm_dir: str | None = None  # where segments live (a huge-page tmpfs); None: /dev/shm (weightd.segment)
 
     def __post_init__(self):
+        check_unique_names(self.models)
         self.socket = os.path.abspath(self.socket or default_socket())
         if self.instance is None:
             # One daemon per socket, so the socket path names the instance; a hash keeps the

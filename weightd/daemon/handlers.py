@@ -113,9 +113,12 @@ class Handlers:
                     entry["attached"].append(
                         {
                             "pid": pid,
-                            "shared": use.pss,
+                            "shared": use.pss,  # its share (Pss) of the segment's pages
                             "rss": use.rss,
-                            "private": use.private,
+                            # Note [memory mapped by one process is not private]: pages it wrote
+                            # (its own copies), and shared pages no other process maps now.
+                            "copied": use.anonymous,
+                            "mapped_alone": max(use.private - use.anonymous, 0),
                             "huge": use.huge,  # of rss, on huge-page entries
                         }
                     )
@@ -133,12 +136,13 @@ class Handlers:
         return protocol.ok(
             models=models,
             loading=self.loads.states(),
+            publishing=self.store.reservations(),
             shm=shm,
             daemon={
                 "pid": os.getpid(),
                 "rss": me.rss,
                 "pss": me.pss,
-                "private": me.private,
+                "mapped_alone": me.private,  # no other process maps it (heap, and any segment it alone maps)
                 "uptime": time.time() - self.started,
                 "version": __version__,
             },
@@ -192,7 +196,7 @@ class Handlers:
 
     def publish_begin(self, req, peer) -> bytes:
         manifest, reused = self.store.reserve(
-            protocol.field(req, "name", str), protocol.field(req, "nbytes", int)
+            protocol.field(req, "name", str), protocol.field(req, "nbytes", int), pid=peer.pid
         )
         return protocol.ok(
             segment=manifest.segment,

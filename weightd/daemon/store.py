@@ -85,6 +85,30 @@ class Model:
         }
 
 
+@dataclass
+class Reservation:
+    """A publish under way: the segment its publisher is writing, until it commits."""
+
+    manifest: Manifest
+    nbytes: int
+    deadline: float  # time.monotonic() after which it is abandoned
+    pid: int | None  # the publisher (in this daemon's namespace); its death abandons it at once
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "name": m.name,
+            "generation": m.generation,
+            "segment": m.segment,
+            "nbytes": self.nbytes,
+            "pid": self.pid,
+            "created": m.created,
+        }
+
+    def abandoned(self, now: float) -> bool:
+        return now > self.deadline or (self.pid is not None and not os.path.exists(f"/proc/{self.pid}"))
+
+
 def check_factory(factory: str | None) -> str | None:
     if factory is not None and not (isinstance(factory, str) and FACTORY_RE.match(factory)):
         raise ProtocolError(f"bad factory {factory!r:.80}: write it as package.module:function")
@@ -109,7 +133,7 @@ class Store:
         self.allow_pickle = allow_pickle
         self._models: dict[str, Model] = {}  # name -> newest generation
         self._retired: dict[str, Model] = {}  # segment -> an older generation someone may map
-        self._reserved: dict[str, tuple[Manifest, float]] = {}  # segment -> publish under way
+        self._reserved: dict[str, Reservation] = {}  # segment -> publish under way
         self._generations: dict[str, int] = {}
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
         self._lock = threading.Lock()
@@ -156,6 +180,11 @@ class Store:
         """Loads under way (on start-up or requested): name -> (bytes done, total; 0 until read)."""
         with self._lock:
             return dict(self._progress)
+
+    def reservations(self) -> list[dict]:
+        """Publishes under way (``stats``): their bytes are in the shared-memory directory already."""
+        with self._lock:
+            return [r.summary() for r in self._reserved.values()]
 
     def is_current(self, model: Model) -> bool:
         with self._lock:
@@ -228,9 +257,10 @@ class Store:
         )
         return model
 
-    def reserve(self, name: str, nbytes: int) -> tuple[Manifest, bool]:
-        """Start a publish: a generation and a segment name the publisher will create (or, where
-        the second value is True, rewrite: pages reused, Note [reusing a segment's pages]) and seal."""
+    def reserve(self, name: str, nbytes: int, pid: int | None = None) -> tuple[Manifest, bool]:
+        """Start a publish: a generation and a segment name the publisher (process ``pid``) will
+        create (or, where the second value is True, rewrite: pages reused, Note [reusing a
+        segment's pages]) and seal."""
         check_name(name)
         if not isinstance(nbytes, int) or nbytes < 0:
             raise ProtocolError(f"nbytes must be a non-negative integer, got {nbytes!r:.40}")
@@ -239,7 +269,9 @@ class Store:
         if not reused:
             self._check_space(name, nbytes)
         with self._lock:
-            self._reserved[manifest.segment] = (manifest, time.monotonic() + RESERVATION_SECONDS)
+            self._reserved[manifest.segment] = Reservation(
+                manifest, nbytes, time.monotonic() + RESERVATION_SECONDS, pid or None
+            )
         return manifest, reused
 
     def _recycle(self, name: str, new: str, nbytes: int) -> bool:
@@ -258,21 +290,21 @@ class Store:
                 key=lambda sm: sm[1].size,
             )
         for old, model in fits:
+            # Under the lock: no reply names it while it moves, and _drop_lost never sees it
+            # half-renamed. Renames and a lease are a few microseconds.
             with self._lock:
                 if self._retired.pop(old, None) is None:
                     continue  # freed by the reaper meanwhile
-            try:
-                segment.rename(old, new)
-            except OSError as e:
-                log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
-                with self._lock:
+                try:
+                    segment.rename(old, new)
+                except OSError as e:
+                    log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
                     self._retired[old] = model
-                continue
-            if segment.in_use(new):  # mapped somewhere: it stays what it is, retired
-                segment.rename(new, old)
-                with self._lock:
+                    continue
+                if segment.in_use(new):  # mapped somewhere: it stays what it is, retired
+                    segment.rename(new, old)
                     self._retired[old] = model
-                continue
+                    continue
             segment.clear_seal(new, os.geteuid())
             log.info(
                 "publishing %s into the pages of generation %d (no process maps it any more)",
@@ -286,11 +318,12 @@ class Store:
     def commit(self, segment_name: str) -> Model:
         """Finish a publish: check the sealed segment against its reservation and serve it."""
         with self._lock:
-            reserved, _ = self._reserved.pop(segment_name, (None, 0))
-        if reserved is None:
+            reservation = self._reserved.pop(segment_name, None)
+        if reservation is None:
             raise ProtocolError(
                 f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)"
             )
+        reserved = reservation.manifest
         try:
             # The publisher marked it PUBLISHED; it is SEALED (adoptable) once checked here.
             manifest, size, sealed = segment.inspect(segment_name, seal=segment.PUBLISHED)
@@ -383,15 +416,15 @@ class Store:
         return adopted
 
     def reap(self, maps: Callable[[int, str], bool]) -> None:
-        """Unlink retired generations no live process maps, and abandoned publishes.
+        """Unlink retired generations no live process maps, and abandoned publishes (their
+        publisher died, or they did not commit in ``RESERVATION_SECONDS``).
 
         ``maps(pid, segment)`` says whether process ``pid`` still maps ``segment``.
         """
+        self._drop_lost()
         now = time.monotonic()
         with self._lock:
-            expired = [s for s, (_, deadline) in self._reserved.items() if deadline < now]
-            for s in expired:
-                del self._reserved[s]
+            expired = [self._reserved.pop(s) for s, r in list(self._reserved.items()) if r.abandoned(now)]
             retired = list(self._retired.items())
             for model in self._models.values():
                 # Only for `stats`: forget processes that are gone, or the set grows with every
@@ -401,9 +434,10 @@ class Store:
             from weightd.daemon import gpu
 
             gpu.collect()  # blocks of dropped generations whose clients have all let go
-        for s in expired:
-            log.warning("publish of %s was never committed: removing it", s)
-            segment.unlink(s)
+        for r in expired:
+            why = "its publisher died" if now <= r.deadline else "it was never committed"
+            log.warning("removing the publish of %s (%s): %s", r.manifest.name, r.manifest.segment, why)
+            segment.unlink(r.manifest.segment)
         for s, model in retired:
             if now - model.touched < RETIRE_GRACE_SECONDS:
                 continue  # a client may be between the manifest reply and its mmap
@@ -419,6 +453,35 @@ class Store:
                     model.manifest.generation,
                     extra={"model": model.manifest.name, "generation": model.manifest.generation},
                 )
+
+    def _drop_lost(self) -> None:
+        """Stop serving models whose segment file someone removed from the shared-memory
+        directory (``rm /dev/shm/weightd.*``): no client could map them any more. Attached
+        workers keep what they mapped (Note [segment lifetime after unlink])."""
+        with self._lock:
+            served = list(self._models.items()) + list(self._retired.items())
+        lost = []
+        for key, model in served:
+            try:
+                os.lstat(segment.path(model.manifest.segment))
+            except FileNotFoundError:
+                lost.append((key, model))
+        for key, model in lost:
+            with self._lock:
+                table = self._models if self._models.get(key) is model else self._retired
+                if table.get(key) is not model or os.path.lexists(segment.path(model.manifest.segment)):
+                    continue  # replaced or unloaded meanwhile, or back (a publish that did not reuse it)
+                del table[key]
+            m = model.manifest
+            log.warning(
+                "%s generation %d is no longer served: its segment %s was removed from %s by someone "
+                "else (load it again to serve it)",
+                m.name,
+                m.generation,
+                m.segment,
+                segment.shm_dir(),
+                extra={"model": m.name, "generation": m.generation},
+            )
 
     def close(self, unlink: bool) -> None:
         """On stop: keep the segments for the next daemon to adopt, or unlink them all."""
