@@ -22,10 +22,12 @@ on restart, not adopted.
 
 Where segments live: /dev/shm by default, where ``shm_open`` puts them; ``serve --shm-dir``
 puts them in another folder (a tmpfs mounted with ``huge=always``, see Note [huge pages]).
-``shm_open(name)`` is ``open("/dev/shm" + name, O_CREAT | O_EXCL | O_NOFOLLOW)``, so segments
-are created, opened and unlinked as plain files in that folder, the same calls either way. The
-manifest a client gets says the folder (``Manifest.directory``); ``$WEIGHTD_SHM_DIR`` in a
-client overrides it (a container that mounts the daemon's folder elsewhere).
+In /dev/shm a segment is created and unlinked with POSIX ``shm_open``/``shm_unlink``
+(posix_ipc); elsewhere with what those calls are on Linux, ``open(<folder>/name, O_CREAT | O_EXCL
+| O_NOFOLLOW)`` and ``unlink``. Either way it is then a file: it is opened (``open_entry``,
+which must not block on a planted FIFO, something ``shm_open`` cannot promise), sized,
+mapped and renamed as one. The manifest a client gets says the folder (``Manifest.directory``);
+``$WEIGHTD_SHM_DIR`` in a client overrides it (a container that mounts the daemon's folder elsewhere).
 
 The shared-memory directory is writable by every user, so anything there may be planted:
 ``open_entry`` opens a name without following a symlink or blocking on a FIFO and refuses
@@ -67,6 +69,8 @@ import signal
 import stat
 import struct
 from typing import NamedTuple
+
+import posix_ipc
 
 from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError
 from weightd.manifest import Manifest
@@ -180,9 +184,7 @@ class Segment:
         if not is_name(name):
             raise SegmentError(f"{name!r:.80} is not a weightd segment name")
         try:
-            # What shm_open does, in whichever folder segments live (O_EXCL never follows a link).
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(path(name, directory), flags, mode)
+            fd = _shm_open_new(name, directory, mode)
         except FileExistsError:
             raise SegmentError(
                 f"segment {name} already exists: another daemon uses the same instance name"
@@ -495,8 +497,32 @@ def purge(start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int
     return removed, planted, denied
 
 
+def _in_dev_shm(directory: str | None) -> bool:
+    return os.path.realpath(directory or shm_dir()) == SHM_DIR
+
+
+def _shm_open_new(name: str, directory: str | None, mode: int) -> int:
+    """A new, empty segment's descriptor (O_EXCL never follows a link)."""
+    if _in_dev_shm(directory):
+        try:
+            shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode)
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(name) from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(errno.EACCES, str(e)) from None
+        fd = os.dup(shm.fd)  # ours, close-on-exec (dup's default); the object's is closed now
+        shm.close_fd()
+        return fd
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path(name, directory), flags, mode)
+
+
 def unlink(name: str, directory: str | None = None) -> None:
     if not is_name(name):
+        return
+    if _in_dev_shm(directory):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(name)
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path(name, directory))
