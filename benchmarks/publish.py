@@ -2,6 +2,7 @@
 
     python benchmarks/publish.py           # ~1 GiB module, 2 x 2 GiB restart test (~4 min)
     python benchmarks/publish.py --quick   # ~256 MiB module, 2 x 128 MiB restart (~25-50 s)
+    python benchmarks/publish.py --repeated   # only part 4 (~1 min)
 
 1. Publish. ``Client.publish(name, module)`` of an ``nn.Module`` of Linear layers (float32 and
    bfloat16, a few hundred tensors) against copying the same bytes, from the same source
@@ -35,6 +36,15 @@
    markers checked), against an empty daemon (nothing to adopt) started just before: the
    difference is what restarting with data costs beyond Python and torch imports. Also timed
    in this process: ``Store.adopt()`` itself on the segments left behind.
+
+4. Repeated publishes (RL weight updates): ten consecutive publishes of the same ~1 GiB module
+   under one name, to a daemon on /dev/shm and to one on a huge-page tmpfs (``--shm-dir``,
+   mounted here as root; skipped otherwise). From the third on, each is written into the pages
+   of a retired generation nobody maps (Note [reusing a segment's pages] in weightd/daemon/
+   store.py); the first two get fresh pages. Each publish is followed by a torch ``copy_`` of
+   the same bytes into an already-touched buffer (interleaved, so drift hits both alike).
+   Targets: the tenth publish >= 0.7x the warm copy, and >= 3x a fresh-page publish on /dev/shm.
+   Written to publish_repeated.json / .png.
 
 Writes benchmarks/out/publish.json and benchmarks/out/publish.png. Every daemon and client it
 starts is stopped, and every segment of its instances removed, on success, failure or Ctrl-C.
@@ -722,6 +732,130 @@ def part_restart(h: Harness, args, res: dict) -> None:
 # --- report ----------------------------------------------------------------------------------------
 
 
+TARGET_REPEATED_VS_WARM = 0.7
+TARGET_REPEATED_VS_FRESH = 3.0
+
+
+def part_repeated(h: Harness, args, res: dict) -> None:
+    import torch
+
+    from weightd.client import Client
+
+    unit, n32, n16 = (512, 192, 128) if args.quick else (1024, 192, 128)
+    module = make_module(unit, n32, n16)
+    srcs = storages_of(module.state_dict())
+    offs, size = offsets_for(srcs)
+    nbytes = sum(s.numel() for s in srcs)
+    warm_dst = torch.zeros(size, dtype=torch.uint8)
+    # One thread, as a publish writes (pwrite, single-threaded): torch's copy_ over several
+    # threads stalls whenever other processes hold the cores, and then measures the machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    copy_warm(warm_dst, srcs, offs)
+    out = res["repeated"] = {
+        "nbytes": nbytes,
+        "dirs": {},
+        "publishes": args.publishes,
+        "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    with spawn.huge_tmpfs(3 * nbytes + 64 * MiB) as huge:
+        dirs = {"/dev/shm (4 KiB pages)": None}
+        if huge is None:
+            out["skipped"] = "huge pages: mounting a tmpfs was refused (run as root)"
+        else:
+            dirs["huge-page tmpfs"] = huge
+        for label, where in dirs.items():
+            sock, inst = h.socket(f"rep{len(out['dirs'])}"), h.instance(f"rep{len(out['dirs'])}")
+            flags = ["--unlink-on-exit"] + (["--shm-dir", where] if where else [])
+            d = spawn.Daemon(sock, inst, flags, log=h.tmp / f"rep{len(out['dirs'])}.log")
+            h.procs.append(d.start(wait=False).proc)
+            wait_ready(sock, d.proc, d.log)
+            client = Client(sock, timeout=120)
+            client.publish("warmup", {"w": torch.ones(1024)})
+            client.unload("warmup")
+            pubs, warms = [], []
+            for _ in range(args.publishes):
+                gc.collect()
+                t0 = time.perf_counter()
+                client.publish("rl", module)
+                pubs.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                copy_warm(warm_dst, srcs, offs)
+                warms.append(time.perf_counter() - t0)
+            reused = d.output().count("into the pages of generation")
+            client.close()
+            h.stop(d.proc)
+            out["dirs"][label] = {"publish_s": pubs, "warm_copy_s": warms, "reused": reused}
+            print(
+                f"  {label}: publishes {' '.join(f'{t * 1e3:.0f}' for t in pubs)} ms; warm copy median "
+                f"{statistics.median(warms) * 1e3:.0f} ms; {reused} reused",
+                flush=True,
+            )
+    torch.set_num_threads(threads)
+
+
+def report_repeated(res: dict) -> list[str]:
+    rep = res["repeated"]
+    gb = rep["nbytes"] / GB
+    lines = [
+        "",
+        f"4. {rep['publishes']} consecutive publishes of a {rep['nbytes'] / GiB:.2f} GiB module under one "
+        "name (the first two on fresh pages, the rest into a retired generation's pages), each followed by a "
+        "torch copy_ into a touched buffer",
+        f"   {'where':24s} {'fresh (1st)':>11s} {'fresh (2nd)':>11s} {'tenth':>9s} {'GB/s':>6s} "
+        f"{'warm copy':>9s} {'/warm':>6s} {'/fresh shm':>10s}",
+    ]
+    shm = next(iter(rep["dirs"].values()))
+    fresh_ref = statistics.median(shm["publish_s"][:2])
+    checks = []
+    for label, r in rep["dirs"].items():
+        p, warm = r["publish_s"], statistics.median(r["warm_copy_s"])
+        tenth = p[-1]
+        lines.append(
+            f"   {label:24s} {p[0] * 1e3:9.0f}ms {p[1] * 1e3:9.0f}ms {tenth * 1e3:7.0f}ms {gb / tenth:6.2f} "
+            f"{warm * 1e3:7.0f}ms {warm / tenth:5.2f}x {fresh_ref / tenth:9.2f}x"
+        )
+        checks.append(
+            f"   {label}: tenth publish {warm / tenth:.2f}x the warm copy "
+            f"(target >= {TARGET_REPEATED_VS_WARM}x: "
+            f"{'met' if warm / tenth >= TARGET_REPEATED_VS_WARM else 'MISSED'}), {fresh_ref / tenth:.2f}x a "
+            f"fresh-page publish on /dev/shm (target >= {TARGET_REPEATED_VS_FRESH}x: "
+            f"{'met' if fresh_ref / tenth >= TARGET_REPEATED_VS_FRESH else 'MISSED'}); "
+            f"{r['reused']} of {rep['publishes']} reused pages"
+        )
+    lines += checks
+    if rep.get("skipped"):
+        lines.append(f"   {rep['skipped']}")
+    return lines
+
+
+def plot_repeated(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = res["repeated"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in rep["dirs"].items():
+        xs = range(1, len(r["publish_s"]) + 1)
+        ax.plot(xs, [t * 1e3 for t in r["publish_s"]], "-o", label=f"publish, {label}")
+        warm = [t * 1e3 for t in r["warm_copy_s"]]
+        ax.plot(xs, warm, ":", label=f"copy_ into touched memory ({label} run)")
+    ax.set(
+        xlabel="publish number (same name)",
+        ylabel="ms",
+        title=f"Consecutive publishes of {rep['nbytes'] / GiB:.2f} GiB",
+        xticks=list(range(1, rep["publishes"] + 1)),
+    )
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def ms(s: float) -> str:
     return f"{s * 1e3:8.1f} ms"
 
@@ -924,6 +1058,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="publish repeats [5; quick 3]")
     ap.add_argument("--rounds", type=int, default=None, help="publish->attach rounds [9; quick 3]")
     ap.add_argument("--restarts", type=int, default=None, help="restarts per signal [3; quick 1]")
+    ap.add_argument("--repeated", action="store_true", help="only part 4: consecutive publishes")
+    ap.add_argument("--publishes", type=int, default=10, help="consecutive publishes in part 4 [10]")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.rounds = args.rounds or (3 if args.quick else 9)
@@ -941,6 +1077,22 @@ def main(argv=None) -> int:
     sections = Sections()
     sections.install()
     started = time.monotonic()
+    if args.repeated:
+        try:
+            print("4. consecutive publishes", flush=True)
+            part_repeated(h, args, res)
+        finally:
+            for p in h.cleanup():
+                print(f"cleanup: {p}", file=sys.stderr)
+        lines = report_repeated(res)
+        print("\n".join(lines))
+        res["table"] = lines
+        res["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "publish_repeated.json").write_text(json.dumps(res, indent=2) + "\n")
+        plot_repeated(res, OUT / "publish_repeated.png")
+        print(f"\nwrote {OUT / 'publish_repeated.json'} and {OUT / 'publish_repeated.png'}")
+        return 0
     try:
         print("1. publish vs memory copies", flush=True)
         part_publish(h, args, res, sections)
@@ -948,6 +1100,8 @@ def main(argv=None) -> int:
         part_latency(h, args, res)
         print("3. restart to serving", flush=True)
         part_restart(h, args, res)
+        print("4. consecutive publishes", flush=True)
+        part_repeated(h, args, res)
     finally:
         res.pop("_module", None)
         problems = h.cleanup()
@@ -955,10 +1109,11 @@ def main(argv=None) -> int:
             print(f"cleanup: {p}", file=sys.stderr)
     res["seconds"] = time.monotonic() - started
     res["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    lines = report(res)
+    lines = report(res) + report_repeated(res)
     print()
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
+    plot_repeated(res, OUT / "publish_repeated.png")
     res["table"] = lines
     (OUT / "publish.json").write_text(json.dumps(res, indent=2) + "\n")
     plot(res, OUT / "publish.png")

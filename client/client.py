@@ -150,7 +150,17 @@ class Client(Connection):
             metadata=dict(metadata or {}),
         )
         # PUBLISHED, not SEALED: only the daemon seals, once it has checked it (weightd.segment).
-        layout.write(manifest, blobs, mode=r["mode"], owner=tuple(r["owner"]), seal=segment.PUBLISHED)
+        # With "reuse" the daemon handed us a retired generation's segment nobody maps, to write
+        # again in place (Note [reusing a segment's pages] in weightd.daemon.store).
+        layout.write(
+            manifest,
+            blobs,
+            mode=r["mode"],
+            owner=tuple(r["owner"]),
+            seal=segment.PUBLISHED,
+            directory=segment.client_dir(r.get("directory")),
+            reuse=r["owner"][0] if r.get("reuse") else None,
+        )
         del keep
         # If this call fails the daemon removes the segment (or does when the reservation
         # expires): unlinking it here could remove a publish the daemon did commit.
@@ -183,16 +193,18 @@ class Client(Connection):
         device=None,
         pin: bool = False,
         timeout: float | None = None,
+        populate: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """The model's tensors over the shared pages, as plain tensors (zero-copy).
 
         With ``device="cuda:N"``: views of the daemon's copy on that GPU through CUDA IPC where
         it holds one (``serve --device``), else a copy from shared memory to the device
         (``pin=True`` pins the mapping for the copy, for full-speed transfers). ``timeout``:
-        seconds to wait for the daemon's answer [default: the Client's].
+        seconds to wait for the daemon's answer [default: the Client's]. ``populate`` as for
+        ``attach``.
         """
         with _gc_paused():
-            return self._map(name, generation, device, pin, timeout)[1]
+            return self._map(name, generation, device, pin, timeout, populate)[1]
 
     def attach(
         self,
@@ -206,6 +218,7 @@ class Client(Connection):
         pin: bool = False,
         config=None,
         timeout: float | None = None,
+        populate: bool | None = None,
     ) -> nn.Module:
         """An ``nn.Module`` whose weights are the shared pages of model ``name``.
 
@@ -218,11 +231,50 @@ class Client(Connection):
         A Hugging Face folder comes back as ``from_pretrained(folder)`` returns it (its class, or
         the transformers class / ``AutoModelFor...`` given as ``model``, built with ``config`` if
         given; ``strict`` gives way to the class's own rules): see ``weightd.client.hf``.
+
+        ``populate``: map every page into this process now (``MADV_POPULATE_READ``; never copies
+        one), so the first forward pays no page faults. Default (None): where the segment is on
+        huge pages (``serve --shm-dir`` on a huge-page tmpfs), where it costs ~1 ms per GiB and
+        takes the first touch from ~7 ms per GiB to nothing; not on 4 KiB pages, where it would
+        cost more than the faults it saves (measured), and attach stays milliseconds whatever
+        the size for processes that touch only part of a model.
         """
         t0 = time.perf_counter()
         with _gc_paused():
-            mapping, tensors = self._map(name, generation, device, pin, timeout)
+            mapped = self._map(name, generation, device, pin, timeout, populate)
+        return self.attach_mapped(
+            mapped,
+            model,
+            strict=strict,
+            requires_grad=requires_grad,
+            config=config,
+            t0=t0,
+            device=None if device is None else str(device),
+        )
+
+    def prepare(self, name: str, *, populate: bool | None = None) -> tuple:
+        """The first half of ``attach``: ask for the manifest and map the segment (CPU), to
+        ``attach_mapped`` later; a Ray actor does it while Ray is still unpickling its
+        arguments (weightd.client.ray_zerocopy), so that ``load()`` only fills the module."""
+        with _gc_paused():
+            return self._map(name, None, None, False, None, populate)
+
+    def attach_mapped(
+        self,
+        mapped: tuple,
+        model=None,
+        *,
+        strict: bool = True,
+        requires_grad: bool = False,
+        config=None,
+        t0: float | None = None,
+        device: str | None = None,
+    ) -> nn.Module:
+        """The second half of ``attach``: the module over what ``prepare`` mapped."""
+        t0 = time.perf_counter() if t0 is None else t0
+        mapping, tensors = mapped
         manifest = mapping.manifest
+        name = manifest.name
         if hf.wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
             with _gc_paused():
                 module, copies, build = hf.build(
@@ -234,13 +286,17 @@ class Client(Connection):
             build = time.perf_counter() - b0
             with _gc_paused():
                 copies = fill(module, tensors, mapping, strict=strict, requires_grad=requires_grad)
-        _attachments[module] = _attachment(
-            mapping, tensors, copies, build, time.perf_counter() - t0, None if device is None else str(device)
-        )
+        _attachments[module] = _attachment(mapping, tensors, copies, build, time.perf_counter() - t0, device)
         return module
 
     def _map(
-        self, name: str, generation: int | None, device=None, pin: bool = False, timeout: float | None = None
+        self,
+        name: str,
+        generation: int | None,
+        device=None,
+        pin: bool = False,
+        timeout: float | None = None,
+        populate: bool | None = None,
     ):
         if device is not None:
             return self._map_device(name, generation, device, pin, timeout)
@@ -248,8 +304,10 @@ class Client(Connection):
         # mapping; asking again gets the new one.
         for attempt in range(3):
             manifest = self.manifest(name, generation, timeout=timeout)
+            if populate is None:
+                populate = manifest.page_size >= segment.HUGE_PAGE
             try:
-                mapping = Mapping(manifest, owner=self.daemon_uid)
+                mapping = Mapping(manifest, owner=self.daemon_uid, populate=populate)
             except SegmentError:
                 if attempt == 2 or generation is not None:
                     raise

@@ -262,6 +262,13 @@ def main() -> None:
     "segments stay for the daemon that starts next to adopt (for CI, or a unit's ExecStartPre).",
 )
 @click.option(
+    "--shm-dir",
+    default=None,
+    metavar="DIR",
+    help="Keep segments in DIR, a tmpfs the clients see too: one mounted huge=always gives workers "
+    "2 MiB pages (systemd/mnt-weightd.mount). Clients learn it from the daemon. [default: /dev/shm]",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option(
@@ -287,6 +294,7 @@ def serve(
     metrics,
     keep_going,
     check,
+    shm_dir,
     log_level,
     log_format,
 ) -> None:
@@ -311,6 +319,7 @@ def serve(
         metrics=metrics,
         keep_going=keep_going,
         check=check,
+        shm_dir=shm_dir,
     )
     Server(config).run()
 
@@ -421,7 +430,14 @@ def stats(socket, as_json) -> None:
                 "which the daemon cannot see: their memory is not counted above"
             )
     shm, d = s["shm"], s["daemon"]
-    click.echo(f"/dev/shm: {_size(shm['used'])} used of {_size(shm['size'])}, {_size(shm['free'])} free")
+    where = shm.get("directory", "/dev/shm")
+    pages = sorted({m["page_size"] for m in s["models"] if m.get("page_size")})
+    paged = f", segments on {' and '.join(_size(p) for p in pages)} pages" if pages else ""
+    click.echo(
+        f"{where}: {_size(shm['used'])} used of {_size(shm['size'])}, {_size(shm['free'])} free{paged}"
+    )
+    if shm.get("warning"):
+        click.echo(f"weightd: warning: {shm['warning']}", err=True)
     click.echo(
         f"daemon: pid {d['pid']}, weightd {d['version']}, up {d['uptime']:.0f} s, Pss {_size(d['pss'])}, "
         f"{_size(d['mapped_alone'])} of it mapped by no other process"
@@ -523,7 +539,8 @@ def reload(models, factories, socket) -> None:
 @main.command()
 @socket_option
 @click.option("--instance", default=None, help="[default: a hash of the socket path, as for serve]")
-def purge(socket, instance) -> None:
+@click.option("--shm-dir", default=None, metavar="DIR", help="Where the daemon kept them (as for serve).")
+def purge(socket, instance, shm_dir) -> None:
     """Free the memory of a stopped daemon: remove its instance's segments from /dev/shm.
 
     Refuses while a daemon answers on the socket (use `weightd unload` there). Workers still
@@ -534,7 +551,8 @@ def purge(socket, instance) -> None:
     from weightd.daemon.config import Config
     from weightd.errors import AlreadyRunning, DaemonNotRunning, PermissionDenied
 
-    config = Config(socket=socket, instance=instance)
+    config = Config(socket=socket, instance=instance, shm_dir=shm_dir)
+    segment.use_dir(config.shm_dir)
     try:
         with Client(config.socket, timeout=2) as c:
             pid = c.ping()["pid"]

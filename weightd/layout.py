@@ -166,10 +166,15 @@ def write(
     owner: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     seal: int = segment.SEALED,
+    directory: str | None = None,
+    reuse: int | None = None,
 ) -> int:
     """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
 
     ``seal``: publishers pass ``segment.PUBLISHED``, which only the daemon turns into SEALED.
+    ``directory``: where the segment goes (a publisher passes the daemon's). ``reuse``: the
+    segment exists already, unsealed, owned by this uid (a daemon's recycled pages): it is
+    written again in place instead of created.
 
     ``manifest`` arrives with everything but its storages, which are placed here. All or
     nothing: any failure unlinks the segment (Note [segment lifetime after unlink]), also one
@@ -185,8 +190,11 @@ def write(
     manifest.storages = storages
     manifest.validate(segment.DATA_OFFSET, manifest_offset)
     encoded = manifest.to_json()
-    size = manifest_offset + len(encoded)
-    seg = segment.Segment.create(manifest.segment, size, mode, owner)
+    size = segment.rounded_size(manifest_offset + len(encoded), directory)
+    if reuse is not None:
+        seg = segment.Segment.reopen(manifest.segment, size, reuse, directory)
+    else:
+        seg = segment.Segment.create(manifest.segment, size, mode, owner, directory)
     try:
         total, done = sum(b.nbytes for b in blobs), 0
         if progress is None:
@@ -209,7 +217,7 @@ def write(
         seg.write_manifest(encoded, manifest_offset, manifest.uuid)
         seg.seal(seal)
     except BaseException:
-        seg.destroy()
+        seg.destroy(directory)
         raise
     seg.close()
     return size

@@ -94,6 +94,10 @@ class Manifest:
     # file or folder the load read), "options": {"factory": ...}, "conversions": {...}}.
     # None for publishes.
     origin: dict | None = None
+    # Where the segment's file is and which page size its memory got (set by the daemon when it
+    # serves it; weightd.segment, Note [huge pages]): clients open it there and prefault huge pages.
+    directory: str = ""
+    page_size: int = 0  # 0: not known
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +115,8 @@ class Manifest:
             "skeleton": self.skeleton,
             "metadata": self.metadata,
             "origin": self.origin,
+            "directory": self.directory,
+            "page_size": self.page_size,
             "storages": [list(s) for s in self.storages],
             "tensors": [
                 [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
@@ -134,6 +140,8 @@ class Manifest:
                 skeleton=d.get("skeleton"),
                 metadata=dict(d.get("metadata") or {}),
                 origin=d.get("origin") if isinstance(d.get("origin"), dict) else None,
+                directory=str(d.get("directory") or ""),
+                page_size=int(d.get("page_size") or 0),
                 storages=[StorageMeta(int(o), int(n)) for o, n in d["storages"]],
                 tensors=[
                     TensorMeta(str(n), int(s), int(o), str(dt), tuple(shape), tuple(stride))

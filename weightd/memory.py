@@ -24,6 +24,7 @@ class Usage:
     # tell them apart: tmpfs pages are always dirty.
     private: int
     anonymous: int = 0  # of one segment's mapping (mapping_usage): the pages it copied on write
+    huge: int = 0  # of rss, mapped by huge-page entries (ShmemPmdMapped + FilePmdMapped)
 
     @property
     def pss_private(self) -> int:
@@ -54,7 +55,16 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
     ``anonymous`` here is what the process copied on write (pages of weights it wrote into);
     the rest of ``private`` is segment pages no other process maps right now.
     """
-    total = {"Rss": 0, "Pss": 0, "Pss_Shmem": 0, "Private_Clean": 0, "Private_Dirty": 0, "Anonymous": 0}
+    total = {
+        "Rss": 0,
+        "Pss": 0,
+        "Pss_Shmem": 0,
+        "Private_Clean": 0,
+        "Private_Dirty": 0,
+        "Anonymous": 0,
+        "ShmemPmdMapped": 0,
+        "FilePmdMapped": 0,
+    }
     found = inside = False
     try:
         with open(f"/proc/{pid}/smaps") as f:
@@ -77,6 +87,7 @@ def mapping_usage(pid: int, needle: str) -> Usage | None:
         pss_shmem=total["Pss_Shmem"] or total["Pss"],
         private=total["Private_Clean"] + total["Private_Dirty"],
         anonymous=total["Anonymous"],
+        huge=total["ShmemPmdMapped"] + total["FilePmdMapped"],
     )
 
 

@@ -20,6 +20,15 @@ marks its segment PUBLISHED, and only the daemon, once it has checked it on comm
 that to SEALED. So a publish the daemon never checked (it died before the commit) is swept
 on restart, not adopted.
 
+Where segments live: /dev/shm by default, where ``shm_open`` puts them; ``serve --shm-dir``
+puts them in another folder (a tmpfs mounted with ``huge=always``, see Note [huge pages]).
+In /dev/shm a segment is created and unlinked with POSIX ``shm_open``/``shm_unlink``
+(posix_ipc); elsewhere with what those calls are on Linux, ``open(<folder>/name, O_CREAT | O_EXCL
+| O_NOFOLLOW)`` and ``unlink``. Either way it is then a file: it is opened (``open_entry``,
+which must not block on a planted FIFO, something ``shm_open`` cannot promise), sized,
+mapped and renamed as one. The manifest a client gets says the folder (``Manifest.directory``);
+``$WEIGHTD_SHM_DIR`` in a client overrides it (a container that mounts the daemon's folder elsewhere).
+
 The shared-memory directory is writable by every user, so anything there may be planted:
 ``open_entry`` opens a name without following a symlink or blocking on a FIFO and refuses
 anything but a regular file; the daemon adopts and ``purge`` removes only what passes.
@@ -32,23 +41,38 @@ goes. That is what makes unloading, replacing a generation, or a daemon dying sa
 attached workers: the daemon unlinks freely and never waits for clients. The flip side: a
 segment nobody unlinks outlives every process (it is a file in /dev/shm), so every path that
 creates one must unlink it on failure, and a daemon sweeps what a killed predecessor left.
+
+Note [huge pages]
+-----------------
+On /dev/shm a segment is 4 KiB pages, and every worker faults each of them into its own page
+table on first touch (~50-90 ms per GiB per worker measured, more than a page-cache mmap of the
+file, which gets large folios). On a tmpfs mounted ``huge=always`` the pages are 2 MiB and a
+read fault maps a whole one with a single page-table entry (``ShmemPmdMapped``): ~7 ms per GiB,
+and ``MADV_POPULATE_READ`` maps all of them in ~1 ms. The kernel maps a huge page with one entry
+only where the file offset and the address agree modulo 2 MiB: tmpfs picks such an address for
+every mapping (``shmem_get_unmapped_area``), and a segment's size is rounded up to 2 MiB so that
+its last page is whole too. Whether huge pages were given is read back, never assumed
+(``page_size``): a fragmented machine silently falls back to 4 KiB pages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import json
 import mmap
 import os
 import re
+import signal
 import stat
 import struct
 from typing import NamedTuple
 
 import posix_ipc
 
-from weightd.errors import OutOfSpace, PermissionDenied, SegmentError
+from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError
 from weightd.manifest import Manifest
 
 MAGIC = b"WEIGHTD\0"
@@ -58,6 +82,9 @@ PUBLISHED = 0x214E_4554_5449_5257  # b"WRITTEN!": finished by a publisher, not y
 HEADER = struct.Struct("<8sIIQQQ16s")
 SEAL_OFFSET = 32
 DATA_OFFSET = 4096
+HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB granule) PMD size
+SMALL_PAGE = 4096
+MADV_POPULATE_READ = 22  # Linux 5.14: fault pages in, read-only, without copying a private one
 WRITE_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per write or sendfile call
 
 SHM_DIR = "/dev/shm"
@@ -68,10 +95,39 @@ _NAME = re.compile(r"^/weightd\.[A-Za-z0-9_.\-]+\Z")
 # --- names and where they live ---------------------------------------------------------------
 
 
+_directory: str | None = None  # serve --shm-dir, for this (daemon) process
+
+
+def use_dir(directory: str | None) -> str:
+    """Make ``directory`` where this process creates, finds and removes segments (the daemon's
+    ``--shm-dir``); None: back to the default. Returns the folder in use."""
+    global _directory
+    if directory is not None:
+        directory = os.path.abspath(directory)
+        if not os.path.isdir(directory):
+            raise ConfigError(
+                f"--shm-dir {directory} is not a folder: create it, or mount the huge-page tmpfs there "
+                "(systemd/mnt-weightd.mount)"
+            )
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"--shm-dir {directory} is not writable by uid {os.geteuid()}: chown it to the daemon's user"
+            )
+    _directory = directory
+    return shm_dir()
+
+
 def shm_dir() -> str:
-    """Where segments are: ``$WEIGHTD_SHM_DIR`` (a container that mounts the host's shared
-    memory elsewhere), else /dev/shm, which is where ``shm_open`` puts them on Linux."""
-    return os.environ.get(ENV_SHM_DIR) or SHM_DIR
+    """Where this process keeps segments: ``--shm-dir`` in a daemon, else ``$WEIGHTD_SHM_DIR`` (a
+    container that mounts the host's shared memory elsewhere), else /dev/shm, which is where
+    ``shm_open`` puts them on Linux."""
+    return _directory or os.environ.get(ENV_SHM_DIR) or SHM_DIR
+
+
+def client_dir(announced: str | None) -> str:
+    """Where a client finds a segment the daemon says is in ``announced`` (the manifest's
+    ``directory``): ``$WEIGHTD_SHM_DIR`` wins (the same folder, mounted elsewhere here)."""
+    return os.environ.get(ENV_SHM_DIR) or announced or SHM_DIR
 
 
 def prefix(instance: str) -> str:
@@ -113,49 +169,63 @@ class Segment:
 
     @classmethod
     def create(
-        cls, name: str, size: int, mode: int = 0o600, owner: tuple[int, int] | None = None
+        cls,
+        name: str,
+        size: int,
+        mode: int = 0o600,
+        owner: tuple[int, int] | None = None,
+        directory: str | None = None,
     ) -> "Segment":
-        """Create a new segment of ``size`` bytes with every page reserved.
-
-        ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error
-        here, at load time, instead of a SIGBUS in whichever process first touches a page
-        that cannot be backed.
-        """
-        free = shm_free_bytes()
+        """Create a new segment of ``size`` bytes with every page reserved (``reserve``), in
+        ``directory`` (default: this process's, ``shm_dir``; a publisher passes the daemon's)."""
+        free = shm_free_bytes(directory)
         if size > free:
             raise OutOfSpace(no_space_message(size, free))
+        if not is_name(name):
+            raise SegmentError(f"{name!r:.80} is not a weightd segment name")
         try:
-            shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode, size=size)
-        except posix_ipc.ExistentialError:
+            fd = _shm_open_new(name, directory, mode)
+        except FileExistsError:
             raise SegmentError(
                 f"segment {name} already exists: another daemon uses the same instance name"
             ) from None
-        except posix_ipc.PermissionsError as e:
-            raise PermissionDenied(f"cannot create segment {name}: {e}") from None
+        except PermissionError as e:
+            raise PermissionDenied(
+                f"cannot create segment {name} in {directory or shm_dir()}: {e.strerror}"
+            ) from None
         try:
             # The mode is exactly what was asked, whatever the umask (umask 077 would make 0600).
-            os.fchmod(shm.fd, mode)
+            os.fchmod(fd, mode)
             if owner is not None and (owner[0], owner[1]) != (os.geteuid(), os.getegid()):
                 # Published by another user (root) for a daemon that must be able to unlink it
                 # later and whose group must read it.
                 try:
-                    os.fchown(shm.fd, owner[0], owner[1])
+                    os.fchown(fd, owner[0], owner[1])
                 except PermissionError:
                     raise PermissionDenied(
                         f"cannot give segment {name} to uid {owner[0]} gid {owner[1]}: publish as the "
                         "daemon's user or root"
                     ) from None
-            try:
-                os.posix_fallocate(shm.fd, 0, size)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                    raise OutOfSpace(no_space_message(size, shm_free_bytes())) from None
-                raise
+            reserve(fd, size)
         except BaseException:
-            shm.close_fd()
-            unlink(name)
+            os.close(fd)
+            unlink(name, directory)
             raise
-        return cls(name, size, shm.fd)
+        return cls(name, size, fd)
+
+    @classmethod
+    def reopen(cls, name: str, size: int, owner: int, directory: str | None = None) -> "Segment":
+        """Open an existing, unsealed segment of uid ``owner`` to write it again (a publish into
+        pages the daemon handed back: Note [reusing a segment's pages] in weightd.daemon.store)."""
+        fd = open_entry(name, os.O_RDWR, owner=owner, directory=directory)
+        try:
+            if struct.unpack("<Q", os.pread(fd, 8, SEAL_OFFSET).ljust(8, b"\0"))[0] != 0:
+                raise SegmentError(f"segment {name} is sealed: a served segment is never written again")
+            reserve(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, size, fd)
 
     def write(self, offset: int, data) -> None:
         """Write all of ``data`` (any buffer) at ``offset``."""
@@ -206,10 +276,86 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
 
-    def destroy(self) -> None:
+    def destroy(self, directory: str | None = None) -> None:
         """Close and remove the name; see Note [segment lifetime after unlink]."""
         self.close()
-        unlink(self.name)
+        unlink(self.name, directory)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Make the file exactly ``size`` bytes with every page reserved.
+
+    ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error here,
+    at load time, instead of a SIGBUS in whichever process first touches a page that cannot be
+    backed. Pages the file already has are kept (a reused segment), past ``size`` freed.
+    """
+    try:
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise OutOfSpace(no_space_message(size, shm_free_bytes())) from None
+        raise
+
+
+def rounded_size(size: int, directory: str | None = None) -> int:
+    """A segment's size, rounded up so its last huge page is whole where segments get huge
+    pages (Note [huge pages]); elsewhere, or smaller than a huge page, as it is."""
+    if size < HUGE_PAGE or not _huge_dir(os.path.realpath(directory or shm_dir())):
+        return size
+    return (size + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+
+
+@functools.lru_cache(maxsize=16)
+def _huge_dir(directory: str) -> bool:
+    return huge_pages_asked(directory) is not None
+
+
+def clear_seal(name: str, owner: int) -> None:
+    """Unseal a segment the daemon is about to hand out for rewriting: never served again, and
+    swept (not adopted) if the daemon dies before the publisher seals it."""
+    fd = open_entry(name, os.O_RDWR, owner=owner)
+    try:
+        os.pwrite(fd, struct.pack("<Q", 0), SEAL_OFFSET)
+    finally:
+        os.close(fd)
+
+
+F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+
+
+def in_use(name: str) -> bool:
+    """Whether any process anywhere (any user, any PID namespace) has segment ``name`` open or
+    mapped; True too where the kernel will not say.
+
+    The kernel grants a write lease only on a file nobody else has open, and a mapping holds
+    its file open until the last page of it is unmapped, whether or not the process closed
+    its descriptor: so a granted lease proves that no process maps the segment. It is given
+    back at once; its break signal is SIGURG (ignored by default), never the default SIGIO,
+    which would end the daemon if a process opened the file in between.
+    """
+    try:
+        fd = open_entry(name, owner=os.geteuid())
+    except SegmentError:
+        return True
+    try:
+        fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError:  # EAGAIN: open or mapped somewhere; EINVAL etc.: leases off (fs.leases-enable)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+    return False
+
+
+def rename(old: str, new: str) -> None:
+    """Give segment ``old`` the name ``new`` (same folder): opens by the old name fail from now on."""
+    if not (is_name(old) and is_name(new)):
+        raise SegmentError(f"bad segment names {old!r:.80} -> {new!r:.80}")
+    os.rename(path(old), path(new))
 
 
 class Header(NamedTuple):
@@ -238,10 +384,14 @@ class Planted(SegmentError):
     a directory, a FIFO, or a file of another user. Skipped, never followed or removed."""
 
 
-def open_entry(name: str, flags: int = os.O_RDONLY, owner: int | None = None) -> int:
+def open_entry(
+    name: str, flags: int = os.O_RDONLY, owner: int | None = None, directory: str | None = None
+) -> int:
     """A descriptor of segment ``name``, opened without following a symlink or blocking on a
     FIFO; anything but a regular file (owned by ``owner``, when given) is ``Planted``."""
-    where = path(name)
+    if not is_name(name):
+        raise Planted(f"{name!r:.80} is not a weightd segment name")
+    where = path(name, directory)
     try:
         fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -337,26 +487,155 @@ def purge(start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int
             size = os.fstat(fd).st_size
             os.close(fd)
         try:
-            posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
+            os.unlink(path(name))
+        except FileNotFoundError:
             continue
-        except posix_ipc.PermissionsError:
+        except PermissionError:
             denied += 1
             continue
         removed.append((name, size))
     return removed, planted, denied
 
 
-def unlink(name: str) -> None:
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
+def _in_dev_shm(directory: str | None) -> bool:
+    return os.path.realpath(directory or shm_dir()) == SHM_DIR
+
+
+def _shm_open_new(name: str, directory: str | None, mode: int) -> int:
+    """A new, empty segment's descriptor (O_EXCL never follows a link)."""
+    if _in_dev_shm(directory):
+        try:
+            shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode)
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(name) from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionError(errno.EACCES, str(e)) from None
+        fd = os.dup(shm.fd)  # ours, close-on-exec (dup's default); the object's is closed now
+        shm.close_fd()
+        return fd
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path(name, directory), flags, mode)
+
+
+def unlink(name: str, directory: str | None = None) -> None:
+    if not is_name(name):
+        return
+    if _in_dev_shm(directory):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(name)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path(name, directory))
 
 
 def no_space_message(size: int, free: int) -> str:
+    where = shm_dir()
+    if where == SHM_DIR:
+        remedy = "(docker run --shm-size=... or --ipc=host; a bigger tmpfs on /dev/shm)"
+    else:
+        remedy = f"(a bigger tmpfs on {where}: mount -o remount,size=... {where})"
     return (
-        f"/dev/shm has {_gib(free)} free, the model needs {_gib(size)}: free space there (weightd unload, "
-        "or remove stale segments), or give the machine or container more shared memory "
-        "(docker run --shm-size=... or --ipc=host; a bigger tmpfs on /dev/shm)"
+        f"{where} has {_gib(free)} free, the model needs {_gib(size)}: free space there (weightd unload, "
+        f"or remove stale segments), or give the machine or container more shared memory {remedy}"
     )
+
+
+# --- page sizes (Note [huge pages]) ----------------------------------------------------------
+
+
+def page_size(name: str) -> int:
+    """The page size segment ``name``'s memory got, read back from the kernel: map its first
+    huge pages here, fault them in and read this process's ``smaps`` for that mapping
+    (``ShmemPmdMapped``, or ``FilePmdMapped`` on a disk file system). 2 MiB or 4 KiB."""
+    fd = open_entry(name)
+    try:
+        size = os.fstat(fd).st_size
+        if size < HUGE_PAGE:
+            return SMALL_PAGE
+        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+            probe = min(size // HUGE_PAGE, 2) * HUGE_PAGE
+            if not populate(m, 0, probe):
+                for i in range(0, probe, SMALL_PAGE):
+                    m[i]
+            pmd = _smaps_pmd(path(name))
+    finally:
+        os.close(fd)
+    return HUGE_PAGE if pmd > 0 else SMALL_PAGE
+
+
+def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
+    """Fault ``m``'s pages in, read-only, with ``MADV_POPULATE_READ``: a private mapping's pages
+    stay the shared ones (never copied, unlike ``MAP_POPULATE``). False where the kernel (before
+    5.14) or Python does not have it: the pages then come on first touch, as without it."""
+    try:
+        m.madvise(MADV_POPULATE_READ, start, len(m) - start if length is None else length)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def _smaps_pmd(needle: str) -> int:
+    """Bytes of this process's mappings of ``needle`` mapped by huge-page (PMD) entries."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0] if line.strip() else ""
+            if "-" in head and not head.endswith(":"):
+                inside = line.rstrip().endswith(needle)
+            elif inside and line.startswith(("ShmemPmdMapped:", "FilePmdMapped:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def probe_dir(instance: str) -> int:
+    """The page size a new segment in this process's folder gets now: a scratch one of two
+    huge pages, created, read back (``page_size``) and removed."""
+    name = f"/{prefix(instance)}probe-{os.getpid()}"
+    unlink(name)
+    seg = Segment.create(name, 2 * HUGE_PAGE)
+    try:
+        seg.close()
+        return page_size(name)
+    finally:
+        seg.destroy()
+
+
+def huge_page_warning(directory: str, why: str) -> str:
+    """What to say when huge pages were asked for (``why``) but segments got 4 KiB pages."""
+    return (
+        f"segments in {directory} got 4 KiB pages although {why}: workers pay ~10x more per first "
+        "touch. The kernel found no free 2 MiB blocks (memory fragmented) or has transparent huge "
+        "pages off: check /sys/kernel/mm/transparent_hugepage/shmem_enabled is not 'deny', free "
+        "memory, run `echo 1 > /proc/sys/vm/compact_memory`, then reload the models; a tmpfs needs "
+        "huge=always (systemd/mnt-weightd.mount)"
+    )
+
+
+def huge_pages_asked(directory: str | None = None) -> str | None:
+    """Why segments in ``directory`` should get huge pages (a tmpfs mounted ``huge=...``, or
+    shmem forced system-wide), or None where nobody asked for them."""
+    directory = os.path.realpath(directory or shm_dir())
+    best, options = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                mount_point = fields[4].replace("\\040", " ")
+                inside = directory == mount_point or directory.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, options = mount_point, line.split(" - ", 1)[-1]
+    except OSError:
+        return None
+    huge = re.search(r"\bhuge=(\w+)", options)
+    if huge and huge.group(1) in ("always", "within_size"):
+        return f"{best} is mounted huge={huge.group(1)}"
+    if huge and huge.group(1) == "advise":
+        # Only mappings that madvise(MADV_HUGEPAGE) get them; segments are written with pwrite.
+        return f"{best} is mounted huge=advise, which weightd's writes never ask for (mount it huge=always)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            if "[force]" in f.read():
+                return "shmem_enabled is force"
+    except OSError:
+        pass
+    return None

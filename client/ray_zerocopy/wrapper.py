@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import time
 import uuid
 from typing import Literal
 
@@ -33,6 +34,7 @@ from weightd.client.ray_zerocopy.models import publish_everywhere, unload_everyw
 from weightd.errors import AttachError
 
 Mode = Literal["task", "actor"]
+PREPARED_SECONDS = 30.0  # a mapping made on unpickling serves load() this long; later, attach anew
 
 
 class ModelWrapper:
@@ -75,6 +77,7 @@ class ModelWrapper:
         self._socket = socket
         self._rewritten = None
         self._fresh = False  # the skeleton is this process's own unpickled copy, never loaded into
+        self._prepared = None  # (when, client, mapping and tensors) mapped on unpickling, for load()
         self._loaded = None  # what the fresh skeleton became, to make the next skeleton from
 
     # --- the ray-zerocopy API ---
@@ -151,7 +154,12 @@ class ModelWrapper:
             pipeline = copy.deepcopy(self._weightless())
         target = pipeline if self._is_standalone_module else self._holder(pipeline)
         slots = rp.meta_slots(pipeline)
-        _client.attach(self._name, target, socket=node_socket(self._socket), requires_grad=requires_grad)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and time.monotonic() - prepared[0] < PREPARED_SECONDS:
+            client, mapped = prepared[1], prepared[2]
+            client.attach_mapped(mapped, target, requires_grad=requires_grad)
+        else:
+            _client.attach(self._name, target, socket=node_socket(self._socket), requires_grad=requires_grad)
         rp.retie(slots)
         for module in target.values() if isinstance(target, nn.ModuleDict) else [target]:
             module.eval()
@@ -236,10 +244,13 @@ class ModelWrapper:
         )
         self._fresh = True
         if self._mode == "actor":
-            # Connect to the node's daemon while Ray is still setting the actor up, so that
-            # load() only asks for the manifest. A failure here is load()'s to report.
+            # Map the weights while Ray is still setting the actor up (as ray-zerocopy's arrays
+            # arrive with the actor's arguments), so that load() only fills the skeleton. A
+            # failure here is load()'s to report: it attaches afresh. Used once, and only soon
+            # after (PREPARED_SECONDS): a load() much later attaches the newest generation.
             with contextlib.suppress(Exception):
-                _client.cached_client(node_socket(self._socket))
+                client = _client.cached_client(node_socket(self._socket))
+                self._prepared = (time.monotonic(), client, client.prepare(self._name))
 
     def __repr__(self) -> str:
         return (

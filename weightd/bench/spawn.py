@@ -138,14 +138,19 @@ class Daemon:
             self._log.close()
         return self.proc.returncode
 
+    @property
+    def shm_dir(self) -> str | None:
+        """The daemon's ``--shm-dir``, if it was given one."""
+        return self.args[self.args.index("--shm-dir") + 1] if "--shm-dir" in self.args else None
+
     def segments(self) -> list[str]:
-        return segment.list_segments(segment.prefix(self.instance))
+        return segment.list_segments(segment.prefix(self.instance), self.shm_dir)
 
     def remove_segments(self) -> list[str]:
         """Unlink every segment of this instance; returns their names (for leak reports)."""
         self.leftover = self.segments()
         for name in self.leftover:
-            segment.unlink(name)
+            segment.unlink(name, self.shm_dir)
         return self.leftover
 
 
@@ -175,6 +180,33 @@ def throwaway(
         finally:
             d.remove_segments()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def huge_tmpfs(size: int, *, huge: str = "always"):
+    """A tmpfs mounted ``huge=always`` for ``--shm-dir`` (as root), unmounted after; yields its
+    path, or None where mounting is refused (not root): the caller says it skipped."""
+    where = tempfile.mkdtemp(prefix="weightd-huge-")
+    os.chmod(where, 0o755)
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},huge={huge},mode=0755", "tmpfs", where],
+            capture_output=True,
+            timeout=30,
+        ).returncode
+        == 0
+    )
+    try:
+        yield where if mounted else None
+    finally:
+        if mounted:
+            for _ in range(50):  # a daemon that just stopped may still hold a file for a moment
+                if subprocess.run(["umount", where], capture_output=True, timeout=30).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                subprocess.run(["umount", "-l", where], capture_output=True, timeout=30)
+        os.rmdir(where)
 
 
 def _die_with_parent() -> None:

@@ -61,6 +61,9 @@ class Job:
     builder: Callable | None = None  # builds the module (weightd-attach, torch.load(mmap)+assign)
     forward: Callable | None = None  # forward(module) checks that the module works
     repeats: int = 3
+    # Also time a first touch of every page (one byte per 4 KiB, before the full read): what
+    # the mapping costs on first use, apart from the arithmetic a forward does anyway.
+    touch_pages: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,6 +87,8 @@ class Result:
     build: float | None = None  # weightd-attach: median skeleton build, seconds
     copies: int | None = None  # weightd-attach: weights copied instead of shared
     forward_ok: bool | None = None
+    ready: float = 0.0  # seconds: median over workers of the first get plus the touch of every weight
+    pages: float | None = None  # seconds: median first touch of every page (Job.touch_pages)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -145,6 +150,8 @@ def run(job: Job, workers: int, *, timeout: float = 600.0) -> Result:
         workers=workers,
         latency=statistics.median(r["latency"] for r in reports),
         touch=statistics.median(r["touch"] for r in reports),
+        ready=statistics.median(r["ready"] for r in reports),
+        pages=statistics.median(r["pages"] for r in reports) if job.touch_pages else None,
         latencies=[r["latency"] for r in reports],
         usages=usages,
         shm_used=shm,
@@ -200,6 +207,11 @@ def _worker(conn, job: Job) -> None:
                 from weightd.client import info
 
                 builds.append(info(weights).build_seconds)
+        pages = None
+        if job.touch_pages:
+            t0 = time.perf_counter()
+            _touch_pages(weights)
+            pages = time.perf_counter() - t0
         t0 = time.perf_counter()
         tensors, nbytes = _touch(weights)
         touch = time.perf_counter() - t0
@@ -219,6 +231,9 @@ def _worker(conn, job: Job) -> None:
                 {
                     "latency": statistics.median(times),
                     "touch": touch,
+                    # ready to serve (exact with repeats=1): every page of the weights mapped
+                    "ready": times[0] + (touch if pages is None else pages),
+                    "pages": pages,
                     "nbytes": nbytes,
                     "build": statistics.median(builds) if builds else None,
                     "copies": copies,
@@ -286,6 +301,24 @@ def _touch(weights) -> tuple[int, int]:
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
     return len(tensors), sum(storages.values())
+
+
+def _touch_pages(weights) -> None:
+    """Read one byte of every 4 KiB page of every weight's storage, once."""
+    import torch
+
+    if isinstance(weights, torch.nn.Module):
+        tensors = list(weights.state_dict().values()) + list(weights.buffers())
+    else:
+        tensors = list(weights.values())
+    seen = set()
+    with torch.no_grad():
+        for t in tensors:
+            s = t.untyped_storage()
+            if s.data_ptr() in seen or not s.nbytes():
+                continue
+            seen.add(s.data_ptr())
+            torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum()
 
 
 # --- a daemon to attach to -----------------------------------------------------------------

@@ -66,6 +66,7 @@ class Config:
     metrics: str | None = None  # where to serve Prometheus metrics (PORT, HOST:PORT, unix:PATH); None: off
     keep_going: bool = False  # a failed preload is reported and the others served; default: the daemon stops
     check: bool = False  # serve --check: load every preload, then exit (non-zero if one failed)
+    shm_dir: str | None = None  # where segments live (a huge-page tmpfs); None: /dev/shm (weightd.segment)
 
     def __post_init__(self):
         check_unique_names(self.models)

@@ -103,9 +103,13 @@ class Handlers:
 
     def stats(self, req, peer) -> bytes:
         models = []
+        where, asked = segment.shm_dir(), self.store.huge_asked
+        small = 0  # segments that got 4 KiB pages
         for model in self.store.segments():
             entry = model.summary()
             entry["current"] = self.store.is_current(model)
+            entry["page_size"] = model.manifest.page_size  # read back (Note [huge pages]); 0: unknown
+            small += 0 < model.manifest.page_size < segment.HUGE_PAGE and model.size >= segment.HUGE_PAGE
             entry["attached"] = []
             unreadable = 0
             for pid in sorted(model.attached):
@@ -120,6 +124,7 @@ class Handlers:
                             # (its own copies), and shared pages no other process maps now.
                             "copied": use.anonymous,
                             "mapped_alone": max(use.private - use.anonymous, 0),
+                            "huge": use.huge,  # of rss, on huge-page entries
                         }
                     )
                 elif _unreadable(pid):
@@ -130,12 +135,15 @@ class Handlers:
             entry["not_visible"] = {"other_pid_namespace": len(model.unseen), "unreadable": unreadable}
             models.append(entry)
         me = memory.usage()
+        shm = dict(memory.shm_usage(where), directory=where, huge_pages_asked=asked)
+        if asked and small:
+            shm["warning"] = segment.huge_page_warning(where, asked)
         return protocol.ok(
             models=models,
             loading=[m for m in self.loads.states() if m["state"] == "loading"],
             failed=[m for m in self.loads.states() if m["state"] == "failed"],
             publishing=self.store.reservations(),
-            shm=memory.shm_usage(segment.shm_dir()),
+            shm=shm,
             daemon={
                 "pid": os.getpid(),
                 "rss": me.rss,
@@ -239,11 +247,13 @@ class Handlers:
         return protocol.ok(model=model.summary())
 
     def publish_begin(self, req, peer) -> bytes:
-        manifest = self.store.reserve(
+        manifest, reused = self.store.reserve(
             protocol.field(req, "name", str), protocol.field(req, "nbytes", int), pid=peer.pid
         )
         return protocol.ok(
             segment=manifest.segment,
+            directory=manifest.directory,
+            reuse=reused,  # the segment exists (a retired generation's pages): write it, not create it
             generation=manifest.generation,
             uuid=manifest.uuid,
             created=manifest.created,

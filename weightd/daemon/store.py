@@ -12,6 +12,23 @@ then it is unlinked and the kernel frees its pages with the last mapping (Note [
 lifetime after unlink]). Unload unlinks at once: the name is gone, attached workers keep
 what they mapped.
 
+Publishing again reuses pages: a new generation is written into the segment of a retired
+generation of the same name that no process maps any more (Note [reusing a segment's pages]),
+so repeated publishes (RL weight updates) do not pay the kernel's page allocation each time.
+
+Note [reusing a segment's pages]
+--------------------------------
+``reserve`` may hand a publisher a retired generation's segment instead of a new name. Nothing
+a worker maps is ever written, by this order: (1) under the lock the generation leaves
+``_retired``, so no manifest reply names it any more; (2) its file is renamed to the new
+generation's segment name, so no process can open it by the old name from then on (one that
+tries gets "gone" and asks again, Mapping's retry); (3) ``segment.in_use`` asks the kernel for a
+write lease, granted only if no process anywhere has the file open or mapped (any user, any
+PID namespace, forked children included: pids the daemon saw are not enough). Only then is the
+seal cleared and the name given to the publisher. If the lease is refused the file is renamed
+back and stays retired, freed by ``reap`` as before. The name is unpublished until commit; an
+unsealed segment is never mapped by a client (Mapping checks the seal).
+
 Restart: segments are named ``weightd.<instance>.*`` and self-describing, so a new daemon of
 the same instance adopts the sealed ones (reading only headers and manifests: instant,
 whatever their size) and removes the unsealed ones a killed load left.
@@ -128,6 +145,7 @@ class Store:
         devices: list[str] | None = None,
     ):
         self.prefix = segment.prefix(instance)
+        self.huge_asked = segment.huge_pages_asked()  # why segments should get huge pages, or None
         self.mode = mode
         self.gid = os.getegid() if group is None else group
         self.max_bytes = max_bytes
@@ -290,19 +308,63 @@ class Store:
         )
         return model
 
-    def reserve(self, name: str, nbytes: int, pid: int | None = None) -> Manifest:
+    def reserve(self, name: str, nbytes: int, pid: int | None = None) -> tuple[Manifest, bool]:
         """Start a publish: a generation and a segment name the publisher (process ``pid``) will
-        create and seal."""
+        create (or, where the second value is True, rewrite: pages reused, Note [reusing a
+        segment's pages]) and seal."""
         check_name(name)
         if not isinstance(nbytes, int) or nbytes < 0:
             raise ProtocolError(f"nbytes must be a non-negative integer, got {nbytes!r:.40}")
-        self._check_space(name, nbytes)
         manifest = self._new_manifest(name, source="publish", format="published")
+        reused = self._recycle(name, manifest.segment, nbytes)
+        if not reused:
+            self._check_space(name, nbytes)
         with self._lock:
             self._reserved[manifest.segment] = Reservation(
                 manifest, nbytes, time.monotonic() + RESERVATION_SECONDS, pid or None
             )
-        return manifest
+        return manifest, reused
+
+    def _recycle(self, name: str, new: str, nbytes: int) -> bool:
+        """Make a retired segment of ``name`` that no process maps (one big enough to hold
+        ``nbytes`` without growing much) segment ``new``, unsealed; False if there is none.
+        Note [reusing a segment's pages]."""
+        with self._lock:
+            fits = sorted(
+                (
+                    (s, m)
+                    for s, m in self._retired.items()
+                    if m.manifest.name == name
+                    and not m.gpu
+                    and nbytes <= m.size <= 2 * nbytes + segment.HUGE_PAGE
+                ),
+                key=lambda sm: sm[1].size,
+            )
+        for old, model in fits:
+            # Under the lock: no reply names it while it moves, and _drop_lost never sees it
+            # half-renamed. Renames and a lease are a few microseconds.
+            with self._lock:
+                if self._retired.pop(old, None) is None:
+                    continue  # freed by the reaper meanwhile
+                try:
+                    segment.rename(old, new)
+                except OSError as e:
+                    log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
+                    self._retired[old] = model
+                    continue
+                if segment.in_use(new):  # mapped somewhere: it stays what it is, retired
+                    segment.rename(new, old)
+                    self._retired[old] = model
+                    continue
+            segment.clear_seal(new, os.geteuid())
+            log.info(
+                "publishing %s into the pages of generation %d (no process maps it any more)",
+                name,
+                model.manifest.generation,
+                extra={"model": name, "generation": model.manifest.generation},
+            )
+            return True
+        return False
 
     def commit(self, segment_name: str) -> Model:
         """Finish a publish: check the sealed segment against its reservation and serve it."""
@@ -325,6 +387,7 @@ class Store:
             ):
                 raise SegmentError(f"segment {segment_name} does not hold the publish that reserved it")
             check_factory((manifest.skeleton or {}).get("factory"))
+            manifest.directory = segment.shm_dir()
             segment.commit_seal(segment_name)
         except BaseException:
             segment.unlink(segment_name)
@@ -382,6 +445,7 @@ class Store:
                 log.warning("removing unfinished segment %s (a load or publish that was cut off)", name)
                 segment.unlink(name)
                 continue
+            manifest.directory = segment.shm_dir()
             found.setdefault(manifest.name, []).append(Model(manifest, size))
         adopted = []
         for name, models in found.items():
@@ -442,7 +506,8 @@ class Store:
             model.attached = {pid for pid in model.attached if maps(pid, s)}
             if not model.attached:
                 with self._lock:
-                    self._retired.pop(s, None)
+                    if self._retired.pop(s, None) is None:
+                        continue  # taken for a publish meanwhile (Note [reusing a segment's pages])
                 segment.unlink(s)
                 log.info(
                     "freed %s generation %d: no process maps it any more",
@@ -466,8 +531,8 @@ class Store:
         for key, model in lost:
             with self._lock:
                 table = self._models if self._models.get(key) is model else self._retired
-                if table.get(key) is not model:
-                    continue  # replaced or unloaded meanwhile
+                if table.get(key) is not model or os.path.lexists(segment.path(model.manifest.segment)):
+                    continue  # replaced or unloaded meanwhile, or back (a publish that did not reuse it)
                 del table[key]
             m = model.manifest
             log.warning(
@@ -516,10 +581,12 @@ class Store:
             created=time.time(),
             segment=f"/{self.prefix}{slug}-{tag}.{uid[:12]}",
             uuid=uid,
+            directory=segment.shm_dir(),
         )
 
     def _publish(self, model: Model) -> Model:
         """Make ``model`` what its name serves; the generation it replaces is retired."""
+        self._read_page_size(model)
         if self.devices:
             from weightd.daemon import gpu
 
@@ -538,6 +605,24 @@ class Store:
                 old.touched = time.monotonic()
                 self._retired[old.manifest.segment] = old
         return model
+
+    def _read_page_size(self, model: Model) -> None:
+        """Which page size the segment got (Note [huge pages] in weightd.segment): clients prefault
+        huge pages, and a machine that was asked for them but gave 4 KiB pages says so."""
+        m = model.manifest
+        try:
+            m.page_size = segment.page_size(m.segment)
+        except (OSError, SegmentError) as e:
+            log.debug("could not read the page size of %s: %s", m.segment, e)
+            return
+        if self.huge_asked and m.page_size < segment.HUGE_PAGE and model.size >= segment.HUGE_PAGE:
+            log.warning(
+                "%s generation %d: %s",
+                m.name,
+                m.generation,
+                segment.huge_page_warning(segment.shm_dir(), self.huge_asked),
+                extra={"model": m.name, "generation": m.generation},
+            )
 
     def _check_space(self, name: str, nbytes: int) -> None:
         free = segment.shm_free_bytes()
