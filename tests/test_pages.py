@@ -3,46 +3,23 @@ that reuse a retired generation's pages without ever writing one a process maps.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from weightd import segment
+from weightd.bench import spawn
 from weightd.client import Client, state_dict
 
 from conftest import wait_until, worker_code
 
 MIB = 1 << 20
-
-
-def _mount(options: str):
-    """A tmpfs mounted here with ``options``, unmounted after (skips where mounting is refused)."""
-    where = tempfile.mkdtemp(prefix="weightd-pages-")
-    os.chmod(where, 0o755)
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", where], capture_output=True, text=True, timeout=30
-    )
-    if r.returncode != 0:
-        os.rmdir(where)
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
-    return where
-
-
-def _unmount(where: str) -> None:
-    for _ in range(50):  # a daemon that just stopped may still hold a file for a moment
-        if subprocess.run(["umount", where], capture_output=True, timeout=30).returncode == 0:
-            break
-        time.sleep(0.1)
-    else:
-        subprocess.run(["umount", "-l", where], capture_output=True, timeout=30)
-    os.rmdir(where)
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -55,11 +32,19 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@contextlib.contextmanager
+def _tmpfs(size: int, huge: str):
+    """A tmpfs mounted by the one launcher's ``huge_tmpfs``; skips where mounting is refused."""
+    with spawn.huge_tmpfs(size, huge=huge) as where:
+        if where is None:
+            pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+        yield where
+
+
 @pytest.fixture
 def huge_dir():
-    where = _mount("size=256m,huge=always,mode=0755")
-    yield where
-    _unmount(where)
+    with _tmpfs(256 * MIB, "always") as where:
+        yield where
 
 
 def _weights(path, mib: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -120,8 +105,7 @@ def test_segments_on_a_huge_page_tmpfs_get_2mib_pages_end_to_end(tmp_path, huge_
 def test_huge_pages_asked_for_but_not_given_warn_with_the_remedy(tmp_path, make_daemon):
     # huge=advise gives huge pages only to mappings that ask with madvise; segments are written
     # with pwrite, so they get 4 KiB pages: asked for, not given.
-    where = _mount("size=64m,huge=advise,mode=0755")
-    try:
+    with _tmpfs(64 * MIB, "advise") as where:
         _weights(tmp_path / "m.safetensors", mib=4)
         d = make_daemon("--shm-dir", where, "--model", f"m={tmp_path / 'm.safetensors'}")
         wait_until(lambda: "got 4 KiB pages although" in d.output(), what="the warning")
@@ -132,8 +116,6 @@ def test_huge_pages_asked_for_but_not_given_warn_with_the_remedy(tmp_path, make_
         out = _cli("stats", "--socket", d.socket)
         assert "warning: segments in" in out.stderr
         d.stop()
-    finally:
-        _unmount(where)
 
 
 def test_a_missing_shm_dir_is_refused_with_the_remedy(tmp_path):
