@@ -1,8 +1,8 @@
-"""Publish throughput, publish-to-attach latency, and restart-to-serving.
+"""Publish throughput, publish-to-attach latency, and repeated publishes.
 
-    python benchmarks/publish.py           # ~1 GiB module, 2 x 2 GiB restart test (~4 min)
-    python benchmarks/publish.py --quick   # ~256 MiB module, 2 x 128 MiB restart (~25-50 s)
-    python benchmarks/publish.py --repeated   # only part 4 (~1 min)
+    python benchmarks/publish.py              # ~1 GiB module
+    python benchmarks/publish.py --quick      # ~256 MiB module
+    python benchmarks/publish.py --repeated   # only part 3 (~1 min)
 
 1. Publish. ``Client.publish(name, module)`` of an ``nn.Module`` of Linear layers (float32 and
    bfloat16, a few hundred tensors) against copying the same bytes, from the same source
@@ -30,14 +30,7 @@
    hold the new generation's marker. Reported: from publish returning to that ``state_dict``
    returning, and how many tries it took (1 means the first attach already saw it).
 
-3. Restart. A daemon (segments kept on exit) gets two models of several GiB, is stopped with
-   SIGTERM or SIGKILL, and a new daemon is started on the same socket and instance. Timed from
-   ``Popen`` to the first answered ping and to both models' ``state_dict`` returning (their
-   markers checked), against an empty daemon (nothing to adopt) started just before: the
-   difference is what restarting with data costs beyond Python and torch imports. Also timed
-   in this process: ``Store.adopt()`` itself on the segments left behind.
-
-4. Repeated publishes (RL weight updates): ten consecutive publishes of the same ~1 GiB module
+3. Repeated publishes (RL weight updates): ten consecutive publishes of the same ~1 GiB module
    under one name, to a daemon on /dev/shm and to one on a huge-page tmpfs (``--shm-dir``,
    mounted here as root; skipped otherwise). From the third on, each is written into the pages
    of a retired generation nobody maps (Note [reusing a segment's pages] in weightd/daemon/
@@ -45,6 +38,8 @@
    the same bytes into an already-touched buffer (interleaved, so drift hits both alike).
    Targets: the tenth publish >= 0.7x the warm copy, and >= 3x a fresh-page publish on /dev/shm.
    Written to publish_repeated.json / .png.
+
+Restart to serving is measured by benchmarks/restart.py.
 
 Writes benchmarks/out/publish.json and benchmarks/out/publish.png. Every daemon and client it
 starts is stopped, and every segment of its instances removed, on success, failure or Ctrl-C.
@@ -60,7 +55,6 @@ import json
 import mmap
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
@@ -85,7 +79,6 @@ MiB = 1 << 20
 PUBLISH = "publish"
 SHM_REF = "numpy copyto (fresh shm mmap)"
 TARGET_PUBLISH_RATIO = 0.7  # publish GB/s over the memory-copy GB/s
-TARGET_RESTART_EXTRA_S = 1.0  # restart-to-serving beyond an empty daemon's start
 
 
 # --- the watcher child (part 2) ---------------------------------------------------------------
@@ -142,9 +135,8 @@ class Harness:
         d.mkdir(exist_ok=True)
         return str(d / "w.sock")
 
-    def start_daemon(self, sock: str, instance: str, *, unlink_on_exit: bool, log: Path) -> subprocess.Popen:
-        args = ["--unlink-on-exit"] if unlink_on_exit else []
-        p = spawn.Daemon(sock, instance, args, log=log).start(wait=False).proc
+    def start_daemon(self, sock: str, instance: str, *, log: Path) -> subprocess.Popen:
+        p = spawn.Daemon(sock, instance, ["--unlink-on-exit"], log=log).start(wait=False).proc
         self.procs.append(p)
         return p
 
@@ -233,20 +225,6 @@ def _tail(path: Path, n: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except FileNotFoundError:
         return "(no log)"
-
-
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) weightd\[(\d+)\] \w+ (.*)$")
-
-
-def log_events(path: Path, pid: int) -> list[tuple[float, str]]:
-    """(wall-clock time, message) of each log line of daemon ``pid``."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        m = LOG_TIME.match(line)
-        if m and int(m.group(2)) == pid:
-            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out.append((t, m.group(3)))
-    return out
 
 
 # --- part 1: publish against memory copies ------------------------------------------------------
@@ -441,7 +419,7 @@ def part_publish(h: Harness, args, res: dict, sections: Sections) -> None:
 
     sock, inst = h.socket("pub"), h.instance("pub")
     log = h.tmp / "pub.log"
-    daemon = h.start_daemon(sock, inst, unlink_on_exit=True, log=log)
+    daemon = h.start_daemon(sock, inst, log=log)
     wait_ready(sock, daemon, log)
     client = Client(sock, timeout=120)
     # warm-up: first use of every code path (imports, allocator), not measured
@@ -566,7 +544,7 @@ def part_latency(h: Harness, args, res: dict) -> None:
     state = module.state_dict()
     sock, inst = h.socket("lat"), h.instance("lat")
     log = h.tmp / "lat.log"
-    daemon = h.start_daemon(sock, inst, unlink_on_exit=True, log=log)
+    daemon = h.start_daemon(sock, inst, log=log)
     wait_ready(sock, daemon, log)
     client = Client(sock, timeout=120)
     client.publish("live", {**state, "marker": torch.tensor([0])})
@@ -617,119 +595,7 @@ def part_latency(h: Harness, args, res: dict) -> None:
     }
 
 
-# --- part 3: restart to serving ------------------------------------------------------------------
-
-
-def part_restart(h: Harness, args, res: dict) -> None:
-    import torch
-
-    from weightd.client import Client
-    from weightd.daemon.store import Store
-
-    per_model = (128 if args.quick else 2048) * MiB
-    names = ["alpha", "beta"]
-    sock, inst = h.socket("restart"), h.instance("restart")
-    log = h.tmp / "restart.log"
-    esock, einst = h.socket("empty"), h.instance("empty")
-    elog = h.tmp / "empty.log"
-
-    daemon = h.start_daemon(sock, inst, unlink_on_exit=False, log=log)
-    wait_ready(sock, daemon, log)
-    with Client(sock, timeout=300) as c:
-        n = per_model // (16 * MiB)
-        src = {f"layer{i}.weight": torch.full((4 * MiB,), float(i)) for i in range(n)}  # 16 MiB float32 each
-        for k, name in enumerate(names, 1):
-            t0 = time.perf_counter()
-            info = c.publish(name, {**src, "marker": torch.tensor([k])})
-            print(
-                f"  published {name}: {info['nbytes'] / GiB:.2f} GiB in {time.perf_counter() - t0:.2f} s",
-                flush=True,
-            )
-        del src
-    gc.collect()
-    total = sum(os.stat(f"/dev/shm/{e}").st_size for e in h.segments())
-
-    empty_rows, rows = [], []
-    signals = [signal.SIGTERM, signal.SIGKILL] * args.restarts
-    for i, sig in enumerate(signals):
-        # an empty daemon first (its own socket and instance, nothing to adopt): the fixed cost
-        wall0, t0 = time.time(), time.monotonic()
-        ed = h.start_daemon(esock, einst, unlink_on_exit=True, log=elog)
-        t_ready = wait_ready(esock, ed, elog)
-        ev = log_events(elog, ed.pid)
-        empty_rows.append(
-            {
-                "ready_s": t_ready - t0,
-                "log_serving_s": next((t - wall0 for t, m in ev if " serving " in m), None),
-            }
-        )
-        Harness.stop(ed)
-
-        stop_s = Harness.stop(daemon, sig)
-        # what the next daemon's adopt() does, timed here (reads headers and manifests only)
-        t_a = time.perf_counter()
-        adopted = Store(inst).adopt()
-        adopt_s = time.perf_counter() - t_a
-        assert sorted(m.manifest.name for m in adopted) == names, adopted
-
-        wall0, t0 = time.time(), time.monotonic()
-        daemon = h.start_daemon(sock, inst, unlink_on_exit=False, log=log)
-        t_ready = wait_ready(sock, daemon, log)
-        with Client(sock, timeout=30) as c:
-            markers = [int(c.state_dict(name)["marker"][0]) for name in names]
-        t_serving = time.monotonic()
-        if markers != [1, 2]:
-            raise RuntimeError(f"after restart the models hold markers {markers}, not [1, 2]")
-        ev = log_events(log, daemon.pid)
-        adopted_at = [t - wall0 for t, m in ev if m.startswith("adopted ")]
-        if len(adopted_at) != len(names):
-            raise RuntimeError(f"restart {i}: the daemon did not log adopting {names}:\n{_tail(log)}")
-        rows.append(
-            {
-                "signal": signal.Signals(sig).name,
-                "stop_s": stop_s,
-                "ready_s": t_ready - t0,
-                "serving_s": t_serving - t0,
-                "adopt_in_process_s": adopt_s,
-                "log_first_adopted_s": min(adopted_at),
-                "log_serving_s": next((t - wall0 for t, m in ev if " serving " in m), None),
-                "empty_ready_s": empty_rows[-1]["ready_s"],
-            }
-        )
-        print(
-            f"  {signal.Signals(sig).name}: serving {rows[-1]['serving_s']:.3f} s after Popen "
-            f"(empty daemon {empty_rows[-1]['ready_s']:.3f} s)",
-            flush=True,
-        )
-    Harness.stop(daemon)  # keeps the segments; removed below
-    for e in h.segments():
-        os.unlink(f"/dev/shm/{e}")
-
-    def med(rows_, key):
-        return statistics.median([r[key] for r in rows_])
-
-    out = {
-        "models": {n: per_model for n in names},
-        "segment_bytes": total,
-        "restarts": rows,
-        "empty_ready_median_s": med(empty_rows, "ready_s"),
-        "empty": empty_rows,
-    }
-    for sig in ("SIGTERM", "SIGKILL"):
-        rs = [r for r in rows if r["signal"] == sig]
-        out[sig] = {
-            "stop_median_s": med(rs, "stop_s"),
-            "ready_median_s": med(rs, "ready_s"),
-            "serving_median_s": med(rs, "serving_s"),
-            "serving_minus_empty_median_s": statistics.median(
-                [r["serving_s"] - r["empty_ready_s"] for r in rs]
-            ),
-            "adopt_in_process_median_s": med(rs, "adopt_in_process_s"),
-        }
-    res["restart"] = out
-
-
-# --- report ----------------------------------------------------------------------------------------
+# --- part 3: repeated publishes under one name ---------------------------------------------------
 
 
 TARGET_REPEATED_VS_WARM = 0.7
@@ -794,12 +660,15 @@ def part_repeated(h: Harness, args, res: dict) -> None:
     torch.set_num_threads(threads)
 
 
+# --- report ----------------------------------------------------------------------------------------
+
+
 def report_repeated(res: dict) -> list[str]:
     rep = res["repeated"]
     gb = rep["nbytes"] / GB
     lines = [
         "",
-        f"4. {rep['publishes']} consecutive publishes of a {rep['nbytes'] / GiB:.2f} GiB module under one "
+        f"3. {rep['publishes']} consecutive publishes of a {rep['nbytes'] / GiB:.2f} GiB module under one "
         "name (the first two on fresh pages, the rest into a retired generation's pages), each followed by a "
         "torch copy_ into a touched buffer",
         f"   {'where':24s} {'fresh (1st)':>11s} {'fresh (2nd)':>11s} {'tenth':>9s} {'GB/s':>6s} "
@@ -932,33 +801,6 @@ def report(res: dict) -> list[str]:
         f"   first attach after publish returned already saw it: {lat['first_try']}/{len(lat['rounds'])}"
     )
     lines.append(f"   publish with the watcher attached: median {lat['publish_median_s']:.3f} s")
-    rs = res["restart"]
-    lines.append("")
-    lines.append(
-        f"3. Restart to serving: {len(rs['models'])} models, {rs['segment_bytes'] / GiB:.2f} GiB in "
-        "/dev/shm, "
-        f"{len(rs['restarts']) // 2} restarts per signal"
-    )
-    lines.append(
-        f"   {'':24s} {'stop':>10s} {'ping':>11s} {'serving':>11s} {'minus empty':>12s} {'adopt()':>11s}"
-    )
-    lines.append(f"   {'empty daemon':24s} {'':>10s} {ms(rs['empty_ready_median_s'])}")
-    for sig in ("SIGTERM", "SIGKILL"):
-        s = rs[sig]
-        lines.append(
-            f"   {'restart after ' + sig:24s} {ms(s['stop_median_s'])} {ms(s['ready_median_s'])} "
-            f"{ms(s['serving_median_s'])} {ms(s['serving_minus_empty_median_s'])}  "
-            f"{ms(s['adopt_in_process_median_s'])}"
-        )
-    worst = max(rs[s]["serving_minus_empty_median_s"] for s in ("SIGTERM", "SIGKILL"))
-    lines.append(
-        "   (all from Popen; 'serving' = both state_dicts returned with the right markers; adopt() timed "
-        "in-process)"
-    )
-    lines.append(
-        f"   target serving - empty start < {TARGET_RESTART_EXTRA_S:g} s: worst median {worst:.3f} s "
-        f"[{'met' if worst < TARGET_RESTART_EXTRA_S else 'NOT met'}]"
-    )
     return lines
 
 
@@ -968,7 +810,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 1.2, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 1.2]})
     meth = res["publish"]["methods"]
     labels = list(meth)
     vals = [meth[k]["gbps"] for k in labels]
@@ -994,15 +836,6 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("ms (median, min-max)")
     ax.set_title("publish returns \u2192 new attach sees it", fontsize=10)
 
-    ax = axes[2]
-    rs = res["restart"]
-    labels = ["empty daemon\n(ping)", "restart after\nSIGTERM", "restart after\nSIGKILL"]
-    vals = [rs["empty_ready_median_s"], rs["SIGTERM"]["serving_median_s"], rs["SIGKILL"]["serving_median_s"]]
-    ax.bar(labels, vals, color=["tab:gray", "tab:blue", "tab:blue"])
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.2f} s", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("s from process start to serving (median)")
-    ax.set_title(f"restart with {rs['segment_bytes'] / GiB:.1f} GiB loaded", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1057,13 +890,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (~25 s)")
     ap.add_argument("--repeats", type=int, default=None, help="publish repeats [5; quick 3]")
     ap.add_argument("--rounds", type=int, default=None, help="publish->attach rounds [9; quick 3]")
-    ap.add_argument("--restarts", type=int, default=None, help="restarts per signal [3; quick 1]")
-    ap.add_argument("--repeated", action="store_true", help="only part 4: consecutive publishes")
-    ap.add_argument("--publishes", type=int, default=10, help="consecutive publishes in part 4 [10]")
+    ap.add_argument("--repeated", action="store_true", help="only part 3: consecutive publishes")
+    ap.add_argument("--publishes", type=int, default=10, help="consecutive publishes in part 3 [10]")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.rounds = args.rounds or (3 if args.quick else 9)
-    args.restarts = args.restarts or (1 if args.quick else 3)
     args.contended_repeats = 1 if args.quick else 2
     check_room(args)
 
@@ -1079,7 +910,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     if args.repeated:
         try:
-            print("4. consecutive publishes", flush=True)
+            print("3. consecutive publishes", flush=True)
             part_repeated(h, args, res)
         finally:
             for p in h.cleanup():
@@ -1098,9 +929,7 @@ def main(argv=None) -> int:
         part_publish(h, args, res, sections)
         print("2. publish -> attach", flush=True)
         part_latency(h, args, res)
-        print("3. restart to serving", flush=True)
-        part_restart(h, args, res)
-        print("4. consecutive publishes", flush=True)
+        print("3. consecutive publishes", flush=True)
         part_repeated(h, args, res)
     finally:
         res.pop("_module", None)
