@@ -222,3 +222,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def private_shm_refused() -> str | None:
+    """Why a private /dev/shm (``in_private_shm``) cannot be had here, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root to mount a tmpfs"
+    if shutil.which("unshare") is None:
+        return "util-linux unshare is not installed"
+    r = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
+    )
+    return None if r.returncode == 0 else f"cannot mount a private tmpfs: {r.stderr.decode().strip()}"
+
+
+def in_private_shm(size: int | str, argv: list[str]) -> list[str]:
+    """``argv`` run with a fresh tmpfs of ``size`` as its /dev/shm, in a mount namespace of its
+    own: the host's /dev/shm is untouched, and the tmpfs (with whatever is in it) goes with the
+    namespace's last process."""
+    mount = f"mount -t tmpfs -o size={size} tmpfs /dev/shm"
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'{mount} && exec "$@"',
+        "sh",
+        *argv,
+    ]

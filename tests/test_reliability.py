@@ -34,7 +34,9 @@ import hostile
 from conftest import (
     Daemon,
     as_user,
+    in_private_shm,
     needs_root,
+    private_shm_refused,
     remove_segments,
     segments,
     wait_until,
@@ -486,17 +488,6 @@ def test_publisher_killed_mid_publish_leaves_nothing_served(make_daemon, workers
     assert segments(instance) == [], "...and the daemon removes it (here: when it stops)"
 
 
-def unshare_works() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs"
-    if shutil.which("unshare") is None:
-        return "util-linux unshare is not installed"
-    r = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
-    )
-    return None if r.returncode == 0 else f"cannot mount a private tmpfs: {r.stderr.decode().strip()}"
-
-
 SMALL_SHM = """
 import json, os, subprocess, sys, time, torch
 from safetensors.torch import load_file, save_file
@@ -551,22 +542,13 @@ print(json.dumps(out))
 
 
 def test_a_small_dev_shm_fills_up_with_typed_errors_and_no_sigbus(tmp_path):
-    why = unshare_works()
+    why = private_shm_refused()
     if why:
         pytest.skip(f"no private small tmpfs ({why}); test_lifecycle's --max-bytes test covers the budget")
     (tmp_path / "small.py").write_text(SMALL_SHM)
     # a private mount namespace: /dev/shm is a fresh 64 MiB tmpfs for the daemon and its clients only
     r = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {tmp_path / 'small.py'} "
-            f"{tmp_path}",
-        ],
+        in_private_shm("64m", [sys.executable, str(tmp_path / "small.py"), str(tmp_path)]),
         capture_output=True,
         text=True,
         timeout=110,

@@ -27,7 +27,7 @@ from weightd.client import Client, StillLoading, state_dict
 from weightd.daemon.config import Config
 from weightd.errors import CheckpointError
 
-from conftest import wait_until
+from conftest import in_private_shm, private_shm_refused, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "weightd.service"
@@ -352,42 +352,23 @@ def test_a_2gib_model_restarts_in_a_tmpfs_sized_for_1_2_models(tmp_path, sock, i
     with open(big, "r+b") as f:
         f.seek(-1, os.SEEK_END)
         f.write(b"\x09")
-    # A private /dev/shm of 1.2 models, in a mount namespace of its own: the host's is untouched,
-    # and the tmpfs (with whatever is in it) goes with the namespace's last process.
-    probe = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount -t tmpfs -o size=1M tmpfs /dev/shm",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
-    tmpfs = int(size * 1.2)
+    # A private /dev/shm of 1.2 models (conftest.in_private_shm): the host's is untouched.
+    why = private_shm_refused()
+    if why:
+        pytest.skip(why)
     r = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f'mount -t tmpfs -o size={tmpfs} tmpfs /dev/shm && exec "$@"',
-            "sh",
-            sys.executable,
-            "-c",
-            TMPFS_SCENARIO,
-            sock,
-            instance,
-            str(big),
-            str(tmp_path / "d.log"),
-        ],
+        in_private_shm(
+            int(size * 1.2),
+            [
+                sys.executable,
+                "-c",
+                TMPFS_SCENARIO,
+                sock,
+                instance,
+                str(big),
+                str(tmp_path / "d.log"),
+            ],
+        ),
         capture_output=True,
         text=True,
         timeout=600,
