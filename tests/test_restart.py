@@ -406,3 +406,18 @@ def test_a_hugging_face_folder_is_adopted_unchanged_and_reloaded_when_one_of_its
     d = make_daemon(*args)
     with Client(d.socket) as c:
         assert [m["generation"] for m in c.list()] == [2]
+
+
+def test_an_adopted_segment_takes_the_new_daemons_mode(make_daemon, tmp_path):
+    # An unchanged preload is served from the old segment; with the access of the new --mode, not
+    # of the daemon that made it (world-readable weights must not stay so after a stricter restart).
+    save_file({"w": torch.full((1 << 16,), 3.0)}, tmp_path / "m.safetensors")
+    d = make_daemon("--mode", "0644", "--model", f"m={tmp_path / 'm.safetensors'}", keep=True)
+    [seg] = d.segments()
+    assert os.stat(f"/dev/shm{seg}").st_mode & 0o777 == 0o644
+    d.stop()
+    d = make_daemon("--mode", "0640", "--model", f"m={tmp_path / 'm.safetensors'}")
+    [m] = served(d.socket).values()
+    assert (m["generation"], m["adopted"], m["segment"]) == (1, True, seg)
+    assert os.stat(f"/dev/shm{seg}").st_mode & 0o777 == 0o640
+    assert "now has mode 640" in d.output()

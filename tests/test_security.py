@@ -549,3 +549,33 @@ def test_stats_says_what_it_cannot_see(tmp_path, sock, instance):
             os.kill(int(child), signal.SIGTERM)
         d.wait(30)
         log.close()
+
+
+def test_removing_another_users_file_under_a_segment_name_is_a_typed_error(uids, instance):
+    # shm_unlink of a root-owned name as another user: posix_ipc raises PermissionsError (not an
+    # OSError); weightd turns it into PermissionDenied, never a traceback.
+    name = f"/{segment.prefix(instance)}theirs"
+    seg = segment.Segment.create(name, 4096, mode=0o644)
+    try:
+        seg.close()
+        r = subprocess.run(
+            as_uid(
+                uids[0],
+                f"""
+                from weightd import segment
+                from weightd.errors import PermissionDenied
+                try:
+                    segment.unlink({name!r})
+                except PermissionDenied as e:
+                    print("denied:", e)
+                """,
+            ),
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert r.returncode == 0 and "denied: may not remove /dev/shm/" in r.stdout, r.stdout + r.stderr
+        assert os.path.exists(segment.path(name))
+    finally:
+        segment.unlink(name)

@@ -180,7 +180,7 @@ class Segment:
         ``directory`` (default: this process's, ``shm_dir``; a publisher passes the daemon's)."""
         free = shm_free_bytes(directory)
         if size > free:
-            raise OutOfSpace(no_space_message(size, free))
+            raise OutOfSpace(no_space_message(size, free, directory))
         if not is_name(name):
             raise SegmentError(f"{name!r:.80} is not a weightd segment name")
         try:
@@ -206,7 +206,7 @@ class Segment:
                         f"cannot give segment {name} to uid {owner[0]} gid {owner[1]}: publish as the "
                         "daemon's user or root"
                     ) from None
-            reserve(fd, size)
+            reserve(fd, size, directory)
         except BaseException:
             os.close(fd)
             unlink(name, directory)
@@ -221,7 +221,7 @@ class Segment:
         try:
             if struct.unpack("<Q", os.pread(fd, 8, SEAL_OFFSET).ljust(8, b"\0"))[0] != 0:
                 raise SegmentError(f"segment {name} is sealed: a served segment is never written again")
-            reserve(fd, size)
+            reserve(fd, size, directory)
         except BaseException:
             os.close(fd)
             raise
@@ -282,7 +282,7 @@ class Segment:
         unlink(self.name, directory)
 
 
-def reserve(fd: int, size: int) -> None:
+def reserve(fd: int, size: int, directory: str | None = None) -> None:
     """Make the file exactly ``size`` bytes with every page reserved.
 
     ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error here,
@@ -295,7 +295,7 @@ def reserve(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            raise OutOfSpace(no_space_message(size, shm_free_bytes())) from None
+            raise OutOfSpace(no_space_message(size, shm_free_bytes(directory), directory)) from None
         raise
 
 
@@ -449,6 +449,29 @@ def inspect(name: str, *, seal: int = SEALED):
         os.close(fd)
 
 
+def set_access(name: str, mode: int, gid: int) -> bool:
+    """Give this user's segment ``name`` exactly ``mode`` and group ``gid`` (an adopted one gets
+    what the new daemon was told, not what its predecessor was); True if anything changed."""
+    fd = open_entry(name, owner=os.geteuid())
+    try:
+        st = os.fstat(fd)
+        changed = False
+        if st.st_gid != gid:
+            try:
+                os.fchown(fd, -1, gid)
+            except PermissionError:
+                raise PermissionDenied(
+                    f"cannot give segment {name} to gid {gid}: the daemon's user must be in that group"
+                ) from None
+            changed = True
+        if stat.S_IMODE(st.st_mode) != mode or changed:  # chown may clear bits: set the mode after
+            os.fchmod(fd, mode)
+            changed = True
+        return changed
+    finally:
+        os.close(fd)
+
+
 def commit_seal(name: str) -> None:
     """Seal a published segment the daemon has checked (see ``PUBLISHED``)."""
     fd = open_entry(name, os.O_RDWR, owner=os.geteuid())
@@ -521,15 +544,19 @@ def unlink(name: str, directory: str | None = None) -> None:
     if not is_name(name):
         return
     if _in_dev_shm(directory):
-        with contextlib.suppress(posix_ipc.ExistentialError):
+        try:
             posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            pass
+        except posix_ipc.PermissionsError:  # not an OSError: another user's file under our name
+            raise PermissionDenied(f"may not remove {path(name, directory)}: it is not ours") from None
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path(name, directory))
 
 
-def no_space_message(size: int, free: int) -> str:
-    where = shm_dir()
+def no_space_message(size: int, free: int, directory: str | None = None) -> str:
+    where = directory or shm_dir()
     if where == SHM_DIR:
         remedy = "(docker run --shm-size=... or --ipc=host; a bigger tmpfs on /dev/shm)"
     else:
@@ -590,8 +617,8 @@ def _smaps_pmd(needle: str) -> int:
 def probe_dir(instance: str) -> int:
     """The page size a new segment in this process's folder gets now: a scratch one of two
     huge pages, created, read back (``page_size``) and removed."""
-    name = f"/{prefix(instance)}probe-{os.getpid()}"
-    unlink(name)
+    # A fresh random name (O_EXCL): never one another user could have planted beforehand.
+    name = f"/{prefix(instance)}probe-{os.getpid()}-{os.urandom(4).hex()}"
     seg = Segment.create(name, 2 * HUGE_PAGE)
     try:
         seg.close()

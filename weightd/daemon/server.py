@@ -116,10 +116,10 @@ class Server:
                 self.loads.submit(
                     None, name, spec.path, factory=spec.factory, progress=self._startup_progress(name)
                 )
+            self._log_pages()
         except BaseException:
             self.shutdown()
             raise
-        self._log_pages()
         log.info(
             "weightd %s serving on %s (pid %d): %d models adopted or unchanged, %d to load",
             __version__,
@@ -258,7 +258,8 @@ class Server:
         if elsewhere:
             log.warning(
                 "%d segments of this instance are in %s, not in --shm-dir %s (a daemon without --shm-dir "
-                "left them): they are not served; free them with `weightd purge --socket %s`",
+                "left them): they are not served; to free them, stop this daemon and run "
+                "`weightd purge --socket %s` (without --shm-dir)",
                 len(elsewhere),
                 segment.SHM_DIR,
                 where,

@@ -59,7 +59,14 @@ from dataclasses import dataclass, field
 
 from weightd import layout, segment
 from weightd.daemon import checkpoint
-from weightd.errors import ModelNotFound, OutOfSpace, PermissionDenied, ProtocolError, SegmentError
+from weightd.errors import (
+    ModelNotFound,
+    OutOfSpace,
+    PermissionDenied,
+    ProtocolError,
+    SegmentError,
+    WeightdError,
+)
 from weightd.manifest import Manifest
 from weightd.protocol import check_name
 
@@ -125,7 +132,19 @@ class Reservation:
         }
 
     def abandoned(self, now: float) -> bool:
-        return now > self.deadline or (self.pid is not None and not os.path.exists(f"/proc/{self.pid}"))
+        return now > self.deadline or (self.pid is not None and not _alive(self.pid))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists; one we may not signal (EPERM) or see in /proc (hidepid)
+    is alive as far as we know."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def check_factory(factory: str | None) -> str | None:
@@ -451,6 +470,21 @@ class Store:
         for name, models in found.items():
             models.sort(key=lambda m: m.manifest.generation)
             newest = models[-1]
+            try:
+                if segment.set_access(newest.manifest.segment, self.mode, self.gid):
+                    log.info(
+                        "%s: segment %s now has mode %o and gid %d (--mode/--group changed)",
+                        name,
+                        newest.manifest.segment,
+                        self.mode,
+                        self.gid,
+                        extra={"model": name},
+                    )
+            except WeightdError as e:
+                # Served with the wrong access is worse than loaded again: not adopted.
+                log.warning("not adopting %s: %s", newest.manifest.segment, e, extra={"model": name})
+                self._stale.extend(m.manifest.segment for m in models)
+                continue
             newest.adopted = True
             self._publish(newest)
             with self._lock:
