@@ -335,30 +335,38 @@ def plot(res: dict, path: Path) -> None:
 
     r, s, st = res["restart"], res["serve_while_loading"], res["stops"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    ax = axes[0]
-    labels = ["empty daemon\n(ping)", "restart,\nunchanged", "restart,\nchanged files"]
-    vals = [r["empty_median_s"], r["unchanged_median_s"], r["changed_median_s"]]
-    ax.bar(labels, vals, color=["tab:gray", "tab:blue", "tab:orange"])
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.2f} s", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("s from Popen to both attachable (median)")
-    ax.set_title(f"restart with {r['model_bytes'] / GiB:.0f} GiB via --model", fontsize=10)
-    ax = axes[1]
-    labels = ["first ping", "first of 4\nattachable", "all 4\n(READY=1)"]
-    vals = [s["ping_median_s"], s["first_median_s"], s["all_median_s"]]
-    ax.bar(labels, vals, color=["tab:gray", "tab:blue", "tab:blue"])
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.2f} s", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("s from Popen (median)")
-    ax.set_title(f"serve while loading: 4 x {s['model_bytes'] / GiB:.2f} GiB", fontsize=10)
-    ax = axes[2]
-    labels = ["SIGTERM mid-preload\n-> exit", "daemon killed\n-> weightd load exits"]
-    vals = [st["sigterm_median_s"] * 1e3, st["load_sees_death_median_s"] * 1e3]
-    ax.bar(labels, vals, color=["tab:blue", "tab:blue"])
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.0f} ms", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("ms (median)")
-    ax.set_title(f"stops during a {st['model_bytes'] / GiB:.1f} GiB load", fontsize=10)
+    panels = [
+        (
+            ["empty daemon\n(ping)", "restart,\nunchanged", "restart,\nchanged files"],
+            [r["empty_median_s"], r["unchanged_median_s"], r["changed_median_s"]],
+            ["tab:gray", "tab:blue", "tab:orange"],
+            "{:.2f} s",
+            "s from Popen to both attachable (median)",
+            f"restart with {r['model_bytes'] / GiB:.0f} GiB via --model",
+        ),
+        (
+            ["first ping", "first of 4\nattachable", "all 4\n(READY=1)"],
+            [s["ping_median_s"], s["first_median_s"], s["all_median_s"]],
+            ["tab:gray", "tab:blue", "tab:blue"],
+            "{:.2f} s",
+            "s from Popen (median)",
+            f"serve while loading: 4 x {s['model_bytes'] / GiB:.2f} GiB",
+        ),
+        (
+            ["SIGTERM mid-preload\n-> exit", "daemon killed\n-> weightd load exits"],
+            [st["sigterm_median_s"] * 1e3, st["load_sees_death_median_s"] * 1e3],
+            ["tab:blue", "tab:blue"],
+            "{:.0f} ms",
+            "ms (median)",
+            f"stops during a {st['model_bytes'] / GiB:.1f} GiB load",
+        ),
+    ]
+    for ax, (labels, vals, colors, fmt, ylabel, title) in zip(axes, panels):
+        ax.bar(labels, vals, color=colors)
+        for i, v in enumerate(vals):
+            ax.text(i, v, fmt.format(v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
