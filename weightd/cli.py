@@ -269,6 +269,30 @@ def main() -> None:
     "2 MiB pages (systemd/mnt-weightd.mount). Clients learn it from the daemon. [default: /dev/shm]",
 )
 @click.option(
+    "--load-readers",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="Reader threads that stream checkpoints into segments (README: Loading).",
+)
+@click.option(
+    "--load-chunk", type=ByteCount(), default="8M", show_default=True, help="Bytes a reader copies at a time."
+)
+@click.option(
+    "--load-direct",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="O_DIRECT reads: auto uses them for what is not in the page cache.",
+)
+@click.option(
+    "--load-parallel",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Loads of different models that may run side by side (models on different disks).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option(
@@ -295,6 +319,10 @@ def serve(
     keep_going,
     check,
     shm_dir,
+    load_readers,
+    load_chunk,
+    load_direct,
+    load_parallel,
     log_level,
     log_format,
 ) -> None:
@@ -320,6 +348,10 @@ def serve(
         keep_going=keep_going,
         check=check,
         shm_dir=shm_dir,
+        load_readers=load_readers,
+        load_chunk=load_chunk,
+        load_direct=load_direct,
+        load_parallel=load_parallel,
     )
     Server(config).run()
 

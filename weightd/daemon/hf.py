@@ -47,7 +47,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
     itself cannot be interrupted, so a stop waits for it at most. The identity of every file
     read (config, weights, small files) goes into the checkpoint's ``files``.
     """
-    from weightd.daemon.checkpoint import Checkpoint, check_within, identity
+    from weightd.daemon.checkpoint import Checkpoint, check_within, identity, in_files, open_file
 
     check = check or (lambda: None)
     config = _config(folder)
@@ -84,7 +84,12 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
     check()
     state = model.state_dict()
     blobs, tensors, keep = layout.from_tensors(state, source=str(folder))
+    # What from_pretrained took from a weight file as it is streams from that file (the
+    # daemon's readers, weightd.daemon.stream); what it computed is copied from memory.
+    opened = [open_file(f, within) for f in weight_files]
+    in_files(blobs, keep, [(o.fileno(), str(f)) for o, f in zip(opened, weight_files)])
     keep.append(model)
+    keep.extend(opened)
     converted = _converted(state, weight_files)
     files = {}
     for rel, path in _small_files(folder, set(weight_files)).items():
@@ -96,7 +101,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
         if entry["path"] not in {f["path"] for f in read}:
             read.append(entry)
         files[rel] = len(blobs)
-        blobs.append(Blob(len(data), _bytes_fill(data)))
+        blobs.append(Blob(len(data), _bytes_fill(data), data=data))
     converted_bytes = sum(state[k].untyped_storage().nbytes() for k in converted)
     dtype = str(model.dtype).removeprefix("torch.")
     skeleton = {
