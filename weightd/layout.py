@@ -196,7 +196,8 @@ def write(
     that ``progress(done, total)`` raises to cancel the write (called every ``FILL_CHUNK``).
 
     ``copy(segment, [(blob, offset)...], progress)``: writes every blob at once (the daemon's
-    parallel readers, ``weightd.daemon.stream``) instead of one ``fill`` after another.
+    parallel readers, ``weightd.daemon.stream``) instead of one ``fill`` after another, and
+    reserves the whole segment (``segment.reservation``) on the way.
     ``check()`` raises to stop, also between the steps of reserving the segment's pages.
     """
     offset = segment.DATA_OFFSET
@@ -213,14 +214,16 @@ def write(
     if reuse is not None:
         seg = segment.Segment.reopen(manifest.segment, size, reuse, directory, check)
     else:
-        seg = segment.Segment.create(manifest.segment, size, mode, owner, directory, check)
+        # With ``copy``, reserved while it writes (Note [reserving while writing])
+        seg = segment.Segment.create(
+            manifest.segment, size, mode, owner, directory, check, reserved=copy is None
+        )
     try:
         total, done = sum(b.nbytes for b in blobs), 0
         if copy is not None:
+            # reserves the whole segment as it writes (Note [reserving while writing])
             copy(seg, [(b, st.offset) for b, st in zip(blobs, storages) if st.nbytes], progress)
             blobs = []  # written
-            if check is not None:
-                check()
         if progress is None:
             target = seg
         else:

@@ -247,6 +247,13 @@ class Loads:
         for job in self._pending:
             job.token.cancel(reason)
 
+    def cancel_name(self, name: str, reason: str) -> bool:
+        """Cancel the loads of ``name`` (an unload while it loads); whether there were any."""
+        jobs = [j for j in self._pending if j.name == name and not j.future.done()]
+        for job in jobs:
+            job.token.cancel(reason)
+        return bool(jobs)
+
     def shutdown(self) -> None:
         self.cancel("the daemon is stopping")
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -316,7 +316,13 @@ class Store:
 
             def copy(seg, placed, progress) -> None:
                 copied.append(
-                    self.readers.copy(seg.fd, stream.pieces(placed), check=check, progress=progress)
+                    self.readers.copy(
+                        seg.fd,
+                        stream.pieces(placed),
+                        check=check,
+                        progress=progress,
+                        reserving=segment.reservation(seg.fd, seg.size),
+                    )
                 )
 
             size = layout.write(

@@ -44,10 +44,11 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from weightd.errors import CheckpointError, ConfigError
+from weightd import segment
+from weightd.errors import CheckpointError, ConfigError, OutOfSpace
 
 log = logging.getLogger("weightd")
 
@@ -58,6 +59,7 @@ MAX_CHUNK = 256 << 20
 MAX_READERS = 64
 ALIGN = 4096  # O_DIRECT: file offset, length and buffer aligned to the logical block (<= 4 KiB)
 DIRECT_MODES = ("auto", "always", "never")
+READER_NICE = 5  # added to the readers' nice value (Linux: per thread)
 WAIT_SECONDS = 0.02  # how often a waiting load checks its token
 
 
@@ -178,8 +180,13 @@ class Readers:
         *,
         check: Callable[[], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        reserving: Iterator[int] | None = None,
     ) -> Report:
         """Copy every piece into the segment open as ``seg_fd``; returns how.
+
+        ``reserving``: the segment's reservation (``segment.reservation``), run here step by
+        step; a chunk goes to the readers once its bytes are reserved (Note [reserving while
+        writing] in weightd.segment).
 
         ``check()`` raises to stop (it is called while waiting, from this thread);
         ``progress(done, total)`` is called from this thread too. Raises the first error a
@@ -191,32 +198,54 @@ class Readers:
         report = Report(readers=self.readers, chunk=self.chunk)
         batch = _Batch(seg_fd, total, report)
         started = time.perf_counter()
-        chunks = [
-            (p, start, min(self.chunk, p.nbytes - start))
-            for p in pieces
-            for start in range(0, p.nbytes, self.chunk)
-        ]
+        chunks = sorted(
+            (
+                (p, start, min(self.chunk, p.nbytes - start))
+                for p in pieces
+                for start in range(0, p.nbytes, self.chunk)
+            ),
+            key=lambda c: c[0].dst + c[1],
+        )
         batch.pending = len(chunks)
         if not chunks:
             batch.idle.set()
-        for c in chunks:
-            self._queue.put((batch, *c))
+        sent = 0
+        last = -1
+
+        def report_progress() -> None:
+            nonlocal last
+            if progress is not None and batch.done != last:
+                last = batch.done
+                progress(last, total)
+
         try:
-            last = -1
+            for end in reserving or ():
+                if check is not None:
+                    check()
+                if batch.stop:
+                    break
+                while sent < len(chunks) and chunks[sent][0].dst + chunks[sent][1] + chunks[sent][2] <= end:
+                    self._queue.put((batch, *chunks[sent]))
+                    sent += 1
+                report_progress()
+            while sent < len(chunks):
+                self._queue.put((batch, *chunks[sent]))
+                sent += 1
             while not batch.idle.wait(WAIT_SECONDS):
                 if check is not None:
                     check()
                 if batch.stop:
                     break
-                if progress is not None and batch.done != last:
-                    last = batch.done
-                    progress(last, total)
+                report_progress()
         except BaseException as e:
             batch.fail(e)
             raise
         finally:
             with batch.lock:
-                batch.stop = True  # chunks not started yet are skipped
+                batch.stop = True  # chunks queued but not started yet are skipped
+                batch.pending -= len(chunks) - sent  # never queued
+                if batch.pending == 0:
+                    batch.idle.set()
             batch.idle.wait()
             for dfd in batch.opened:
                 os.close(dfd)
@@ -249,6 +278,10 @@ class Readers:
                     self._threads.append(t)
 
     def _run(self) -> None:
+        # A little below the request loop: a load on a busy machine must not make the daemon
+        # slow to answer (ls, attaches of models already served).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
         buffer: list = [None]  # this reader's aligned buffer, made on its first direct read
         while True:
             item = self._queue.get()
@@ -269,7 +302,12 @@ class Readers:
         dst = piece.dst + start
         if piece.data is not None:
             view = memoryview(piece.data).cast("B")[start : start + n]
-            _pwrite_all(batch.seg_fd, view, dst)
+            try:
+                _pwrite_all(batch.seg_fd, view, dst)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                    raise _no_space(batch.seg_fd) from None
+                raise
             batch.add(n, "memory")
             return
         src = piece.offset + start
@@ -284,6 +322,8 @@ class Readers:
         except CheckpointError:
             raise
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):  # the segment's side: full
+                raise _no_space(batch.seg_fd) from None
             raise _read_failed(piece.path, e) from None
 
     def _direct_fd(self, batch: _Batch, piece: Piece) -> int | None:
@@ -396,6 +436,13 @@ def _short(path: str, at: int, want: int) -> CheckpointError:
         f"{path}: the file ended at byte {at} while bytes up to {want} were being read: it shrank or was "
         "replaced during the load: load it again once it is written completely"
     )
+
+
+def _no_space(seg_fd: int) -> OutOfSpace:
+    """The segment's tmpfs filled up while the readers wrote (Note [reserving while writing])."""
+    where = os.path.dirname(os.readlink(f"/proc/self/fd/{seg_fd}"))
+    size = os.fstat(seg_fd).st_size
+    return OutOfSpace(segment.no_space_message(size, segment.shm_free_bytes(where), where))
 
 
 def _read_failed(path: str, e: OSError) -> CheckpointError:
