@@ -283,9 +283,10 @@ def test_a_corrupted_chunk_is_refused_naming_the_node_it_came_from(cluster, chec
 
 def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(cluster, checkpoint):
     path, hashes = checkpoint
-    rz.ensure_daemons()
+    sockets = rz.ensure_daemons()
     source = cluster.workers[0]
     reader = node_of(source)
+    before = {n: read_bytes(s) for n, s in sockets.items() if n != reader}
     reg = peers.registry()
     ray.get(reg.hook.remote(reader, "stall"))  # it sends two chunks of each transfer, then hangs
     result: dict = {}
@@ -308,7 +309,10 @@ def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(clust
     assert not t.is_alive()
     assert "error" not in result, result.get("error")
     sockets = rz.ensure_daemons()
-    assert reader not in sockets
+    assert reader not in sockets and sorted(before) == sorted(sockets)
+    reread = sorted(read_bytes(s) - before[n] for n, s in sockets.items())
+    size = os.path.getsize(path)
+    assert reread[-1] >= size and sum(reread[:-1]) < 16 * MIB, f"one node read it again, the others copied: {reread}"
     for node in sockets:
         f = ray.get(node_facts.options(**on_node(node)).remote("survive"))
         assert f["hashes"] == hashes
