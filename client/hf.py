@@ -293,6 +293,11 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
     """The concrete class and its config, as ``cls.from_pretrained(folder)`` would pick them."""
     if cls is None:
         cls = getattr(transformers, hf.get("class", ""), None)
+        if cls is None and hf.get("import") and not str(hf["import"]).startswith("transformers."):
+            # Hook (issue 24): a class the operator named (--factory), weightd/client/classes.py.
+            from weightd.client import classes
+
+            cls = classes.load(name, hf["import"], transformers)
         if cls is None:
             raise AttachError(
                 f"model {name!r} is a {hf.get('class')!r}, which transformers {transformers.__version__} "
