@@ -44,8 +44,10 @@ _lock = threading.RLock()
 def attach(name: str, cls=None, *, socket: str | None = None, **kwargs) -> nn.Module:
     """``cls.from_pretrained(folder)`` for the folder the daemon serves as ``name``, zero-copy.
 
-    ``cls``: a transformers class or ``AutoModelFor...``; by default the class the folder's
-    config names (``architectures[0]``), as ``weightd.client.attach(name)`` does.
+    ``cls``: a transformers class or ``AutoModelFor...``, or a package's own class; by default
+    the class the daemon loaded the folder with: the one its config names
+    (``architectures[0]``), or the one the operator named (``--factory NAME=pkg.module:Class``),
+    imported from where the manifest says, as ``weightd.client.attach(name)`` does.
     """
     from weightd.client.client import attach as _attach
 
