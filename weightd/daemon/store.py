@@ -288,7 +288,9 @@ class Store:
         check()
         self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
         try:
-            ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within, check=check)
+            ck = checkpoint.read(
+                path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
+            )
         except BaseException:
             self._progress.pop(name, None)
             raise
@@ -304,7 +306,9 @@ class Store:
             check()
             manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
-            manifest.skeleton = {"factory": factory} if factory else ck.skeleton
+            # A Hugging Face folder keeps its description (the factory named its class: hf.py)
+            hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
+            manifest.skeleton = {"factory": factory} if factory and not hf_folder else ck.skeleton
             hf = (ck.skeleton or {}).get("hf") or {}
             manifest.origin = {
                 "path": manifest.source,
