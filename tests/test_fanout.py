@@ -312,7 +312,9 @@ def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(clust
     assert reader not in sockets and sorted(before) == sorted(sockets)
     reread = sorted(read_bytes(s) - before[n] for n, s in sockets.items())
     size = os.path.getsize(path)
-    assert reread[-1] >= size and sum(reread[:-1]) < 16 * MIB, f"one node read it again, the others copied: {reread}"
+    assert reread[-1] >= size and sum(reread[:-1]) < 16 * MIB, (
+        f"one node read it again, the others copied: {reread}"
+    )
     for node in sockets:
         f = ray.get(node_facts.options(**on_node(node)).remote("survive"))
         assert f["hashes"] == hashes
