@@ -151,24 +151,20 @@ def build(
     """
     hf = _skeleton(mapping.manifest)
     transformers = _transformers(name)
-    from transformers import modeling_utils
-    from transformers.utils.generic import ContextManagers
+    from weightd.client import transformers_adapter as adapter
 
     t0 = time.perf_counter()
     same_version = hf.get("transformers") == transformers.__version__
     folder = _files_dir(mapping)
     with _stage(lambda: f"building {getattr(cls, '__name__', cls)}", name, hf, transformers, same_version):
-        cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
+        cls, config = _class_and_config(transformers, adapter, name, hf, cls, config, folder)
         config.name_or_path = hf.get("source", "")
-        config, dtype = modeling_utils._get_dtype("auto", None, config, None, tensors, True, None)
-        with ContextManagers(cls.get_init_context(dtype, False, False, None)):
+        config, dtype = adapter.dtype_for(config, tensors)
+        with adapter.init_context(cls, dtype, config):
             module = cls(config)
-        with contextlib.suppress(ImportError, AttributeError):
-            from transformers.monkey_patching import patch_output_recorders
-
-            patch_output_recorders(module)
+        adapter.patch_outputs(module)
     build_seconds = time.perf_counter() - t0
-    info, assigned = _assign(module, tensors, requires_grad)
+    info, assigned = _assign(adapter, module, tensors, requires_grad)
     if info.mismatched_keys:
         k, have, want = sorted(info.mismatched_keys)[0]
         raise _version_error(
@@ -185,20 +181,20 @@ def build(
             name, hf, transformers, f"its weights do not match {cls.__name__} here (e.g. {odd})"
         )
     with _stage(lambda: f"finishing {cls.__name__}", name, hf, transformers, same_version):
-        load_config = modeling_utils.LoadStateDictConfig(
-            pretrained_model_name_or_path=hf.get("source"),
-            dtype=dtype,
-            dtype_plan=module._get_dtype_plan(dtype),
+        adapter.finish(cls, module, source=hf.get("source"), dtype=dtype, info=info)
+    # After the class's own rules (ties, _keys_to_ignore_on_load_missing): a weight the module
+    # has and the segment lacks would be random, not loaded. from_pretrained warns; attach refuses.
+    if info.missing_keys:
+        missing = sorted(info.missing_keys)
+        raise AttachError(
+            f"model {name!r}: {cls.__name__} has {len(missing)} weights the served model does not hold "
+            f"(e.g. {missing[:3]}); they would be random: attach with the class the folder was saved "
+            "with (or none), or serve a folder that holds them"
         )
-        # from_pretrained's own finishing: non-persistent buffers off meta and computed, missing keys
-        # initialized by the class's rules, ties, the report of ignored and initialized keys.
-        cls._finalize_model_loading(module, load_config, info)
+    with _stage(lambda: f"finishing {cls.__name__}", name, hf, transformers, same_version):
         module.eval()
         module.set_use_kernels(False)
-        if module.can_generate() and hasattr(module, "adjust_generation_fn"):
-            module.adjust_generation_fn(
-                None, False, None, folder, None, False, None, True, None, None, "", False
-            )
+        adapter.adjust_generation(module, folder)
     final = dict(module.state_dict(keep_vars=True))
     copies = [n for n in assigned if n in final and final[n].numel() and not mapping.contains(final[n])]
     if copies:
@@ -289,7 +285,7 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: str):
+def _class_and_config(transformers, adapter, name: str, hf: dict, cls, config, folder: str):
     """The concrete class and its config, as ``cls.from_pretrained(folder)`` would pick them."""
     if cls is None:
         cls = getattr(transformers, hf.get("class", ""), None)
@@ -299,16 +295,14 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
                 f"here does not ship (the daemon loaded it with {hf.get('transformers')}): install that "
                 "version, or pass model="
             )
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
-
-    if isinstance(cls, type) and issubclass(cls, _BaseAutoModelClass):
+    if adapter.is_auto_class(cls):
         if config is None:
             config = transformers.AutoConfig.from_pretrained(folder)
         else:
             config = copy.deepcopy(config)
         if type(config) not in cls._model_mapping:
             raise AttachError(f"model {name!r}: {cls.__name__} has no class for a {type(config).__name__}")
-        return _get_model_class(config, cls._model_mapping), config
+        return adapter.concrete_class(cls, config), config
     if config is None:
         config = cls.config_class.from_pretrained(folder)
     else:
@@ -316,28 +310,18 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
     return cls, config
 
 
-def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: bool):
+def _assign(adapter, module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: bool):
     """Put the mapped tensors in place, as from_pretrained's loading loop does; nothing is copied.
 
     Keys follow from_pretrained's prefix rule (a base model's weights into a model with a head,
     and back); what has no place is unexpected, what gets none is missing: both then go to
     the class's own rules in ``_finalize_model_loading``.
     """
-    from transformers.core_model_loading import rename_source_key
-    from transformers.utils.loading_report import LoadStateDictInfo
-
     expected = module.state_dict()
-    info = LoadStateDictInfo(
-        missing_keys=set(expected),
-        unexpected_keys=set(),
-        mismatched_keys=set(),
-        error_msgs=[],
-        conversion_errors={},
-        skipped_pp_keys=set(),
-    )
+    info = adapter.loading_info(set(expected))
     prefix = getattr(module, "base_model_prefix", None) or None
     renamed = {
-        (key if key in expected else rename_source_key(key, [], [], prefix, expected)[0]): t
+        (key if key in expected else adapter.renamed_key(key, prefix, expected)): t
         for key, t in tensors.items()
     }
     # Tied names are left to tie_weights, as when save_pretrained dropped them from the files:
