@@ -19,11 +19,11 @@ transformers is imported only when an HF model is attached; never at import of t
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -34,7 +34,7 @@ from torch import nn
 from weightd.errors import AttachError
 
 EXTRA = "pip install 'weightd[hf]'"
-_files_dirs: dict[str, str] = {}  # segment uuid -> this process's private copy of the small files
+_files_dirs: dict[str, str] = {}  # segment uuid -> the files folder of that generation (shared)
 _lock = threading.RLock()
 
 
@@ -59,9 +59,10 @@ def files(name: str, *, socket: str | None = None) -> dict[str, bytes]:
 
 
 def files_dir(name: str, *, socket: str | None = None) -> str:
-    """A private folder holding the small files, for ``AutoTokenizer.from_pretrained(path)`` and the like.
+    """A folder holding the small files, for ``AutoTokenizer.from_pretrained(path)`` and the like.
 
-    Made once per process and model generation, removed when the process exits.
+    One per user and model generation, shared by that user's workers (Note [one files folder
+    per user and generation]); treat it as read-only. It is removed once its generation is gone.
     """
     return _files_dir(_mapping(name, socket))
 
@@ -239,50 +240,96 @@ def _mapping(name: str, socket: str | None):
 
 
 def _files_dir(mapping) -> str:
-    manifest = mapping.manifest
-    if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
-        from weightd.client.mapping import Mapping
+    """The folder of the generation's small files, shared by every process of this user.
 
-        mapping = Mapping(manifest)
+    Note [one files folder per user and generation]: ``<root>/<segment>-<uuid>``, where root
+    is ``$XDG_RUNTIME_DIR/weightd-files`` or ``/tmp/weightd-files-<uid>`` (0700, checked to be
+    this user's own). It is made once, atomically (written under a temporary name, then
+    renamed), and reused by every worker of this user; it is removed by whichever worker
+    finds its segment gone (a new generation replaced it, the daemon unloaded it). So workers
+    that end by a signal leave nothing behind that outlives their generation.
+    """
+    from weightd import segment
+
+    manifest = mapping.manifest
     with _lock:
         path = _files_dirs.get(manifest.uuid)
         if path is not None and os.path.isdir(path):
             return path
-        path = tempfile.mkdtemp(prefix=f"weightd-{manifest.name[:40]}-")  # 0700: private to this user
-        try:
-            for rel, index in _skeleton(manifest)["files"].items():
-                target = os.path.join(path, rel)
-                if os.path.isabs(rel) or ".." in rel.split("/"):
-                    raise AttachError(f"model {manifest.name!r} names a file {rel!r:.80} outside its folder")
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "wb") as f:
-                    f.write(mapping.storage_bytes(index))
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-        if not _files_dirs:
-            atexit.register(_remove_files_dirs)
+        if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
+            from weightd.client.mapping import Mapping
+
+            mapping = Mapping(manifest)
+        root = _files_root()
+        _sweep(root)
+        seg = manifest.segment.lstrip("/")
+        path = os.path.join(root, f"{seg}-{manifest.uuid[:16]}")
+        if not os.path.isdir(path):
+            making = tempfile.mkdtemp(dir=root, prefix=".making-")
+            try:
+                for rel, index in _skeleton(manifest)["files"].items():
+                    target = os.path.join(making, rel)
+                    if os.path.isabs(rel) or ".." in rel.split("/") or rel == _SEGMENT_FILE:
+                        raise AttachError(
+                            f"model {manifest.name!r} names a file {rel!r:.80} outside its folder"
+                        )
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as f:
+                        f.write(mapping.storage_bytes(index))
+                with open(os.path.join(making, _SEGMENT_FILE), "w") as f:
+                    f.write(os.path.join(segment.client_dir(manifest.directory), seg))
+                try:
+                    os.rename(making, path)
+                except OSError:
+                    if not os.path.isdir(path):  # not another worker's folder that won the race
+                        raise
+            finally:
+                shutil.rmtree(making, ignore_errors=True)
         _files_dirs[manifest.uuid] = path
         return path
 
 
-def _remove_files_dirs() -> None:
-    if _files_dirs and os.getpid() == _owner_pid:
-        for path in _files_dirs.values():
+_SEGMENT_FILE = ".weightd-segment"  # in each files folder: the segment whose files it holds
+MAKING_SECONDS = 3600  # a folder still being made after this long belongs to a process that died
+
+
+def _files_root() -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.geteuid()
+    root = (
+        os.path.join(runtime, "weightd-files")
+        if runtime
+        else os.path.join(tempfile.gettempdir(), f"weightd-files-{uid}")
+    )
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise AttachError(
+            f"{root} is not a private folder of uid {uid} (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):o}): someone else made it; remove it, or set XDG_RUNTIME_DIR"
+        )
+    return root
+
+
+def _sweep(root: str) -> None:
+    """Remove the files folders whose segment is gone, and half-made ones of dead processes."""
+    now = time.time()
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        try:
+            if entry.startswith(".making-"):
+                if now - os.lstat(path).st_mtime > MAKING_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
+            with open(os.path.join(path, _SEGMENT_FILE)) as f:
+                gone = not os.path.exists(f.read())
+        except OSError:
+            continue
+        if gone:
             shutil.rmtree(path, ignore_errors=True)
-
-
-_owner_pid = os.getpid()
-
-
-def _after_fork() -> None:
-    # A forked child shares the parent's folders; it makes its own rather than remove the parent's.
-    global _owner_pid
-    _owner_pid = os.getpid()
-    _files_dirs.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def _class_and_config(transformers, adapter, name: str, hf: dict, cls, config, folder: str):

@@ -21,9 +21,6 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_mode
 from transformers.utils.generic import ContextManagers
 from transformers.utils.loading_report import LoadStateDictInfo
 
-# The transformers releases this module is tested with (the oldest and newest the client supports).
-TESTED = ("5.24.0", "5.25.0")
-
 
 def is_auto_class(cls) -> bool:
     return isinstance(cls, type) and issubclass(cls, _BaseAutoModelClass)

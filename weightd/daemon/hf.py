@@ -250,8 +250,8 @@ def _weight_files(opened: _Opened, config: dict) -> tuple[list[str], list[str]]:
             opened.open(shard)
         return shards, [name]
     raise CheckpointError(
-        f"{opened.folder}: no weights that transformers would load (model.safetensors, "
-        "model.safetensors.index.json, pytorch_model.bin or its index)"
+        f"{opened.folder}: no *.safetensors or pytorch_model.bin weights that transformers would load "
+        "(model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index)"
     )
 
 

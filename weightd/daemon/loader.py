@@ -98,6 +98,9 @@ def main() -> None:
     except ImportError as e:
         send(control, {"error": f"{type(e).__name__}: {e}"})
         return
+    import signal
+
+    signal.signal(signal.SIGCHLD, lambda *_: _reap())  # a killed child leaves no zombie
     send(control, {"ready": True})
     while True:
         _reap()
@@ -108,8 +111,12 @@ def main() -> None:
             job, fds = receive(control)
         except (EOFError, OSError, ValueError):
             return
+        # SIGCHLD held until the pidfd is open: a child that dies at once is not reaped first
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             control.close()
             code = 1
             try:
@@ -120,6 +127,7 @@ def main() -> None:
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         send(control, {"pid": pid}, [pidfd])
         os.close(pidfd)
 
