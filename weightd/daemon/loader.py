@@ -313,10 +313,10 @@ def _implied(torch, transformers, cls, config) -> int:
     """Parameters and persistent buffers the config implies, counted on the meta device (no
     memory), ties counted once."""
     with torch.device("meta"):
-        if issubclass(cls, transformers.models.auto.auto_factory._BaseAutoModelClass):
-            model = cls.from_config(config)
-        else:
+        if issubclass(cls, transformers.PreTrainedModel):
             model = cls(config)
+        else:  # an Auto class: public from_config picks the concrete class
+            model = cls.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
     persistent = set(model.state_dict())
     n = 0
