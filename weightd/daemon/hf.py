@@ -72,14 +72,17 @@ LOADER_BYTES_PER_SECOND = 50 << 20
 POLL_SECONDS = 0.05  # how soon a stop or a deadline kills the loader process
 
 
-def read_folder(folder: Path, *, within: list[str] | None = None, check=None) -> dict | None:
+def read_folder(
+    folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None
+) -> dict | None:
     """Load ``folder`` with ``from_pretrained`` in a loader process; returns the keywords of a
     ``checkpoint.Checkpoint`` (its blobs, tensors, skeleton, the open files the blobs copy
     from in ``keepalive``, the identity of every file read in ``files``), or None if the folder
     has no config.json naming a model type (then it is a plain folder of weight files).
 
     ``check()`` raises to stop the load (a stop, a passed deadline): the loader process is
-    killed within ``POLL_SECONDS``.
+    killed within ``POLL_SECONDS``. ``factory``: an operator-named class ("package.module:Class",
+    weightd/daemon/classes.py) that the loader process imports and loads the folder with.
     """
     check = check or (lambda: None)
     opened = _Opened(folder, within)
@@ -93,7 +96,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None) ->
                 f"{folder} is a Hugging Face model folder; the daemon loads those with transformers, which "
                 f"is not installed where it runs: {EXTRA}"
             )
-        return _load(opened, *found, check)
+        return _load(opened, *found, check, factory)
     except BaseException:
         opened.close()
         raise
@@ -338,7 +341,7 @@ def _is_dir(opened: _Opened, rel: str) -> bool:
 # --- the load --------------------------------------------------------------------------------
 
 
-def _load(opened: _Opened, config: dict, config_bytes: bytes, check) -> dict:
+def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: str | None) -> dict:
     folder = opened.folder
     weights, indexes = _weight_files(opened, config)
     extras = ["generation_config.json"] if opened.exists("generation_config.json") else []
@@ -348,7 +351,7 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check) -> dict:
     weight_bytes = sum(os.fstat(opened.fds[w]).st_size for w in weights)
     check()
     started = time.perf_counter()
-    answer, memfd = _run_loader(opened, config_bytes, weights, indexes + extras, weight_bytes, check)
+    answer, memfd = _run_loader(opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory)
     seconds = time.perf_counter() - started
     keep = [os.fdopen(fd, "rb", closefd=True) for fd in opened.fds.values()]
     opened.fds = {rel: f.fileno() for rel, f in zip(opened.fds, keep)}
@@ -466,7 +469,13 @@ def limits(weight_bytes: int) -> tuple[int, float]:
 
 
 def _run_loader(
-    opened: _Opened, config_bytes: bytes, weights: list[str], others: list[str], weight_bytes: int, check
+    opened: _Opened,
+    config_bytes: bytes,
+    weights: list[str],
+    others: list[str],
+    weight_bytes: int,
+    check,
+    factory: str | None,
 ) -> tuple[dict, int | None]:
     """Run one load in a fork of the loader process; its answer and memfd.
 
@@ -487,6 +496,7 @@ def _run_loader(
             "config": config_bytes.decode("utf-8", errors="replace"),
             "weights": weights,
             "files": weights + others,
+            "factory": factory,
             "memory": memory,
             "cpu_seconds": int(seconds) + 1,
         }

@@ -30,6 +30,9 @@ import socket
 import struct
 import sys
 
+from weightd.daemon import classes
+from weightd.errors import CheckpointError
+
 MAX_ANSWER = 1 << 30
 # Elements the config may imply beyond those in the weight files (buffers the files need not
 # hold, such as position ids) before the gap is "a config describing another model".
@@ -179,6 +182,9 @@ def _child(job: dict, fds: list[int]) -> None:
         except Refused as e:
             send(sock, {"error": str(e)})
             return
+        except CheckpointError as e:  # an operator-named class that is not one
+            send(sock, {"error": e.message})
+            return
         except MemoryError:
             send(
                 sock,
@@ -217,8 +223,17 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     from weightd import layout
 
     folder, snapshot = job["folder"], job["snapshot"]
-    config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
-    cls = _model_class(transformers, folder, config)
+    raw = json.loads(job["config"])
+    # Hook (issue 24): an operator-named class (--factory) loads the folder, weightd/daemon/classes.py.
+    cls = (
+        classes.resolve(job["factory"], folder, transformers)
+        if job.get("factory")
+        else _model_class(transformers, folder, raw)
+    )
+    if issubclass(cls, transformers.PreTrainedModel):  # its own config class, as its from_pretrained reads it
+        config = cls.config_class.from_pretrained(snapshot)
+    else:
+        config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
     implied = _implied(torch, transformers, cls, config)
     in_files = _in_files(torch, snapshot, job["weights"])
     if implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
@@ -278,6 +293,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     )
     hf = {
         "class": type(model).__name__,
+        "import": classes.import_name(type(model)),  # where workers import it from
         "transformers": transformers.__version__,
         "torch": torch.__version__.split("+")[0],
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -293,9 +309,9 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     return {"blobs": blobs, "tensors": tensors, "hf": hf}, [memfd] if memfd is not None else []
 
 
-def _model_class(transformers, folder: str, config):
+def _model_class(transformers, folder: str, config: dict):
     """The class ``from_pretrained`` gets called on: config.architectures[0], else AutoModel."""
-    archs = getattr(config, "architectures", None) or []
+    archs = config.get("architectures") or []
     if not archs:
         return transformers.AutoModel
     name = archs[0]
@@ -303,8 +319,8 @@ def _model_class(transformers, folder: str, config):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise Refused(
             f"{folder}: config.json names the architecture {name!r:.80}, which transformers "
-            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): upgrade "
-            "transformers, or fix architectures"
+            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): if a "
+            f"package you trust defines it, {classes.REMEDY}; else upgrade transformers, or fix architectures"
         )
     return cls
 
