@@ -37,7 +37,7 @@ Note [a preload is adopted, not reloaded]
 -----------------------------------------
 A loaded model's manifest records its ``origin``: the resolved path it was asked for, the
 load options (the factory), and the identity of every file and folder the load read (size,
-mtime_ns, inode, device; ``checkpoint.identity``). A preload at start-up, or a ``reload``
+mtime_ns, inode, device; ``files.identity``). A preload at start-up, or a ``reload``
 entry (a load request with ``reuse``), whose path and options equal the served generation's
 and whose files are all unchanged is that generation: nothing is read, no generation made,
 no shared memory taken (``Store.unchanged``). A file rewritten (new mtime) or replaced (new
@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from weightd import layout, segment
-from weightd.daemon import checkpoint, stream
+from weightd.daemon import checkpoint, files, stream
 from weightd.errors import (
     ModelNotFound,
     OutOfSpace,
@@ -269,11 +269,11 @@ class Store:
         if not origin or origin.get("options") != _options(factory):
             return None
         try:
-            if origin.get("path") != checkpoint.real_path(path):
+            if origin.get("path") != files.real_path(path):
                 return None
         except PermissionDenied:  # changing while resolved: not known to be the same
             return None
-        return model if checkpoint.unchanged(origin.get("files") or []) else None
+        return model if files.unchanged(origin.get("files") or []) else None
 
     def load(
         self,
@@ -310,7 +310,7 @@ class Store:
 
         try:
             check()
-            manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
+            manifest = self._new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             # A Hugging Face folder keeps its description (the factory named its class: hf.py)
             hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
@@ -327,15 +327,22 @@ class Store:
             copied: list[stream.Report] = []
 
             def copy(seg, placed, progress) -> None:
+                # Blobs that say where their bytes are stream in parallel; the others (a fill that
+                # checks something once all is copied: HF's config.json) are written after, in order.
+                streamed = [(b, o) for b, o in placed if b.file is not None or b.data is not None]
                 copied.append(
                     self.readers.copy(
                         seg.fd,
-                        stream.pieces(placed),
+                        stream.pieces(streamed),
                         check=check,
                         progress=progress,
                         reserving=segment.reservation(seg.fd, seg.size),
                     )
                 )
+                for blob, offset in placed:
+                    if blob.file is None and blob.data is None:
+                        check()
+                        blob.fill(seg, offset)
 
             size = layout.write(
                 manifest,
