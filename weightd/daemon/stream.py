@@ -52,7 +52,7 @@ from weightd.errors import CheckpointError, ConfigError, OutOfSpace
 
 log = logging.getLogger("weightd")
 
-DEFAULT_READERS = 8
+DEFAULT_READERS = 4  # measured: O_DIRECT x4 ~ x16 here; more threads only contend for 2 cores
 DEFAULT_CHUNK = 8 << 20
 MIN_CHUNK = 1 << 20
 MAX_CHUNK = 256 << 20
