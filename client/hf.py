@@ -159,6 +159,11 @@ def build(
     t0 = time.perf_counter()
     same_version = hf.get("transformers") == transformers.__version__
     folder = _files_dir(mapping)
+    if hf.get("quantized"):  # Hook (issue 24): quantized folders, weightd/client/quantized.py
+        from weightd.client import quantized
+
+        cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
+        return quantized.build(name, mapping, tensors, cls, hf, folder, transformers, config)
     with _stage(lambda: f"building {getattr(cls, '__name__', cls)}", name, hf, transformers, same_version):
         cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
         config.name_or_path = hf.get("source", "")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from weightd import layout
-from weightd.daemon import classes
+from weightd.daemon import classes, quantized
 from weightd.errors import CheckpointError
 from weightd.layout import Blob
 
@@ -68,6 +68,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None, fa
         if factory
         else _model_class(transformers, folder, config)
     )
+    quant = quantized.check(folder, config)  # a format not served is refused before any read
     weight_files = _weight_files(folder, config)
     for f in weight_files:
         if within is not None:
@@ -82,13 +83,17 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None, fa
         raise
     except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
         first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        what = f"a {quant} quantized checkpoint: " if quant else ""
         raise CheckpointError(
-            f"{folder}: transformers {transformers.__version__} could not load it with "
+            f"{folder}: {what}transformers {transformers.__version__} could not load it with "
             f"{cls.__name__}.from_pretrained: {first}"
         ) from None
     seconds = time.perf_counter() - started
     check()
     state = model.state_dict()
+    subclasses: dict = {}
+    if quant is not None:  # tensor subclasses as plain tensors: Note [tensor subclasses as plain tensors]
+        state, subclasses = quantized.flatten(state, folder)
     blobs, tensors, keep = layout.from_tensors(state, source=str(folder))
     keep.append(model)
     converted = _converted(state, weight_files)
@@ -122,6 +127,8 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None, fa
             # tensors transformers computed (fused, cast...), not taken from the files as they are
             "converted": converted,
             "converted_bytes": converted_bytes,
+            # a quantized folder: its method, and the tensor subclasses to rebuild (quantized.py)
+            "quantized": {"method": quant, "subclasses": subclasses} if quant else None,
             # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
             "unexpected": sorted(info.get("unexpected_keys") or ()),
             "missing": sorted(info.get("missing_keys") or ()),
