@@ -27,6 +27,7 @@ from weightd.errors import (
     RequestTimeout,
     SegmentError,
     StillLoading,
+    TransferFailed,
     UnsafePath,
     WeightdError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "RequestTimeout",
     "SegmentError",
     "StillLoading",
+    "TransferFailed",
     "UnsafePath",
     "WeightdError",
     "attach",

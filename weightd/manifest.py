@@ -12,6 +12,7 @@ no bfloat16 or float8).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -122,6 +123,16 @@ class Manifest:
                 [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
             ],
         }
+
+    def layout_digest(self) -> str:
+        """What the segment's bytes mean, whatever its name, generation, daemon or node: its
+        storages, tensors, skeleton, metadata, source and origin (less ``via``, which says how
+        a copy got there). A peer fill reserves the source's digest and the daemon checks the
+        copy against it on commit (weightd.client.ray_zerocopy.fanout)."""
+        d = self.to_dict()
+        what = {k: d[k] for k in ("storages", "tensors", "skeleton", "metadata", "source", "format")}
+        what["origin"] = {k: v for k, v in (self.origin or {}).items() if k != "via"}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()

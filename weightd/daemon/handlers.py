@@ -248,7 +248,12 @@ class Handlers:
 
     def publish_begin(self, req, peer) -> bytes:
         manifest, reused = self.store.reserve(
-            protocol.field(req, "name", str), protocol.field(req, "nbytes", int), pid=peer.pid
+            protocol.field(req, "name", str),
+            protocol.field(req, "nbytes", int),
+            pid=peer.pid,
+            # a peer fill: the source's layout digest and where the bytes come from (Store.reserve)
+            layout=protocol.field(req, "layout", str, required=False),
+            via=protocol.field(req, "via", str, required=False),
         )
         return protocol.ok(
             segment=manifest.segment,
@@ -262,7 +267,11 @@ class Handlers:
         )
 
     def publish_commit(self, req, peer) -> bytes:
-        model = self.store.commit(protocol.field(req, "segment", str))
+        name = protocol.field(req, "segment", str)
+        if protocol.field(req, "abort", bool, required=False, default=False):
+            # the publisher gives up (a peer fill that cannot finish): nothing of it is served
+            return protocol.ok(abandoned=self.store.abandon(name))
+        model = self.store.commit(name)
         return protocol.ok(model=model.summary())
 
 
