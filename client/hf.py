@@ -162,7 +162,7 @@ def build(
     if hf.get("quantized"):  # Hook (issue 24): quantized folders, weightd/client/quantized.py
         from weightd.client import quantized
 
-        cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
+        cls, config = _class_and_config(transformers, adapter, name, hf, cls, config, folder)
         return quantized.build(name, mapping, tensors, cls, hf, folder, transformers, config)
     with _stage(lambda: f"building {getattr(cls, '__name__', cls)}", name, hf, transformers, same_version):
         cls, config = _class_and_config(transformers, adapter, name, hf, cls, config, folder)
