@@ -4,6 +4,7 @@
 >>> model = hf.attach("llama", adapter="sql")              # PeftModel.from_pretrained(base, sql_dir)
 >>> model = hf.attach("llama", adapter=["sql", "chat"])    # several: PEFT's own switching
 >>> model.set_adapter("chat")
+>>> adapters.add(model, "summarize")                      # one more, later: load_adapter
 
 The base is attached as always (zero-copy); each adapter's segment is mapped, and PEFT builds
 its layers: ``PeftModel.from_pretrained`` for the first adapter, ``load_adapter`` for the
@@ -35,6 +36,7 @@ from weightd.errors import AttachError
 _lock = threading.RLock()  # PEFT's weight reader is swapped process-wide while an adapter loads
 _dirs: dict[str, str] = {}  # segment uuid -> private folder holding its adapter_config.json
 _copied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PeftModel -> {adapter: copies}
+_bases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PeftModel -> its base's served name
 
 
 def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = None, is_trainable=False):
@@ -51,6 +53,7 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
     from weightd.client.client import _with_client
 
     out = model
+    wrapped = isinstance(model, peft.PeftModel)  # adapters added to one attached before
     for i, name in enumerate(names):
         mapping, tensors = _with_client(socket, lambda c, n=name: c._map(n, None))
         spec = (mapping.manifest.skeleton or {}).get("adapter")
@@ -67,7 +70,7 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
         folder = _config_dir(mapping, spec)
         with _lock, _reading(peft_model, tensors):
             try:
-                if i == 0:
+                if i == 0 and not wrapped:
                     out = peft.PeftModel.from_pretrained(
                         model, folder, adapter_name=name, is_trainable=is_trainable, low_cpu_mem_usage=True
                     )
@@ -81,7 +84,17 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
                     f"{type(e).__name__}: {str(e)[:300]}): load the adapter again against the current base"
                 ) from None
         _check_shared(out, name, mapping)
+    _bases[out] = base_name
     return out
+
+
+def add(model: nn.Module, adapters, *, socket: str | None = None, is_trainable=False):
+    """Load more served adapters into a ``PeftModel`` that ``hf.attach(base, adapter=...)`` gave:
+    ``load_adapter`` over the mapped weights (milliseconds: benchmarks/adapters.py)."""
+    base = _bases.get(model)
+    if base is None:
+        raise AttachError("add(): pass a PeftModel that hf.attach(base, adapter=...) returned")
+    return apply(base, model, adapters, socket=socket, is_trainable=is_trainable)
 
 
 def copies(model: nn.Module, name: str, mapping) -> list[str]:

@@ -75,7 +75,9 @@ def daemon(folders, tmp_path_factory):
 
 def reference(folders, *names):
     model = peft.PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(folders["llama"]), folders[names[0]], adapter_name=names[0]
+        transformers.LlamaForCausalLM.from_pretrained(folders["llama"]),
+        folders[names[0]],
+        adapter_name=names[0],
     )
     for n in names[1:]:
         model.load_adapter(folders[n], adapter_name=n)
@@ -101,7 +103,9 @@ def test_an_adapter_attaches_as_peft_from_pretrained(folders, daemon):
     assert sorted(sd) == sorted(ref_sd)
     assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref_sd.items())
     assert torch.equal(logits(model), logits(ref))
-    assert not torch.equal(logits(model), logits(transformers.LlamaForCausalLM.from_pretrained(folders["llama"])))
+    assert not torch.equal(
+        logits(model), logits(transformers.LlamaForCausalLM.from_pretrained(folders["llama"]))
+    )
     # base and adapter weights both in shared memory
     assert adapters.copied(model) == {"sql": 0}
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -122,6 +126,12 @@ def test_several_adapters_switch_as_in_peft(folders, daemon):
         assert torch.equal(logits(model), logits(ref)), name
     with model.disable_adapter(), ref.disable_adapter():
         assert torch.equal(logits(model), logits(ref))
+    later = adapters.add(
+        hf.attach("llama", adapter="sql", socket=daemon.socket), "chat", socket=daemon.socket
+    )
+    assert adapters.copied(later) == {"sql": 0, "chat": 0}
+    later.set_adapter("chat")
+    assert torch.equal(logits(later), logits(ref))
 
 
 def test_ls_shows_adapters_under_their_base(daemon):
@@ -129,7 +139,9 @@ def test_ls_shows_adapters_under_their_base(daemon):
     assert served["sql"]["base"] == "llama" and served["chat"]["base"] == "llama"
     assert "base" not in served["llama"] and served["sql"]["format"] == "peft"
     out = CliRunner().invoke(cli.main, ["ls", "--socket", daemon.socket]).output
-    names = [line.split()[0] if not line.startswith("└─") else line.split()[1] for line in out.splitlines()[1:]]
+    names = [
+        line.split()[0] if not line.startswith("└─") else line.split()[1] for line in out.splitlines()[1:]
+    ]
     assert names[:3] == ["llama", "sql", "chat"] or names[:3] == ["llama", "chat", "sql"], out
     assert "└─ sql" in out and "└─ chat" in out
 
@@ -187,7 +199,9 @@ sys.stdin.readline()
     # a merge in the worker stays private: the base served to others is unchanged
     w.send({})
     merged = w.read()["merged"]
-    assert merged == before["sql"] or torch.allclose(torch.tensor(merged), torch.tensor(before["sql"]), atol=1e-5)
+    assert merged == before["sql"] or torch.allclose(
+        torch.tensor(merged), torch.tensor(before["sql"]), atol=1e-5
+    )
     plain = hf.attach("llama", socket=daemon.socket)
     assert torch.equal(logits(plain), logits(transformers.LlamaForCausalLM.from_pretrained(folders["llama"])))
     w.send({})
