@@ -14,6 +14,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+# module fixtures save and load real models, and workers import torch and transformers:
+# minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
 peft = pytest.importorskip("peft")
 
 from click.testing import CliRunner  # noqa: E402
@@ -182,7 +185,7 @@ print(json.dumps({{"merged": out(merged)}}), flush=True)
 sys.stdin.readline()
 """
     )
-    before = w.read()
+    before = w.read(timeout=300)  # a loaded machine: imports and two attaches
     ref_sql, ref_chat = reference(folders, "sql"), reference(folders, "chat")
     assert before["sql"] == logits(ref_sql).flatten()[:16].tolist()
     with Client(daemon.socket) as c:
@@ -191,14 +194,14 @@ sys.stdin.readline()
         served = {m["name"]: m for m in c.list()}
     assert "chat" not in served and served["sql"]["generation"] == 2
     w.send({})
-    after = w.read()
+    after = w.read(timeout=300)
     assert after["sql"] == before["sql"] and after["chat"] == logits(ref_chat).flatten()[:16].tolist()
     # a new attach gets the new generation
     new = hf.attach("llama", adapter="sql", socket=daemon.socket)
     assert new.peft_config["sql"].r == 4 and torch.equal(logits(new), logits(reference(folders, "chat2")))
     # a merge in the worker stays private: the base served to others is unchanged
     w.send({})
-    merged = w.read()["merged"]
+    merged = w.read(timeout=300)["merged"]
     assert merged == before["sql"] or torch.allclose(
         torch.tensor(merged), torch.tensor(before["sql"]), atol=1e-5
     )

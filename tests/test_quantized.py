@@ -16,6 +16,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+# module fixtures save and load real models, and workers import torch and transformers:
+# minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
 
 from weightd.client import Client, attach, info  # noqa: E402
 from weightd.errors import CheckpointError, UnsupportedFormat  # noqa: E402
