@@ -344,8 +344,13 @@ def part_files(b: Bench, args, res: dict, block: bytes) -> None:
         label = f"{size:g} GiB"
         print(f"{label}: writing files ...", flush=True)
         st = make_safetensors(b.tmp / f"m{size:g}.safetensors", n, block)
-        pt = make_pt(b.tmp / f"m{size:g}.pt", st) if not args.no_pt else None
         rows = res["files"][label] = {}
+        if args.stops_only:
+            rows["stops"] = stops(b, st)
+            print(f"  stops: {rows['stops']}", flush=True)
+            st.unlink()
+            continue
+        pt = make_pt(b.tmp / f"m{size:g}.pt", st) if not args.no_pt else None
         for state in ("cold", "warm"):
             r = rows[state] = {}
 
@@ -651,6 +656,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB files and small folders")
     p.add_argument("--no-pt", action="store_true", help="skip the .pt rows (half the disk)")
     p.add_argument("--no-folders", action="store_true")
+    p.add_argument(
+        "--stops-only", action="store_true", help="only the stops, at --sizes (to load_stops.json)"
+    )
     p.add_argument("--serve", nargs=argparse.REMAINDER, default=[], help="extra serve options (last)")
     p.add_argument(
         "--dir", default=None, help="where to write the checkpoints [default: a temp folder in /tmp]"
@@ -665,12 +673,18 @@ def main(argv=None) -> int:
     try:
         block = random_block()
         part_files(b, args, res, block)
-        if not args.no_folders:
+        if not args.no_folders and not args.stops_only:
             part_folders(b, args, res)
-        part_huge(b, args, res, block)
+        if not args.stops_only:
+            part_huge(b, args, res, block)
     finally:
         b.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.stops_only:
+        (OUT / "load_stops.json").write_text(json.dumps(res, indent=2))
+        for label, rows in res["files"].items():
+            print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows["stops"].items()})
+        return 0
     (OUT / "load.json").write_text(json.dumps(res, indent=2))
     plot(res, OUT / "load.png")
     print("\n".join(report(res)))
