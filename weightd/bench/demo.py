@@ -228,7 +228,8 @@ def staying_resident(size_mib: int, workers: int = 2) -> None:
     print(pressure.table(cases))
     print(
         "\nsafetensors.load_file gives tensors over the file's page cache: the kernel takes those pages "
-        "back under pressure and each forward pass reads them again (major faults, slow passes). "
+        "back under pressure and forward passes read them again (slower passes; major faults where a "
+        "read goes to the disk). "
         "Attached workers map weightd's segment, shared memory charged to the daemon, which no limit "
         "on the workers can evict: their forward passes stay as fast as without the limit."
     )
