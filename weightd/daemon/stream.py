@@ -354,7 +354,7 @@ class Readers:
         large copies measured faster here than ``sendfile``'s 64 KiB pipe rounds (0.6-1.4 s
         against 1.1-2.0 s per GiB, one thread)."""
         if buffer[0] is None:
-            buffer[0] = mmap.mmap(-1, self.chunk + 2 * ALIGN)
+            buffer[0] = _buffer(self.chunk)
         view = memoryview(buffer[0])
         try:
             got = 0
@@ -371,7 +371,7 @@ class Readers:
         """The chunk's aligned span read with O_DIRECT, its bytes written; False where the
         file system refused (then never tried again for this file in this load)."""
         if buffer[0] is None:
-            buffer[0] = mmap.mmap(-1, self.chunk + 2 * ALIGN)  # page aligned, reused
+            buffer[0] = _buffer(self.chunk)
         buf = memoryview(buffer[0])
         lo = src - src % ALIGN
         hi = -(-(src + n) // ALIGN) * ALIGN
@@ -479,3 +479,9 @@ def pieces(placed) -> list[Piece]:
         else:
             raise ValueError("a blob with neither a file nor a buffer cannot be streamed")
     return out
+
+
+def _buffer(chunk: int) -> mmap.mmap:
+    """A reader's buffer: page aligned (O_DIRECT), private anonymous memory (a plain
+    ``mmap(-1)`` is MAP_SHARED, which the kernel counts as shared memory, like a segment)."""
+    return mmap.mmap(-1, chunk + 2 * ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
