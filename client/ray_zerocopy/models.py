@@ -45,19 +45,20 @@ def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str
     here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     if None in sockets:  # no Ray: this machine's daemon alone
         return {None: _client.publish(name, obj, socket=sockets[None])}
-    if here in sockets:
-        first = here
-        out: dict[str | None, dict] = {here: _client.publish(name, obj, socket=sockets[here])}
-    else:  # a driver outside the cluster's nodes: the bytes go through the object store once
-        first = sorted(sockets)[0]
-        ref = ray.put(_Shipment(_tensors(obj)))
-        out = {
-            first: ray.get(
-                _publish.options(scheduling_strategy=on_node(first)).remote(name, ref, sockets[first])
-            )
-        }
-        del ref
-    out.update(peers.spread(name, first, sockets))
+    first = here if here in sockets else sorted(sockets)[0]
+    spread = peers.Spread(name, first, sockets)
+    try:
+        if first == here:
+            out: dict[str | None, dict] = {here: _client.publish(name, obj, socket=sockets[here])}
+        else:  # a driver outside the cluster's nodes: the bytes go through the object store once
+            ref = ray.put(_Shipment(_tensors(obj)))
+            task = _publish.options(scheduling_strategy=on_node(first)).remote(name, ref, sockets[first])
+            out = {first: ray.get(task)}
+            del ref
+    except BaseException:
+        spread.cancel()
+        raise
+    out.update(spread.finish())
     return out
 
 
@@ -88,12 +89,15 @@ def load_everywhere(
         raise ValueError(
             f"reader={first!r} is not an alive node of this cluster: pick one of {sorted(sockets)}"
         )
-    out = {
-        first: ray.get(
-            _load.options(scheduling_strategy=on_node(first)).remote(name, path, sockets[first], factory)
-        )
-    }
-    out.update(peers.spread(name, first, sockets, path=path, factory=factory))
+    # The copying tasks start now, while the first node reads storage.
+    spread = peers.Spread(name, first, sockets, path=path, factory=factory)
+    try:
+        task = _load.options(scheduling_strategy=on_node(first)).remote(name, path, sockets[first], factory)
+        out = {first: ray.get(task)}
+    except BaseException:
+        spread.cancel()
+        raise
+    out.update(spread.finish())
     return out
 
 
