@@ -132,14 +132,15 @@ def shutdown_daemons(*, timeout: float = 30.0) -> list[str]:
     from weightd.client.ray_zerocopy import peers
 
     peers.shutdown()  # nothing left to copy from or to
-    stopped = []
+    stopping = {}
     for name in _daemon_actor_names():
-        try:
+        with contextlib.suppress(ValueError):
             actor = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            continue
+            stopping[actor] = actor.stop.remote()  # all at once: each may take seconds
+    stopped = []
+    for actor, ref in stopping.items():
         with contextlib.suppress(ray.exceptions.RayError):
-            stopped.append(ray.get(actor.stop.remote(), timeout=timeout))
+            stopped.append(ray.get(ref, timeout=timeout))
         ray.kill(actor, no_restart=True)
     return [s for s in stopped if s]
 

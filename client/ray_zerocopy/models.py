@@ -29,7 +29,9 @@ def node_sockets(socket: str | None = None) -> dict[str | None, str]:
         if ping(local):
             return {None: local}
         ray.init()
-    return ensure_daemons(socket)
+    # fill=False: copying the cluster's other models to a node that lacks them is for an
+    # explicit ensure_daemons(), not a side effect of this load or publish.
+    return ensure_daemons(socket, fill=False)
 
 
 def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str | None, dict]:
@@ -109,7 +111,7 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
     if not ray.is_initialized():
         return int(_unload(node_socket(socket), name))
     peers.forget(name)  # first: a node added meanwhile is not filled with it
-    sockets = ensure_daemons(socket)
+    sockets = ensure_daemons(socket, fill=False)
     refs = [_unload_task.options(scheduling_strategy=on_node(n)).remote(s, name) for n, s in sockets.items()]
     return sum(ray.get(refs))
 

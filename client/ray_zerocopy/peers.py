@@ -77,28 +77,30 @@ class Spread:
     def __init__(self, name: str, first: str, sockets: dict[str, str], *, path=None, factory=None):
         self.name, self.first, self.socket = name, first, sockets[first]
         self.key = uuid.uuid4().hex  # this spread: the model's copies descend from one source
-        others = {n: s for n, s in sockets.items() if n != first}
-        self.fills = {}
-        if others:
-            # Nothing here waits: the registry and the copying tasks start while storage is read.
-            self.reg = registry()
-            self.reg.register.remote(name, self.key, path, factory)
-            self.fills = _start(name, self.key, others)
+        # Nothing here waits: the registry and the copying tasks start while storage is read.
+        # Registered even on a one-node cluster: a node added later copies it from there.
+        self.reg = registry()
+        self.reg.register.remote(name, self.key, path, factory)
+        self.fills = _start(name, self.key, {n: s for n, s in sockets.items() if n != first})
 
     def finish(self) -> dict[str, dict]:
         """``first`` holds it now: copy it everywhere; ``{node: the daemon's model summary}``."""
+        source = _server(self.first).describe.remote(self.socket, self.name)
+        held = self.reg.hold.remote(self.key, self.first, self.socket, source, True)
         if not self.fills:
             return {}
-        source = ray.get(_server(self.first).describe.remote(self.socket, self.name))
-        ray.get(self.reg.hold.remote(self.key, self.first, _holding(self.socket, source), source))
+        try:
+            ray.get(held)
+        except BaseException:
+            self.cancel()
+            raise
         return _gather(self.name, self.fills)
 
     def cancel(self) -> None:
         """``first`` could not load it: the copies waiting for it end, nothing is served."""
-        if self.fills:
-            ray.get(self.reg.cancel.remote(self.key))
-            with contextlib.suppress(WeightdError):
-                _gather(self.name, self.fills)
+        ray.get(self.reg.cancel.remote(self.key))
+        with contextlib.suppress(WeightdError):
+            _gather(self.name, self.fills)
 
 
 def complete(sockets: dict[str, str], held: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
@@ -305,9 +307,9 @@ def _fill(name: str, key: str, node: str, socket: str) -> dict:
                     continue
                 finally:
                     reg.release.remote(key, holder)
-                holding = _holding(socket, copy.manifest.to_dict())
+                mine = copy.manifest.to_dict()
                 summary, copy = copy.commit(), None
-                ray.get(reg.hold.remote(key, node, holding))
+                ray.get(reg.hold.remote(key, node, socket, mine))
                 return summary
         except BaseException:
             if copy is not None:
@@ -322,7 +324,7 @@ def _reload(c, reg, key: str, node: str, socket: str, source: Manifest, lease: d
         summary = c.load(lease["path"], source.name, factory=lease["factory"])
         mine = c.manifest(source.name, summary["generation"])
         if mine.layout_digest() == source.layout_digest():  # the file did not change meanwhile
-            ray.get(reg.hold.remote(key, node, _holding(socket, mine.to_dict())))
+            ray.get(reg.hold.remote(key, node, socket, mine.to_dict()))
         return summary
     finally:
         reg.reading_done.remote(key)
@@ -474,13 +476,14 @@ class Peers:
     async def holding(self, key: str) -> list[str]:
         return sorted(self.holders.get(key, {}))
 
-    async def hold(self, key: str, node: str, holding: dict, manifest: dict | None = None) -> None:
-        """``node`` holds the model of spread ``key`` (the first one: with the source manifest)."""
+    async def hold(self, key: str, node: str, socket: str, manifest: dict, source: bool = False) -> None:
+        """``node``'s daemon (at ``socket``) serves the model of spread ``key`` as ``manifest``
+        says; ``source``: it is the first, whose manifest every copy reproduces."""
         async with self._cond():
             if key in self.holders:
-                self.holders[key][node] = holding
+                self.holders[key][node] = _holding(socket, manifest)
                 for m in self.models.values():
-                    if m["key"] == key and m["manifest"] is None:
+                    if source and m["key"] == key and m["manifest"] is None:
                         m["manifest"] = manifest
             self.changed.notify_all()
 
