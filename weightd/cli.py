@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from datetime import datetime
 
 import click
@@ -183,7 +184,19 @@ def main() -> None:
     "A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
     "NAME defaults to the file or folder name less its extension (.safetensors, .pt, .pth, .bin)."
 )
-@factories_option("How clients build model NAME's module when they attach without model=. Repeatable.")
+@factories_option(
+    "How clients build model NAME's module when they attach without model=; for a Hugging Face folder, "
+    "the class (package.module:Class) the daemon loads it with. Repeatable."
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=ShellWords(),
+    metavar="NAME=BASE:PATH",
+    help="A PEFT adapter folder to serve as NAME over the preloaded model BASE (attach it with "
+    "hf.attach(BASE, adapter=NAME)). Repeatable.",
+)
 @socket_option
 @click.option(
     "--instance",
@@ -269,6 +282,30 @@ def main() -> None:
     "2 MiB pages (systemd/mnt-weightd.mount). Clients learn it from the daemon. [default: /dev/shm]",
 )
 @click.option(
+    "--load-readers",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="Reader threads that stream checkpoints into segments (README: Loading).",
+)
+@click.option(
+    "--load-chunk", type=ByteCount(), default="8M", show_default=True, help="Bytes a reader copies at a time."
+)
+@click.option(
+    "--load-direct",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="O_DIRECT reads: auto uses them for what is not in the page cache.",
+)
+@click.option(
+    "--load-parallel",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Loads of different models that may run side by side (models on different disks).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option(
@@ -282,6 +319,7 @@ def main() -> None:
 def serve(
     models,
     factories,
+    adapters,
     socket,
     instance,
     mode,
@@ -295,6 +333,10 @@ def serve(
     keep_going,
     check,
     shm_dir,
+    load_readers,
+    load_chunk,
+    load_direct,
+    load_parallel,
     log_level,
     log_format,
 ) -> None:
@@ -304,7 +346,7 @@ def serve(
     from weightd.daemon.server import Server
 
     logs.configure(log_level, log_format)
-    specs = _model_specs(models, factories)
+    specs = _model_specs(models, factories) + _adapter_specs(adapters)
     config = Config(
         models=specs,
         socket=socket,
@@ -320,6 +362,10 @@ def serve(
         keep_going=keep_going,
         check=check,
         shm_dir=shm_dir,
+        load_readers=load_readers,
+        load_chunk=load_chunk,
+        load_direct=load_direct,
+        load_parallel=load_parallel,
     )
     Server(config).run()
 
@@ -336,31 +382,41 @@ def ls(socket, as_json) -> None:
     models = _ask(socket, lambda c: c.list(), as_json)
     if models is None:
         return
-    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SOURCE")]
+    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "RATE", "SOURCE")]
     failures = []
-    for m in models:
+    for m in _adapters_under_bases(models):
         if m.get("state") == "loading":
             pct = 100 * m["done"] / m["total"] if m["total"] else 0
-            rows.append((m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", m["source"]))
+            rows.append(
+                (m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", "-", m["source"])
+            )
             continue
         if m.get("state") == "failed":
-            rows.append((m["name"], "-", "-", "-", "failed", "-", "-"))
+            rows.append((m["name"], "-", "-", "-", "failed", "-", "-", "-"))
             failures.append(f"{m['name']}: failed: [{m['error']['code']}] {m['error']['message']}")
             continue
         rows.append(
             (
-                m["name"],
+                m.get("shown", m["name"]),
                 str(m["generation"]),
                 _size(m["nbytes"]),
                 str(m["tensors"]),
                 "ready (adopted)" if m.get("adopted") else "ready",
                 _when(m["created"]),
+                _rate(m.get("load")),
                 m["source"],
             )
         )
     _table(rows)
     for line in failures:
         click.echo(line)
+
+
+def _rate(load: dict | None) -> str:
+    """How a model's bytes came in (weightd.daemon.stream.Report): rate, readers, path."""
+    if not load:
+        return "-"
+    return f"{load['gbps']:.2f} GB/s, {load['readers']} readers, {load['path']}"
 
 
 @main.command()
@@ -410,7 +466,9 @@ def stats(socket, as_json) -> None:
         )
     for m in s["models"]:
         adopted = " (adopted from the previous daemon)" if m.get("adopted") else ""
-        click.echo(f"{m['name']} generation {m['generation']}: from {m['source']}{adopted}")
+        load = m.get("load")
+        how = f", {_size(load['bytes'])} in {load['seconds']:.2f} s, {_rate(load)}" if load else ""
+        click.echo(f"{m['name']} generation {m['generation']}: from {m['source']}{adopted}{how}")
     for m in s.get("failed", []):
         click.echo(f"{m['name']}: failed: [{m['error']['code']}] {m['error']['message']}")
     for m in s["models"]:
@@ -451,7 +509,19 @@ def stats(socket, as_json) -> None:
     default=None,
     help="Model name [default: the file or folder name without its checkpoint extension].",
 )
-@click.option("--factory", default=None, metavar="MODULE:FUNCTION", help="How clients build the module.")
+@click.option(
+    "--factory",
+    default=None,
+    metavar="MODULE:FUNCTION",
+    help="How clients build the module; for a Hugging Face folder, the class that loads it "
+    "(package.module:Class).",
+)
+@click.option(
+    "--base",
+    default=None,
+    metavar="NAME",
+    help="PATH is a PEFT adapter folder: serve it over the loaded model NAME (checked against it).",
+)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -460,7 +530,7 @@ def stats(socket, as_json) -> None:
 )
 @socket_option
 @json_option
-def load(path, name, factory, timeout, socket, as_json) -> None:
+def load(path, name, factory, base, timeout, socket, as_json) -> None:
     """Have the running daemon load PATH (a new generation if NAME is loaded).
 
     Exits at once with an error if the daemon stops or dies meanwhile.
@@ -470,14 +540,18 @@ def load(path, name, factory, timeout, socket, as_json) -> None:
     with Client(socket, timeout=timeout) as c:
         if sys.stderr.isatty() and not as_json:
             with click.progressbar(length=1, label=f"loading {path}", file=sys.stderr) as bar:
+                t0 = time.monotonic()
 
                 def progress(done, total):
                     bar.length = max(total, 1)
+                    rate = done / max(time.monotonic() - t0, 1e-6)
+                    left = f", {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+                    bar.label = f"loading {path} ({rate / 1e9:.2f} GB/s{left})"
                     bar.update(done - bar.pos)
 
-                model = c.load(path, name, factory=factory, progress=progress, timeout=timeout)
+                model = c.load(path, name, factory=factory, progress=progress, timeout=timeout, base=base)
         else:
-            model = c.load(path, name, factory=factory, timeout=timeout)
+            model = c.load(path, name, factory=factory, timeout=timeout, base=base)
     click.echo(
         json.dumps(model, indent=2)
         if as_json
@@ -498,6 +572,8 @@ def unload(name, socket, as_json) -> None:
     click.echo(
         json.dumps(model, indent=2)
         if as_json
+        else f"cancelled the load of {model['name']}"
+        if model.get("state") == "cancelled"
         else f"unloaded {model['name']} generation {model['generation']}"
     )
 
@@ -617,6 +693,41 @@ def _model_specs(models, factories):
         spec.factory = by_name.pop(spec.model_name, None)
     if by_name:
         raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
+    return specs
+
+
+def _adapters_under_bases(models: list[dict]) -> list[dict]:
+    """``ls``'s order: each model followed by the PEFT adapters over it (indented); adapters
+    whose base is not served come last, saying so."""
+    adapters = [m for m in models if m.get("base")]
+    out, placed = [], set()
+    for m in models:
+        if m.get("base"):
+            continue
+        out.append(m)
+        for a in adapters:
+            if a["base"] == m["name"] and m.get("state", "ready") == "ready":
+                out.append({**a, "shown": f"└─ {a['name']}"})
+                placed.add(a["name"])
+    out += [
+        {**a, "shown": f"{a['name']} (adapter of {a['base']}, not served)"}
+        for a in adapters
+        if a["name"] not in placed
+    ]
+    return out
+
+
+def _adapter_specs(adapters):
+    """``--adapter NAME=BASE:PATH``: preloads after the models, in order, so their base is there."""
+    from weightd.daemon.config import ModelSpec
+
+    specs = []
+    for item in adapters:
+        name, sep, rest = item.partition("=")
+        base, sep2, path = rest.partition(":")
+        if not (sep and sep2 and name and base and path):
+            raise click.BadParameter(f"{item!r}: write NAME=BASE:PATH", param_hint="--adapter")
+        specs.append(ModelSpec(path=path, name=name, base=base))
     return specs
 
 

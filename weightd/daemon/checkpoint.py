@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightd import layout
-from weightd.errors import CheckpointError, PermissionDenied, SegmentError
+from weightd.daemon import hf
+from weightd.daemon.files import check_within, identity, open_file
+from weightd.errors import CheckpointError, SegmentError
 from weightd.layout import Blob
 from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
 
@@ -137,90 +139,14 @@ def _read(
         return read_safetensors(p, within)
     if p.suffix in TORCH_SUFFIXES:
         return read_torch(p, allow_pickle=allow_pickle, within=within)
+    if p.suffix == ".gguf":  # Hook (issue 24): quantized formats, weightd/daemon/quantized.py
+        from weightd.daemon import quantized
+
+        raise quantized.gguf(p)
     raise CheckpointError(
         f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
         "and Hugging Face model folders"
     )
-
-
-def identity(path: str | os.PathLike, fd: int | None = None) -> dict:
-    """What identifies a file's contents without reading them: resolved path, size, mtime_ns,
-    inode and device (of the open ``fd`` when given: the file actually read)."""
-    try:
-        st = os.fstat(fd) if fd is not None else os.stat(path)
-        real = os.readlink(f"/proc/self/fd/{fd}") if fd is not None else os.path.realpath(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot stat it ({e.strerror})") from None
-    return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
-
-
-def unchanged(files: list[dict]) -> bool:
-    """Whether every file recorded by ``identity`` is still the same (same inode, device,
-    size and mtime): then its contents are taken to be what was loaded from it. A file
-    rewritten in place changes its mtime; one replaced (an atomic rename) changes its inode."""
-    if not files:
-        return False
-    for f in files:
-        try:
-            st = os.stat(f["path"])
-        except (OSError, KeyError, TypeError):
-            return False
-        if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) != (
-            f.get("size"),
-            f.get("mtime_ns"),
-            f.get("ino"),
-            f.get("dev"),
-        ):
-            return False
-    return True
-
-
-def real_path(path: str | os.PathLike) -> str:
-    """``path`` with symlinks and ``..`` resolved; a path being changed meanwhile is refused."""
-    try:
-        return os.path.realpath(path)
-    except OSError as e:  # a symlink turned into something else between lstat and readlink
-        raise PermissionDenied(
-            f"{path} changed while it was being resolved ({e.strerror}): try again"
-        ) from None
-
-
-def check_within(path: str | os.PathLike, roots: list[str], real: str | None = None) -> str:
-    """``path`` with symlinks and ``..`` resolved (or ``real``, where it was found to be), if
-    that lies inside one of ``roots``."""
-    real = real_path(path) if real is None else real
-    for root in roots:
-        root = os.path.realpath(root)
-        if real == root or real.startswith(root.rstrip("/") + "/"):
-            return real
-    raise PermissionDenied(
-        f"{path} resolves to {real}, outside the folders this daemon loads from ({', '.join(roots)}): "
-        "move the checkpoint there, or start the daemon with another --model-dir"
-    )
-
-
-def open_file(path: str | os.PathLike, within: list[str] | None = None):
-    """Open a checkpoint file once, for reading from that descriptor only.
-
-    Never blocks (a FIFO named like a checkpoint is refused, not waited on). With ``within``
-    the check is of the file actually opened, by its descriptor (/proc/self/fd/N), not of the
-    path: a symlink or folder swapped in between a check and the open cannot make the daemon
-    read a file outside ``--model-dir``.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{path}: not a regular file: a checkpoint is a file or a folder of them")
-        if within is not None:
-            check_within(path, within, real=os.readlink(f"/proc/self/fd/{fd}"))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _read_text(path: Path, within: list[str] | None, files: list[dict]) -> str:
@@ -271,7 +197,13 @@ def read_safetensors(path: Path, within: list[str] | None = None) -> Checkpoint:
                 )
             spans.append((begin, end, name))
             ck.tensors.append(TensorMeta(name, len(ck.blobs), 0, dtype, shape, contiguous_stride(shape)))
-            ck.blobs.append(Blob(end - begin, _file_fill(f, data_start + begin, end - begin, path)))
+            ck.blobs.append(
+                Blob(
+                    end - begin,
+                    _file_fill(f, data_start + begin, end - begin, path),
+                    file=(f.fileno(), data_start + begin, str(path)),
+                )
+            )
         spans.sort()
         b0 = e0 = 0
         n0 = None
@@ -363,29 +295,85 @@ def read_torch(path: Path, *, allow_pickle: bool = False, within: list[str] | No
     """
     import torch  # here: a daemon that serves only safetensors never pays for importing torch
 
+    f = open_file(path, within)
     try:
-        with open_file(path, within) as f:
-            files = [identity(path, f.fileno())]
-            # The file opened and checked above, by its descriptor: /proc/self/fd/N is that
-            # very file whatever happens to the path meanwhile.
-            obj = _torch_load(f"/proc/self/fd/{f.fileno()}", weights_only=not allow_pickle)
+        files = [identity(path, f.fileno())]
+        # The file opened and checked above, by its descriptor: /proc/self/fd/N is that
+        # very file whatever happens to the path meanwhile.
+        obj = _torch_load(f"/proc/self/fd/{f.fileno()}", weights_only=not allow_pickle)
     except CheckpointError:
+        f.close()
         raise
     except Exception as e:
+        f.close()
         hint = (
             " It holds objects other than tensors: if you trust the file, load it with --allow-pickle."
             if "weights_only" in str(e) or "Unsupported global" in str(e)
             else " The file is truncated, corrupt or not a PyTorch checkpoint."
         )
         raise CheckpointError(f"{path}: torch.load failed: {str(e).splitlines()[0][:300]}.{hint}") from None
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
-    blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, path), source=path)
+    try:
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, dict):
+            raise CheckpointError(
+                f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)"
+            )
+        blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, path), source=path)
+        in_files(blobs, keep, [(f.fileno(), str(path))])
+    except BaseException:
+        f.close()
+        raise
+    keep.append(f)
     return Checkpoint(
         path=str(path), format="torch", blobs=blobs, tensors=tensors, keepalive=keep, files=files
     )
+
+
+def in_files(blobs: list[Blob], storages: list, files: list[tuple[int, str]]) -> int:
+    """Say which blobs are bytes of one of ``files`` (descriptor, path) as they are on disk, so
+    the readers stream them from the file (``Blob.file``); returns how many bytes that covers.
+
+    ``torch.load(mmap=True)`` and safetensors map the file and hand out storages inside the
+    mapping: a storage's address less the mapping's start, plus the mapping's file offset, is
+    where its bytes are in the file. Matched by device and inode (/proc/self/maps) to the very
+    file opened. A mapping with pages written since (``Anonymous`` in smaps: copied on write,
+    no longer the file's bytes) is not trusted: its blobs are copied from memory.
+    """
+    by_id = {}
+    for fd, path in files:
+        st = os.fstat(fd)
+        by_id[(st.st_dev, st.st_ino)] = (fd, path)
+    maps = []  # (lo, hi, file offset, fd, path)
+    try:
+        with open("/proc/self/smaps") as sm:
+            current = None
+            for line in sm:
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):
+                    current = None
+                    parts = line.split()
+                    if len(parts) >= 6:
+                        major, minor = (int(x, 16) for x in parts[3].split(":"))
+                        hit = by_id.get((os.makedev(major, minor), int(parts[4])))
+                        if hit is not None:
+                            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                            current = [lo, hi, int(parts[2], 16), *hit]
+                            maps.append(current)
+                elif current is not None and line.startswith("Anonymous:") and int(line.split()[1]):
+                    maps.remove(current)  # written to since it was mapped
+                    current = None
+    except OSError:
+        return 0
+    covered = 0
+    for blob, storage in zip(blobs, storages):
+        ptr = storage.data_ptr()
+        for lo, hi, pgoff, fd, path in maps:
+            if lo <= ptr and ptr + blob.nbytes <= hi:
+                blob.file = (fd, pgoff + ptr - lo, path)
+                covered += blob.nbytes
+                break
+    return covered
 
 
 def _torch_load(path: Path, *, weights_only: bool):
@@ -412,30 +400,18 @@ def _read_folder(
     factory: str | None = None,
 ) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
-    # Hook (issue 11): transformers model folders load through from_pretrained, in weightd/daemon/hf.py.
-    from weightd.daemon import hf
-
-    if hf.is_model_folder(folder):
-        return hf.read_folder(folder, within=within, check=check, factory=factory)
+    found = hf.read_folder(folder, within=within, check=check, factory=factory)
+    if found is not None:
+        return Checkpoint(**found)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
-            ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within, check=check)
-            break
-    else:
-        files = sorted(folder.glob("*.safetensors")) or sorted(
-            f for f in folder.iterdir() if f.suffix in TORCH_SUFFIXES and f.is_file()
-        )
-        if not files:
-            raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
-        ck = _read_many(folder, files, allow_pickle=allow_pickle, within=within, check=check)
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            ck.skeleton = {"hf_config": json.loads(_read_text(config, within, ck.files))}
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{config}: not valid JSON ({e})") from None
-        ck.format = "huggingface"
-    return ck
+            return _read_index(folder / index_name, allow_pickle=allow_pickle, within=within, check=check)
+    files = sorted(folder.glob("*.safetensors")) or sorted(
+        f for f in folder.iterdir() if f.suffix in TORCH_SUFFIXES and f.is_file()
+    )
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
+    return _read_many(folder, files, allow_pickle=allow_pickle, within=within, check=check)
 
 
 def _read_index(

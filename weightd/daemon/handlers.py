@@ -15,7 +15,7 @@ import os
 import time
 
 from weightd import __version__, memory, protocol, segment
-from weightd.daemon import checkpoint
+from weightd.daemon import files
 from weightd.daemon.config import Config, default_name
 from weightd.daemon.endpoints import Peer
 from weightd.daemon.loads import Loads
@@ -213,6 +213,7 @@ class Handlers:
         path = self._allowed(protocol.field(req, "path", str))
         name = protocol.check_name(protocol.field(req, "name", str, required=False) or default_name(path))
         factory = protocol.field(req, "factory", str, required=False)
+        base = protocol.field(req, "base", str, required=False)  # a PEFT adapter over that model
         # reuse: a reload entry, which keeps the served generation if its source is unchanged
         # (Note [a preload is adopted, not reloaded] in store.py)
         reuse = protocol.field(req, "reuse", bool, required=False, default=False)
@@ -220,7 +221,7 @@ class Handlers:
         # is not started, or is cancelled
         deadline = protocol.field(req, "deadline", (int, float), required=False)
         if reuse and not self.loads.loading(name):
-            same = self.store.unchanged(name, path, factory)
+            same = self.store.unchanged(name, path, factory, base)
             if same is not None:
                 return protocol.ok(model=same.summary(), reused=True)
         within = self.config.model_dirs or None
@@ -229,6 +230,7 @@ class Handlers:
             name,
             path,
             factory=factory,
+            base=base,
             within=within,
             deadline=None if deadline is None else time.monotonic() + float(deadline),
             reuse=reuse,
@@ -240,11 +242,20 @@ class Handlers:
         (and every file the load reads is checked again: a shard may be a symlink)."""
         if not self.config.model_dirs:
             return path
-        return checkpoint.check_within(path, self.config.model_dirs)
+        return files.check_within(path, self.config.model_dirs)
 
     def unload(self, req, peer) -> bytes:
-        model = self.store.unload(protocol.field(req, "name", str))
-        return protocol.ok(model=model.summary())
+        name = protocol.field(req, "name", str)
+        # A load of that name under way is stopped (its half-written segment removed), and
+        # whatever generation is served goes too.
+        stopped = self.loads.cancel_name(name, "the model was unloaded while it loaded")
+        try:
+            model = self.store.unload(name)
+        except ModelNotFound:
+            if not stopped:
+                raise
+            return protocol.ok(model={"name": name, "generation": None, "state": "cancelled"}, cancelled=True)
+        return protocol.ok(model=model.summary(), cancelled=stopped)
 
     def publish_begin(self, req, peer) -> bytes:
         manifest, reused = self.store.reserve(

@@ -25,6 +25,7 @@ import time
 import zmq
 
 from weightd import __version__, protocol, segment
+from weightd.daemon import stream
 from weightd.daemon.config import Config
 from weightd.daemon.endpoints import Endpoints, Peer
 from weightd.daemon.handlers import Handlers
@@ -63,9 +64,10 @@ class Server:
             allow_pickle=config.allow_pickle,
             group=config.group,
             devices=config.devices,
+            readers=stream.Readers(config.load_readers, config.load_chunk, config.load_direct),
         )
         self.endpoints = Endpoints(config.socket, group=config.group)
-        self.loads = Loads(self.store)
+        self.loads = Loads(self.store, parallel=config.load_parallel)
         self.handlers = Handlers(config, self.store, self.loads)
         self.metrics = None
         if config.metrics is not None:
@@ -102,7 +104,8 @@ class Server:
             self.endpoints.bind()
             for spec in self.config.models:
                 name = spec.model_name
-                same = self.store.unchanged(name, spec.path, spec.factory)
+                base = getattr(spec, "base", None)  # an adapter (serve --adapter NAME=BASE:PATH)
+                same = self.store.unchanged(name, spec.path, spec.factory, base)
                 if same is not None:
                     log.info(
                         "%s: generation %d already holds %s, unchanged since it was loaded: not reloaded",
@@ -114,7 +117,12 @@ class Server:
                     self.preloads[name] = None
                     continue
                 self.loads.submit(
-                    None, name, spec.path, factory=spec.factory, progress=self._startup_progress(name)
+                    None,
+                    name,
+                    spec.path,
+                    factory=spec.factory,
+                    base=base,
+                    progress=self._startup_progress(name),
                 )
             self._log_pages()
         except BaseException:

@@ -37,7 +37,7 @@ Note [a preload is adopted, not reloaded]
 -----------------------------------------
 A loaded model's manifest records its ``origin``: the resolved path it was asked for, the
 load options (the factory), and the identity of every file and folder the load read (size,
-mtime_ns, inode, device; ``checkpoint.identity``). A preload at start-up, or a ``reload``
+mtime_ns, inode, device; ``files.identity``). A preload at start-up, or a ``reload``
 entry (a load request with ``reuse``), whose path and options equal the served generation's
 and whose files are all unchanged is that generation: nothing is read, no generation made,
 no shared memory taken (``Store.unchanged``). A file rewritten (new mtime) or replaced (new
@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from weightd import layout, segment
-from weightd.daemon import checkpoint
+from weightd.daemon import checkpoint, files, stream
 from weightd.errors import (
     ModelNotFound,
     OutOfSpace,
@@ -90,6 +90,9 @@ class Model:
     gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.daemon.gpu.GpuCopy (serve --device)
     touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
     adopted: bool = False  # left by a previous daemon of this instance, served without a reload
+    load: dict | None = (
+        None  # how its bytes came in (weightd.daemon.stream.Report), when this daemon loaded it
+    )
 
     def summary(self) -> dict:
         m = self.manifest
@@ -105,13 +108,16 @@ class Model:
             "source": m.source,
             "format": m.format,
             "created": m.created,
+            "load": self.load,
             **({"via": m.origin["via"]} if (m.origin or {}).get("via") else {}),
+            # a PEFT adapter: the model it goes over (weightd/daemon/adapters.py)
+            **({"base": m.skeleton["adapter"]["base"]} if "adapter" in (m.skeleton or {}) else {}),
         }
 
 
-def _options(factory: str | None) -> dict:
+def _options(factory: str | None, base: str | None = None) -> dict:
     """The load options a manifest's origin records: what must match for a reload to be skipped."""
-    return {"factory": factory}
+    return {"factory": factory, **({"base": base} if base else {})}
 
 
 @dataclass
@@ -170,8 +176,10 @@ class Store:
         allow_pickle: bool = False,
         group: int | None = None,
         devices: list[str] | None = None,
+        readers: stream.Readers | None = None,
     ):
         self.prefix = segment.prefix(instance)
+        self.readers = readers or stream.Readers()  # the threads every load's bytes go through
         self.huge_asked = segment.huge_pages_asked()  # why segments should get huge pages, or None
         self.mode = mode
         self.gid = os.getegid() if group is None else group
@@ -254,20 +262,22 @@ class Store:
 
     # --- loading and publishing ---
 
-    def unchanged(self, name: str, path: str, factory: str | None = None) -> Model | None:
+    def unchanged(
+        self, name: str, path: str, factory: str | None = None, base: str | None = None
+    ) -> Model | None:
         """The served generation of ``name`` if loading ``path`` with these options would load
         the same bytes again: Note [a preload is adopted, not reloaded]."""
         with self._lock:
             model = self._models.get(name)
         origin = model.manifest.origin if model is not None else None
-        if not origin or origin.get("options") != _options(factory):
+        if not origin or origin.get("options") != _options(factory, base):
             return None
         try:
-            if origin.get("path") != checkpoint.real_path(path):
+            if origin.get("path") != files.real_path(path):
                 return None
         except PermissionDenied:  # changing while resolved: not known to be the same
             return None
-        return model if checkpoint.unchanged(origin.get("files") or []) else None
+        return model if files.unchanged(origin.get("files") or []) else None
 
     def load(
         self,
@@ -277,8 +287,10 @@ class Store:
         progress: Callable[[int, int], None] | None = None,
         within: list[str] | None = None,
         check: Callable[[], None] | None = None,
+        base: str | None = None,
     ) -> Model:
-        """Load ``path`` as a new generation of ``name``. ``check()`` raises to stop the load
+        """Load ``path`` as a new generation of ``name`` (a PEFT adapter over the served model
+        ``base``, if given). ``check()`` raises to stop the load
         (between files, and every ``layout.FILL_CHUNK`` of the copy): the half-written
         segment is removed."""
         name = check_name(name)
@@ -288,9 +300,14 @@ class Store:
         check()
         self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
         try:
-            ck = checkpoint.read(
-                path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
-            )
+            if base is not None:  # Hook (issue 24): PEFT adapters by name, weightd/daemon/adapters.py
+                from weightd.daemon import adapters
+
+                ck = adapters.read(path, base, self._base(name, base).manifest, within=within, check=check)
+            else:
+                ck = checkpoint.read(
+                    path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
+                )
         except BaseException:
             self._progress.pop(name, None)
             raise
@@ -304,7 +321,7 @@ class Store:
 
         try:
             check()
-            manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
+            manifest = self._new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             # A Hugging Face folder keeps its description (the factory named its class: hf.py)
             hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
@@ -313,30 +330,71 @@ class Store:
             manifest.origin = {
                 "path": manifest.source,
                 "files": ck.files,
-                "options": _options(factory),
+                "options": _options(factory, base),
                 # what the reader computed rather than copied (Hugging Face folders)
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
             self._check_space(name, ck.nbytes)
-            size = layout.write(manifest, ck.blobs, mode=self.mode, owner=self._owner(), progress=tracked)
+            copied: list[stream.Report] = []
+
+            def copy(seg, placed, progress) -> None:
+                # Blobs that say where their bytes are stream in parallel; the others (a fill that
+                # checks something once all is copied: HF's config.json) are written after, in order.
+                streamed = [(b, o) for b, o in placed if b.file is not None or b.data is not None]
+                copied.append(
+                    self.readers.copy(
+                        seg.fd,
+                        stream.pieces(streamed),
+                        check=check,
+                        progress=progress,
+                        reserving=segment.reservation(seg.fd, seg.size),
+                    )
+                )
+                for blob, offset in placed:
+                    if blob.file is None and blob.data is None:
+                        check()
+                        blob.fill(seg, offset)
+
+            size = layout.write(
+                manifest,
+                ck.blobs,
+                mode=self.mode,
+                owner=self._owner(),
+                progress=tracked,
+                copy=copy,
+                check=check,
+            )
         finally:
             checkpoint.close(ck)
             self._progress.pop(name, None)
-        model = self._publish(Model(manifest, size))
+        report = copied[0] if copied else stream.Report()
         seconds = time.monotonic() - started
+        model = self._publish(
+            Model(manifest, size, load=dict(report.to_dict(), total_seconds=round(seconds, 4)))
+        )
         if self.metrics is not None:
             self.metrics.loaded(manifest.format, manifest.nbytes, seconds)
         log.info(
-            "loaded %s generation %d from %s: %d tensors, %.1f MiB in %.2f s (%s)",
+            "loaded %s generation %d from %s: %d tensors in %.2f s; copy: %s (%s)",
             name,
             manifest.generation,
             path,
             len(manifest.tensors),
-            manifest.nbytes / 2**20,
             seconds,
+            report.describe(),
             manifest.segment,
             extra={"model": name, "generation": manifest.generation},
         )
+        return model
+
+    def _base(self, name: str, base: str) -> Model:
+        """The served model an adapter named ``name`` goes over."""
+        check_name(base)
+        if base == name:
+            raise ProtocolError(f"adapter {name!r} cannot be its own base: name it apart from {base!r}")
+        model = self.get(base)
+        if "adapter" in (model.manifest.skeleton or {}):
+            raise ProtocolError(f"{base!r} is itself an adapter: an adapter goes over a model")
         return model
 
     def reserve(
@@ -646,6 +704,7 @@ class Store:
         if unlink:
             for m in models:
                 segment.unlink(m.manifest.segment)
+        self.readers.close()
 
     # --- internals ---
 
@@ -721,6 +780,8 @@ class Store:
             return
         with self._lock:
             used = sum(m.size for m in list(self._models.values()) + list(self._retired.values()))
+            # loads running side by side count too (their segments are being reserved)
+            used += sum(total for other, (_, total) in self._progress.items() if other != name)
         if used + nbytes > self.max_bytes:
             raise OutOfSpace(
                 f"{name!r} needs {nbytes} bytes but the daemon's budget (--max-bytes {self.max_bytes}) has "
