@@ -85,12 +85,9 @@ class Spread:
 
     def finish(self) -> dict[str, dict]:
         """``first`` holds it now: copy it everywhere; ``{node: the daemon's model summary}``."""
-        source = _server(self.first).describe.remote(self.socket, self.name)
-        held = self.reg.hold.remote(self.key, self.first, self.socket, source, True)
-        if not self.fills:
-            return {}
         try:
-            ray.get(held)
+            source = ray.get(_server(self.first).describe.remote(self.socket, self.name))
+            ray.get(self.reg.hold.remote(self.key, self.first, self.socket, source, True))
         except BaseException:
             self.cancel()
             raise
