@@ -103,7 +103,8 @@ def _copied(peers) -> int:
     import ray
 
     reg = peers.registry(create=False)
-    return sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
+    # the registry counts chunks written (each at most CHUNK bytes: the model is a multiple here)
+    return peers.CHUNK * sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
 
 
 def plasma_bytes(raylets: list[int]) -> int:

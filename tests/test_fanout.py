@@ -34,7 +34,7 @@ TESTS = str(Path(__file__).resolve().parent)
 MIB = 1 << 20
 CHECKPOINT_MIB = 256
 
-pytestmark = pytest.mark.timeout(600)  # a loaded 2-core machine runs four Ray nodes here
+pytestmark = pytest.mark.timeout(300)
 
 
 # --- the daemon's side, no Ray ---

@@ -26,7 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -131,16 +130,17 @@ def shutdown_daemons(*, timeout: float = 30.0) -> list[str]:
     """
     from weightd.client.ray_zerocopy import peers
 
-    peers.shutdown()  # nothing left to copy from or to
-    stopping = {}
-    for name in _daemon_actor_names():
+    for name in peers.actor_names():  # nothing left to copy from or to
         with contextlib.suppress(ValueError):
-            actor = ray.get_actor(name, namespace=NAMESPACE)
-            stopping[actor] = actor.stop.remote()  # all at once: each may take seconds
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
     stopped = []
-    for actor, ref in stopping.items():
+    for name in _daemon_actor_names():
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
         with contextlib.suppress(ray.exceptions.RayError):
-            stopped.append(ray.get(ref, timeout=timeout))
+            stopped.append(ray.get(actor.stop.remote(), timeout=timeout))
         ray.kill(actor, no_restart=True)
     return [s for s in stopped if s]
 
@@ -176,8 +176,6 @@ def _daemon_actor(node: str):
         scheduling_strategy=on_node(node),
         num_cpus=0,
         max_restarts=0,
-        # threads: chunks for several peer copies at once (ray_zerocopy.peers) beside ensure/stop
-        max_concurrency=16,
     ).remote()
 
 
@@ -198,31 +196,12 @@ class NodeDaemon:
     The daemon runs under a supervisor (Note [a Ray actor's children are SIGKILLed] in
     ray_zerocopy.supervisor) that stops it gracefully when this actor's process ends, however it ends:
     a cluster that goes down takes its weights with it.
-
-    It also sends other nodes the chunks of what this node's daemon serves (``read``: Note [one
-    storage read per cluster] in ray_zerocopy.peers), on its threads: a node whose daemon was
-    started otherwise (systemd) gets such an actor for that alone.
     """
 
     def __init__(self):
         self.socket: str | None = None
-        self._lock = threading.Lock()  # one ensure or stop at a time; reads go on beside them
 
     def ensure(self, socket: str | None) -> str:
-        with self._lock:
-            return self._ensure(socket)
-
-    def read(self, socket: str, name: str, generation: int, uuid: str, offset: int, length: int, hook):
-        from weightd.client.ray_zerocopy import peers  # torch, for the mapping: only on a node that sends
-
-        return peers.read_chunk(socket, name, generation, uuid, offset, length, hook)
-
-    def describe(self, socket: str, name: str) -> dict:
-        from weightd.client.ray_zerocopy import peers
-
-        return peers.describe(socket, name)
-
-    def _ensure(self, socket: str | None) -> str:
         path = os.path.abspath(
             socket
             or os.environ.get(protocol.ENV_SOCKET)
@@ -259,10 +238,6 @@ class NodeDaemon:
         return path
 
     def stop(self, timeout: float = 30.0) -> str | None:
-        with self._lock:
-            return self._stop(timeout)
-
-    def _stop(self, timeout: float) -> str | None:
         if self.socket is None:
             return None
         reply = ping(self.socket)

@@ -29,9 +29,7 @@ def node_sockets(socket: str | None = None) -> dict[str | None, str]:
         if ping(local):
             return {None: local}
         ray.init()
-    # fill=False: copying the cluster's other models to a node that lacks them is for an
-    # explicit ensure_daemons(), not a side effect of this load or publish.
-    return ensure_daemons(socket, fill=False)
+    return ensure_daemons(socket)
 
 
 def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str | None, dict]:
@@ -47,20 +45,19 @@ def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str
     here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     if None in sockets:  # no Ray: this machine's daemon alone
         return {None: _client.publish(name, obj, socket=sockets[None])}
-    first = here if here in sockets else sorted(sockets)[0]
-    spread = peers.Spread(name, first, sockets)
-    try:
-        if first == here:
-            out: dict[str | None, dict] = {here: _client.publish(name, obj, socket=sockets[here])}
-        else:  # a driver outside the cluster's nodes: the bytes go through the object store once
-            ref = ray.put(_Shipment(_tensors(obj)))
-            task = _publish.options(scheduling_strategy=on_node(first)).remote(name, ref, sockets[first])
-            out = {first: ray.get(task)}
-            del ref
-    except BaseException:
-        spread.cancel()
-        raise
-    out.update(spread.finish())
+    if here in sockets:
+        first = here
+        out: dict[str | None, dict] = {here: _client.publish(name, obj, socket=sockets[here])}
+    else:  # a driver outside the cluster's nodes: the bytes go through the object store once
+        first = sorted(sockets)[0]
+        ref = ray.put(_Shipment(_tensors(obj)))
+        out = {
+            first: ray.get(
+                _publish.options(scheduling_strategy=on_node(first)).remote(name, ref, sockets[first])
+            )
+        }
+        del ref
+    out.update(peers.spread(name, first, sockets))
     return out
 
 
@@ -91,15 +88,12 @@ def load_everywhere(
         raise ValueError(
             f"reader={first!r} is not an alive node of this cluster: pick one of {sorted(sockets)}"
         )
-    # The copying tasks start now, while the first node reads storage.
-    spread = peers.Spread(name, first, sockets, path=path, factory=factory)
-    try:
-        task = _load.options(scheduling_strategy=on_node(first)).remote(name, path, sockets[first], factory)
-        out = {first: ray.get(task)}
-    except BaseException:
-        spread.cancel()
-        raise
-    out.update(spread.finish())
+    out = {
+        first: ray.get(
+            _load.options(scheduling_strategy=on_node(first)).remote(name, path, sockets[first], factory)
+        )
+    }
+    out.update(peers.spread(name, first, sockets, path=path, factory=factory))
     return out
 
 
@@ -111,7 +105,7 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
     if not ray.is_initialized():
         return int(_unload(node_socket(socket), name))
     peers.forget(name)  # first: a node added meanwhile is not filled with it
-    sockets = ensure_daemons(socket, fill=False)
+    sockets = ensure_daemons(socket)
     refs = [_unload_task.options(scheduling_strategy=on_node(n)).remote(s, name) for n, s in sockets.items()]
     return sum(ray.get(refs))
 

@@ -5,7 +5,7 @@ Note [one storage read per cluster]
     put a model into ONE node's daemon (from storage, or from the publishing process); every
     other node copies it from a node that already holds it, through Ray's object store:
 
-    - a holder's daemon actor (``NodeDaemon``, threads) maps the segment through the
+    - a holder's ``PeerServer`` actor (one per node, threads) maps the segment through the
       client's own mapping (``Mapping``: the daemon's uid checked, the seal and uuid checked)
       and returns each chunk (``CHUNK`` bytes) as a numpy array, which Ray puts into the holder
       node's object store, with an xxh3-128 digest of the bytes made where they were read
@@ -38,7 +38,6 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 
 import numpy as np
 import ray
@@ -47,7 +46,7 @@ import xxhash
 from weightd import segment
 from weightd.client import client as _client
 from weightd.client.mapping import Mapping
-from weightd.client.ray_zerocopy.daemons import NAMESPACE, _daemon_actor, on_node
+from weightd.client.ray_zerocopy.daemons import NAMESPACE, on_node
 from weightd.errors import SegmentError, TransferFailed, WeightdError
 from weightd.manifest import PAGE_ALIGN, Manifest, align_up
 
@@ -58,6 +57,7 @@ WINDOW = 4  # chunks in flight per transfer: the object store holds at most this
 SERVES = 2  # transfers one holder serves at once; the others wait for it or for a new holder
 CHUNK_TIMEOUT = 120.0  # a holder that sends no chunk in this long is given up
 REGISTRY = "weightd-peers"
+SERVER_PREFIX = "weightd-peer-"
 
 
 def digest(data, offset: int) -> str:
@@ -65,39 +65,19 @@ def digest(data, offset: int) -> str:
     return xxhash.xxh3_128_hexdigest(data, seed=offset)
 
 
-class Spread:
-    """Copies of ``name`` on their way to every node of ``sockets`` but ``first``.
-
-    Started before ``first``'s daemon holds the model, so that Ray starts the copying tasks
-    and actors (a worker process each: seconds) while storage is read; ``finish()`` once it
-    holds it, ``cancel()`` if it never will. ``path`` (and ``factory``): where to read it
-    again if no node is left to copy from (None for a publish).
-    """
-
-    def __init__(self, name: str, first: str, sockets: dict[str, str], *, path=None, factory=None):
-        self.name, self.first, self.socket = name, first, sockets[first]
-        self.key = uuid.uuid4().hex  # this spread: the model's copies descend from one source
-        # Nothing here waits: the registry and the copying tasks start while storage is read.
-        # Registered even on a one-node cluster: a node added later copies it from there.
-        self.reg = registry()
-        self.reg.register.remote(name, self.key, path, factory)
-        self.fills = _start(name, self.key, {n: s for n, s in sockets.items() if n != first})
-
-    def finish(self) -> dict[str, dict]:
-        """``first`` holds it now: copy it everywhere; ``{node: the daemon's model summary}``."""
-        try:
-            source = ray.get(_server(self.first).describe.remote(self.socket, self.name))
-            ray.get(self.reg.hold.remote(self.key, self.first, self.socket, source, True))
-        except BaseException:
-            self.cancel()
-            raise
-        return _gather(self.name, self.fills)
-
-    def cancel(self) -> None:
-        """``first`` could not load it: the copies waiting for it end, nothing is served."""
-        ray.get(self.reg.cancel.remote(self.key))
-        with contextlib.suppress(WeightdError):
-            _gather(self.name, self.fills)
+def spread(name: str, first: str, sockets: dict[str, str], *, path: str | None = None, factory=None) -> dict:
+    """Copy ``name``, which node ``first``'s daemon holds, into every other node's daemon of
+    ``sockets`` from peers; returns ``{node: the daemon's model summary}``. ``path`` (and
+    ``factory``): where to read it again if no node is left to copy from."""
+    others = {n: s for n, s in sockets.items() if n != first}
+    if not others:
+        return {}
+    source = ray.get(_describe.options(scheduling_strategy=on_node(first)).remote(sockets[first], name))
+    key = source["uuid"]
+    reg = registry()
+    ray.get(reg.register.remote(name, key, source, path, factory))
+    ray.get(reg.hold.remote(key, first, _holding(sockets[first], source)))
+    return _fill_all(name, key, others)
 
 
 def complete(sockets: dict[str, str], held: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
@@ -108,12 +88,12 @@ def complete(sockets: dict[str, str], held: dict[str, list[str]]) -> dict[str, d
     if reg is None:
         return {}
     models = ray.get(reg.everywhere.remote())
-    fills = {}
+    out = {}
     for name, key in models.items():
         missing = {n: s for n, s in sockets.items() if name not in held.get(n, ())}
         if missing:
-            fills[name] = _start(name, key, missing)
-    return {name: _gather(name, f) for name, f in fills.items()}
+            out[name] = _fill_all(name, key, missing)
+    return out
 
 
 def forget(name: str) -> None:
@@ -142,32 +122,29 @@ def registry(create: bool = True):
     ).remote()
 
 
-def shutdown() -> None:
-    """Forget every spread: the registry goes (``shutdown_daemons``)."""
-    reg = registry(create=False)
-    if reg is not None:
-        ray.kill(reg, no_restart=True)
+def actor_names() -> list[str]:
+    """The detached actors of this module (for ``shutdown_daemons``)."""
+    from ray.util import list_named_actors
+
+    return sorted(
+        a["name"]
+        for a in list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and (a["name"] == REGISTRY or a["name"].startswith(SERVER_PREFIX))
+    )
 
 
-def _start(name: str, key: str, sockets: dict[str, str]) -> dict:
-    return {
+def _fill_all(name: str, key: str, sockets: dict[str, str]) -> dict[str, dict]:
+    refs = {
         n: _fill.options(scheduling_strategy=on_node(n)).remote(name, key, n, s) for n, s in sockets.items()
     }
-
-
-def _gather(name: str, fills: dict) -> dict[str, dict]:
-    """Wait for every copy (served or abandoned, none left half-way); the first failure raises."""
     out, failures = {}, []
-    for node, ref in fills.items():
+    for node, ref in refs.items():  # every transfer ends (served or abandoned) before this returns
         try:
-            summary = ray.get(ref)
+            out[node] = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             failures.append(e.cause if isinstance(e.cause, WeightdError) else e)
         except ray.exceptions.RayError as e:
             failures.append(TransferFailed(f"copying {name!r} to node {node}: {e}"))
-        else:
-            if summary is not None:  # None: unloaded or replaced before it started
-                out[node] = summary
     if failures:
         raise failures[0]
     return out
@@ -260,6 +237,12 @@ class Copy:
 # --- the tasks and actors ---
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _describe(socket: str, name: str) -> dict:
+    with _client.Client(socket) as c:
+        return c.manifest(name, full=True).to_dict()
+
+
 class _HolderFailed(Exception):
     """The holder could not send a chunk (its node or daemon went away): use another."""
 
@@ -270,9 +253,9 @@ def _fill(name: str, key: str, node: str, socket: str) -> dict:
     reg = registry(create=False)
     if reg is None:
         raise TransferFailed(f"copying {name!r} to node {node}: the cluster's registry of holders is gone")
-    entry = ray.get(reg.entry.remote(name, key))  # waits for the first node to hold it
+    entry = ray.get(reg.entry.remote(name, key))
     if entry is None:
-        return None  # it never came (the first load failed), or was unloaded or replaced
+        raise TransferFailed(f"copying {name!r} to node {node}: it was unloaded or replaced meanwhile")
     source = Manifest.from_dict(entry["manifest"])
     pieces = _chunks(source)
     written: set[int] = set()
@@ -304,9 +287,9 @@ def _fill(name: str, key: str, node: str, socket: str) -> dict:
                     continue
                 finally:
                     reg.release.remote(key, holder)
-                mine = copy.manifest.to_dict()
+                holding = _holding(socket, copy.manifest.to_dict())
                 summary, copy = copy.commit(), None
-                ray.get(reg.hold.remote(key, node, socket, mine))
+                ray.get(reg.hold.remote(key, node, holding))
                 return summary
         except BaseException:
             if copy is not None:
@@ -319,9 +302,9 @@ def _reload(c, reg, key: str, node: str, socket: str, source: Manifest, lease: d
     try:
         log.warning("no node holds %s any more: node %s reads %s again", source.name, node, lease["path"])
         summary = c.load(lease["path"], source.name, factory=lease["factory"])
-        mine = c.manifest(source.name, summary["generation"])
+        mine = c.manifest(source.name, summary["generation"], full=True)
         if mine.layout_digest() == source.layout_digest():  # the file did not change meanwhile
-            ray.get(reg.hold.remote(key, node, socket, mine.to_dict()))
+            ray.get(reg.hold.remote(key, node, _holding(socket, mine.to_dict())))
         return summary
     finally:
         reg.reading_done.remote(key)
@@ -370,42 +353,46 @@ def _pull(copy: Copy, lease: dict, pieces, written: set[int], reg, key: str) -> 
                 "if it persists, check that node's memory)"
             )
         copy.write(offset, data)
-        nbytes = len(data)
         del data  # the object store's buffer: freed on both nodes now that nothing refers to it
         written.add(offset)
-        reg.chunk_done.remote(key, nbytes)
+        reg.chunk_done.remote(key)
         ask()
 
 
 def _server(node: str):
-    """The actor that sends chunks from ``node``: its daemon's actor (ray_zerocopy.daemons)."""
-    return _daemon_actor(node)
+    return PeerServer.options(
+        name=SERVER_PREFIX + node,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=0,
+        max_concurrency=2 * WINDOW,
+        scheduling_strategy=on_node(node),
+    ).remote()
 
 
-def describe(socket: str, name: str) -> dict:
-    """The manifest of what this node's daemon serves as ``name``: a spread's source."""
-    return _client.cached_client(socket).manifest(name).to_dict()
+@ray.remote
+class PeerServer:
+    """Sends chunks of the segments this node's daemon holds (one per node, threaded)."""
 
-
-def read_chunk(socket: str, name: str, generation: int, uuid: str, offset: int, length: int, hook):
-    """Bytes ``offset`` to ``offset + length`` of generation ``generation`` of ``name`` in this
-    node's daemon, and their digest; run by the node's daemon actor."""
-    c = _client.cached_client(socket)
-    manifest = c.manifest(name, generation)
-    if manifest.uuid != uuid:
-        raise SegmentError(f"{name!r} generation {generation} here is no longer the copy asked for")
-    # The client's own mapping: the daemon's uid, the seal and the uuid are checked. It is
-    # unmapped once Ray has copied the chunk into the object store (Note [a mapping outlives
-    # its tensors]: the array below keeps it until then).
-    mapping = Mapping(manifest, owner=c.daemon_uid)
-    data = np.frombuffer(mapping.view, dtype=np.uint8, count=length, offset=offset)
-    made = digest(data, offset)
-    if hook == "corrupt":  # tests: what a flipped bit on the way looks like
-        data = data.copy()
-        data[length // 2] ^= 0x10
-    elif hook == "stall" and offset >= segment.DATA_OFFSET + 2 * CHUNK:  # tests: a node that hangs
-        time.sleep(600)
-    return made, data
+    def read(self, socket: str, name: str, generation: int, uuid: str, offset: int, length: int, hook):
+        c = _client.cached_client(socket)
+        manifest = c.manifest(name, generation)
+        if manifest.uuid != uuid:
+            raise SegmentError(f"{name!r} generation {generation} here is no longer the copy asked for")
+        # The client's own mapping: the daemon's uid, the seal and the uuid are checked. It is
+        # unmapped once Ray has copied the chunk into the object store (Note [a mapping outlives
+        # its tensors]: the array below keeps it until then).
+        mapping = Mapping(manifest, owner=c.daemon_uid)
+        data = np.frombuffer(mapping.view, dtype=np.uint8, count=length, offset=offset)
+        made = digest(data, offset)
+        if hook == "corrupt":  # tests: what a flipped bit on the way looks like
+            data = data.copy()
+            data[length // 2] ^= 0x10
+        elif hook == "stall" and offset >= segment.DATA_OFFSET + 2 * CHUNK:  # tests: a slow node
+            time.sleep(600)
+        return made, data
 
 
 @ray.remote
@@ -418,8 +405,7 @@ class Peers:
         self.serving: dict[tuple[str, str], int] = {}  # (key, node) -> transfers it serves now
         self.reading: set[str] = set()  # keys whose storage is being read again
         self.hooks: dict[str, str] = {}  # node -> test hook for the transfers it serves
-        self.chunks: dict[str, int] = {}  # key -> bytes copied so far (tests, benchmarks)
-        self.ended: set[str] = set()  # keys of spreads cancelled, replaced or forgotten
+        self.chunks: dict[str, int] = {}  # key -> chunks written so far (tests, benchmarks)
         self.changed = None
 
     def _cond(self) -> asyncio.Condition:
@@ -427,24 +413,13 @@ class Peers:
             self.changed = asyncio.Condition()
         return self.changed
 
-    async def register(self, name: str, key: str, path: str | None, factory) -> None:
-        """A new spread of ``name`` (its source manifest comes with the first ``hold``)."""
+    async def register(self, name: str, key: str, manifest: dict, path: str | None, factory) -> None:
         async with self._cond():
-            if key in self.ended:
-                return
             old = self.models.get(name)
-            if old is not None:
+            if old is not None and old["key"] != key:
                 self.holders.pop(old["key"], None)
-                self.ended.add(old["key"])
-            self.models[name] = {"key": key, "manifest": None, "path": path, "factory": factory}
-            self.holders[key] = {}
-            self.changed.notify_all()
-
-    async def cancel(self, key: str) -> None:
-        async with self._cond():
-            self.ended.add(key)
-            self.models = {n: m for n, m in self.models.items() if m["key"] != key}
-            self.holders.pop(key, None)
+            self.models[name] = {"key": key, "manifest": manifest, "path": path, "factory": factory}
+            self.holders.setdefault(key, {})
             self.changed.notify_all()
 
     async def forget(self, name: str) -> None:
@@ -452,36 +427,22 @@ class Peers:
             old = self.models.pop(name, None)
             if old is not None:
                 self.holders.pop(old["key"], None)
-                self.ended.add(old["key"])
             self.changed.notify_all()
 
     async def everywhere(self) -> dict[str, str]:
-        return {name: m["key"] for name, m in self.models.items() if m["manifest"] is not None}
+        return {name: m["key"] for name, m in self.models.items()}
 
     async def entry(self, name: str, key: str) -> dict | None:
-        """The spread ``key`` of ``name``, once its first node holds it; None if it ended.
-        (A copying task may ask before its driver's ``register`` arrives: it waits for it.)"""
-        async with self._cond():
-            while True:
-                m = self.models.get(name)
-                if key in self.ended:
-                    return None
-                if m is not None and m["key"] == key and m["manifest"] is not None:
-                    return m
-                await self.changed.wait()
+        m = self.models.get(name)
+        return m if m is not None and m["key"] == key else None
 
     async def holding(self, key: str) -> list[str]:
         return sorted(self.holders.get(key, {}))
 
-    async def hold(self, key: str, node: str, socket: str, manifest: dict, source: bool = False) -> None:
-        """``node``'s daemon (at ``socket``) serves the model of spread ``key`` as ``manifest``
-        says; ``source``: it is the first, whose manifest every copy reproduces."""
+    async def hold(self, key: str, node: str, holding: dict) -> None:
         async with self._cond():
             if key in self.holders:
-                self.holders[key][node] = _holding(socket, manifest)
-                for m in self.models.values():
-                    if source and m["key"] == key and m["manifest"] is None:
-                        m["manifest"] = manifest
+                self.holders[key][node] = holding
             self.changed.notify_all()
 
     async def drop(self, key: str, node: str) -> None:
@@ -525,11 +486,10 @@ class Peers:
                     return {"kind": "storage", "path": model["path"], "factory": model["factory"]}
                 await self.changed.wait()
 
-    async def chunk_done(self, key: str, nbytes: int) -> None:
-        self.chunks[key] = self.chunks.get(key, 0) + nbytes
+    async def chunk_done(self, key: str) -> None:
+        self.chunks[key] = self.chunks.get(key, 0) + 1
 
     async def progress(self) -> dict[str, int]:
-        """Bytes copied between nodes so far, per spread (tests, benchmarks)."""
         return dict(self.chunks)
 
     async def hook(self, node: str, what: str | None) -> None:
