@@ -247,7 +247,7 @@ def _files_dir(mapping) -> str:
     if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
         from weightd.client.mapping import Mapping
 
-        mapping = Mapping(manifest)
+        mapping = Mapping(manifest, owner=mapping.owner)  # the daemon's user's segment only
     with _lock:
         path = _files_dirs.get(manifest.uuid)
         if path is not None and os.path.isdir(path):

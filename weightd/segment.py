@@ -29,9 +29,16 @@ which must not block on a planted FIFO, something ``shm_open`` cannot promise), 
 mapped and renamed as one. The manifest a client gets says the folder (``Manifest.directory``);
 ``$WEIGHTD_SHM_DIR`` in a client overrides it (a container that mounts the daemon's folder elsewhere).
 
-The shared-memory directory is writable by every user, so anything there may be planted:
-``open_entry`` opens a name without following a symlink or blocking on a FIFO and refuses
-anything but a regular file; the daemon adopts and ``purge`` removes only what passes.
+Note [one way into a segment]
+-----------------------------
+The shared-memory directory is writable by every user, so anything there may be planted: a
+symlink to another file, a FIFO that blocks whoever opens it, a directory, or a perfect copy of
+a segment with other weights, owned by someone else. Every open of a segment, by the daemon
+(adoption, commit, leases, page sizes, GPU copies), a client (``weightd.client.mapping``, its
+GPU and Hugging Face paths), ``purge`` and every integration, goes through ``open_entry``: no
+symlink followed, no blocking on a FIFO, a regular file only, of the daemon's user only, and a
+typed error out (``Planted``, an ``UnsafePath``). The daemon adopts, clients map and ``purge``
+removes only what passes.
 
 Note [segment lifetime after unlink]
 ------------------------------------
@@ -72,7 +79,7 @@ from typing import NamedTuple
 
 import posix_ipc
 
-from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError
+from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import Manifest
 
 MAGIC = b"WEIGHTD\0"
@@ -379,32 +386,51 @@ def read_header(buf) -> Header:
     return Header(moff, mlen, seal == SEALED, uuid.hex())
 
 
-class Planted(SegmentError):
-    """A name in the shared-memory directory that is not a segment of this user: a symlink,
-    a directory, a FIFO, or a file of another user. Skipped, never followed or removed."""
+class Planted(UnsafePath, SegmentError):
+    """A name in the shared-memory directory that is not a segment of the expected user: a
+    symlink, a directory, a FIFO, or a file of another user. Skipped, never followed, mapped
+    or removed."""
 
 
 def open_entry(
-    name: str, flags: int = os.O_RDONLY, owner: int | None = None, directory: str | None = None
+    name: str,
+    flags: int = os.O_RDONLY,
+    owner: int | None = None,
+    directory: str | None = None,
+    *,
+    what: str = "",
 ) -> int:
-    """A descriptor of segment ``name``, opened without following a symlink or blocking on a
-    FIFO; anything but a regular file (owned by ``owner``, when given) is ``Planted``."""
+    """A descriptor of segment ``name``: the one way into a segment, for the daemon, clients,
+    purge and every integration (Note [one way into a segment]).
+
+    Opened without following a symlink or blocking on a FIFO; anything but a regular file, or
+    a file of another user than ``owner`` (the daemon's uid; None: any), is ``Planted`` (an
+    ``UnsafePath``). A name that is not there is a ``SegmentError``, one this user may not
+    open ``PermissionDenied``. ``what`` (" of 'bert'") goes into the messages.
+    """
     if not is_name(name):
-        raise Planted(f"{name!r:.80} is not a weightd segment name")
+        raise Planted(f"{name!r:.80}{what} is not a weightd segment name")
     where = path(name, directory)
     try:
         fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise SegmentError(f"segment {name} does not exist") from None
+        raise SegmentError(
+            f"segment {where}{what} is gone (unloaded or replaced a moment ago, or this process sees "
+            "another shared-memory folder than the daemon: share the host's with --ipc=host or a mount "
+            f"and ${ENV_SHM_DIR})"
+        ) from None
     except PermissionError:
         with contextlib.suppress(OSError):
             uid = os.lstat(where).st_uid
             if owner is not None and uid != owner:  # another user's file, closed to us
-                raise Planted(f"{where} belongs to uid {uid}, not to uid {owner}") from None
-        raise PermissionDenied(f"may not open segment {where}") from None
+                raise Planted(_not_owner(where, what, uid, owner)) from None
+        raise PermissionDenied(
+            f"may not read segment {where}{what} ({_access(where)}): run as a member of the daemon's "
+            "group, and have the daemon grant its group read access (--mode 640, the default)"
+        ) from None
     except OSError as e:
         kind = "a symbolic link" if e.errno == errno.ELOOP else f"not a segment ({e.strerror})"
-        raise Planted(f"{where} is {kind}") from None
+        raise Planted(f"{where}{what} is {kind}: refusing it") from None
     st = os.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):
@@ -415,13 +441,32 @@ def open_entry(
             if stat.S_ISFIFO(st.st_mode)
             else "not a file"
         )
-        problem = f"{where} is {kind} (owner uid {st.st_uid})"
+        problem = f"{where}{what} is {kind} (owner uid {st.st_uid}): refusing it"
     elif owner is not None and st.st_uid != owner:
-        problem = f"{where} belongs to uid {st.st_uid}, not to uid {owner}"
+        problem = _not_owner(where, what, st.st_uid, owner)
     if problem is not None:
         os.close(fd)
         raise Planted(problem)
     return fd
+
+
+def _not_owner(where: str, what: str, uid: int, owner: int) -> str:
+    # The shared-memory folder is writable by every user.
+    return (
+        f"{where}{what} belongs to uid {uid}, not to the daemon's user (uid {owner}): another user put it "
+        "there; refusing it"
+    )
+
+
+def _access(where: str) -> str:
+    try:
+        st = os.stat(where)
+    except OSError:
+        return "mode unknown"
+    return (
+        f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, "
+        f"you are uid {os.geteuid()}"
+    )
 
 
 def inspect(name: str, *, seal: int = SEALED):
@@ -574,7 +619,7 @@ def page_size(name: str) -> int:
     """The page size segment ``name``'s memory got, read back from the kernel: map its first
     huge pages here, fault them in and read this process's ``smaps`` for that mapping
     (``ShmemPmdMapped``, or ``FilePmdMapped`` on a disk file system). 2 MiB or 4 KiB."""
-    fd = open_entry(name)
+    fd = open_entry(name, owner=os.geteuid())
     try:
         size = os.fstat(fd).st_size
         if size < HUGE_PAGE:

@@ -1,8 +1,9 @@
 """Request handlers: a decoded request in, a reply out.
 
 ``Handlers.handle(frames, peer)`` checks the frames, decodes the header, checks that the op may
-be served on the socket it came in on (``protocol.READ_OPS`` is an allow-list for the read
-socket; the admin socket serves every op), and calls the op's handler. Handlers return the
+be served on the socket it came in on (``protocol.OPS``, the one registry: its read ops are an
+allow-list for the read socket; the admin socket serves every op), and calls the op's handler,
+the method of the same name. Handlers return the
 encoded reply, or None when the reply comes later (a load, answered by ``Loads.report``).
 Every error becomes a typed error reply; a bug becomes an ``internal`` one, and the daemon
 keeps serving.
@@ -36,16 +37,12 @@ class Handlers:
         self.started = time.time()
         self._manifest_replies: dict[tuple[str, int], bytes] = {}
         self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
-        self._ops = {
-            "ping": self.ping,
-            "list": self.list,
-            "stats": self.stats,
-            "manifest": self.manifest,
-            "load": self.load,
-            "unload": self.unload,
-            "publish_begin": self.publish_begin,
-            "publish_commit": self.publish_commit,
-        }
+        # Op X is answered by method X: the registry is protocol.OPS, and an op without its
+        # handler is a bug caught here, at start-up, not by the first request for it.
+        missing = [op for op in protocol.OPS if not callable(getattr(self, op, None))]
+        if missing:
+            raise TypeError(f"protocol.OPS names ops Handlers does not answer: {', '.join(missing)}")
+        self._ops = {op: getattr(self, op) for op in protocol.OPS}
 
     def handle(self, frames: list[bytes], peer: Peer) -> bytes | None:
         """The reply to one request (``frames``: request id, header), or None if it comes later."""

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from weightd.errors import Cancelled, InternalError, StillLoading, WeightdError
 log = logging.getLogger("weightd")
 
 PROGRESS_SECONDS = 0.25  # how often a loading client hears how far its load is
+WAIT_NOTICE_SECONDS = 1.0  # a stop that waits longer than this for a load says so in the log
+FORCE_POLL_SECONDS = 0.1  # while a stop waits for a load: how often a second signal is looked for
 
 
 class Token:
@@ -164,7 +167,18 @@ class Loads:
         out = []
         for j in self._pending:
             done, total = self.store.progress(j.name)
-            out.append({"name": j.name, "state": "loading", "done": done, "total": total, "source": j.path})
+            # waiting: attaches the daemon holds until this load ends (Handlers.manifest's wait)
+            held = sum(1 for w in self._waiters if w.name == j.name)
+            out.append(
+                {
+                    "name": j.name,
+                    "state": "loading",
+                    "done": done,
+                    "total": total,
+                    "source": j.path,
+                    "waiting": held,
+                }
+            )
         loading = {j.name for j in self._pending}
         for name, error in sorted(self.failed.items()):
             if name not in loading:
@@ -226,12 +240,28 @@ class Loads:
         for job in self._pending:
             job.token.cancel(reason)
 
-    def shutdown(self) -> None:
+    def shutdown(self, force: Callable[[], bool] = lambda: False) -> bool:
+        """Cancel every load and wait for the one running to stop at its next check, unless
+        ``force()`` turns true meanwhile (a second stop signal). Returns whether the loader
+        thread is done: if not, only ``os._exit`` ends this process (it is not a daemon thread)."""
         self.cancel("the daemon is stopping")
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        running = [j for j in self._pending if not j.future.done()]
+        said = False
+        while running and not force():
+            if not said and not futures.wait([j.future for j in running], timeout=WAIT_NOTICE_SECONDS).done:
+                log.warning(
+                    "waiting for the load of %s to stop at its next check (send SIGTERM or SIGINT again to "
+                    "exit at once)",
+                    ", ".join(j.name for j in running),
+                )
+                said = True
+            futures.wait([j.future for j in running], timeout=FORCE_POLL_SECONDS)
+            running = [j for j in running if not j.future.done()]
         for job in self._pending:
             if job.future.cancelled():  # never started: answered as cancelled too
                 job.future = _failed(job.token.check)
+        return not running
 
     def close(self) -> None:
         for fd in (self.wakeup_fd, self._wake_w):
