@@ -252,3 +252,10 @@ def in_private_shm(size: int | str, argv: list[str]) -> list[str]:
         "sh",
         *argv,
     ]
+
+
+def hf_diagnostics(daemon, name: str) -> dict:
+    """What the daemon says of a Hugging Face model's load (class, versions, weight files, what
+    transformers converted, unexpected and missing keys): in ``stats``, not in attach replies."""
+    with daemon.client() as c:
+        return next(m["hf"] for m in c.stats()["models"] if m["name"] == name and m["current"])

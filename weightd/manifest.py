@@ -53,6 +53,11 @@ PAGE_ALIGN = 4096
 PAGE_ALIGN_FROM = 1 << 16
 
 
+# What a client reads of a Hugging Face model's skeleton["hf"] (weightd.client.hf): the class,
+# the versions and dtype it was loaded with, its folder, and where its small files are.
+HF_CLIENT_KEYS = ("class", "transformers", "torch", "dtype", "source", "files")
+
+
 class TensorMeta(NamedTuple):
     name: str
     storage: int  # index into Manifest.storages
@@ -122,6 +127,18 @@ class Manifest:
                 [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
             ],
         }
+
+    def to_client_dict(self) -> dict:
+        """What an attach reply carries: what a client reads, no more. The model's origin (files'
+        identities, for the daemon's adoption) and the Hugging Face diagnostics (config,
+        generation config, what was converted, unexpected and missing keys: shown by ``weightd
+        stats`` and the daemon's log) stay in the daemon."""
+        d = self.to_dict()
+        d.pop("origin")
+        hf = (self.skeleton or {}).get("hf")
+        if isinstance(hf, dict):
+            d["skeleton"] = {**self.skeleton, "hf": {k: hf[k] for k in HF_CLIENT_KEYS if k in hf}}
+        return d
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()

@@ -106,6 +106,9 @@ class Handlers:
             entry = model.summary()
             entry["current"] = self.store.is_current(model)
             entry["page_size"] = model.manifest.page_size  # read back (Note [huge pages]); 0: unknown
+            hf = (model.manifest.skeleton or {}).get("hf")
+            if isinstance(hf, dict):  # the Hugging Face diagnostics, which attach replies leave out
+                entry["hf"] = hf
             small += 0 < model.manifest.page_size < segment.HUGE_PAGE and model.size >= segment.HUGE_PAGE
             entry["attached"] = []
             unreadable = 0
@@ -185,14 +188,14 @@ class Handlers:
         if device is not None and device in model.gpu:
             # Each export is counted by PyTorch, so it is made per request, never cached.
             return protocol.ok(
-                size=model.size, manifest=model.manifest.to_dict(), cuda=model.gpu[device].export()
+                size=model.size, manifest=model.manifest.to_client_dict(), cuda=model.gpu[device].export()
             )
         key = (name, model.manifest.generation)
         reply = self._manifest_replies.get(key)
         if reply is None:
             if len(self._manifest_replies) > MANIFEST_CACHE:
                 self._manifest_replies.clear()
-            reply = protocol.ok(size=model.size, manifest=model.manifest.to_dict())
+            reply = protocol.ok(size=model.size, manifest=model.manifest.to_client_dict())
             self._manifest_replies[key] = reply
         return reply
 
