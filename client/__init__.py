@@ -29,6 +29,7 @@ from weightd.errors import (
     RequestTimeout,
     SegmentError,
     StillLoading,
+    TransferFailed,
     UnsafePath,
     WeightdError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "RequestTimeout",
     "SegmentError",
     "StillLoading",
+    "TransferFailed",
     "UnsafePath",
     "WeightdError",
     "attach",

@@ -44,8 +44,10 @@ _lock = threading.RLock()
 def attach(name: str, cls=None, *, socket: str | None = None, **kwargs) -> nn.Module:
     """``cls.from_pretrained(folder)`` for the folder the daemon serves as ``name``, zero-copy.
 
-    ``cls``: a transformers class or ``AutoModelFor...``; by default the class the folder's
-    config names (``architectures[0]``), as ``weightd.client.attach(name)`` does.
+    ``cls``: a transformers class or ``AutoModelFor...``, or a package's own class; by default
+    the class the daemon loaded the folder with: the one its config names
+    (``architectures[0]``), or the one the operator named (``--factory NAME=pkg.module:Class``),
+    imported from where the manifest says, as ``weightd.client.attach(name)`` does.
     """
     from weightd.client.client import attach as _attach
 
@@ -293,6 +295,11 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
     """The concrete class and its config, as ``cls.from_pretrained(folder)`` would pick them."""
     if cls is None:
         cls = getattr(transformers, hf.get("class", ""), None)
+        if cls is None and hf.get("import") and not str(hf["import"]).startswith("transformers."):
+            # Hook (issue 24): a class the operator named (--factory), weightd/client/classes.py.
+            from weightd.client import classes
+
+            cls = classes.load(name, hf["import"], transformers)
         if cls is None:
             raise AttachError(
                 f"model {name!r} is a {hf.get('class')!r}, which transformers {transformers.__version__} "

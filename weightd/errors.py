@@ -141,6 +141,15 @@ class ConfigError(WeightdError):
     exit_code = 2
 
 
+class TransferFailed(WeightdError):
+    """A node's copy of a model, filled from another node through Ray, could not be finished: a
+    chunk that does not match the digest made where it was read, or no node left to copy from.
+    Nothing of it is served."""
+
+    code = "transfer_failed"
+    exit_code = 15
+
+
 class InternalError(WeightdError):
     """A bug in weightd: the daemon survived it, but please report it."""
 

@@ -12,6 +12,7 @@ no bfloat16 or float8).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -53,9 +54,18 @@ PAGE_ALIGN = 4096
 PAGE_ALIGN_FROM = 1 << 16
 
 
-# What a client reads of a Hugging Face model's skeleton["hf"] (weightd.client.hf): the class,
-# the versions and dtype it was loaded with, its folder, and where its small files are.
-HF_CLIENT_KEYS = ("class", "transformers", "torch", "dtype", "source", "files")
+# What a client never reads of a Hugging Face model's skeleton["hf"]: the daemon's diagnostics
+# of from_pretrained (weightd.daemon.hf), shown by `weightd stats` and the log. A client reads
+# the rest (the class and where to import it, versions, dtype, folder, where the small files are).
+HF_DIAGNOSTICS = (
+    "config",
+    "generation_config",
+    "weight_files",
+    "converted",
+    "converted_bytes",
+    "unexpected",
+    "missing",
+)
 
 
 class TensorMeta(NamedTuple):
@@ -137,8 +147,18 @@ class Manifest:
         d.pop("origin")
         hf = (self.skeleton or {}).get("hf")
         if isinstance(hf, dict):
-            d["skeleton"] = {**self.skeleton, "hf": {k: hf[k] for k in HF_CLIENT_KEYS if k in hf}}
+            d["skeleton"] = {**self.skeleton, "hf": {k: v for k, v in hf.items() if k not in HF_DIAGNOSTICS}}
         return d
+
+    def layout_digest(self) -> str:
+        """What the segment's bytes mean, whatever its name, generation, daemon or node: its
+        storages, tensors, skeleton, metadata, source and origin (less ``via``, which says how
+        a copy got there). A peer fill reserves the source's digest and the daemon checks the
+        copy against it on commit (weightd.client.ray_zerocopy.fanout)."""
+        d = self.to_dict()
+        what = {k: d[k] for k in ("storages", "tensors", "skeleton", "metadata", "source", "format")}
+        what["origin"] = {k: v for k, v in (self.origin or {}).items() if k != "via"}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()

@@ -82,7 +82,9 @@ def alive_nodes() -> list[str]:
     return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
 
 
-def ensure_daemons(socket: str | None = None, *, timeout: float = READY_TIMEOUT) -> dict[str, str]:
+def ensure_daemons(
+    socket: str | None = None, *, timeout: float = READY_TIMEOUT, fill: bool = True
+) -> dict[str, str]:
     """Make sure every alive Ray node has a weightd daemon; returns ``{node id: socket}``.
 
     On each node, a daemon that already answers at the node's socket (Note [the node-local
@@ -91,6 +93,10 @@ def ensure_daemons(socket: str | None = None, *, timeout: float = READY_TIMEOUT)
     it running for the cluster's life, or until :func:`shutdown_daemons`. Idempotent: call it
     again after adding nodes, or to replace a daemon that died.
 
+    ``fill``: a daemon that lacks a model the cluster keeps everywhere (``load_everywhere``,
+    ``publish_everywhere``, ``ModelWrapper``) gets it from a node that holds it, before this
+    returns (Note [one storage read per cluster] in ray_zerocopy.peers).
+
     >>> ray.init()
     >>> ray_zerocopy.ensure_daemons()
     {'5f3a09c1d2e4...': '/tmp/weightd-1000/weightd-ray-5f3a09c1d2e4.sock'}
@@ -98,15 +104,20 @@ def ensure_daemons(socket: str | None = None, *, timeout: float = READY_TIMEOUT)
     nodes = alive_nodes()
     probes = {n: _probe.options(scheduling_strategy=on_node(n)).remote(socket) for n in nodes}
     found: dict[str, str] = {}
+    held: dict[str, list[str]] = {}
     starting = {}
     for node, ref in probes.items():
         existing = ray.get(ref, timeout=timeout)
         if existing is not None:
-            found[node] = existing
+            found[node], held[node] = existing
         else:
             starting[node] = _daemon_actor(node).ensure.remote(socket)
     for node, ref in starting.items():
-        found[node] = ray.get(ref, timeout=timeout)
+        found[node], held[node] = ray.get(ref, timeout=timeout), []
+    if fill:
+        from weightd.client.ray_zerocopy import peers
+
+        peers.complete(found, held)
     return found
 
 
@@ -117,6 +128,11 @@ def shutdown_daemons(*, timeout: float = 30.0) -> list[str]:
     still attached keep their mappings; the memory goes when they let go. Returns the sockets
     of the daemons stopped.
     """
+    from weightd.client.ray_zerocopy import peers
+
+    for name in peers.actor_names():  # nothing left to copy from or to
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
     stopped = []
     for name in _daemon_actor_names():
         try:
@@ -141,9 +157,14 @@ def on_node(node: str) -> NodeAffinitySchedulingStrategy:
 
 # num_cpus=0: a probe must run even while every CPU of the node is busy with inference.
 @ray.remote(num_cpus=0, max_retries=0)
-def _probe(socket: str | None) -> str | None:
+def _probe(socket: str | None) -> tuple[str, list[str]] | None:
+    """The node's daemon's socket and the models it serves, or None if none answers."""
     path = node_socket(socket)
-    return path if ping(path) else None
+    try:
+        with Connection(path, timeout=2.0) as c:
+            return path, [m["name"] for m in c.call("list")["models"] if m.get("state", "ready") == "ready"]
+    except (WeightdError, zmq.ZMQError):
+        return None
 
 
 def _daemon_actor(node: str):

@@ -1,5 +1,8 @@
 """A model on every node of a Ray cluster: loaded from a path, published from this process, or
-unloaded, in each node's own daemon (Note [the node-local socket] in ray_zerocopy.daemons)."""
+unloaded, in each node's own daemon (Note [the node-local socket] in ray_zerocopy.daemons).
+
+Loads and publishes reach one node's daemon; the others copy from peers (Note [one storage read
+per cluster] in ray_zerocopy.peers)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from weightd.client import client as _client
+from weightd.client.ray_zerocopy import peers
 from weightd.client.ray_zerocopy.daemons import ensure_daemons, node_socket, on_node, ping
 
 
@@ -31,46 +35,65 @@ def node_sockets(socket: str | None = None) -> dict[str | None, str]:
 def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str | None, dict]:
     """Publish a module (or dict of tensors) as ``name`` in every node's daemon.
 
-    This node's daemon gets it straight from this process's memory. Other nodes get it
-    through the object store, once per node, as a transient object freed when they are done.
+    This node's daemon gets it straight from this process's memory; every other node copies it
+    from a node that holds it (Note [one storage read per cluster] in ray_zerocopy.peers).
     Returns ``{node id: the daemon's model summary}``.
 
     >>> ray_zerocopy.publish_everywhere("policy", policy_net)
     """
     sockets = node_sockets(socket)
     here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    out: dict[str | None, dict] = {}
+    if None in sockets:  # no Ray: this machine's daemon alone
+        return {None: _client.publish(name, obj, socket=sockets[None])}
     if here in sockets:
-        out[here] = _client.publish(name, obj, socket=sockets[here])
-    others = {n: s for n, s in sockets.items() if n != here}
-    if others:
+        first = here
+        out: dict[str | None, dict] = {here: _client.publish(name, obj, socket=sockets[here])}
+    else:  # a driver outside the cluster's nodes: the bytes go through the object store once
+        first = sorted(sockets)[0]
         ref = ray.put(_Shipment(_tensors(obj)))
-        refs = {
-            n: _publish.options(scheduling_strategy=on_node(n)).remote(name, ref, s)
-            for n, s in others.items()
+        out = {
+            first: ray.get(
+                _publish.options(scheduling_strategy=on_node(first)).remote(name, ref, sockets[first])
+            )
         }
-        out.update({n: ray.get(r) for n, r in refs.items()})
         del ref
+    out.update(peers.spread(name, first, sockets))
     return out
 
 
 def load_everywhere(
-    name: str, path: str, *, socket: str | None = None, factory: str | None = None
+    name: str,
+    path: str,
+    *,
+    socket: str | None = None,
+    factory: str | None = None,
+    reader: str | None = None,
 ) -> dict[str, dict]:
-    """Have every node's daemon load the checkpoint at ``path`` (a path every node can read).
+    """Have every node's daemon serve the checkpoint at ``path``, read from storage once.
+
+    One node's daemon reads ``path`` (``reader``, a node id; default: this process's node, else
+    the first): every other node copies it from a node that holds it, through Ray's object
+    store (Note [one storage read per cluster] in ray_zerocopy.peers). ``path`` must be
+    readable where it is read: by ``reader``, and by any node that has to read it again
+    because every holder died. Returns ``{node id: the daemon's model summary}``.
 
     >>> ray_zerocopy.load_everywhere("llama", "/shared/llama-3-8b")
     """
     sockets = node_sockets(socket)
-    refs = {
-        n: _load.options(scheduling_strategy=on_node(n)).remote(name, path, s, factory) if n else None
-        for n, s in sockets.items()
-    }
-    out = {}
-    for n, ref in refs.items():
-        out[n] = (
-            ray.get(ref) if ref is not None else _client.Client(sockets[n]).load(path, name, factory=factory)
+    if None in sockets:
+        return {None: _client.Client(sockets[None]).load(path, name, factory=factory)}
+    here = ray.get_runtime_context().get_node_id()
+    first = reader or (here if here in sockets else sorted(sockets)[0])
+    if first not in sockets:
+        raise ValueError(
+            f"reader={first!r} is not an alive node of this cluster: pick one of {sorted(sockets)}"
         )
+    out = {
+        first: ray.get(
+            _load.options(scheduling_strategy=on_node(first)).remote(name, path, sockets[first], factory)
+        )
+    }
+    out.update(peers.spread(name, first, sockets, path=path, factory=factory))
     return out
 
 
@@ -81,6 +104,7 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
     """
     if not ray.is_initialized():
         return int(_unload(node_socket(socket), name))
+    peers.forget(name)  # first: a node added meanwhile is not filled with it
     sockets = ensure_daemons(socket)
     refs = [_unload_task.options(scheduling_strategy=on_node(n)).remote(s, name) for n, s in sockets.items()]
     return sum(ray.get(refs))

@@ -87,6 +87,7 @@ def read(
     allow_pickle: bool = False,
     within: list[str] | None = None,
     check: Callable[[], None] | None = None,
+    factory: str | None = None,
 ) -> Checkpoint:
     """Open and validate a checkpoint file or folder; nothing is copied yet.
 
@@ -95,7 +96,7 @@ def read(
     files and stages, raises to stop (``weightd.daemon.loads``: a stop, a passed deadline).
     """
     try:
-        return _read(Path(path), allow_pickle=allow_pickle, within=within, check=check)
+        return _read(Path(path), allow_pickle=allow_pickle, within=within, check=check, factory=factory)
     except OSError as e:  # the disk, the network file system or the file itself failed a read
         raise read_failed(e.filename or path, e) from None
 
@@ -107,14 +108,19 @@ def read_failed(path, e: OSError) -> CheckpointError:
 
 
 def _read(
-    p: Path, *, allow_pickle: bool, within: list[str] | None, check: Callable[[], None] | None
+    p: Path,
+    *,
+    allow_pickle: bool,
+    within: list[str] | None,
+    check: Callable[[], None] | None,
+    factory: str | None = None,
 ) -> Checkpoint:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder: check the path given to --model or load")
     if within is not None:
         check_within(p, within)
     if p.is_dir():
-        ck = _read_folder(p, allow_pickle=allow_pickle, within=within, check=check)
+        ck = _read_folder(p, allow_pickle=allow_pickle, within=within, check=check, factory=factory)
         ck.files.append(identity(p))  # a shard added or removed changes the folder's mtime
         return ck
     try:
@@ -398,14 +404,19 @@ def _torch_load(path: Path, *, weights_only: bool):
 
 
 def _read_folder(
-    folder: Path, *, allow_pickle: bool, within: list[str] | None, check: Callable[[], None] | None
+    folder: Path,
+    *,
+    allow_pickle: bool,
+    within: list[str] | None,
+    check: Callable[[], None] | None,
+    factory: str | None = None,
 ) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
     # Hook (issue 11): transformers model folders load through from_pretrained, in weightd/daemon/hf.py.
     from weightd.daemon import hf
 
     if hf.is_model_folder(folder):
-        return hf.read_folder(folder, within=within, check=check)
+        return hf.read_folder(folder, within=within, check=check, factory=factory)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
             ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within, check=check)

@@ -35,7 +35,7 @@ class Handlers:
         self.store = store
         self.loads = loads
         self.started = time.time()
-        self._manifest_replies: dict[tuple[str, int], bytes] = {}
+        self._manifest_replies: dict[tuple[str, int, bool], bytes] = {}
         self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
         # Op X is answered by method X: the registry is protocol.OPS, and an op without its
         # handler is a bug caught here, at start-up, not by the first request for it.
@@ -159,6 +159,9 @@ class Handlers:
         generation = protocol.field(req, "generation", int, required=False)
         announced = protocol.field(req, "pid", int, required=False)
         device = protocol.field(req, "device", str, required=False)
+        # full: the whole manifest (origin, Hugging Face diagnostics), for a copy of the segment;
+        # an attach gets what a client reads (Manifest.to_client_dict)
+        full = protocol.field(req, "full", bool, required=False, default=False)
         # How long the caller waits for a model still loading (its own deadline, less a margin
         # for this answer to reach it); absent: answer at once.
         wait = protocol.field(req, "wait", (int, float), required=False, default=0)
@@ -190,12 +193,13 @@ class Handlers:
             return protocol.ok(
                 size=model.size, manifest=model.manifest.to_client_dict(), cuda=model.gpu[device].export()
             )
-        key = (name, model.manifest.generation)
+        key = (name, model.manifest.generation, full)
         reply = self._manifest_replies.get(key)
         if reply is None:
             if len(self._manifest_replies) > MANIFEST_CACHE:
                 self._manifest_replies.clear()
-            reply = protocol.ok(size=model.size, manifest=model.manifest.to_client_dict())
+            m = model.manifest.to_dict() if full else model.manifest.to_client_dict()
+            reply = protocol.ok(size=model.size, manifest=m)
             self._manifest_replies[key] = reply
         return reply
 
@@ -248,7 +252,12 @@ class Handlers:
 
     def publish_begin(self, req, peer) -> bytes:
         manifest, reused = self.store.reserve(
-            protocol.field(req, "name", str), protocol.field(req, "nbytes", int), pid=peer.pid
+            protocol.field(req, "name", str),
+            protocol.field(req, "nbytes", int),
+            pid=peer.pid,
+            # a peer fill: the source's layout digest and where the bytes come from (Store.reserve)
+            layout=protocol.field(req, "layout", str, required=False),
+            via=protocol.field(req, "via", str, required=False),
         )
         return protocol.ok(
             segment=manifest.segment,
@@ -262,7 +271,11 @@ class Handlers:
         )
 
     def publish_commit(self, req, peer) -> bytes:
-        model = self.store.commit(protocol.field(req, "segment", str))
+        name = protocol.field(req, "segment", str)
+        if protocol.field(req, "abort", bool, required=False, default=False):
+            # the publisher gives up (a peer fill that cannot finish): nothing of it is served
+            return protocol.ok(abandoned=self.store.abandon(name))
+        model = self.store.commit(name)
         return protocol.ok(model=model.summary())
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from weightd import layout
+from weightd.daemon import classes
 from weightd.errors import CheckpointError
 from weightd.layout import Blob
 
@@ -40,7 +41,7 @@ def is_model_folder(folder: Path) -> bool:
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
 
-def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
+def read_folder(folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None):
     """Load ``folder`` with ``from_pretrained`` and describe its state dict as a Checkpoint.
 
     ``check()`` (raises to stop the load) is called between the stages: ``from_pretrained``
@@ -61,7 +62,12 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
         ) from None
     if within is not None:
         check_within(folder / "config.json", within)
-    cls = _model_class(transformers, folder, config)
+    # Hook (issue 24): an operator-named class (--factory) loads the folder, weightd/daemon/classes.py.
+    cls = (
+        classes.resolve(factory, folder, transformers)
+        if factory
+        else _model_class(transformers, folder, config)
+    )
     weight_files = _weight_files(folder, config)
     for f in weight_files:
         if within is not None:
@@ -102,6 +108,7 @@ def read_folder(folder: Path, *, within: list[str] | None = None, check=None):
     skeleton = {
         "hf": {
             "class": type(model).__name__,
+            "import": classes.import_name(type(model)),  # where workers import it from
             "transformers": transformers.__version__,
             "torch": torch.__version__.split("+")[0],
             "dtype": dtype,
@@ -167,8 +174,8 @@ def _model_class(transformers, folder: Path, config: dict):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise CheckpointError(
             f"{folder}: config.json names the architecture {name!r:.80}, which transformers "
-            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): upgrade "
-            "transformers, or fix architectures"
+            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): if a "
+            f"package you trust defines it, {classes.REMEDY}; else upgrade transformers, or fix architectures"
         )
     return cls
 

@@ -73,6 +73,8 @@ from weightd.protocol import check_name
 log = logging.getLogger("weightd")
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+LAYOUT_RE = re.compile(r"^[0-9a-f]{64}\Z")
+VIA_RE = re.compile(r"^peer:[\w.:-]{1,128}\Z")
 RESERVATION_SECONDS = 600.0  # a publish that does not commit in this long is abandoned
 RETIRE_GRACE_SECONDS = 5.0  # a retired generation is kept at least this long after its last request
 
@@ -103,6 +105,7 @@ class Model:
             "source": m.source,
             "format": m.format,
             "created": m.created,
+            **({"via": m.origin["via"]} if (m.origin or {}).get("via") else {}),
         }
 
 
@@ -119,6 +122,10 @@ class Reservation:
     nbytes: int
     deadline: float  # time.monotonic() after which it is abandoned
     pid: int | None  # the publisher (in this daemon's namespace); its death abandons it at once
+    # A copy of a model another daemon holds (a peer fill through Ray): the source manifest's
+    # layout digest, which the segment must hold on commit, and where the bytes come from.
+    layout: str | None = None
+    via: str | None = None
 
     def summary(self) -> dict:
         m = self.manifest
@@ -129,6 +136,7 @@ class Reservation:
             "nbytes": self.nbytes,
             "pid": self.pid,
             "created": m.created,
+            **({"via": self.via} if self.via else {}),
         }
 
     def abandoned(self, now: float) -> bool:
@@ -280,7 +288,9 @@ class Store:
         check()
         self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
         try:
-            ck = checkpoint.read(path, allow_pickle=self.allow_pickle, within=within, check=check)
+            ck = checkpoint.read(
+                path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
+            )
         except BaseException:
             self._progress.pop(name, None)
             raise
@@ -296,7 +306,9 @@ class Store:
             check()
             manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
-            manifest.skeleton = {"factory": factory} if factory else ck.skeleton
+            # A Hugging Face folder keeps its description (the factory named its class: hf.py)
+            hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
+            manifest.skeleton = {"factory": factory} if factory and not hf_folder else ck.skeleton
             hf = (ck.skeleton or {}).get("hf") or {}
             manifest.origin = {
                 "path": manifest.source,
@@ -327,22 +339,57 @@ class Store:
         )
         return model
 
-    def reserve(self, name: str, nbytes: int, pid: int | None = None) -> tuple[Manifest, bool]:
+    def reserve(
+        self,
+        name: str,
+        nbytes: int,
+        pid: int | None = None,
+        *,
+        layout: str | None = None,
+        via: str | None = None,
+    ) -> tuple[Manifest, bool]:
         """Start a publish: a generation and a segment name the publisher (process ``pid``) will
         create (or, where the second value is True, rewrite: pages reused, Note [reusing a
-        segment's pages]) and seal."""
+        segment's pages]) and seal.
+
+        A peer fill (a copy of what another node's daemon holds) also names the source's
+        ``Manifest.layout_digest`` and ``via`` (where the bytes come from, "peer:<node>"): the
+        commit then serves the segment only if it holds exactly that layout, with that ``via``
+        in its origin."""
         check_name(name)
         if not isinstance(nbytes, int) or nbytes < 0:
             raise ProtocolError(f"nbytes must be a non-negative integer, got {nbytes!r:.40}")
+        if (layout is None) != (via is None):
+            raise ProtocolError("a peer fill names both the source's layout digest and where it comes from")
+        if layout is not None and not LAYOUT_RE.match(layout):
+            raise ProtocolError(f"layout must be a sha256 hex digest, got {layout!r:.80}")
+        if via is not None and not VIA_RE.match(via):
+            raise ProtocolError(f"via must look like 'peer:<node id>', got {via!r:.80}")
         manifest = self._new_manifest(name, source="publish", format="published")
         reused = self._recycle(name, manifest.segment, nbytes)
         if not reused:
             self._check_space(name, nbytes)
         with self._lock:
             self._reserved[manifest.segment] = Reservation(
-                manifest, nbytes, time.monotonic() + RESERVATION_SECONDS, pid or None
+                manifest, nbytes, time.monotonic() + RESERVATION_SECONDS, pid or None, layout, via
             )
         return manifest, reused
+
+    def abandon(self, segment_name: str) -> bool:
+        """Give up a publish under way (a peer fill that could not finish): its reservation goes
+        and its segment is removed, never served. False if no such publish is under way."""
+        with self._lock:
+            reservation = self._reserved.pop(segment_name, None)
+        if reservation is None:
+            return False
+        segment.unlink(segment_name)
+        log.info(
+            "abandoned the publish of %s (%s)",
+            reservation.manifest.name,
+            segment_name,
+            extra={"model": reservation.manifest.name, "generation": reservation.manifest.generation},
+        )
+        return True
 
     def _recycle(self, name: str, new: str, nbytes: int) -> bool:
         """Make a retired segment of ``name`` that no process maps (one big enough to hold
@@ -405,6 +452,14 @@ class Store:
                 reserved.uuid,
             ):
                 raise SegmentError(f"segment {segment_name} does not hold the publish that reserved it")
+            if reservation.layout is not None and (
+                manifest.layout_digest() != reservation.layout
+                or (manifest.origin or {}).get("via") != reservation.via
+            ):
+                raise SegmentError(
+                    f"segment {segment_name} does not hold the layout its peer fill reserved (a copy must "
+                    "describe its tensors exactly as its source does): not served"
+                )
             check_factory((manifest.skeleton or {}).get("factory"))
             manifest.directory = segment.shm_dir()
             segment.commit_seal(segment_name)

@@ -1,0 +1,322 @@
+"""One storage read per cluster: nodes fill their segments from peers through Ray.
+
+The daemon's side first (a reservation for a given layout, checked on commit, abandoned
+whole), on plain daemons. Then a local Ray cluster, one for the module: three nodes on this
+machine, each with its own daemon (Note [the node-local socket]), a fourth added later; a
+256 MiB checkpoint every node can read. Note [one storage read per cluster] in
+weightd/client/ray_zerocopy/peers.py says what is checked here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+
+from weightd import segment  # noqa: E402
+from weightd.client import Client, ProtocolError, SegmentError, TransferFailed  # noqa: E402
+from weightd.client import ray_zerocopy as rz  # noqa: E402
+from weightd.client.ray_zerocopy import peers  # noqa: E402
+from weightd.daemon.config import Config  # noqa: E402
+
+from conftest import SHM, remove_segments, wait_until  # noqa: E402
+
+TESTS = str(Path(__file__).resolve().parent)
+MIB = 1 << 20
+CHECKPOINT_MIB = 256
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# --- the daemon's side, no Ray ---
+
+
+def test_a_peer_copy_is_served_only_with_its_source_layout(make_daemon):
+    src, dst = make_daemon(), make_daemon()
+    w = torch.arange(3 * MIB // 4, dtype=torch.float32)
+    with Client(src.socket) as a, Client(dst.socket) as b:
+        a.publish("m", {"w": w, "tied": w, "view": w[10:20], "b": torch.ones(7, dtype=torch.bfloat16)})
+        source = a.manifest("m")
+        held = a.state_dict("m")
+        mapped = held["w"].untyped_storage()  # the source's bytes, as a holder maps them
+
+        def fill(copy):
+            for offset, length in peers._chunks(source):
+                copy.write(offset, _bytes_at(mapped, source, offset, length))
+
+        copy = peers.Copy(b, source, via="peer:node-a")
+        assert b.stats()["publishing"][0]["via"] == "peer:node-a"
+        fill(copy)
+        summary = copy.commit()
+        assert summary["via"] == "peer:node-a" and summary["nbytes"] == source.nbytes
+        mine = b.manifest("m")
+        assert mine.uuid != source.uuid and mine.layout_digest() == source.layout_digest()
+        assert (mine.storages, mine.tensors) == (source.storages, source.tensors), "names, dtypes, ties"
+        got = b.state_dict("m")
+        assert all(torch.equal(got[k], held[k]) for k in held)
+        assert got["tied"].data_ptr() == got["w"].data_ptr(), "ties stay ties"
+
+        # a copy whose manifest says something else than the source's is never served
+        wrong = peers.Copy(b, source, via="peer:node-a")
+        fill(wrong)
+        wrong.manifest.tensors[0] = wrong.manifest.tensors[0]._replace(
+            name="x" * len(wrong.manifest.tensors[0].name)
+        )
+        wrong.encoded = wrong.manifest.to_json()
+        with pytest.raises(SegmentError, match="layout its peer fill reserved"):
+            wrong.commit()
+        assert not os.path.exists(segment.path(wrong.manifest.segment))
+        assert b.manifest("m").uuid == mine.uuid, "what was served is undisturbed"
+
+        # given up half-way: the segment goes, nothing is served
+        half = peers.Copy(b, source, via="peer:node-a")
+        half.write(*next((o, _bytes_at(mapped, source, o, n)) for o, n in peers._chunks(source)))
+        half.abort()
+        assert not os.path.exists(segment.path(half.manifest.segment))
+        assert b.stats()["publishing"] == [] and b.manifest("m").uuid == mine.uuid
+
+        with pytest.raises(ProtocolError, match="peer:<node id>"):
+            b.call("publish_begin", name="m", nbytes=1, layout=source.layout_digest(), via="elsewhere")
+        with pytest.raises(ProtocolError, match="sha256"):
+            b.call("publish_begin", name="m", nbytes=1, layout="x" * 64, via="peer:a")
+        with pytest.raises(ProtocolError, match="both"):
+            b.call("publish_begin", name="m", nbytes=1, via="peer:a")
+
+
+def _bytes_at(storage: torch.UntypedStorage, source, offset: int, length: int) -> bytes:
+    """``length`` bytes of the source segment from ``offset``, through storage 0's mapping."""
+    base = storage.data_ptr() - source.storages[0].offset
+    import ctypes
+
+    return ctypes.string_at(base + offset, length)
+
+
+# --- the cluster ---
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    runtime = tmp_path_factory.mktemp("xdg")
+    saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "PYTHONPATH", "RAY_memory_monitor_refresh_ms")}
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    # Ray kills workers when the whole machine is short of memory, whoever uses it; on a shared
+    # test machine that would be other jobs' doing, not this test's.
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved["PYTHONPATH"]) if p)
+    store = 400 * MIB  # per node: two transfers of WINDOW chunks each, and room to spare
+    # A dead node is noticed within seconds (the default waits ~30 s).
+    config = {
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 4,
+        "health_check_timeout_ms": 1000,
+    }
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "object_store_memory": store,
+            "include_dashboard": False,
+            "_system_config": config,
+        },
+    )
+    try:
+        c.workers = [c.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
+        c.store = store
+        ray.init(address=c.address, log_to_driver=False)
+        c.sockets = rz.ensure_daemons()
+        yield c
+    finally:
+        try:
+            if ray.is_initialized():
+                rz.shutdown_daemons()
+                ray.shutdown()
+        finally:
+            c.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            leaked = [
+                s
+                for sock in Path(runtime).glob("weightd-ray-*.sock")
+                if not sock.name.endswith(".admin.sock")
+                for s in remove_segments(Config(socket=str(sock)).instance)
+            ]
+            assert not leaked, f"daemons started through Ray left segments: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 256 MiB safetensors file, and the sha256 of each tensor's bytes."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"layer{i}.weight": torch.randn(CHECKPOINT_MIB // 8 * MIB // 4, generator=g).view(-1, 1024)
+        for i in range(8)
+    }
+    tensors["embed"] = torch.randn(1000, 7, generator=g).to(torch.bfloat16)
+    save_file(tensors, path)
+    hashes = {k: _sha(v) for k, v in tensors.items()}
+    del tensors
+    yield str(path), hashes
+    path.unlink()
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+def on_node(node_id: str) -> dict:
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+
+
+@ray.remote(num_cpus=0)
+def node_facts(name: str) -> dict:
+    """What this node's daemon serves as ``name``: tensor hashes, the manifest, the summary."""
+    with Client(rz.node_socket()) as c:
+        manifest = c.manifest(name)
+        summary = {m["name"]: m for m in c.list()}[name]
+        tensors = c.state_dict(name)
+        return {
+            "hashes": {k: _sha(v) for k, v in tensors.items()},
+            "layout": (manifest.storages, manifest.tensors),
+            "summary": summary,
+            "pid": c.ping()["pid"],
+            "publishing": c.stats()["publishing"],
+        }
+
+
+def read_bytes(socket: str) -> int:
+    """Bytes the daemon at ``socket`` has read through read-like system calls (/proc/PID/io)."""
+    with Client(socket) as c:
+        pid = c.ping()["pid"]
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def node_of(node) -> str:
+    return node.node_id
+
+
+def test_load_everywhere_reads_storage_once_and_a_node_added_later_fills_from_peers(cluster, checkpoint):
+    path, hashes = checkpoint
+    sockets = rz.ensure_daemons()
+    reader = node_of(cluster.workers[0])
+    before = {n: read_bytes(s) for n, s in sockets.items()}
+    loaded = rz.load_everywhere("ckpt", path, reader=reader)
+    read = {n: read_bytes(s) - before[n] for n, s in sockets.items()}
+    size = os.path.getsize(path)
+    assert sorted(loaded) == sorted(sockets)
+    assert read[reader] >= size, read
+    assert all(read[n] < 8 * MIB for n in sockets if n != reader), f"only {reader} reads the file: {read}"
+    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("ckpt")) for n in sockets}
+    for node, f in facts.items():
+        assert f["hashes"] == hashes, f"node {node}'s segment differs from the file"
+        assert f["layout"] == facts[reader]["layout"], "names, dtypes, shapes, storages as the source's"
+        assert f["summary"].get("via", "").startswith("peer:") == (node != reader), "copied, not read"
+
+    # a node added later: ensure_daemons starts its daemon and fills it from the others
+    cluster.workers.append(cluster.add_node(num_cpus=1, object_store_memory=cluster.store))
+    cluster.wait_for_nodes()
+    sockets = rz.ensure_daemons()
+    new = node_of(cluster.workers[-1])
+    assert new in sockets
+    late = ray.get(node_facts.options(**on_node(new)).remote("ckpt"))
+    assert late["hashes"] == hashes and late["layout"] == facts[reader]["layout"]
+    assert late["summary"]["via"].startswith("peer:")
+    assert read_bytes(sockets[new]) < 8 * MIB, "the new node's daemon read nothing from storage"
+    assert rz.unload_everywhere("ckpt") == len(sockets)
+
+
+def test_publish_everywhere_copies_ties_and_dtypes_from_peers(cluster):
+    w = torch.randn(64, 1024)
+    state = {"w": w, "tied": w, "rows": w[3:9], "half": torch.randn(5, 3).to(torch.bfloat16)}
+    out = rz.publish_everywhere("pub", state)
+    sockets = rz.ensure_daemons()
+    assert sorted(out) == sorted(sockets)
+    here = ray.get_runtime_context().get_node_id()
+    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("pub")) for n in sockets}
+    for node, f in facts.items():
+        assert f["hashes"] == {k: _sha(v) for k, v in state.items()}
+        assert f["layout"] == facts[here]["layout"]
+        assert len(f["layout"][0]) == 2, "the tied weight and the view share one storage"
+        assert ("via" in f["summary"]) == (node != here)
+    assert rz.unload_everywhere("pub") == len(sockets)
+
+
+def test_a_corrupted_chunk_is_refused_naming_the_node_it_came_from(cluster, checkpoint):
+    path, _ = checkpoint
+    sockets = rz.ensure_daemons()
+    reader = node_of(cluster.workers[0])
+    reg = peers.registry()
+    ray.get(reg.hook.remote(reader, "corrupt"))
+    try:
+        with pytest.raises(TransferFailed, match=f"from node {reader}.*does not match the digest"):
+            rz.load_everywhere("bad", path, reader=reader)
+    finally:
+        ray.get(reg.hook.remote(reader, None))
+    for node, socket in sockets.items():
+        with Client(socket) as c:
+            served = [m["name"] for m in c.list()]
+            assert ("bad" in served) == (node == reader), "only the reader, which loaded it itself, serves it"
+            assert c.stats()["publishing"] == []
+            unsealed = [
+                s
+                for s in SHM.glob(f"weightd.{Config(socket=socket).instance}.*")
+                if not segment.inspect("/" + s.name)[2]
+            ]
+            assert not unsealed, "nothing half-written is left"
+    rz.unload_everywhere("bad")
+
+
+def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(cluster, checkpoint):
+    path, hashes = checkpoint
+    sockets = rz.ensure_daemons()
+    source = cluster.workers[0]
+    reader = node_of(source)
+    before = {n: read_bytes(s) for n, s in sockets.items() if n != reader}
+    reg = peers.registry()
+    ray.get(reg.hook.remote(reader, "stall"))  # it sends two chunks of each transfer, then hangs
+    result: dict = {}
+    copied = sum(ray.get(reg.progress.remote()).values())
+
+    def load():
+        try:
+            result["loaded"] = rz.load_everywhere("survive", path, reader=reader)
+        except BaseException as e:
+            result["error"] = e
+
+    t = threading.Thread(target=load)
+    t.start()
+    wait_until(
+        lambda: sum(ray.get(reg.progress.remote()).values()) > copied, timeout=120, what="a chunk copied"
+    )
+    cluster.remove_node(source, allow_graceful=False)
+    cluster.workers.remove(source)
+    t.join(240)
+    assert not t.is_alive()
+    assert "error" not in result, result.get("error")
+    sockets = rz.ensure_daemons()
+    assert reader not in sockets and sorted(before) == sorted(sockets)
+    reread = sorted(read_bytes(s) - before[n] for n, s in sockets.items())
+    size = os.path.getsize(path)
+    assert reread[-1] >= size and sum(reread[:-1]) < 16 * MIB, (
+        f"one node read it again, the others copied: {reread}"
+    )
+    for node in sockets:
+        f = ray.get(node_facts.options(**on_node(node)).remote("survive"))
+        assert f["hashes"] == hashes
+        assert f["publishing"] == []
+    assert rz.unload_everywhere("survive") == len(sockets)

