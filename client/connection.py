@@ -156,9 +156,15 @@ class Connection:
         """Models with their attached processes and memory, /dev/shm, and the daemon's own memory."""
         return self.call("stats")
 
-    def manifest(self, name: str, generation: int | None = None, *, timeout: float | None = None) -> Manifest:
-        """What model ``name`` (the newest generation, or ``generation``) holds and where."""
-        return Manifest.from_dict(self.manifest_reply(name, generation, timeout=timeout)["manifest"])
+    def manifest(
+        self, name: str, generation: int | None = None, *, timeout: float | None = None, full: bool = False
+    ) -> Manifest:
+        """What model ``name`` (the newest generation, or ``generation``) holds and where: what a
+        client needs to map it, or with ``full`` all the daemon keeps (its origin, the Hugging
+        Face diagnostics): what a copy of the segment must hold (ray_zerocopy's peer fills)."""
+        return Manifest.from_dict(
+            self.manifest_reply(name, generation, timeout=timeout, full=full)["manifest"]
+        )
 
     def manifest_reply(
         self,
@@ -167,6 +173,7 @@ class Connection:
         *,
         device: str | None = None,
         timeout: float | None = None,
+        full: bool = False,
     ) -> dict:
         # The pid lets the daemon keep an older generation linked while this process maps it.
         # wait: a model still loading (a daemon just started) is waited for within this call's
@@ -177,6 +184,7 @@ class Connection:
             generation=generation,
             pid=os.getpid(),
             device=device,
+            full=full or None,
             wait=self._wait(timeout),
             timeout=timeout,
         )

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,13 +18,11 @@ from weightd import cli, segment
 from weightd.client import Client
 from weightd.errors import AttachError, CheckpointError, ConfigError, ModelNotFound, RequestTimeout
 
-from conftest import segments, wait_until, worker_code
+from conftest import run_weightd, segments, wait_until, worker_code
 
 
 def weightd(sock: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "weightd", *args, "--socket", sock], capture_output=True, text=True, timeout=60
-    )
+    return run_weightd(*args, socket=sock)
 
 
 # --- 8: default names keep everything but a known extension ---------------------------------

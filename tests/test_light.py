@@ -83,9 +83,8 @@ def test_the_connection_imports_no_torch():
     assert loaded(mods, (*NOT_FOR_OPERATORS, "weightd.daemon", "weightd.segment", "weightd.layout")) == []
 
 
-def test_an_attach_over_a_real_daemon_imports_no_more(tmp_path, make_daemon, torch_alone):
-    save_file({"w": torch.arange(8.0)}, tmp_path / "m.safetensors")
-    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
+def test_an_attach_over_a_real_daemon_imports_no_more(serve, torch_alone):
+    d = serve({"w": torch.arange(8.0)})
     mods = imported(
         f"""
         import torch

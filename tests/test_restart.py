@@ -27,12 +27,11 @@ from weightd.client import Client, StillLoading, state_dict
 from weightd.daemon.config import Config
 from weightd.errors import CheckpointError
 
-from conftest import in_private_shm, private_shm_refused, wait_until
+from conftest import WEIGHTD, big_file, in_private_shm, private_shm_refused, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "weightd.service"
 ENV_FILE = ROOT / "systemd" / "weightd.env"
-WEIGHTD = [sys.executable, "-m", "weightd"]
 
 
 # --- the unit, as systemd reads it ----------------------------------------------------------
@@ -220,19 +219,6 @@ def test_stop_leaves_the_segments_a_new_daemon_shows_their_age_and_source_and_pu
 
 
 # --- serve while loading, keep going, check -----------------------------------------------
-
-
-def big_file(path: Path, nbytes: int) -> Path:
-    """A safetensors file of ``nbytes`` of uint8 (sparse: quick to make, real to copy)."""
-    import json
-
-    header = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header)
-        f.write(b"\x07")
-        f.truncate(8 + len(header) + nbytes)
-    return path
 
 
 def test_serves_while_loading_and_an_attach_waits_for_a_loading_model(make_daemon, tmp_path):

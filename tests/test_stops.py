@@ -9,21 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_restart import big_file
 
 from weightd.client import Cancelled, Client
 from weightd.errors import CheckpointError, DaemonNotRunning
 
-from conftest import wait_until
+from conftest import WEIGHTD, big_file, wait_until
 
-WEIGHTD = [sys.executable, "-m", "weightd"]
 GiB = 1 << 30
 
 
