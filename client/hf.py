@@ -19,11 +19,11 @@ transformers is imported only when an HF model is attached; never at import of t
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -34,7 +34,7 @@ from torch import nn
 from weightd.errors import AttachError
 
 EXTRA = "pip install 'weightd[hf]'"
-_files_dirs: dict[str, str] = {}  # segment uuid -> this process's private copy of the small files
+_files_dirs: dict[str, str] = {}  # segment uuid -> the files folder of that generation (shared)
 _lock = threading.RLock()
 
 
@@ -61,9 +61,10 @@ def files(name: str, *, socket: str | None = None) -> dict[str, bytes]:
 
 
 def files_dir(name: str, *, socket: str | None = None) -> str:
-    """A private folder holding the small files, for ``AutoTokenizer.from_pretrained(path)`` and the like.
+    """A folder holding the small files, for ``AutoTokenizer.from_pretrained(path)`` and the like.
 
-    Made once per process and model generation, removed when the process exits.
+    One per user and model generation, shared by that user's workers (Note [one files folder
+    per user and generation]); treat it as read-only. It is removed once its generation is gone.
     """
     return _files_dir(_mapping(name, socket))
 
@@ -153,24 +154,20 @@ def build(
     """
     hf = _skeleton(mapping.manifest)
     transformers = _transformers(name)
-    from transformers import modeling_utils
-    from transformers.utils.generic import ContextManagers
+    from weightd.client import transformers_adapter as adapter
 
     t0 = time.perf_counter()
     same_version = hf.get("transformers") == transformers.__version__
     folder = _files_dir(mapping)
     with _stage(lambda: f"building {getattr(cls, '__name__', cls)}", name, hf, transformers, same_version):
-        cls, config = _class_and_config(transformers, name, hf, cls, config, folder)
+        cls, config = _class_and_config(transformers, adapter, name, hf, cls, config, folder)
         config.name_or_path = hf.get("source", "")
-        config, dtype = modeling_utils._get_dtype("auto", None, config, None, tensors, True, None)
-        with ContextManagers(cls.get_init_context(dtype, False, False, None)):
+        config, dtype = adapter.dtype_for(config, tensors)
+        with adapter.init_context(cls, dtype, config):
             module = cls(config)
-        with contextlib.suppress(ImportError, AttributeError):
-            from transformers.monkey_patching import patch_output_recorders
-
-            patch_output_recorders(module)
+        adapter.patch_outputs(module)
     build_seconds = time.perf_counter() - t0
-    info, assigned = _assign(module, tensors, requires_grad)
+    info, assigned = _assign(adapter, module, tensors, requires_grad)
     if info.mismatched_keys:
         k, have, want = sorted(info.mismatched_keys)[0]
         raise _version_error(
@@ -187,20 +184,20 @@ def build(
             name, hf, transformers, f"its weights do not match {cls.__name__} here (e.g. {odd})"
         )
     with _stage(lambda: f"finishing {cls.__name__}", name, hf, transformers, same_version):
-        load_config = modeling_utils.LoadStateDictConfig(
-            pretrained_model_name_or_path=hf.get("source"),
-            dtype=dtype,
-            dtype_plan=module._get_dtype_plan(dtype),
+        adapter.finish(cls, module, source=hf.get("source"), dtype=dtype, info=info)
+    # After the class's own rules (ties, _keys_to_ignore_on_load_missing): a weight the module
+    # has and the segment lacks would be random, not loaded. from_pretrained warns; attach refuses.
+    if info.missing_keys:
+        missing = sorted(info.missing_keys)
+        raise AttachError(
+            f"model {name!r}: {cls.__name__} has {len(missing)} weights the served model does not hold "
+            f"(e.g. {missing[:3]}); they would be random: attach with the class the folder was saved "
+            "with (or none), or serve a folder that holds them"
         )
-        # from_pretrained's own finishing: non-persistent buffers off meta and computed, missing keys
-        # initialized by the class's rules, ties, the report of ignored and initialized keys.
-        cls._finalize_model_loading(module, load_config, info)
+    with _stage(lambda: f"finishing {cls.__name__}", name, hf, transformers, same_version):
         module.eval()
         module.set_use_kernels(False)
-        if module.can_generate() and hasattr(module, "adjust_generation_fn"):
-            module.adjust_generation_fn(
-                None, False, None, folder, None, False, None, True, None, None, "", False
-            )
+        adapter.adjust_generation(module, folder)
     final = dict(module.state_dict(keep_vars=True))
     copies = [n for n in assigned if n in final and final[n].numel() and not mapping.contains(final[n])]
     if copies:
@@ -245,53 +242,99 @@ def _mapping(name: str, socket: str | None):
 
 
 def _files_dir(mapping) -> str:
-    manifest = mapping.manifest
-    if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
-        from weightd.client.mapping import Mapping
+    """The folder of the generation's small files, shared by every process of this user.
 
-        mapping = Mapping(manifest, owner=mapping.owner)  # the daemon's user's segment only
+    Note [one files folder per user and generation]: ``<root>/<segment>-<uuid>``, where root
+    is ``$XDG_RUNTIME_DIR/weightd-files`` or ``/tmp/weightd-files-<uid>`` (0700, checked to be
+    this user's own). It is made once, atomically (written under a temporary name, then
+    renamed), and reused by every worker of this user; it is removed by whichever worker
+    finds its segment gone (a new generation replaced it, the daemon unloaded it). So workers
+    that end by a signal leave nothing behind that outlives their generation.
+    """
+    from weightd import segment
+
+    manifest = mapping.manifest
     with _lock:
         path = _files_dirs.get(manifest.uuid)
         if path is not None and os.path.isdir(path):
             return path
-        path = tempfile.mkdtemp(prefix=f"weightd-{manifest.name[:40]}-")  # 0700: private to this user
-        try:
-            for rel, index in _skeleton(manifest)["files"].items():
-                target = os.path.join(path, rel)
-                if os.path.isabs(rel) or ".." in rel.split("/"):
-                    raise AttachError(f"model {manifest.name!r} names a file {rel!r:.80} outside its folder")
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                with open(target, "wb") as f:
-                    f.write(mapping.storage_bytes(index))
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-        if not _files_dirs:
-            atexit.register(_remove_files_dirs)
+        if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
+            from weightd.client.mapping import Mapping
+
+            mapping = Mapping(manifest, owner=mapping.owner)  # the daemon's user's segment only
+        root = _files_root()
+        _sweep(root)
+        seg = manifest.segment.lstrip("/")
+        path = os.path.join(root, f"{seg}-{manifest.uuid[:16]}")
+        if not os.path.isdir(path):
+            making = tempfile.mkdtemp(dir=root, prefix=".making-")
+            try:
+                for rel, index in _skeleton(manifest)["files"].items():
+                    target = os.path.join(making, rel)
+                    if os.path.isabs(rel) or ".." in rel.split("/") or rel == _SEGMENT_FILE:
+                        raise AttachError(
+                            f"model {manifest.name!r} names a file {rel!r:.80} outside its folder"
+                        )
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as f:
+                        f.write(mapping.storage_bytes(index))
+                with open(os.path.join(making, _SEGMENT_FILE), "w") as f:
+                    f.write(os.path.join(segment.client_dir(manifest.directory), seg))
+                try:
+                    os.rename(making, path)
+                except OSError:
+                    if not os.path.isdir(path):  # not another worker's folder that won the race
+                        raise
+            finally:
+                shutil.rmtree(making, ignore_errors=True)
         _files_dirs[manifest.uuid] = path
         return path
 
 
-def _remove_files_dirs() -> None:
-    if _files_dirs and os.getpid() == _owner_pid:
-        for path in _files_dirs.values():
+_SEGMENT_FILE = ".weightd-segment"  # in each files folder: the segment whose files it holds
+MAKING_SECONDS = 3600  # a folder still being made after this long belongs to a process that died
+
+
+def _files_root() -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.geteuid()
+    root = (
+        os.path.join(runtime, "weightd-files")
+        if runtime
+        else os.path.join(tempfile.gettempdir(), f"weightd-files-{uid}")
+    )
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise AttachError(
+            f"{root} is not a private folder of uid {uid} (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):o}): someone else made it; remove it, or set XDG_RUNTIME_DIR"
+        )
+    return root
+
+
+def _sweep(root: str) -> None:
+    """Remove the files folders whose segment is gone, and half-made ones of dead processes."""
+    now = time.time()
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        try:
+            if entry.startswith(".making-"):
+                if now - os.lstat(path).st_mtime > MAKING_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
+            with open(os.path.join(path, _SEGMENT_FILE)) as f:
+                gone = not os.path.exists(f.read())
+        except OSError:
+            continue
+        if gone:
             shutil.rmtree(path, ignore_errors=True)
 
 
-_owner_pid = os.getpid()
-
-
-def _after_fork() -> None:
-    # A forked child shares the parent's folders; it makes its own rather than remove the parent's.
-    global _owner_pid
-    _owner_pid = os.getpid()
-    _files_dirs.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: str):
+def _class_and_config(transformers, adapter, name: str, hf: dict, cls, config, folder: str):
     """The concrete class and its config, as ``cls.from_pretrained(folder)`` would pick them."""
     if cls is None:
         cls = getattr(transformers, hf.get("class", ""), None)
@@ -306,16 +349,14 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
                 f"here does not ship (the daemon loaded it with {hf.get('transformers')}): install that "
                 "version, or pass model="
             )
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
-
-    if isinstance(cls, type) and issubclass(cls, _BaseAutoModelClass):
+    if adapter.is_auto_class(cls):
         if config is None:
             config = transformers.AutoConfig.from_pretrained(folder)
         else:
             config = copy.deepcopy(config)
         if type(config) not in cls._model_mapping:
             raise AttachError(f"model {name!r}: {cls.__name__} has no class for a {type(config).__name__}")
-        return _get_model_class(config, cls._model_mapping), config
+        return adapter.concrete_class(cls, config), config
     if config is None:
         config = cls.config_class.from_pretrained(folder)
     else:
@@ -323,28 +364,18 @@ def _class_and_config(transformers, name: str, hf: dict, cls, config, folder: st
     return cls, config
 
 
-def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: bool):
+def _assign(adapter, module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: bool):
     """Put the mapped tensors in place, as from_pretrained's loading loop does; nothing is copied.
 
     Keys follow from_pretrained's prefix rule (a base model's weights into a model with a head,
     and back); what has no place is unexpected, what gets none is missing: both then go to
     the class's own rules in ``_finalize_model_loading``.
     """
-    from transformers.core_model_loading import rename_source_key
-    from transformers.utils.loading_report import LoadStateDictInfo
-
     expected = module.state_dict()
-    info = LoadStateDictInfo(
-        missing_keys=set(expected),
-        unexpected_keys=set(),
-        mismatched_keys=set(),
-        error_msgs=[],
-        conversion_errors={},
-        skipped_pp_keys=set(),
-    )
+    info = adapter.loading_info(set(expected))
     prefix = getattr(module, "base_model_prefix", None) or None
     renamed = {
-        (key if key in expected else rename_source_key(key, [], [], prefix, expected)[0]): t
+        (key if key in expected else adapter.renamed_key(key, prefix, expected)): t
         for key, t in tensors.items()
     }
     # Tied names are left to tie_weights, as when save_pretrained dropped them from the files:

@@ -120,7 +120,7 @@ def test_scrape_equals_stats_and_counters_move_by_what_was_done(tmp_path, make_d
     by_name = {m["name"]: m for m in stats["models"]}
     assert set(by_name) == {"m", "p"}
     for name, m in by_name.items():
-        assert value(after, "weightd_model_bytes", model=name, generation=str(m["generation"])) == m["size"]
+        assert value(after, "weightd_model_bytes", model=name, state="current") == m["size"]
         assert value(after, "weightd_model_generation", model=name) == m["generation"]
         assert value(after, "weightd_model_attached_processes", model=name) == len(m["attached"])
         assert value(after, "weightd_loading", model=name) == 0

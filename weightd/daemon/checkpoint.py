@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightd import layout
-from weightd.errors import CheckpointError, PermissionDenied, SegmentError
+from weightd.daemon import hf
+from weightd.daemon.files import check_within, identity, open_file
+from weightd.errors import CheckpointError, SegmentError
 from weightd.layout import Blob
 from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
 
@@ -141,86 +143,6 @@ def _read(
         f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
         "and Hugging Face model folders"
     )
-
-
-def identity(path: str | os.PathLike, fd: int | None = None) -> dict:
-    """What identifies a file's contents without reading them: resolved path, size, mtime_ns,
-    inode and device (of the open ``fd`` when given: the file actually read)."""
-    try:
-        st = os.fstat(fd) if fd is not None else os.stat(path)
-        real = os.readlink(f"/proc/self/fd/{fd}") if fd is not None else os.path.realpath(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot stat it ({e.strerror})") from None
-    return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
-
-
-def unchanged(files: list[dict]) -> bool:
-    """Whether every file recorded by ``identity`` is still the same (same inode, device,
-    size and mtime): then its contents are taken to be what was loaded from it. A file
-    rewritten in place changes its mtime; one replaced (an atomic rename) changes its inode."""
-    if not files:
-        return False
-    for f in files:
-        try:
-            st = os.stat(f["path"])
-        except (OSError, KeyError, TypeError):
-            return False
-        if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) != (
-            f.get("size"),
-            f.get("mtime_ns"),
-            f.get("ino"),
-            f.get("dev"),
-        ):
-            return False
-    return True
-
-
-def real_path(path: str | os.PathLike) -> str:
-    """``path`` with symlinks and ``..`` resolved; a path being changed meanwhile is refused."""
-    try:
-        return os.path.realpath(path)
-    except OSError as e:  # a symlink turned into something else between lstat and readlink
-        raise PermissionDenied(
-            f"{path} changed while it was being resolved ({e.strerror}): try again"
-        ) from None
-
-
-def check_within(path: str | os.PathLike, roots: list[str], real: str | None = None) -> str:
-    """``path`` with symlinks and ``..`` resolved (or ``real``, where it was found to be), if
-    that lies inside one of ``roots``."""
-    real = real_path(path) if real is None else real
-    for root in roots:
-        root = os.path.realpath(root)
-        if real == root or real.startswith(root.rstrip("/") + "/"):
-            return real
-    raise PermissionDenied(
-        f"{path} resolves to {real}, outside the folders this daemon loads from ({', '.join(roots)}): "
-        "move the checkpoint there, or start the daemon with another --model-dir"
-    )
-
-
-def open_file(path: str | os.PathLike, within: list[str] | None = None):
-    """Open a checkpoint file once, for reading from that descriptor only.
-
-    Never blocks (a FIFO named like a checkpoint is refused, not waited on). With ``within``
-    the check is of the file actually opened, by its descriptor (/proc/self/fd/N), not of the
-    path: a symlink or folder swapped in between a check and the open cannot make the daemon
-    read a file outside ``--model-dir``.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{path}: not a regular file: a checkpoint is a file or a folder of them")
-        if within is not None:
-            check_within(path, within, real=os.readlink(f"/proc/self/fd/{fd}"))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _read_text(path: Path, within: list[str] | None, files: list[dict]) -> str:
@@ -412,30 +334,18 @@ def _read_folder(
     factory: str | None = None,
 ) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
-    # Hook (issue 11): transformers model folders load through from_pretrained, in weightd/daemon/hf.py.
-    from weightd.daemon import hf
-
-    if hf.is_model_folder(folder):
-        return hf.read_folder(folder, within=within, check=check, factory=factory)
+    found = hf.read_folder(folder, within=within, check=check, factory=factory)
+    if found is not None:
+        return Checkpoint(**found)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
-            ck = _read_index(folder / index_name, allow_pickle=allow_pickle, within=within, check=check)
-            break
-    else:
-        files = sorted(folder.glob("*.safetensors")) or sorted(
-            f for f in folder.iterdir() if f.suffix in TORCH_SUFFIXES and f.is_file()
-        )
-        if not files:
-            raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
-        ck = _read_many(folder, files, allow_pickle=allow_pickle, within=within, check=check)
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            ck.skeleton = {"hf_config": json.loads(_read_text(config, within, ck.files))}
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{config}: not valid JSON ({e})") from None
-        ck.format = "huggingface"
-    return ck
+            return _read_index(folder / index_name, allow_pickle=allow_pickle, within=within, check=check)
+    files = sorted(folder.glob("*.safetensors")) or sorted(
+        f for f in folder.iterdir() if f.suffix in TORCH_SUFFIXES and f.is_file()
+    )
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors, *.bin, *.pt or index file in this folder")
+    return _read_many(folder, files, allow_pickle=allow_pickle, within=within, check=check)
 
 
 def _read_index(

@@ -16,7 +16,7 @@ import os
 import time
 
 from weightd import __version__, memory, protocol, segment
-from weightd.daemon import checkpoint
+from weightd.daemon import files
 from weightd.daemon.config import Config, default_name
 from weightd.daemon.endpoints import Peer
 from weightd.daemon.loads import Loads
@@ -244,7 +244,7 @@ class Handlers:
         (and every file the load reads is checked again: a shard may be a symlink)."""
         if not self.config.model_dirs:
             return path
-        return checkpoint.check_within(path, self.config.model_dirs)
+        return files.check_within(path, self.config.model_dirs)
 
     def unload(self, req, peer) -> bytes:
         model = self.store.unload(protocol.field(req, "name", str))

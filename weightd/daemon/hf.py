@@ -1,29 +1,53 @@
-"""Hugging Face model folders: loaded with transformers' own ``from_pretrained``, served converted.
+"""Hugging Face model folders: opened here by descriptor, loaded by transformers in a loader process.
 
-``from_pretrained`` does more than read tensors: it picks the weight files (safetensors over
-``.bin``, index files for shards), renames and merges keys (per-expert MoE weights fused into
-one tensor, legacy prefixes, ``gamma``/``beta``), drops keys the class ignores, casts to the
-config's dtype and ties weights. Rather than re-implement any of that, the daemon runs it once,
-on the CPU, and lays the resulting ``state_dict()`` out in the segment: what workers map is
-exactly the tensors ``from_pretrained`` would have given them. Tensors that share memory (ties)
-stay one storage. The folder's small files (config, tokenizer, processor, sentence-transformers
-modules) go into the same segment as byte storages, so a worker needs no copy of the folder.
+A model folder is untrusted input: whoever wrote it (a ``git clone``, a colleague's training run,
+another user inside ``--model-dir``) chose its config, its links and its files. So the daemon
+
+1. opens every file of the load once, relative to the folder's own descriptor, and checks the
+   descriptor (``files.check_fd``): a regular file, inside the folder by its real path (links
+   that stay inside are followed: the Hub cache's ``snapshots/<rev>/x -> ../../blobs/<hash>``),
+   inside ``--model-dir``, not on /proc or /sys. ``config.json`` is read once, size-capped;
+2. gives transformers only those descriptors: a private snapshot folder whose entries are
+   ``/proc/self/fd/N`` links to them, and a private copy of the config bytes it parsed. Nothing
+   else of the folder is there, so adapters (``adapter_config.json``), remote code and anything
+   else beside the weights are not applied (Note [what a loader process sees]);
+3. runs ``from_pretrained`` in a child process (``weightd.daemon.loader``) with limits on its
+   memory and time taken from the size of the weight files, and kills it at once on a stop, a
+   deadline or a time-out. The child answers with the tensors' layout: where a tensor is an
+   untouched view of a weight file, the file and offset (the daemon copies it from its own
+   descriptor); what transformers computed (fused, cast), in a memfd it hands over. So the
+   daemon never imports torch or transformers for a folder;
+4. checks every recorded identity again after the load, and once more after the copy.
+
+``from_pretrained`` does more than read tensors: it renames and merges keys, drops keys the
+class ignores, casts to the config's dtype and ties weights. What workers map is exactly the
+tensors ``from_pretrained`` gave. The folder's small files (config, tokenizer, processor,
+sentence-transformers modules) go into the same segment as byte storages.
 
 Daemon-only: the client never imports this module (its side is ``weightd.client.hf``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-from weightd import layout
-from weightd.daemon import classes
+from weightd.daemon import files, loader
 from weightd.errors import CheckpointError
 from weightd.layout import Blob
+from weightd.manifest import TensorMeta
 
 log = logging.getLogger("weightd")
 
@@ -31,272 +55,589 @@ EXTRA = "pip install 'weightd[hf]'"
 # The folder's small files a worker may need besides the weights, by suffix. Whatever else a
 # training tool left beside them (optimizer states, other checkpoints, logs) is not served.
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".spm")
+# Beside the weights but not served: they would change what a worker builds (an adapter on
+# top of the weights) without being part of the generation's tensors.
+NOT_SERVED = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 MAX_SMALL_FILE = 64 << 20
 MAX_SMALL_FILES = 512 << 20
+MAX_CONFIG = 4 << 20  # a config.json is a few KiB; a bigger one is not read into the daemon
+MAX_INDEX = 64 << 20  # a shard index names every tensor: a few MiB for the largest models
+# What the loader process may use: a base for the interpreter, torch and transformers, plus a
+# multiple of the weight files' bytes (from_pretrained holds converted copies besides the
+# mapped file). Its time: a base for the imports, plus the bytes at a slow disk's rate.
+LOADER_MEMORY_BASE = 3 << 30
+LOADER_MEMORY_PER_BYTE = 3
+LOADER_SECONDS_BASE = 120.0
+LOADER_BYTES_PER_SECOND = 50 << 20
+POLL_SECONDS = 0.05  # how soon a stop or a deadline kills the loader process
 
 
-def is_model_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a transformers model folder: a config.json naming a model type."""
-    config = _config(folder)
-    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
+def read_folder(
+    folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None
+) -> dict | None:
+    """Load ``folder`` with ``from_pretrained`` in a loader process; returns the keywords of a
+    ``checkpoint.Checkpoint`` (its blobs, tensors, skeleton, the open files the blobs copy
+    from in ``keepalive``, the identity of every file read in ``files``), or None if the folder
+    has no config.json naming a model type (then it is a plain folder of weight files).
 
-
-def read_folder(folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None):
-    """Load ``folder`` with ``from_pretrained`` and describe its state dict as a Checkpoint.
-
-    ``check()`` (raises to stop the load) is called between the stages: ``from_pretrained``
-    itself cannot be interrupted, so a stop waits for it at most. The identity of every file
-    read (config, weights, small files) goes into the checkpoint's ``files``.
+    ``check()`` raises to stop the load (a stop, a passed deadline): the loader process is
+    killed within ``POLL_SECONDS``. ``factory``: an operator-named class ("package.module:Class",
+    weightd/daemon/classes.py) that the loader process imports and loads the folder with.
     """
-    from weightd.daemon.checkpoint import Checkpoint, check_within, identity
-
     check = check or (lambda: None)
-    config = _config(folder)
+    opened = _Opened(folder, within)
     try:
-        import torch
-        import transformers
-    except ImportError:
-        raise CheckpointError(
-            f"{folder} is a Hugging Face model folder (model type {config.get('model_type', '?')!r}); the "
-            f"daemon loads those with transformers, which is not installed where it runs: {EXTRA}"
-        ) from None
-    if within is not None:
-        check_within(folder / "config.json", within)
-    # Hook (issue 24): an operator-named class (--factory) loads the folder, weightd/daemon/classes.py.
-    cls = (
-        classes.resolve(factory, folder, transformers)
-        if factory
-        else _model_class(transformers, folder, config)
-    )
-    weight_files = _weight_files(folder, config)
-    for f in weight_files:
-        if within is not None:
-            check_within(f, within)
-    # Taken before from_pretrained reads them: a file rewritten meanwhile then counts as changed.
-    read = [identity(folder / "config.json")] + [identity(f) for f in weight_files]
-    check()
-    started = time.perf_counter()
-    try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
-    except CheckpointError:
+        found = _config(opened)
+        if found is None:
+            opened.close()
+            return None
+        if importlib.util.find_spec("transformers") is None:
+            raise CheckpointError(
+                f"{folder} is a Hugging Face model folder; the daemon loads those with transformers, which "
+                f"is not installed where it runs: {EXTRA}"
+            )
+        return _load(opened, *found, check, factory)
+    except BaseException:
+        opened.close()
         raise
-    except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
-        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{folder}: transformers {transformers.__version__} could not load it with "
-            f"{cls.__name__}.from_pretrained: {first}"
-        ) from None
-    seconds = time.perf_counter() - started
-    check()
-    state = model.state_dict()
-    blobs, tensors, keep = layout.from_tensors(state, source=str(folder))
-    keep.append(model)
-    converted = _converted(state, weight_files)
-    files = {}
-    for rel, path in _small_files(folder, set(weight_files)).items():
+
+
+# --- opening the folder --------------------------------------------------------------------
+
+
+class _Opened:
+    """The folder's descriptor and every file of the load, open, checked and recorded."""
+
+    def __init__(self, folder: Path, within: list[str] | None):
+        self.folder = folder
+        self.within = within
+        self.fds: dict[str, int] = {}  # path in the folder -> descriptor
+        self.identities: dict[str, dict] = {}
+        self.dir_fd = -1
+        try:
+            self.dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CheckpointError(f"{folder}: cannot open the folder ({e.strerror})") from None
+        real = files.fd_path(self.dir_fd)
         if within is not None:
-            check_within(path, within)
-        check()
-        entry = identity(path)
-        data = path.read_bytes()
-        if entry["path"] not in {f["path"] for f in read}:
-            read.append(entry)
-        files[rel] = len(blobs)
-        blobs.append(Blob(len(data), _bytes_fill(data)))
-    converted_bytes = sum(state[k].untyped_storage().nbytes() for k in converted)
-    dtype = str(model.dtype).removeprefix("torch.")
-    skeleton = {
-        "hf": {
-            "class": type(model).__name__,
-            "import": classes.import_name(type(model)),  # where workers import it from
-            "transformers": transformers.__version__,
-            "torch": torch.__version__.split("+")[0],
-            "dtype": dtype,
-            "source": str(folder.resolve()),
-            "config": config,
-            "weight_files": [os.path.relpath(f, folder) for f in weight_files],
-            "files": files,
-            "generation_config": model.generation_config.to_diff_dict()
-            if getattr(model, "generation_config", None) is not None and model.can_generate()
-            else None,
-            # tensors transformers computed (fused, cast...), not taken from the files as they are
-            "converted": converted,
-            "converted_bytes": converted_bytes,
-            # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
-            "unexpected": sorted(info.get("unexpected_keys") or ()),
-            "missing": sorted(info.get("missing_keys") or ()),
-        }
-    }
-    log.info(
-        "%s: %s.from_pretrained in %.2f s (transformers %s, %s): %d tensors, %d converted (%.1f MiB), "
-        "%d small files",
-        folder,
-        type(model).__name__,
-        seconds,
-        transformers.__version__,
-        dtype,
-        len(tensors),
-        len(converted),
-        converted_bytes / 2**20,
-        len(files),
-    )
-    return Checkpoint(
-        path=str(folder),
-        format="huggingface",
-        blobs=blobs,
-        tensors=tensors,
-        skeleton=skeleton,
-        keepalive=keep,
-        files=read,
-    )
+            files.check_within(folder, within, real=real)
+        self.roots = _roots(real)
+
+    def open(self, rel: str, *, max_size: int | None = None) -> int:
+        """Open ``rel`` (a path in the folder) once; the same descriptor on a second call."""
+        fd = self.fds.get(rel)
+        if fd is None:
+            fd = files.open_fd(
+                rel,
+                dir_fd=self.dir_fd,
+                shown=self.folder / rel,
+                within=self.within,
+                inside_of=self.roots,
+                max_size=max_size,
+            )
+            self.fds[rel] = fd
+            self.identities[rel] = files.identity(self.folder / rel, fd)
+        return fd
+
+    def read(self, rel: str, limit: int) -> bytes:
+        return files.read_fd(self.open(rel, max_size=limit), self.folder / rel, limit)
+
+    def exists(self, rel: str) -> bool:
+        try:
+            os.stat(rel, dir_fd=self.dir_fd)
+            return True
+        except OSError:
+            return False
+
+    def verify(self) -> None:
+        """Every file read is still what was read: the same inode under the same name, with
+        the same size, mtime and ctime. A folder rewritten during a load fails it."""
+        for rel, entry in self.identities.items():
+            try:
+                now = os.fstat(self.fds[rel])
+                named = os.stat(rel, dir_fd=self.dir_fd)
+            except OSError:
+                named = None
+            if (
+                named is None
+                or not files.same(entry, now)
+                or (named.st_ino, named.st_dev) != (now.st_ino, now.st_dev)
+            ):
+                raise CheckpointError(
+                    f"{self.folder / rel} changed while the folder was being loaded: load it again once "
+                    "whatever writes the folder is done"
+                )
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
 
-# --- which class, which files --------------------------------------------------------------
+class _Descriptor:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def _config(folder: Path):
-    path = folder / "config.json"
-    if not path.is_file():
+def _roots(real: str) -> list[str]:
+    """Where the folder's links may lead: the folder itself, and for a Hub cache snapshot
+    (``models--org--name/snapshots/<rev>``) the repository folder, whose ``blobs/`` the
+    snapshot's files link into."""
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots":
+        repo = os.path.dirname(parent)
+        if os.path.isdir(os.path.join(repo, "blobs")):
+            return [real, repo]
+    return [real]
+
+
+def _config(opened: _Opened) -> tuple[dict, bytes] | None:
+    """config.json parsed from its descriptor (and its bytes), if it names a model type."""
+    if not opened.exists("config.json"):
         return None
+    raw = opened.read("config.json", MAX_CONFIG)
     try:
-        return json.loads(path.read_text())
+        config = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{opened.folder / 'config.json'}: not valid JSON ({e})") from None
+    if not (isinstance(config, dict) and ("model_type" in config or "architectures" in config)):
+        return None
+    return config, raw
 
 
-def _model_class(transformers, folder: Path, config: dict):
-    """The class ``from_pretrained`` gets called on: config.architectures[0], else AutoModel."""
-    archs = config.get("architectures") or []
-    if not archs:
-        return transformers.AutoModel
-    name = archs[0]
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise CheckpointError(
-            f"{folder}: config.json names the architecture {name!r:.80}, which transformers "
-            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): if a "
-            f"package you trust defines it, {classes.REMEDY}; else upgrade transformers, or fix architectures"
-        )
-    return cls
+def _weight_files(opened: _Opened, config: dict) -> tuple[list[str], list[str]]:
+    """The weight files ``from_pretrained`` reads, by its preference order, and the index files.
 
-
-def _weight_files(folder: Path, config: dict) -> list[Path]:
-    """The files ``from_pretrained`` will read, resolved by transformers' own rules.
-
-    Its preference order (model.safetensors, its index, pytorch_model.bin, its index), its
-    index parsing and the config's ``transformers_weights`` all come from transformers; weightd
-    adds only the checks that each named file is a file inside the folder.
+    The config's ``transformers_weights`` first; else model.safetensors, its index,
+    pytorch_model.bin, its index. The loader process sees only these, so transformers' own
+    choice is the same. Every shard an index names must be a plain name in the folder.
     """
-    from transformers import modeling_utils
-
-    try:
-        files, _ = modeling_utils._get_resolved_checkpoint_files(
-            pretrained_model_name_or_path=str(folder),
-            variant=None,
-            gguf_file=None,
-            use_safetensors=None,
-            user_agent={"file_type": "model", "framework": "pytorch"},
-            is_remote_code=False,
-            transformers_explicit_filename=config.get("transformers_weights"),
-            download_kwargs={"local_files_only": True},
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{folder}: no *.safetensors or pytorch_model.bin weights that transformers would load "
-            "(model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index): "
-            f"{str(e)[:300]}"
-        ) from None
-    out = []
-    root = os.path.realpath(folder)
-    for f in files or []:
-        p = Path(f)
-        inside = os.path.realpath(p.parent) == root or os.path.abspath(p.parent) == os.path.abspath(folder)
-        if not inside:
+    explicit = config.get("transformers_weights")
+    names = [explicit] if isinstance(explicit, str) and explicit else []
+    names += [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ]
+    for name in names:
+        if "/" in name or name.startswith(".") or not opened.exists(name):
+            continue
+        if not name.endswith(".index.json"):
+            opened.open(name)
+            return [name], []
+        raw = opened.read(name, MAX_INDEX)
+        try:
+            weight_map = json.loads(raw)["weight_map"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+            weight_map = None
+        if not isinstance(weight_map, dict):
             raise CheckpointError(
-                f"{folder}: its index names shard {str(p)!r:.200}, which is not a file in {folder}"
+                f"{opened.folder / name}: not a valid index (a JSON object with a 'weight_map' object)"
             )
-        if not p.is_file():
-            raise CheckpointError(
-                f"{folder}: its index names shard {p.name!r}, which is missing: copy every shard the "
-                "index lists into the folder (a partial download?)"
-            )
-        out.append(p)
-    return out
+        shards = sorted({str(s) for s in weight_map.values()})
+        for shard in shards:
+            if "/" in shard or shard.startswith(".") or not opened.exists(shard):
+                raise CheckpointError(
+                    f"{opened.folder / name}: names shard {shard!r:.200}, which is not a file in "
+                    f"{opened.folder}: copy every shard the index lists into the folder (a partial download?)"
+                )
+            opened.open(shard)
+        return shards, [name]
+    raise CheckpointError(
+        f"{opened.folder}: no *.safetensors or pytorch_model.bin weights that transformers would load "
+        "(model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index)"
+    )
 
 
-def _small_files(folder: Path, weights: set[Path]) -> dict[str, Path]:
-    """The files a worker may want besides the weights, by their path in the folder.
+def _small_files(opened: _Opened, skip: set[str]) -> dict[str, int]:
+    """The files a worker may want besides the weights, opened: path in the folder -> fd.
 
     Top level: configs, tokenizer and processor files (by suffix). Sub-folders: only the
     sentence-transformers modules that modules.json names (1_Pooling/, 2_Dense/...), whole.
+    A link out of the folder refuses the load, naming it.
     """
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
+    names = []
+    for name in sorted(os.listdir(opened.dir_fd)):
         if (
-            p.is_file()
-            and p.suffix in SMALL_FILE_SUFFIXES
-            and not p.name.endswith(".index.json")
-            and p not in weights
+            name.endswith(SMALL_FILE_SUFFIXES)
+            and not name.endswith(".index.json")
+            and name not in skip
+            and name not in NOT_SERVED
+            and not name.startswith(".")
         ):
-            out[p.name] = p
-    modules = out.get("modules.json")
-    if modules is not None:
+            names.append(name)
+    if "modules.json" in names:
         try:
-            entries = json.loads(modules.read_text())
+            entries = json.loads(opened.read("modules.json", MAX_SMALL_FILE))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{modules}: not valid JSON ({e})") from None
+            raise CheckpointError(f"{opened.folder / 'modules.json'}: not valid JSON ({e})") from None
         for entry in entries if isinstance(entries, list) else []:
             sub = entry.get("path") if isinstance(entry, dict) else None
             if not isinstance(sub, str) or not sub or sub.startswith((".", "/")) or ".." in sub.split("/"):
                 continue
-            base = folder / sub
-            if base.is_dir():
-                for p in sorted(base.rglob("*")):
-                    if p.is_file():
-                        out[str(p.relative_to(folder))] = p
+            names += _module_files(opened, sub)
     kept, total = {}, 0
-    for rel, p in out.items():
-        size = p.stat().st_size
+    for rel in names:
+        try:
+            fd = opened.open(rel)
+        except CheckpointError:
+            if _is_dir(opened, rel):
+                continue  # a folder named like a file: nothing to serve
+            raise
+        size = os.fstat(fd).st_size
         if size > MAX_SMALL_FILE or total + size > MAX_SMALL_FILES:
             log.warning(
                 "%s: not serving %s (%d bytes): larger than weightd serves beside the weights",
-                folder,
+                opened.folder,
                 rel,
                 size,
             )
             continue
-        kept[rel] = p
+        kept[rel] = fd
         total += size
     return kept
 
 
-def _bytes_fill(data: bytes):
-    def fill(seg, offset: int) -> None:
-        seg.write(offset, data)
+def _module_files(opened: _Opened, sub: str) -> list[str]:
+    """Every file under the module folder ``sub``, which must itself be inside the folder."""
+    try:
+        top = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=opened.dir_fd)
+    except OSError:
+        return []
+    out = []
+    try:
+        real = files.fd_path(top)
+        if not any(files.inside(real, r) for r in opened.roots):
+            raise CheckpointError(
+                f"{opened.folder / sub} is a link to {real}, outside the folder being loaded: weightd "
+                "serves only what is inside the folder; copy the module in, or remove the link"
+            )
+        for dirpath, _dirs, names, _fd in os.fwalk(".", dir_fd=top):
+            for name in sorted(names):
+                out.append(os.path.normpath(os.path.join(sub, dirpath, name)))
+    finally:
+        os.close(top)
+    return out
+
+
+def _is_dir(opened: _Opened, rel: str) -> bool:
+    try:
+        import stat
+
+        return stat.S_ISDIR(os.stat(rel, dir_fd=opened.dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+# --- the load --------------------------------------------------------------------------------
+
+
+def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: str | None) -> dict:
+    folder = opened.folder
+    weights, indexes = _weight_files(opened, config)
+    extras = ["generation_config.json"] if opened.exists("generation_config.json") else []
+    for rel in extras:
+        opened.open(rel, max_size=MAX_SMALL_FILE)
+    small = _small_files(opened, set(weights) | set(indexes))
+    weight_bytes = sum(os.fstat(opened.fds[w]).st_size for w in weights)
+    check()
+    started = time.perf_counter()
+    answer, memfd = _run_loader(opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory)
+    seconds = time.perf_counter() - started
+    keep = [os.fdopen(fd, "rb", closefd=True) for fd in opened.fds.values()]
+    opened.fds = {rel: f.fileno() for rel, f in zip(opened.fds, keep)}
+    if memfd is not None:
+        keep.append(os.fdopen(memfd, "rb"))
+    try:
+        opened.verify()
+        blobs, tensors = _blobs(opened, answer, weights, memfd)
+        hf = answer["hf"]
+        served = {}
+        # config.json last: its fill checks every identity again once everything is copied
+        order = sorted(small, key=lambda rel: rel == "config.json")
+        for rel in order:
+            data = (
+                config_bytes
+                if rel == "config.json"
+                else files.read_fd(small[rel], folder / rel, MAX_SMALL_FILE)
+            )
+            served[rel] = len(blobs)
+            blobs.append(Blob(len(data), _bytes_fill(data, opened.verify if rel == "config.json" else None)))
+        hf.update(
+            source=str(folder.resolve()),
+            config=config,
+            weight_files=weights,
+            files=served,
+        )
+        log.info(
+            "%s: %s.from_pretrained in a loader process, %.2f s (transformers %s, %s): %d tensors, "
+            "%d converted (%.1f MiB), %d small files",
+            folder,
+            hf["class"],
+            seconds,
+            hf["transformers"],
+            hf["dtype"],
+            len(tensors),
+            len(hf["converted"]),
+            hf["converted_bytes"] / 2**20,
+            len(served),
+        )
+    except BaseException:
+        for f in keep:
+            f.close()
+        opened.fds.clear()  # closed with their file objects
+        raise
+    keep.append(_Descriptor(opened.dir_fd))  # verify() needs it until the copy is done
+    return dict(
+        path=str(folder),
+        format="huggingface",
+        blobs=blobs,
+        tensors=tensors,
+        skeleton={"hf": hf},
+        keepalive=keep,
+        files=list(opened.identities.values()),
+    )
+
+
+def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None):
+    blobs = []
+    sizes = [os.fstat(opened.fds[w]).st_size for w in weights]
+    memsize = os.fstat(memfd).st_size if memfd is not None else 0
+    for i, b in enumerate(answer["blobs"]):
+        nbytes = int(b["nbytes"])
+        if "file" in b:
+            k, offset = int(b["file"]), int(b["offset"])
+            if not (0 <= k < len(weights) and 0 <= offset and offset + nbytes <= sizes[k]):
+                raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
+            blobs.append(
+                Blob(nbytes, _fd_fill(opened.fds[weights[k]], offset, nbytes, opened.folder / weights[k]))
+            )
+        else:
+            offset = int(b["memfd"])
+            if memfd is None or not (0 <= offset and offset + nbytes <= memsize):
+                raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
+            blobs.append(Blob(nbytes, _fd_fill(memfd, offset, nbytes, opened.folder)))
+    tensors = [
+        TensorMeta(t[0], int(t[1]), int(t[2]), str(t[3]), tuple(t[4]), tuple(t[5])) for t in answer["tensors"]
+    ]
+    for t in tensors:
+        if not 0 <= t.storage < len(blobs):
+            raise CheckpointError(f"{opened.folder}: the loader process described tensor {t.name!r} wrongly")
+    return blobs, tensors
+
+
+def _fd_fill(fd: int, offset: int, nbytes: int, shown):
+    def fill(seg, dst_offset: int) -> None:
+        try:
+            seg.copy_from(fd, offset, nbytes, dst_offset)
+        except OSError as e:
+            import errno
+
+            if e.errno == errno.ENOSPC:
+                raise
+            raise CheckpointError(f"{shown}: reading it failed ({e.strerror or e})") from None
 
     return fill
 
 
-def _converted(state: dict, weight_files: list[Path]) -> list[str]:
-    """Tensors that are not untouched views of a weight file: what transformers computed.
+def _bytes_fill(data: bytes, then=None):
+    def fill(seg, offset: int) -> None:
+        seg.write(offset, data)
+        if then is not None:
+            then()
 
-    A tensor that ``from_pretrained`` took as it is lies inside the file's memory map; one it
-    fused, permuted or cast lives in memory of its own. Read from /proc/self/maps.
+    return fill
+
+
+# --- the loader process ----------------------------------------------------------------------
+
+
+def limits(weight_bytes: int) -> tuple[int, float]:
+    """The loader process's memory (bytes of private data) and wall-clock seconds."""
+    memory = LOADER_MEMORY_BASE + LOADER_MEMORY_PER_BYTE * weight_bytes
+    seconds = LOADER_SECONDS_BASE + weight_bytes / LOADER_BYTES_PER_SECOND
+    return memory, seconds
+
+
+def _run_loader(
+    opened: _Opened,
+    config_bytes: bytes,
+    weights: list[str],
+    others: list[str],
+    weight_bytes: int,
+    check,
+    factory: str | None,
+) -> tuple[dict, int | None]:
+    """Run one load in a fork of the loader process; its answer and memfd.
+
+    Note [what a loader process sees]: a fresh private folder (0700) that the child makes,
+    holding a copy of the config bytes the daemon parsed and, for each weight, index and
+    generation-config file, a link to ``/proc/self/fd/N``, the descriptor the daemon opened
+    and checked and handed over. Opening such a link opens that very file, whatever its path
+    names now. Nothing else of the folder is there: no adapter, no code, no tokenizer.
     """
-    names = {os.path.realpath(f) for f in weight_files}
-    ranges = []
+    memory, seconds = limits(weight_bytes)
+    deadline = time.monotonic() + seconds
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stderr = tempfile.TemporaryFile()
+    pidfd = None
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].strip() in names:
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    ranges.append((lo, hi))
-    except OSError:
-        return []
-    out = []
-    for name, t in state.items():
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and not any(lo <= ptr < hi for lo, hi in ranges):
-            out.append(name)
-    return out
+        job = {
+            "folder": str(opened.folder),
+            "config": config_bytes.decode("utf-8", errors="replace"),
+            "weights": weights,
+            "files": weights + others,
+            "factory": factory,
+            "memory": memory,
+            "cpu_seconds": int(seconds) + 1,
+        }
+        fds = [theirs.fileno(), stderr.fileno(), *(opened.fds[rel] for rel in weights + others)]
+        pidfd = _LOADER.start(job, fds, lambda: _wait_check(check, deadline, opened, weight_bytes, seconds))
+        theirs.close()
+
+        def kill() -> None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+        while True:
+            try:
+                _wait_check(check, deadline, opened, weight_bytes, seconds)
+            except BaseException:
+                kill()
+                raise
+            ready, _, _ = select.select([mine], [], [], POLL_SECONDS)
+            if ready:
+                break
+        try:
+            answer, fds = loader.receive(mine)
+        except (OSError, ValueError, EOFError):
+            kill()
+            raise _died(opened.folder, pidfd, stderr, memory) from None
+        if "error" in answer:
+            for fd in fds:
+                os.close(fd)
+            raise CheckpointError(answer["error"])
+        return answer, fds[0] if fds else None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        mine.close()
+        if theirs.fileno() >= 0:
+            theirs.close()
+        stderr.close()
+
+
+def _wait_check(check, deadline: float, opened: _Opened, weight_bytes: int, seconds: float) -> None:
+    check()
+    if time.monotonic() > deadline:
+        raise CheckpointError(
+            f"{opened.folder}: from_pretrained took longer than the {seconds:.0f} s weightd allows for "
+            f"{weight_bytes / 2**20:.1f} MiB of weights; the loader process was stopped (does the config "
+            "describe a much larger model than its files?)"
+        )
+
+
+class _Loader:
+    """The loader process (``python -m weightd.daemon.loader``), started at the first folder
+    load and again whenever it ended (Note [one fork per load] in loader.py)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+
+    def start(self, job: dict, fds: list[int], check) -> int:
+        """Fork a child of the loader for ``job``; its pidfd. ``check()`` raises to give up."""
+        with self._lock:
+            for attempt in (0, 1):
+                control = self._ensure(job["folder"], check)
+                try:
+                    loader.send(control, job, fds)
+                    answer, got = self._answer(control, check)
+                    return got[0]
+                except (OSError, EOFError, ValueError):
+                    self._stop()
+                    if attempt:
+                        raise CheckpointError(
+                            f"{job['folder']}: the loader process failed to start a load: see the log"
+                        ) from None
+            raise AssertionError("unreachable")
+
+    def _ensure(self, folder: str, check) -> socket.socket:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._control
+        self._stop()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+        env.pop("PYTHONSTARTUP", None)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "weightd.daemon.loader", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # a terminal's ^C goes to the daemon, which decides
+        )
+        theirs.close()
+        self._control = mine
+        try:
+            # {"ready": true} once torch and transformers are imported
+            ready, _ = self._answer(mine, check)
+        except (OSError, EOFError, ValueError):
+            self._stop()
+            raise CheckpointError(f"{folder}: the loader process did not start: see the log") from None
+        except BaseException:
+            self._stop()
+            raise
+        if "error" in ready:
+            self._stop()
+            raise CheckpointError(
+                f"{folder} is a Hugging Face model folder; the daemon loads those with transformers, which "
+                f"its loader process could not import ({ready['error'][:200]}): {EXTRA}"
+            )
+        return mine
+
+    def _answer(self, control: socket.socket, check) -> tuple[dict, list[int]]:
+        while True:
+            check()
+            ready, _, _ = select.select([control], [], [], POLL_SECONDS)
+            if ready:
+                return loader.receive(control)
+            if self._proc.poll() is not None:
+                raise EOFError("the loader process ended")
+
+    def _stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+
+_LOADER = _Loader()
+
+
+def _died(folder: Path, pidfd: int, stderr, memory: int) -> CheckpointError:
+    stderr.seek(0)
+    tail = stderr.read()[-4000:].decode(errors="replace").strip().splitlines()
+    last = tail[-1][:300] if tail else "no answer"
+    if "MemoryError" in last or "alloc" in last.lower() or not tail:
+        last += f" (its memory limit was {memory / 2**30:.1f} GiB)"
+    return CheckpointError(
+        f"{folder}: the loader process running from_pretrained ended without an answer: {last}"
+    )

@@ -1,7 +1,8 @@
 """Prometheus metrics (``serve --metrics ADDRESS``): the figures of ``stats``, and counters of
 what the daemon did, in the text exposition of ``prometheus-client``.
 
-Served by a thread of its own, one scrape at a time: a scrape takes the store's lock only to
+Served by a thread of its own, up to ``MAX_SCRAPES`` scrapes at once, each within
+``SCRAPE_DEADLINE`` seconds: a scrape takes the store's lock only to
 copy its view (``Store.view``), reads ``/proc/PID/maps`` of attached processes at most once a
 ``CACHE_SECONDS``, and never waits on the request loop, which only bumps counters.
 
@@ -9,8 +10,9 @@ Exposure. The endpoint is read-only (GET; anything else is refused) and shows no
 reader of the read socket could not learn from ``ls`` and ``stats``: model names, generations,
 sizes, formats and counts; no paths, no segment names, no pids. ``PORT`` alone binds
 127.0.0.1 (this machine only); ``HOST:PORT`` binds where it says (``0.0.0.0:PORT``: every
-interface, so fence it with a firewall or a NetworkPolicy); ``unix:PATH`` is a socket file with
-the read socket's mode and group, for an agent on the node.
+interface, so fence it with a firewall or a NetworkPolicy). A TCP port can be read by every
+local user. ``unix:PATH`` is a socket file with the read socket's mode and group, in a folder
+that passes the read socket's trust check (``weightd.trust``), for an agent on the node.
 
 Daemon-only; imported only when ``--metrics`` is given (prometheus-client costs ~10 MiB).
 """
@@ -26,6 +28,7 @@ import socket
 import socketserver
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,16 +45,18 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from weightd import memory, protocol, segment
+from weightd import memory, protocol, segment, trust
 from weightd.daemon.endpoints import READ_MODE
 from weightd.daemon.store import Store
-from weightd.errors import WeightdError
+from weightd.errors import UnsafePath, WeightdError
 
 log = logging.getLogger("weightd")
 
 LOCALHOST = "127.0.0.1"
 CACHE_SECONDS = 1.0  # how long a process's "maps this segment" answer is reused
-SCRAPE_TIMEOUT = 5.0  # a scraper that sends nothing for this long is dropped (one scrape at a time)
+SCRAPE_TIMEOUT = 5.0  # a scraper that sends nothing for this long is dropped
+SCRAPE_DEADLINE = 10.0  # a whole scrape, request to reply: a scraper that trickles is cut off
+MAX_SCRAPES = 8  # connections served at once; more are closed at once
 REQUEST_BUCKETS = (1e-4, 2.5e-4, 1e-3, 5e-3, 0.025, 0.25, 1, 10, 60, 600)  # loads are requests too
 YIELD_SECONDS = 5e-5  # a scrape lets the request loop have the GIL between metric families
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -154,16 +159,17 @@ class Metrics:
         except ValueError as e:
             raise WeightdError(f"bad --metrics address: {e}") from None
         handler = MetricsHandler.factory(self.registry)
-        handler.timeout = SCRAPE_TIMEOUT
+        handler = type("Handler", (_Deadline, handler), {"timeout": SCRAPE_TIMEOUT})
         try:
             if address.path is not None:
-                _remove_stale(address.path)
-                server = _UnixServer(address.path, handler)
-                self._path = address.path
-                os.chmod(address.path, READ_MODE)  # who may use the read socket may read this
-                if group is not None:
-                    os.chown(address.path, -1, group)
-                url = f"unix:{address.path}"
+                try:
+                    path = trust.socket_path(address.path)  # the read socket's folder trust
+                except UnsafePath as e:
+                    raise UnsafePath(f"cannot serve metrics on unix:{address.path}: {e}") from None
+                _remove_stale(path)
+                server = _bind_unix(path, handler, group)
+                self._path = path
+                url = f"unix:{path}"
             else:
                 family = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)[0][0]
                 server = _TCPServer((address.host, address.port), handler, family)
@@ -252,10 +258,13 @@ class _Accounting:
 
     def collect(self):
         now = time.monotonic()
+        # By state, not by generation: a series per generation would grow without bound under
+        # a trainer that publishes every few seconds (the generation is a value, below).
         size = GaugeMetricFamily(
             "weightd_model_bytes",
-            "Bytes of the segment of each served generation.",
-            labels=["model", "generation"],
+            "Bytes of the model's segments: its newest generation (current), and older ones still "
+            "attached (retired).",
+            labels=["model", "state"],
         )
         attached = GaugeMetricFamily(
             "weightd_model_attached_processes",
@@ -271,9 +280,11 @@ class _Accounting:
         )
         pids: dict[str, set[int]] = {}
         mapped = {}
+        sizes: dict[tuple[str, str], int] = {}
         for model, current, asked in self._store.view():
             m = model.manifest
-            size.add_metric([m.name, str(m.generation)], model.size)
+            key = (m.name, "current" if current else "retired")
+            sizes[key] = sizes.get(key, 0) + model.size
             if current:
                 newest.add_metric([m.name], m.generation)
             seen = pids.setdefault(m.name, set())
@@ -286,6 +297,8 @@ class _Accounting:
                 if hit[0]:
                     seen.add(pid)
         self._mapped = mapped  # forget processes and segments that went away
+        for (name, state), n in sorted(sizes.items()):
+            size.add_metric([name, state], n)
         runs = self._store.loading()
         for name in sorted(set(pids) | set(runs)):
             loading.add_metric([name], 1 if name in runs else 0)
@@ -317,7 +330,57 @@ class _Quiet:
             log.exception("internal error while serving metrics")
 
 
-class _TCPServer(_Quiet, socketserver.TCPServer):
+class _Deadline:
+    """A scrape's whole request and reply get ``SCRAPE_DEADLINE`` seconds, however slowly the
+    scraper sends: then its connection is shut down (``SCRAPE_TIMEOUT`` bounds each receive
+    only, and a scraper sending one byte a second would hold it for ever)."""
+
+    def setup(self) -> None:
+        self._timer = threading.Timer(SCRAPE_DEADLINE, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+        super().setup()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._timer.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
+
+
+class _Capped(socketserver.ThreadingMixIn):
+    """Scrapes served at once, each on a thread, up to ``MAX_SCRAPES``: a slow scraper never
+    blocks another, and more connections than that are closed at once."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: %d scrapes under way; a connection was closed", MAX_SCRAPES)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _TCPServer(_Capped, _Quiet, socketserver.TCPServer):
     allow_reuse_address = True
 
     def __init__(self, address, handler, family: int):
@@ -325,10 +388,40 @@ class _TCPServer(_Quiet, socketserver.TCPServer):
         super().__init__(address, handler)
 
 
-class _UnixServer(_Quiet, socketserver.UnixStreamServer):
+class _UnixServer(_Capped, _Quiet, socketserver.UnixStreamServer):
     def get_request(self):
         conn, _ = self.socket.accept()
         return conn, ("unix", 0)  # http.server logs client_address[0]; a unix peer has none
+
+
+def _bind_unix(path: str, handler, group: int | None) -> "_UnixServer":
+    """A unix socket at ``path`` that has the read socket's mode and group from the moment
+    it is there: bound in a fresh private folder beside it, given its mode and group through
+    a descriptor of that very file (never by a path someone could swap), then renamed into
+    place."""
+    private = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".weightd-metrics-")
+    bound = os.path.join(private, "s")
+    try:
+        server = _UnixServer(bound, handler)
+        try:
+            fd = os.open(bound, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    raise WeightdError(f"cannot serve metrics on unix:{path}: its socket was replaced")
+                os.chmod(f"/proc/self/fd/{fd}", READ_MODE)  # who may use the read socket may read this
+                if group is not None:
+                    os.chown(f"/proc/self/fd/{fd}", -1, group)
+            finally:
+                os.close(fd)
+            os.rename(bound, path)
+        except BaseException:
+            server.server_close()
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(bound)
+        os.rmdir(private)
+    return server
 
 
 def _remove_stale(path: str) -> None:

@@ -37,7 +37,7 @@ Note [a preload is adopted, not reloaded]
 -----------------------------------------
 A loaded model's manifest records its ``origin``: the resolved path it was asked for, the
 load options (the factory), and the identity of every file and folder the load read (size,
-mtime_ns, inode, device; ``checkpoint.identity``). A preload at start-up, or a ``reload``
+mtime_ns, inode, device; ``files.identity``). A preload at start-up, or a ``reload``
 entry (a load request with ``reuse``), whose path and options equal the served generation's
 and whose files are all unchanged is that generation: nothing is read, no generation made,
 no shared memory taken (``Store.unchanged``). A file rewritten (new mtime) or replaced (new
@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from weightd import layout, segment
-from weightd.daemon import checkpoint
+from weightd.daemon import checkpoint, files
 from weightd.errors import (
     ModelNotFound,
     OutOfSpace,
@@ -263,11 +263,11 @@ class Store:
         if not origin or origin.get("options") != _options(factory):
             return None
         try:
-            if origin.get("path") != checkpoint.real_path(path):
+            if origin.get("path") != files.real_path(path):
                 return None
         except PermissionDenied:  # changing while resolved: not known to be the same
             return None
-        return model if checkpoint.unchanged(origin.get("files") or []) else None
+        return model if files.unchanged(origin.get("files") or []) else None
 
     def load(
         self,
@@ -304,7 +304,7 @@ class Store:
 
         try:
             check()
-            manifest = self._new_manifest(name, source=checkpoint.real_path(ck.path), format=ck.format)
+            manifest = self._new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             # A Hugging Face folder keeps its description (the factory named its class: hf.py)
             hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)

@@ -1,0 +1,401 @@
+"""The loader process: ``from_pretrained`` on a Hugging Face folder, away from the daemon.
+
+``python -m weightd.daemon.loader FD`` is started by ``weightd.daemon.hf`` with a socket on
+``FD``; each load is a fork of it (Note [one fork per load]) given the folder's files already
+open (Note [what a loader process sees] in hf.py). A load
+
+1. sets its own limits (private memory, CPU seconds) before importing torch;
+2. builds the config from the daemon's copy of config.json and counts the parameters it
+   implies on the meta device, against the elements in the weight files: a config that
+   describes a far larger model than its files hold (random weights, unbounded cost) is
+   refused before anything is allocated;
+3. runs ``cls.from_pretrained`` on the snapshot folder, no remote code, offline; a weight the
+   class needs that the files lack is refused, naming both counts;
+4. answers with the state dict's layout: each storage is either an untouched view of a weight
+   file (file and offset: the daemon copies it from its own descriptor) or computed by
+   transformers (fused, cast), copied into one memfd handed over with the answer. Then exits.
+
+The daemon kills it (SIGKILL, its whole process group) on a stop, a deadline or a time-out.
+Only this module's ``main`` imports torch and transformers; ``send``/``receive`` (the framing)
+are stdlib, for the daemon's side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import socket
+import struct
+import sys
+
+from weightd.daemon import classes
+from weightd.errors import CheckpointError
+
+MAX_ANSWER = 1 << 30
+# Elements the config may imply beyond those in the weight files (buffers the files need not
+# hold, such as position ids) before the gap is "a config describing another model".
+SLACK_ELEMENTS = 1 << 20
+SLACK_RATIO = 1.10
+
+
+FDS_PER_MESSAGE = 200  # SCM_RIGHTS carries at most 253 descriptors a message
+
+
+def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    """One message: its length and descriptor count, JSON, then the descriptors (SCM_RIGHTS,
+    on one marker byte each batch)."""
+    data = json.dumps(message).encode()
+    sock.sendall(struct.pack("<QI", len(data), len(fds)) + data)
+    fds = list(fds)
+    for i in range(0, len(fds), FDS_PER_MESSAGE):
+        socket.send_fds(sock, [b"F"], fds[i : i + FDS_PER_MESSAGE])
+
+
+def receive(sock: socket.socket) -> tuple[dict, list[int]]:
+    head = _exactly(sock, 12)
+    n, nfds = struct.unpack("<QI", head)
+    if n > MAX_ANSWER or nfds > 1 << 16:
+        raise ValueError(f"a message of {n} bytes and {nfds} descriptors")
+    message = json.loads(_exactly(sock, n))
+    fds: list[int] = []
+    while len(fds) < nfds:
+        _, got, _, _ = socket.recv_fds(sock, 1, FDS_PER_MESSAGE)
+        if not got:
+            raise EOFError("the loader process hung up")
+        fds += got
+    return message, fds
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("the loader process hung up")
+        buf += chunk
+    return bytes(buf)
+
+
+class Refused(Exception):
+    """What the folder asks for is not loaded; the message goes to the daemon's CheckpointError."""
+
+
+def main() -> None:
+    """The loader: import torch and transformers once, then fork one child per load.
+
+    Note [one fork per load]: importing torch and transformers takes seconds, a load of a
+    small folder a fraction of one. So this process imports them once and forks a child for
+    each load, which starts with them imported, runs the one load with its own limits and
+    exits; the daemon kills that child (by the pidfd it gets) without touching the others.
+    This process ends when the daemon hangs up, dies (PR_SET_PDEATHSIG), or after
+    ``IDLE_SECONDS`` without a load (it holds a few hundred MiB).
+    """
+    _die_with_parent()
+    control = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        import torch  # noqa: F401  (imported once, here, for every child)
+        import transformers  # noqa: F401
+        from transformers import modeling_utils  # noqa: F401
+    except ImportError as e:
+        send(control, {"error": f"{type(e).__name__}: {e}"})
+        return
+    import signal
+
+    signal.signal(signal.SIGCHLD, lambda *_: _reap())  # a killed child leaves no zombie
+    send(control, {"ready": True})
+    while True:
+        _reap()
+        ready, _, _ = select.select([control], [], [], IDLE_SECONDS)
+        if not ready:
+            return
+        try:
+            job, fds = receive(control)
+        except (EOFError, OSError, ValueError):
+            return
+        # SIGCHLD held until the pidfd is open: a child that dies at once is not reaped first
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            control.close()
+            code = 1
+            try:
+                _child(job, fds)
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        send(control, {"pid": pid}, [pidfd])
+        os.close(pidfd)
+
+
+IDLE_SECONDS = 120.0
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _child(job: dict, fds: list[int]) -> None:
+    """One load, in a fresh fork: ``fds`` are its answer socket, its stderr, then the files."""
+    import shutil
+    import tempfile
+
+    _die_with_parent()
+    sock = socket.socket(fileno=fds[0])
+    os.dup2(fds[1], 2)
+    os.dup2(fds[1], 1)
+    _limit(job["memory"], job["cpu_seconds"])
+    snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # 0700: Note [what a loader process sees]
+    try:
+        with open(os.path.join(snapshot, "config.json"), "w", encoding="utf-8") as f:
+            f.write(job["config"])
+        for rel, fd in zip(job["files"], fds[2:]):
+            os.symlink(f"/proc/self/fd/{fd}", os.path.join(snapshot, rel))
+        job["snapshot"] = snapshot
+        job["weight_fds"] = fds[2 : 2 + len(job["weights"])]
+        try:
+            answer, out = _load(job)
+        except Refused as e:
+            send(sock, {"error": str(e)})
+            return
+        except CheckpointError as e:  # an operator-named class that is not one
+            send(sock, {"error": e.message})
+            return
+        except MemoryError:
+            send(
+                sock,
+                {"error": f"{job['folder']}: from_pretrained ran out of its {job['memory'] >> 20} MiB"},
+            )
+            return
+        except Exception as e:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
+            import transformers
+
+            first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            send(
+                sock,
+                {"error": f"{job['folder']}: transformers {transformers.__version__} failed on it: {first}"},
+            )
+            return
+        send(sock, answer, out)
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _limit(memory: int, cpu_seconds: int) -> None:
+    # RLIMIT_DATA (private writable memory: the heap, anonymous maps) rather than RLIMIT_AS:
+    # torch reserves far more address space than it uses, and the weight files' read-only
+    # maps are page cache, not the loader's.
+    for which, value in ((resource.RLIMIT_DATA, memory), (resource.RLIMIT_CPU, cpu_seconds)):
+        soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(which, (value, hard))
+
+
+def _load(job: dict) -> tuple[dict, list[int]]:
+    import torch
+    import transformers
+
+    from weightd import layout
+
+    folder, snapshot = job["folder"], job["snapshot"]
+    raw = json.loads(job["config"])
+    # Hook (issue 24): an operator-named class (--factory) loads the folder, weightd/daemon/classes.py.
+    cls = (
+        classes.resolve(job["factory"], folder, transformers)
+        if job.get("factory")
+        else _model_class(transformers, folder, raw)
+    )
+    if issubclass(cls, transformers.PreTrainedModel):  # its own config class, as its from_pretrained reads it
+        config = cls.config_class.from_pretrained(snapshot)
+    else:
+        config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
+    implied = _implied(torch, transformers, cls, config)
+    in_files = _in_files(torch, snapshot, job["weights"])
+    if implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
+        raise Refused(
+            f"{folder}: its config.json describes a {cls.__name__} of {implied:,} parameters, but its weight "
+            f"files hold {in_files:,}: loading it would initialize the rest at random. Fix the config "
+            "(num_hidden_layers, sizes) or add the missing weights"
+        )
+    model, info = cls.from_pretrained(
+        snapshot,
+        config=config,
+        local_files_only=True,
+        output_loading_info=True,
+        trust_remote_code=False,
+    )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise Refused(
+            f"{folder}: {cls.__name__} needs {len(missing)} weights its files lack (e.g. {missing[:3]}); "
+            f"the config implies {implied:,} parameters, the files hold {in_files:,}: add the missing "
+            "weights, or load the folder with the class it was saved from"
+        )
+    state = model.state_dict()
+    maps = _file_maps(job["weight_fds"])
+    blobs, tensors, converted, converted_bytes = [], [], [], 0
+    memfd, mem_size = None, 0
+    by_storage: dict[tuple[int, int], int] = {}
+    for name, t in state.items():
+        t = layout.plain(t, name, folder)
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        index = by_storage.get(key)
+        if index is None:
+            index = by_storage[key] = len(blobs)
+            where = _in_map(maps, storage.data_ptr(), storage.nbytes())
+            if where is not None:
+                blobs.append({"nbytes": storage.nbytes(), "file": where[0], "offset": where[1]})
+            else:
+                if memfd is None:
+                    memfd = os.memfd_create("weightd-converted", os.MFD_CLOEXEC)
+                offset = (mem_size + 63) // 64 * 64
+                data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+                _pwrite_all(memfd, memoryview(data).cast("B"), offset)
+                mem_size = offset + storage.nbytes()
+                blobs.append({"nbytes": storage.nbytes(), "memfd": offset})
+                converted_bytes += storage.nbytes()
+        if "memfd" in blobs[index] and t.numel():
+            converted.append(name)
+        dtype = str(t.dtype).removeprefix("torch.")
+        tensors.append(
+            [name, index, t.storage_offset() * t.element_size(), dtype, list(t.shape), list(t.stride())]
+        )
+    generation = (
+        model.generation_config.to_diff_dict()
+        if getattr(model, "generation_config", None) is not None and model.can_generate()
+        else None
+    )
+    hf = {
+        "class": type(model).__name__,
+        "import": classes.import_name(type(model)),  # where workers import it from
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "generation_config": generation,
+        # tensors transformers computed (fused, cast...), not taken from the files as they are
+        "converted": converted,
+        "converted_bytes": converted_bytes,
+        # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
+        "unexpected": sorted(info.get("unexpected_keys") or ()),
+        "missing": missing,
+        "parameters": {"implied": implied, "in_files": in_files},
+    }
+    return {"blobs": blobs, "tensors": tensors, "hf": hf}, [memfd] if memfd is not None else []
+
+
+def _model_class(transformers, folder: str, config: dict):
+    """The class ``from_pretrained`` gets called on: config.architectures[0], else AutoModel."""
+    archs = config.get("architectures") or []
+    if not archs:
+        return transformers.AutoModel
+    name = archs[0]
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise Refused(
+            f"{folder}: config.json names the architecture {name!r:.80}, which transformers "
+            f"{transformers.__version__} does not ship (weightd never runs a folder's own code): if a "
+            f"package you trust defines it, {classes.REMEDY}; else upgrade transformers, or fix architectures"
+        )
+    return cls
+
+
+def _implied(torch, transformers, cls, config) -> int:
+    """Parameters and persistent buffers the config implies, counted on the meta device (no
+    memory), ties counted once."""
+    with torch.device("meta"):
+        if issubclass(cls, transformers.PreTrainedModel):
+            model = cls(config)
+        else:  # an Auto class: public from_config picks the concrete class
+            model = cls.from_config(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    persistent = set(model.state_dict())
+    n = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # ties once
+        if name in persistent and name not in tied:
+            n += t.numel()
+    return n
+
+
+def _in_files(torch, snapshot: str, weights: list[str]) -> int:
+    """Elements in the weight files, from their headers (safetensors) or a mapped load."""
+    n = 0
+    for w in weights:
+        path = os.path.join(snapshot, w)
+        if w.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                (hlen,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(min(hlen, 100_000_000)))
+            for k, v in header.items():
+                if k != "__metadata__" and isinstance(v, dict):
+                    size = 1
+                    for d in v.get("shape") or []:
+                        size *= int(d)
+                    n += size
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            n += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    return n
+
+
+def _file_maps(fds: list[int]) -> list[tuple[int, int, int, int]]:
+    """This process's maps of the weight files: (file index, start, end, file offset)."""
+    ids = {}
+    for k, fd in enumerate(fds):
+        st = os.fstat(fd)
+        ids[(st.st_dev, st.st_ino)] = k
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 5 or parts[4] == "0":
+                continue
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            k = ids.get((os.makedev(major, minor), int(parts[4])))
+            if k is None:
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((k, lo, hi, int(parts[2], 16)))
+    return out
+
+
+def _in_map(maps, ptr: int, nbytes: int) -> tuple[int, int] | None:
+    for k, lo, hi, offset in maps:
+        if lo <= ptr and ptr + nbytes <= hi:
+            return k, offset + ptr - lo
+    return None
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + (64 << 20)], offset + done)
+
+
+if __name__ == "__main__":
+    main()
