@@ -378,7 +378,7 @@ def test_a_hugging_face_folder_is_adopted_unchanged_and_reloaded_when_one_of_its
     d = make_daemon(*args, keep=True)
     assert "not reloaded" in d.output()
     with Client(d.socket) as c:
-        origin = c.manifest("g").origin
+        origin = c.manifest("g", full=True).origin  # the daemon's own record, not in attach replies
     read = {Path(f["path"]).name for f in origin["files"]}
     # every file from_pretrained and the small-file copy read, and the folder itself
     assert {"config.json", "model.safetensors", "generation_config.json", "gpt2"} <= read, read
