@@ -371,7 +371,12 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
                 else files.read_fd(small[rel], folder / rel, MAX_SMALL_FILE)
             )
             served[rel] = len(blobs)
-            blobs.append(Blob(len(data), _bytes_fill(data, opened.verify if rel == "config.json" else None)))
+            # config.json keeps its fill (no data=): it runs after every streamed blob is copied
+            blobs.append(
+                Blob(len(data), _bytes_fill(data, opened.verify), data=None)
+                if rel == "config.json"
+                else Blob(len(data), _bytes_fill(data), data=data)
+            )
         hf.update(
             source=str(folder.resolve()),
             config=config,
@@ -418,14 +423,20 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
             k, offset = int(b["file"]), int(b["offset"])
             if not (0 <= k < len(weights) and 0 <= offset and offset + nbytes <= sizes[k]):
                 raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
-            blobs.append(
-                Blob(nbytes, _fd_fill(opened.fds[weights[k]], offset, nbytes, opened.folder / weights[k]))
-            )
+            fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
+            # streamed by the daemon's readers from the file (weightd.daemon.stream)
+            blobs.append(Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown))))
         else:
             offset = int(b["memfd"])
             if memfd is None or not (0 <= offset and offset + nbytes <= memsize):
                 raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
-            blobs.append(Blob(nbytes, _fd_fill(memfd, offset, nbytes, opened.folder)))
+            blobs.append(
+                Blob(
+                    nbytes,
+                    _fd_fill(memfd, offset, nbytes, opened.folder),
+                    file=(memfd, offset, f"{opened.folder} (tensors the loader process converted)"),
+                )
+            )
     tensors = [
         TensorMeta(t[0], int(t[1]), int(t[2]), str(t[3]), tuple(t[4]), tuple(t[5])) for t in answer["tensors"]
     ]
