@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # Test files run in parallel (pytest-xdist), each file on one worker: a module's shared daemon
 # or Ray cluster is started once. Every test has its own instance, socket and segments.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= auto --maxprocesses=4
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

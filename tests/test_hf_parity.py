@@ -51,7 +51,7 @@ def daemon(folders, tmp_path_factory):
     instance = "t" + uuid.uuid4().hex[:10]
     sock = str(tmp_path_factory.mktemp("sock") / "weightd.sock")
     args = [a for name, f in folders.items() for a in ("--model", f"{name}={f}")]
-    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start()
+    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start(timeout=300)  # many loader processes
     yield d
     d.stop()
     assert not remove_segments(instance), "the daemon left segments behind"
