@@ -89,6 +89,7 @@ SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
 PUBLISHED = 0x214E_4554_5449_5257  # b"WRITTEN!": finished by a publisher, not yet checked
 HEADER = struct.Struct("<8sIIQQQ16s")
 SEAL_OFFSET = 32
+SEAL = struct.Struct("<Q")  # the seal word: written by write_seal, read by read_seal, nowhere else
 DATA_OFFSET = 4096
 HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB granule) PMD size
 SMALL_PAGE = 4096
@@ -248,7 +249,7 @@ class Segment:
         pages the daemon handed back: Note [reusing a segment's pages] in weightd.daemon.store)."""
         fd = open_entry(name, os.O_RDWR, owner=owner, directory=directory)
         try:
-            if struct.unpack("<Q", os.pread(fd, 8, SEAL_OFFSET).ljust(8, b"\0"))[0] != 0:
+            if read_seal(os.pread(fd, SEAL_OFFSET + SEAL.size, 0)) != 0:
                 raise SegmentError(f"segment {name} is sealed: a served segment is never written again")
             reserve(fd, size, directory, check)
         except BaseException:
@@ -298,7 +299,7 @@ class Segment:
         """Mark the segment complete. Written last: everything before it is in place.
 
         Publishers write ``PUBLISHED``; only the daemon seals (``commit_seal``)."""
-        self.write(SEAL_OFFSET, struct.pack("<Q", word))
+        write_seal(self.fd, word)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -374,7 +375,7 @@ def clear_seal(name: str, owner: int) -> None:
     swept (not adopted) if the daemon dies before the publisher seals it."""
     fd = open_entry(name, os.O_RDWR, owner=owner)
     try:
-        os.pwrite(fd, struct.pack("<Q", 0), SEAL_OFFSET)
+        write_seal(fd, 0)
     finally:
         os.close(fd)
 
@@ -415,6 +416,20 @@ def rename(old: str, new: str) -> None:
     os.rename(path(old), path(new))
 
 
+def write_seal(fd: int, word: int) -> None:
+    """Set segment ``fd``'s seal word: 0 (being written), ``PUBLISHED`` or ``SEALED``; everything
+    before it is in place when it is written. The one place the word is written."""
+    os.pwrite(fd, SEAL.pack(word), SEAL_OFFSET)
+
+
+def read_seal(buf) -> int:
+    """The seal word of a segment's first bytes (a mapping, or a read of its header); the one
+    place it is read."""
+    if len(buf) < SEAL_OFFSET + SEAL.size:
+        return 0
+    return SEAL.unpack_from(buf, SEAL_OFFSET)[0]
+
+
 class Header(NamedTuple):
     manifest_offset: int
     manifest_length: int
@@ -426,14 +441,14 @@ def read_header(buf) -> Header:
     """The header of a mapped segment, checking the magic, version and bounds."""
     if len(buf) < DATA_OFFSET:
         raise SegmentError(f"segment is {len(buf)} bytes, shorter than its header")
-    magic, version, _, moff, mlen, seal, uuid = HEADER.unpack_from(buf, 0)
+    magic, version, _, moff, mlen, _, uuid = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise SegmentError("segment does not start with the weightd magic")
     if version != FORMAT_VERSION:
         raise SegmentError(f"segment format {version}, this weightd reads {FORMAT_VERSION}")
     if moff < DATA_OFFSET or moff + mlen > len(buf):
         raise SegmentError("segment header points outside the segment")
-    return Header(moff, mlen, seal == SEALED, uuid.hex())
+    return Header(moff, mlen, read_seal(buf) == SEALED, uuid.hex())
 
 
 class Planted(UnsafePath, SegmentError):
@@ -530,7 +545,7 @@ def inspect(name: str, *, seal: int = SEALED):
             return None, size, False
         with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as buf:
             moff, mlen, _, uuid = read_header(buf)
-            if struct.unpack_from("<Q", buf, SEAL_OFFSET)[0] != seal:
+            if read_seal(buf) != seal:
                 return None, size, False
             try:
                 manifest = Manifest.from_dict(json.loads(buf[moff : moff + mlen]))
@@ -571,7 +586,7 @@ def commit_seal(name: str) -> None:
     """Seal a published segment the daemon has checked (see ``PUBLISHED``)."""
     fd = open_entry(name, os.O_RDWR, owner=os.geteuid())
     try:
-        os.pwrite(fd, struct.pack("<Q", SEALED), SEAL_OFFSET)
+        write_seal(fd, SEALED)
     finally:
         os.close(fd)
 

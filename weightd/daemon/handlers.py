@@ -30,13 +30,13 @@ UNSEEN_KEPT = 4096  # clients counted per generation that the daemon has no pid 
 
 
 class Handlers:
-    def __init__(self, config: Config, store: Store, loads: Loads):
+    def __init__(self, config: Config, store: Store, loads: Loads, metrics=None):
         self.config = config
         self.store = store
         self.loads = loads
         self.started = time.time()
         self._manifest_replies: dict[tuple[str, int, bool], bytes] = {}
-        self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
+        self.metrics = metrics  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
         # Op X is answered by method X: the registry is protocol.OPS, and an op without its
         # handler is a bug caught here, at start-up, not by the first request for it.
         missing = [op for op in protocol.OPS if not callable(getattr(self, op, None))]
@@ -260,11 +260,11 @@ class Handlers:
         return protocol.ok(model=model.summary(), cancelled=stopped)
 
     def publish_begin(self, req, peer) -> bytes:
-        manifest, reused = self.store.reserve(
+        manifest, reused = self.store.begin_publish(
             protocol.field(req, "name", str),
             protocol.field(req, "nbytes", int),
             pid=peer.pid,
-            # a peer fill: the source's layout digest and where the bytes come from (Store.reserve)
+            # a peer fill: the source's layout digest and where the bytes come from (Publishes.begin)
             layout=protocol.field(req, "layout", str, required=False),
             via=protocol.field(req, "via", str, required=False),
         )
@@ -285,6 +285,8 @@ class Handlers:
             # the publisher gives up (a peer fill that cannot finish): nothing of it is served
             return protocol.ok(abandoned=self.store.abandon(name))
         model = self.store.commit(name)
+        if self.metrics is not None:
+            self.metrics.published(model.manifest.name)
         return protocol.ok(model=model.summary())
 
 

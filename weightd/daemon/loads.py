@@ -108,14 +108,14 @@ class _Waiter:
 
 
 class Loads:
-    def __init__(self, store: Store, parallel: int = 1):
+    def __init__(self, store: Store, parallel: int = 1, metrics=None):
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="weightd-load")
         self._pending: list[Job] = []
         self._waiters: list[_Waiter] = []
         # name -> the error of its failed preload, until a load of that name succeeds: for ls.
         self.failed: dict[str, dict] = {}
-        self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each load request
+        self.metrics = metrics  # weightd.daemon.metrics.Metrics with serve --metrics: counts loads
         self.wakeup_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def submit(
@@ -147,9 +147,14 @@ class Loads:
                 if same is not None:
                     job.reused = True
                     return same
-            return self.store.load(
+            started = time.monotonic()
+            model = self.store.load(
                 path, name, factory, progress=progress, within=within, check=job.token.check
             )
+            if self.metrics is not None:
+                m = model.manifest
+                self.metrics.loaded(m.format, m.nbytes, time.monotonic() - started)
+            return model
 
         job.future = self._pool.submit(run)
         job.future.add_done_callback(lambda _: self._wake())

@@ -67,14 +67,15 @@ class Server:
             readers=stream.Readers(config.load_readers, config.load_chunk, config.load_direct),
         )
         self.endpoints = Endpoints(config.socket, group=config.group)
-        self.loads = Loads(self.store, parallel=config.load_parallel)
-        self.handlers = Handlers(config, self.store, self.loads)
         self.metrics = None
         if config.metrics is not None:
             from weightd.daemon.metrics import Metrics  # prometheus-client only when asked for
 
             self.metrics = Metrics(self.store, maps_segment)
-            self.store.metrics = self.loads.metrics = self.handlers.metrics = self.metrics
+        # Counted where each outcome is known: loads when they end, publishes on commit, every
+        # request when it is answered.
+        self.loads = Loads(self.store, parallel=config.load_parallel, metrics=self.metrics)
+        self.handlers = Handlers(config, self.store, self.loads, metrics=self.metrics)
         self.notifier = Notifier()
         self.should_exit = False
         # A second SIGTERM/SIGINT while stopping: stop waiting for a load that does not end (as
