@@ -663,12 +663,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--workers", type=lambda s: [int(x) for x in s.split(",")], help="worker counts, e.g. 1,2,4,8"
     )
-    p.add_argument("--ready", action="store_true", help='only "ready to serve" (1/4/8 workers)')
+    p.add_argument("--ready", action="store_true", help='only "ready to serve" (1/4/8 workers, or --workers)')
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     args.dim = 256 if args.quick else 1024  # 76 MiB or 1 GiB, 244 tensors either way
+    args.ready_workers = args.workers or ([1, 2] if args.quick else [1, 4, 8])
     args.workers = args.workers or ([1, 2] if args.quick else [1, 2, 4, 8])
-    args.ready_workers = [1, 2] if args.quick else [1, 4, 8]
     if args.ready:
         args.out.mkdir(parents=True, exist_ok=True)
         with w.sigterm_exits():
