@@ -273,6 +273,13 @@ def report_ready(ready: dict) -> list[str]:
                     f"{r['ready_s'] / best:.2f}x the best mmap <= {TARGET_HUGE_READY}x: "
                     f"{'met' if r['ready_s'] / best <= TARGET_HUGE_READY else 'MISSED'}"
                 )
+            if m == HUGE_SD and f"{w.SAFETENSORS}|{n}" in rows:
+                st = rows[f"{w.SAFETENSORS}|{n}"]["ready_s"]
+                checks.append(
+                    f"  {n} workers, {SHORT.get(m, m)}: ready (import included) {w.ms(r['ready_s'])} vs "
+                    f"safetensors.load_file from the page cache {w.ms(st)}: no later: "
+                    f"{'met' if r['ready_s'] <= st else 'MISSED'}"
+                )
             if m in (w.WEIGHTD_ATTACH, w.WEIGHTD_STATE_DICT):
                 met = r["ready_s"] / best <= TARGET_SMALL_READY
                 checks.append(
