@@ -67,7 +67,12 @@ class Dealer:
     # --- what round_trip uses ---
 
     def send_multipart(self, frames: list[bytes]) -> None:
-        """Send one message; after ``handshake`` (the caller waits for it, within its deadline)."""
+        """Send one message, once the handshake is done (``Connection.call`` waits for it within
+        its own deadline first; here at most ``SEND_SECONDS``)."""
+        if self.peer_type is None and not self.handshake(SEND_SECONDS):
+            raise RequestTimeout(
+                f"the daemon at {self.path} did not answer the connection in {SEND_SECONDS:g} s"
+            )
         out = bytearray()
         for i, f in enumerate(frames):
             out += _frame(f, MORE if i < len(frames) - 1 else 0)
