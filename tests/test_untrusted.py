@@ -521,7 +521,7 @@ def test_every_file_a_folder_load_read_is_recorded(tmp_path, make_daemon):
     d = make_daemon()
     c = Client(d.socket, timeout=300)
     c.load(str(folder), "m")
-    recorded = {os.path.basename(f["path"]) for f in c.manifest("m").origin["files"]}
+    recorded = {os.path.basename(f["path"]) for f in c.manifest("m", full=True).origin["files"]}
     on_disk = {p.name for p in folder.iterdir()}
     assert "model.safetensors.index.json" in on_disk
     assert on_disk <= recorded, on_disk - recorded
