@@ -125,6 +125,7 @@ class Loads:
         path: str,
         *,
         factory: str | None = None,
+        base: str | None = None,
         within: list[str] | None = None,
         deadline: float | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -143,13 +144,13 @@ class Loads:
             job.token.check()  # not started at all once stopping or past the requester's deadline
             job.token.started = True
             if reuse:
-                same = self.store.unchanged(name, path, factory)
+                same = self.store.unchanged(name, path, factory, base)
                 if same is not None:
                     job.reused = True
                     return same
             started = time.monotonic()
             model = self.store.load(
-                path, name, factory, progress=progress, within=within, check=job.token.check
+                path, name, factory, progress=progress, within=within, check=job.token.check, base=base
             )
             if self.metrics is not None:
                 m = model.manifest

@@ -40,4 +40,6 @@ class Model:
             "created": m.created,
             "load": self.load,
             **({"via": m.origin["via"]} if (m.origin or {}).get("via") else {}),
+            # a PEFT adapter: the model it goes over (weightd/daemon/adapters.py)
+            **({"base": m.skeleton["adapter"]["base"]} if "adapter" in (m.skeleton or {}) else {}),
         }

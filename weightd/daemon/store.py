@@ -71,6 +71,7 @@ from weightd.errors import (
     ModelNotFound,
     OutOfSpace,
     PermissionDenied,
+    ProtocolError,
     SegmentError,
 )
 from weightd.manifest import Manifest
@@ -79,9 +80,9 @@ from weightd.protocol import check_name
 log = logging.getLogger("weightd")
 
 
-def _options(factory: str | None) -> dict:
+def _options(factory: str | None, base: str | None = None) -> dict:
     """The load options a manifest's origin records: what must match for a reload to be skipped."""
-    return {"factory": factory}
+    return {"factory": factory, **({"base": base} if base else {})}
 
 
 class Store:
@@ -208,13 +209,15 @@ class Store:
 
     # --- loading ---
 
-    def unchanged(self, name: str, path: str, factory: str | None = None) -> Model | None:
+    def unchanged(
+        self, name: str, path: str, factory: str | None = None, base: str | None = None
+    ) -> Model | None:
         """The served generation of ``name`` if loading ``path`` with these options would load
         the same bytes again: Note [a preload is adopted, not reloaded]."""
         with self.lock:
             model = self.models.get(name)
         origin = model.manifest.origin if model is not None else None
-        if not origin or origin.get("options") != _options(factory):
+        if not origin or origin.get("options") != _options(factory, base):
             return None
         try:
             if origin.get("path") != files.real_path(path):
@@ -231,8 +234,10 @@ class Store:
         progress: Callable[[int, int], None] | None = None,
         within: list[str] | None = None,
         check: Callable[[], None] | None = None,
+        base: str | None = None,
     ) -> Model:
-        """Load ``path`` as a new generation of ``name``. ``check()`` raises to stop the load
+        """Load ``path`` as a new generation of ``name`` (a PEFT adapter over the served model
+        ``base``, if given). ``check()`` raises to stop the load
         (between files, and every ``layout.FILL_CHUNK`` of the copy): the half-written
         segment is removed."""
         name = check_name(name)
@@ -242,9 +247,14 @@ class Store:
         check()
         self._set_progress(name, (0, 0))  # loading from now on (metrics), the total once it is read
         try:
-            ck = checkpoint.read(
-                path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
-            )
+            if base is not None:  # Hook (issue 24): PEFT adapters by name, weightd/daemon/adapters.py
+                from weightd.daemon import adapters
+
+                ck = adapters.read(path, base, self._base(name, base).manifest, within=within, check=check)
+            else:
+                ck = checkpoint.read(
+                    path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
+                )
         except BaseException:
             self._set_progress(name, None)
             raise
@@ -267,7 +277,7 @@ class Store:
             manifest.origin = {
                 "path": manifest.source,
                 "files": ck.files,
-                "options": _options(factory),
+                "options": _options(factory, base),
                 # what the reader computed rather than copied (Hugging Face folders)
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
@@ -320,6 +330,16 @@ class Store:
             manifest.segment,
             extra={"model": name, "generation": manifest.generation},
         )
+        return model
+
+    def _base(self, name: str, base: str) -> Model:
+        """The served model an adapter named ``name`` goes over."""
+        check_name(base)
+        if base == name:
+            raise ProtocolError(f"adapter {name!r} cannot be its own base: name it apart from {base!r}")
+        model = self.get(base)
+        if "adapter" in (model.manifest.skeleton or {}):
+            raise ProtocolError(f"{base!r} is itself an adapter: an adapter goes over a model")
         return model
 
     def unload(self, name: str) -> Model:
