@@ -31,6 +31,7 @@ from weightd.errors import (
     StillLoading,
     TransferFailed,
     UnsafePath,
+    UnsupportedFormat,
     WeightdError,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "SegmentError",
     "StillLoading",
     "TransferFailed",
+    "UnsupportedFormat",
     "UnsafePath",
     "WeightdError",
     "attach",

@@ -318,5 +318,5 @@ def in_private_shm(size: int | str, argv: list[str]) -> list[str]:
 def hf_diagnostics(daemon, name: str) -> dict:
     """What the daemon says of a Hugging Face model's load (class, versions, weight files, what
     transformers converted, unexpected and missing keys): in ``stats``, not in attach replies."""
-    with daemon.client() as c:
+    with daemon.client(timeout=120) as c:  # stats reads every attached process's maps: slow when loaded
         return next(m["hf"] for m in c.stats()["models"] if m["name"] == name and m["current"])

@@ -525,7 +525,7 @@ def test_every_file_a_folder_load_read_is_recorded(tmp_path, make_daemon):
     on_disk = {p.name for p in folder.iterdir()}
     assert "model.safetensors.index.json" in on_disk
     assert on_disk <= recorded, on_disk - recorded
-    assert all("ctime_ns" in f for f in c.manifest("m").origin["files"])
+    assert all("ctime_ns" in f for f in c.manifest("m", full=True).origin["files"])
 
 
 # --- 8. the files folder of workers ------------------------------------------------------------
