@@ -358,7 +358,12 @@ def _in_files(torch, snapshot: str, weights: list[str]) -> int:
                         size *= int(d)
                     n += size
         else:
-            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-1.6, non-zip) format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="meta", weights_only=True)
             n += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     return n
 
