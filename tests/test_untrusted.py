@@ -191,10 +191,14 @@ def test_a_file_swapped_after_the_daemon_opened_it_never_serves_what_is_outside(
 # --- 2. links out of the folder ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["shadow", "environ", "root-only config", "module folder"])
+@pytest.mark.parametrize("case", ["shadow", "environ", "root-only config", "module folder", "plain shard"])
 def test_a_link_out_of_the_folder_is_refused_naming_it(case, tmp_path, area, hostile, make_daemon):
     folder = area / "x"
-    gpt2(folder)
+    if case == "plain shard":  # a folder of weight files, no config.json
+        folder.mkdir()
+        save_file({"a": torch.ones(4)}, folder / "a.safetensors")
+    else:
+        gpt2(folder)
     secret = secret_file(area, "private.json", b'{"api_key": "s3cret"}')
     if case == "shadow":
         name, target = "vocab.txt", "/etc/shadow"
@@ -202,6 +206,12 @@ def test_a_link_out_of_the_folder_is_refused_naming_it(case, tmp_path, area, hos
         name, target = "vocab.txt", "/proc/self/environ"
     elif case == "root-only config":
         name, target = "tokenizer_config.json", str(secret)
+    elif case == "plain shard":
+        save_file({"b": torch.ones(4)}, area / "b.safetensors")
+        name, target = (
+            "b.safetensors",
+            str(secret_file(area, "b.safetensors", (area / "b.safetensors").read_bytes())),
+        )
     else:
         (folder / "modules.json").write_text(json.dumps([{"idx": 0, "name": "1", "path": "1_Pooling"}]))
         module = area / "elsewhere"

@@ -93,6 +93,18 @@ def inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip("/") + "/")
 
 
+def folder_roots(real: str) -> list[str]:
+    """Where the links of the folder at ``real`` (a resolved path) may lead: the folder itself,
+    and for a Hub cache snapshot (``models--org--name/snapshots/<rev>``) the repository folder,
+    whose ``blobs/`` the snapshot's files link into."""
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots":
+        repo = os.path.dirname(parent)
+        if os.path.isdir(os.path.join(repo, "blobs")):
+            return [real, repo]
+    return [real]
+
+
 def check_within(path: str | os.PathLike, roots: list[str], real: str | None = None) -> str:
     """``path`` with symlinks and ``..`` resolved (or ``real``, where it was found to be), if
     that lies inside one of ``roots``."""

@@ -121,7 +121,7 @@ class _Opened:
         real = files.fd_path(self.dir_fd)
         if within is not None:
             files.check_within(folder, within, real=real)
-        self.roots = _roots(real)
+        self.roots = files.folder_roots(real)
 
     def open(self, rel: str, *, max_size: int | None = None) -> int:
         """Open ``rel`` (a path in the folder) once; the same descriptor on a second call."""
@@ -185,18 +185,6 @@ class _Descriptor:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _roots(real: str) -> list[str]:
-    """Where the folder's links may lead: the folder itself, and for a Hub cache snapshot
-    (``models--org--name/snapshots/<rev>``) the repository folder, whose ``blobs/`` the
-    snapshot's files link into."""
-    parent = os.path.dirname(real)
-    if os.path.basename(parent) == "snapshots":
-        repo = os.path.dirname(parent)
-        if os.path.isdir(os.path.join(repo, "blobs")):
-            return [real, repo]
-    return [real]
 
 
 def _config(opened: _Opened) -> tuple[dict, bytes] | None:
