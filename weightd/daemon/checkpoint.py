@@ -63,6 +63,8 @@ class Checkpoint:
     # Identity of every file (and folder) read, as ``identity`` gives it: the manifest's
     # ``origin["files"]``, compared by ``unchanged`` at a restart or reload.
     files: list[dict] = field(default_factory=list)
+    # Raises if a file read changed meanwhile; called once everything is copied (a folder load).
+    verify: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:

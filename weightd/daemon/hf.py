@@ -350,16 +350,14 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
         blobs, tensors = _blobs(opened, answer, weights, memfd)
         hf = answer["hf"]
         served = {}
-        # config.json last: its fill checks every identity again once everything is copied
-        order = sorted(small, key=lambda rel: rel == "config.json")
-        for rel in order:
+        for rel in sorted(small):
             data = (
                 config_bytes
                 if rel == "config.json"
                 else files.read_fd(small[rel], folder / rel, MAX_SMALL_FILE)
             )
             served[rel] = len(blobs)
-            blobs.append(Blob(len(data), _bytes_fill(data, opened.verify if rel == "config.json" else None)))
+            blobs.append(_blob(len(data), _bytes_fill(data), data=data))
         hf.update(
             source=str(folder.resolve()),
             config=config,
@@ -386,6 +384,7 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
         raise
     keep.append(_Descriptor(opened.dir_fd))  # verify() needs it until the copy is done
     return dict(
+        verify=opened.verify,
         path=str(folder),
         format="huggingface",
         blobs=blobs,
@@ -407,13 +406,23 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
             if not (0 <= k < len(weights) and 0 <= offset and offset + nbytes <= sizes[k]):
                 raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
             blobs.append(
-                Blob(nbytes, _fd_fill(opened.fds[weights[k]], offset, nbytes, opened.folder / weights[k]))
+                _blob(
+                    nbytes,
+                    _fd_fill(opened.fds[weights[k]], offset, nbytes, opened.folder / weights[k]),
+                    file=(opened.fds[weights[k]], offset, str(opened.folder / weights[k])),
+                )
             )
         else:
             offset = int(b["memfd"])
             if memfd is None or not (0 <= offset and offset + nbytes <= memsize):
                 raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
-            blobs.append(Blob(nbytes, _fd_fill(memfd, offset, nbytes, opened.folder)))
+            blobs.append(
+                _blob(
+                    nbytes,
+                    _fd_fill(memfd, offset, nbytes, opened.folder),
+                    file=(memfd, offset, str(opened.folder)),
+                )
+            )
     tensors = [
         TensorMeta(t[0], int(t[1]), int(t[2]), str(t[3]), tuple(t[4]), tuple(t[5])) for t in answer["tensors"]
     ]
@@ -437,13 +446,19 @@ def _fd_fill(fd: int, offset: int, nbytes: int, shown):
     return fill
 
 
-def _bytes_fill(data: bytes, then=None):
+def _bytes_fill(data: bytes):
     def fill(seg, offset: int) -> None:
         seg.write(offset, data)
-        if then is not None:
-            then()
 
     return fill
+
+
+def _blob(nbytes: int, fill, *, file: tuple[int, int, str] | None = None, data=None) -> Blob:
+    """A blob that also says where its bytes are (a descriptor and offset, or a buffer), for a
+    writer that copies many blobs at once (``Blob.file``/``Blob.data`` where layout has them)."""
+    blob = Blob(nbytes, fill)
+    blob.file, blob.data = file, data
+    return blob
 
 
 # --- the loader process ----------------------------------------------------------------------
