@@ -268,10 +268,11 @@ def test_a_config_replaced_during_the_load_fails_it(tmp_path, area, hostile, mak
     except CheckpointError as e:
         assert "config.json changed while the folder was being loaded" in str(e), str(e)
         assert Client(d.socket).list() == []
-    else:  # served: then the config served and the tensors served describe the same model
-        config = json.loads(hf.files("m", socket=d.socket)["config.json"])
+    else:  # served: then the config workers build from and the tensors describe the same model
+        described = Client(d.socket).manifest("m").skeleton["hf"]["config"]["n_layer"]
+        served = json.loads(hf.files("m", socket=d.socket)["config.json"])["n_layer"]
         layers = {k.split(".")[2] for k in state_dict("m", socket=d.socket) if k.startswith("transformer.h.")}
-        assert config["n_layer"] == len(layers), (config["n_layer"], len(layers))
+        assert described == served == len(layers), (described, served, len(layers))
     assert json.loads((folder / "config.json").read_text())["n_layer"] == 1, "the hook swapped the config"
 
 
