@@ -566,6 +566,8 @@ class _Loader:
                 try:
                     loader.send(control, job, fds)
                     answer, got = self._answer(control, check)
+                    if len(got) != 1:
+                        raise ValueError("no pidfd")
                     return got[0]
                 except (OSError, EOFError, ValueError):
                     self._stop()
@@ -573,6 +575,11 @@ class _Loader:
                         raise CheckpointError(
                             f"{job['folder']}: the loader process failed to start a load: see the log"
                         ) from None
+                except BaseException:
+                    # given up (a stop, a deadline) between the job and its answer: the answer
+                    # would be read as the next job's, so this loader (and its child) goes
+                    self._stop()
+                    raise
             raise AssertionError("unreachable")
 
     def _ensure(self, folder: str, check) -> socket.socket:
