@@ -89,10 +89,11 @@ def main() -> None:
     small folder a fraction of one. So this process imports them once and forks a child for
     each load, which starts with them imported, runs the one load with its own limits and
     exits; the daemon kills that child (by the pidfd it gets) without touching the others.
-    This process ends when the daemon hangs up, dies (PR_SET_PDEATHSIG), or after
+    This process ends when the daemon hangs up or dies (its control socket ends), or after
     ``IDLE_SECONDS`` without a load (it holds a few hundred MiB).
     """
-    _die_with_parent()
+    # No PR_SET_PDEATHSIG here: it fires when the *thread* that started this process ends,
+    # and the daemon's threads come and go; the control socket's end (EOF) says the daemon is gone.
     control = socket.socket(fileno=int(sys.argv[1]))
     try:
         import torch  # noqa: F401  (imported once, here, for every child)
