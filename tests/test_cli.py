@@ -86,6 +86,8 @@ ENV_VALUES = {
     "log_level": "debug",
     "log_format": "json",
     "timeout": "30",
+    "load_chunk": "16M",
+    "load_direct": "always",
 }
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from datetime import datetime
 
 import click
@@ -269,6 +270,30 @@ def main() -> None:
     "2 MiB pages (systemd/mnt-weightd.mount). Clients learn it from the daemon. [default: /dev/shm]",
 )
 @click.option(
+    "--load-readers",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="Reader threads that stream checkpoints into segments (README: Loading).",
+)
+@click.option(
+    "--load-chunk", type=ByteCount(), default="8M", show_default=True, help="Bytes a reader copies at a time."
+)
+@click.option(
+    "--load-direct",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="O_DIRECT reads: auto uses them for what is not in the page cache.",
+)
+@click.option(
+    "--load-parallel",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Loads of different models that may run side by side (models on different disks).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.option(
@@ -295,6 +320,10 @@ def serve(
     keep_going,
     check,
     shm_dir,
+    load_readers,
+    load_chunk,
+    load_direct,
+    load_parallel,
     log_level,
     log_format,
 ) -> None:
@@ -320,6 +349,10 @@ def serve(
         keep_going=keep_going,
         check=check,
         shm_dir=shm_dir,
+        load_readers=load_readers,
+        load_chunk=load_chunk,
+        load_direct=load_direct,
+        load_parallel=load_parallel,
     )
     Server(config).run()
 
@@ -336,15 +369,17 @@ def ls(socket, as_json) -> None:
     models = _ask(socket, lambda c: c.list(), as_json)
     if models is None:
         return
-    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "SOURCE")]
+    rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "RATE", "SOURCE")]
     failures = []
     for m in models:
         if m.get("state") == "loading":
             pct = 100 * m["done"] / m["total"] if m["total"] else 0
-            rows.append((m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", m["source"]))
+            rows.append(
+                (m["name"], "-", _size(m["total"]), "-", f"loading {pct:.0f}%", "-", "-", m["source"])
+            )
             continue
         if m.get("state") == "failed":
-            rows.append((m["name"], "-", "-", "-", "failed", "-", "-"))
+            rows.append((m["name"], "-", "-", "-", "failed", "-", "-", "-"))
             failures.append(f"{m['name']}: failed: [{m['error']['code']}] {m['error']['message']}")
             continue
         rows.append(
@@ -355,12 +390,20 @@ def ls(socket, as_json) -> None:
                 str(m["tensors"]),
                 "ready (adopted)" if m.get("adopted") else "ready",
                 _when(m["created"]),
+                _rate(m.get("load")),
                 m["source"],
             )
         )
     _table(rows)
     for line in failures:
         click.echo(line)
+
+
+def _rate(load: dict | None) -> str:
+    """How a model's bytes came in (weightd.daemon.stream.Report): rate, readers, path."""
+    if not load:
+        return "-"
+    return f"{load['gbps']:.2f} GB/s, {load['readers']} readers, {load['path']}"
 
 
 @main.command()
@@ -410,7 +453,9 @@ def stats(socket, as_json) -> None:
         )
     for m in s["models"]:
         adopted = " (adopted from the previous daemon)" if m.get("adopted") else ""
-        click.echo(f"{m['name']} generation {m['generation']}: from {m['source']}{adopted}")
+        load = m.get("load")
+        how = f", {_size(load['bytes'])} in {load['seconds']:.2f} s, {_rate(load)}" if load else ""
+        click.echo(f"{m['name']} generation {m['generation']}: from {m['source']}{adopted}{how}")
     for m in s.get("failed", []):
         click.echo(f"{m['name']}: failed: [{m['error']['code']}] {m['error']['message']}")
     for m in s["models"]:
@@ -470,9 +515,13 @@ def load(path, name, factory, timeout, socket, as_json) -> None:
     with Client(socket, timeout=timeout) as c:
         if sys.stderr.isatty() and not as_json:
             with click.progressbar(length=1, label=f"loading {path}", file=sys.stderr) as bar:
+                t0 = time.monotonic()
 
                 def progress(done, total):
                     bar.length = max(total, 1)
+                    rate = done / max(time.monotonic() - t0, 1e-6)
+                    left = f", {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+                    bar.label = f"loading {path} ({rate / 1e9:.2f} GB/s{left})"
                     bar.update(done - bar.pos)
 
                 model = c.load(path, name, factory=factory, progress=progress, timeout=timeout)
@@ -498,6 +547,8 @@ def unload(name, socket, as_json) -> None:
     click.echo(
         json.dumps(model, indent=2)
         if as_json
+        else f"cancelled the load of {model['name']}"
+        if model.get("state") == "cancelled"
         else f"unloaded {model['name']} generation {model['generation']}"
     )
 

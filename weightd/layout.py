@@ -29,10 +29,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class Blob:
-    """One storage's bytes: ``fill(segment, offset)`` writes exactly ``nbytes`` there."""
+    """One storage's bytes: ``fill(segment, offset)`` writes exactly ``nbytes`` there.
+
+    Where the bytes are is said too, for a writer that copies many blobs at once (the daemon's
+    readers, ``write``'s ``copy``): ``file`` (descriptor, offset, path) of a checkpoint file
+    holding them as they are, else ``data``, a buffer over them (or None: only ``fill`` knows).
+    """
 
     nbytes: int
     fill: Callable[["segment.Segment", int], None]
+    file: tuple[int, int, str] | None = None
+    data: object = None
 
 
 def from_tensors(
@@ -59,7 +66,7 @@ def from_tensors(
         index = by_storage.get(key)
         if index is None:
             index = by_storage[key] = len(blobs)
-            blobs.append(Blob(storage.nbytes(), _storage_fill(storage)))
+            blobs.append(Blob(storage.nbytes(), _storage_fill(storage), data=_storage_bytes(storage)))
             keep.append(storage)
         dtype = str(t.dtype).removeprefix("torch.")
         offset = t.storage_offset() * t.element_size()
@@ -122,14 +129,19 @@ def plain(t: "torch.Tensor", name: str, source) -> "torch.Tensor":
 
 
 def _storage_fill(storage: "torch.UntypedStorage"):
-    import torch
-
     def fill(seg: "segment.Segment", offset: int) -> None:
         # A single-threaded kernel copy (pwrite): torch's copy_ splits every storage across
         # its threads, which stalls when other processes hold the cores (2.7x slower measured).
-        seg.write(offset, torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+        seg.write(offset, _storage_bytes(storage))
 
     return fill
+
+
+def _storage_bytes(storage: "torch.UntypedStorage"):
+    """A uint8 numpy view of the storage's bytes (no copy)."""
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
 
 
 FILL_CHUNK = 64 << 20  # progress (and a chance to cancel) at least every this many bytes
@@ -168,6 +180,9 @@ def write(
     seal: int = segment.SEALED,
     directory: str | None = None,
     reuse: int | None = None,
+    copy: Callable[["segment.Segment", list[tuple[Blob, int]], Callable[[int, int], None] | None], None]
+    | None = None,
+    check: Callable[[], None] | None = None,
 ) -> int:
     """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
 
@@ -179,6 +194,11 @@ def write(
     ``manifest`` arrives with everything but its storages, which are placed here. All or
     nothing: any failure unlinks the segment (Note [segment lifetime after unlink]), also one
     that ``progress(done, total)`` raises to cancel the write (called every ``FILL_CHUNK``).
+
+    ``copy(segment, [(blob, offset)...], progress)``: writes every blob at once (the daemon's
+    parallel readers, ``weightd.daemon.stream``) instead of one ``fill`` after another, and
+    reserves the whole segment (``segment.reservation``) on the way.
+    ``check()`` raises to stop, also between the steps of reserving the segment's pages.
     """
     offset = segment.DATA_OFFSET
     storages = []
@@ -192,11 +212,18 @@ def write(
     encoded = manifest.to_json()
     size = segment.rounded_size(manifest_offset + len(encoded), directory)
     if reuse is not None:
-        seg = segment.Segment.reopen(manifest.segment, size, reuse, directory)
+        seg = segment.Segment.reopen(manifest.segment, size, reuse, directory, check)
     else:
-        seg = segment.Segment.create(manifest.segment, size, mode, owner, directory)
+        # With ``copy``, reserved while it writes (Note [reserving while writing])
+        seg = segment.Segment.create(
+            manifest.segment, size, mode, owner, directory, check, reserved=copy is None
+        )
     try:
         total, done = sum(b.nbytes for b in blobs), 0
+        if copy is not None:
+            # reserves the whole segment as it writes (Note [reserving while writing])
+            copy(seg, [(b, st.offset) for b, st in zip(blobs, storages) if st.nbytes], progress)
+            blobs = []  # written
         if progress is None:
             target = seg
         else:

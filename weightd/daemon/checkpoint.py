@@ -195,7 +195,13 @@ def read_safetensors(path: Path, within: list[str] | None = None) -> Checkpoint:
                 )
             spans.append((begin, end, name))
             ck.tensors.append(TensorMeta(name, len(ck.blobs), 0, dtype, shape, contiguous_stride(shape)))
-            ck.blobs.append(Blob(end - begin, _file_fill(f, data_start + begin, end - begin, path)))
+            ck.blobs.append(
+                Blob(
+                    end - begin,
+                    _file_fill(f, data_start + begin, end - begin, path),
+                    file=(f.fileno(), data_start + begin, str(path)),
+                )
+            )
         spans.sort()
         b0 = e0 = 0
         n0 = None
@@ -287,29 +293,85 @@ def read_torch(path: Path, *, allow_pickle: bool = False, within: list[str] | No
     """
     import torch  # here: a daemon that serves only safetensors never pays for importing torch
 
+    f = open_file(path, within)
     try:
-        with open_file(path, within) as f:
-            files = [identity(path, f.fileno())]
-            # The file opened and checked above, by its descriptor: /proc/self/fd/N is that
-            # very file whatever happens to the path meanwhile.
-            obj = _torch_load(f"/proc/self/fd/{f.fileno()}", weights_only=not allow_pickle)
+        files = [identity(path, f.fileno())]
+        # The file opened and checked above, by its descriptor: /proc/self/fd/N is that
+        # very file whatever happens to the path meanwhile.
+        obj = _torch_load(f"/proc/self/fd/{f.fileno()}", weights_only=not allow_pickle)
     except CheckpointError:
+        f.close()
         raise
     except Exception as e:
+        f.close()
         hint = (
             " It holds objects other than tensors: if you trust the file, load it with --allow-pickle."
             if "weights_only" in str(e) or "Unsupported global" in str(e)
             else " The file is truncated, corrupt or not a PyTorch checkpoint."
         )
         raise CheckpointError(f"{path}: torch.load failed: {str(e).splitlines()[0][:300]}.{hint}") from None
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
-    blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, path), source=path)
+    try:
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, dict):
+            raise CheckpointError(
+                f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)"
+            )
+        blobs, tensors, keep = layout.from_tensors(layout.flatten(obj, path), source=path)
+        in_files(blobs, keep, [(f.fileno(), str(path))])
+    except BaseException:
+        f.close()
+        raise
+    keep.append(f)
     return Checkpoint(
         path=str(path), format="torch", blobs=blobs, tensors=tensors, keepalive=keep, files=files
     )
+
+
+def in_files(blobs: list[Blob], storages: list, files: list[tuple[int, str]]) -> int:
+    """Say which blobs are bytes of one of ``files`` (descriptor, path) as they are on disk, so
+    the readers stream them from the file (``Blob.file``); returns how many bytes that covers.
+
+    ``torch.load(mmap=True)`` and safetensors map the file and hand out storages inside the
+    mapping: a storage's address less the mapping's start, plus the mapping's file offset, is
+    where its bytes are in the file. Matched by device and inode (/proc/self/maps) to the very
+    file opened. A mapping with pages written since (``Anonymous`` in smaps: copied on write,
+    no longer the file's bytes) is not trusted: its blobs are copied from memory.
+    """
+    by_id = {}
+    for fd, path in files:
+        st = os.fstat(fd)
+        by_id[(st.st_dev, st.st_ino)] = (fd, path)
+    maps = []  # (lo, hi, file offset, fd, path)
+    try:
+        with open("/proc/self/smaps") as sm:
+            current = None
+            for line in sm:
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):
+                    current = None
+                    parts = line.split()
+                    if len(parts) >= 6:
+                        major, minor = (int(x, 16) for x in parts[3].split(":"))
+                        hit = by_id.get((os.makedev(major, minor), int(parts[4])))
+                        if hit is not None:
+                            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                            current = [lo, hi, int(parts[2], 16), *hit]
+                            maps.append(current)
+                elif current is not None and line.startswith("Anonymous:") and int(line.split()[1]):
+                    maps.remove(current)  # written to since it was mapped
+                    current = None
+    except OSError:
+        return 0
+    covered = 0
+    for blob, storage in zip(blobs, storages):
+        ptr = storage.data_ptr()
+        for lo, hi, pgoff, fd, path in maps:
+            if lo <= ptr and ptr + blob.nbytes <= hi:
+                blob.file = (fd, pgoff + ptr - lo, path)
+                covered += blob.nbytes
+                break
+    return covered
 
 
 def _torch_load(path: Path, *, weights_only: bool):

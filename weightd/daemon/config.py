@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weightd.daemon import stream
 from weightd.daemon.checkpoint import CHECKPOINT_SUFFIXES
 from weightd.errors import ConfigError
 from weightd.protocol import default_socket
@@ -67,9 +68,20 @@ class Config:
     keep_going: bool = False  # a failed preload is reported and the others served; default: the daemon stops
     check: bool = False  # serve --check: load every preload, then exit (non-zero if one failed)
     shm_dir: str | None = None  # where segments live (a huge-page tmpfs); None: /dev/shm (weightd.segment)
+    # How checkpoints stream into segments (weightd.daemon.stream; README: Loading, measured there)
+    load_readers: int = stream.DEFAULT_READERS
+    load_chunk: int = stream.DEFAULT_CHUNK
+    load_direct: str = "auto"  # O_DIRECT for what is not in the page cache; "always", "never"
+    load_parallel: int = 1  # loads of different names side by side (one load's readers fill one disk)
 
     def __post_init__(self):
         check_unique_names(self.models)
+        stream.check_readers(self.load_readers)
+        stream.check_chunk(self.load_chunk)
+        if self.load_direct not in stream.DIRECT_MODES:
+            raise ConfigError(f"--load-direct must be one of {', '.join(stream.DIRECT_MODES)}")
+        if not (isinstance(self.load_parallel, int) and self.load_parallel >= 1):
+            raise ConfigError(f"--load-parallel must be at least 1, not {self.load_parallel!r}")
         self.socket = os.path.abspath(self.socket or default_socket())
         if self.instance is None:
             # One daemon per socket, so the socket path names the instance; a hash keeps the

@@ -243,8 +243,17 @@ class Handlers:
         return files.check_within(path, self.config.model_dirs)
 
     def unload(self, req, peer) -> bytes:
-        model = self.store.unload(protocol.field(req, "name", str))
-        return protocol.ok(model=model.summary())
+        name = protocol.field(req, "name", str)
+        # A load of that name under way is stopped (its half-written segment removed), and
+        # whatever generation is served goes too.
+        stopped = self.loads.cancel_name(name, "the model was unloaded while it loaded")
+        try:
+            model = self.store.unload(name)
+        except ModelNotFound:
+            if not stopped:
+                raise
+            return protocol.ok(model={"name": name, "generation": None, "state": "cancelled"}, cancelled=True)
+        return protocol.ok(model=model.summary(), cancelled=stopped)
 
     def publish_begin(self, req, peer) -> bytes:
         manifest, reused = self.store.reserve(

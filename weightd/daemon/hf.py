@@ -357,7 +357,7 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
                 else files.read_fd(small[rel], folder / rel, MAX_SMALL_FILE)
             )
             served[rel] = len(blobs)
-            blobs.append(_blob(len(data), _bytes_fill(data), data=data))
+            blobs.append(Blob(len(data), _bytes_fill(data), data=data))  # streamed from the buffer
         hf.update(
             source=str(folder.resolve()),
             config=config,
@@ -405,22 +405,18 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
             k, offset = int(b["file"]), int(b["offset"])
             if not (0 <= k < len(weights) and 0 <= offset and offset + nbytes <= sizes[k]):
                 raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
-            blobs.append(
-                _blob(
-                    nbytes,
-                    _fd_fill(opened.fds[weights[k]], offset, nbytes, opened.folder / weights[k]),
-                    file=(opened.fds[weights[k]], offset, str(opened.folder / weights[k])),
-                )
-            )
+            fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
+            # streamed by the daemon's readers from the file (weightd.daemon.stream)
+            blobs.append(Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown))))
         else:
             offset = int(b["memfd"])
             if memfd is None or not (0 <= offset and offset + nbytes <= memsize):
                 raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
             blobs.append(
-                _blob(
+                Blob(
                     nbytes,
                     _fd_fill(memfd, offset, nbytes, opened.folder),
-                    file=(memfd, offset, str(opened.folder)),
+                    file=(memfd, offset, f"{opened.folder} (tensors the loader process converted)"),
                 )
             )
     tensors = [
@@ -451,14 +447,6 @@ def _bytes_fill(data: bytes):
         seg.write(offset, data)
 
     return fill
-
-
-def _blob(nbytes: int, fill, *, file: tuple[int, int, str] | None = None, data=None) -> Blob:
-    """A blob that also says where its bytes are (a descriptor and offset, or a buffer), for a
-    writer that copies many blobs at once (``Blob.file``/``Blob.data`` where layout has them)."""
-    blob = Blob(nbytes, fill)
-    blob.file, blob.data = file, data
-    return blob
 
 
 # --- the loader process ----------------------------------------------------------------------

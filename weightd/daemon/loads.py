@@ -1,6 +1,8 @@
 """Loads, run off the request loop: the preloads of start-up and ``load`` requests.
 
-One loader thread copies checkpoints, one load at a time, in the order they came; the request
+Loader threads (``serve --load-parallel``, default one) take loads in the order they came; a
+load of a name waits for the earlier loads of that name, so generations come in request order.
+The bytes of every load go through the daemon's readers (``weightd.daemon.stream``). The request
 loop keeps answering meanwhile (``ping``, ``ls``, attaches of models already served). A
 ``load`` request is answered more than once: progress replies (``{"progress": {done, total}}``)
 every ``PROGRESS_SECONDS`` while the checkpoint is copied, then the result. The request loop
@@ -18,7 +20,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 
 from weightd import protocol
@@ -57,6 +60,19 @@ class Token:
             )
 
 
+def wait_for(future: Future, token: Token) -> None:
+    """Wait for ``future`` to end, however it ends, checking ``token`` meanwhile."""
+    while True:
+        token.check()
+        try:
+            future.exception(timeout=0.05)
+            return
+        except FuturesTimeout:
+            continue
+        except CancelledError:
+            return
+
+
 def _failed(check: Callable[[], None]) -> Future:
     """A finished future holding the error ``check()`` raises (a cancelled load's)."""
     f = Future()
@@ -89,9 +105,9 @@ class _Waiter:
 
 
 class Loads:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, parallel: int = 1):
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightd-load")
+        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="weightd-load")
         self._pending: list[Job] = []
         self._waiters: list[_Waiter] = []
         # name -> the error of its failed preload, until a load of that name succeeds: for ls.
@@ -114,8 +130,13 @@ class Loads:
         """Queue a load. ``reuse``: keep the served generation if its source is unchanged,
         checked when the load's turn comes (a reload while the preload of the same name runs)."""
         job = Job(name, path, peer, Token(name, deadline))
+        # Earlier loads of the same name end first (the pool takes jobs in order, so these were
+        # taken already: waiting on them cannot starve them of a thread).
+        earlier = [j.future for j in self._pending if j.name == name]
 
         def run() -> Model:
+            for f in earlier:
+                wait_for(f, job.token)
             job.token.check()  # not started at all once stopping or past the requester's deadline
             job.token.started = True
             if reuse:
@@ -225,6 +246,13 @@ class Loads:
         """Cancel every load, queued or running (a stop): each ends within a fraction of a second."""
         for job in self._pending:
             job.token.cancel(reason)
+
+    def cancel_name(self, name: str, reason: str) -> bool:
+        """Cancel the loads of ``name`` (an unload while it loads); whether there were any."""
+        jobs = [j for j in self._pending if j.name == name and not j.future.done()]
+        for job in jobs:
+            job.token.cancel(reason)
+        return bool(jobs)
 
     def shutdown(self) -> None:
         self.cancel("the daemon is stopping")

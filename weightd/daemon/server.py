@@ -25,6 +25,7 @@ import time
 import zmq
 
 from weightd import __version__, protocol, segment
+from weightd.daemon import stream
 from weightd.daemon.config import Config
 from weightd.daemon.endpoints import Endpoints, Peer
 from weightd.daemon.handlers import Handlers
@@ -63,9 +64,10 @@ class Server:
             allow_pickle=config.allow_pickle,
             group=config.group,
             devices=config.devices,
+            readers=stream.Readers(config.load_readers, config.load_chunk, config.load_direct),
         )
         self.endpoints = Endpoints(config.socket, group=config.group)
-        self.loads = Loads(self.store)
+        self.loads = Loads(self.store, parallel=config.load_parallel)
         self.handlers = Handlers(config, self.store, self.loads)
         self.metrics = None
         if config.metrics is not None:

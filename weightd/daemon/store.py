@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from weightd import layout, segment
-from weightd.daemon import checkpoint, files
+from weightd.daemon import checkpoint, files, stream
 from weightd.errors import (
     ModelNotFound,
     OutOfSpace,
@@ -90,6 +90,9 @@ class Model:
     gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.daemon.gpu.GpuCopy (serve --device)
     touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
     adopted: bool = False  # left by a previous daemon of this instance, served without a reload
+    load: dict | None = (
+        None  # how its bytes came in (weightd.daemon.stream.Report), when this daemon loaded it
+    )
 
     def summary(self) -> dict:
         m = self.manifest
@@ -105,6 +108,7 @@ class Model:
             "source": m.source,
             "format": m.format,
             "created": m.created,
+            "load": self.load,
             **({"via": m.origin["via"]} if (m.origin or {}).get("via") else {}),
         }
 
@@ -170,8 +174,10 @@ class Store:
         allow_pickle: bool = False,
         group: int | None = None,
         devices: list[str] | None = None,
+        readers: stream.Readers | None = None,
     ):
         self.prefix = segment.prefix(instance)
+        self.readers = readers or stream.Readers()  # the threads every load's bytes go through
         self.huge_asked = segment.huge_pages_asked()  # why segments should get huge pages, or None
         self.mode = mode
         self.gid = os.getegid() if group is None else group
@@ -320,22 +326,53 @@ class Store:
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
             self._check_space(name, ck.nbytes)
-            size = layout.write(manifest, ck.blobs, mode=self.mode, owner=self._owner(), progress=tracked)
+            copied: list[stream.Report] = []
+
+            def copy(seg, placed, progress) -> None:
+                # Blobs that say where their bytes are stream in parallel; the others (a fill that
+                # checks something once all is copied: HF's config.json) are written after, in order.
+                streamed = [(b, o) for b, o in placed if b.file is not None or b.data is not None]
+                copied.append(
+                    self.readers.copy(
+                        seg.fd,
+                        stream.pieces(streamed),
+                        check=check,
+                        progress=progress,
+                        reserving=segment.reservation(seg.fd, seg.size),
+                    )
+                )
+                for blob, offset in placed:
+                    if blob.file is None and blob.data is None:
+                        check()
+                        blob.fill(seg, offset)
+
+            size = layout.write(
+                manifest,
+                ck.blobs,
+                mode=self.mode,
+                owner=self._owner(),
+                progress=tracked,
+                copy=copy,
+                check=check,
+            )
         finally:
             checkpoint.close(ck)
             self._progress.pop(name, None)
-        model = self._publish(Model(manifest, size))
+        report = copied[0] if copied else stream.Report()
         seconds = time.monotonic() - started
+        model = self._publish(
+            Model(manifest, size, load=dict(report.to_dict(), total_seconds=round(seconds, 4)))
+        )
         if self.metrics is not None:
             self.metrics.loaded(manifest.format, manifest.nbytes, seconds)
         log.info(
-            "loaded %s generation %d from %s: %d tensors, %.1f MiB in %.2f s (%s)",
+            "loaded %s generation %d from %s: %d tensors in %.2f s; copy: %s (%s)",
             name,
             manifest.generation,
             path,
             len(manifest.tensors),
-            manifest.nbytes / 2**20,
             seconds,
+            report.describe(),
             manifest.segment,
             extra={"model": name, "generation": manifest.generation},
         )
@@ -648,6 +685,7 @@ class Store:
         if unlink:
             for m in models:
                 segment.unlink(m.manifest.segment)
+        self.readers.close()
 
     # --- internals ---
 
@@ -723,6 +761,8 @@ class Store:
             return
         with self._lock:
             used = sum(m.size for m in list(self._models.values()) + list(self._retired.values()))
+            # loads running side by side count too (their segments are being reserved)
+            used += sum(total for other, (_, total) in self._progress.items() if other != name)
         if used + nbytes > self.max_bytes:
             raise OutOfSpace(
                 f"{name!r} needs {nbytes} bytes but the daemon's budget (--max-bytes {self.max_bytes}) has "

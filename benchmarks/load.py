@@ -1,0 +1,658 @@
+"""Cold start at the storage limit: checkpoints into segments, against the machine's ceilings.
+
+    python benchmarks/load.py                 # 1, 3 and 8 GiB files, HF folders (~10 min, 8 GiB shm)
+    python benchmarks/load.py --sizes 1       # one size (~3 min)
+    python benchmarks/load.py --quick         # 256 MiB files, small folders (~1 min)
+
+One run, side by side, each row with the page cache dropped (``echo 3 >
+/proc/sys/vm/drop_caches``, as root; skipped with the reason where not allowed) and warm:
+
+- ``weightd load`` of a safetensors file and of the same bytes as a torch ``.pt``: request to
+  ready, timed by the client, with the daemon's own report (readers, direct or buffered);
+  its private memory (Pss less shared memory, sampled every 10 ms) growth;
+- runai-model-streamer (PyPI) ``SafetensorsStreamer`` into CPU memory (each tensor cloned out
+  of its ring), default concurrency and ``RUNAI_STREAMER_CONCURRENCY=16``;
+- ``safetensors.load_file`` + copy into a new /dev/shm file (what a user would script);
+- ``torch.load(mmap=True)`` of the ``.pt`` + touching every page (what a worker pays);
+- ceilings, in the same run: raw ``O_DIRECT`` reads at 1, 4 and 16 streams; page cache ->
+  shared memory (``preadv`` into an already-faulted mapping, 64 MiB chunks, 1 and 2 threads).
+
+Then Hugging Face folders (a Llama sharded in 4 and a Mixtral MoE) against the same bytes as
+one safetensors file, and stops: SIGTERM and ``unload`` while a 3 and 8 GiB load runs.
+
+Targets, as ratios: warm >= 0.7x the page cache -> shm ceiling; cold >= 0.9x the best raw read
+and >= 1.0x runai; dense folder <= 1.2x its single file, MoE <= 2x; a stop <= 0.3 s; daemon
+private growth <= 256 MiB. Writes benchmarks/out/load.json and load.png. Every file, segment and
+process it makes is removed, on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from weightd import memory
+from weightd.bench import spawn
+from weightd.client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+GiB = 1 << 30
+MiB = 1 << 20
+TENSOR = 256 * MiB  # tensors of a real checkpoint's size (a 7B model's largest are ~250 MiB)
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def random_block() -> bytes:
+    return os.urandom(64 * MiB)
+
+
+def make_safetensors(path: Path, nbytes: int, block: bytes) -> Path:
+    """Float16 tensors of ``TENSOR`` bytes (the last smaller) of incompressible bytes."""
+    sizes = [min(TENSOR, nbytes - o) for o in range(0, nbytes, TENSOR)]
+    header, off = {}, 0
+    for i, n in enumerate(sizes):
+        header[f"layer{i}.weight"] = {"dtype": "F16", "shape": [n // 2], "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        _write_random(f, nbytes, block)
+        os.fsync(f.fileno())
+    return path
+
+
+def make_pt(path: Path, st: Path) -> Path:
+    """The same tensors as ``st``, as a torch state dict (torch.save's zip, stored entries)."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(st)), path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return path
+
+
+def _write_random(f, nbytes: int, block: bytes) -> None:
+    done = 0
+    while done < nbytes:
+        n = min(len(block), nbytes - done)
+        f.write(block[:n])
+        done += n
+
+
+def drop_caches() -> str | None:
+    """Drop the page cache; the reason it could not be, or None."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        return f"cannot drop the page cache ({e.strerror}): run as root for the cold rows"
+    return None
+
+
+def warm(*paths: Path) -> None:
+    buf = bytearray(64 * MiB)
+    for p in paths:
+        for f in [p] if p.is_file() else sorted(p.iterdir()):
+            with open(f, "rb") as fh:
+                while fh.readinto(buf):
+                    pass
+
+
+def files_of(p: Path) -> list[Path]:
+    return [p] if p.is_file() else sorted(p.iterdir())
+
+
+def nbytes_of(p: Path) -> int:
+    return sum(f.stat().st_size for f in files_of(p))
+
+
+# --- ceilings ------------------------------------------------------------------------------
+
+
+def raw_direct(path: Path, streams: int, chunk: int = 8 * MiB) -> float:
+    """GB/s of O_DIRECT reads of the whole file by ``streams`` threads (chunks interleaved)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    chunks = list(range(0, size, chunk))
+    lock = threading.Lock()
+    it = iter(chunks)
+
+    def run():
+        buf = mmap.mmap(-1, chunk)
+        try:
+            while True:
+                with lock:
+                    o = next(it, None)
+                if o is None:
+                    return
+                os.preadv(fd, [buf], o)
+        finally:
+            buf.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    os.close(fd)
+    return size / seconds / 1e9
+
+
+def cache_to_shm(path: Path, threads: int, chunk: int = 64 * MiB) -> float:
+    """GB/s of ``preadv`` from the (warm) page cache into an already-faulted shm mapping."""
+    size = path.stat().st_size
+    shm = f"/dev/shm/weightd-bench-load-{uuid.uuid4().hex[:8]}"
+    dst = os.open(shm, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    src = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fallocate(dst, 0, size)
+        m = mmap.mmap(dst, size, mmap.MAP_SHARED)
+        m.madvise(23, 0, size)  # MADV_POPULATE_WRITE: faulted in before the clock starts
+        view = memoryview(m)
+        lock = threading.Lock()
+        it = iter(range(0, size, chunk))
+
+        def run():
+            while True:
+                with lock:
+                    o = next(it, None)
+                if o is None:
+                    return
+                os.preadv(src, [view[o : o + chunk]], o)
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=run) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        seconds = time.perf_counter() - t0
+        view.release()
+        m.close()
+        return size / seconds / 1e9
+    finally:
+        os.close(src)
+        os.close(dst)
+        os.unlink(shm)
+
+
+# --- peers (each in a fresh process) ---------------------------------------------------------
+
+RUNAI = """
+import json, sys, time
+from runai_model_streamer import SafetensorsStreamer
+t0 = time.perf_counter(); n = 0; out = {}
+with SafetensorsStreamer() as s:
+    s.stream_file(sys.argv[1])
+    for name, t in s.get_tensors():
+        out[name] = t.clone(); n += t.nbytes
+print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": n}))
+"""
+
+LOAD_FILE = """
+import json, os, sys, time, uuid
+from safetensors.torch import load_file
+t0 = time.perf_counter()
+sd = load_file(sys.argv[1])
+path = "/dev/shm/weightd-bench-load-" + uuid.uuid4().hex[:8]
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+try:
+    total = sum(t.untyped_storage().nbytes() for t in sd.values())
+    os.posix_fallocate(fd, 0, total); off = 0
+    for t in sd.values():
+        b = t.contiguous().view(-1).view(__import__("torch").uint8).numpy()
+        mv = memoryview(b); done = 0
+        while done < len(mv):
+            done += os.pwrite(fd, mv[done:], off + done)
+        off += len(mv)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": total}))
+finally:
+    os.close(fd); os.unlink(path)
+"""
+
+TORCH_MMAP = """
+import json, sys, time, torch
+t0 = time.perf_counter(); n = 0
+sd = torch.load(sys.argv[1], mmap=True, weights_only=True)
+for t in sd.values():
+    b = t.view(-1).view(torch.uint8)
+    b[::4096].sum()  # one byte of every page: every page faulted in
+    n += b.numel()
+print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": n}))
+"""
+
+
+def peer(code: str, path: Path, env: dict | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        timeout=1800,
+    )
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- weightd -------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, tmp: Path, args):
+        self.tmp = tmp
+        self.args = args
+        self.daemons: list[spawn.Daemon] = []
+
+    def daemon(self, *extra: str, wait: bool = True) -> spawn.Daemon:
+        instance = "bl" + uuid.uuid4().hex[:8]
+        d = spawn.Daemon(
+            str(self.tmp / f"{instance}.sock"),
+            instance,
+            ["--unlink-on-exit", "--log-level", "warning", *extra, *self.args.serve],
+            die_with_parent=True,
+        )
+        self.daemons.append(d)
+        return d.start(wait=wait)
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            d.stop()
+            d.remove_segments()
+
+    def load(self, d: spawn.Daemon, path: Path) -> dict:
+        """One ``weightd load``, request to ready, with the daemon's report and memory growth."""
+        base = memory.usage(d.pid).pss_private
+        peak = [base]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.wait(0.01):
+                try:
+                    peak[0] = max(peak[0], memory.usage(d.pid).pss_private)
+                except OSError:
+                    return
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with Client(d.socket, timeout=3600) as c:
+                t0 = time.perf_counter()
+                model = c.load(str(path), "m")
+                seconds = time.perf_counter() - t0
+                report = next(m for m in c.list() if m["name"] == "m").get("load") or {}
+                c.unload("m")
+        finally:
+            stop.set()
+            sampler.join()
+        return {
+            "seconds": seconds,
+            "bytes": model["nbytes"],
+            "gbps": model["nbytes"] / seconds / 1e9,
+            "daemon": report,
+            "private_growth": max(peak[0] - base, 0),
+        }
+
+
+def gbps(r: dict) -> float | None:
+    if not r or "error" in r:
+        return None
+    return r.get("gbps") or r["bytes"] / r["seconds"] / 1e9
+
+
+def part_files(b: Bench, args, res: dict, block: bytes) -> None:
+    d = b.daemon()
+    for size in args.sizes:
+        n = int(size * GiB)
+        label = f"{size:g} GiB"
+        print(f"{label}: writing files ...", flush=True)
+        st = make_safetensors(b.tmp / f"m{size:g}.safetensors", n, block)
+        pt = make_pt(b.tmp / f"m{size:g}.pt", st) if not args.no_pt else None
+        rows = res["files"][label] = {}
+        for state in ("cold", "warm"):
+            r = rows[state] = {}
+
+            def prepare(*paths, state=state, r=r):
+                if state == "cold":
+                    why = drop_caches()
+                    if why:
+                        r["skipped"] = why
+                        return False
+                else:
+                    warm(*paths)
+                return True
+
+            cases = [
+                ("weightd load .safetensors", st, lambda p: b.load(d, p)),
+                ("weightd load .pt", pt, lambda p: b.load(d, p)),
+                ("runai-model-streamer (default)", st, lambda p: peer(RUNAI, p)),
+                (
+                    "runai-model-streamer (16)",
+                    st,
+                    lambda p: peer(RUNAI, p, {"RUNAI_STREAMER_CONCURRENCY": "16"}),
+                ),
+                ("safetensors.load_file + copy to shm", st, lambda p: peer(LOAD_FILE, p)),
+                ("torch.load(mmap=True) + touch", pt, lambda p: peer(TORCH_MMAP, p)),
+            ]
+            for what, path, run in cases:
+                if path is None:
+                    continue
+                if not prepare(path):
+                    break
+                r[what] = run(path)
+                print(f"  {state:4s} {what:38s} {gbps(r[what]) or 0:6.2f} GB/s", flush=True)
+        ceil = rows["ceilings"] = {}
+        for streams in (1, 4, 16):
+            ceil[f"O_DIRECT x{streams}"] = raw_direct(st, streams)
+        warm(st)
+        for threads in (1, 2):
+            ceil[f"page cache -> shm x{threads}"] = cache_to_shm(st, threads)
+        for k, v in ceil.items():
+            print(f"  ceiling {k:24s} {v:6.2f} GB/s", flush=True)
+        if size in args.stop_sizes:
+            rows["stops"] = stops(b, st)
+            print(f"  stops: {rows['stops']}", flush=True)
+        st.unlink()
+        if pt is not None:
+            pt.unlink()
+
+
+def stops(b: Bench, st: Path) -> dict:
+    """SIGTERM and unload while a (cold) preload of ``st`` runs: seconds until the daemon exits
+    or the unload is answered and the model gone; what either left in /dev/shm."""
+    out = {}
+    d = b.daemon()
+    t0 = time.perf_counter()
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.wait(30)
+    out["sigterm idle"] = time.perf_counter() - t0
+    for how in ("sigterm", "unload"):
+        drop_caches()
+        d = b.daemon("--model", f"big={st}", wait=False)
+        d.wait_ready(until="ping")
+        with Client(d.socket, timeout=30) as c:
+            done = 0
+            while done < st.stat().st_size // 5:  # a fifth in: reserved, streaming
+                m = next((m for m in c.list() if m["name"] == "big"), None)
+                if m is None or m.get("state") != "loading":
+                    out[f"{how}: the load ended before it could be stopped"] = True
+                    break
+                done = m["done"]
+                time.sleep(0.005)
+            if how == "unload":
+                t0 = time.perf_counter()
+                c.unload("big")
+                while any(m["name"] == "big" for m in c.list()):
+                    time.sleep(0.002)
+                out["unload while loading"] = time.perf_counter() - t0
+                out["unload: segments left"] = len(d.segments())
+        if how == "sigterm":
+            t0 = time.perf_counter()
+            d.proc.send_signal(signal.SIGTERM)
+            d.proc.wait(60)
+            out["sigterm while loading"] = time.perf_counter() - t0
+            out["sigterm: segments left"] = len(d.segments())
+        d.stop()
+    return out
+
+
+def part_folders(b: Bench, args, res: dict) -> None:
+    """A Llama sharded in 4 and a Mixtral MoE, against their bytes as one safetensors file."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    d = b.daemon()
+    scale = 0.25 if args.quick else 1.0
+    specs = {
+        "llama (4 shards)": (
+            transformers.LlamaConfig,
+            transformers.LlamaForCausalLM,
+            dict(
+                hidden_size=1024,
+                intermediate_size=2816,
+                num_hidden_layers=max(2, int(16 * scale)),
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                vocab_size=32000,
+            ),
+        ),
+        "mixtral (MoE)": (
+            transformers.MixtralConfig,
+            transformers.MixtralForCausalLM,
+            dict(
+                hidden_size=512,
+                intermediate_size=1024,
+                num_hidden_layers=max(2, int(14 * scale)),
+                num_attention_heads=8,
+                num_key_value_heads=8,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                vocab_size=32000,
+            ),
+        ),
+    }
+    for label, (config_cls, model_cls, kw) in specs.items():
+        torch.manual_seed(0)
+        model = model_cls(config_cls(**kw))
+        folder = b.tmp / label.split()[0]
+        total = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
+        model.save_pretrained(folder, max_shard_size=max(total // 4 + MiB, 8 * MiB))
+        one = b.tmp / f"{label.split()[0]}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, one)
+        del model
+        rows = res["folders"][label] = {
+            "bytes": nbytes_of(folder),
+            "shards": len(list(folder.glob("*.safetensors"))),
+        }
+        for state in ("cold", "warm"):
+            for what, path in (("folder", folder), ("one file", one)):
+                if state == "cold":
+                    why = drop_caches()
+                    if why:
+                        rows[f"{state} skipped"] = why
+                        continue
+                else:
+                    warm(path)
+                rows[f"{state} {what}"] = b.load(d, path)
+                print(
+                    f"  {label:18s} {state:4s} {what:8s} {rows[f'{state} {what}']['seconds']:6.2f} s",
+                    flush=True,
+                )
+        shutil.rmtree(folder)
+        one.unlink()
+
+
+def part_huge(b: Bench, args, res: dict, block: bytes) -> None:
+    """Fill rate of a segment on a huge=always tmpfs (--shm-dir) against /dev/shm, warm."""
+    n = int((0.25 if args.quick else 1) * GiB)
+    st = make_safetensors(b.tmp / "huge.safetensors", n, block)
+    warm(st)
+    with spawn.huge_tmpfs(n + 64 * MiB) as where:
+        if where is None:
+            res["huge"] = {"skipped": "mounting a huge=always tmpfs needs root"}
+        else:
+            d = b.daemon("--shm-dir", where)
+            res["huge"] = {"huge pages": b.load(d, st), "4 KiB pages": b.load(b.daemon(), st)}
+            d.stop()
+    st.unlink()
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def report(res: dict) -> list[str]:
+    lines = []
+    for label, rows in res["files"].items():
+        ceil = rows.get("ceilings", {})
+        raw = max((v for k, v in ceil.items() if k.startswith("O_DIRECT")), default=None)
+        shm = max((v for k, v in ceil.items() if k.startswith("page cache")), default=None)
+        lines += [
+            f"\n### {label} safetensors (and the same tensors as .pt)\n",
+            "| what | cold GB/s | warm GB/s | cold vs raw read | warm vs cache->shm "
+            "| daemon private growth | path |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        names = [k for k in rows.get("warm", {}) if k != "skipped"]
+        for what in names:
+            c, w = gbps(rows.get("cold", {}).get(what)), gbps(rows["warm"].get(what))
+            grow = rows["warm"][what].get("private_growth")
+            grows = [
+                x.get("private_growth") for x in (rows.get("cold", {}).get(what), rows["warm"][what]) if x
+            ]
+            grow = max((g for g in grows if g is not None), default=None)
+            paths = "/".join(
+                (x or {}).get("daemon", {}).get("path", "")
+                for x in (rows.get("cold", {}).get(what), rows["warm"][what])
+            ).strip("/")
+            lines.append(
+                f"| {what} | {c or 0:.2f} | {w or 0:.2f} | {ratio(c, raw)} | {ratio(w, shm)} | "
+                f"{'-' if grow is None else f'{grow / MiB:.0f} MiB'} | {paths or '-'} |"
+            )
+        for k, v in ceil.items():
+            lines.append(f"| ceiling: {k} | | {v:.2f} | | | | |")
+        if "skipped" in rows.get("cold", {}):
+            lines.append(f"\ncold rows skipped: {rows['cold']['skipped']}")
+        st = "weightd load .safetensors"
+        c, w = gbps(rows.get("cold", {}).get(st)), gbps(rows["warm"].get(st))
+        runai = max(
+            (gbps(rows.get("cold", {}).get(k)) or 0 for k in rows.get("cold", {}) if k.startswith("runai")),
+            default=0,
+        )
+        lines.append(
+            f"\ntargets: warm {ratio(w, shm)} of cache->shm (>= 0.7x); cold {ratio(c, raw)} of the best raw "
+            f"read (>= 0.9x), {ratio(c, runai)} of runai's best (>= 1.0x)"
+        )
+        if "stops" in rows:
+            s = rows["stops"]
+            lines.append(
+                "stops: "
+                + ", ".join(f"{k} {v:.3f} s" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
+            )
+    if res.get("folders"):
+        lines += [
+            "\n### Hugging Face folders against the same bytes as one safetensors file (weightd load, s)\n",
+            "| folder | MiB | shards | cold folder | cold one file | cold ratio "
+            "| warm folder | warm one file | warm ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, r in res["folders"].items():
+
+            def sec(k, r=r):
+                return r.get(k, {}).get("seconds")
+
+            cf, co, wf, wo = (
+                sec("cold folder"),
+                sec("cold one file"),
+                sec("warm folder"),
+                sec("warm one file"),
+            )
+            lines.append(
+                f"| {label} | {r['bytes'] / MiB:.0f} | {r['shards']} | {cf or 0:.2f} | {co or 0:.2f} | "
+                f"{ratio(cf, co)} | {wf or 0:.2f} | {wo or 0:.2f} | {ratio(wf, wo)} |"
+            )
+        lines.append("\ntargets: dense folder <= 1.2x its one file, MoE <= 2x")
+    if res.get("huge"):
+        h = res["huge"]
+        if "skipped" in h:
+            lines.append(f"\nhuge pages: skipped ({h['skipped']})")
+        else:
+            lines.append(
+                f"\nhuge pages (--shm-dir on huge=always tmpfs), warm: {gbps(h['huge pages']):.2f} GB/s "
+                "against "
+                f"{gbps(h['4 KiB pages']):.2f} GB/s on /dev/shm"
+            )
+    return lines
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = list(res["files"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(7 * len(labels), 5), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        rows = res["files"][label]
+        names = [k for k in rows.get("warm", {}) if k != "skipped"]
+        ceil = rows.get("ceilings", {})
+        ys = range(len(names) + len(ceil))
+        cold = [gbps(rows.get("cold", {}).get(n)) or 0 for n in names] + [0] * len(ceil)
+        warm_ = [gbps(rows["warm"].get(n)) or 0 for n in names] + list(ceil.values())
+        ax.barh([y - 0.2 for y in ys], cold, height=0.4, label="page cache dropped")
+        ax.barh([y + 0.2 for y in ys], warm_, height=0.4, label="warm (ceilings: measured)")
+        ax.set_yticks(list(ys), names + [f"ceiling: {k}" for k in ceil], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("GB/s")
+        ax.set_title(f"{label} checkpoint into shared memory")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=float, nargs="+", default=[1, 3, 8], help="GiB of the files")
+    p.add_argument(
+        "--stop-sizes", type=float, nargs="*", default=[3, 8], help="sizes whose loads are stopped"
+    )
+    p.add_argument("--quick", action="store_true", help="256 MiB files and small folders")
+    p.add_argument("--no-pt", action="store_true", help="skip the .pt rows (half the disk)")
+    p.add_argument("--no-folders", action="store_true")
+    p.add_argument("--serve", nargs=argparse.REMAINDER, default=[], help="extra serve options (last)")
+    p.add_argument(
+        "--dir", default=None, help="where to write the checkpoints [default: a temp folder in /tmp]"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.stop_sizes = [0.25], [0.25]
+    OUT.mkdir(parents=True, exist_ok=True)
+    res = {"sizes": args.sizes, "cpus": os.cpu_count(), "serve": args.serve, "files": {}, "folders": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="weightd-load-", dir=args.dir))
+    b = Bench(tmp, args)
+    try:
+        block = random_block()
+        part_files(b, args, res, block)
+        if not args.no_folders:
+            part_folders(b, args, res)
+        part_huge(b, args, res, block)
+    finally:
+        b.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    (OUT / "load.json").write_text(json.dumps(res, indent=2))
+    plot(res, OUT / "load.png")
+    print("\n".join(report(res)))
+    print(f"\nwrote {OUT / 'load.json'} and {OUT / 'load.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

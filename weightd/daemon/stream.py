@@ -1,0 +1,490 @@
+"""Streaming checkpoint bytes into a segment: a pool of reader threads, chunk by chunk.
+
+Every format ends here: a load describes what goes where as ``Piece``\\s (a range of an open
+checkpoint file, or a buffer transformers computed) and ``Readers.copy`` splits them into
+chunks of at most ``chunk`` bytes that ``readers`` threads copy in parallel, each straight into
+the segment through its descriptor. The threads live as long as the daemon; loads running side
+by side share them.
+
+How a file's chunk travels (Note [reading a chunk]):
+
+- *buffered*, the chunk is in the page cache: ``sendfile`` from the file into the segment, one
+  copy inside the kernel, no buffer in the daemon;
+- *direct*, it is not: ``O_DIRECT`` reads of the chunk's 4 KiB-aligned span into the reader's
+  own aligned buffer (allocated once, reused for every load), then one ``pwrite`` of the wanted
+  bytes into the segment. The page cache is bypassed: no readahead guesswork, many requests in
+  flight (one per reader), and the checkpoint does not evict what workers run on.
+
+The daemon's memory does not grow with the model: at most ``readers`` buffers of ``chunk`` bytes
+(``serve --load-readers/--load-chunk``), and only where a load read directly.
+
+Note [reading a chunk]
+----------------------
+Which path a chunk takes is asked of the kernel, per chunk: a buffered ``preadv`` of a few of
+its pages with ``RWF_NOWAIT`` fails with EAGAIN where they are not in the page cache. A cached
+chunk read with ``O_DIRECT`` would come from the disk again (slower than memory); an uncached
+one read buffered goes through readahead, which with many readers on one file measured slower
+than direct requests. File systems that refuse ``O_DIRECT`` (EINVAL on open or on a read:
+ramfs, some network and FUSE file systems) are read buffered, and the load says so. tmpfs
+answers ``RWF_NOWAIT`` with EOPNOTSUPP: always in memory, read buffered.
+
+A stop: every reader checks the load's flag before each chunk, and the load's thread checks the
+token while it waits; a stop returns once the chunks already in flight (at most one per
+reader, ``chunk`` bytes) are written, and only then is the segment removed (a reader never
+writes into a descriptor that was closed, or reused, under it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from weightd import segment
+from weightd.errors import CheckpointError, ConfigError, OutOfSpace
+
+log = logging.getLogger("weightd")
+
+DEFAULT_READERS = 8
+DEFAULT_CHUNK = 8 << 20
+MIN_CHUNK = 1 << 20
+MAX_CHUNK = 256 << 20
+MAX_READERS = 64
+ALIGN = 4096  # O_DIRECT: file offset, length and buffer aligned to the logical block (<= 4 KiB)
+DIRECT_MODES = ("auto", "always", "never")
+READER_NICE = 5  # added to the readers' nice value (Linux: per thread)
+WAIT_SECONDS = 0.02  # how often a waiting load checks its token
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``nbytes`` to put at ``dst`` in the segment: from file ``fd`` at ``offset`` (``path`` names
+    it in errors), or from ``data`` (a buffer: what transformers computed, a small file)."""
+
+    nbytes: int
+    dst: int
+    fd: int = -1
+    offset: int = 0
+    path: str = ""
+    data: object = None
+
+
+@dataclass
+class Report:
+    """How a load's bytes travelled: what ``ls``/``stats`` and the log show."""
+
+    nbytes: int = 0
+    seconds: float = 0.0
+    readers: int = 0
+    chunk: int = 0
+    direct: int = 0  # bytes read with O_DIRECT
+    buffered: int = 0  # bytes copied from the page cache (sendfile)
+    memory: int = 0  # bytes written from memory (converted tensors, small files)
+    refused: list[str] = field(default_factory=list)  # files whose file system refused O_DIRECT
+
+    @property
+    def path(self) -> str:
+        files = self.direct + self.buffered
+        if not files:
+            return "memory"
+        if not self.direct:
+            return "buffered"
+        if not self.buffered:
+            return "direct"
+        return f"mixed ({100 * self.direct / files:.0f}% direct)"
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "bytes": self.nbytes,
+            "seconds": round(self.seconds, 4),
+            "gbps": round(self.gbps, 3),
+            "readers": self.readers,
+            "chunk": self.chunk,
+            "path": self.path,
+            "direct_bytes": self.direct,
+            "buffered_bytes": self.buffered,
+            "memory_bytes": self.memory,
+            "direct_refused": self.refused,
+        }
+
+    def describe(self) -> str:
+        refused = f", O_DIRECT refused for {len(self.refused)} file(s)" if self.refused else ""
+        return (
+            f"{self.nbytes / 2**20:.1f} MiB in {self.seconds:.2f} s, {self.gbps:.2f} GB/s, "
+            f"{self.readers} readers x {self.chunk >> 20} MiB chunks, {self.path}{refused}"
+        )
+
+
+class _Batch:
+    """One load's copy: its chunks' outcome, counted under a lock."""
+
+    def __init__(self, seg_fd: int, total: int, report: Report):
+        self.seg_fd = seg_fd
+        self.total = total
+        self.report = report
+        self.lock = threading.Lock()
+        self.done = 0
+        self.pending = 0
+        self.stop = False
+        self.error: BaseException | None = None
+        self.idle = threading.Event()
+        self.direct_fds: dict[int, int | None] = {}  # buffered fd -> its O_DIRECT twin, None: refused
+        self.opened: list[int] = []  # every O_DIRECT descriptor, closed once no reader runs
+
+    def add(self, nbytes: int, kind: str) -> None:
+        with self.lock:
+            self.done += nbytes
+            setattr(self.report, kind, getattr(self.report, kind) + nbytes)
+
+    def fail(self, e: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = e
+            self.stop = True
+
+    def finished_one(self) -> None:
+        with self.lock:
+            self.pending -= 1
+            if self.pending == 0:
+                self.idle.set()
+
+
+class Readers:
+    """The daemon's reader threads (started on first use); ``copy`` is thread-safe."""
+
+    def __init__(self, readers: int = DEFAULT_READERS, chunk: int = DEFAULT_CHUNK, direct: str = "auto"):
+        self.readers = check_readers(readers)
+        self.chunk = check_chunk(chunk)
+        if direct not in DIRECT_MODES:
+            raise ConfigError(f"direct must be one of {', '.join(DIRECT_MODES)}, not {direct!r}")
+        self.direct = direct
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._start = threading.Lock()
+
+    def copy(
+        self,
+        seg_fd: int,
+        pieces: list[Piece],
+        *,
+        check: Callable[[], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        reserving: Iterator[int] | None = None,
+    ) -> Report:
+        """Copy every piece into the segment open as ``seg_fd``; returns how.
+
+        ``reserving``: the segment's reservation (``segment.reservation``), run here step by
+        step; a chunk goes to the readers once its bytes are reserved (Note [reserving while
+        writing] in weightd.segment).
+
+        ``check()`` raises to stop (it is called while waiting, from this thread);
+        ``progress(done, total)`` is called from this thread too. Raises the first error a
+        reader met (a ``CheckpointError`` naming the file for a short read or an I/O error),
+        after every chunk in flight has ended: ``seg_fd`` is no longer written to then.
+        """
+        self._ensure_threads()
+        total = sum(p.nbytes for p in pieces)
+        report = Report(readers=self.readers, chunk=self.chunk)
+        batch = _Batch(seg_fd, total, report)
+        started = time.perf_counter()
+        chunks = sorted(
+            (
+                (p, start, min(self.chunk, p.nbytes - start))
+                for p in pieces
+                for start in range(0, p.nbytes, self.chunk)
+            ),
+            key=lambda c: c[0].dst + c[1],
+        )
+        batch.pending = len(chunks)
+        if not chunks:
+            batch.idle.set()
+        sent = 0
+        last = -1
+
+        def report_progress() -> None:
+            nonlocal last
+            if progress is not None and batch.done != last:
+                last = batch.done
+                progress(last, total)
+
+        try:
+            for end in reserving or ():
+                if check is not None:
+                    check()
+                if batch.stop:
+                    break
+                while sent < len(chunks) and chunks[sent][0].dst + chunks[sent][1] + chunks[sent][2] <= end:
+                    self._queue.put((batch, *chunks[sent]))
+                    sent += 1
+                report_progress()
+            while sent < len(chunks):
+                self._queue.put((batch, *chunks[sent]))
+                sent += 1
+            while not batch.idle.wait(WAIT_SECONDS):
+                if check is not None:
+                    check()
+                if batch.stop:
+                    break
+                report_progress()
+        except BaseException as e:
+            batch.fail(e)
+            raise
+        finally:
+            with batch.lock:
+                batch.stop = True  # chunks queued but not started yet are skipped
+                batch.pending -= len(chunks) - sent  # never queued
+                if batch.pending == 0:
+                    batch.idle.set()
+            batch.idle.wait()
+            for dfd in batch.opened:
+                os.close(dfd)
+        if batch.error is not None:
+            raise batch.error
+        if check is not None:
+            check()
+        report.nbytes = total
+        report.seconds = time.perf_counter() - started
+        if progress is not None:
+            progress(total, total)
+        return report
+
+    def close(self) -> None:
+        """End the threads (after the chunks queued before)."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+
+    # --- the reader threads ---
+
+    def _ensure_threads(self) -> None:
+        with self._start:
+            if not self._threads:
+                for i in range(self.readers):
+                    t = threading.Thread(target=self._run, name=f"weightd-reader-{i}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+
+    def _run(self) -> None:
+        # A little below the request loop: a load on a busy machine must not make the daemon
+        # slow to answer (ls, attaches of models already served).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
+        buffer: list = [None]  # this reader's aligned buffer, made on its first direct read
+        while True:
+            item = self._queue.get()
+            if item is None:
+                if buffer[0] is not None:
+                    buffer[0].close()
+                return
+            batch, piece, start, n = item
+            try:
+                if not batch.stop:
+                    self._chunk(batch, piece, start, n, buffer)
+            except BaseException as e:
+                batch.fail(e)
+            finally:
+                batch.finished_one()
+
+    def _chunk(self, batch: _Batch, piece: Piece, start: int, n: int, buffer: list) -> None:
+        dst = piece.dst + start
+        if piece.data is not None:
+            view = memoryview(piece.data).cast("B")[start : start + n]
+            try:
+                _pwrite_all(batch.seg_fd, view, dst)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                    raise _no_space(batch.seg_fd) from None
+                raise
+            batch.add(n, "memory")
+            return
+        src = piece.offset + start
+        try:
+            if self.direct != "never" and (self.direct == "always" or not _cached(piece.fd, src, n)):
+                dfd = self._direct_fd(batch, piece)
+                if dfd is not None and self._read_direct(batch, piece, dfd, src, n, dst, buffer):
+                    batch.add(n, "direct")
+                    return
+            _sendfile_all(batch.seg_fd, piece.fd, src, n, dst, piece.path)
+            batch.add(n, "buffered")
+        except CheckpointError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):  # the segment's side: full
+                raise _no_space(batch.seg_fd) from None
+            raise _read_failed(piece.path, e) from None
+
+    def _direct_fd(self, batch: _Batch, piece: Piece) -> int | None:
+        with batch.lock:
+            if piece.fd in batch.direct_fds:
+                return batch.direct_fds[piece.fd]
+            # The same open file again, by its descriptor (never the path: Note [...] in
+            # checkpoint.open_file), with O_DIRECT.
+            try:
+                dfd = os.open(f"/proc/self/fd/{piece.fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, errno.EACCES):
+                    raise
+                dfd = None
+                self._refused(batch, piece, e)
+            batch.direct_fds[piece.fd] = dfd
+            if dfd is not None:
+                batch.opened.append(dfd)
+            return dfd
+
+    def _refused(self, batch: _Batch, piece: Piece, e: OSError) -> None:
+        if piece.path not in batch.report.refused:
+            batch.report.refused.append(piece.path)
+            log.info("%s: O_DIRECT refused (%s): read through the page cache", piece.path, e.strerror)
+
+    def _read_direct(self, batch, piece: Piece, dfd: int, src: int, n: int, dst: int, buffer: list) -> bool:
+        """The chunk's aligned span read with O_DIRECT, its bytes written; False where the
+        file system refused (then never tried again for this file in this load)."""
+        if buffer[0] is None:
+            buffer[0] = mmap.mmap(-1, self.chunk + 2 * ALIGN)  # page aligned, reused
+        buf = memoryview(buffer[0])
+        lo = src - src % ALIGN
+        hi = -(-(src + n) // ALIGN) * ALIGN
+        got = 0
+        try:
+            while got < hi - lo:
+                k = os.preadv(dfd, [buf[got : hi - lo]], lo + got)
+                if k == 0:
+                    break
+                got += k
+                if got % ALIGN:  # the end of the file: O_DIRECT reads stop short of a block
+                    break
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            with batch.lock:
+                batch.direct_fds[piece.fd] = None
+            self._refused(batch, piece, e)
+            return False
+        finally:
+            del buf
+        if got < src - lo + n:
+            raise _short(piece.path, src + got - (src - lo), src + n)
+        _pwrite_all(batch.seg_fd, memoryview(buffer[0])[src - lo : src - lo + n], dst)
+        return True
+
+
+def _cached(fd: int, offset: int, n: int) -> bool:
+    """Whether the chunk's first, middle and last pages are in the page cache (RWF_NOWAIT);
+    True where the file system cannot say (tmpfs: memory anyway)."""
+    probe = bytearray(1)
+    for at in (offset, offset + n // 2, offset + n - 1):
+        try:
+            os.preadv(fd, [probe], at, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return True
+            raise
+    return True
+
+
+def _sendfile_all(seg_fd: int, src_fd: int, src: int, n: int, dst: int, path: str) -> None:
+    """``n`` bytes of ``src_fd`` at ``src`` into the segment at ``dst``: ``sendfile`` through a
+    descriptor of this reader's own (``sendfile`` writes at the file position, which a shared
+    descriptor would have every reader move)."""
+    out = os.open(f"/proc/self/fd/{seg_fd}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(out, dst, os.SEEK_SET)
+        done = 0
+        try:
+            while done < n:
+                k = os.sendfile(out, src_fd, src + done, n - done)
+                if k == 0:
+                    raise _short(path, src + done, src + n)
+                done += k
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV):
+                raise
+            while done < n:  # no sendfile between these files: read and write
+                data = os.pread(src_fd, min(n - done, DEFAULT_CHUNK), src + done)
+                if not data:
+                    raise _short(path, src + done, src + n) from None
+                _pwrite_all(seg_fd, data, dst + done)
+                done += len(data)
+    finally:
+        os.close(out)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
+
+
+def _short(path: str, at: int, want: int) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: the file ended at byte {at} while bytes up to {want} were being read: it shrank or was "
+        "replaced during the load: load it again once it is written completely"
+    )
+
+
+def _no_space(seg_fd: int) -> OutOfSpace:
+    """The segment's tmpfs filled up while the readers wrote (Note [reserving while writing])."""
+    where = os.path.dirname(os.readlink(f"/proc/self/fd/{seg_fd}"))
+    size = os.fstat(seg_fd).st_size
+    return OutOfSpace(segment.no_space_message(size, segment.shm_free_bytes(where), where))
+
+
+def _read_failed(path: str, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: reading it failed ({e.strerror or e}): check the file and the disk or file system it is on"
+    )
+
+
+def check_readers(n: int) -> int:
+    if not (isinstance(n, int) and 1 <= n <= MAX_READERS):
+        raise ConfigError(f"--load-readers must be 1 to {MAX_READERS}, not {n!r}")
+    return n
+
+
+def check_chunk(n: int) -> int:
+    if not (isinstance(n, int) and MIN_CHUNK <= n <= MAX_CHUNK and n % ALIGN == 0):
+        raise ConfigError(
+            f"--load-chunk must be a multiple of 4 KiB from {MIN_CHUNK >> 20} to {MAX_CHUNK >> 20} MiB, "
+            f"not {n!r}"
+        )
+    return n
+
+
+@contextlib.contextmanager
+def pool(readers: int = DEFAULT_READERS, chunk: int = DEFAULT_CHUNK, direct: str = "auto"):
+    """Readers for one ``with`` block (tests, benchmarks)."""
+    r = Readers(readers, chunk, direct)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def pieces(placed) -> list[Piece]:
+    """``layout.write``'s blobs, each with the offset it goes to, as pieces to copy."""
+    out = []
+    for blob, dst in placed:
+        if blob.file is not None:
+            fd, offset, path = blob.file
+            out.append(Piece(blob.nbytes, dst, fd=fd, offset=offset, path=path))
+        elif blob.data is not None:
+            out.append(Piece(blob.nbytes, dst, data=blob.data))
+        else:
+            raise ValueError("a blob with neither a file nor a buffer cannot be streamed")
+    return out
