@@ -135,7 +135,7 @@ def check_fd(
         raise CheckpointError(f"{shown}: not a regular file: a checkpoint is a file or a folder of them")
     real = fd_path(fd)
     if any(inside(real, p) for p in PSEUDO_ROOTS) or st.st_dev in _pseudo_devices():
-        raise PermissionDenied(
+        raise CheckpointError(
             f"{shown} is {real}, a file of the kernel, not a model's: weightd never reads /proc or /sys"
         )
     if within is not None:
