@@ -74,15 +74,19 @@ class Client(Connection):
         factory: str | None = None,
         progress=None,
         timeout: float | None = None,
+        base: str | None = None,
     ) -> dict:
         """Have the daemon load a checkpoint (a new generation if ``name`` exists).
+
+        ``base``: ``path`` is a PEFT adapter folder, served as ``name`` over the served model
+        ``base`` (checked against it; attach with ``hf.attach(base, adapter=name)``).
 
         ``progress(done, total)`` is called with bytes as the daemon reports them. ``timeout``:
         seconds the whole load may take; past them the daemon cancels it (or never starts it)
         and this raises ``Cancelled``. Default: no limit. If the daemon stops or dies
         meanwhile this raises ``DaemonNotRunning`` within seconds.
         """
-        return self._load(path, name, factory=factory, progress=progress, timeout=timeout)["model"]
+        return self._load(path, name, factory=factory, progress=progress, timeout=timeout, base=base)["model"]
 
     def reload_one(self, path: str, name: str, *, factory: str | None = None, progress=None):
         """(model, reused): load ``path`` as ``name`` unless the served generation already holds
@@ -90,12 +94,13 @@ class Client(Connection):
         reply = self._load(path, name, factory=factory, progress=progress, timeout=None, reuse=True)
         return reply["model"], bool(reply.get("reused"))
 
-    def _load(self, path, name, *, factory, progress, timeout, reuse: bool = False) -> dict:
+    def _load(self, path, name, *, factory, progress, timeout, reuse: bool = False, base=None) -> dict:
         return self.call(
             "load",
             path=os.path.abspath(path),
             name=name,
             factory=factory,
+            base=base,
             deadline=timeout,
             reuse=reuse or None,
             progress=progress,

@@ -41,17 +41,28 @@ _lock = threading.RLock()
 # --- public helpers --------------------------------------------------------------------------
 
 
-def attach(name: str, cls=None, *, socket: str | None = None, **kwargs) -> nn.Module:
+def attach(name: str, cls=None, *, socket: str | None = None, adapter=None, **kwargs) -> nn.Module:
     """``cls.from_pretrained(folder)`` for the folder the daemon serves as ``name``, zero-copy.
 
     ``cls``: a transformers class or ``AutoModelFor...``, or a package's own class; by default
     the class the daemon loaded the folder with: the one its config names
     (``architectures[0]``), or the one the operator named (``--factory NAME=pkg.module:Class``),
     imported from where the manifest says, as ``weightd.client.attach(name)`` does.
+
+    ``adapter``: the name of a PEFT adapter the daemon serves over ``name`` (``weightd load
+    DIR --name sql --base llama``), or a list of them: the ``PeftModel`` that
+    ``PeftModel.from_pretrained(model, dir)`` (then ``load_adapter`` for the others) gives,
+    the first adapter active, every adapter's weights shared (``weightd.client.adapters``).
     """
     from weightd.client.client import attach as _attach
 
-    return _attach(name, cls, socket=socket, **kwargs)
+    model = _attach(name, cls, socket=socket, **kwargs)
+    if adapter is None:
+        return model
+    # Hook (issue 24): PEFT adapters the daemon serves by name, weightd/client/adapters.py
+    from weightd.client import adapters
+
+    return adapters.apply(name, model, adapter, socket=socket)
 
 
 def files(name: str, *, socket: str | None = None) -> dict[str, bytes]:
@@ -159,6 +170,11 @@ def build(
     t0 = time.perf_counter()
     same_version = hf.get("transformers") == transformers.__version__
     folder = _files_dir(mapping)
+    if hf.get("quantized"):  # Hook (issue 24): quantized folders, weightd/client/quantized.py
+        from weightd.client import quantized
+
+        cls, config = _class_and_config(transformers, adapter, name, hf, cls, config, folder)
+        return quantized.build(name, mapping, tensors, cls, hf, folder, transformers, config)
     with _stage(lambda: f"building {getattr(cls, '__name__', cls)}", name, hf, transformers, same_version):
         cls, config = _class_and_config(transformers, adapter, name, hf, cls, config, folder)
         config.name_or_path = hf.get("source", "")

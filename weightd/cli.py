@@ -184,7 +184,19 @@ def main() -> None:
     "A checkpoint to load at start: .safetensors, .pt/.pth/.bin or a Hugging Face folder. Repeatable; "
     "NAME defaults to the file or folder name less its extension (.safetensors, .pt, .pth, .bin)."
 )
-@factories_option("How clients build model NAME's module when they attach without model=. Repeatable.")
+@factories_option(
+    "How clients build model NAME's module when they attach without model=; for a Hugging Face folder, "
+    "the class (package.module:Class) the daemon loads it with. Repeatable."
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=ShellWords(),
+    metavar="NAME=BASE:PATH",
+    help="A PEFT adapter folder to serve as NAME over the preloaded model BASE (attach it with "
+    "hf.attach(BASE, adapter=NAME)). Repeatable.",
+)
 @socket_option
 @click.option(
     "--instance",
@@ -307,6 +319,7 @@ def main() -> None:
 def serve(
     models,
     factories,
+    adapters,
     socket,
     instance,
     mode,
@@ -333,7 +346,7 @@ def serve(
     from weightd.daemon.server import Server
 
     logs.configure(log_level, log_format)
-    specs = _model_specs(models, factories)
+    specs = _model_specs(models, factories) + _adapter_specs(adapters)
     config = Config(
         models=specs,
         socket=socket,
@@ -371,7 +384,7 @@ def ls(socket, as_json) -> None:
         return
     rows = [("NAME", "GEN", "SIZE", "TENSORS", "STATE", "LOADED", "RATE", "SOURCE")]
     failures = []
-    for m in models:
+    for m in _adapters_under_bases(models):
         if m.get("state") == "loading":
             pct = 100 * m["done"] / m["total"] if m["total"] else 0
             rows.append(
@@ -384,7 +397,7 @@ def ls(socket, as_json) -> None:
             continue
         rows.append(
             (
-                m["name"],
+                m.get("shown", m["name"]),
                 str(m["generation"]),
                 _size(m["nbytes"]),
                 str(m["tensors"]),
@@ -496,7 +509,19 @@ def stats(socket, as_json) -> None:
     default=None,
     help="Model name [default: the file or folder name without its checkpoint extension].",
 )
-@click.option("--factory", default=None, metavar="MODULE:FUNCTION", help="How clients build the module.")
+@click.option(
+    "--factory",
+    default=None,
+    metavar="MODULE:FUNCTION",
+    help="How clients build the module; for a Hugging Face folder, the class that loads it "
+    "(package.module:Class).",
+)
+@click.option(
+    "--base",
+    default=None,
+    metavar="NAME",
+    help="PATH is a PEFT adapter folder: serve it over the loaded model NAME (checked against it).",
+)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -505,7 +530,7 @@ def stats(socket, as_json) -> None:
 )
 @socket_option
 @json_option
-def load(path, name, factory, timeout, socket, as_json) -> None:
+def load(path, name, factory, base, timeout, socket, as_json) -> None:
     """Have the running daemon load PATH (a new generation if NAME is loaded).
 
     Exits at once with an error if the daemon stops or dies meanwhile.
@@ -524,9 +549,9 @@ def load(path, name, factory, timeout, socket, as_json) -> None:
                     bar.label = f"loading {path} ({rate / 1e9:.2f} GB/s{left})"
                     bar.update(done - bar.pos)
 
-                model = c.load(path, name, factory=factory, progress=progress, timeout=timeout)
+                model = c.load(path, name, factory=factory, progress=progress, timeout=timeout, base=base)
         else:
-            model = c.load(path, name, factory=factory, timeout=timeout)
+            model = c.load(path, name, factory=factory, timeout=timeout, base=base)
     click.echo(
         json.dumps(model, indent=2)
         if as_json
@@ -668,6 +693,41 @@ def _model_specs(models, factories):
         spec.factory = by_name.pop(spec.model_name, None)
     if by_name:
         raise click.BadParameter(f"no --model named {', '.join(by_name)}", param_hint="--factory")
+    return specs
+
+
+def _adapters_under_bases(models: list[dict]) -> list[dict]:
+    """``ls``'s order: each model followed by the PEFT adapters over it (indented); adapters
+    whose base is not served come last, saying so."""
+    adapters = [m for m in models if m.get("base")]
+    out, placed = [], set()
+    for m in models:
+        if m.get("base"):
+            continue
+        out.append(m)
+        for a in adapters:
+            if a["base"] == m["name"] and m.get("state", "ready") == "ready":
+                out.append({**a, "shown": f"└─ {a['name']}"})
+                placed.add(a["name"])
+    out += [
+        {**a, "shown": f"{a['name']} (adapter of {a['base']}, not served)"}
+        for a in adapters
+        if a["name"] not in placed
+    ]
+    return out
+
+
+def _adapter_specs(adapters):
+    """``--adapter NAME=BASE:PATH``: preloads after the models, in order, so their base is there."""
+    from weightd.daemon.config import ModelSpec
+
+    specs = []
+    for item in adapters:
+        name, sep, rest = item.partition("=")
+        base, sep2, path = rest.partition(":")
+        if not (sep and sep2 and name and base and path):
+            raise click.BadParameter(f"{item!r}: write NAME=BASE:PATH", param_hint="--adapter")
+        specs.append(ModelSpec(path=path, name=name, base=base))
     return specs
 
 

@@ -67,6 +67,14 @@ class CheckpointError(WeightdError):
     exit_code = 8
 
 
+class UnsupportedFormat(CheckpointError):
+    """A checkpoint of a format weightd knows and does not serve (a quantization it cannot
+    share or rebuild): refused before anything is loaded, naming the format and why."""
+
+    code = "unsupported_format"
+    exit_code = 8
+
+
 class OutOfSpace(WeightdError):
     """/dev/shm (or the configured byte budget) cannot hold the model."""
 
@@ -153,6 +161,7 @@ BY_CODE = {
         ProtocolError,
         ModelNotFound,
         CheckpointError,
+        UnsupportedFormat,
         OutOfSpace,
         SegmentError,
         AttachError,

@@ -141,6 +141,10 @@ def _read(
         return read_safetensors(p, within)
     if p.suffix in TORCH_SUFFIXES:
         return read_torch(p, allow_pickle=allow_pickle, within=within)
+    if p.suffix == ".gguf":  # Hook (issue 24): quantized formats, weightd/daemon/quantized.py
+        from weightd.daemon import quantized
+
+        raise quantized.gguf(p)
     raise CheckpointError(
         f"{p}: unknown checkpoint type {p.suffix!r}: weightd reads .safetensors, .pt/.pth/.bin state dicts "
         "and Hugging Face model folders"

@@ -28,6 +28,7 @@ class ModelSpec:
     path: str
     name: str | None = None
     factory: str | None = None
+    base: str | None = None  # a PEFT adapter over the model of that name (serve --adapter)
 
     @property
     def model_name(self) -> str:

@@ -213,6 +213,7 @@ class Handlers:
         path = self._allowed(protocol.field(req, "path", str))
         name = protocol.check_name(protocol.field(req, "name", str, required=False) or default_name(path))
         factory = protocol.field(req, "factory", str, required=False)
+        base = protocol.field(req, "base", str, required=False)  # a PEFT adapter over that model
         # reuse: a reload entry, which keeps the served generation if its source is unchanged
         # (Note [a preload is adopted, not reloaded] in store.py)
         reuse = protocol.field(req, "reuse", bool, required=False, default=False)
@@ -220,7 +221,7 @@ class Handlers:
         # is not started, or is cancelled
         deadline = protocol.field(req, "deadline", (int, float), required=False)
         if reuse and not self.loads.loading(name):
-            same = self.store.unchanged(name, path, factory)
+            same = self.store.unchanged(name, path, factory, base)
             if same is not None:
                 return protocol.ok(model=same.summary(), reused=True)
         within = self.config.model_dirs or None
@@ -229,6 +230,7 @@ class Handlers:
             name,
             path,
             factory=factory,
+            base=base,
             within=within,
             deadline=None if deadline is None else time.monotonic() + float(deadline),
             reuse=reuse,

@@ -44,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from weightd.daemon import files, loader
+from weightd.daemon import files, loader, quantized
 from weightd.errors import CheckpointError
 from weightd.layout import Blob
 from weightd.manifest import TensorMeta
@@ -96,6 +96,8 @@ def read_folder(
                 f"{folder} is a Hugging Face model folder; the daemon loads those with transformers, which "
                 f"is not installed where it runs: {EXTRA}"
             )
+        # Hook (issue 24): a quantized format not served is refused before any weight is read.
+        quantized.check(folder, found[0])
         return _load(opened, *found, check, factory)
     except BaseException:
         opened.close()

@@ -30,7 +30,7 @@ import socket
 import struct
 import sys
 
-from weightd.daemon import classes
+from weightd.daemon import classes, quantized
 from weightd.errors import CheckpointError
 
 MAX_ANSWER = 1 << 30
@@ -237,7 +237,8 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
     implied = _implied(torch, transformers, cls, config)
     in_files = _in_files(torch, snapshot, job["weights"])
-    if implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
+    quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
+    if quant is None and implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
         raise Refused(
             f"{folder}: its config.json describes a {cls.__name__} of {implied:,} parameters, but its weight "
             f"files hold {in_files:,}: loading it would initialize the rest at random. Fix the config "
@@ -258,6 +259,9 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             "weights, or load the folder with the class it was saved from"
         )
     state = model.state_dict()
+    subclasses: dict = {}
+    if quant is not None:  # Hook (issue 24): Note [tensor subclasses as plain tensors] in quantized.py
+        state, subclasses = quantized.flatten(state, folder)
     maps = _file_maps(job["weight_fds"])
     blobs, tensors, converted, converted_bytes = [], [], [], 0
     memfd, mem_size = None, 0
@@ -306,6 +310,8 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         "unexpected": sorted(info.get("unexpected_keys") or ()),
         "missing": missing,
         "parameters": {"implied": implied, "in_files": in_files},
+        # a quantized folder: its method, and the tensor subclasses to rebuild (quantized.py)
+        "quantized": {"method": quant, "subclasses": subclasses} if quant else None,
     }
     return {"blobs": blobs, "tensors": tensors, "hf": hf}, [memfd] if memfd is not None else []
 

@@ -122,6 +122,7 @@ class Loads:
         path: str,
         *,
         factory: str | None = None,
+        base: str | None = None,
         within: list[str] | None = None,
         deadline: float | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -140,12 +141,12 @@ class Loads:
             job.token.check()  # not started at all once stopping or past the requester's deadline
             job.token.started = True
             if reuse:
-                same = self.store.unchanged(name, path, factory)
+                same = self.store.unchanged(name, path, factory, base)
                 if same is not None:
                     job.reused = True
                     return same
             return self.store.load(
-                path, name, factory, progress=progress, within=within, check=job.token.check
+                path, name, factory, progress=progress, within=within, check=job.token.check, base=base
             )
 
         job.future = self._pool.submit(run)

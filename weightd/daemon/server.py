@@ -104,7 +104,8 @@ class Server:
             self.endpoints.bind()
             for spec in self.config.models:
                 name = spec.model_name
-                same = self.store.unchanged(name, spec.path, spec.factory)
+                base = getattr(spec, "base", None)  # an adapter (serve --adapter NAME=BASE:PATH)
+                same = self.store.unchanged(name, spec.path, spec.factory, base)
                 if same is not None:
                     log.info(
                         "%s: generation %d already holds %s, unchanged since it was loaded: not reloaded",
@@ -116,7 +117,12 @@ class Server:
                     self.preloads[name] = None
                     continue
                 self.loads.submit(
-                    None, name, spec.path, factory=spec.factory, progress=self._startup_progress(name)
+                    None,
+                    name,
+                    spec.path,
+                    factory=spec.factory,
+                    base=base,
+                    progress=self._startup_progress(name),
                 )
             self._log_pages()
         except BaseException:

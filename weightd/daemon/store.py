@@ -110,12 +110,14 @@ class Model:
             "created": m.created,
             "load": self.load,
             **({"via": m.origin["via"]} if (m.origin or {}).get("via") else {}),
+            # a PEFT adapter: the model it goes over (weightd/daemon/adapters.py)
+            **({"base": m.skeleton["adapter"]["base"]} if "adapter" in (m.skeleton or {}) else {}),
         }
 
 
-def _options(factory: str | None) -> dict:
+def _options(factory: str | None, base: str | None = None) -> dict:
     """The load options a manifest's origin records: what must match for a reload to be skipped."""
-    return {"factory": factory}
+    return {"factory": factory, **({"base": base} if base else {})}
 
 
 @dataclass
@@ -260,13 +262,15 @@ class Store:
 
     # --- loading and publishing ---
 
-    def unchanged(self, name: str, path: str, factory: str | None = None) -> Model | None:
+    def unchanged(
+        self, name: str, path: str, factory: str | None = None, base: str | None = None
+    ) -> Model | None:
         """The served generation of ``name`` if loading ``path`` with these options would load
         the same bytes again: Note [a preload is adopted, not reloaded]."""
         with self._lock:
             model = self._models.get(name)
         origin = model.manifest.origin if model is not None else None
-        if not origin or origin.get("options") != _options(factory):
+        if not origin or origin.get("options") != _options(factory, base):
             return None
         try:
             if origin.get("path") != files.real_path(path):
@@ -283,8 +287,10 @@ class Store:
         progress: Callable[[int, int], None] | None = None,
         within: list[str] | None = None,
         check: Callable[[], None] | None = None,
+        base: str | None = None,
     ) -> Model:
-        """Load ``path`` as a new generation of ``name``. ``check()`` raises to stop the load
+        """Load ``path`` as a new generation of ``name`` (a PEFT adapter over the served model
+        ``base``, if given). ``check()`` raises to stop the load
         (between files, and every ``layout.FILL_CHUNK`` of the copy): the half-written
         segment is removed."""
         name = check_name(name)
@@ -294,9 +300,14 @@ class Store:
         check()
         self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
         try:
-            ck = checkpoint.read(
-                path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
-            )
+            if base is not None:  # Hook (issue 24): PEFT adapters by name, weightd/daemon/adapters.py
+                from weightd.daemon import adapters
+
+                ck = adapters.read(path, base, self._base(name, base).manifest, within=within, check=check)
+            else:
+                ck = checkpoint.read(
+                    path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
+                )
         except BaseException:
             self._progress.pop(name, None)
             raise
@@ -321,7 +332,7 @@ class Store:
             manifest.origin = {
                 "path": manifest.source,
                 "files": ck.files,
-                "options": _options(factory),
+                "options": _options(factory, base),
                 # what the reader computed rather than copied (Hugging Face folders)
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
@@ -376,6 +387,16 @@ class Store:
             manifest.segment,
             extra={"model": name, "generation": manifest.generation},
         )
+        return model
+
+    def _base(self, name: str, base: str) -> Model:
+        """The served model an adapter named ``name`` goes over."""
+        check_name(base)
+        if base == name:
+            raise ProtocolError(f"adapter {name!r} cannot be its own base: name it apart from {base!r}")
+        model = self.get(base)
+        if "adapter" in (model.manifest.skeleton or {}):
+            raise ProtocolError(f"{base!r} is itself an adapter: an adapter goes over a model")
         return model
 
     def reserve(

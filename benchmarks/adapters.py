@@ -1,0 +1,230 @@
+"""Many LoRA adapters over one base: attach by name from the daemon vs every worker loading them with PEFT.
+
+    python benchmarks/adapters.py                      # 100 adapters, r=16, 4 workers
+    python benchmarks/adapters.py --adapters 20 --workers 2
+
+One small Llama base (``save_pretrained``) and ``--adapters`` LoRA adapters (r=16 on q, k, v, o;
+PEFT's own ``save_pretrained``), served by one ``weightd serve`` (base as a model, each adapter
+with ``load --base``). Then, side by side in one run:
+
+* time to add one adapter to a worker's model that already has one (median over 20 adapters):
+  ``adapters.add(model, NAME)`` (PEFT's ``load_adapter`` over the mapped weights) against
+  PEFT's ``model.load_adapter(FOLDER, NAME)`` from the folder (page cache warm);
+* the node's memory for the adapters, ``--workers`` workers each holding all of them: the sum
+  of the workers' Pss growth from the base alone to base + every adapter (the same base,
+  attached, both ways), plus for weightd the adapters' segments in /dev/shm (counted once
+  there, already in the workers' Pss share), against one copy of every adapter.
+
+Prints the tables and writes benchmarks/out/adapters.png. Every process started is stopped and
+every segment removed, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from weightd.bench import spawn
+
+BASE = dict(
+    vocab_size=8000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+WORKER = """
+import json, os, sys, time, statistics, torch
+from weightd.client import hf, adapters
+from weightd.memory import usage
+SOCK, WAY, NAMES, FOLDERS, TIMED = json.loads(sys.argv[1])
+def say(o):
+    print(json.dumps(o), flush=True)
+def hear():
+    return sys.stdin.readline()
+import peft
+model = hf.attach("llama", socket=SOCK)
+with torch.no_grad():
+    model(torch.tensor([[1, 2, 3]]))
+hear()
+before = usage()
+times = []
+if WAY == "weightd":
+    m = hf.attach("llama", adapter=NAMES[0], socket=SOCK)
+    for n in NAMES[1:]:
+        t = time.perf_counter()
+        adapters.add(m, n, socket=SOCK)
+        times.append(time.perf_counter() - t)
+else:
+    m = peft.PeftModel.from_pretrained(model, FOLDERS[0], adapter_name=NAMES[0])
+    for n, f in zip(NAMES[1:], FOLDERS[1:]):
+        t = time.perf_counter()
+        m.load_adapter(f, adapter_name=n)
+        times.append(time.perf_counter() - t)
+m.set_adapter(NAMES[-1])
+with torch.no_grad():
+    m(torch.tensor([[1, 2, 3]]))
+after = usage()
+say({"private": after.pss_private - before.pss_private, "shmem": after.pss_shmem - before.pss_shmem,
+     "times": times[:TIMED]})
+hear()
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=100)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--plot", default=str(Path(__file__).parent / "out" / "adapters.png"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="weightd-adapters-") as tmp:
+        root = Path(tmp)
+        names, folders, adapter_bytes = make(root, args.adapters, args.rank)
+        d = spawn.Daemon(
+            str(root / "weightd.sock"),
+            "bench-adapters",
+            ["--model", f"llama={root / 'llama'}", "--unlink-on-exit"],
+        )
+        procs: list[subprocess.Popen] = []
+        try:
+            d.start()
+            t0 = time.perf_counter()
+            with d.client() as c:
+                for n, f in zip(names, folders):
+                    c.load(str(f), n, base="llama")
+            load_seconds = time.perf_counter() - t0
+            results = {}
+            for way in ("peft", "weightd"):
+                results[way] = run_workers(way, d.socket, names, folders, args.workers, procs)
+            report(args, adapter_bytes, load_seconds, results)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            d.stop()
+            d.remove_segments()
+
+
+def make(root: Path, count: int, rank: int):
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE)).save_pretrained(root / "llama")
+    base = transformers.LlamaForCausalLM.from_pretrained(root / "llama")
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+    )
+    names, folders = [], []
+    for i in range(count):
+        torch.manual_seed(i + 1)
+        model = peft.get_peft_model(base, config)
+        model.save_pretrained(root / f"a{i}")
+        base = model.unload()  # the base without this adapter's layers, for the next one
+        names.append(f"a{i}")
+        folders.append(root / f"a{i}")
+    adapter_bytes = sum((f / "adapter_model.safetensors").stat().st_size for f in folders)
+    return names, folders, adapter_bytes
+
+
+def run_workers(way: str, sock: str, names, folders, n: int, procs) -> dict:
+    code = textwrap.dedent(WORKER)
+    started = []
+    for _ in range(n):
+        arg = json.dumps([sock, way, names, [str(f) for f in folders], 20])
+        p = subprocess.Popen(
+            [sys.executable, "-c", code, arg],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        procs.append(p)
+        started.append(p)
+    for p in started:  # every worker has the base before any loads adapters
+        p.stdin.write("\n")
+        p.stdin.flush()
+    out = []
+    for p in started:
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a {way} worker died")
+        out.append(json.loads(line))
+    for p in started:
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(60)
+    return {
+        # Pss sums every shared page once over the workers: the adapters' segments count once
+        "grown": sum(o["private"] + o["shmem"] for o in out),
+        "private": sum(o["private"] for o in out),
+        "add_ms": statistics.median(t for o in out for t in o["times"]) * 1e3,
+    }
+
+
+def report(args, adapter_bytes: int, load_seconds: float, results: dict) -> None:
+    mib = 2**20
+    peft_, wd = results["peft"], results["weightd"]
+    print(
+        f"\n{args.adapters} LoRA adapters (r={args.rank}, q/k/v/o) over one Llama base, "
+        f"{args.workers} workers"
+    )
+    print(
+        f"one copy of every adapter: {adapter_bytes / mib:.1f} MiB; the daemon loaded them in "
+        f"{load_seconds:.2f} s"
+    )
+    print("\n| | PEFT load_adapter from the folder | weightd adapters.add (by name) | weightd / PEFT |")
+    print("| --- | ---: | ---: | ---: |")
+    print(
+        f"| add one adapter (median) | {peft_['add_ms']:.2f} ms | {wd['add_ms']:.2f} ms | "
+        f"{wd['add_ms'] / peft_['add_ms']:.2f}x |"
+    )
+    print(
+        f"| node memory for the adapters, {args.workers} workers | {peft_['grown'] / mib:.1f} MiB "
+        f"({peft_['grown'] / adapter_bytes:.2f} copies) | {wd['grown'] / mib:.1f} MiB "
+        f"({wd['grown'] / adapter_bytes:.2f} copies) | {wd['grown'] / peft_['grown']:.2f}x |"
+    )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(["PEFT", "weightd"], [peft_["add_ms"], wd["add_ms"]], color=["#999", "#36c"])
+    a.set_ylabel("ms")
+    a.set_title("add one adapter")
+    b.bar(
+        ["PEFT", "weightd"],
+        [peft_["grown"] / adapter_bytes, wd["grown"] / adapter_bytes],
+        color=["#999", "#36c"],
+    )
+    b.axhline(1, color="k", lw=0.5)
+    b.set_ylabel("copies of every adapter")
+    b.set_title(f"node memory, {args.workers} workers")
+    fig.suptitle(f"{args.adapters} LoRA adapters (r={args.rank}) over one base")
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=100)
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

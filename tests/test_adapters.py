@@ -1,0 +1,215 @@
+"""PEFT adapters by name: served once over a base, attached as PeftModel.from_pretrained gives them.
+
+Every adapter folder is written by PEFT's own ``save_pretrained`` (LoRA, random non-zero
+weights so that each one changes the output), the base by transformers' ``save_pretrained``.
+One real daemon serves the base and the adapters; workers are real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+# module fixtures save and load real models, and workers import torch and transformers:
+# minutes on a loaded machine
+pytestmark = pytest.mark.timeout(600)
+peft = pytest.importorskip("peft")
+
+from click.testing import CliRunner  # noqa: E402
+
+from weightd import cli  # noqa: E402
+from weightd.client import Client, adapters, hf  # noqa: E402
+from weightd.errors import CheckpointError, ModelNotFound, ProtocolError  # noqa: E402
+
+from conftest import Daemon, mapped_ranges, remove_segments  # noqa: E402
+
+CONFIG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+TOKENS = torch.tensor([[1, 5, 9, 33, 2, 77, 100, 4]])
+
+
+def lora(base_dir, out, targets, seed, r=8):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    config = peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(root / "llama")
+    other = dict(CONFIG, hidden_size=32, intermediate_size=64)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**other)).save_pretrained(root / "small")
+    return {
+        "llama": root / "llama",
+        "sql": lora(root / "llama", root / "sql", ["q_proj", "v_proj"], 1),
+        "chat": lora(root / "llama", root / "chat", ["q_proj", "o_proj", "down_proj"], 2),
+        "chat2": lora(root / "llama", root / "chat2", ["k_proj"], 3, r=4),
+        "foreign": lora(root / "small", root / "foreign", ["q_proj", "v_proj"], 4),
+    }
+
+
+@pytest.fixture(scope="module")
+def daemon(folders, tmp_path_factory):
+    instance = "t" + uuid.uuid4().hex[:10]
+    sock = str(tmp_path_factory.mktemp("sock") / "weightd.sock")
+    args = ["--model", f"llama={folders['llama']}", "--adapter", f"sql=llama:{folders['sql']}"]
+    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start()
+    with Client(d.socket) as c:
+        c.load(str(folders["chat"]), "chat", base="llama")
+    yield d
+    d.stop()
+    assert not remove_segments(instance), "the daemon left segments behind"
+
+
+def reference(folders, *names):
+    model = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(folders["llama"]),
+        folders[names[0]],
+        adapter_name=names[0],
+    )
+    for n in names[1:]:
+        model.load_adapter(folders[n], adapter_name=n)
+    return model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def in_segments(tensors) -> list[bool]:
+    ranges = [(lo, hi) for lo, hi, _ in mapped_ranges()]
+    return [any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges) for t in tensors]
+
+
+def test_an_adapter_attaches_as_peft_from_pretrained(folders, daemon):
+    ref = reference(folders, "sql")
+    model = hf.attach("llama", adapter="sql", socket=daemon.socket)
+    assert type(model) is type(ref) and not model.training
+    assert model.active_adapter == "sql" and model.peft_config["sql"].r == 8
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert sorted(sd) == sorted(ref_sd)
+    assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref_sd.items())
+    assert torch.equal(logits(model), logits(ref))
+    assert not torch.equal(
+        logits(model), logits(transformers.LlamaForCausalLM.from_pretrained(folders["llama"]))
+    )
+    # base and adapter weights both in shared memory
+    assert adapters.copied(model) == {"sql": 0}
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert in_segments([layer.base_layer.weight, layer.lora_A["sql"].weight, layer.lora_B["sql"].weight]) == [
+        True,
+        True,
+        True,
+    ]
+
+
+def test_several_adapters_switch_as_in_peft(folders, daemon):
+    ref = reference(folders, "sql", "chat")
+    model = hf.attach("llama", adapter=["sql", "chat"], socket=daemon.socket)
+    assert adapters.copied(model) == {"sql": 0, "chat": 0}
+    for name in ("sql", "chat"):
+        ref.set_adapter(name)
+        model.set_adapter(name)
+        assert torch.equal(logits(model), logits(ref)), name
+    with model.disable_adapter(), ref.disable_adapter():
+        assert torch.equal(logits(model), logits(ref))
+    later = adapters.add(
+        hf.attach("llama", adapter="sql", socket=daemon.socket), "chat", socket=daemon.socket
+    )
+    assert adapters.copied(later) == {"sql": 0, "chat": 0}
+    later.set_adapter("chat")
+    assert torch.equal(logits(later), logits(ref))
+
+
+def test_ls_shows_adapters_under_their_base(daemon):
+    served = {m["name"]: m for m in Client(daemon.socket).list()}
+    assert served["sql"]["base"] == "llama" and served["chat"]["base"] == "llama"
+    assert "base" not in served["llama"] and served["sql"]["format"] == "peft"
+    out = CliRunner().invoke(cli.main, ["ls", "--socket", daemon.socket]).output
+    names = [
+        line.split()[0] if not line.startswith("└─") else line.split()[1] for line in out.splitlines()[1:]
+    ]
+    assert names[:3] == ["llama", "sql", "chat"] or names[:3] == ["llama", "chat", "sql"], out
+    assert "└─ sql" in out and "└─ chat" in out
+
+
+def test_an_adapter_for_another_base_is_refused(folders, daemon):
+    with Client(daemon.socket) as c:
+        with pytest.raises(CheckpointError, match="does not fit .*of base 'llama'.*another model"):
+            c.load(str(folders["foreign"]), "foreign", base="llama")
+        with pytest.raises(ModelNotFound):
+            c.load(str(folders["sql"]), "sql-x", base="nope")
+        with pytest.raises(ProtocolError, match="itself an adapter"):
+            c.load(str(folders["sql"]), "sql-y", base="sql")
+        with pytest.raises(CheckpointError, match="not a PEFT adapter folder"):
+            c.load(str(folders["llama"]), "not-an-adapter", base="llama")
+        assert {m["name"] for m in c.list()} == {"llama", "sql", "chat"}
+
+
+def test_replace_and_unload_while_workers_use_them(folders, daemon, workers):
+    """A worker keeps what it attached while an adapter is replaced and another unloaded; a
+    merge in a worker stays in that worker."""
+    w = workers(
+        f"""
+import json, sys, torch
+from weightd.client import hf
+def out(m):
+    with torch.no_grad():
+        return m(torch.tensor({TOKENS.tolist()})).logits.flatten()[:16].tolist()
+m = hf.attach("llama", adapter=["sql", "chat"], socket={daemon.socket!r})
+print(json.dumps({{"sql": out(m)}}), flush=True)
+sys.stdin.readline()  # the adapters change meanwhile
+m.set_adapter("chat")
+chat = out(m)
+m.set_adapter("sql")
+print(json.dumps({{"sql": out(m), "chat": chat}}), flush=True)
+sys.stdin.readline()
+merged = m.merge_and_unload()
+print(json.dumps({{"merged": out(merged)}}), flush=True)
+sys.stdin.readline()
+"""
+    )
+    before = w.read(timeout=300)  # a loaded machine: imports and two attaches
+    ref_sql, ref_chat = reference(folders, "sql"), reference(folders, "chat")
+    assert before["sql"] == logits(ref_sql).flatten()[:16].tolist()
+    with Client(daemon.socket) as c:
+        c.load(str(folders["chat2"]), "sql", base="llama")  # sql replaced by another adapter
+        c.unload("chat")
+        served = {m["name"]: m for m in c.list()}
+    assert "chat" not in served and served["sql"]["generation"] == 2
+    w.send({})
+    after = w.read(timeout=300)
+    assert after["sql"] == before["sql"] and after["chat"] == logits(ref_chat).flatten()[:16].tolist()
+    # a new attach gets the new generation
+    new = hf.attach("llama", adapter="sql", socket=daemon.socket)
+    assert new.peft_config["sql"].r == 4 and torch.equal(logits(new), logits(reference(folders, "chat2")))
+    # a merge in the worker stays private: the base served to others is unchanged
+    w.send({})
+    merged = w.read(timeout=300)["merged"]
+    assert merged == before["sql"] or torch.allclose(
+        torch.tensor(merged), torch.tensor(before["sql"]), atol=1e-5
+    )
+    plain = hf.attach("llama", socket=daemon.socket)
+    assert torch.equal(logits(plain), logits(transformers.LlamaForCausalLM.from_pretrained(folders["llama"])))
+    w.send({})
+    # put the fixture's state back for other tests
+    with Client(daemon.socket) as c:
+        c.load(str(folders["sql"]), "sql", base="llama")
+        c.load(str(folders["chat"]), "chat", base="llama")
+    assert json.dumps(Client(daemon.socket).list())  # still answering
