@@ -55,6 +55,7 @@ __all__ = [
     "TransferFailed",
     "UnsupportedFormat",
     "UnsafePath",
+    "UnsupportedFormat",
     "WeightdError",
     "attach",
     "detach",
