@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,13 +18,11 @@ from weightd import cli, segment
 from weightd.client import Client
 from weightd.errors import AttachError, CheckpointError, ConfigError, ModelNotFound, RequestTimeout
 
-from conftest import segments, wait_until, worker_code
+from conftest import run_weightd, segments, wait_until, worker_code
 
 
 def weightd(sock: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "weightd", *args, "--socket", sock], capture_output=True, text=True, timeout=60
-    )
+    return run_weightd(*args, socket=sock)
 
 
 # --- 8: default names keep everything but a known extension ---------------------------------
@@ -189,6 +186,8 @@ def test_stats_tells_pages_mapped_alone_from_pages_copied(make_daemon, sock, wor
 
 
 def test_a_config_json_without_model_type_is_a_typed_error(tmp_path, make_daemon, sock):
+    # Not a transformers folder (no model_type, no architectures): a folder of weights, served as
+    # such; attach without model= says how to build the module.
     folder = tmp_path / "m"
     folder.mkdir()
     save_file({"w": torch.ones(4)}, folder / "model.safetensors")
