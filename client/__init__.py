@@ -29,6 +29,7 @@ from weightd.errors import (
     StillLoading,
     TransferFailed,
     UnsafePath,
+    UnsupportedFormat,
     WeightdError,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "StillLoading",
     "TransferFailed",
     "UnsafePath",
+    "UnsupportedFormat",
     "WeightdError",
     "attach",
     "detach",

@@ -284,7 +284,7 @@ def main() -> None:
 @click.option(
     "--load-readers",
     type=click.IntRange(1, 64),
-    default=8,
+    default=4,
     show_default=True,
     help="Reader threads that stream checkpoints into segments (README: Loading).",
 )

@@ -87,7 +87,7 @@ class Manifest:
     created: float = 0.0
     segment: str = ""  # the POSIX shared-memory name, with its leading slash
     uuid: str = ""  # identifies this segment's contents, so a recycled name is never mistaken
-    skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf_config": {...}}
+    skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf": {...}}
     metadata: dict = field(default_factory=dict)
     # Where a loaded model came from, to tell at a restart or reload whether its source changed
     # (Note [a preload is adopted, not reloaded] in weightd/daemon/store.py):

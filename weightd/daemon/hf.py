@@ -123,7 +123,7 @@ class _Opened:
         real = files.fd_path(self.dir_fd)
         if within is not None:
             files.check_within(folder, within, real=real)
-        self.roots = _roots(real)
+        self.roots = files.folder_roots(real)
 
     def open(self, rel: str, *, max_size: int | None = None) -> int:
         """Open ``rel`` (a path in the folder) once; the same descriptor on a second call."""
@@ -187,18 +187,6 @@ class _Descriptor:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _roots(real: str) -> list[str]:
-    """Where the folder's links may lead: the folder itself, and for a Hub cache snapshot
-    (``models--org--name/snapshots/<rev>``) the repository folder, whose ``blobs/`` the
-    snapshot's files link into."""
-    parent = os.path.dirname(real)
-    if os.path.basename(parent) == "snapshots":
-        repo = os.path.dirname(parent)
-        if os.path.isdir(os.path.join(repo, "blobs")):
-            return [real, repo]
-    return [real]
 
 
 def _config(opened: _Opened) -> tuple[dict, bytes] | None:
@@ -364,21 +352,14 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
         blobs, tensors = _blobs(opened, answer, weights, memfd)
         hf = answer["hf"]
         served = {}
-        # config.json last: its fill checks every identity again once everything is copied
-        order = sorted(small, key=lambda rel: rel == "config.json")
-        for rel in order:
+        for rel in sorted(small):
             data = (
                 config_bytes
                 if rel == "config.json"
                 else files.read_fd(small[rel], folder / rel, MAX_SMALL_FILE)
             )
             served[rel] = len(blobs)
-            # config.json keeps its fill (no data=): it runs after every streamed blob is copied
-            blobs.append(
-                Blob(len(data), _bytes_fill(data, opened.verify), data=None)
-                if rel == "config.json"
-                else Blob(len(data), _bytes_fill(data), data=data)
-            )
+            blobs.append(Blob(len(data), _bytes_fill(data), data=data))  # streamed from the buffer
         hf.update(
             source=str(folder.resolve()),
             config=config,
@@ -405,6 +386,7 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
         raise
     keep.append(_Descriptor(opened.dir_fd))  # verify() needs it until the copy is done
     return dict(
+        verify=opened.verify,
         path=str(folder),
         format="huggingface",
         blobs=blobs,
@@ -462,11 +444,9 @@ def _fd_fill(fd: int, offset: int, nbytes: int, shown):
     return fill
 
 
-def _bytes_fill(data: bytes, then=None):
+def _bytes_fill(data: bytes):
     def fill(seg, offset: int) -> None:
         seg.write(offset, data)
-        if then is not None:
-            then()
 
     return fill
 
@@ -576,6 +556,8 @@ class _Loader:
                 try:
                     loader.send(control, job, fds)
                     answer, got = self._answer(control, check)
+                    if len(got) != 1:
+                        raise ValueError("no pidfd")
                     return got[0]
                 except (OSError, EOFError, ValueError):
                     self._stop()
@@ -583,6 +565,11 @@ class _Loader:
                         raise CheckpointError(
                             f"{job['folder']}: the loader process failed to start a load: see the log"
                         ) from None
+                except BaseException:
+                    # given up (a stop, a deadline) between the job and its answer: the answer
+                    # would be read as the next job's, so this loader (and its child) goes
+                    self._stop()
+                    raise
             raise AssertionError("unreachable")
 
     def _ensure(self, folder: str, check) -> socket.socket:

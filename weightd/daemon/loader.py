@@ -89,10 +89,11 @@ def main() -> None:
     small folder a fraction of one. So this process imports them once and forks a child for
     each load, which starts with them imported, runs the one load with its own limits and
     exits; the daemon kills that child (by the pidfd it gets) without touching the others.
-    This process ends when the daemon hangs up, dies (PR_SET_PDEATHSIG), or after
+    This process ends when the daemon hangs up or dies (its control socket ends), or after
     ``IDLE_SECONDS`` without a load (it holds a few hundred MiB).
     """
-    _die_with_parent()
+    # No PR_SET_PDEATHSIG here: it fires when the *thread* that started this process ends,
+    # and the daemon's threads come and go; the control socket's end (EOF) says the daemon is gone.
     control = socket.socket(fileno=int(sys.argv[1]))
     try:
         import torch  # noqa: F401  (imported once, here, for every child)
@@ -372,7 +373,12 @@ def _in_files(torch, snapshot: str, weights: list[str]) -> int:
                         size *= int(d)
                     n += size
         else:
-            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-1.6, non-zip) format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="meta", weights_only=True)
             n += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     return n
 

@@ -316,6 +316,8 @@ class Store:
         def tracked(done: int, total: int) -> None:
             self._progress[name] = (done, total)
             check()
+            if done == total and ck.verify is not None:
+                ck.verify()  # every file is still what was read, now that all is copied
             if progress is not None:
                 progress(done, total)
 
