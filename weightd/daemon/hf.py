@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -472,7 +473,8 @@ def _run_loader(
 ) -> tuple[dict, int | None]:
     """Run one load in a fork of the loader process; its answer and memfd.
 
-    Note [what a loader process sees]: a fresh private folder (0700) that the child makes,
+    Note [what a loader process sees]: a fresh private folder (0700) that the daemon makes (and
+    removes, also after killing the child) and the child fills,
     holding a copy of the config bytes the daemon parsed and, for each weight, index and
     generation-config file, a link to ``/proc/self/fd/N``, the descriptor the daemon opened
     and checked and handed over. Opening such a link opens that very file, whatever its path
@@ -482,6 +484,7 @@ def _run_loader(
     deadline = time.monotonic() + seconds
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stderr = tempfile.TemporaryFile()
+    snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # filled by the child, removed here
     pidfd = None
     try:
         job = {
@@ -490,6 +493,7 @@ def _run_loader(
             "weights": weights,
             "files": weights + others,
             "factory": factory,
+            "snapshot": snapshot,
             "memory": memory,
             "cpu_seconds": int(seconds) + 1,
         }
@@ -527,6 +531,7 @@ def _run_loader(
         if theirs.fileno() >= 0:
             theirs.close()
         stderr.close()
+        shutil.rmtree(snapshot, ignore_errors=True)
 
 
 def _wait_check(check, deadline: float, opened: _Opened, weight_bytes: int, seconds: float) -> None:

@@ -163,20 +163,19 @@ def _reap() -> None:
 def _child(job: dict, fds: list[int]) -> None:
     """One load, in a fresh fork: ``fds`` are its answer socket, its stderr, then the files."""
     import shutil
-    import tempfile
 
     _die_with_parent()
     sock = socket.socket(fileno=fds[0])
     os.dup2(fds[1], 2)
     os.dup2(fds[1], 1)
     _limit(job["memory"], job["cpu_seconds"])
-    snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # 0700: Note [what a loader process sees]
+    # 0700, made by the daemon, which removes it also when it kills this process
+    snapshot = job["snapshot"]  # Note [what a loader process sees]
     try:
         with open(os.path.join(snapshot, "config.json"), "w", encoding="utf-8") as f:
             f.write(job["config"])
         for rel, fd in zip(job["files"], fds[2:]):
             os.symlink(f"/proc/self/fd/{fd}", os.path.join(snapshot, rel))
-        job["snapshot"] = snapshot
         job["weight_fds"] = fds[2 : 2 + len(job["weights"])]
         try:
             answer, out = _load(job)
