@@ -195,9 +195,17 @@ def _child(job: dict, fds: list[int]) -> None:
             import transformers
 
             first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            try:  # a quantized folder says which format transformers failed on
+                quant = quantized.method(json.loads(job["config"]))
+            except ValueError:
+                quant = None
+            what = f" (a {quant} quantized checkpoint)" if quant else ""
             send(
                 sock,
-                {"error": f"{job['folder']}: transformers {transformers.__version__} failed on it: {first}"},
+                {
+                    "error": f"{job['folder']}{what}: transformers {transformers.__version__} failed on it: "
+                    f"{first}"
+                },
             )
             return
         send(sock, answer, out)
