@@ -196,6 +196,18 @@ def cache_to_shm(path: Path, threads: int, chunk: int = 64 * MiB) -> float:
         os.unlink(shm)
 
 
+def fallocate_rate(folder: str, n: int) -> float:
+    path = os.path.join(folder, f"weightd-bench-load-{uuid.uuid4().hex[:8]}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        t0 = time.perf_counter()
+        os.posix_fallocate(fd, 0, n)
+        return n / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 # --- peers (each in a fresh process) ---------------------------------------------------------
 
 RUNAI = """
@@ -321,14 +333,24 @@ def gbps(r: dict) -> float | None:
 
 
 def part_files(b: Bench, args, res: dict, block: bytes) -> None:
+    import torch
+
     d = b.daemon()
+    # The daemon imports torch on its first .pt (seconds): paid here, not in a timed row.
+    torch.save({"w": torch.zeros(4)}, b.tmp / "tiny.pt")
+    b.load(d, b.tmp / "tiny.pt")
     for size in args.sizes:
         n = int(size * GiB)
         label = f"{size:g} GiB"
         print(f"{label}: writing files ...", flush=True)
         st = make_safetensors(b.tmp / f"m{size:g}.safetensors", n, block)
-        pt = make_pt(b.tmp / f"m{size:g}.pt", st) if not args.no_pt else None
         rows = res["files"][label] = {}
+        if args.stops_only:
+            rows["stops"] = stops(b, st)
+            print(f"  stops: {rows['stops']}", flush=True)
+            st.unlink()
+            continue
+        pt = make_pt(b.tmp / f"m{size:g}.pt", st) if not args.no_pt else None
         for state in ("cold", "warm"):
             r = rows[state] = {}
 
@@ -388,7 +410,7 @@ def stops(b: Bench, st: Path) -> dict:
     out["sigterm idle"] = time.perf_counter() - t0
     for how in ("sigterm", "unload"):
         drop_caches()
-        d = b.daemon("--model", f"big={st}", wait=False)
+        d = b.daemon("--keep-going", "--model", f"big={st}", wait=False)
         d.wait_ready(until="ping")
         with Client(d.socket, timeout=30) as c:
             done = 0
@@ -402,7 +424,7 @@ def stops(b: Bench, st: Path) -> dict:
             if how == "unload":
                 t0 = time.perf_counter()
                 c.unload("big")
-                while any(m["name"] == "big" for m in c.list()):
+                while any(m["name"] == "big" and m.get("state") != "failed" for m in c.list()):
                     time.sleep(0.002)
                 out["unload while loading"] = time.perf_counter() - t0
                 out["unload: segments left"] = len(d.segments())
@@ -495,6 +517,11 @@ def part_huge(b: Bench, args, res: dict, block: bytes) -> None:
             d = b.daemon("--shm-dir", where)
             res["huge"] = {"huge pages": b.load(d, st), "4 KiB pages": b.load(b.daemon(), st)}
             d.stop()
+            # what the kernel takes to allocate the pages alone (posix_fallocate of as much)
+            res["huge"]["fallocate GB/s"] = {
+                "huge pages": fallocate_rate(where, n),
+                "4 KiB pages": fallocate_rate("/dev/shm", n),
+            }
     st.unlink()
 
 
@@ -581,10 +608,12 @@ def report(res: dict) -> list[str]:
         if "skipped" in h:
             lines.append(f"\nhuge pages: skipped ({h['skipped']})")
         else:
+            fa = h.get("fallocate GB/s", {})
             lines.append(
                 f"\nhuge pages (--shm-dir on huge=always tmpfs), warm: {gbps(h['huge pages']):.2f} GB/s "
                 "against "
-                f"{gbps(h['4 KiB pages']):.2f} GB/s on /dev/shm"
+                f"{gbps(h['4 KiB pages']):.2f} GB/s on /dev/shm; the kernel's posix_fallocate alone: "
+                f"{fa.get('huge pages', 0):.2f} GB/s against {fa.get('4 KiB pages', 0):.2f} GB/s"
             )
     return lines
 
@@ -627,6 +656,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB files and small folders")
     p.add_argument("--no-pt", action="store_true", help="skip the .pt rows (half the disk)")
     p.add_argument("--no-folders", action="store_true")
+    p.add_argument(
+        "--stops-only", action="store_true", help="only the stops, at --sizes (to load_stops.json)"
+    )
     p.add_argument("--serve", nargs=argparse.REMAINDER, default=[], help="extra serve options (last)")
     p.add_argument(
         "--dir", default=None, help="where to write the checkpoints [default: a temp folder in /tmp]"
@@ -641,12 +673,18 @@ def main(argv=None) -> int:
     try:
         block = random_block()
         part_files(b, args, res, block)
-        if not args.no_folders:
+        if not args.no_folders and not args.stops_only:
             part_folders(b, args, res)
-        part_huge(b, args, res, block)
+        if not args.stops_only:
+            part_huge(b, args, res, block)
     finally:
         b.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.stops_only:
+        (OUT / "load_stops.json").write_text(json.dumps(res, indent=2))
+        for label, rows in res["files"].items():
+            print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows["stops"].items()})
+        return 0
     (OUT / "load.json").write_text(json.dumps(res, indent=2))
     plot(res, OUT / "load.png")
     print("\n".join(report(res)))

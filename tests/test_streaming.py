@@ -267,3 +267,26 @@ def test_readers_copy_chunks_exactly_from_files_and_memory(tmp_path):
     assert (got[9 * MiB : 9 * MiB + 1000] == data[:1000]).all()
     assert report.nbytes == 5 * MiB + 1001 and report.memory == 1000
     assert seen[-1] == (report.nbytes, report.nbytes)
+
+
+def test_unload_of_a_loading_model_stops_its_load(tmp_path, make_daemon, instance):
+    """``weightd unload NAME`` while NAME loads: the load is cancelled, its segment removed."""
+    big = tmp_path / "big.safetensors"
+    header = json.dumps({"w": {"dtype": "U8", "shape": [1 << 30], "data_offsets": [0, 1 << 30]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(big, "wb") as f:  # sparse: quick to make, every page still copied
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + (1 << 30))
+    d = make_daemon("--load-readers", "1", "--load-chunk", "1M")
+    errors = []
+    with Client(d.socket, timeout=120) as c, Client(d.socket, timeout=30) as other:
+
+        def progress(done, total):
+            if not errors and done < total:  # under way: unload it from another client
+                errors.append(other.unload("big"))
+
+        with pytest.raises(Cancelled, match="unloaded while it loaded"):
+            c.load(str(big), "big", progress=progress)
+        assert errors and errors[0]["state"] == "cancelled"
+        assert [m["name"] for m in c.list() if m.get("state") != "failed"] == []
+    assert segments(instance) == []

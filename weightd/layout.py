@@ -244,7 +244,7 @@ def write(
         seg.write_manifest(encoded, manifest_offset, manifest.uuid)
         seg.seal(seal)
     except BaseException:
-        seg.destroy(directory)
+        seg.destroy(directory, wait=copy is None)  # Note [freeing a segment's pages] in segment
         raise
     seg.close()
     return size
