@@ -20,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/weightd demo
 
+# Test files run in parallel (pytest-xdist), each file on one worker: a module's shared daemon
+# or Ray cluster is started once. Every test has its own instance, socket and segments.
+TEST_WORKERS ?= auto --maxprocesses=4
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/attach.py

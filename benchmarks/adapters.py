@@ -12,8 +12,9 @@ with ``load --base``). Then, side by side in one run:
   PEFT's ``model.load_adapter(FOLDER, NAME)`` from the folder (page cache warm);
 * the node's memory for the adapters, ``--workers`` workers each holding all of them: the sum
   of the workers' Pss growth from the base alone to base + every adapter (the same base,
-  attached, both ways), plus for weightd the adapters' segments in /dev/shm (counted once
-  there, already in the workers' Pss share), against one copy of every adapter.
+  attached, both ways); for weightd, the workers' private growth plus the adapters' segments
+  in /dev/shm, counted once and whole (resident whatever the workers touched); against one
+  copy of every adapter.
 
 Prints the tables and writes benchmarks/out/adapters.png. Every process started is stopped and
 every segment removed, also on errors and Ctrl-C.
@@ -71,12 +72,19 @@ else:
         t = time.perf_counter()
         m.load_adapter(f, adapter_name=n)
         times.append(time.perf_counter() - t)
+maps = []
+if WAY == "weightd":  # weightd's own part of an add: the manifest round trip and the mapping
+    from weightd.client.client import cached_client
+    for n in NAMES[1:TIMED + 1]:
+        t = time.perf_counter()
+        cached_client(SOCK)._map(n, None)
+        maps.append(time.perf_counter() - t)
 m.set_adapter(NAMES[-1])
 with torch.no_grad():
     m(torch.tensor([[1, 2, 3]]))
 after = usage()
 say({"private": after.pss_private - before.pss_private, "shmem": after.pss_shmem - before.pss_shmem,
-     "times": times[:TIMED]})
+     "times": times[:TIMED], "maps": maps})
 hear()
 """
 
@@ -104,10 +112,12 @@ def main() -> None:
                 for n, f in zip(names, folders):
                     c.load(str(f), n, base="llama")
             load_seconds = time.perf_counter() - t0
+            with d.client() as c:
+                shm = sum(m["size"] for m in c.list() if m.get("base"))  # the adapters' segments
             results = {}
             for way in ("peft", "weightd"):
                 results[way] = run_workers(way, d.socket, names, folders, args.workers, procs)
-            report(args, adapter_bytes, load_seconds, results)
+            report(args, adapter_bytes, load_seconds, results, shm)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -171,16 +181,19 @@ def run_workers(way: str, sock: str, names, folders, n: int, procs) -> dict:
         p.stdin.flush()
         p.wait(60)
     return {
-        # Pss sums every shared page once over the workers: the adapters' segments count once
-        "grown": sum(o["private"] + o["shmem"] for o in out),
+        "grown": sum(o["private"] + o["shmem"] for o in out),  # PEFT: private copies
         "private": sum(o["private"] for o in out),
         "add_ms": statistics.median(t for o in out for t in o["times"]) * 1e3,
+        "map_ms": statistics.median([t for o in out for t in o["maps"]] or [0.0]) * 1e3,
     }
 
 
-def report(args, adapter_bytes: int, load_seconds: float, results: dict) -> None:
+def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: int) -> None:
     mib = 2**20
     peft_, wd = results["peft"], results["weightd"]
+    # weightd: what the workers grew by privately (PEFT's layer objects, nothing of the weights),
+    # plus the adapters' segments, resident in /dev/shm once whatever the workers touched
+    wd = {**wd, "grown": wd["private"] + shm}
     print(
         f"\n{args.adapters} LoRA adapters (r={args.rank}, q/k/v/o) over one Llama base, "
         f"{args.workers} workers"
@@ -195,6 +208,7 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict) -> None
         f"| add one adapter (median) | {peft_['add_ms']:.2f} ms | {wd['add_ms']:.2f} ms | "
         f"{wd['add_ms'] / peft_['add_ms']:.2f}x |"
     )
+    print(f"| of which weightd's part: manifest + mapping (median) | - | {wd['map_ms']:.2f} ms | |")
     print(
         f"| node memory for the adapters, {args.workers} workers | {peft_['grown'] / mib:.1f} MiB "
         f"({peft_['grown'] / adapter_bytes:.2f} copies) | {wd['grown'] / mib:.1f} MiB "

@@ -1,4 +1,9 @@
-"""The client: asks the daemon for manifests over ZeroMQ and maps segments zero-copy."""
+"""The client: asks the daemon for manifests over ZeroMQ and maps segments zero-copy.
+
+A worker that only attaches imports only what attach needs: the Hugging Face build
+(``weightd.client.hf``), the GPU paths (``weightd.client.gpu``, ``weightd.cuda``), publishing
+(``weightd.layout``) and module filling (``weightd.client.module``) load on first use.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,19 @@ import os
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from weightd import cuda, errors, layout, protocol, segment
-from weightd.client import hf
-from weightd.client.connection import Connection
-from weightd.client.mapping import DeviceCopy, Mapping, rebuild
-from weightd.client.module import Attachment, build_skeleton, fill, meta_twins, refill
-from weightd.errors import DaemonNotRunning, RequestTimeout, SegmentError
+from weightd import errors, protocol
+from weightd.client.connection import LOAD_TIMEOUT, Connection  # noqa: F401 (LOAD_TIMEOUT: API)
+from weightd.client.mapping import HUGE_PAGE, DeviceCopy, Mapping, rebuild
+from weightd.errors import DaemonNotRunning, RequestTimeout, SegmentError, UnsafePath
 from weightd.manifest import Manifest
 
-LOAD_TIMEOUT = 3600.0
+if TYPE_CHECKING:
+    from weightd.client.module import Attachment
 
 _attachments: "weakref.WeakKeyDictionary[nn.Module, Attachment]" = weakref.WeakKeyDictionary()
 
@@ -36,82 +41,7 @@ class Client(Connection):
     Every call has a deadline (``timeout`` seconds, default ``$WEIGHTD_TIMEOUT`` or 10).
     """
 
-    # --- operations ---
-
-    def ping(self) -> dict:
-        """The daemon's pid, version, instance and uptime."""
-        return self.call("ping")
-
-    def list(self) -> list[dict]:
-        """One summary per loaded model (name, generation, bytes, tensors, segment...)."""
-        return self.call("list")["models"]
-
-    def manifest(self, name: str, generation: int | None = None, *, timeout: float | None = None) -> Manifest:
-        # The pid lets the daemon keep an older generation linked while this process maps it.
-        # wait: a model still loading (a daemon just started) is waited for within this call's
-        # deadline, less a margin for the daemon's "still loading" answer to arrive in time.
-        reply = self.call(
-            "manifest",
-            name=name,
-            generation=generation,
-            pid=os.getpid(),
-            wait=self._wait(timeout),
-            timeout=timeout,
-        )
-        return Manifest.from_dict(reply["manifest"])
-
-    def _wait(self, timeout: float | None) -> float:
-        """How long the daemon may hold a manifest request for a model still loading: this
-        call's deadline, less a margin for its "still loading" answer to arrive in time."""
-        t = self.timeout if timeout is None else timeout
-        return max(t - min(1.0, t / 5), 0.0)
-
-    def load(
-        self,
-        path: str,
-        name: str | None = None,
-        *,
-        factory: str | None = None,
-        progress=None,
-        timeout: float | None = None,
-        base: str | None = None,
-    ) -> dict:
-        """Have the daemon load a checkpoint (a new generation if ``name`` exists).
-
-        ``base``: ``path`` is a PEFT adapter folder, served as ``name`` over the served model
-        ``base`` (checked against it; attach with ``hf.attach(base, adapter=name)``).
-
-        ``progress(done, total)`` is called with bytes as the daemon reports them. ``timeout``:
-        seconds the whole load may take; past them the daemon cancels it (or never starts it)
-        and this raises ``Cancelled``. Default: no limit. If the daemon stops or dies
-        meanwhile this raises ``DaemonNotRunning`` within seconds.
-        """
-        return self._load(path, name, factory=factory, progress=progress, timeout=timeout, base=base)["model"]
-
-    def reload_one(self, path: str, name: str, *, factory: str | None = None, progress=None):
-        """(model, reused): load ``path`` as ``name`` unless the served generation already holds
-        it, unchanged since it was loaded (what ``weightd reload`` does for each entry)."""
-        reply = self._load(path, name, factory=factory, progress=progress, timeout=None, reuse=True)
-        return reply["model"], bool(reply.get("reused"))
-
-    def _load(self, path, name, *, factory, progress, timeout, reuse: bool = False, base=None) -> dict:
-        return self.call(
-            "load",
-            path=os.path.abspath(path),
-            name=name,
-            factory=factory,
-            base=base,
-            deadline=timeout,
-            reuse=reuse or None,
-            progress=progress,
-            # silence this long means the daemon is stuck; the daemon's own answer to a passed
-            # deadline (Cancelled) arrives before it
-            timeout=LOAD_TIMEOUT if timeout is None else timeout + 2.0,
-        )
-
-    def stats(self) -> dict:
-        """Models with their attached processes and memory, /dev/shm, and the daemon's own memory."""
-        return self.call("stats")
+    # --- operations on tensors (the rest are Connection's) ---
 
     def publish(
         self,
@@ -132,6 +62,8 @@ class Client(Connection):
 
         >>> Client().publish("policy", policy_net)     # RL: push new weights every few minutes
         """
+        from weightd import layout, segment
+
         source = f"publish of {name!r}"
         if isinstance(obj, nn.Module):
             obj = obj.state_dict()
@@ -182,13 +114,11 @@ class Client(Connection):
             raise errors.AttachError("this module was not attached by weightd: use attach() first")
         mapping, tensors = self._map(a.name, generation, a.device)
         if mapping.manifest.uuid != a.uuid:
+            from weightd.client.module import refill
+
             copies = refill(module, tensors, mapping)
             _attachments[module] = _attachment(mapping, tensors, copies, a.build_seconds, 0.0, a.device)
         return module
-
-    def unload(self, name: str) -> dict:
-        """Remove a model; attached workers keep working on what they mapped."""
-        return self.call("unload", name=name)["model"]
 
     def state_dict(
         self,
@@ -280,12 +210,16 @@ class Client(Connection):
         mapping, tensors = mapped
         manifest = mapping.manifest
         name = manifest.name
-        if hf.wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
+        if _hf_wants(model, manifest.skeleton):  # a Hugging Face folder: built as from_pretrained builds it
+            from weightd.client import hf
+
             with _gc_paused():
                 module, copies, build = hf.build(
                     name, mapping, tensors, model, requires_grad=requires_grad, config=config
                 )
         else:
+            from weightd.client.module import build_skeleton, fill
+
             b0 = time.perf_counter()
             module = build_skeleton(model, manifest.skeleton, name)
             build = time.perf_counter() - b0
@@ -310,38 +244,44 @@ class Client(Connection):
         for attempt in range(3):
             manifest = self.manifest(name, generation, timeout=timeout)
             if populate is None:
-                populate = manifest.page_size >= segment.HUGE_PAGE
+                populate = manifest.page_size >= HUGE_PAGE
             try:
                 mapping = Mapping(manifest, owner=self.daemon_uid, populate=populate)
-            except SegmentError:
-                if attempt == 2 or generation is not None:
+            except SegmentError as e:
+                if attempt == 2 or generation is not None or isinstance(e, UnsafePath):
                     raise
                 continue
             return mapping, mapping.tensors()
         raise AssertionError("unreachable")
 
     def _map_device(self, name: str, generation: int | None, device, pin: bool, timeout: float | None):
+        from weightd import cuda
         from weightd.client import gpu  # only here: nothing of CUDA is touched on CPU-only paths
 
         dev = cuda.resolve(device)
-        reply = self.call(
-            "manifest",
-            name=name,
-            generation=generation,
-            pid=os.getpid(),
-            device=cuda.device_uuid(dev.index),
-            wait=self._wait(timeout),
-            timeout=timeout,
-        )
+        reply = self.manifest_reply(name, generation, device=cuda.device_uuid(dev.index), timeout=timeout)
         manifest = Manifest.from_dict(reply["manifest"])
         if reply.get("cuda"):
             block, offsets = gpu.open_shared(reply["cuda"], manifest)
         else:
             block, offsets = gpu.copy_to_device(Mapping(manifest, owner=self.daemon_uid), dev, pin)
-        return DeviceCopy(manifest, block), rebuild(manifest, [block] * len(manifest.storages), offsets)
+        return DeviceCopy(manifest, block, self.daemon_uid), rebuild(
+            manifest, [block] * len(manifest.storages), offsets
+        )
+
+
+def _hf_wants(model, skeleton: dict | None) -> bool:
+    """``weightd.client.hf.wants``, without importing it for a model that is no Hugging Face one."""
+    if not (skeleton and isinstance(skeleton.get("hf"), dict)):
+        return False
+    from weightd.client import hf
+
+    return hf.wants(model, skeleton)
 
 
 def _attachment(mapping, tensors: dict, copies: int, build: float, seconds: float, device=None) -> Attachment:
+    from weightd.client.module import Attachment
+
     m = mapping.manifest
     return Attachment(
         name=m.name,
@@ -444,6 +384,8 @@ def detach(module: nn.Module) -> None:
     The mapping is unmapped once no other tensor over it is left (Note [a mapping outlives
     its tensors]); the module keeps its structure and can be attached again.
     """
+    from weightd.client.module import meta_twins
+
     twins = meta_twins(module)  # not non-persistent buffers; tied weights stay tied
     for sub in module.modules():
         for table in (sub._parameters, sub._buffers):

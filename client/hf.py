@@ -277,7 +277,7 @@ def _files_dir(mapping) -> str:
         if not hasattr(mapping, "storage_bytes"):  # a copy on a GPU: the files are in the CPU segment
             from weightd.client.mapping import Mapping
 
-            mapping = Mapping(manifest)
+            mapping = Mapping(manifest, owner=mapping.owner)  # the daemon's user's segment only
         root = _files_root()
         _sweep(root)
         seg = manifest.segment.lstrip("/")

@@ -23,59 +23,36 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import warnings
 
 import torch
 
 from weightd import segment
-from weightd.errors import PermissionDenied, SegmentError, UnsafePath
+from weightd.errors import SegmentError
 from weightd.manifest import DTYPE_SIZES, Manifest
+
+HUGE_PAGE = segment.HUGE_PAGE
 
 
 class Mapping:
     """One private, copy-on-write mapping of a sealed segment."""
 
-    def __init__(self, manifest: Manifest, owner: int | None = None, populate: bool = False):
-        """``owner``: the daemon's uid; a segment of anyone else is refused. ``populate``: map
-        every page now (``populate``)."""
+    def __init__(self, manifest: Manifest, *, owner: int | None, populate: bool = False):
+        """``owner``: the daemon's uid (``Connection.daemon_uid``, from the kernel); a segment of
+        anyone else is refused. None only for a segment this process has just checked itself.
+        ``populate``: map every page now (``populate``)."""
         self.manifest = manifest
         # shm_open(name) is open("/dev/shm/" + name) on Linux; opening the file directly finds
         # segments in the daemon's --shm-dir (the manifest says which) or wherever a container
-        # mounts them ($WEIGHTD_SHM_DIR).
-        if not segment.is_name(manifest.segment):
-            raise SegmentError(
-                f"the daemon named a segment {manifest.segment!r:.80}, which is not a weightd segment"
-            )
-        path = segment.path(manifest.segment, segment.client_dir(manifest.directory))
+        # mounts them ($WEIGHTD_SHM_DIR). Note [one way into a segment] in weightd.segment.
+        fd = segment.open_entry(
+            manifest.segment,
+            owner=owner,
+            directory=segment.client_dir(manifest.directory),
+            what=f" of {manifest.name!r}",
+        )
         try:
-            # Never a symlink, never a FIFO that would block: see weightd.segment.open_entry.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise SegmentError(
-                f"segment {path} of {manifest.name!r} is gone (unloaded or replaced a moment ago, or this "
-                "process "
-                "sees another /dev/shm than the daemon: share the host's with --ipc=host or a mount and "
-                "$WEIGHTD_SHM_DIR)"
-            ) from None
-        except PermissionError:
-            raise PermissionDenied(
-                f"may not read segment {path} of {manifest.name!r} ({_mode(path)}): run as a member of the "
-                "daemon's group, and have the daemon grant its group read access (--mode 640, the default)"
-            ) from None
-        except OSError as e:  # ELOOP: a symlink
-            raise UnsafePath(
-                f"segment {path} of {manifest.name!r} is not a file ({e.strerror}): refusing it"
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (owner is not None and st.st_uid != owner):
-                # /dev/shm (or what $WEIGHTD_SHM_DIR names) is writable by every user.
-                raise UnsafePath(
-                    f"segment {path} of {manifest.name!r} belongs to uid {st.st_uid}, not to the daemon's "
-                    f"user (uid {owner}), or is not a file: another user put it there; refusing to map it"
-                )
-            self.size = st.st_size
+            self.size = os.fstat(fd).st_size
             self._mmap = mmap.mmap(
                 fd, self.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
@@ -142,9 +119,10 @@ class Mapping:
 class DeviceCopy:
     """A model's storages carved from one allocation on a GPU (a daemon's copy, or our own)."""
 
-    def __init__(self, manifest: Manifest, block: torch.UntypedStorage):
+    def __init__(self, manifest: Manifest, block: torch.UntypedStorage, owner: int | None = None):
         self.manifest = manifest
         self.block = block
+        self.owner = owner  # the daemon's uid: the CPU segment it came from is that user's
 
     def contains(self, t: torch.Tensor) -> bool:
         ptr, base = t.untyped_storage().data_ptr(), self.block.data_ptr()
@@ -183,14 +161,3 @@ def _dtype(name: str) -> torch.dtype:
             f"dtype {name!r} is not known to this PyTorch ({torch.__version__}): upgrade torch in the client"
         )
     return dtype
-
-
-def _mode(path: str) -> str:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "mode unknown"
-    return (
-        f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, "
-        f"you are uid {os.geteuid()}"
-    )

@@ -114,41 +114,12 @@ def _builder(skeleton: dict | None, name: str):
                 "install that package here, or pass model= to attach"
             ) from None
         return obj
-    if skeleton and skeleton.get("hf_config"):
-        return lambda: _from_hf_config(dict(skeleton["hf_config"]), name)
     raise AttachError(
         f"weightd does not know how to build the module for {name!r}: pass model= (an nn.Module, or a "
         "function "
         "that builds one) to attach, or load it with a factory (weightd serve --model NAME=PATH --factory "
         "NAME=pkg.module:function)"
     )
-
-
-def _from_hf_config(config: dict, name: str) -> nn.Module:
-    try:
-        import transformers
-    except ImportError:
-        raise AttachError(
-            f"model {name!r} is a Hugging Face folder; building it needs transformers: pip install "
-            "'weightd[hf]', "
-            "or pass model= to attach"
-        ) from None
-    model_type = config.pop("model_type", None)
-    try:
-        if not isinstance(model_type, str):
-            raise ValueError("it has no 'model_type'")
-        cfg = transformers.AutoConfig.for_model(model_type, **config)
-    except ValueError as e:  # what transformers raises for an unknown or missing model type
-        raise AttachError(
-            f"model {name!r} came with a config.json transformers cannot build a model from "
-            f"({str(e).splitlines()[0][:200]}): pass model= to attach, or add the model_type "
-            '(e.g. "bert") to config.json and load it again'
-        ) from None
-    archs = getattr(cfg, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        return transformers.AutoModel.from_config(cfg)
-    return cls(cfg)
 
 
 def meta_twins(module: nn.Module) -> dict[int, torch.Tensor]:

@@ -13,6 +13,7 @@ Imported only when an HF model is attached (torch and transformers are loaded by
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import transformers
 from transformers import modeling_utils
@@ -48,14 +49,12 @@ def dtype_for(config, tensors: dict):
 @contextlib.contextmanager
 def init_context(cls, dtype, config):
     """The context ``from_pretrained`` creates a model in: meta device, dtype, no ties yet."""
-    try:
-        contexts = cls.get_init_context(
-            dtype=dtype, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None, config=config
-        )
-    except TypeError:  # 5.24: no config= yet
-        contexts = cls.get_init_context(
-            dtype=dtype, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None
-        )
+    extra = (
+        {"config": config} if "config" in inspect.signature(cls.get_init_context).parameters else {}
+    )  # 5.25+
+    contexts = cls.get_init_context(
+        dtype=dtype, is_quantized=False, _is_ds_init_called=False, allow_all_kernels=None, **extra
+    )
     with ContextManagers(contexts):
         yield
 

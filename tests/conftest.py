@@ -7,6 +7,7 @@ process a test starts is stopped, also when the test fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,51 @@ from weightd.bench import spawn
 from hostile import remove_segments, segments  # noqa: F401 (re-exported for the tests)
 
 SHM = Path("/dev/shm")
+
+
+WEIGHTD = [sys.executable, "-m", "weightd"]  # the CLI, as a user runs it
+
+
+def run_weightd(*args: str, socket: str | None = None, timeout: float = 60, env: dict | None = None):
+    """``weightd ARGS [--socket SOCKET]`` in a subprocess; its CompletedProcess (text)."""
+    argv = [*WEIGHTD, *args, *(["--socket", socket] if socket else [])]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def segment_digest(name: str, directory: str | Path = SHM) -> str:
+    """A hash of a whole segment's bytes (``name`` with or without its leading slash)."""
+    h = hashlib.sha256()
+    with open(Path(directory) / name.lstrip("/"), "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def big_model(path: Path, mib: int, *, seed: int | None = None, tensors: int = 8) -> dict:
+    """A safetensors file of ``mib`` MiB of float32 in ``tensors`` tensors, random from
+    ``seed`` (zeros without one); returns the tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    per = mib * (1 << 20) // 4 // tensors
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    sd = {
+        f"layer{i}.weight": torch.zeros(per) if g is None else torch.randn(per, generator=g)
+        for i in range(tensors)
+    }
+    save_file(sd, str(path))
+    return sd
+
+
+def big_file(path: Path, nbytes: int) -> Path:
+    """A safetensors file of ``nbytes`` of uint8 (sparse: quick to make, real to copy)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.write(b"\x07")
+        f.truncate(8 + len(header) + nbytes)
+    return path
 
 
 def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
@@ -79,6 +125,21 @@ def make_daemon(sock, instance):
     for d in started:
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
+
+
+@pytest.fixture
+def serve(tmp_path, make_daemon):
+    """``serve(tensors, name="m", *args)``: the tensors saved as a safetensors file and a daemon
+    serving them as model ``name`` (with ``serve`` arguments ``args``); returns the daemon."""
+
+    def start(tensors: dict, name: str = "m", *args: str, **kwargs):
+        from safetensors.torch import save_file
+
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        return make_daemon("--model", f"{name}={path}", *args, **kwargs)
+
+    return start
 
 
 class Worker:
@@ -252,3 +313,10 @@ def in_private_shm(size: int | str, argv: list[str]) -> list[str]:
         "sh",
         *argv,
     ]
+
+
+def hf_diagnostics(daemon, name: str) -> dict:
+    """What the daemon says of a Hugging Face model's load (class, versions, weight files, what
+    transformers converted, unexpected and missing keys): in ``stats``, not in attach replies."""
+    with daemon.client(timeout=120) as c:  # stats reads every attached process's maps: slow when loaded
+        return next(m["hf"] for m in c.stats()["models"] if m["name"] == name and m["current"])

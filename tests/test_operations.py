@@ -18,13 +18,9 @@ from safetensors.torch import save_file
 
 from weightd.client import Client, publish, state_dict
 
-from conftest import Daemon, as_user, needs_root, segments, worker_code, worker_env
+from conftest import Daemon, as_user, big_model, needs_root, segments, worker_code, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def big_model(path: Path, mib: int) -> None:
-    save_file({f"t{i}": torch.zeros(mib // 8, 1 << 18) for i in range(8)}, path)
 
 
 def test_readiness_status_watchdog_and_stopping_over_notify_socket(tmp_path, make_daemon):

@@ -27,12 +27,11 @@ from weightd.client import Client, StillLoading, state_dict
 from weightd.daemon.config import Config
 from weightd.errors import CheckpointError
 
-from conftest import in_private_shm, private_shm_refused, wait_until
+from conftest import WEIGHTD, big_file, in_private_shm, private_shm_refused, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "weightd.service"
 ENV_FILE = ROOT / "systemd" / "weightd.env"
-WEIGHTD = [sys.executable, "-m", "weightd"]
 
 
 # --- the unit, as systemd reads it ----------------------------------------------------------
@@ -222,19 +221,6 @@ def test_stop_leaves_the_segments_a_new_daemon_shows_their_age_and_source_and_pu
 # --- serve while loading, keep going, check -----------------------------------------------
 
 
-def big_file(path: Path, nbytes: int) -> Path:
-    """A safetensors file of ``nbytes`` of uint8 (sparse: quick to make, real to copy)."""
-    import json
-
-    header = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header)
-        f.write(b"\x07")
-        f.truncate(8 + len(header) + nbytes)
-    return path
-
-
 def test_serves_while_loading_and_an_attach_waits_for_a_loading_model(make_daemon, tmp_path):
     save_file({"w": torch.ones(16)}, tmp_path / "small.safetensors")
     big = big_file(tmp_path / "big.safetensors", 3 << 30)
@@ -392,7 +378,7 @@ def test_a_hugging_face_folder_is_adopted_unchanged_and_reloaded_when_one_of_its
     d = make_daemon(*args, keep=True)
     assert "not reloaded" in d.output()
     with Client(d.socket) as c:
-        origin = c.manifest("g").origin
+        origin = c.manifest("g", full=True).origin  # the daemon's own record, not in attach replies
     read = {Path(f["path"]).name for f in origin["files"]}
     # every file from_pretrained and the small-file copy read, and the folder itself
     assert {"config.json", "model.safetensors", "generation_config.json", "gpt2"} <= read, read

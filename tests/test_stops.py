@@ -9,21 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_restart import big_file
 
 from weightd.client import Cancelled, Client
 from weightd.errors import CheckpointError, DaemonNotRunning
 
-from conftest import wait_until
+from conftest import WEIGHTD, big_file, wait_until
 
-WEIGHTD = [sys.executable, "-m", "weightd"]
 GiB = 1 << 30
 
 
@@ -153,9 +150,15 @@ def test_weightd_load_exits_with_a_clear_error_when_its_daemon_dies(make_daemon,
     d.remove_segments()  # the killed daemon's half-written segment (a restart would sweep it)
 
 
+def waiting(sock: str, name: str) -> int:
+    """How many attaches the daemon holds until ``name`` is loaded (``ls``'s ``waiting``)."""
+    with Client(sock, timeout=2) as c:
+        return sum(m.get("waiting", 0) for m in c.list() if m["name"] == name)
+
+
 def test_a_client_waiting_on_a_daemon_that_is_killed_hears_it_within_seconds(make_daemon, tmp_path):
     """The same through the API, for a request that gets no progress (an attach waiting for a
-    preload): the connection's monitor sees the daemon go."""
+    preload): the connection ends with the daemon, and the client hears it at once."""
     big = big_file(tmp_path / "big.safetensors", 2 * GiB)
     d = make_daemon("--model", f"big={big}", wait=False)
     d.wait_ready(until="ping")
@@ -171,10 +174,35 @@ def test_a_client_waiting_on_a_daemon_that_is_killed_hears_it_within_seconds(mak
 
     t = threading.Thread(target=attach)
     t.start()
-    time.sleep(0.5)
+    wait_until(lambda: waiting(d.socket, "big") == 1, what="the attach held by the daemon")
     t0 = time.monotonic()
     d.proc.kill()
     t.join(30)
     assert isinstance(out.get("error"), DaemonNotRunning), out
     assert out["at"] - t0 < 5
     d.remove_segments()
+
+
+class _Sleeper:
+    """Unpickled (``--allow-pickle``), it is ``time.sleep(600)``: a load that never checks
+    whether it should stop."""
+
+    def __reduce__(self):
+        return (time.sleep, (600,))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_a_daemon_whose_load_does_not_end(make_daemon, tmp_path, sig):
+    torch.save({"w": _Sleeper()}, tmp_path / "slow.pt")
+    d = make_daemon("--allow-pickle", "--model", f"slow={tmp_path / 'slow.pt'}", wait=False)
+    d.wait_ready(until="ping")
+    d.proc.send_signal(sig)
+    # The first signal cancels the load, which cannot notice: the daemon says what it waits for.
+    wait_until(lambda: "send SIGTERM or SIGINT again" in d.output(), what="the stop waiting for the load")
+    assert d.proc.poll() is None
+    d.proc.send_signal(sig)
+    assert d.proc.wait(30) == 1  # not a clean stop: a load was abandoned
+    out = d.output()
+    assert "abandoning a load under way" in out and "Traceback" not in out
+    assert d.segments() == []  # nothing was written yet; the socket and lock are gone with it
+    assert not os.path.exists(d.socket)

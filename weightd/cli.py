@@ -15,6 +15,7 @@ never split.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
@@ -367,7 +368,13 @@ def serve(
         load_direct=load_direct,
         load_parallel=load_parallel,
     )
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if server.abandoned:
+        # A load thread that never returned (Server.force_exit) would be joined at interpreter
+        # exit, for ever: end here, the log flushed first.
+        logging.shutdown()
+        os._exit(1)
 
 
 @main.command(name="ls")
@@ -535,9 +542,9 @@ def load(path, name, factory, base, timeout, socket, as_json) -> None:
 
     Exits at once with an error if the daemon stops or dies meanwhile.
     """
-    from weightd.client import Client
+    from weightd.client.connection import Connection
 
-    with Client(socket, timeout=timeout) as c:
+    with Connection(socket, timeout=timeout) as c:
         if sys.stderr.isatty() and not as_json:
             with click.progressbar(length=1, label=f"loading {path}", file=sys.stderr) as bar:
                 t0 = time.monotonic()
@@ -565,9 +572,9 @@ def load(path, name, factory, base, timeout, socket, as_json) -> None:
 @json_option
 def unload(name, socket, as_json) -> None:
     """Remove model NAME; attached workers keep what they mapped."""
-    from weightd.client import Client
+    from weightd.client.connection import Connection
 
-    with Client(socket) as c:
+    with Connection(socket) as c:
         model = c.unload(name)
     click.echo(
         json.dumps(model, indent=2)
@@ -590,11 +597,11 @@ def reload(models, factories, socket) -> None:
     alone (and in use). Goes on past an entry that fails, reports each failure, and exits
     with the first failure's status.
     """
-    from weightd.client import Client
+    from weightd.client.connection import Connection
 
     specs = _model_specs(models, factories)
     failures: list[WeightdError] = []
-    with Client(socket) as c:
+    with Connection(socket) as c:
         for spec in specs:
             name = spec.model_name
             try:
@@ -623,14 +630,14 @@ def purge(socket, instance, shm_dir) -> None:
     attached keep their mappings; the memory goes when they let go.
     """
     from weightd import segment
-    from weightd.client import Client
+    from weightd.client.connection import Connection
     from weightd.daemon.config import Config
     from weightd.errors import AlreadyRunning, DaemonNotRunning, PermissionDenied
 
     config = Config(socket=socket, instance=instance, shm_dir=shm_dir)
     segment.use_dir(config.shm_dir)
     try:
-        with Client(config.socket, timeout=2) as c:
+        with Connection(config.socket, timeout=2) as c:
             pid = c.ping()["pid"]
         raise AlreadyRunning(
             f"weightd is running on {config.socket} (pid {pid}): stop it first, or unload models there"
@@ -734,9 +741,9 @@ def _adapter_specs(adapters):
 def _ask(socket, call, as_json: bool):
     """``call(client)`` on the daemon at ``socket``; with --json the answer is printed and this
     returns None, for the command to stop there."""
-    from weightd.client import Client
+    from weightd.client.connection import Connection
 
-    with Client(socket) as c:
+    with Connection(socket) as c:
         answer = call(c)
     if as_json:
         click.echo(json.dumps(answer, indent=2))

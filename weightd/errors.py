@@ -7,12 +7,26 @@ status. Messages say what to do about the problem.
 
 from __future__ import annotations
 
+BY_CODE: dict[str, type[WeightdError]] = {}  # every error class by its code, filled as they are defined
+
 
 class WeightdError(Exception):
-    """Base class of every error weightd raises on purpose."""
+    """Base class of every error weightd raises on purpose.
+
+    A subclass that sets its own ``code`` is registered under it where it is defined (as pyzmq
+    maps errno to class in one table), so a new error cannot be missing from the table that
+    turns a wire code back into its class; two classes with one code are a bug, refused here.
+    """
 
     code = "error"
     exit_code = 1
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            taken = BY_CODE.setdefault(cls.code, cls)
+            if taken is not cls:
+                raise TypeError(f"error code {cls.code!r} of {cls.__name__} is taken by {taken.__name__}")
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -151,29 +165,7 @@ class InternalError(WeightdError):
     exit_code = 70
 
 
-BY_CODE = {
-    cls.code: cls
-    for cls in (
-        WeightdError,
-        DaemonNotRunning,
-        AlreadyRunning,
-        RequestTimeout,
-        ProtocolError,
-        ModelNotFound,
-        CheckpointError,
-        UnsupportedFormat,
-        OutOfSpace,
-        SegmentError,
-        AttachError,
-        PermissionDenied,
-        UnsafePath,
-        StillLoading,
-        Cancelled,
-        ConfigError,
-        TransferFailed,
-        InternalError,
-    )
-}
+BY_CODE[WeightdError.code] = WeightdError
 
 
 def from_wire(error: object) -> WeightdError:

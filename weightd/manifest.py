@@ -54,6 +54,20 @@ PAGE_ALIGN = 4096
 PAGE_ALIGN_FROM = 1 << 16
 
 
+# What a client never reads of a Hugging Face model's skeleton["hf"]: the daemon's diagnostics
+# of from_pretrained (weightd.daemon.hf), shown by `weightd stats` and the log. A client reads
+# the rest (the class and where to import it, versions, dtype, folder, where the small files are).
+HF_DIAGNOSTICS = (
+    "config",
+    "generation_config",
+    "weight_files",
+    "converted",
+    "converted_bytes",
+    "unexpected",
+    "missing",
+)
+
+
 class TensorMeta(NamedTuple):
     name: str
     storage: int  # index into Manifest.storages
@@ -87,7 +101,7 @@ class Manifest:
     created: float = 0.0
     segment: str = ""  # the POSIX shared-memory name, with its leading slash
     uuid: str = ""  # identifies this segment's contents, so a recycled name is never mistaken
-    skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf_config": {...}}
+    skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf": {...}} (a folder)
     metadata: dict = field(default_factory=dict)
     # Where a loaded model came from, to tell at a restart or reload whether its source changed
     # (Note [a preload is adopted, not reloaded] in weightd/daemon/store.py):
@@ -123,6 +137,18 @@ class Manifest:
                 [t.name, t.storage, t.offset, t.dtype, list(t.shape), list(t.stride)] for t in self.tensors
             ],
         }
+
+    def to_client_dict(self) -> dict:
+        """What an attach reply carries: what a client reads, no more. The model's origin (files'
+        identities, for the daemon's adoption) and the Hugging Face diagnostics (config,
+        generation config, what was converted, unexpected and missing keys: shown by ``weightd
+        stats`` and the daemon's log) stay in the daemon."""
+        d = self.to_dict()
+        d.pop("origin")
+        hf = (self.skeleton or {}).get("hf")
+        if isinstance(hf, dict):
+            d["skeleton"] = {**self.skeleton, "hf": {k: v for k, v in hf.items() if k not in HF_DIAGNOSTICS}}
+        return d
 
     def layout_digest(self) -> str:
         """What the segment's bytes mean, whatever its name, generation, daemon or node: its

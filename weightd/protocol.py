@@ -21,11 +21,13 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import zmq
+from typing import TYPE_CHECKING
 
 from weightd import errors
 from weightd.errors import ProtocolError, RequestTimeout
+
+if TYPE_CHECKING:  # the daemon's sockets; a client passes its own DEALER (weightd.client.zmtp)
+    import zmq
 
 PROTOCOL_VERSION = 1
 
@@ -34,10 +36,23 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
 MAX_REQUEST_ID_BYTES = 64
 
-# Operations anyone who can reach the read socket may use (an allow-list: an op in neither set
-# is refused there), and those that change what is loaded, served on the admin socket only.
-READ_OPS = frozenset({"ping", "list", "stats", "manifest"})
-ADMIN_OPS = frozenset({"load", "unload", "publish_begin", "publish_commit"})
+# The one registry of operations: each op's name and who may call it. READ: anyone who can
+# reach the read socket (an allow-list: any other op is refused there); ADMIN: changes what is
+# loaded, served on the admin socket only. The daemon answers op X with ``Handlers.X`` (checked
+# when it starts), the client calls it through ``Connection.call``; a new op is one line here.
+READ, ADMIN = "read", "admin"
+OPS: dict[str, str] = {
+    "ping": READ,
+    "list": READ,
+    "stats": READ,
+    "manifest": READ,
+    "load": ADMIN,
+    "unload": ADMIN,
+    "publish_begin": ADMIN,
+    "publish_commit": ADMIN,
+}
+READ_OPS = frozenset(op for op, who in OPS.items() if who == READ)
+ADMIN_OPS = frozenset(op for op, who in OPS.items() if who == ADMIN)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")  # \Z: "$" would let a final newline in
 

@@ -29,9 +29,16 @@ which must not block on a planted FIFO, something ``shm_open`` cannot promise), 
 mapped and renamed as one. The manifest a client gets says the folder (``Manifest.directory``);
 ``$WEIGHTD_SHM_DIR`` in a client overrides it (a container that mounts the daemon's folder elsewhere).
 
-The shared-memory directory is writable by every user, so anything there may be planted:
-``open_entry`` opens a name without following a symlink or blocking on a FIFO and refuses
-anything but a regular file; the daemon adopts and ``purge`` removes only what passes.
+Note [one way into a segment]
+-----------------------------
+The shared-memory directory is writable by every user, so anything there may be planted: a
+symlink to another file, a FIFO that blocks whoever opens it, a directory, or a perfect copy of
+a segment with other weights, owned by someone else. Every open of a segment, by the daemon
+(adoption, commit, leases, page sizes, GPU copies), a client (``weightd.client.mapping``, its
+GPU and Hugging Face paths), ``purge`` and every integration, goes through ``open_entry``: no
+symlink followed, no blocking on a FIFO, a regular file only, of the daemon's user only, and a
+typed error out (``Planted``, an ``UnsafePath``). The daemon adopts, clients map and ``purge``
+removes only what passes.
 
 Note [segment lifetime after unlink]
 ------------------------------------
@@ -73,7 +80,7 @@ from typing import NamedTuple
 
 import posix_ipc
 
-from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError
+from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import Manifest
 
 MAGIC = b"WEIGHTD\0"
@@ -82,6 +89,7 @@ SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
 PUBLISHED = 0x214E_4554_5449_5257  # b"WRITTEN!": finished by a publisher, not yet checked
 HEADER = struct.Struct("<8sIIQQQ16s")
 SEAL_OFFSET = 32
+SEAL = struct.Struct("<Q")  # the seal word: written by write_seal, read by read_seal, nowhere else
 DATA_OFFSET = 4096
 HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB granule) PMD size
 SMALL_PAGE = 4096
@@ -91,7 +99,10 @@ RESERVE_STEP = 128 << 20  # reserved between two looks at a stop request (~20-60
 
 SHM_DIR = "/dev/shm"
 ENV_SHM_DIR = "WEIGHTD_SHM_DIR"
-_NAME = re.compile(r"^/weightd\.[A-Za-z0-9_.\-]+\Z")
+_NAME_START = "/weightd."
+# what may follow it: letters, digits, "_", ".", "-" (a set, not a regular expression: compiling
+# one is a measurable part of a fresh worker's import)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 # --- names and where they live ---------------------------------------------------------------
@@ -139,7 +150,8 @@ def prefix(instance: str) -> str:
 
 def is_name(name: str) -> bool:
     """Whether ``name`` (with its leading slash) can be a weightd segment's name."""
-    return bool(_NAME.match(name))
+    rest = name[len(_NAME_START) :]
+    return name.startswith(_NAME_START) and bool(rest) and _NAME_CHARS.issuperset(rest)
 
 
 def path(name: str, directory: str | None = None) -> str:
@@ -237,7 +249,7 @@ class Segment:
         pages the daemon handed back: Note [reusing a segment's pages] in weightd.daemon.store)."""
         fd = open_entry(name, os.O_RDWR, owner=owner, directory=directory)
         try:
-            if struct.unpack("<Q", os.pread(fd, 8, SEAL_OFFSET).ljust(8, b"\0"))[0] != 0:
+            if read_seal(os.pread(fd, SEAL_OFFSET + SEAL.size, 0)) != 0:
                 raise SegmentError(f"segment {name} is sealed: a served segment is never written again")
             reserve(fd, size, directory, check)
         except BaseException:
@@ -287,7 +299,7 @@ class Segment:
         """Mark the segment complete. Written last: everything before it is in place.
 
         Publishers write ``PUBLISHED``; only the daemon seals (``commit_seal``)."""
-        self.write(SEAL_OFFSET, struct.pack("<Q", word))
+        write_seal(self.fd, word)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -395,7 +407,7 @@ def clear_seal(name: str, owner: int) -> None:
     swept (not adopted) if the daemon dies before the publisher seals it."""
     fd = open_entry(name, os.O_RDWR, owner=owner)
     try:
-        os.pwrite(fd, struct.pack("<Q", 0), SEAL_OFFSET)
+        write_seal(fd, 0)
     finally:
         os.close(fd)
 
@@ -436,6 +448,20 @@ def rename(old: str, new: str) -> None:
     os.rename(path(old), path(new))
 
 
+def write_seal(fd: int, word: int) -> None:
+    """Set segment ``fd``'s seal word: 0 (being written), ``PUBLISHED`` or ``SEALED``; everything
+    before it is in place when it is written. The one place the word is written."""
+    os.pwrite(fd, SEAL.pack(word), SEAL_OFFSET)
+
+
+def read_seal(buf) -> int:
+    """The seal word of a segment's first bytes (a mapping, or a read of its header); the one
+    place it is read."""
+    if len(buf) < SEAL_OFFSET + SEAL.size:
+        return 0
+    return SEAL.unpack_from(buf, SEAL_OFFSET)[0]
+
+
 class Header(NamedTuple):
     manifest_offset: int
     manifest_length: int
@@ -447,42 +473,61 @@ def read_header(buf) -> Header:
     """The header of a mapped segment, checking the magic, version and bounds."""
     if len(buf) < DATA_OFFSET:
         raise SegmentError(f"segment is {len(buf)} bytes, shorter than its header")
-    magic, version, _, moff, mlen, seal, uuid = HEADER.unpack_from(buf, 0)
+    magic, version, _, moff, mlen, _, uuid = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise SegmentError("segment does not start with the weightd magic")
     if version != FORMAT_VERSION:
         raise SegmentError(f"segment format {version}, this weightd reads {FORMAT_VERSION}")
     if moff < DATA_OFFSET or moff + mlen > len(buf):
         raise SegmentError("segment header points outside the segment")
-    return Header(moff, mlen, seal == SEALED, uuid.hex())
+    return Header(moff, mlen, read_seal(buf) == SEALED, uuid.hex())
 
 
-class Planted(SegmentError):
-    """A name in the shared-memory directory that is not a segment of this user: a symlink,
-    a directory, a FIFO, or a file of another user. Skipped, never followed or removed."""
+class Planted(UnsafePath, SegmentError):
+    """A name in the shared-memory directory that is not a segment of the expected user: a
+    symlink, a directory, a FIFO, or a file of another user. Skipped, never followed, mapped
+    or removed."""
 
 
 def open_entry(
-    name: str, flags: int = os.O_RDONLY, owner: int | None = None, directory: str | None = None
+    name: str,
+    flags: int = os.O_RDONLY,
+    owner: int | None = None,
+    directory: str | None = None,
+    *,
+    what: str = "",
 ) -> int:
-    """A descriptor of segment ``name``, opened without following a symlink or blocking on a
-    FIFO; anything but a regular file (owned by ``owner``, when given) is ``Planted``."""
+    """A descriptor of segment ``name``: the one way into a segment, for the daemon, clients,
+    purge and every integration (Note [one way into a segment]).
+
+    Opened without following a symlink or blocking on a FIFO; anything but a regular file, or
+    a file of another user than ``owner`` (the daemon's uid; None: any), is ``Planted`` (an
+    ``UnsafePath``). A name that is not there is a ``SegmentError``, one this user may not
+    open ``PermissionDenied``. ``what`` (" of 'bert'") goes into the messages.
+    """
     if not is_name(name):
-        raise Planted(f"{name!r:.80} is not a weightd segment name")
+        raise Planted(f"{name!r:.80}{what} is not a weightd segment name")
     where = path(name, directory)
     try:
         fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise SegmentError(f"segment {name} does not exist") from None
+        raise SegmentError(
+            f"segment {where}{what} is gone (unloaded or replaced a moment ago, or this process sees "
+            "another shared-memory folder than the daemon: share the host's with --ipc=host or a mount "
+            f"and ${ENV_SHM_DIR})"
+        ) from None
     except PermissionError:
         with contextlib.suppress(OSError):
             uid = os.lstat(where).st_uid
             if owner is not None and uid != owner:  # another user's file, closed to us
-                raise Planted(f"{where} belongs to uid {uid}, not to uid {owner}") from None
-        raise PermissionDenied(f"may not open segment {where}") from None
+                raise Planted(_not_owner(where, what, uid, owner)) from None
+        raise PermissionDenied(
+            f"may not read segment {where}{what} ({_access(where)}): run as a member of the daemon's "
+            "group, and have the daemon grant its group read access (--mode 640, the default)"
+        ) from None
     except OSError as e:
         kind = "a symbolic link" if e.errno == errno.ELOOP else f"not a segment ({e.strerror})"
-        raise Planted(f"{where} is {kind}") from None
+        raise Planted(f"{where}{what} is {kind}: refusing it") from None
     st = os.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):
@@ -493,13 +538,32 @@ def open_entry(
             if stat.S_ISFIFO(st.st_mode)
             else "not a file"
         )
-        problem = f"{where} is {kind} (owner uid {st.st_uid})"
+        problem = f"{where}{what} is {kind} (owner uid {st.st_uid}): refusing it"
     elif owner is not None and st.st_uid != owner:
-        problem = f"{where} belongs to uid {st.st_uid}, not to uid {owner}"
+        problem = _not_owner(where, what, st.st_uid, owner)
     if problem is not None:
         os.close(fd)
         raise Planted(problem)
     return fd
+
+
+def _not_owner(where: str, what: str, uid: int, owner: int) -> str:
+    # The shared-memory folder is writable by every user.
+    return (
+        f"{where}{what} belongs to uid {uid}, not to the daemon's user (uid {owner}): another user put it "
+        "there; refusing it"
+    )
+
+
+def _access(where: str) -> str:
+    try:
+        st = os.stat(where)
+    except OSError:
+        return "mode unknown"
+    return (
+        f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, "
+        f"you are uid {os.geteuid()}"
+    )
 
 
 def inspect(name: str, *, seal: int = SEALED):
@@ -513,7 +577,7 @@ def inspect(name: str, *, seal: int = SEALED):
             return None, size, False
         with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as buf:
             moff, mlen, _, uuid = read_header(buf)
-            if struct.unpack_from("<Q", buf, SEAL_OFFSET)[0] != seal:
+            if read_seal(buf) != seal:
                 return None, size, False
             try:
                 manifest = Manifest.from_dict(json.loads(buf[moff : moff + mlen]))
@@ -554,7 +618,7 @@ def commit_seal(name: str) -> None:
     """Seal a published segment the daemon has checked (see ``PUBLISHED``)."""
     fd = open_entry(name, os.O_RDWR, owner=os.geteuid())
     try:
-        os.pwrite(fd, struct.pack("<Q", SEALED), SEAL_OFFSET)
+        write_seal(fd, SEALED)
     finally:
         os.close(fd)
 
@@ -652,7 +716,7 @@ def page_size(name: str) -> int:
     """The page size segment ``name``'s memory got, read back from the kernel: map its first
     huge pages here, fault them in and read this process's ``smaps`` for that mapping
     (``ShmemPmdMapped``, or ``FilePmdMapped`` on a disk file system). 2 MiB or 4 KiB."""
-    fd = open_entry(name)
+    fd = open_entry(name, owner=os.geteuid())
     try:
         size = os.fstat(fd).st_size
         if size < HUGE_PAGE:

@@ -240,7 +240,7 @@ class Copy:
 @ray.remote(num_cpus=0, max_retries=0)
 def _describe(socket: str, name: str) -> dict:
     with _client.Client(socket) as c:
-        return c.manifest(name).to_dict()
+        return c.manifest(name, full=True).to_dict()
 
 
 class _HolderFailed(Exception):
@@ -302,7 +302,7 @@ def _reload(c, reg, key: str, node: str, socket: str, source: Manifest, lease: d
     try:
         log.warning("no node holds %s any more: node %s reads %s again", source.name, node, lease["path"])
         summary = c.load(lease["path"], source.name, factory=lease["factory"])
-        mine = c.manifest(source.name, summary["generation"])
+        mine = c.manifest(source.name, summary["generation"], full=True)
         if mine.layout_digest() == source.layout_digest():  # the file did not change meanwhile
             ray.get(reg.hold.remote(key, node, _holding(socket, mine.to_dict())))
         return summary

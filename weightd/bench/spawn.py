@@ -19,9 +19,16 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from weightd import segment
-from weightd.client import Client, DaemonNotRunning, RequestTimeout
+from weightd.errors import DaemonNotRunning, RequestTimeout
+
+if TYPE_CHECKING:
+    from weightd.client import Client
+
+# Nothing of weightd.client or weightd.segment at import: benchmark workers import this module
+# (multiprocessing unpickles their job from weightd.bench.workers), and they time their own
+# import of the client (benchmarks/attach.py --ready).
 
 
 class Daemon:
@@ -99,6 +106,8 @@ class Daemon:
                     f"weightd serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
                 )
             try:
+                from weightd.client import Client
+
                 with Client(self.socket, timeout=2) as c:
                     pending = c.ping().get("preloading", 0)
                 if until == "ping" or not pending:
@@ -118,6 +127,8 @@ class Daemon:
                 time.sleep(0.02)
 
     def client(self, **kw) -> Client:
+        from weightd.client import Client
+
         return Client(self.socket, **kw)
 
     def output(self) -> str:
@@ -144,10 +155,14 @@ class Daemon:
         return self.args[self.args.index("--shm-dir") + 1] if "--shm-dir" in self.args else None
 
     def segments(self) -> list[str]:
+        from weightd import segment
+
         return segment.list_segments(segment.prefix(self.instance), self.shm_dir)
 
     def remove_segments(self) -> list[str]:
         """Unlink every segment of this instance; returns their names (for leak reports)."""
+        from weightd import segment
+
         self.leftover = self.segments()
         for name in self.leftover:
             segment.unlink(name, self.shm_dir)

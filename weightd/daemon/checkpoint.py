@@ -20,7 +20,7 @@ from pathlib import Path
 
 from weightd import layout
 from weightd.daemon import hf
-from weightd.daemon.files import check_within, identity, open_file
+from weightd.daemon.files import check_within, folder_roots, identity, inside, open_file
 from weightd.errors import CheckpointError, SegmentError
 from weightd.layout import Blob
 from weightd.manifest import DTYPE_SIZES, TensorMeta, contiguous_stride
@@ -63,6 +63,8 @@ class Checkpoint:
     # Identity of every file (and folder) read, as ``identity`` gives it: the manifest's
     # ``origin["files"]``, compared by ``unchanged`` at a restart or reload.
     files: list[dict] = field(default_factory=list)
+    # Raises if a file read changed meanwhile; called once everything is copied (a folder load).
+    verify: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -454,11 +456,20 @@ def _read_many(
     check: Callable[[], None] | None,
 ) -> Checkpoint:
     ck = Checkpoint(path=str(folder), format="safetensors" if files[0].suffix == ".safetensors" else "torch")
+    roots = folder_roots(os.path.realpath(folder))
     try:
         for f in files:
             if check is not None:
                 check()
-            ck.extend(read(f, allow_pickle=allow_pickle, within=within))
+            one = read(f, allow_pickle=allow_pickle, within=within)
+            ck.extend(one)
+            # the file opened (its descriptor's real path, in its identity) is inside the folder
+            for entry in one.files:
+                if not any(inside(entry["path"], r) for r in roots):
+                    raise CheckpointError(
+                        f"{f} is a link to {entry['path']}, outside the folder being loaded ({folder}): "
+                        "weightd serves only what is inside the folder; copy the file in, or remove the link"
+                    )
     except BaseException:
         close(ck)
         raise

@@ -93,6 +93,18 @@ def inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip("/") + "/")
 
 
+def folder_roots(real: str) -> list[str]:
+    """Where the links of the folder at ``real`` (a resolved path) may lead: the folder itself,
+    and for a Hub cache snapshot (``models--org--name/snapshots/<rev>``) the repository folder,
+    whose ``blobs/`` the snapshot's files link into."""
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots":
+        repo = os.path.dirname(parent)
+        if os.path.isdir(os.path.join(repo, "blobs")):
+            return [real, repo]
+    return [real]
+
+
 def check_within(path: str | os.PathLike, roots: list[str], real: str | None = None) -> str:
     """``path`` with symlinks and ``..`` resolved (or ``real``, where it was found to be), if
     that lies inside one of ``roots``."""
@@ -123,7 +135,7 @@ def check_fd(
         raise CheckpointError(f"{shown}: not a regular file: a checkpoint is a file or a folder of them")
     real = fd_path(fd)
     if any(inside(real, p) for p in PSEUDO_ROOTS) or st.st_dev in _pseudo_devices():
-        raise PermissionDenied(
+        raise CheckpointError(
             f"{shown} is {real}, a file of the kernel, not a model's: weightd never reads /proc or /sys"
         )
     if within is not None:

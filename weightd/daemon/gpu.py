@@ -46,7 +46,7 @@ class GpuCopy:
     @classmethod
     def from_segment(cls, manifest, device: torch.device) -> "GpuCopy":
         """Copy a sealed segment's storages to ``device`` (read through a read-only mapping)."""
-        fd = os.open(segment.path(manifest.segment), os.O_RDONLY | os.O_CLOEXEC)
+        fd = segment.open_entry(manifest.segment, owner=os.geteuid())  # Note [one way into a segment]
         try:
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer warns about a read-only buffer; we only read

@@ -1,8 +1,9 @@
 """Request handlers: a decoded request in, a reply out.
 
 ``Handlers.handle(frames, peer)`` checks the frames, decodes the header, checks that the op may
-be served on the socket it came in on (``protocol.READ_OPS`` is an allow-list for the read
-socket; the admin socket serves every op), and calls the op's handler. Handlers return the
+be served on the socket it came in on (``protocol.OPS``, the one registry: its read ops are an
+allow-list for the read socket; the admin socket serves every op), and calls the op's handler,
+the method of the same name. Handlers return the
 encoded reply, or None when the reply comes later (a load, answered by ``Loads.report``).
 Every error becomes a typed error reply; a bug becomes an ``internal`` one, and the daemon
 keeps serving.
@@ -29,23 +30,19 @@ UNSEEN_KEPT = 4096  # clients counted per generation that the daemon has no pid 
 
 
 class Handlers:
-    def __init__(self, config: Config, store: Store, loads: Loads):
+    def __init__(self, config: Config, store: Store, loads: Loads, metrics=None):
         self.config = config
         self.store = store
         self.loads = loads
         self.started = time.time()
-        self._manifest_replies: dict[tuple[str, int], bytes] = {}
-        self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
-        self._ops = {
-            "ping": self.ping,
-            "list": self.list,
-            "stats": self.stats,
-            "manifest": self.manifest,
-            "load": self.load,
-            "unload": self.unload,
-            "publish_begin": self.publish_begin,
-            "publish_commit": self.publish_commit,
-        }
+        self._manifest_replies: dict[tuple[str, int, bool], bytes] = {}
+        self.metrics = metrics  # weightd.daemon.metrics.Metrics with serve --metrics: counts each request
+        # Op X is answered by method X: the registry is protocol.OPS, and an op without its
+        # handler is a bug caught here, at start-up, not by the first request for it.
+        missing = [op for op in protocol.OPS if not callable(getattr(self, op, None))]
+        if missing:
+            raise TypeError(f"protocol.OPS names ops Handlers does not answer: {', '.join(missing)}")
+        self._ops = {op: getattr(self, op) for op in protocol.OPS}
 
     def handle(self, frames: list[bytes], peer: Peer) -> bytes | None:
         """The reply to one request (``frames``: request id, header), or None if it comes later."""
@@ -109,6 +106,9 @@ class Handlers:
             entry = model.summary()
             entry["current"] = self.store.is_current(model)
             entry["page_size"] = model.manifest.page_size  # read back (Note [huge pages]); 0: unknown
+            hf = (model.manifest.skeleton or {}).get("hf")
+            if isinstance(hf, dict):  # the Hugging Face diagnostics, which attach replies leave out
+                entry["hf"] = hf
             small += 0 < model.manifest.page_size < segment.HUGE_PAGE and model.size >= segment.HUGE_PAGE
             entry["attached"] = []
             unreadable = 0
@@ -159,6 +159,9 @@ class Handlers:
         generation = protocol.field(req, "generation", int, required=False)
         announced = protocol.field(req, "pid", int, required=False)
         device = protocol.field(req, "device", str, required=False)
+        # full: the whole manifest (origin, Hugging Face diagnostics), for a copy of the segment;
+        # an attach gets what a client reads (Manifest.to_client_dict)
+        full = protocol.field(req, "full", bool, required=False, default=False)
         # How long the caller waits for a model still loading (its own deadline, less a margin
         # for this answer to reach it); absent: answer at once.
         wait = protocol.field(req, "wait", (int, float), required=False, default=0)
@@ -188,14 +191,15 @@ class Handlers:
         if device is not None and device in model.gpu:
             # Each export is counted by PyTorch, so it is made per request, never cached.
             return protocol.ok(
-                size=model.size, manifest=model.manifest.to_dict(), cuda=model.gpu[device].export()
+                size=model.size, manifest=model.manifest.to_client_dict(), cuda=model.gpu[device].export()
             )
-        key = (name, model.manifest.generation)
+        key = (name, model.manifest.generation, full)
         reply = self._manifest_replies.get(key)
         if reply is None:
             if len(self._manifest_replies) > MANIFEST_CACHE:
                 self._manifest_replies.clear()
-            reply = protocol.ok(size=model.size, manifest=model.manifest.to_dict())
+            m = model.manifest.to_dict() if full else model.manifest.to_client_dict()
+            reply = protocol.ok(size=model.size, manifest=m)
             self._manifest_replies[key] = reply
         return reply
 
@@ -258,11 +262,11 @@ class Handlers:
         return protocol.ok(model=model.summary(), cancelled=stopped)
 
     def publish_begin(self, req, peer) -> bytes:
-        manifest, reused = self.store.reserve(
+        manifest, reused = self.store.begin_publish(
             protocol.field(req, "name", str),
             protocol.field(req, "nbytes", int),
             pid=peer.pid,
-            # a peer fill: the source's layout digest and where the bytes come from (Store.reserve)
+            # a peer fill: the source's layout digest and where the bytes come from (Publishes.begin)
             layout=protocol.field(req, "layout", str, required=False),
             via=protocol.field(req, "via", str, required=False),
         )
@@ -283,6 +287,8 @@ class Handlers:
             # the publisher gives up (a peer fill that cannot finish): nothing of it is served
             return protocol.ok(abandoned=self.store.abandon(name))
         model = self.store.commit(name)
+        if self.metrics is not None:
+            self.metrics.published(model.manifest.name)
         return protocol.ok(model=model.summary())
 
 

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,7 +124,7 @@ class _Opened:
         real = files.fd_path(self.dir_fd)
         if within is not None:
             files.check_within(folder, within, real=real)
-        self.roots = _roots(real)
+        self.roots = files.folder_roots(real)
 
     def open(self, rel: str, *, max_size: int | None = None) -> int:
         """Open ``rel`` (a path in the folder) once; the same descriptor on a second call."""
@@ -187,18 +188,6 @@ class _Descriptor:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _roots(real: str) -> list[str]:
-    """Where the folder's links may lead: the folder itself, and for a Hub cache snapshot
-    (``models--org--name/snapshots/<rev>``) the repository folder, whose ``blobs/`` the
-    snapshot's files link into."""
-    parent = os.path.dirname(real)
-    if os.path.basename(parent) == "snapshots":
-        repo = os.path.dirname(parent)
-        if os.path.isdir(os.path.join(repo, "blobs")):
-            return [real, repo]
-    return [real]
 
 
 def _config(opened: _Opened) -> tuple[dict, bytes] | None:
@@ -364,21 +353,14 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
         blobs, tensors = _blobs(opened, answer, weights, memfd)
         hf = answer["hf"]
         served = {}
-        # config.json last: its fill checks every identity again once everything is copied
-        order = sorted(small, key=lambda rel: rel == "config.json")
-        for rel in order:
+        for rel in sorted(small):
             data = (
                 config_bytes
                 if rel == "config.json"
                 else files.read_fd(small[rel], folder / rel, MAX_SMALL_FILE)
             )
             served[rel] = len(blobs)
-            # config.json keeps its fill (no data=): it runs after every streamed blob is copied
-            blobs.append(
-                Blob(len(data), _bytes_fill(data, opened.verify), data=None)
-                if rel == "config.json"
-                else Blob(len(data), _bytes_fill(data), data=data)
-            )
+            blobs.append(Blob(len(data), _bytes_fill(data), data=data))  # streamed from the buffer
         hf.update(
             source=str(folder.resolve()),
             config=config,
@@ -405,6 +387,7 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
         raise
     keep.append(_Descriptor(opened.dir_fd))  # verify() needs it until the copy is done
     return dict(
+        verify=opened.verify,
         path=str(folder),
         format="huggingface",
         blobs=blobs,
@@ -462,11 +445,9 @@ def _fd_fill(fd: int, offset: int, nbytes: int, shown):
     return fill
 
 
-def _bytes_fill(data: bytes, then=None):
+def _bytes_fill(data: bytes):
     def fill(seg, offset: int) -> None:
         seg.write(offset, data)
-        if then is not None:
-            then()
 
     return fill
 
@@ -492,7 +473,8 @@ def _run_loader(
 ) -> tuple[dict, int | None]:
     """Run one load in a fork of the loader process; its answer and memfd.
 
-    Note [what a loader process sees]: a fresh private folder (0700) that the child makes,
+    Note [what a loader process sees]: a fresh private folder (0700) that the daemon makes (and
+    removes, also after killing the child) and the child fills,
     holding a copy of the config bytes the daemon parsed and, for each weight, index and
     generation-config file, a link to ``/proc/self/fd/N``, the descriptor the daemon opened
     and checked and handed over. Opening such a link opens that very file, whatever its path
@@ -502,6 +484,7 @@ def _run_loader(
     deadline = time.monotonic() + seconds
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stderr = tempfile.TemporaryFile()
+    snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # filled by the child, removed here
     pidfd = None
     try:
         job = {
@@ -510,6 +493,7 @@ def _run_loader(
             "weights": weights,
             "files": weights + others,
             "factory": factory,
+            "snapshot": snapshot,
             "memory": memory,
             "cpu_seconds": int(seconds) + 1,
         }
@@ -547,6 +531,7 @@ def _run_loader(
         if theirs.fileno() >= 0:
             theirs.close()
         stderr.close()
+        shutil.rmtree(snapshot, ignore_errors=True)
 
 
 def _wait_check(check, deadline: float, opened: _Opened, weight_bytes: int, seconds: float) -> None:
@@ -576,6 +561,8 @@ class _Loader:
                 try:
                     loader.send(control, job, fds)
                     answer, got = self._answer(control, check)
+                    if len(got) != 1:
+                        raise ValueError("no pidfd")
                     return got[0]
                 except (OSError, EOFError, ValueError):
                     self._stop()
@@ -583,6 +570,11 @@ class _Loader:
                         raise CheckpointError(
                             f"{job['folder']}: the loader process failed to start a load: see the log"
                         ) from None
+                except BaseException:
+                    # given up (a stop, a deadline) between the job and its answer: the answer
+                    # would be read as the next job's, so this loader (and its child) goes
+                    self._stop()
+                    raise
             raise AssertionError("unreachable")
 
     def _ensure(self, folder: str, check) -> socket.socket:

@@ -89,10 +89,11 @@ def main() -> None:
     small folder a fraction of one. So this process imports them once and forks a child for
     each load, which starts with them imported, runs the one load with its own limits and
     exits; the daemon kills that child (by the pidfd it gets) without touching the others.
-    This process ends when the daemon hangs up, dies (PR_SET_PDEATHSIG), or after
+    This process ends when the daemon hangs up or dies (its control socket ends), or after
     ``IDLE_SECONDS`` without a load (it holds a few hundred MiB).
     """
-    _die_with_parent()
+    # No PR_SET_PDEATHSIG here: it fires when the *thread* that started this process ends,
+    # and the daemon's threads come and go; the control socket's end (EOF) says the daemon is gone.
     control = socket.socket(fileno=int(sys.argv[1]))
     try:
         import torch  # noqa: F401  (imported once, here, for every child)
@@ -162,20 +163,19 @@ def _reap() -> None:
 def _child(job: dict, fds: list[int]) -> None:
     """One load, in a fresh fork: ``fds`` are its answer socket, its stderr, then the files."""
     import shutil
-    import tempfile
 
     _die_with_parent()
     sock = socket.socket(fileno=fds[0])
     os.dup2(fds[1], 2)
     os.dup2(fds[1], 1)
     _limit(job["memory"], job["cpu_seconds"])
-    snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # 0700: Note [what a loader process sees]
+    # 0700, made by the daemon, which removes it also when it kills this process
+    snapshot = job["snapshot"]  # Note [what a loader process sees]
     try:
         with open(os.path.join(snapshot, "config.json"), "w", encoding="utf-8") as f:
             f.write(job["config"])
         for rel, fd in zip(job["files"], fds[2:]):
             os.symlink(f"/proc/self/fd/{fd}", os.path.join(snapshot, rel))
-        job["snapshot"] = snapshot
         job["weight_fds"] = fds[2 : 2 + len(job["weights"])]
         try:
             answer, out = _load(job)
@@ -195,9 +195,17 @@ def _child(job: dict, fds: list[int]) -> None:
             import transformers
 
             first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            try:  # a quantized folder says which format transformers failed on
+                quant = quantized.method(json.loads(job["config"]))
+            except ValueError:
+                quant = None
+            what = f" (a {quant} quantized checkpoint)" if quant else ""
             send(
                 sock,
-                {"error": f"{job['folder']}: transformers {transformers.__version__} failed on it: {first}"},
+                {
+                    "error": f"{job['folder']}{what}: transformers {transformers.__version__} failed on it: "
+                    f"{first}"
+                },
             )
             return
         send(sock, answer, out)
@@ -364,7 +372,12 @@ def _in_files(torch, snapshot: str, weights: list[str]) -> int:
                         size *= int(d)
                     n += size
         else:
-            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-1.6, non-zip) format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="meta", weights_only=True)
             n += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     return n
 

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from weightd.errors import Cancelled, InternalError, StillLoading, WeightdError
 log = logging.getLogger("weightd")
 
 PROGRESS_SECONDS = 0.25  # how often a loading client hears how far its load is
+WAIT_NOTICE_SECONDS = 1.0  # a stop that waits longer than this for a load says so in the log
+FORCE_POLL_SECONDS = 0.1  # while a stop waits for a load: how often a second signal is looked for
 
 
 class Token:
@@ -105,14 +108,14 @@ class _Waiter:
 
 
 class Loads:
-    def __init__(self, store: Store, parallel: int = 1):
+    def __init__(self, store: Store, parallel: int = 1, metrics=None):
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="weightd-load")
         self._pending: list[Job] = []
         self._waiters: list[_Waiter] = []
         # name -> the error of its failed preload, until a load of that name succeeds: for ls.
         self.failed: dict[str, dict] = {}
-        self.metrics = None  # weightd.daemon.metrics.Metrics with serve --metrics: counts each load request
+        self.metrics = metrics  # weightd.daemon.metrics.Metrics with serve --metrics: counts loads
         self.wakeup_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def submit(
@@ -145,9 +148,14 @@ class Loads:
                 if same is not None:
                     job.reused = True
                     return same
-            return self.store.load(
+            started = time.monotonic()
+            model = self.store.load(
                 path, name, factory, progress=progress, within=within, check=job.token.check, base=base
             )
+            if self.metrics is not None:
+                m = model.manifest
+                self.metrics.loaded(m.format, m.nbytes, time.monotonic() - started)
+            return model
 
         job.future = self._pool.submit(run)
         job.future.add_done_callback(lambda _: self._wake())
@@ -186,7 +194,18 @@ class Loads:
         out = []
         for j in self._pending:
             done, total = self.store.progress(j.name)
-            out.append({"name": j.name, "state": "loading", "done": done, "total": total, "source": j.path})
+            # waiting: attaches the daemon holds until this load ends (Handlers.manifest's wait)
+            held = sum(1 for w in self._waiters if w.name == j.name)
+            out.append(
+                {
+                    "name": j.name,
+                    "state": "loading",
+                    "done": done,
+                    "total": total,
+                    "source": j.path,
+                    "waiting": held,
+                }
+            )
         loading = {j.name for j in self._pending}
         for name, error in sorted(self.failed.items()):
             if name not in loading:
@@ -255,12 +274,28 @@ class Loads:
             job.token.cancel(reason)
         return bool(jobs)
 
-    def shutdown(self) -> None:
+    def shutdown(self, force: Callable[[], bool] = lambda: False) -> bool:
+        """Cancel every load and wait for the one running to stop at its next check, unless
+        ``force()`` turns true meanwhile (a second stop signal). Returns whether the loader
+        thread is done: if not, only ``os._exit`` ends this process (it is not a daemon thread)."""
         self.cancel("the daemon is stopping")
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        running = [j for j in self._pending if not j.future.done()]
+        said = False
+        while running and not force():
+            if not said and not futures.wait([j.future for j in running], timeout=WAIT_NOTICE_SECONDS).done:
+                log.warning(
+                    "waiting for the load of %s to stop at its next check (send SIGTERM or SIGINT again to "
+                    "exit at once)",
+                    ", ".join(j.name for j in running),
+                )
+                said = True
+            futures.wait([j.future for j in running], timeout=FORCE_POLL_SECONDS)
+            running = [j for j in running if not j.future.done()]
         for job in self._pending:
             if job.future.cancelled():  # never started: answered as cancelled too
                 job.future = _failed(job.token.check)
+        return not running
 
     def close(self) -> None:
         for fd in (self.wakeup_fd, self._wake_w):

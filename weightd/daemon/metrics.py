@@ -217,9 +217,7 @@ class _Requests:
 
     def __init__(self):
         # every op's success count exists from the start, so that rate() sees the first request
-        self._counts: dict[tuple[str, str], int] = {
-            (op, "ok"): 0 for op in protocol.READ_OPS | protocol.ADMIN_OPS
-        }
+        self._counts: dict[tuple[str, str], int] = {(op, "ok"): 0 for op in protocol.OPS}
         self._latency: dict[str, list] = {}  # op -> [count per bucket..., +Inf count, sum of seconds]
 
     def count(self, op: str, outcome: str, seconds: float) -> None:

@@ -67,16 +67,21 @@ class Server:
             readers=stream.Readers(config.load_readers, config.load_chunk, config.load_direct),
         )
         self.endpoints = Endpoints(config.socket, group=config.group)
-        self.loads = Loads(self.store, parallel=config.load_parallel)
-        self.handlers = Handlers(config, self.store, self.loads)
         self.metrics = None
         if config.metrics is not None:
             from weightd.daemon.metrics import Metrics  # prometheus-client only when asked for
 
             self.metrics = Metrics(self.store, maps_segment)
-            self.store.metrics = self.loads.metrics = self.handlers.metrics = self.metrics
+        # Counted where each outcome is known: loads when they end, publishes on commit, every
+        # request when it is answered.
+        self.loads = Loads(self.store, parallel=config.load_parallel, metrics=self.metrics)
+        self.handlers = Handlers(config, self.store, self.loads, metrics=self.metrics)
         self.notifier = Notifier()
         self.should_exit = False
+        # A second SIGTERM/SIGINT while stopping: stop waiting for a load that does not end (as
+        # uvicorn's force_exit); the process then ends with os._exit, in the CLI.
+        self.force_exit = False
+        self.abandoned = False  # a load was still running when the daemon stopped (force_exit)
         self._stopping = threading.Event()
         self.preloads: dict[str, WeightdError | None] = {}  # name -> None (ready) or its error, once done
         self.failure: WeightdError | None = None  # what makes the daemon exit non-zero
@@ -228,7 +233,10 @@ class Server:
     def shutdown(self) -> None:
         self._stopping.set()
         self.notifier.send(STOPPING=1, STATUS="stopping")
-        self.loads.shutdown()  # loads under way are cancelled: their half-written segments go
+        # Loads under way are cancelled: their half-written segments go. One that does not stop
+        # (an unpickle that never returns) is abandoned on a second signal: what it wrote is
+        # unsealed, so the next daemon of this instance (or `weightd purge`) removes it.
+        self.abandoned = not self.loads.shutdown(force=lambda: self.force_exit)
         if self.endpoints.bound:
             self.loads.report(self.endpoints.send)
         self.loads.close()
@@ -241,7 +249,13 @@ class Server:
         self.store.close(unlink=self.config.unlink_on_exit)
         self.endpoints.release_lock()
         self.notifier.close()
-        log.info("weightd stopped")
+        if self.abandoned:
+            log.warning(
+                "weightd stopped at once on a second signal, abandoning a load under way: its unsealed "
+                "segment is removed by the next daemon of this instance, or by `weightd purge`"
+            )
+        else:
+            log.info("weightd stopped")
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -256,6 +270,8 @@ class Server:
                 signal.signal(sig, handler)
 
     def _handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            self.force_exit = True
         self.should_exit = True
 
     def _log_pages(self) -> None:

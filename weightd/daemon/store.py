@@ -1,4 +1,10 @@
-"""The daemon's models: one sealed segment per (name, generation).
+"""The daemon's models: one sealed segment per (name, generation); the table of what is
+served (``Store``) and the loads into it.
+
+The rooms around the table, each with one job: ``served`` (one generation: ``Model``),
+``publishes`` (a client writes a segment, the daemon checks and serves it), ``adoption`` (what a
+previous daemon left, at start-up), ``reaper`` (freeing what nobody maps). They share one lock,
+``Store.lock``: every table is read and written under it; files change outside it.
 
 Daemon-only. Loading is all-or-nothing: the checkpoint is validated first, the segment is
 created with every page reserved, filled, described, sealed, and only then published under
@@ -18,10 +24,10 @@ so repeated publishes (RL weight updates) do not pay the kernel's page allocatio
 
 Note [reusing a segment's pages]
 --------------------------------
-``reserve`` may hand a publisher a retired generation's segment instead of a new name. Nothing
-a worker maps is ever written, by this order: (1) under the lock the generation leaves
-``_retired``, so no manifest reply names it any more; (2) its file is renamed to the new
-generation's segment name, so no process can open it by the old name from then on (one that
+``Publishes.begin`` (publishes.py) may hand a publisher a retired generation's segment instead
+of a new name. Nothing a worker maps is ever written, by this order: (1) under the lock the
+generation leaves ``Store.retired``, so no manifest reply names it any more; (2) its file is
+renamed to the new generation's segment name, so no process can open it by the old name from then on (one that
 tries gets "gone" and asks again, Mapping's retry); (3) ``segment.in_use`` asks the kernel for a
 write lease, granted only if no process anywhere has the file open or mapped (any user, any
 PID namespace, forked children included: pids the daemon saw are not enough). Only then is the
@@ -55,116 +61,28 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from weightd import layout, segment
-from weightd.daemon import checkpoint, files, stream
+from weightd.daemon import adoption, checkpoint, files, stream
+from weightd.daemon.publishes import Publishes, check_factory
+from weightd.daemon.reaper import Reaper
+from weightd.daemon.served import Model
 from weightd.errors import (
     ModelNotFound,
     OutOfSpace,
     PermissionDenied,
     ProtocolError,
     SegmentError,
-    WeightdError,
 )
 from weightd.manifest import Manifest
 from weightd.protocol import check_name
 
 log = logging.getLogger("weightd")
 
-FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
-LAYOUT_RE = re.compile(r"^[0-9a-f]{64}\Z")
-VIA_RE = re.compile(r"^peer:[\w.:-]{1,128}\Z")
-RESERVATION_SECONDS = 600.0  # a publish that does not commit in this long is abandoned
-RETIRE_GRACE_SECONDS = 5.0  # a retired generation is kept at least this long after its last request
-
-
-@dataclass
-class Model:
-    manifest: Manifest
-    size: int  # bytes of the segment
-    attached: set[int] = field(default_factory=set)  # pids (in the daemon's namespace) that asked for it
-    # (uid, pid it announced) of clients the daemon has no pid for: in a PID namespace it cannot
-    # see into. Counted for `stats`; whether they still map the segment is unknowable here.
-    unseen: set[tuple[int, int]] = field(default_factory=set)
-    gpu: dict = field(default_factory=dict)  # GPU uuid -> weightd.daemon.gpu.GpuCopy (serve --device)
-    touched: float = field(default_factory=time.monotonic)  # when it was last asked for or retired
-    adopted: bool = False  # left by a previous daemon of this instance, served without a reload
-    load: dict | None = (
-        None  # how its bytes came in (weightd.daemon.stream.Report), when this daemon loaded it
-    )
-
-    def summary(self) -> dict:
-        m = self.manifest
-        return {
-            "state": "ready",
-            "adopted": self.adopted,
-            "name": m.name,
-            "generation": m.generation,
-            "segment": m.segment,
-            "nbytes": m.nbytes,
-            "size": self.size,
-            "tensors": len(m.tensors),
-            "source": m.source,
-            "format": m.format,
-            "created": m.created,
-            "load": self.load,
-            **({"via": m.origin["via"]} if (m.origin or {}).get("via") else {}),
-            # a PEFT adapter: the model it goes over (weightd/daemon/adapters.py)
-            **({"base": m.skeleton["adapter"]["base"]} if "adapter" in (m.skeleton or {}) else {}),
-        }
-
 
 def _options(factory: str | None, base: str | None = None) -> dict:
     """The load options a manifest's origin records: what must match for a reload to be skipped."""
     return {"factory": factory, **({"base": base} if base else {})}
-
-
-@dataclass
-class Reservation:
-    """A publish under way: the segment its publisher is writing, until it commits."""
-
-    manifest: Manifest
-    nbytes: int
-    deadline: float  # time.monotonic() after which it is abandoned
-    pid: int | None  # the publisher (in this daemon's namespace); its death abandons it at once
-    # A copy of a model another daemon holds (a peer fill through Ray): the source manifest's
-    # layout digest, which the segment must hold on commit, and where the bytes come from.
-    layout: str | None = None
-    via: str | None = None
-
-    def summary(self) -> dict:
-        m = self.manifest
-        return {
-            "name": m.name,
-            "generation": m.generation,
-            "segment": m.segment,
-            "nbytes": self.nbytes,
-            "pid": self.pid,
-            "created": m.created,
-            **({"via": self.via} if self.via else {}),
-        }
-
-    def abandoned(self, now: float) -> bool:
-        return now > self.deadline or (self.pid is not None and not _alive(self.pid))
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists; one we may not signal (EPERM) or see in /proc (hidepid)
-    is alive as far as we know."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def check_factory(factory: str | None) -> str | None:
-    if factory is not None and not (isinstance(factory, str) and FACTORY_RE.match(factory)):
-        raise ProtocolError(f"bad factory {factory!r:.80}: write it as package.module:function")
-    return factory
 
 
 class Store:
@@ -185,16 +103,16 @@ class Store:
         self.gid = os.getegid() if group is None else group
         self.max_bytes = max_bytes
         self.allow_pickle = allow_pickle
-        self._models: dict[str, Model] = {}  # name -> newest generation
-        self._retired: dict[str, Model] = {}  # segment -> an older generation someone may map
-        self._reserved: dict[str, Reservation] = {}  # segment -> publish under way
-        self._generations: dict[str, int] = {}
-        self._stale: list[str] = []  # older generations left by a previous daemon (adopt)
+        # One lock for every table of the store and its rooms (publishes, adoption, reaper): each
+        # is read and written under it; files are created, renamed and unlinked outside it.
+        self.lock = threading.Lock()
+        self.models: dict[str, Model] = {}  # name -> newest generation
+        self.retired: dict[str, Model] = {}  # segment -> an older generation someone may map
+        self.generations: dict[str, int] = {}
+        self.stale: list[str] = []  # older generations left by a previous daemon (adopt)
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
-        self._lock = threading.Lock()
-        self.metrics = (
-            None  # weightd.daemon.metrics.Metrics with serve --metrics: told of loads and publishes
-        )
+        self.publishes = Publishes(self)
+        self.reaper = Reaper(self, self.publishes)
         self.devices = list(devices or [])
         if self.devices:
             from weightd import cuda  # only with --device: CPU-only daemons never touch CUDA
@@ -204,13 +122,13 @@ class Store:
     # --- queries ---
 
     def get(self, name: str, generation: int | None = None, pid: int | None = None) -> Model:
-        with self._lock:
-            model = self._models.get(name)
+        with self.lock:
+            model = self.models.get(name)
             if generation is not None and (model is None or model.manifest.generation != generation):
                 model = next(
                     (
                         m
-                        for m in self._retired.values()
+                        for m in self.retired.values()
                         if m.manifest.name == name and m.manifest.generation == generation
                     ),
                     None,
@@ -218,7 +136,7 @@ class Store:
                 if model is None:
                     raise ModelNotFound(f"model {name!r} generation {generation} is not served (any more)")
             if model is None:
-                known = ", ".join(sorted(self._models)) or "none"
+                known = ", ".join(sorted(self.models)) or "none"
                 raise ModelNotFound(
                     f"no model named {name!r} is loaded (loaded: {known}): load it with `weightd load PATH "
                     f"--name {name}`"
@@ -229,46 +147,75 @@ class Store:
         return model
 
     def progress(self, name: str) -> tuple[int, int]:
-        return self._progress.get(name, (0, 0))
+        with self.lock:
+            return self._progress.get(name, (0, 0))
+
+    def _set_progress(self, name: str, done_total: tuple[int, int] | None) -> None:
+        """Written by the loader thread, read by the request loop and metrics: under the lock."""
+        with self.lock:
+            if done_total is None:
+                self._progress.pop(name, None)
+            else:
+                self._progress[name] = done_total
 
     def loading(self) -> dict[str, tuple[int, int]]:
         """Loads under way (on start-up or requested): name -> (bytes done, total; 0 until read)."""
-        with self._lock:
+        with self.lock:
             return dict(self._progress)
 
-    def reservations(self) -> list[dict]:
-        """Publishes under way (``stats``): their bytes are in the shared-memory directory already."""
-        with self._lock:
-            return [r.summary() for r in self._reserved.values()]
-
     def is_current(self, model: Model) -> bool:
-        with self._lock:
-            return self._models.get(model.manifest.name) is model
+        with self.lock:
+            return self.models.get(model.manifest.name) is model
 
     def list(self) -> list[dict]:
-        with self._lock:
-            return [m.summary() for _, m in sorted(self._models.items())]
+        with self.lock:
+            return [m.summary() for _, m in sorted(self.models.items())]
 
     def segments(self) -> list[Model]:
-        with self._lock:
-            return list(self._models.values()) + list(self._retired.values())
+        with self.lock:
+            return list(self.models.values()) + list(self.retired.values())
 
     def view(self) -> list[tuple[Model, bool, frozenset[int]]]:
         """Every served segment, whether it is its name's newest, and the pids that asked for it:
         one consistent copy, for readers on other threads (metrics) while the loop adds pids."""
-        with self._lock:
-            models = list(self._models.values()) + list(self._retired.values())
-            return [(m, self._models.get(m.manifest.name) is m, frozenset(m.attached)) for m in models]
+        with self.lock:
+            models = list(self.models.values()) + list(self.retired.values())
+            return [(m, self.models.get(m.manifest.name) is m, frozenset(m.attached)) for m in models]
 
-    # --- loading and publishing ---
+    # --- the other rooms, reached through the store ---
+
+    def begin_publish(self, name: str, nbytes: int, pid: int | None = None, **peer) -> tuple[Manifest, bool]:
+        """``Publishes.begin``: a generation and a segment for a publisher to write."""
+        return self.publishes.begin(name, nbytes, pid, **peer)
+
+    def commit(self, segment_name: str) -> Model:
+        return self.publishes.commit(segment_name)
+
+    def abandon(self, segment_name: str) -> bool:
+        return self.publishes.abandon(segment_name)
+
+    def reservations(self) -> list[dict]:
+        """Publishes under way (``stats``)."""
+        return self.publishes.summaries()
+
+    def adopt(self) -> list[Model]:
+        return adoption.adopt(self)
+
+    def free_stale(self) -> None:
+        adoption.free_stale(self)
+
+    def reap(self, maps: Callable[[int, str], bool]) -> None:
+        self.reaper.reap(maps)
+
+    # --- loading ---
 
     def unchanged(
         self, name: str, path: str, factory: str | None = None, base: str | None = None
     ) -> Model | None:
         """The served generation of ``name`` if loading ``path`` with these options would load
         the same bytes again: Note [a preload is adopted, not reloaded]."""
-        with self._lock:
-            model = self._models.get(name)
+        with self.lock:
+            model = self.models.get(name)
         origin = model.manifest.origin if model is not None else None
         if not origin or origin.get("options") != _options(factory, base):
             return None
@@ -298,7 +245,7 @@ class Store:
         check = check or (lambda: None)
         started = time.monotonic()
         check()
-        self._progress[name] = (0, 0)  # loading from now on (metrics), the total once it is read
+        self._set_progress(name, (0, 0))  # loading from now on (metrics), the total once it is read
         try:
             if base is not None:  # Hook (issue 24): PEFT adapters by name, weightd/daemon/adapters.py
                 from weightd.daemon import adapters
@@ -309,19 +256,21 @@ class Store:
                     path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
                 )
         except BaseException:
-            self._progress.pop(name, None)
+            self._set_progress(name, None)
             raise
-        self._progress[name] = (0, ck.nbytes)
+        self._set_progress(name, (0, ck.nbytes))
 
         def tracked(done: int, total: int) -> None:
-            self._progress[name] = (done, total)
+            self._set_progress(name, (done, total))
             check()
+            if done == total and ck.verify is not None:
+                ck.verify()  # every file is still what was read, now that all is copied
             if progress is not None:
                 progress(done, total)
 
         try:
             check()
-            manifest = self._new_manifest(name, source=files.real_path(ck.path), format=ck.format)
+            manifest = self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             # A Hugging Face folder keeps its description (the factory named its class: hf.py)
             hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
@@ -334,7 +283,7 @@ class Store:
                 # what the reader computed rather than copied (Hugging Face folders)
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
-            self._check_space(name, ck.nbytes)
+            self.check_space(name, ck.nbytes)
             copied: list[stream.Report] = []
 
             def copy(seg, placed, progress) -> None:
@@ -366,14 +315,12 @@ class Store:
             )
         finally:
             checkpoint.close(ck)
-            self._progress.pop(name, None)
+            self._set_progress(name, None)
         report = copied[0] if copied else stream.Report()
         seconds = time.monotonic() - started
-        model = self._publish(
+        model = self.serve(
             Model(manifest, size, load=dict(report.to_dict(), total_seconds=round(seconds, 4)))
         )
-        if self.metrics is not None:
-            self.metrics.loaded(manifest.format, manifest.nbytes, seconds)
         log.info(
             "loaded %s generation %d from %s: %d tensors in %.2f s; copy: %s (%s)",
             name,
@@ -397,152 +344,12 @@ class Store:
             raise ProtocolError(f"{base!r} is itself an adapter: an adapter goes over a model")
         return model
 
-    def reserve(
-        self,
-        name: str,
-        nbytes: int,
-        pid: int | None = None,
-        *,
-        layout: str | None = None,
-        via: str | None = None,
-    ) -> tuple[Manifest, bool]:
-        """Start a publish: a generation and a segment name the publisher (process ``pid``) will
-        create (or, where the second value is True, rewrite: pages reused, Note [reusing a
-        segment's pages]) and seal.
-
-        A peer fill (a copy of what another node's daemon holds) also names the source's
-        ``Manifest.layout_digest`` and ``via`` (where the bytes come from, "peer:<node>"): the
-        commit then serves the segment only if it holds exactly that layout, with that ``via``
-        in its origin."""
-        check_name(name)
-        if not isinstance(nbytes, int) or nbytes < 0:
-            raise ProtocolError(f"nbytes must be a non-negative integer, got {nbytes!r:.40}")
-        if (layout is None) != (via is None):
-            raise ProtocolError("a peer fill names both the source's layout digest and where it comes from")
-        if layout is not None and not LAYOUT_RE.match(layout):
-            raise ProtocolError(f"layout must be a sha256 hex digest, got {layout!r:.80}")
-        if via is not None and not VIA_RE.match(via):
-            raise ProtocolError(f"via must look like 'peer:<node id>', got {via!r:.80}")
-        manifest = self._new_manifest(name, source="publish", format="published")
-        reused = self._recycle(name, manifest.segment, nbytes)
-        if not reused:
-            self._check_space(name, nbytes)
-        with self._lock:
-            self._reserved[manifest.segment] = Reservation(
-                manifest, nbytes, time.monotonic() + RESERVATION_SECONDS, pid or None, layout, via
-            )
-        return manifest, reused
-
-    def abandon(self, segment_name: str) -> bool:
-        """Give up a publish under way (a peer fill that could not finish): its reservation goes
-        and its segment is removed, never served. False if no such publish is under way."""
-        with self._lock:
-            reservation = self._reserved.pop(segment_name, None)
-        if reservation is None:
-            return False
-        segment.unlink(segment_name)
-        log.info(
-            "abandoned the publish of %s (%s)",
-            reservation.manifest.name,
-            segment_name,
-            extra={"model": reservation.manifest.name, "generation": reservation.manifest.generation},
-        )
-        return True
-
-    def _recycle(self, name: str, new: str, nbytes: int) -> bool:
-        """Make a retired segment of ``name`` that no process maps (one big enough to hold
-        ``nbytes`` without growing much) segment ``new``, unsealed; False if there is none.
-        Note [reusing a segment's pages]."""
-        with self._lock:
-            fits = sorted(
-                (
-                    (s, m)
-                    for s, m in self._retired.items()
-                    if m.manifest.name == name
-                    and not m.gpu
-                    and nbytes <= m.size <= 2 * nbytes + segment.HUGE_PAGE
-                ),
-                key=lambda sm: sm[1].size,
-            )
-        for old, model in fits:
-            # Under the lock: no reply names it while it moves, and _drop_lost never sees it
-            # half-renamed. Renames and a lease are a few microseconds.
-            with self._lock:
-                if self._retired.pop(old, None) is None:
-                    continue  # freed by the reaper meanwhile
-                try:
-                    segment.rename(old, new)
-                except OSError as e:
-                    log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
-                    self._retired[old] = model
-                    continue
-                if segment.in_use(new):  # mapped somewhere: it stays what it is, retired
-                    segment.rename(new, old)
-                    self._retired[old] = model
-                    continue
-            segment.clear_seal(new, os.geteuid())
-            log.info(
-                "publishing %s into the pages of generation %d (no process maps it any more)",
-                name,
-                model.manifest.generation,
-                extra={"model": name, "generation": model.manifest.generation},
-            )
-            return True
-        return False
-
-    def commit(self, segment_name: str) -> Model:
-        """Finish a publish: check the sealed segment against its reservation and serve it."""
-        with self._lock:
-            reservation = self._reserved.pop(segment_name, None)
-        if reservation is None:
-            raise ProtocolError(
-                f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)"
-            )
-        reserved = reservation.manifest
-        try:
-            # The publisher marked it PUBLISHED; it is SEALED (adoptable) once checked here.
-            manifest, size, sealed = segment.inspect(segment_name, seal=segment.PUBLISHED)
-            if not sealed:
-                raise SegmentError(f"segment {segment_name} is not sealed: the publish did not finish")
-            if (manifest.name, manifest.generation, manifest.uuid) != (
-                reserved.name,
-                reserved.generation,
-                reserved.uuid,
-            ):
-                raise SegmentError(f"segment {segment_name} does not hold the publish that reserved it")
-            if reservation.layout is not None and (
-                manifest.layout_digest() != reservation.layout
-                or (manifest.origin or {}).get("via") != reservation.via
-            ):
-                raise SegmentError(
-                    f"segment {segment_name} does not hold the layout its peer fill reserved (a copy must "
-                    "describe its tensors exactly as its source does): not served"
-                )
-            check_factory((manifest.skeleton or {}).get("factory"))
-            manifest.directory = segment.shm_dir()
-            segment.commit_seal(segment_name)
-        except BaseException:
-            segment.unlink(segment_name)
-            raise
-        model = self._publish(Model(manifest, size))
-        if self.metrics is not None:
-            self.metrics.published(manifest.name)
-        log.info(
-            "published %s generation %d: %d tensors, %.1f MiB",
-            manifest.name,
-            manifest.generation,
-            len(manifest.tensors),
-            manifest.nbytes / 2**20,
-            extra={"model": manifest.name, "generation": manifest.generation},
-        )
-        return model
-
     def unload(self, name: str) -> Model:
-        with self._lock:
-            model = self._models.pop(name, None)
-            retired = [s for s, m in self._retired.items() if m.manifest.name == name]
+        with self.lock:
+            model = self.models.pop(name, None)
+            retired = [s for s, m in self.retired.items() if m.manifest.name == name]
             for s in retired:
-                del self._retired[s]
+                del self.retired[s]
         if model is None:
             raise ModelNotFound(f"no model named {name!r} is loaded")
         # Attached workers keep their mappings: Note [segment lifetime after unlink].
@@ -558,149 +365,13 @@ class Store:
 
     # --- housekeeping ---
 
-    def adopt(self) -> list[Model]:
-        """Serve the sealed segments a previous daemon of this instance left; remove the rest."""
-        found: dict[str, list[Model]] = {}
-        for name in segment.list_segments(self.prefix):
-            try:
-                manifest, size, sealed = segment.inspect(name)
-            except segment.Planted as e:
-                # /dev/shm is writable by everyone: anybody can create a name with our prefix
-                # (a file, symlink, directory, FIFO). Serving it would let its owner choose (and
-                # later rewrite) what workers run; following it, read what it points at.
-                log.warning("skipping %s (ignoring a name others may have planted)", e)
-                continue
-            except SegmentError as e:
-                log.warning("removing %s: %s", name, e)
-                manifest, sealed = None, False
-            if not sealed or manifest.segment != name:
-                log.warning("removing unfinished segment %s (a load or publish that was cut off)", name)
-                segment.unlink(name)
-                continue
-            manifest.directory = segment.shm_dir()
-            found.setdefault(manifest.name, []).append(Model(manifest, size))
-        adopted = []
-        for name, models in found.items():
-            models.sort(key=lambda m: m.manifest.generation)
-            newest = models[-1]
-            try:
-                if segment.set_access(newest.manifest.segment, self.mode, self.gid):
-                    log.info(
-                        "%s: segment %s now has mode %o and gid %d (--mode/--group changed)",
-                        name,
-                        newest.manifest.segment,
-                        self.mode,
-                        self.gid,
-                        extra={"model": name},
-                    )
-            except WeightdError as e:
-                # Served with the wrong access is worse than loaded again: not adopted.
-                log.warning("not adopting %s: %s", newest.manifest.segment, e, extra={"model": name})
-                self._stale.extend(m.manifest.segment for m in models)
-                continue
-            newest.adopted = True
-            self._publish(newest)
-            with self._lock:
-                self._generations[name] = newest.manifest.generation
-            adopted.append(newest)
-            # Nobody can be known to map them after a restart: freed by free_stale(), off the
-            # start-up path (unlink frees the pages inside the call: ~80 ms per GiB, and the
-            # sockets are not bound yet).
-            self._stale.extend(old.manifest.segment for old in models[:-1])
-            log.info(
-                "adopted %s generation %d from %s, loaded %s (%s)",
-                name,
-                newest.manifest.generation,
-                newest.manifest.source,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest.manifest.created)),
-                newest.manifest.segment,
-                extra={"model": name, "generation": newest.manifest.generation},
-            )
-        return adopted
-
-    def free_stale(self) -> None:
-        """Unlink the older generations ``adopt`` found beside each model's newest."""
-        stale, self._stale = self._stale, []
-        for s in stale:
-            segment.unlink(s)
-
-    def reap(self, maps: Callable[[int, str], bool]) -> None:
-        """Unlink retired generations no live process maps, and abandoned publishes (their
-        publisher died, or they did not commit in ``RESERVATION_SECONDS``).
-
-        ``maps(pid, segment)`` says whether process ``pid`` still maps ``segment``.
-        """
-        self._drop_lost()
-        now = time.monotonic()
-        with self._lock:
-            expired = [self._reserved.pop(s) for s, r in list(self._reserved.items()) if r.abandoned(now)]
-            retired = list(self._retired.items())
-            for model in self._models.values():
-                # Only for `stats`: forget processes that are gone, or the set grows with every
-                # short-lived client for as long as the generation is served.
-                model.attached = {pid for pid in model.attached if os.path.exists(f"/proc/{pid}")}
-        if self.devices:
-            from weightd.daemon import gpu
-
-            gpu.collect()  # blocks of dropped generations whose clients have all let go
-        for r in expired:
-            why = "its publisher died" if now <= r.deadline else "it was never committed"
-            log.warning("removing the publish of %s (%s): %s", r.manifest.name, r.manifest.segment, why)
-            segment.unlink(r.manifest.segment)
-        for s, model in retired:
-            if now - model.touched < RETIRE_GRACE_SECONDS:
-                continue  # a client may be between the manifest reply and its mmap
-            model.attached = {pid for pid in model.attached if maps(pid, s)}
-            if not model.attached:
-                with self._lock:
-                    if self._retired.pop(s, None) is None:
-                        continue  # taken for a publish meanwhile (Note [reusing a segment's pages])
-                segment.unlink(s)
-                log.info(
-                    "freed %s generation %d: no process maps it any more",
-                    model.manifest.name,
-                    model.manifest.generation,
-                    extra={"model": model.manifest.name, "generation": model.manifest.generation},
-                )
-
-    def _drop_lost(self) -> None:
-        """Stop serving models whose segment file someone removed from the shared-memory
-        directory (``rm /dev/shm/weightd.*``): no client could map them any more. Attached
-        workers keep what they mapped (Note [segment lifetime after unlink])."""
-        with self._lock:
-            served = list(self._models.items()) + list(self._retired.items())
-        lost = []
-        for key, model in served:
-            try:
-                os.lstat(segment.path(model.manifest.segment))
-            except FileNotFoundError:
-                lost.append((key, model))
-        for key, model in lost:
-            with self._lock:
-                table = self._models if self._models.get(key) is model else self._retired
-                if table.get(key) is not model or os.path.lexists(segment.path(model.manifest.segment)):
-                    continue  # replaced or unloaded meanwhile, or back (a publish that did not reuse it)
-                del table[key]
-            m = model.manifest
-            log.warning(
-                "%s generation %d is no longer served: its segment %s was removed from %s by someone "
-                "else (load it again to serve it)",
-                m.name,
-                m.generation,
-                m.segment,
-                segment.shm_dir(),
-                extra={"model": m.name, "generation": m.generation},
-            )
-
     def close(self, unlink: bool) -> None:
         """On stop: keep the segments for the next daemon to adopt, or unlink them all."""
-        self.free_stale()  # if the reaper did not get to them
-        with self._lock:
-            models = list(self._models.values()) + list(self._retired.values())
-            pending = list(self._reserved)
-            self._models, self._retired, self._reserved = {}, {}, {}
-        for s in pending:
-            segment.unlink(s)
+        adoption.free_stale(self)  # if the reaper did not get to them
+        self.publishes.close()
+        with self.lock:
+            models = list(self.models.values()) + list(self.retired.values())
+            self.models, self.retired = {}, {}
         if unlink:
             for m in models:
                 segment.unlink(m.manifest.segment)
@@ -711,11 +382,11 @@ class Store:
     def _owner(self) -> tuple[int, int] | None:
         return None if self.gid == os.getegid() else (os.geteuid(), self.gid)
 
-    def _new_manifest(self, name: str, *, source: str, format: str) -> Manifest:
+    def new_manifest(self, name: str, *, source: str, format: str) -> Manifest:
         """A manifest with a fresh generation and segment name; storages still to place."""
-        with self._lock:
-            generation = self._generations.get(name, 0) + 1
-            self._generations[name] = generation
+        with self.lock:
+            generation = self.generations.get(name, 0) + 1
+            self.generations[name] = generation
         uid = uuid.uuid4().hex
         slug = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:48]
         tag = hashlib.sha1(name.encode()).hexdigest()[:6]
@@ -732,7 +403,7 @@ class Store:
             directory=segment.shm_dir(),
         )
 
-    def _publish(self, model: Model) -> Model:
+    def serve(self, model: Model) -> Model:
         """Make ``model`` what its name serves; the generation it replaces is retired."""
         self._read_page_size(model)
         if self.devices:
@@ -742,16 +413,16 @@ class Store:
                 copy = gpu.GpuCopy.from_segment(model.manifest, dev)
                 model.gpu[copy.uuid] = copy
         name = model.manifest.name
-        with self._lock:
-            old = self._models.get(name)
+        with self.lock:
+            old = self.models.get(name)
             if old is not None and old.manifest.generation > model.manifest.generation:
                 # a slower load or publish finished after a newer one: it is born retired
-                self._retired[model.manifest.segment] = model
+                self.retired[model.manifest.segment] = model
                 return model
-            self._models[name] = model
+            self.models[name] = model
             if old is not None:
                 old.touched = time.monotonic()
-                self._retired[old.manifest.segment] = old
+                self.retired[old.manifest.segment] = old
         return model
 
     def _read_page_size(self, model: Model) -> None:
@@ -772,14 +443,14 @@ class Store:
                 extra={"model": m.name, "generation": m.generation},
             )
 
-    def _check_space(self, name: str, nbytes: int) -> None:
+    def check_space(self, name: str, nbytes: int) -> None:
         free = segment.shm_free_bytes()
         if nbytes > free:
             raise OutOfSpace(segment.no_space_message(nbytes, free))
         if self.max_bytes is None:
             return
-        with self._lock:
-            used = sum(m.size for m in list(self._models.values()) + list(self._retired.values()))
+        with self.lock:
+            used = sum(m.size for m in list(self.models.values()) + list(self.retired.values()))
             # loads running side by side count too (their segments are being reserved)
             used += sum(total for other, (_, total) in self._progress.items() if other != name)
         if used + nbytes > self.max_bytes:

@@ -1,0 +1,287 @@
+"""A model on every node of a Ray cluster: read from storage once and copied between peers,
+against every node reading the file itself.
+
+    python benchmarks/fanout.py                  # 1, 2 and 4 nodes, a 1 GiB checkpoint
+    python benchmarks/fanout.py --gib 0.25 --nodes 1,2
+
+For each node count, a fresh local Ray cluster (``ray.cluster_utils.Cluster``: every node on
+this machine, each with its own daemon), and two ways to have the checkpoint on every node,
+the file evicted from the page cache before each (``POSIX_FADV_DONTNEED``):
+
+- ``each reads``  every node's daemon loads the file (what ``load_everywhere`` did before);
+- ``peers``       ``ray_zerocopy.load_everywhere``: one daemon reads it, the others copy it
+                  from peers through Ray's object store (Note [one storage read per cluster]
+                  in weightd/client/ray_zerocopy/peers.py).
+
+Columns: seconds until every node serves it, and that against one node loading it alone;
+bytes the daemons asked the file system for (``rchar`` of /proc/PID/io: on a shared or
+network file system each of those is served by the origin), and what came from the disk
+(``read_bytes``: here one page cache serves every node); bytes moved between nodes (what the
+receivers took out of the object store; on one machine Ray's object manager moves them over
+loopback TCP, memory to memory: that is "the network" here); the object store's peak, in
+bytes and in chunks (Ray's own accounting, ``store_stats.object_store_bytes_used`` summed over
+nodes, sampled every 10 ms; and the pages the stores' /dev/shm/plasma files hold afterwards,
+a high-water mark sampling cannot miss). Ray deletes released objects in batches, every
+``free_objects_period_milliseconds`` (1000 by default): what a transfer released in that long
+still counts. The clusters here are started with 20 (``--free-ms``).
+
+Writes benchmarks/out/fanout.json and benchmarks/out/fanout.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+MIB = 1 << 20
+GIB = 1 << 30
+NAME = "fanout-bench"
+
+
+def make_checkpoint(path: Path, nbytes: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    layers = 16
+    per = nbytes // layers // 4
+    save_file({f"layer{i}.weight": torch.randn(per // 1024, 1024, generator=g) for i in range(layers)}, path)
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache: the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def io(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
+class StorePeak:
+    """The object store's bytes in use, summed over the cluster's nodes, sampled in a thread."""
+
+    def __init__(self, address: str):
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self._state = get_state_from_address(address)
+        self._reply = get_memory_info_reply
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = self._reply(self._state).store_stats.object_store_bytes_used
+            self.peak = max(self.peak, used)
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _copied(peers) -> int:
+    """Bytes the receiving nodes took from the object store so far (the registry counts them)."""
+    import ray
+
+    reg = peers.registry(create=False)
+    # the registry counts chunks written (each at most CHUNK bytes: the model is a multiple here)
+    return peers.CHUNK * sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
+
+
+def plasma_bytes(raylets: list[int]) -> int:
+    """Pages the object stores' (deleted) /dev/shm/plasma files hold: their high-water mark."""
+    seen, total = set(), 0
+    for pid in raylets:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target, st = os.readlink(fd), os.stat(fd)
+            except OSError:
+                continue
+            if "/dev/shm/plasma" in target and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
+def run_cluster(nodes: int, path: Path, store: int) -> list[dict]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    sys.path.insert(0, str(ROOT))
+    from weightd.client import Client
+    from weightd.client import ray_zerocopy as rz
+    from weightd.client.ray_zerocopy import peers
+    from weightd.client.ray_zerocopy.daemons import on_node
+
+    @ray.remote(num_cpus=0)
+    def load_here(socket: str) -> dict:
+        with Client(socket) as c:
+            return c.load(str(path), NAME)
+
+    rows = []
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
+    )
+    try:
+        for _ in range(nodes - 1):
+            c.add_node(num_cpus=1, object_store_memory=store)
+        ray.init(address=c.address, log_to_driver=False)
+        sockets = rz.ensure_daemons()
+        daemons = {}
+        for n, s in sockets.items():
+            with Client(s) as cl:
+                daemons[n] = cl.ping()["pid"]
+        raylets = [
+            p.process.pid for node in [c.head_node, *c.worker_nodes] for p in node.all_processes["raylet"]
+        ]
+        methods = ["peers"] if nodes == 1 else ["each reads", "peers"]
+        for method in methods:
+            evict(path)
+            d0 = {n: io(p) for n, p in daemons.items()}
+            copied0 = _copied(peers)
+            with StorePeak(c.address) as peak:
+                t0 = time.perf_counter()
+                if method == "peers":
+                    rz.load_everywhere(NAME, str(path))
+                else:
+                    ray.get(
+                        [
+                            load_here.options(scheduling_strategy=on_node(n)).remote(s)
+                            for n, s in sockets.items()
+                        ]
+                    )
+                seconds = time.perf_counter() - t0
+            for s in sockets.values():  # every node serves it
+                with Client(s) as cl:
+                    assert NAME in {m["name"] for m in cl.list()}
+            rows.append(
+                {
+                    "nodes": nodes,
+                    "method": method if nodes > 1 else "one node",
+                    "seconds": seconds,
+                    "storage_rchar": sum(io(p)["rchar"] - d0[n]["rchar"] for n, p in daemons.items()),
+                    "storage_disk": sum(
+                        io(p)["read_bytes"] - d0[n]["read_bytes"] for n, p in daemons.items()
+                    ),
+                    "moved": _copied(peers) - copied0,
+                    "store_peak": peak.peak,
+                    "plasma_pages": plasma_bytes(raylets),
+                    "chunk": peers.CHUNK,
+                    "window": peers.WINDOW,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+            rz.unload_everywhere(NAME)
+    finally:
+        try:
+            if ray.is_initialized():
+                rz.shutdown_daemons()
+                ray.shutdown()
+        finally:
+            c.shutdown()
+    return rows
+
+
+def table(rows: list[dict], model: int) -> str:
+    one = next((r["seconds"] for r in rows if r["nodes"] == 1), None)
+    lines = [
+        "| nodes | method | every node ready | vs one node | storage read (rchar) | from disk | "
+        "moved between nodes | object store peak | plasma pages |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ratio = f"{r['seconds'] / one:.2f}x" if one else ""
+        chunks = r["store_peak"] / r["chunk"]
+        lines.append(
+            f"| {r['nodes']} | {r['method']} | {r['seconds']:.2f} s | {ratio} | "
+            f"{r['storage_rchar'] / model:.2f}x ({r['storage_rchar'] / MIB:,.0f} MiB) | "
+            f"{r['storage_disk'] / MIB:,.0f} MiB | {r['moved'] / MIB:,.0f} MiB | "
+            f"{r['store_peak'] / MIB:,.0f} MiB ({chunks:.1f} chunks) | {r['plasma_pages'] / MIB:,.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, color in (("each reads", "tab:orange"), ("peers", "tab:blue")):
+        rs = [r for r in rows if r["method"] in (method, "one node")]
+        a.plot([r["nodes"] for r in rs], [r["seconds"] for r in rs], "o-", color=color, label=method)
+        b.plot(
+            [r["nodes"] for r in rs], [r["storage_rchar"] / GIB for r in rs], "o-", color=color, label=method
+        )
+    a.set_title("seconds until every node serves it")
+    b.set_title("GiB read from storage (daemons' rchar)")
+    for ax in (a, b):
+        ax.set_xlabel("nodes")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gib", type=float, default=1.0, help="checkpoint size [1]")
+    p.add_argument("--nodes", default="1,2,4", help="node counts [1,2,4]")
+    p.add_argument("--store-mib", type=int, default=600, help="object store per node [600]")
+    p.add_argument(
+        "--free-ms",
+        type=int,
+        default=20,
+        help="Ray's free_objects_period_milliseconds: how long released objects may wait to be "
+        "deleted, in batches [20; Ray's default is 1000]",
+    )
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    # Read by the raylets the clusters below start.
+    os.environ["RAY_free_objects_period_milliseconds"] = str(args.free_ms)
+    # Ray's memory monitor kills workers when the machine runs short, whoever uses the memory.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    runtime = tempfile.mkdtemp(prefix="weightd-fanout-")
+    os.environ["XDG_RUNTIME_DIR"] = runtime  # the daemons' sockets: never the user's own daemon
+    with tempfile.TemporaryDirectory(prefix="weightd-fanout-ckpt-", dir="/tmp") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        make_checkpoint(path, int(args.gib * GIB))
+        model = path.stat().st_size
+        rows = []
+        for n in (int(x) for x in args.nodes.split(",")):
+            rows += run_cluster(n, path, args.store_mib * MIB)
+    if not os.listdir(runtime):
+        os.rmdir(runtime)
+    text = table(rows, model)
+    chunk, window = rows[0]["chunk"] // MIB, rows[0]["window"]
+    print(f"\n{model / GIB:.2f} GiB checkpoint, chunks of {chunk} MiB, window {window}\n")
+    print(text)
+    print(f"Ray's free_objects_period_milliseconds: {args.free_ms}")
+    meta = {"model_bytes": model, "free_objects_period_milliseconds": args.free_ms, "rows": rows}
+    (OUT / "fanout.json").write_text(json.dumps(meta, indent=1))
+    plot(rows, OUT / "fanout.png")
+    print(f"\nwrote {OUT / 'fanout.json'} and {OUT / 'fanout.png'}")
+
+
+if __name__ == "__main__":
+    main()
