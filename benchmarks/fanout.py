@@ -261,17 +261,18 @@ def main() -> None:
     os.environ["RAY_free_objects_period_milliseconds"] = str(args.free_ms)
     # Ray's memory monitor kills workers when the machine runs short, whoever uses the memory.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    runtime = tempfile.mkdtemp(prefix="weightd-fanout-")
-    os.environ["XDG_RUNTIME_DIR"] = runtime  # the daemons' sockets: never the user's own daemon
-    with tempfile.TemporaryDirectory(prefix="weightd-fanout-ckpt-", dir="/tmp") as tmp:
+    # The daemons' sockets, locks and logs: never the user's own daemon; removed with the run.
+    with (
+        tempfile.TemporaryDirectory(prefix="weightd-fanout-") as runtime,
+        tempfile.TemporaryDirectory(prefix="weightd-fanout-ckpt-", dir="/tmp") as tmp,
+    ):
+        os.environ["XDG_RUNTIME_DIR"] = runtime
         path = Path(tmp) / "model.safetensors"
         make_checkpoint(path, int(args.gib * GIB))
         model = path.stat().st_size
         rows = []
         for n in (int(x) for x in args.nodes.split(",")):
             rows += run_cluster(n, path, args.store_mib * MIB)
-    if not os.listdir(runtime):
-        os.rmdir(runtime)
     text = table(rows, model)
     chunk, window = rows[0]["chunk"] // MIB, rows[0]["window"]
     print(f"\n{model / GIB:.2f} GiB checkpoint, chunks of {chunk} MiB, window {window}\n")
