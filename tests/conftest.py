@@ -7,6 +7,7 @@ process a test starts is stopped, also when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -271,6 +272,16 @@ def _no_stray_env():
     # Tests must never talk to a daemon of the machine by accident.
     os.environ.pop("WEIGHTD_SOCKET", None)
     yield
+    # Workers keep a generation's small files in one folder per user (Note [one files folder per
+    # user and generation]), removed by the next worker that finds its segment gone. The tests'
+    # daemons are all stopped now, so every such folder's segment is gone: sweep them as a worker
+    # would, and the per-user root with them when nothing else is in it.
+    from weightd.client import hf
+
+    root = hf._files_root()
+    hf._sweep(root)
+    with contextlib.suppress(OSError):
+        os.rmdir(root)
 
 
 def pytest_collection_modifyitems(config, items):
