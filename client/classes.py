@@ -10,8 +10,7 @@ the folder.
 
 from __future__ import annotations
 
-import importlib
-
+from weightd import dotted
 from weightd.errors import AttachError
 
 
@@ -19,9 +18,7 @@ def load(name: str, where: str, transformers) -> type:
     """The class at ``where`` ("package.module:Class"), a transformers model class."""
     module_name, _, attr = str(where).partition(":")
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = dotted.resolve(where)
     except Exception as e:  # ImportError, AttributeError, or whatever the module raises on import
         raise AttachError(
             f"model {name!r} is a {attr!r} from {module_name!r}, which this process cannot import "

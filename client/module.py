@@ -12,7 +12,6 @@ each name's object separately.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import threading
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.overrides import TorchFunctionMode
 
+from weightd import dotted
 from weightd.errors import AttachError
 
 # Random initialisers have no meta kernel: PyTorch decomposes them through torch._refs, whose
@@ -102,11 +102,8 @@ def build_skeleton(model, skeleton: dict | None, name: str) -> nn.Module:
 
 def _builder(skeleton: dict | None, name: str):
     if skeleton and skeleton.get("factory"):
-        module_name, _, attr = str(skeleton["factory"]).partition(":")
         try:
-            obj = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
+            obj = dotted.resolve(skeleton["factory"])
         except (ImportError, AttributeError) as e:
             raise AttachError(
                 f"model {name!r} names the factory {skeleton['factory']!r}, which this process cannot "

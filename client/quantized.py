@@ -13,13 +13,13 @@ which it unpacks into small tensors) is counted in ``info(model).copies``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
 
 import torch
 
+from weightd import dotted
 from weightd.errors import AttachError
 
 SEP = ":"  # NAME:ATTR, as the daemon stores an inner tensor of the subclass tensor NAME
@@ -65,11 +65,8 @@ def build(name: str, mapping, tensors: dict, cls, hf: dict, folder: str, transfo
 def _rebuild(name: str, key: str, subclasses: dict, tensors: dict):
     spec = subclasses[key]
     where = str(spec.get("class", ""))
-    module_name, _, attr = where.partition(":")
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = dotted.resolve(where)
     except Exception as e:
         raise AttachError(
             f"model {name!r}: tensor {key!r} is a {where}, which this process cannot import ({e}): install "

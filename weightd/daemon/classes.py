@@ -14,9 +14,9 @@ Daemon-only.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
+from weightd import dotted
 from weightd.errors import CheckpointError
 
 REMEDY = (
@@ -28,11 +28,8 @@ REMEDY = (
 
 def resolve(factory: str, folder: Path, transformers) -> type:
     """The class ``factory`` ("package.module:Class") names, if it is a transformers model class."""
-    module_name, _, attr = factory.partition(":")
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = dotted.resolve(factory)
     except Exception as e:  # ImportError, AttributeError, or whatever the module raises on import
         raise CheckpointError(
             f"{folder}: --factory names {factory!r}, which the daemon cannot import "
