@@ -132,7 +132,9 @@ def test_huggingface_folder_streams_its_weight_files(tmp_path, make_daemon):
 
 def _store(instance: str, **kw) -> Store:
     return Store(
-        instance, readers=stream.Readers(kw.pop("readers", 2), kw.pop("chunk", MiB), kw.pop("direct", "auto"))
+        instance,
+        segment.Folder.probe(),
+        readers=stream.Readers(kw.pop("readers", 2), kw.pop("chunk", MiB), kw.pop("direct", "auto")),
     )
 
 
@@ -238,7 +240,7 @@ def test_a_file_that_shrinks_mid_load_is_a_checkpoint_error_and_the_served_model
 
 
 def _segment_digest(name: str) -> str:
-    with open(segment.path(name), "rb") as f:
+    with open(segment.Folder().file(name), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
