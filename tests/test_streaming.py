@@ -136,7 +136,9 @@ def test_huggingface_folder_streams_its_weight_files(tmp_path, make_daemon):
 
 def _store(instance: str, **kw) -> Store:
     return Store(
-        instance, readers=stream.Readers(kw.pop("readers", 2), kw.pop("chunk", MiB), kw.pop("direct", "auto"))
+        instance,
+        segment.Folder.probe(),
+        readers=stream.Readers(kw.pop("readers", 2), kw.pop("chunk", MiB), kw.pop("direct", "auto")),
     )
 
 
@@ -312,7 +314,7 @@ def test_an_io_error_mid_chunk_is_a_checkpoint_error_and_the_served_model_stays(
 
 
 def _segment_digest(name: str) -> str:
-    with open(segment.path(name), "rb") as f:
+    with open(segment.Folder().file(name), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 

@@ -481,7 +481,7 @@ def _no_space(seg_fd: int) -> OutOfSpace:
     """The segment's tmpfs filled up while the readers wrote (Note [reserving while writing])."""
     where = os.path.dirname(os.readlink(f"/proc/self/fd/{seg_fd}"))
     size = os.fstat(seg_fd).st_size
-    return OutOfSpace(segment.no_space_message(size, segment.shm_free_bytes(where), where))
+    return OutOfSpace(segment.Folder(where).no_space_message(size))
 
 
 def _read_failed(path: str, e: OSError) -> CheckpointError:
