@@ -142,8 +142,14 @@ def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
         def read(self, offset: int, length: int):
             return self.buf[offset : offset + length]
 
+        def ready(self) -> bool:
+            return True
+
     @ray.remote(num_cpus=0)
     class Receiver:
+        def ready(self) -> bool:
+            return True
+
         def pull(self, holder) -> float:
             fd, where = tempfile.mkstemp(dir="/dev/shm", prefix="weightd-fanout-floor-")
             try:
@@ -175,6 +181,7 @@ def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
     holder = Holder.options(scheduling_strategy=on_node(nodes[0])).remote()
     receiver = Receiver.options(scheduling_strategy=on_node(nodes[1])).remote()
     try:
+        ray.get([holder.ready.remote(), receiver.ready.remote()])  # started: not timed
         return ray.get(receiver.pull.remote(holder))
     finally:
         ray.kill(holder)

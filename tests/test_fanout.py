@@ -247,6 +247,29 @@ def test_a_corrupted_chunk_is_refused_naming_the_node_it_came_from(cluster, chec
     rz.unload_everywhere("bad")
 
 
+def test_a_publish_left_without_a_holder_is_sent_again_by_the_publisher(cluster):
+    here = ray.get_runtime_context().get_node_id()
+    state = {"w": torch.randn(256, 1024), "half": torch.randn(9, 5).to(torch.bfloat16)}
+    reg = peers.registry()
+    ray.get(reg.hook.remote(here, "fail"))  # the only holder cannot send: it is dropped at once
+    try:
+        out = rz.publish_everywhere("again", state)
+    finally:
+        ray.get(reg.hook.remote(here, None))
+    sockets = rz.ensure_daemons()
+    assert sorted(out) == sorted(sockets)
+    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("again")) for n in sockets}
+    for f in facts.values():
+        assert f["hashes"] == {k: _sha(v) for k, v in state.items()}
+        assert f["publishing"] == [], "the copies that found no holder were abandoned, not left half-way"
+    resent = [n for n, f in facts.items() if n != here and "via" not in f["summary"]]
+    assert len(resent) == 1, "one other node got it again from the publisher"
+    assert all(
+        f["summary"]["via"] == f"peer:{resent[0]}" for n, f in facts.items() if n not in (here, resent[0])
+    ), "and the rest copied it from that node"
+    assert rz.unload_everywhere("again") == len(sockets)
+
+
 def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(cluster, checkpoint):
     path, hashes = checkpoint
     sockets = rz.ensure_daemons()

@@ -346,7 +346,13 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
     pieces = _chunks(source)
     written: set[int] = set()
     with Connection(socket) as c:
-        copy = None
+        box: list[Copy | None] = [None]  # this node's copy, once reserved (shared with _pull)
+
+        def abandon() -> None:
+            if box[0] is not None:
+                copy, box[0] = box[0], None
+                copy.abort()
+
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -360,24 +366,24 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                 if lease["kind"] == "busy":
                     continue
                 if lease["kind"] == "storage":
-                    if copy is not None:
-                        copy.abort()
-                        copy = None
+                    abandon()
                     return _reload(c, reg, key, node, socket, source, lease)
                 if lease["kind"] == "none":
-                    if copy is not None:
-                        copy.abort()
-                        copy = None
+                    abandon()
                     return None
                 if lease["kind"] != "peer":
                     raise TransferFailed(
                         f"copying {name!r} to node {node}: it was unloaded or replaced meanwhile"
                     )
                 holder = lease["node"]
+
+                def reserve(holder=holder) -> Copy:
+                    if box[0] is None:
+                        box[0] = Copy(c, source, via=f"peer:{holder}")
+                    return box[0]
+
                 try:
-                    if copy is None:
-                        copy = Copy(c, source, via=f"peer:{holder}")
-                    _pull(copy, lease, pieces, written, reg, key, deadline)
+                    _pull(reserve, lease, pieces, written, reg, key, deadline)
                 except _HolderFailed as e:
                     log.warning(
                         "node %s failed while sending %s (%s): trying another holder", holder, name, e
@@ -386,13 +392,13 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                     continue
                 finally:
                     reg.release.remote(key, holder)
+                copy, box[0] = box[0], None
                 holding = _holding(socket, copy.manifest.to_dict())
-                summary, copy = copy.commit(), None
+                summary = copy.commit()
                 _get(reg.hold.remote(key, node, holding), REGISTRY_TIMEOUT)
                 return summary
         except BaseException:
-            if copy is not None:
-                copy.abort()
+            abandon()
             raise
 
 
@@ -409,8 +415,9 @@ def _reload(c, reg, key: str, node: str, socket: str, source: Manifest, lease: d
         reg.reading_done.remote(key)
 
 
-def _pull(copy: Copy, lease: dict, pieces, written: set[int], reg, key: str, deadline: float) -> None:
-    """Copy the pieces not written yet from ``lease``'s holder, ``WINDOW`` asked for at a time."""
+def _pull(reserve, lease: dict, pieces, written: set[int], reg, key: str, deadline: float) -> None:
+    """Copy the pieces not written yet from ``lease``'s holder, ``WINDOW`` asked for at a time,
+    into ``reserve()`` (this node's ``Copy``: reserved while the first chunks are on their way)."""
     holder = lease["node"]
     try:
         server = ray.get_actor(agent_name(holder), namespace=NAMESPACE)
@@ -427,6 +434,7 @@ def _pull(copy: Copy, lease: dict, pieces, written: set[int], reg, key: str, dea
 
     for _ in range(WINDOW):
         ask()
+    copy = reserve()  # reserving the segment's pages takes as long as a chunk or two on the way
     while pending:
         wait = min(CHUNK_TIMEOUT, deadline - time.monotonic())
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(wait, 0.0))
@@ -479,8 +487,10 @@ class Sources:
             c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
             try:
                 manifest = c.manifest(name, generation)
-            except WeightdError:
+            except WeightdError:  # not served any more; or the daemon went (a new one: a new connection)
                 self._maps.pop(uuid, None)
+                self._conns.pop(socket, None)
+                c.close()
                 raise
             if manifest.uuid != uuid:
                 self._maps.pop(uuid, None)
@@ -492,6 +502,8 @@ class Sources:
             self._maps[uuid] = (view, now)
         data = np.frombuffer(view, dtype=np.uint8, count=length, offset=offset)
         made = digest(data, offset)
+        if hook == "fail":  # tests: a holder that cannot send (its daemon unloaded the model)
+            raise SegmentError(f"{name!r} is no longer served here (test hook)")
         if hook == "corrupt":  # tests: what a flipped bit on the way looks like
             data = data.copy()
             data[length // 2] ^= 0x10
@@ -637,8 +649,8 @@ class Peers:
         return dict(self.copied)
 
     async def hook(self, node: str, what: str | None) -> None:
-        """Tests: make the transfers ``node`` serves corrupt a chunk (``corrupt``) or stall
-        after two chunks (``stall``); None: behave."""
+        """Tests: make the transfers ``node`` serves corrupt a chunk (``corrupt``), stall after
+        two chunks (``stall``) or fail at once (``fail``); None: behave."""
         if what is None:
             self.hooks.pop(node, None)
         else:
