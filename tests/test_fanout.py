@@ -74,14 +74,14 @@ def test_a_peer_copy_is_served_only_with_its_source_layout(make_daemon):
         wrong.encoded = wrong.manifest.to_json()
         with pytest.raises(SegmentError, match="layout its peer fill reserved"):
             wrong.commit()
-        assert not os.path.exists(segment.path(wrong.manifest.segment))
+        assert not os.path.exists(segment.Folder().file(wrong.manifest.segment))
         assert b.manifest("m").uuid == mine.uuid, "what was served is undisturbed"
 
         # given up half-way: the segment goes, nothing is served
         half = peers.Copy(b, source, via="peer:node-a")
         half.write(*next((o, _bytes_at(mapped, source, o, n)) for o, n in peers._chunks(source)))
         half.abort()
-        assert not os.path.exists(segment.path(half.manifest.segment))
+        assert not os.path.exists(segment.Folder().file(half.manifest.segment))
         assert b.stats()["publishing"] == [] and b.manifest("m").uuid == mine.uuid
 
         with pytest.raises(ProtocolError, match="peer:<node id>"):
@@ -241,7 +241,7 @@ def test_a_corrupted_chunk_is_refused_naming_the_node_it_came_from(cluster, chec
             unsealed = [
                 s
                 for s in SHM.glob(f"weightd.{Config(socket=socket).instance}.*")
-                if not segment.inspect("/" + s.name)[2]
+                if not segment.inspect(segment.Folder(), "/" + s.name)[2]
             ]
             assert not unsealed, "nothing half-written is left"
     rz.unload_everywhere("bad")

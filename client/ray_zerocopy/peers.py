@@ -269,17 +269,17 @@ class Copy:
             metadata=dict(source.metadata),
             origin={**(source.origin or {}), "via": via},
         )
-        self.directory = segment.client_dir(r.get("directory"))
+        self.folder = segment.Folder.announced(r.get("directory"), r.get("huge_pages_asked"))
         end = max((s.offset + s.nbytes for s in source.storages), default=segment.DATA_OFFSET)
         self.manifest_offset = align_up(end, PAGE_ALIGN)
         self.encoded = self.manifest.to_json()
-        size = segment.rounded_size(self.manifest_offset + len(self.encoded), self.directory)
+        size = self.folder.rounded_size(self.manifest_offset + len(self.encoded))
         try:
             if r.get("reuse"):  # a retired generation's pages (Note [reusing a segment's pages])
-                self.seg = segment.Segment.reopen(r["segment"], size, r["owner"][0], self.directory)
+                self.seg = segment.Segment.reopen(self.folder, r["segment"], size, r["owner"][0])
             else:
                 self.seg = segment.Segment.create(
-                    r["segment"], size, r["mode"], tuple(r["owner"]), self.directory
+                    self.folder, r["segment"], size, r["mode"], tuple(r["owner"])
                 )
         except BaseException:
             self._abandon()
@@ -301,7 +301,7 @@ class Copy:
 
     def abort(self) -> None:
         """Remove the segment and the reservation: nothing of it is served."""
-        self.seg.destroy(self.directory)
+        self.seg.destroy()
         self._abandon()
 
     def _abandon(self) -> None:
