@@ -518,9 +518,9 @@ def _map(manifest: Manifest, owner: int) -> memoryview:
     """A read-only shared mapping of ``manifest``'s sealed segment, checked as ``Mapping``
     checks it (the daemon's uid, the seal, the uuid), with its pages faulted in at once."""
     fd = segment.open_entry(
+        segment.Folder.announced(manifest.directory),
         manifest.segment,
         owner=owner,
-        directory=segment.client_dir(manifest.directory),
         what=f" of {manifest.name!r}",
     )
     try:
