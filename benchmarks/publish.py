@@ -180,7 +180,7 @@ class Harness:
         return time.monotonic() - t0
 
     def segments(self) -> list[str]:
-        return [n.lstrip("/") for n in segment.list_segments(segment.prefix(self.tag)[:-1] + "-")]
+        return [n.lstrip("/") for n in segment.Folder().segments(segment.prefix(self.tag)[:-1] + "-")]
 
     def cleanup(self) -> list[str]:
         problems = []
@@ -195,8 +195,8 @@ class Harness:
                 except Exception as e:  # noqa: BLE001
                     problems.append(str(e))
         for e in self.segments():
-            segment.unlink("/" + e)
-            problems.append(f"removed leftover segment {segment.path(e)}")
+            segment.unlink(segment.Folder(), "/" + e)
+            problems.append(f"removed leftover segment {segment.Folder().file(e)}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         return problems
 

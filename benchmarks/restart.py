@@ -92,7 +92,7 @@ def shm_bytes(d: spawn.Daemon) -> int:
     total = 0
     for name in d.segments():
         try:
-            total += os.stat(segment.path(name)).st_size
+            total += os.stat(d.folder.file(name)).st_size
         except FileNotFoundError:
             pass
     return total
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.restarts = args.restarts or (2 if args.quick else 3)
     need = (4 if args.quick else 12) * GiB // (8 if args.quick else 1)
-    if segment.shm_free_bytes() < need:
+    if segment.Folder().free_bytes() < need:
         print(f"need {need / GiB:.1f} GiB free in /dev/shm", file=sys.stderr)
         return 2
     b = Bench()

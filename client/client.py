@@ -92,10 +92,10 @@ class Client(Connection):
         layout.write(
             manifest,
             blobs,
+            folder=segment.Folder.announced(r.get("directory"), r.get("huge_pages_asked")),
             mode=r["mode"],
             owner=tuple(r["owner"]),
             seal=segment.PUBLISHED,
-            directory=segment.client_dir(r.get("directory")),
             reuse=r["owner"][0] if r.get("reuse") else None,
         )
         del keep

@@ -295,7 +295,7 @@ def _files_dir(mapping) -> str:
                     with open(target, "wb") as f:
                         f.write(mapping.storage_bytes(index))
                 with open(os.path.join(making, _SEGMENT_FILE), "w") as f:
-                    f.write(os.path.join(segment.client_dir(manifest.directory), seg))
+                    f.write(segment.Folder.announced(manifest.directory).file(seg))
                 try:
                     os.rename(making, path)
                 except OSError:

@@ -46,9 +46,9 @@ class Mapping:
         # segments in the daemon's --shm-dir (the manifest says which) or wherever a container
         # mounts them ($WEIGHTD_SHM_DIR). Note [one way into a segment] in weightd.segment.
         fd = segment.open_entry(
+            segment.Folder.announced(manifest.directory),
             manifest.segment,
             owner=owner,
-            directory=segment.client_dir(manifest.directory),
             what=f" of {manifest.name!r}",
         )
         try:

@@ -113,13 +113,13 @@ def shm_sha(segment_name: str) -> str:
 
 def segments(instance: str) -> list[str]:
     """File names (no leading slash) of an instance's segments in the shared-memory directory."""
-    return [n.lstrip("/") for n in segment.list_segments(segment.prefix(instance))]
+    return [n.lstrip("/") for n in segment.Folder().segments(segment.prefix(instance))]
 
 
 def remove_segments(instance: str) -> list[str]:
     left = segments(instance)
     for name in left:
-        segment.unlink("/" + name)
+        segment.unlink(segment.Folder(), "/" + name)
     return left
 
 

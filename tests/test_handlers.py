@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weightd import protocol
+from weightd import protocol, segment
 from weightd.daemon.config import Config
 from weightd.daemon.endpoints import Peer
 from weightd.daemon.handlers import Handlers
@@ -23,7 +23,7 @@ ADMIN = Peer(sock=None, identity=b"peer", rid=b"r1", admin=True)
 @pytest.fixture
 def handlers(tmp_path, instance):
     config = Config(socket=str(tmp_path / "w.sock"), instance=instance)
-    store = Store(config.instance)
+    store = Store(config.instance, segment.Folder.probe())
     loads = Loads(store)
     yield Handlers(config, store, loads)
     loads.shutdown()

@@ -129,7 +129,8 @@ def test_a_publisher_killed_mid_write_frees_its_reservation_promptly(make_daemon
         from weightd import segment
         with Client(SOCK) as c:
             r = c.call("publish_begin", name="p", nbytes=4 << 20)
-            seg = segment.Segment.create(r["segment"], 4 << 20, r["mode"], tuple(r["owner"]))
+            shm = segment.Folder()
+            seg = segment.Segment.create(shm, r["segment"], 4 << 20, r["mode"], tuple(r["owner"]))
             seg.write(segment.DATA_OFFSET, b"half a model")
             say(r["segment"])
             hear()  # killed here, mid-write
@@ -267,7 +268,7 @@ def test_a_model_whose_segment_was_deleted_is_no_longer_listed(tmp_path, make_da
     d = make_daemon("--model", str(tmp_path / "a.safetensors"), "--model", str(tmp_path / "b.safetensors"))
     with Client(sock) as c:
         seg = {m["name"]: m["segment"] for m in c.list()}["a"]
-        os.unlink(segment.path(seg))  # as `rm /dev/shm/weightd.*` would
+        os.unlink(segment.Folder().file(seg))  # as `rm /dev/shm/weightd.*` would
 
         wait_until(lambda: [m["name"] for m in c.list()] == ["b"], timeout=10, what="ls to drop model a")
         with pytest.raises(ModelNotFound):

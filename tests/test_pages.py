@@ -183,7 +183,7 @@ def test_publish_reuses_unmapped_pages_and_never_writes_a_mapped_segment(make_da
         return {"w": torch.full((MIB,), float(k)), "b": torch.full((1000,), float(k))}
 
     def ino(r: dict) -> int:
-        return os.stat(segment.path(r["segment"])).st_ino
+        return os.stat(segment.Folder().file(r["segment"])).st_ino
 
     with Client(d.socket) as c:
         g1 = c.publish("rl", gen(1))
@@ -191,7 +191,7 @@ def test_publish_reuses_unmapped_pages_and_never_writes_a_mapped_segment(make_da
         c.publish("rl", gen(2))
         # Nobody maps generation 1: generation 3 is written into its pages, and its old name is gone.
         g3 = c.publish("rl", gen(3))
-        assert ino(g3) == ino1 and not os.path.exists(segment.path(g1["segment"]))
+        assert ino(g3) == ino1 and not os.path.exists(segment.Folder().file(g1["segment"]))
         assert d.output().count("into the pages of generation") == 1
         assert torch.equal(c.state_dict("rl")["w"], torch.full((MIB,), 3.0))
 
@@ -222,7 +222,7 @@ def test_publish_reuses_unmapped_pages_and_never_writes_a_mapped_segment(make_da
         g4 = c.publish("rl", gen(4))  # generation 3 retires: mapped (by the orphan), so never reused
         ino4 = ino(g4)
         g5 = c.publish("rl", gen(5))
-        assert ino(g5) != ino3 and os.path.exists(segment.path(g3["segment"]))
+        assert ino(g5) != ino3 and os.path.exists(segment.Folder().file(g3["segment"]))
         assert d.output().count("into the pages of generation") == 1
         g6 = c.publish("rl", gen(6))  # generation 4 is free: reused
         assert ino(g6) == ino4
@@ -241,7 +241,7 @@ def test_reused_pages_are_swept_not_adopted_when_the_daemon_dies_mid_publish(mak
         c.publish("rl", {"w": torch.ones(MIB) * 2})
         r = c.call("publish_begin", name="rl", nbytes=4 * MIB)
         assert r["reuse"]  # generation 1's segment, unsealed, under the new name
-        assert not segment.inspect(r["segment"])[2]
+        assert not segment.inspect(segment.Folder(), r["segment"])[2]
     d.stop()
     d2 = make_daemon()
     with Client(d2.socket) as c:
@@ -249,4 +249,4 @@ def test_reused_pages_are_swept_not_adopted_when_the_daemon_dies_mid_publish(mak
         assert m["generation"] == 2 and torch.equal(
             state_dict("rl", socket=d2.socket)["w"], torch.ones(MIB) * 2
         )
-    assert not os.path.exists(segment.path(r["segment"]))
+    assert not os.path.exists(segment.Folder().file(r["segment"]))

@@ -467,7 +467,7 @@ def test_publisher_killed_mid_publish_leaves_nothing_served(make_daemon, workers
         from weightd import segment
         c = Client(SOCK)
         r = c.call("publish_begin", name="p", nbytes=64 << 20)
-        seg = segment.Segment.create(r["segment"], (64 << 20) + 8192, r["mode"])
+        seg = segment.Segment.create(segment.Folder(), r["segment"], (64 << 20) + 8192, r["mode"])
         seg.write(4096, bytes(32 << 20))            # half of it, never sealed
         say(r["segment"])
         hear()
@@ -658,17 +658,17 @@ def test_a_segment_planted_by_another_user_is_never_adopted(tmp_path, make_daemo
             65534,
             [],
             f"""
-        from weightd import layout
+        from weightd import layout, segment
         from weightd.manifest import Manifest
         t = {{"w": torch.full((1024,), 666.0)}}
         blobs, tensors, keep = layout.from_tensors(t, source="evil")
         name = "/weightd.{instance}.evil-000000.0123456789ab"
         m = Manifest(name="evil", generation=99, storages=[], tensors=tensors, segment=name, uuid="0" * 32)
-        layout.write(m, blobs, mode=0o666)
+        layout.write(m, blobs, folder=segment.Folder(), mode=0o666)
         m2 = Manifest(
             name="m", generation=99, storages=[], tensors=tensors, segment=name[:-1] + "c", uuid="1" * 32
         )
-        layout.write(m2, blobs, mode=0o666)
+        layout.write(m2, blobs, folder=segment.Folder(), mode=0o666)
         say("planted")
     """,
         ),

@@ -555,7 +555,7 @@ def test_removing_another_users_file_under_a_segment_name_is_a_typed_error(uids,
     # shm_unlink of a root-owned name as another user: posix_ipc raises PermissionsError (not an
     # OSError); weightd turns it into PermissionDenied, never a traceback.
     name = f"/{segment.prefix(instance)}theirs"
-    seg = segment.Segment.create(name, 4096, mode=0o644)
+    seg = segment.Segment.create(segment.Folder(), name, 4096, mode=0o644)
     try:
         seg.close()
         r = subprocess.run(
@@ -565,7 +565,7 @@ def test_removing_another_users_file_under_a_segment_name_is_a_typed_error(uids,
                 from weightd import segment
                 from weightd.errors import PermissionDenied
                 try:
-                    segment.unlink({name!r})
+                    segment.unlink(segment.Folder(), {name!r})
                 except PermissionDenied as e:
                     print("denied:", e)
                 """,
@@ -576,6 +576,6 @@ def test_removing_another_users_file_under_a_segment_name_is_a_typed_error(uids,
             timeout=60,
         )
         assert r.returncode == 0 and "denied: may not remove /dev/shm/" in r.stdout, r.stdout + r.stderr
-        assert os.path.exists(segment.path(name))
+        assert os.path.exists(segment.Folder().file(name))
     finally:
-        segment.unlink(name)
+        segment.unlink(segment.Folder(), name)

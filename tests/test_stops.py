@@ -158,7 +158,10 @@ def waiting(sock: str, name: str) -> int:
 
 def test_a_client_waiting_on_a_daemon_that_is_killed_hears_it_within_seconds(make_daemon, tmp_path):
     """The same through the API, for a request that gets no progress (an attach waiting for a
-    preload): the connection ends with the daemon, and the client hears it at once."""
+    preload): the connection ends with the daemon, and the client hears it at once, from the end
+    of its connection (``PeerGone``: "went away while answering") — not from its probe of the
+    socket file every ``PROBE_SECONDS``, which would say "connection refused" and is only the
+    fallback for a daemon that left its connection open."""
     big = big_file(tmp_path / "big.safetensors", 2 * GiB)
     d = make_daemon("--model", f"big={big}", wait=False)
     d.wait_ready(until="ping")
@@ -178,9 +181,10 @@ def test_a_client_waiting_on_a_daemon_that_is_killed_hears_it_within_seconds(mak
     t0 = time.monotonic()
     d.proc.kill()
     t.join(30)
+    d.remove_segments()  # the killed daemon's half-written segment (a restart would sweep it)
     assert isinstance(out.get("error"), DaemonNotRunning), out
+    assert "went away while answering 'manifest'" in str(out["error"]), out
     assert out["at"] - t0 < 5
-    d.remove_segments()
 
 
 class _Sleeper:

@@ -1,15 +1,19 @@
 """Checkpoints stream into segments through the daemon's reader threads (weightd.daemon.stream).
 
 Every format arrives bit-exact; a load stopped at any stage leaves nothing; O_DIRECT refused
-falls back to the page cache; a file that shrinks mid-load is a CheckpointError naming it, and
-what was served before stays served, byte for byte.
+falls back to the page cache; a file that shrinks mid-load, or a real I/O error mid-chunk (a FUSE
+file system, tests/fusefs.py), is a CheckpointError naming it, and what was served before stays
+served, byte for byte.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -132,7 +136,9 @@ def test_huggingface_folder_streams_its_weight_files(tmp_path, make_daemon):
 
 def _store(instance: str, **kw) -> Store:
     return Store(
-        instance, readers=stream.Readers(kw.pop("readers", 2), kw.pop("chunk", MiB), kw.pop("direct", "auto"))
+        instance,
+        segment.Folder.probe(),
+        readers=stream.Readers(kw.pop("readers", 2), kw.pop("chunk", MiB), kw.pop("direct", "auto")),
     )
 
 
@@ -237,8 +243,78 @@ def test_a_file_that_shrinks_mid_load_is_a_checkpoint_error_and_the_served_model
         store.close(unlink=True)
 
 
+@pytest.fixture
+def failing_file(tmp_path):
+    """``make(backing, bad)``: a path whose bytes are ``backing``'s but whose reads covering byte
+    ``bad`` fail with EIO: a one-file FUSE file system served by tests/fusefs.py."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a FUSE file system (a file with a real I/O error) needs root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse: a file with a real I/O error needs FUSE")
+    started = []
+
+    def make(backing, bad: int):
+        where = tmp_path / f"fuse{len(started)}"
+        where.mkdir()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(os.path.dirname(__file__), "fusefs.py"),
+                str(where),
+                str(backing),
+                "m.safetensors",
+                str(bad),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append((server, where))
+        line = server.stdout.readline()
+        if line.strip() != "ready":
+            server.wait(10)
+            pytest.skip(
+                f"mounting a FUSE file system was refused here: {server.stderr.read().strip()[-300:]}"
+            )
+        return where / "m.safetensors"
+
+    yield make
+    for server, where in started:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+        server.kill()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("direct", ["always", "never"])
+def test_an_io_error_mid_chunk_is_a_checkpoint_error_and_the_served_model_stays(
+    tmp_path, make_daemon, failing_file, direct
+):
+    """A real EIO from the file system, in the middle of a chunk of the second tensor."""
+    good = tmp_path / "good.safetensors"
+    save_file(_tensors(5), good)
+    backing = tmp_path / "v2.safetensors"
+    save_file(_tensors(6), backing)
+    (header,) = struct.unpack("<Q", backing.read_bytes()[:8])
+    bad = failing_file(backing, 8 + header + 4 * MiB + 12345)
+    with open(bad, "rb") as f:  # served up to the bad byte, then a real EIO
+        assert f.read(4 * MiB) == backing.read_bytes()[: 4 * MiB]
+        with pytest.raises(OSError) as eio:
+            f.read()
+        assert eio.value.errno == errno.EIO
+    d = make_daemon("--load-readers", "2", "--load-chunk", "1M", "--load-direct", direct)
+    with Client(d.socket, timeout=120) as c:
+        c.load(str(good), "m")
+        before = _served(c, "m")
+        with pytest.raises(CheckpointError, match=re.escape(str(bad))) as e:
+            c.load(str(bad), "m")
+        assert "Input/output error" in str(e.value)
+        assert _served(c, "m") == before == {k: _digest(v) for k, v in _tensors(5).items()}
+        assert [m["name"] for m in c.list() if m.get("state") != "failed"] == ["m"]
+    assert len(d.segments()) == 1  # the served generation only: nothing half-written left
+
+
 def _segment_digest(name: str) -> str:
-    with open(segment.path(name), "rb") as f:
+    with open(segment.Folder().file(name), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 

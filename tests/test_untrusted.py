@@ -569,7 +569,7 @@ def test_files_folders_are_shared_per_generation_and_removed_once_it_is_gone(tmp
     old_segment = c.manifest("m").segment
     (folder / "tokenizer.json").write_text('{"v": 2}')
     c.load(str(folder), "m")  # generation 2; generation 1 is unlinked once nobody maps it
-    wait_until(lambda: not os.path.exists(segment.path(old_segment)), what="generation 1 unlinked")
+    wait_until(lambda: not os.path.exists(segment.Folder().file(old_segment)), what="generation 1 unlinked")
     third = workers(code, env=env)
     new = third.read()
     third.finish()

@@ -635,7 +635,7 @@ def purge(socket, instance, shm_dir) -> None:
     from weightd.errors import AlreadyRunning, DaemonNotRunning, PermissionDenied
 
     config = Config(socket=socket, instance=instance, shm_dir=shm_dir)
-    segment.use_dir(config.shm_dir)
+    folder = segment.Folder.probe(config.shm_dir)
     try:
         with Connection(config.socket, timeout=2) as c:
             pid = c.ping()["pid"]
@@ -649,7 +649,7 @@ def purge(socket, instance, shm_dir) -> None:
         owner = os.lstat(config.socket + ".lock").st_uid
     except OSError:
         owner = os.geteuid()
-    removed, planted, denied = segment.purge(segment.prefix(config.instance), owner)
+    removed, planted, denied = segment.purge(folder, segment.prefix(config.instance), owner)
     for problem in planted:
         click.echo(f"weightd: warning: skipping a name others may have planted: {problem}", err=True)
     if denied:

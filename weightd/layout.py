@@ -174,11 +174,11 @@ def write(
     manifest: Manifest,
     blobs: list[Blob],
     *,
+    folder: segment.Folder,
     mode: int,
     owner: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     seal: int = segment.SEALED,
-    directory: str | None = None,
     reuse: int | None = None,
     copy: Callable[["segment.Segment", list[tuple[Blob, int]], Callable[[int, int], None] | None], None]
     | None = None,
@@ -187,7 +187,7 @@ def write(
     """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
 
     ``seal``: publishers pass ``segment.PUBLISHED``, which only the daemon turns into SEALED.
-    ``directory``: where the segment goes (a publisher passes the daemon's). ``reuse``: the
+    ``folder``: where the segment goes (a publisher passes the daemon's). ``reuse``: the
     segment exists already, unsealed, owned by this uid (a daemon's recycled pages): it is
     written again in place instead of created.
 
@@ -210,13 +210,13 @@ def write(
     manifest.storages = storages
     manifest.validate(segment.DATA_OFFSET, manifest_offset)
     encoded = manifest.to_json()
-    size = segment.rounded_size(manifest_offset + len(encoded), directory)
+    size = folder.rounded_size(manifest_offset + len(encoded))
     if reuse is not None:
-        seg = segment.Segment.reopen(manifest.segment, size, reuse, directory, check)
+        seg = segment.Segment.reopen(folder, manifest.segment, size, reuse, check)
     else:
         # With ``copy``, reserved while it writes (Note [reserving while writing])
         seg = segment.Segment.create(
-            manifest.segment, size, mode, owner, directory, check, reserved=copy is None
+            folder, manifest.segment, size, mode, owner, check, reserved=copy is None
         )
     try:
         total, done = sum(b.nbytes for b in blobs), 0
@@ -244,7 +244,7 @@ def write(
         seg.write_manifest(encoded, manifest_offset, manifest.uuid)
         seg.seal(seal)
     except BaseException:
-        seg.destroy(directory, wait=copy is None)  # Note [freeing a segment's pages] in segment
+        seg.destroy(wait=copy is None)  # Note [freeing a segment's pages] in segment
         raise
     seg.close()
     return size

@@ -26,8 +26,10 @@ In /dev/shm a segment is created and unlinked with POSIX ``shm_open``/``shm_unli
 (posix_ipc); elsewhere with what those calls are on Linux, ``open(<folder>/name, O_CREAT | O_EXCL
 | O_NOFOLLOW)`` and ``unlink``. Either way it is then a file: it is opened (``open_entry``,
 which must not block on a planted FIFO, something ``shm_open`` cannot promise), sized,
-mapped and renamed as one. The manifest a client gets says the folder (``Manifest.directory``);
-``$WEIGHTD_SHM_DIR`` in a client overrides it (a container that mounts the daemon's folder elsewhere).
+mapped and renamed as one. The folder is a value (``Folder``), made once and passed to every
+function here that touches a file: the daemon's when it starts, a client's from what the
+daemon announced (``Manifest.directory``); ``$WEIGHTD_SHM_DIR`` in a client overrides it (a
+container that mounts the daemon's folder elsewhere).
 
 Note [one way into a segment]
 -----------------------------
@@ -67,7 +69,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import json
 import mmap
 import os
@@ -77,8 +78,6 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
-
-import posix_ipc
 
 from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import Manifest
@@ -108,39 +107,89 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 # --- names and where they live ---------------------------------------------------------------
 
 
-_directory: str | None = None  # serve --shm-dir, for this (daemon) process
+class Folder:
+    """A shared-memory folder: where segments are created, found and removed, and what was read
+    about it (how it is mounted). Made once and passed to every function here that touches a
+    segment's file: no process has a folder of its own that these would read behind its back.
 
+    The daemon makes its folder when it starts (``Folder.probe``: ``--shm-dir``, checked, and
+    whether segments there should get huge pages); a client makes one from what the daemon
+    announced (``Folder.announced``: a manifest's ``directory``, a publish's reply).
+    """
 
-def use_dir(directory: str | None) -> str:
-    """Make ``directory`` where this process creates, finds and removes segments (the daemon's
-    ``--shm-dir``); None: back to the default. Returns the folder in use."""
-    global _directory
-    if directory is not None:
-        directory = os.path.abspath(directory)
-        if not os.path.isdir(directory):
-            raise ConfigError(
-                f"--shm-dir {directory} is not a folder: create it, or mount the huge-page tmpfs there "
-                "(systemd/mnt-weightd.mount)"
-            )
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"--shm-dir {directory} is not writable by uid {os.geteuid()}: chown it to the daemon's user"
-            )
-    _directory = directory
-    return shm_dir()
+    __slots__ = ("path", "huge_asked")
 
+    def __init__(self, path: str = SHM_DIR, huge_asked: str | None = None):
+        self.path = path
+        self.huge_asked = huge_asked  # why segments here should get huge pages, or None
 
-def shm_dir() -> str:
-    """Where this process keeps segments: ``--shm-dir`` in a daemon, else ``$WEIGHTD_SHM_DIR`` (a
-    container that mounts the host's shared memory elsewhere), else /dev/shm, which is where
-    ``shm_open`` puts them on Linux."""
-    return _directory or os.environ.get(ENV_SHM_DIR) or SHM_DIR
+    @classmethod
+    def probe(cls, directory: str | None = None) -> Folder:
+        """The daemon's folder: ``directory`` (``serve --shm-dir``), checked; else
+        ``$WEIGHTD_SHM_DIR`` (a container that sees the host's folder elsewhere), else /dev/shm,
+        which is where ``shm_open`` puts segments on Linux. Reads how it is mounted, once."""
+        if directory is not None:
+            directory = os.path.abspath(directory)
+            if not os.path.isdir(directory):
+                raise ConfigError(
+                    f"--shm-dir {directory} is not a folder: create it, or mount the huge-page tmpfs there "
+                    "(systemd/mnt-weightd.mount)"
+                )
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"--shm-dir {directory} is not writable by uid {os.geteuid()}: chown it to the "
+                    "daemon's user"
+                )
+        path = directory or os.environ.get(ENV_SHM_DIR) or SHM_DIR
+        return cls(path, huge_pages_asked(path))
 
+    @classmethod
+    def announced(cls, directory: str | None, huge_asked: str | None = None) -> Folder:
+        """Where a client finds the segments the daemon says are in ``directory`` (and, for a
+        publisher, whether they get huge pages there): ``$WEIGHTD_SHM_DIR`` wins (the same
+        folder, mounted elsewhere here)."""
+        return cls(os.environ.get(ENV_SHM_DIR) or directory or SHM_DIR, huge_asked)
 
-def client_dir(announced: str | None) -> str:
-    """Where a client finds a segment the daemon says is in ``announced`` (the manifest's
-    ``directory``): ``$WEIGHTD_SHM_DIR`` wins (the same folder, mounted elsewhere here)."""
-    return os.environ.get(ENV_SHM_DIR) or announced or SHM_DIR
+    def __repr__(self) -> str:
+        return f"Folder({self.path!r}, huge_asked={self.huge_asked!r})"
+
+    def file(self, name: str) -> str:
+        """The file behind segment ``name``: ``shm_open(name)`` is ``open(/dev/shm/name)``."""
+        return os.path.join(self.path, name.lstrip("/"))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def segments(self, start: str) -> list[str]:
+        """Names (with leading slash) of the segments here that start with ``start`` (``prefix``)."""
+        try:
+            entries = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        return sorted("/" + e for e in entries if e.startswith(start))
+
+    def rounded_size(self, size: int) -> int:
+        """A segment's size, rounded up so its last huge page is whole where segments get huge
+        pages (Note [huge pages]); elsewhere, or smaller than a huge page, as it is."""
+        if size < HUGE_PAGE or self.huge_asked is None:
+            return size
+        return (size + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+
+    def no_space_message(self, size: int) -> str:
+        free = self.free_bytes()
+        if self.path == SHM_DIR:
+            remedy = "(docker run --shm-size=... or --ipc=host; a bigger tmpfs on /dev/shm)"
+        else:
+            remedy = f"(a bigger tmpfs on {self.path}: mount -o remount,size=... {self.path})"
+        return (
+            f"{self.path} has {_gib(free)} free, the model needs {_gib(size)}: free space there (weightd "
+            f"unload, or remove stale segments), or give the machine or container more shared memory {remedy}"
+        )
+
+    def in_dev_shm(self) -> bool:
+        """Whether this is /dev/shm, where segments are made and removed with ``shm_open``."""
+        return os.path.realpath(self.path) == SHM_DIR
 
 
 def prefix(instance: str) -> str:
@@ -154,29 +203,20 @@ def is_name(name: str) -> bool:
     return name.startswith(_NAME_START) and bool(rest) and _NAME_CHARS.issuperset(rest)
 
 
-def path(name: str, directory: str | None = None) -> str:
-    """The file behind segment ``name``: ``shm_open(name)`` is ``open(<shm dir>/name)``."""
-    return os.path.join(directory or shm_dir(), name.lstrip("/"))
-
-
-def shm_free_bytes(directory: str | None = None) -> int:
-    st = os.statvfs(directory or shm_dir())
-    return st.f_bavail * st.f_frsize
-
-
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 class Segment:
-    """A segment being written: its name and an open read-write file descriptor.
+    """A segment being written: its folder, name and an open read-write file descriptor.
 
     Writes go through the descriptor (``pwrite``, ``sendfile``), not through a mapping: the
     kernel copies straight into the shared pages, with no page faults in the writer, which
     measured twice as fast as copying through a fresh mapping (benchmarks/publish.py).
     """
 
-    def __init__(self, name: str, size: int, fd: int):
+    def __init__(self, folder: Folder, name: str, size: int, fd: int):
+        self.folder = folder
         self.name = name
         self.size = size
         self.fd = fd
@@ -184,35 +224,32 @@ class Segment:
     @classmethod
     def create(
         cls,
+        folder: Folder,
         name: str,
         size: int,
         mode: int = 0o600,
         owner: tuple[int, int] | None = None,
-        directory: str | None = None,
         check: Callable[[], None] | None = None,
         reserved: bool = True,
     ) -> "Segment":
-        """Create a new segment of ``size`` bytes with every page reserved (``reserve``), in
-        ``directory`` (default: this process's, ``shm_dir``; a publisher passes the daemon's).
-        ``check()`` may raise between reservation steps to stop: nothing is left then.
+        """Create a new segment of ``size`` bytes in ``folder`` with every page reserved
+        (``reserve``; a publisher passes the daemon's folder). ``check()`` may raise between
+        reservation steps to stop: nothing is left then.
 
         ``reserved=False``: only sized; the writer reserves it before it writes (the daemon's
         readers copy while it does: Note [reserving while writing])."""
-        free = shm_free_bytes(directory)
-        if size > free:
-            raise OutOfSpace(no_space_message(size, free, directory))
+        if size > folder.free_bytes():
+            raise OutOfSpace(folder.no_space_message(size))
         if not is_name(name):
             raise SegmentError(f"{name!r:.80} is not a weightd segment name")
         try:
-            fd = _shm_open_new(name, directory, mode)
+            fd = _shm_open_new(folder, name, mode)
         except FileExistsError:
             raise SegmentError(
                 f"segment {name} already exists: another daemon uses the same instance name"
             ) from None
         except PermissionError as e:
-            raise PermissionDenied(
-                f"cannot create segment {name} in {directory or shm_dir()}: {e.strerror}"
-            ) from None
+            raise PermissionDenied(f"cannot create segment {name} in {folder.path}: {e.strerror}") from None
         try:
             # The mode is exactly what was asked, whatever the umask (umask 077 would make 0600).
             os.fchmod(fd, mode)
@@ -227,35 +264,35 @@ class Segment:
                         "daemon's user or root"
                     ) from None
             if reserved:
-                reserve(fd, size, directory, check)
+                reserve(fd, size, folder, check)
             else:
                 os.ftruncate(fd, size)
         except BaseException:
             os.close(fd)
-            unlink(name, directory)
+            unlink(folder, name)
             raise
-        return cls(name, size, fd)
+        return cls(folder, name, size, fd)
 
     @classmethod
     def reopen(
         cls,
+        folder: Folder,
         name: str,
         size: int,
         owner: int,
-        directory: str | None = None,
         check: Callable[[], None] | None = None,
     ) -> "Segment":
         """Open an existing, unsealed segment of uid ``owner`` to write it again (a publish into
         pages the daemon handed back: Note [reusing a segment's pages] in weightd.daemon.store)."""
-        fd = open_entry(name, os.O_RDWR, owner=owner, directory=directory)
+        fd = open_entry(folder, name, os.O_RDWR, owner=owner)
         try:
             if read_seal(os.pread(fd, SEAL_OFFSET + SEAL.size, 0)) != 0:
                 raise SegmentError(f"segment {name} is sealed: a served segment is never written again")
-            reserve(fd, size, directory, check)
+            reserve(fd, size, folder, check)
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, size, fd)
+        return cls(folder, name, size, fd)
 
     def write(self, offset: int, data) -> None:
         """Write all of ``data`` (any buffer) at ``offset``."""
@@ -306,12 +343,12 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
 
-    def destroy(self, directory: str | None = None, *, wait: bool = True) -> None:
+    def destroy(self, *, wait: bool = True) -> None:
         """Close and remove the name; see Note [segment lifetime after unlink].
 
         ``wait=False`` (a load stopped or failed half-way): the kernel frees the pages in a
         throwaway child process, not in this one: Note [freeing a segment's pages]."""
-        unlink(self.name, directory)
+        unlink(self.folder, self.name)
         child = _free_elsewhere(self.fd) if not wait and self.fd >= 0 else None
         self.close()
         if child is not None:
@@ -344,9 +381,7 @@ def _free_elsewhere(fd: int):
     return child
 
 
-def reserve(
-    fd: int, size: int, directory: str | None = None, check: Callable[[], None] | None = None
-) -> None:
+def reserve(fd: int, size: int, folder: Folder, check: Callable[[], None] | None = None) -> None:
     """Make the file exactly ``size`` bytes with every page reserved.
 
     ``posix_fallocate`` makes tmpfs reserve the pages now, so a full /dev/shm is an error here,
@@ -357,14 +392,15 @@ def reserve(
     ``posix_fallocate`` cannot be interrupted (~0.6 s for 3 GiB measured, ~27 s for 140 GB), and a
     stop must not wait for it.
     """
-    for _ in reservation(fd, size, directory):
+    for _ in reservation(fd, size, folder):
         if check is not None:
             check()
 
 
-def reservation(fd: int, size: int, directory: str | None = None) -> Iterator[int]:
-    """``reserve`` step by step: sizes the file, then reserves ``RESERVE_STEP`` bytes at a time,
-    yielding the offset reserved up to after each step (Note [reserving while writing])."""
+def reservation(fd: int, size: int, folder: Folder) -> Iterator[int]:
+    """``reserve`` step by step: sizes the file (a segment in ``folder``), then reserves
+    ``RESERVE_STEP`` bytes at a time, yielding the offset reserved up to after each step (Note
+    [reserving while writing])."""
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
@@ -374,7 +410,7 @@ def reservation(fd: int, size: int, directory: str | None = None) -> Iterator[in
             yield end
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            raise OutOfSpace(no_space_message(size, shm_free_bytes(directory), directory)) from None
+            raise OutOfSpace(folder.no_space_message(size)) from None
         raise
 
 
@@ -389,23 +425,10 @@ def reservation(fd: int, size: int, directory: str | None = None) -> Iterator[in
 # seal: what is sealed is wholly backed, and no worker ever meets a SIGBUS.
 
 
-def rounded_size(size: int, directory: str | None = None) -> int:
-    """A segment's size, rounded up so its last huge page is whole where segments get huge
-    pages (Note [huge pages]); elsewhere, or smaller than a huge page, as it is."""
-    if size < HUGE_PAGE or not _huge_dir(os.path.realpath(directory or shm_dir())):
-        return size
-    return (size + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-
-
-@functools.lru_cache(maxsize=16)
-def _huge_dir(directory: str) -> bool:
-    return huge_pages_asked(directory) is not None
-
-
-def clear_seal(name: str, owner: int) -> None:
+def clear_seal(folder: Folder, name: str, owner: int) -> None:
     """Unseal a segment the daemon is about to hand out for rewriting: never served again, and
     swept (not adopted) if the daemon dies before the publisher seals it."""
-    fd = open_entry(name, os.O_RDWR, owner=owner)
+    fd = open_entry(folder, name, os.O_RDWR, owner=owner)
     try:
         write_seal(fd, 0)
     finally:
@@ -415,7 +438,7 @@ def clear_seal(name: str, owner: int) -> None:
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 
 
-def in_use(name: str) -> bool:
+def in_use(folder: Folder, name: str) -> bool:
     """Whether any process anywhere (any user, any PID namespace) has segment ``name`` open or
     mapped; True too where the kernel will not say.
 
@@ -426,7 +449,7 @@ def in_use(name: str) -> bool:
     which would end the daemon if a process opened the file in between.
     """
     try:
-        fd = open_entry(name, owner=os.geteuid())
+        fd = open_entry(folder, name, owner=os.geteuid())
     except SegmentError:
         return True
     try:
@@ -441,11 +464,11 @@ def in_use(name: str) -> bool:
     return False
 
 
-def rename(old: str, new: str) -> None:
+def rename(folder: Folder, old: str, new: str) -> None:
     """Give segment ``old`` the name ``new`` (same folder): opens by the old name fail from now on."""
     if not (is_name(old) and is_name(new)):
         raise SegmentError(f"bad segment names {old!r:.80} -> {new!r:.80}")
-    os.rename(path(old), path(new))
+    os.rename(folder.file(old), folder.file(new))
 
 
 def write_seal(fd: int, word: int) -> None:
@@ -490,14 +513,14 @@ class Planted(UnsafePath, SegmentError):
 
 
 def open_entry(
+    folder: Folder,
     name: str,
     flags: int = os.O_RDONLY,
     owner: int | None = None,
-    directory: str | None = None,
     *,
     what: str = "",
 ) -> int:
-    """A descriptor of segment ``name``: the one way into a segment, for the daemon, clients,
+    """A descriptor of segment ``name`` in ``folder``: the one way into a segment, for the daemon, clients,
     purge and every integration (Note [one way into a segment]).
 
     Opened without following a symlink or blocking on a FIFO; anything but a regular file, or
@@ -507,7 +530,7 @@ def open_entry(
     """
     if not is_name(name):
         raise Planted(f"{name!r:.80}{what} is not a weightd segment name")
-    where = path(name, directory)
+    where = folder.file(name)
     try:
         fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -566,11 +589,11 @@ def _access(where: str) -> str:
     )
 
 
-def inspect(name: str, *, seal: int = SEALED):
+def inspect(folder: Folder, name: str, *, seal: int = SEALED):
     """(manifest or None, size, sealed) of an existing segment of this user, read without
     writing to it. ``seal``: the seal word that counts as finished (``PUBLISHED`` on commit).
     Raises ``Planted`` for names that are not this user's segments."""
-    fd = open_entry(name, owner=os.geteuid())
+    fd = open_entry(folder, name, owner=os.geteuid())
     try:
         size = os.fstat(fd).st_size
         if size < DATA_OFFSET:
@@ -591,10 +614,10 @@ def inspect(name: str, *, seal: int = SEALED):
         os.close(fd)
 
 
-def set_access(name: str, mode: int, gid: int) -> bool:
+def set_access(folder: Folder, name: str, mode: int, gid: int) -> bool:
     """Give this user's segment ``name`` exactly ``mode`` and group ``gid`` (an adopted one gets
     what the new daemon was told, not what its predecessor was); True if anything changed."""
-    fd = open_entry(name, owner=os.geteuid())
+    fd = open_entry(folder, name, owner=os.geteuid())
     try:
         st = os.fstat(fd)
         changed = False
@@ -614,32 +637,23 @@ def set_access(name: str, mode: int, gid: int) -> bool:
         os.close(fd)
 
 
-def commit_seal(name: str) -> None:
+def commit_seal(folder: Folder, name: str) -> None:
     """Seal a published segment the daemon has checked (see ``PUBLISHED``)."""
-    fd = open_entry(name, os.O_RDWR, owner=os.geteuid())
+    fd = open_entry(folder, name, os.O_RDWR, owner=os.geteuid())
     try:
         write_seal(fd, SEALED)
     finally:
         os.close(fd)
 
 
-def list_segments(start: str, directory: str | None = None) -> list[str]:
-    """Names (with leading slash) of the segments in the shared-memory directory that start
-    with ``start`` (see ``prefix``)."""
-    try:
-        entries = os.listdir(directory or shm_dir())
-    except FileNotFoundError:
-        return []
-    return sorted("/" + e for e in entries if e.startswith(start))
-
-
-def purge(start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int]:
-    """Remove the segments of uid ``owner`` whose names start with ``start``: (removed (name,
-    bytes), what was skipped as planted (``Planted``), how many this user may not remove)."""
+def purge(folder: Folder, start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int]:
+    """Remove the segments in ``folder`` of uid ``owner`` whose names start with ``start``:
+    (removed (name, bytes), what was skipped as planted (``Planted``), how many this user may
+    not remove)."""
     removed, planted, denied = [], [], 0
-    for name in list_segments(start):
+    for name in folder.segments(start):
         try:
-            fd = open_entry(name, owner=owner)
+            fd = open_entry(folder, name, owner=owner)
         except Planted as e:
             planted.append(str(e))
             continue
@@ -652,7 +666,7 @@ def purge(start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int
             size = os.fstat(fd).st_size
             os.close(fd)
         try:
-            os.unlink(path(name))
+            os.unlink(folder.file(name))
         except FileNotFoundError:
             continue
         except PermissionError:
@@ -662,13 +676,11 @@ def purge(start: str, owner: int) -> tuple[list[tuple[str, int]], list[str], int
     return removed, planted, denied
 
 
-def _in_dev_shm(directory: str | None) -> bool:
-    return os.path.realpath(directory or shm_dir()) == SHM_DIR
-
-
-def _shm_open_new(name: str, directory: str | None, mode: int) -> int:
+def _shm_open_new(folder: Folder, name: str, mode: int) -> int:
     """A new, empty segment's descriptor (O_EXCL never follows a link)."""
-    if _in_dev_shm(directory):
+    if folder.in_dev_shm():
+        import posix_ipc  # here: a client that only maps segments never needs it (~0.4 ms)
+
         try:
             shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode)
         except posix_ipc.ExistentialError:
@@ -679,44 +691,36 @@ def _shm_open_new(name: str, directory: str | None, mode: int) -> int:
         shm.close_fd()
         return fd
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(path(name, directory), flags, mode)
+    return os.open(folder.file(name), flags, mode)
 
 
-def unlink(name: str, directory: str | None = None) -> None:
+def unlink(folder: Folder, name: str) -> None:
+    """Remove segment ``name`` from ``folder`` (gone already: nothing to do); Note [segment
+    lifetime after unlink]."""
     if not is_name(name):
         return
-    if _in_dev_shm(directory):
+    if folder.in_dev_shm():
+        import posix_ipc
+
         try:
             posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:
             pass
         except posix_ipc.PermissionsError:  # not an OSError: another user's file under our name
-            raise PermissionDenied(f"may not remove {path(name, directory)}: it is not ours") from None
+            raise PermissionDenied(f"may not remove {folder.file(name)}: it is not ours") from None
         return
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path(name, directory))
-
-
-def no_space_message(size: int, free: int, directory: str | None = None) -> str:
-    where = directory or shm_dir()
-    if where == SHM_DIR:
-        remedy = "(docker run --shm-size=... or --ipc=host; a bigger tmpfs on /dev/shm)"
-    else:
-        remedy = f"(a bigger tmpfs on {where}: mount -o remount,size=... {where})"
-    return (
-        f"{where} has {_gib(free)} free, the model needs {_gib(size)}: free space there (weightd unload, "
-        f"or remove stale segments), or give the machine or container more shared memory {remedy}"
-    )
+        os.unlink(folder.file(name))
 
 
 # --- page sizes (Note [huge pages]) ----------------------------------------------------------
 
 
-def page_size(name: str) -> int:
+def page_size(folder: Folder, name: str) -> int:
     """The page size segment ``name``'s memory got, read back from the kernel: map its first
     huge pages here, fault them in and read this process's ``smaps`` for that mapping
     (``ShmemPmdMapped``, or ``FilePmdMapped`` on a disk file system). 2 MiB or 4 KiB."""
-    fd = open_entry(name, owner=os.geteuid())
+    fd = open_entry(folder, name, owner=os.geteuid())
     try:
         size = os.fstat(fd).st_size
         if size < HUGE_PAGE:
@@ -726,7 +730,7 @@ def page_size(name: str) -> int:
             if not populate(m, 0, probe):
                 for i in range(0, probe, SMALL_PAGE):
                     m[i]
-            pmd = _smaps_pmd(path(name))
+            pmd = _smaps_pmd(folder.file(name))
     finally:
         os.close(fd)
     return HUGE_PAGE if pmd > 0 else SMALL_PAGE
@@ -756,15 +760,15 @@ def _smaps_pmd(needle: str) -> int:
     return total
 
 
-def probe_dir(instance: str) -> int:
-    """The page size a new segment in this process's folder gets now: a scratch one of two
-    huge pages, created, read back (``page_size``) and removed."""
+def probe_pages(folder: Folder, instance: str) -> int:
+    """The page size a new segment in ``folder`` gets now: a scratch one of two huge pages,
+    created, read back (``page_size``) and removed."""
     # A fresh random name (O_EXCL): never one another user could have planted beforehand.
     name = f"/{prefix(instance)}probe-{os.getpid()}-{os.urandom(4).hex()}"
-    seg = Segment.create(name, 2 * HUGE_PAGE)
+    seg = Segment.create(folder, name, 2 * HUGE_PAGE)
     try:
         seg.close()
-        return page_size(name)
+        return page_size(folder, name)
     finally:
         seg.destroy()
 
@@ -780,10 +784,10 @@ def huge_page_warning(directory: str, why: str) -> str:
     )
 
 
-def huge_pages_asked(directory: str | None = None) -> str | None:
+def huge_pages_asked(directory: str) -> str | None:
     """Why segments in ``directory`` should get huge pages (a tmpfs mounted ``huge=...``, or
-    shmem forced system-wide), or None where nobody asked for them."""
-    directory = os.path.realpath(directory or shm_dir())
+    shmem forced system-wide), or None where nobody asked for them (``Folder.probe``)."""
+    directory = os.path.realpath(directory)
     best, options = "", ""
     try:
         with open("/proc/self/mountinfo") as f:

@@ -218,7 +218,7 @@ def staying_resident(size_mib: int, workers: int = 2) -> None:
     size = min(size_mib, 128)  # small enough for the demo's minute; the effect is the same
     print(
         f"\nstaying resident: {workers} workers per method, their memory limited (a cgroup on the workers "
-        f"only) to what they hold privately plus a third of a {size} MiB model ...",
+        f"only) to their own anonymous memory plus a third of a {size} MiB model ...",
         flush=True,
     )
     cases = pressure.run(size, workers, iters=15)

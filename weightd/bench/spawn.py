@@ -154,18 +154,26 @@ class Daemon:
         """The daemon's ``--shm-dir``, if it was given one."""
         return self.args[self.args.index("--shm-dir") + 1] if "--shm-dir" in self.args else None
 
+    @property
+    def folder(self):
+        """Where its segments are (``weightd.segment.Folder``)."""
+        from weightd import segment
+
+        return segment.Folder(self.shm_dir or segment.SHM_DIR)
+
     def segments(self) -> list[str]:
         from weightd import segment
 
-        return segment.list_segments(segment.prefix(self.instance), self.shm_dir)
+        return self.folder.segments(segment.prefix(self.instance))
 
     def remove_segments(self) -> list[str]:
         """Unlink every segment of this instance; returns their names (for leak reports)."""
         from weightd import segment
 
         self.leftover = self.segments()
+        folder = self.folder
         for name in self.leftover:
-            segment.unlink(name, self.shm_dir)
+            segment.unlink(folder, name)
         return self.leftover
 
 

@@ -24,9 +24,10 @@ log = logging.getLogger("weightd")
 def adopt(store: Store) -> list[Model]:
     """Serve the sealed segments a previous daemon of this instance left; remove the rest."""
     found: dict[str, list[Model]] = {}
-    for name in segment.list_segments(store.prefix):
+    folder = store.folder
+    for name in folder.segments(store.prefix):
         try:
-            manifest, size, sealed = segment.inspect(name)
+            manifest, size, sealed = segment.inspect(folder, name)
         except segment.Planted as e:
             # /dev/shm is writable by everyone: anybody can create a name with our prefix
             # (a file, symlink, directory, FIFO). Serving it would let its owner choose (and
@@ -38,16 +39,16 @@ def adopt(store: Store) -> list[Model]:
             manifest, sealed = None, False
         if not sealed or manifest.segment != name:
             log.warning("removing unfinished segment %s (a load or publish that was cut off)", name)
-            segment.unlink(name)
+            segment.unlink(folder, name)
             continue
-        manifest.directory = segment.shm_dir()
+        manifest.directory = folder.path
         found.setdefault(manifest.name, []).append(Model(manifest, size))
     adopted = []
     for name, models in found.items():
         models.sort(key=lambda m: m.manifest.generation)
         newest = models[-1]
         try:
-            if segment.set_access(newest.manifest.segment, store.mode, store.gid):
+            if segment.set_access(folder, newest.manifest.segment, store.mode, store.gid):
                 log.info(
                     "%s: segment %s now has mode %o and gid %d (--mode/--group changed)",
                     name,
@@ -87,4 +88,4 @@ def free_stale(store: Store) -> None:
     with store.lock:
         stale, store.stale = store.stale, []
     for s in stale:
-        segment.unlink(s)
+        segment.unlink(store.folder, s)

@@ -44,9 +44,10 @@ class GpuCopy:
     """One model's storages in one allocation on one GPU, held by the daemon."""
 
     @classmethod
-    def from_segment(cls, manifest, device: torch.device) -> "GpuCopy":
-        """Copy a sealed segment's storages to ``device`` (read through a read-only mapping)."""
-        fd = segment.open_entry(manifest.segment, owner=os.geteuid())  # Note [one way into a segment]
+    def from_segment(cls, folder: segment.Folder, manifest, device: torch.device) -> "GpuCopy":
+        """Copy a sealed segment's storages (in ``folder``) to ``device``, read through a
+        read-only mapping."""
+        fd = segment.open_entry(folder, manifest.segment, owner=os.geteuid())  # Note [one way into a segment]
         try:
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer warns about a read-only buffer; we only read

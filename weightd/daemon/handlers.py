@@ -100,7 +100,8 @@ class Handlers:
 
     def stats(self, req, peer) -> bytes:
         models = []
-        where, asked = segment.shm_dir(), self.store.huge_asked
+        folder = self.store.folder
+        where, asked = folder.path, folder.huge_asked
         small = 0  # segments that got 4 KiB pages
         for model in self.store.segments():
             entry = model.summary()
@@ -113,7 +114,7 @@ class Handlers:
             entry["attached"] = []
             unreadable = 0
             for pid in sorted(model.attached):
-                use = memory.mapping_usage(pid, segment.path(model.manifest.segment))
+                use = memory.mapping_usage(pid, folder.file(model.manifest.segment))
                 if use is not None:
                     entry["attached"].append(
                         {
@@ -273,6 +274,8 @@ class Handlers:
         return protocol.ok(
             segment=manifest.segment,
             directory=manifest.directory,
+            # so the publisher rounds the segment to whole huge pages there (Folder.rounded_size)
+            huge_pages_asked=self.store.folder.huge_asked,
             reuse=reused,  # the segment exists (a retired generation's pages): write it, not create it
             generation=manifest.generation,
             uuid=manifest.uuid,

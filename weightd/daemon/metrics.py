@@ -45,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from weightd import memory, protocol, segment, trust
+from weightd import memory, protocol, trust
 from weightd.daemon.endpoints import READ_MODE
 from weightd.daemon.store import Store
 from weightd.errors import UnsafePath, WeightdError
@@ -306,7 +306,7 @@ class _Accounting:
                 attached.add_metric([name], len(pids[name]))
         for name, (done, total) in sorted(runs.items()):
             ratio.add_metric([name], done / total if total else 0.0)
-        shm = memory.shm_usage(segment.shm_dir())
+        shm = memory.shm_usage(self._store.folder.path)
         yield size
         yield attached
         yield newest

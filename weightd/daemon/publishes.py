@@ -104,7 +104,7 @@ class Publishes:
         with self.store.lock:
             names, self.pending = list(self.pending), {}
         for s in names:
-            segment.unlink(s)
+            segment.unlink(self.store.folder, s)
 
     def begin(
         self,
@@ -149,7 +149,7 @@ class Publishes:
             pending = self.pending.pop(segment_name, None)
         if pending is None:
             return False
-        segment.unlink(segment_name)
+        segment.unlink(self.store.folder, segment_name)
         log.info(
             "abandoned the publish of %s (%s)",
             pending.manifest.name,
@@ -173,6 +173,7 @@ class Publishes:
                 ),
                 key=lambda sm: sm[1].size,
             )
+        folder = self.store.folder
         for old, model in fits:
             # Under the lock: no reply names it while it moves, and _drop_lost never sees it
             # half-renamed. Renames and a lease are a few microseconds.
@@ -180,16 +181,16 @@ class Publishes:
                 if self.store.retired.pop(old, None) is None:
                     continue  # freed by the reaper meanwhile
                 try:
-                    segment.rename(old, new)
+                    segment.rename(folder, old, new)
                 except OSError as e:
                     log.warning("could not reuse %s for a publish (%s): writing a new segment", old, e)
                     self.store.retired[old] = model
                     continue
-                if segment.in_use(new):  # mapped somewhere: it stays what it is, retired
-                    segment.rename(new, old)
+                if segment.in_use(folder, new):  # mapped somewhere: it stays what it is, retired
+                    segment.rename(folder, new, old)
                     self.store.retired[old] = model
                     continue
-            segment.clear_seal(new, os.geteuid())
+            segment.clear_seal(folder, new, os.geteuid())
             log.info(
                 "publishing %s into the pages of generation %d (no process maps it any more)",
                 name,
@@ -207,10 +208,10 @@ class Publishes:
             raise ProtocolError(
                 f"no publish of segment {segment_name!r:.100} is under way (it expired, or was committed)"
             )
-        begun = pending.manifest
+        begun, folder = pending.manifest, self.store.folder
         try:
             # The publisher marked it PUBLISHED; it is SEALED (adoptable) once checked here.
-            manifest, size, sealed = segment.inspect(segment_name, seal=segment.PUBLISHED)
+            manifest, size, sealed = segment.inspect(folder, segment_name, seal=segment.PUBLISHED)
             if not sealed:
                 raise SegmentError(f"segment {segment_name} is not sealed: the publish did not finish")
             if (manifest.name, manifest.generation, manifest.uuid) != (
@@ -228,10 +229,10 @@ class Publishes:
                     "describe its tensors exactly as its source does): not served"
                 )
             check_factory((manifest.skeleton or {}).get("factory"))
-            manifest.directory = segment.shm_dir()
-            segment.commit_seal(segment_name)
+            manifest.directory = folder.path
+            segment.commit_seal(folder, segment_name)
         except BaseException:
-            segment.unlink(segment_name)
+            segment.unlink(folder, segment_name)
             raise
         model = self.store.serve(Model(manifest, size))
         log.info(

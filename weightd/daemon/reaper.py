@@ -53,7 +53,7 @@ class Reaper:
         for r in expired:
             why = "its publisher died" if now <= r.deadline else "it was never committed"
             log.warning("removing the publish of %s (%s): %s", r.manifest.name, r.manifest.segment, why)
-            segment.unlink(r.manifest.segment)
+            segment.unlink(self.store.folder, r.manifest.segment)
         for s, model in retired:
             if now - model.touched < RETIRE_GRACE_SECONDS:
                 continue  # a client may be between the manifest reply and its mmap
@@ -62,7 +62,7 @@ class Reaper:
                 with self.store.lock:
                     if self.store.retired.pop(s, None) is None:
                         continue  # taken for a publish meanwhile (Note [reusing a segment's pages])
-                segment.unlink(s)
+                segment.unlink(self.store.folder, s)
                 log.info(
                     "freed %s generation %d: no process maps it any more",
                     model.manifest.name,
@@ -76,16 +76,16 @@ class Reaper:
         workers keep what they mapped (Note [segment lifetime after unlink])."""
         with self.store.lock:
             served = list(self.store.models.items()) + list(self.store.retired.items())
-        lost = []
+        lost, folder = [], self.store.folder
         for key, model in served:
             try:
-                os.lstat(segment.path(model.manifest.segment))
+                os.lstat(folder.file(model.manifest.segment))
             except FileNotFoundError:
                 lost.append((key, model))
         for key, model in lost:
             with self.store.lock:
                 table = self.store.models if self.store.models.get(key) is model else self.store.retired
-                if table.get(key) is not model or os.path.lexists(segment.path(model.manifest.segment)):
+                if table.get(key) is not model or os.path.lexists(folder.file(model.manifest.segment)):
                     continue  # replaced or unloaded meanwhile, or back (a publish that did not reuse it)
                 del table[key]
             m = model.manifest
@@ -95,6 +95,6 @@ class Reaper:
                 m.name,
                 m.generation,
                 m.segment,
-                segment.shm_dir(),
+                folder.path,
                 extra={"model": m.name, "generation": m.generation},
             )

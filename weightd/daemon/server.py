@@ -16,6 +16,7 @@ status; the segments stay for the daemon that starts next to adopt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -43,9 +44,9 @@ SOCKET_CHECK_SECONDS = 1.0  # how often the daemon checks that its socket files 
 STARTUP_PROGRESS_SECONDS = 2.0
 
 
-def maps_segment(pid: int, name: str) -> bool:
-    """Whether process ``pid`` has segment ``name`` mapped (from /proc/PID/maps)."""
-    needle = segment.path(name)
+def maps_segment(folder: segment.Folder, pid: int, name: str) -> bool:
+    """Whether process ``pid`` has segment ``name`` of ``folder`` mapped (from /proc/PID/maps)."""
+    needle = folder.file(name)
     try:
         with open(f"/proc/{pid}/maps") as f:
             return any(needle in line for line in f)
@@ -56,9 +57,13 @@ def maps_segment(pid: int, name: str) -> bool:
 class Server:
     def __init__(self, config: Config):
         self.config = config
-        segment.use_dir(config.shm_dir)  # before the store: it reads how the folder is mounted
+        # Where the segments are, and how that folder is mounted: read once, passed to the rooms
+        # that touch segments (the store and its rooms, the handlers, metrics).
+        self.folder = segment.Folder.probe(config.shm_dir)
+        self.maps = functools.partial(maps_segment, self.folder)
         self.store = Store(
             config.instance,
+            self.folder,
             mode=config.mode,
             max_bytes=config.max_bytes,
             allow_pickle=config.allow_pickle,
@@ -71,7 +76,7 @@ class Server:
         if config.metrics is not None:
             from weightd.daemon.metrics import Metrics  # prometheus-client only when asked for
 
-            self.metrics = Metrics(self.store, maps_segment)
+            self.metrics = Metrics(self.store, self.maps)
         # Counted where each outcome is known: loads when they end, publishes on commit, every
         # request when it is answered.
         self.loads = Loads(self.store, parallel=config.load_parallel, metrics=self.metrics)
@@ -226,7 +231,7 @@ class Server:
         self.store.free_stale()
         while not self._stopping.wait(REAP_SECONDS):
             try:
-                self.store.reap(maps_segment)
+                self.store.reap(self.maps)
             except Exception:
                 log.exception("internal error while freeing retired generations")
 
@@ -277,8 +282,8 @@ class Server:
     def _log_pages(self) -> None:
         """Say which page size segments get here, read back from a scratch segment (Note [huge
         pages] in weightd.segment), and warn where huge pages were asked for but not given."""
-        where, asked = segment.shm_dir(), self.store.huge_asked
-        elsewhere = where != segment.SHM_DIR and segment.list_segments(self.store.prefix, segment.SHM_DIR)
+        where, asked = self.folder.path, self.folder.huge_asked
+        elsewhere = where != segment.SHM_DIR and segment.Folder().segments(self.store.prefix)
         if elsewhere:
             log.warning(
                 "%d segments of this instance are in %s, not in --shm-dir %s (a daemon without --shm-dir "
@@ -290,7 +295,7 @@ class Server:
                 self.config.socket,
             )
         try:
-            size = segment.probe_dir(self.config.instance)
+            size = segment.probe_pages(self.folder, self.config.instance)
         except (OSError, WeightdError) as e:
             log.warning("could not read the page size segments get in %s: %s", where, e)
             return

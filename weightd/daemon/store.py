@@ -89,6 +89,7 @@ class Store:
     def __init__(
         self,
         instance: str,
+        folder: segment.Folder,
         mode: int = 0o640,
         max_bytes: int | None = None,
         allow_pickle: bool = False,
@@ -97,8 +98,8 @@ class Store:
         readers: stream.Readers | None = None,
     ):
         self.prefix = segment.prefix(instance)
+        self.folder = folder  # where the segments are (Server: Folder.probe(--shm-dir))
         self.readers = readers or stream.Readers()  # the threads every load's bytes go through
-        self.huge_asked = segment.huge_pages_asked()  # why segments should get huge pages, or None
         self.mode = mode
         self.gid = os.getegid() if group is None else group
         self.max_bytes = max_bytes
@@ -296,7 +297,7 @@ class Store:
                         stream.pieces(streamed),
                         check=check,
                         progress=progress,
-                        reserving=segment.reservation(seg.fd, seg.size),
+                        reserving=segment.reservation(seg.fd, seg.size, self.folder),
                     )
                 )
                 for blob, offset in placed:
@@ -307,6 +308,7 @@ class Store:
             size = layout.write(
                 manifest,
                 ck.blobs,
+                folder=self.folder,
                 mode=self.mode,
                 owner=self._owner(),
                 progress=tracked,
@@ -354,7 +356,7 @@ class Store:
             raise ModelNotFound(f"no model named {name!r} is loaded")
         # Attached workers keep their mappings: Note [segment lifetime after unlink].
         for s in [model.manifest.segment, *retired]:
-            segment.unlink(s)
+            segment.unlink(self.folder, s)
         log.info(
             "unloaded %s generation %d",
             name,
@@ -374,7 +376,7 @@ class Store:
             self.models, self.retired = {}, {}
         if unlink:
             for m in models:
-                segment.unlink(m.manifest.segment)
+                segment.unlink(self.folder, m.manifest.segment)
         self.readers.close()
 
     # --- internals ---
@@ -400,7 +402,7 @@ class Store:
             created=time.time(),
             segment=f"/{self.prefix}{slug}-{tag}.{uid[:12]}",
             uuid=uid,
-            directory=segment.shm_dir(),
+            directory=self.folder.path,
         )
 
     def serve(self, model: Model) -> Model:
@@ -410,7 +412,7 @@ class Store:
             from weightd.daemon import gpu
 
             for dev in self._devices:  # one copy per GPU, made before the name serves it
-                copy = gpu.GpuCopy.from_segment(model.manifest, dev)
+                copy = gpu.GpuCopy.from_segment(self.folder, model.manifest, dev)
                 model.gpu[copy.uuid] = copy
         name = model.manifest.name
         with self.lock:
@@ -430,23 +432,22 @@ class Store:
         huge pages, and a machine that was asked for them but gave 4 KiB pages says so."""
         m = model.manifest
         try:
-            m.page_size = segment.page_size(m.segment)
+            m.page_size = segment.page_size(self.folder, m.segment)
         except (OSError, SegmentError) as e:
             log.debug("could not read the page size of %s: %s", m.segment, e)
             return
-        if self.huge_asked and m.page_size < segment.HUGE_PAGE and model.size >= segment.HUGE_PAGE:
+        if self.folder.huge_asked and m.page_size < segment.HUGE_PAGE and model.size >= segment.HUGE_PAGE:
             log.warning(
                 "%s generation %d: %s",
                 m.name,
                 m.generation,
-                segment.huge_page_warning(segment.shm_dir(), self.huge_asked),
+                segment.huge_page_warning(self.folder.path, self.folder.huge_asked),
                 extra={"model": m.name, "generation": m.generation},
             )
 
     def check_space(self, name: str, nbytes: int) -> None:
-        free = segment.shm_free_bytes()
-        if nbytes > free:
-            raise OutOfSpace(segment.no_space_message(nbytes, free))
+        if nbytes > self.folder.free_bytes():
+            raise OutOfSpace(self.folder.no_space_message(nbytes))
         if self.max_bytes is None:
             return
         with self.lock:
