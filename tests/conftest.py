@@ -298,29 +298,10 @@ def _no_stray_env():
         os.rmdir(root)
 
 
-# The longest files first (``pytest --durations``, quiet machine): pytest-xdist's ``--dist
-# loadfile`` hands whole files to workers in collection order, so a long file collected last runs
-# alone at the end while the other workers idle (the Ray clusters did: ~1.5 min of one worker).
-LONGEST_FIRST = (
-    "test_reliability.py",
-    "test_ray.py",
-    "test_fanout.py",
-    "test_untrusted.py",
-    "test_restart.py",
-    "test_hf_parity.py",
-    "test_own_classes.py",
-    "test_quantized.py",
-    "test_adapters.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (``LONGEST_FIRST``), each file's tests in their order; tests
-    marked ``gpu`` need CUDA: on a machine without it they skip, cleanly."""
+    """Tests marked ``gpu`` need CUDA; on a machine without it they skip, cleanly."""
     import torch
 
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
