@@ -519,12 +519,7 @@ class Sources:
 def _map(manifest: Manifest, owner: int) -> memoryview:
     """A read-only shared mapping of ``manifest``'s sealed segment, checked as ``Mapping``
     checks it (the daemon's uid, the seal, the uuid), with its pages faulted in at once."""
-    fd = segment.open_entry(
-        segment.Folder.announced(manifest.directory),
-        manifest.segment,
-        owner=owner,
-        what=f" of {manifest.name!r}",
-    )
+    fd = segment.open_announced(manifest, owner)
     try:
         m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     finally:
