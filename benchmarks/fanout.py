@@ -11,7 +11,10 @@ the file evicted from the page cache before each (``POSIX_FADV_DONTNEED``):
 - ``each reads``  every node's daemon loads the file (what ``load_everywhere`` did before);
 - ``peers``       ``ray_zerocopy.load_everywhere``: one daemon reads it, the others copy it
                   from peers through Ray's object store (Note [one storage read per cluster]
-                  in weightd/client/ray_zerocopy/peers.py).
+                  in weightd/client/ray_zerocopy/peers.py);
+- ``Ray alone``   (2 nodes) the floor of the copy: Ray moving the same bytes between the two
+                  nodes in objects of the same size, as many in flight, each written into a
+                  new /dev/shm file, without weightd (no storage read, no digest).
 
 Columns: seconds until every node serves it, and that against one node loading it alone;
 bytes the daemons asked the file system for (``rchar`` of /proc/PID/io: on a shared or
@@ -103,8 +106,7 @@ def _copied(peers) -> int:
     import ray
 
     reg = peers.registry(create=False)
-    # the registry counts chunks written (each at most CHUNK bytes: the model is a multiple here)
-    return peers.CHUNK * sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
+    return sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
 
 
 def plasma_bytes(raylets: list[int]) -> int:
@@ -122,39 +124,90 @@ def plasma_bytes(raylets: list[int]) -> int:
     return total
 
 
-def run_cluster(nodes: int, path: Path, store: int) -> list[dict]:
+def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
+    """Seconds Ray alone takes to move ``nbytes`` from one node to another as the peers do:
+    objects of ``chunk`` bytes made by an actor on the first node, ``window`` asked for at a
+    time by an actor on the second, each written (``pwrite``) into a new /dev/shm file and
+    dropped. No weightd, no digest: the floor of a copy between nodes."""
+    import numpy as np
     import ray
-    from ray.cluster_utils import Cluster
 
-    sys.path.insert(0, str(ROOT))
-    from weightd.client import Client
-    from weightd.client import ray_zerocopy as rz
-    from weightd.client.ray_zerocopy import peers
     from weightd.client.ray_zerocopy.daemons import on_node
 
     @ray.remote(num_cpus=0)
-    def load_here(socket: str) -> dict:
-        with Client(socket) as c:
-            return c.load(str(path), NAME)
+    class Holder:
+        def __init__(self):
+            self.buf = np.full(nbytes, 7, dtype=np.uint8)
+
+        def read(self, offset: int, length: int):
+            return self.buf[offset : offset + length]
+
+        def ready(self) -> bool:
+            return True
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def ready(self) -> bool:
+            return True
+
+        def pull(self, holder) -> float:
+            fd, where = tempfile.mkstemp(dir="/dev/shm", prefix="weightd-fanout-floor-")
+            try:
+                os.ftruncate(fd, nbytes)
+                t0 = time.perf_counter()
+                todo = iter(range(0, nbytes, chunk))
+                pending = {}
+
+                def ask():
+                    for o in todo:
+                        pending[holder.read.remote(o, min(chunk, nbytes - o))] = o
+                        return
+
+                for _ in range(window):
+                    ask()
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    offset = pending.pop(ready[0])
+                    data = ray.get(ready[0])
+                    del ready
+                    ask()
+                    os.pwrite(fd, data, offset)
+                    del data
+                return time.perf_counter() - t0
+            finally:
+                os.close(fd)
+                os.unlink(where)
+
+    holder = Holder.options(scheduling_strategy=on_node(nodes[0])).remote()
+    receiver = Receiver.options(scheduling_strategy=on_node(nodes[1])).remote()
+    try:
+        ray.get([holder.ready.remote(), receiver.ready.remote()])  # started: not timed
+        return ray.get(receiver.pull.remote(holder))
+    finally:
+        ray.kill(holder)
+        ray.kill(receiver)
+
+
+def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) -> list[dict]:
+    import ray
+
+    sys.path.insert(0, str(ROOT))
+    from weightd.bench import raycluster
+    from weightd.client import Client
+    from weightd.client import ray_zerocopy as rz
+    from weightd.client.ray_zerocopy import peers
+    from weightd.client.ray_zerocopy.daemons import agent
 
     rows = []
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
-    )
-    try:
-        for _ in range(nodes - 1):
-            c.add_node(num_cpus=1, object_store_memory=store)
-        ray.init(address=c.address, log_to_driver=False)
-        sockets = rz.ensure_daemons()
+    env = {"RAY_free_objects_period_milliseconds": str(free_ms)}
+    with raycluster.local_cluster(nodes, runtime=runtime, object_store_memory=store, env=env) as c:
+        sockets = c.sockets
         daemons = {}
         for n, s in sockets.items():
             with Client(s) as cl:
                 daemons[n] = cl.ping()["pid"]
-        raylets = [
-            p.process.pid for node in [c.head_node, *c.worker_nodes] for p in node.all_processes["raylet"]
-        ]
-        methods = ["peers"] if nodes == 1 else ["each reads", "peers"]
+        raylets = raycluster.raylet_pids(c)
+        methods = ["peers"] if nodes == 1 else ["each reads", "peers"] + (["Ray alone"] if nodes == 2 else [])
         for method in methods:
             evict(path)
             d0 = {n: io(p) for n, p in daemons.items()}
@@ -163,17 +216,16 @@ def run_cluster(nodes: int, path: Path, store: int) -> list[dict]:
                 t0 = time.perf_counter()
                 if method == "peers":
                     rz.load_everywhere(NAME, str(path))
+                elif method == "each reads":  # every node's agent has its daemon read the file
+                    ray.get([agent(n).load.remote(s, str(path), NAME, None) for n, s in sockets.items()])
                 else:
-                    ray.get(
-                        [
-                            load_here.options(scheduling_strategy=on_node(n)).remote(s)
-                            for n, s in sockets.items()
-                        ]
-                    )
-                seconds = time.perf_counter() - t0
-            for s in sockets.values():  # every node serves it
-                with Client(s) as cl:
-                    assert NAME in {m["name"] for m in cl.list()}
+                    seconds = ray_alone(path.stat().st_size, sorted(sockets), peers.CHUNK, peers.WINDOW)
+                if method != "Ray alone":
+                    seconds = time.perf_counter() - t0
+            if method != "Ray alone":
+                for s in sockets.values():  # every node serves it
+                    with Client(s) as cl:
+                        assert NAME in {m["name"] for m in cl.list()}
             rows.append(
                 {
                     "nodes": nodes,
@@ -183,7 +235,7 @@ def run_cluster(nodes: int, path: Path, store: int) -> list[dict]:
                     "storage_disk": sum(
                         io(p)["read_bytes"] - d0[n]["read_bytes"] for n, p in daemons.items()
                     ),
-                    "moved": _copied(peers) - copied0,
+                    "moved": _copied(peers) - copied0 if method != "Ray alone" else path.stat().st_size,
                     "store_peak": peak.peak,
                     "plasma_pages": plasma_bytes(raylets),
                     "chunk": peers.CHUNK,
@@ -191,14 +243,8 @@ def run_cluster(nodes: int, path: Path, store: int) -> list[dict]:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-            rz.unload_everywhere(NAME)
-    finally:
-        try:
-            if ray.is_initialized():
-                rz.shutdown_daemons()
-                ray.shutdown()
-        finally:
-            c.shutdown()
+            if method != "Ray alone":
+                rz.unload_everywhere(NAME)
     return rows
 
 
@@ -257,22 +303,17 @@ def main() -> None:
     )
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    # Read by the raylets the clusters below start.
-    os.environ["RAY_free_objects_period_milliseconds"] = str(args.free_ms)
-    # Ray's memory monitor kills workers when the machine runs short, whoever uses the memory.
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     # The daemons' sockets, locks and logs: never the user's own daemon; removed with the run.
     with (
         tempfile.TemporaryDirectory(prefix="weightd-fanout-") as runtime,
         tempfile.TemporaryDirectory(prefix="weightd-fanout-ckpt-", dir="/tmp") as tmp,
     ):
-        os.environ["XDG_RUNTIME_DIR"] = runtime
         path = Path(tmp) / "model.safetensors"
         make_checkpoint(path, int(args.gib * GIB))
         model = path.stat().st_size
         rows = []
         for n in (int(x) for x in args.nodes.split(",")):
-            rows += run_cluster(n, path, args.store_mib * MIB)
+            rows += run_cluster(n, path, args.store_mib * MIB, runtime, args.free_ms)
     text = table(rows, model)
     chunk, window = rows[0]["chunk"] // MIB, rows[0]["window"]
     print(f"\n{model / GIB:.2f} GiB checkpoint, chunks of {chunk} MiB, window {window}\n")

@@ -19,10 +19,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from weightd import segment  # noqa: E402
+from weightd.bench import raycluster  # noqa: E402
 from weightd.client import Client, ProtocolError, SegmentError, TransferFailed  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
 from weightd.client.ray_zerocopy import peers  # noqa: E402
@@ -106,53 +106,19 @@ def _bytes_at(storage: torch.UntypedStorage, source, offset: int, length: int) -
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     runtime = tmp_path_factory.mktemp("xdg")
-    saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "PYTHONPATH", "RAY_memory_monitor_refresh_ms")}
-    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    # Ray kills workers when the whole machine is short of memory, whoever uses it; on a shared
-    # test machine that would be other jobs' doing, not this test's.
-    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved["PYTHONPATH"]) if p)
-    store = 400 * MIB  # per node: two transfers of WINDOW chunks each, and room to spare
+    store = 400 * MIB  # per node: two transfers' chunks (Note [the object store's bound]), and room to spare
     # A dead node is noticed within seconds (the default waits ~30 s).
     config = {
         "health_check_period_ms": 500,
         "health_check_failure_threshold": 4,
         "health_check_timeout_ms": 1000,
     }
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "object_store_memory": store,
-            "include_dashboard": False,
-            "_system_config": config,
-        },
-    )
-    try:
-        c.workers = [c.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
-        c.store = store
-        ray.init(address=c.address, log_to_driver=False)
-        c.sockets = rz.ensure_daemons()
+    with raycluster.local_cluster(
+        3, runtime=runtime, object_store_memory=store, pythonpath=(TESTS,), system_config=config
+    ) as c:
         yield c
-    finally:
-        try:
-            if ray.is_initialized():
-                rz.shutdown_daemons()
-                ray.shutdown()
-        finally:
-            c.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            leaked = [
-                s
-                for sock in Path(runtime).glob("weightd-ray-*.sock")
-                if not sock.name.endswith(".admin.sock")
-                for s in remove_segments(Config(socket=str(sock)).instance)
-            ]
-            assert not leaked, f"daemons started through Ray left segments: {leaked}"
+    leaked = [s for i in raycluster.instances(runtime) for s in remove_segments(i)]
+    assert not leaked, f"daemons started through Ray left segments: {leaked}"
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +245,29 @@ def test_a_corrupted_chunk_is_refused_naming_the_node_it_came_from(cluster, chec
             ]
             assert not unsealed, "nothing half-written is left"
     rz.unload_everywhere("bad")
+
+
+def test_a_publish_left_without_a_holder_is_sent_again_by_the_publisher(cluster):
+    here = ray.get_runtime_context().get_node_id()
+    state = {"w": torch.randn(256, 1024), "half": torch.randn(9, 5).to(torch.bfloat16)}
+    reg = peers.registry()
+    ray.get(reg.hook.remote(here, "fail"))  # the only holder cannot send: it is dropped at once
+    try:
+        out = rz.publish_everywhere("again", state)
+    finally:
+        ray.get(reg.hook.remote(here, None))
+    sockets = rz.ensure_daemons()
+    assert sorted(out) == sorted(sockets)
+    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("again")) for n in sockets}
+    for f in facts.values():
+        assert f["hashes"] == {k: _sha(v) for k, v in state.items()}
+        assert f["publishing"] == [], "the copies that found no holder were abandoned, not left half-way"
+    resent = [n for n, f in facts.items() if n != here and "via" not in f["summary"]]
+    assert len(resent) == 1, "one other node got it again from the publisher"
+    assert all(
+        f["summary"]["via"] == f"peer:{resent[0]}" for n, f in facts.items() if n not in (here, resent[0])
+    ), "and the rest copied it from that node"
+    assert rz.unload_everywhere("again") == len(sockets)
 
 
 def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(cluster, checkpoint):

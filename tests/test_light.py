@@ -18,9 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 # Never needed to attach or to get a state dict: the Hugging Face, GPU, Ray and publishing
-# parts, pyzmq (Note [the client speaks ZMTP itself]), what ssl/http drag in, and the daemon.
+# parts, pyzmq (Note [the client speaks ZMTP itself]), what ssl/http drag in, the daemon, and
+# posix_ipc (segments are created and removed with it, never mapped).
 NOT_FOR_ATTACH = (
     "zmq",
+    "posix_ipc",
     "transformers",
     "ray",
     "ssl",

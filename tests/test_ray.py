@@ -23,10 +23,10 @@ from torch import nn
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from weightd.client import DaemonNotRunning, ModelNotFound, info  # noqa: E402
+from weightd.bench import raycluster  # noqa: E402
+from weightd.client import Client, DaemonNotRunning, ModelNotFound, info  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
 from weightd.client.ray_zerocopy import ModelWrapper  # noqa: E402
 from weightd.client.ray_zerocopy import daemons as ray_daemons  # noqa: E402
@@ -47,36 +47,12 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     runtime = tmp_path_factory.mktemp("xdg")  # where the Ray-started daemons put their sockets
-    saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "PYTHONPATH", "RAY_AUTH_MODE")}
-    os.environ["XDG_RUNTIME_DIR"] = str(runtime)  # never a daemon of this machine's user
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, saved["PYTHONPATH"]) if p)
-    node = {"num_cpus": 2, "object_store_memory": 96 * MIB, "include_dashboard": False}
-    c = Cluster(initialize_head=True, head_node_args=node)
-    try:
-        c.add_node(num_cpus=2, object_store_memory=96 * MIB)
-        ray.init(address=c.address, log_to_driver=False)
-        c.sockets = rz.ensure_daemons()
+    with raycluster.local_cluster(
+        2, runtime=runtime, num_cpus=2, object_store_memory=96 * MIB, pythonpath=(TESTS,)
+    ) as c:
         yield c
-    finally:
-        try:
-            if ray.is_initialized():
-                rz.shutdown_daemons()
-                ray.shutdown()
-        finally:
-            c.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            sockets = list(Path(runtime).glob("weightd-ray-*.sock"))
-            leaked = [
-                s
-                for sock in sockets
-                if not sock.name.endswith(".admin.sock")
-                for s in remove_segments(Config(socket=str(sock)).instance)
-            ]
-            assert not leaked, f"daemons started through Ray left segments: {leaked}"
+    leaked = [s for i in raycluster.instances(runtime) for s in remove_segments(i)]
+    assert not leaked, f"daemons started through Ray left segments: {leaked}"
 
 
 def on_node(node_id: str) -> dict:
@@ -343,7 +319,7 @@ def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):
     sockets = cluster.sockets
     assert len(sockets) == 2
     for socket in sockets.values():  # this node's daemon from this process, the other's through Ray
-        with rz._client.Client(socket) as c:
+        with Client(socket) as c:
             published = {m["name"]: m for m in c.list()}[wrapper.model_name]
         assert published["nbytes"] == nbytes, "the tied embedding and the module held twice are stored once"
 
@@ -369,7 +345,7 @@ def test_bf16_pipeline_with_ties_and_a_shared_module(cluster):
 
     # model_attr_names: only the encoder goes to the daemons; the norm travels in the skeleton
     w2 = ModelWrapper.from_model(pipe, mode="actor", model_attr_names=["encoder"])
-    with rz._client.Client(next(iter(sockets.values()))) as c:
+    with Client(next(iter(sockets.values()))) as c:
         assert {m["name"]: m for m in c.list()}[w2.model_name]["nbytes"] == sum(
             t.numel() * t.element_size() for t in pipe.encoder.state_dict().values()
         )

@@ -79,8 +79,6 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-import posix_ipc
-
 from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import Manifest
 
@@ -572,6 +570,14 @@ def open_entry(
     return fd
 
 
+def open_announced(manifest: Manifest, owner: int | None) -> int:
+    """A client's descriptor of the segment a daemon described in ``manifest``: in the folder it
+    announced (``Folder.announced``: the manifest's ``directory``, or ``$WEIGHTD_SHM_DIR``), a
+    file of uid ``owner`` (the daemon's, from the kernel), through ``open_entry``."""
+    folder = Folder.announced(manifest.directory)
+    return open_entry(folder, manifest.segment, owner=owner, what=f" of {manifest.name!r}")
+
+
 def _not_owner(where: str, what: str, uid: int, owner: int) -> str:
     # The shared-memory folder is writable by every user.
     return (
@@ -681,6 +687,8 @@ def purge(folder: Folder, start: str, owner: int) -> tuple[list[tuple[str, int]]
 def _shm_open_new(folder: Folder, name: str, mode: int) -> int:
     """A new, empty segment's descriptor (O_EXCL never follows a link)."""
     if folder.in_dev_shm():
+        import posix_ipc  # here: a client that only maps segments never needs it (~0.4 ms)
+
         try:
             shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=mode)
         except posix_ipc.ExistentialError:
@@ -700,6 +708,8 @@ def unlink(folder: Folder, name: str) -> None:
     if not is_name(name):
         return
     if folder.in_dev_shm():
+        import posix_ipc
+
         try:
             posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:

@@ -20,13 +20,18 @@ How a process finds its node's daemon: Note [the node-local socket] in
 node, the fixed per-node path). ``shutdown_daemons()`` stops the daemons Ray started and frees
 their memory. Ray is needed here (``pip install 'weightd[ray]'``); ``import weightd.client``
 does not import it.
+
+Importing this package does not import torch (the attach side and ``ModelWrapper`` are
+imported when first used): every Ray worker that runs a daemon actor or copies a model
+between nodes imports it, and torch's import costs seconds on each (Note [one storage read
+per cluster] in ray_zerocopy.peers).
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING
 
-from weightd.client import client as _client
 from weightd.client.ray_zerocopy.daemons import (
     NodeDaemon,
     alive_nodes,
@@ -35,13 +40,17 @@ from weightd.client.ray_zerocopy.daemons import (
     ray_socket,
     shutdown_daemons,
 )
-from weightd.client.ray_zerocopy.models import (
-    load_everywhere,
-    node_sockets,
-    publish_everywhere,
-    unload_everywhere,
-)
-from weightd.client.ray_zerocopy.wrapper import ModelWrapper, RemoteModule
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from weightd.client.ray_zerocopy.models import (
+        load_everywhere,
+        node_sockets,
+        publish_everywhere,
+        unload_everywhere,
+    )
+    from weightd.client.ray_zerocopy.wrapper import ModelWrapper, RemoteModule
 
 __all__ = [
     "ModelWrapper",
@@ -60,6 +69,23 @@ __all__ = [
     "unload_everywhere",
 ]
 
+_LAZY = {
+    "load_everywhere": "models",
+    "node_sockets": "models",
+    "publish_everywhere": "models",
+    "unload_everywhere": "models",
+    "ModelWrapper": "wrapper",
+    "RemoteModule": "wrapper",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def attach(name: str, model=None, *, socket: str | None = None, **kwargs) -> nn.Module:
     """``weightd.client.attach`` with this Ray node's daemon found for you.
@@ -68,9 +94,13 @@ def attach(name: str, model=None, *, socket: str | None = None, **kwargs) -> nn.
     ...     def __init__(self):
     ...         self.model = ray_zerocopy.attach("bert", model=build_bert)
     """
-    return _client.attach(name, model, socket=node_socket(socket), **kwargs)
+    from weightd.client import client
+
+    return client.attach(name, model, socket=node_socket(socket), **kwargs)
 
 
 def state_dict(name: str, *, socket: str | None = None, generation: int | None = None):
     """``weightd.client.state_dict`` from this Ray node's daemon: ``{name: tensor}``, zero-copy."""
-    return _client.state_dict(name, socket=node_socket(socket), generation=generation)
+    from weightd.client import client
+
+    return client.state_dict(name, socket=node_socket(socket), generation=generation)

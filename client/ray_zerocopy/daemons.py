@@ -16,7 +16,8 @@ Note [the node-local socket]
     would make them share one daemon. A daemon's segments are named after a hash of its socket
     path (``weightd.<instance>.*``), so per-node sockets get per-node segments too.
 
-The daemon actor and the probe tasks use only the torch-free connection.
+The daemon actor and the probe tasks use only the torch-free connection; nothing this module
+imports imports torch (Note [no worker starts on the way] in ray_zerocopy.peers).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from weightd.errors import DaemonNotRunning, WeightdError
 NAMESPACE = "weightd"
 ACTOR_PREFIX = "weightd-daemon-"
 READY_TIMEOUT = 120.0
+SERVE_THREADS = 4  # transfers' chunks a node's agent sends at once (peers.SERVES * peers.WINDOW)
 
 
 def node_socket(socket: str | None = None) -> str:
@@ -101,8 +103,12 @@ def ensure_daemons(
     >>> ray_zerocopy.ensure_daemons()
     {'5f3a09c1d2e4...': '/tmp/weightd-1000/weightd-ray-5f3a09c1d2e4.sock'}
     """
+    from weightd.client.ray_zerocopy import peers
+
+    peers.registry()  # started now (a worker process): the first copy between nodes does not wait for it
     nodes = alive_nodes()
     probes = {n: _probe.options(scheduling_strategy=on_node(n)).remote(socket) for n in nodes}
+    agents = {n: agent(n) for n in nodes}  # also where a daemon runs already: each node's agent
     found: dict[str, str] = {}
     held: dict[str, list[str]] = {}
     starting = {}
@@ -111,12 +117,11 @@ def ensure_daemons(
         if existing is not None:
             found[node], held[node] = existing
         else:
-            starting[node] = _daemon_actor(node).ensure.remote(socket)
+            starting[node] = agents[node].ensure.remote(socket)
     for node, ref in starting.items():
         found[node], held[node] = ray.get(ref, timeout=timeout), []
+    ray.get([a.ready.remote() for a in agents.values()], timeout=timeout)
     if fill:
-        from weightd.client.ray_zerocopy import peers
-
         peers.complete(found, held)
     return found
 
@@ -130,9 +135,8 @@ def shutdown_daemons(*, timeout: float = 30.0) -> list[str]:
     """
     from weightd.client.ray_zerocopy import peers
 
-    for name in peers.actor_names():  # nothing left to copy from or to
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    with contextlib.suppress(ValueError):  # nothing left to copy from or to
+        ray.kill(ray.get_actor(peers.REGISTRY, namespace=NAMESPACE), no_restart=True)
     stopped = []
     for name in _daemon_actor_names():
         try:
@@ -167,7 +171,8 @@ def _probe(socket: str | None) -> tuple[str, list[str]] | None:
         return None
 
 
-def _daemon_actor(node: str):
+def agent(node: str):
+    """Node ``node``'s ``NodeDaemon`` actor (started if it has none)."""
     return NodeDaemon.options(
         name=ACTOR_PREFIX + node,
         namespace=NAMESPACE,
@@ -189,9 +194,14 @@ def _daemon_actor_names() -> list[str]:
     )
 
 
-@ray.remote
+# Threads, in three groups that never wait for each other: the default one starts and stops
+# the daemon; "serve" sends chunks to other nodes; "fill" copies models into this node's daemon
+# (a fill waits for other nodes' "serve" threads, never for its own node's).
+@ray.remote(concurrency_groups={"serve": 2 * SERVE_THREADS, "fill": 4})
 class NodeDaemon:
-    """Keeps ``weightd serve --unlink-on-exit`` running on one node, for the cluster's life.
+    """A node's weightd agent, for the cluster's life: keeps ``weightd serve --unlink-on-exit``
+    running on the node (``ensure``; not where a daemon answered already), and copies models
+    between nodes' daemons (Note [one storage read per cluster] in ray_zerocopy.peers).
 
     The daemon runs under a supervisor (Note [a Ray actor's children are SIGKILLed] in
     ray_zerocopy.supervisor) that stops it gracefully when this actor's process ends, however it ends:
@@ -199,7 +209,30 @@ class NodeDaemon:
     """
 
     def __init__(self):
+        from weightd.client.ray_zerocopy import peers
+
         self.socket: str | None = None
+        self.peers = peers
+        self.sources = peers.Sources()
+
+    def ready(self) -> bool:
+        return True
+
+    @ray.method(concurrency_group="serve")
+    def describe(self, socket: str, name: str) -> dict:
+        return self.peers.describe(socket, name)
+
+    @ray.method(concurrency_group="serve")
+    def read(self, *args):
+        return self.sources.read(*args)
+
+    @ray.method(concurrency_group="fill")
+    def load(self, socket: str, path: str, name: str, factory: str | None) -> dict:
+        return self.peers.load(socket, path, name, factory)
+
+    @ray.method(concurrency_group="fill")
+    def fill(self, name: str, key: str, node: str, socket: str) -> dict | None:
+        return self.peers.fill(name, key, node, socket)
 
     def ensure(self, socket: str | None) -> str:
         path = os.path.abspath(

@@ -15,7 +15,7 @@ from torch import nn
 
 from weightd.client import client as _client
 from weightd.client.ray_zerocopy import peers
-from weightd.client.ray_zerocopy.daemons import ensure_daemons, node_socket, on_node, ping
+from weightd.client.ray_zerocopy.daemons import agent, ensure_daemons, node_socket, on_node, ping
 
 
 def node_sockets(socket: str | None = None) -> dict[str | None, str]:
@@ -45,19 +45,23 @@ def publish_everywhere(name: str, obj, *, socket: str | None = None) -> dict[str
     here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     if None in sockets:  # no Ray: this machine's daemon alone
         return {None: _client.publish(name, obj, socket=sockets[None])}
-    if here in sockets:
-        first = here
-        out: dict[str | None, dict] = {here: _client.publish(name, obj, socket=sockets[here])}
-    else:  # a driver outside the cluster's nodes: the bytes go through the object store once
-        first = sorted(sockets)[0]
+
+    def ship(node: str) -> dict:
+        if node == here:
+            return _client.publish(name, obj, socket=sockets[here])
+        # a driver outside the cluster's nodes, or a resend: through the object store once
         ref = ray.put(_Shipment(_tensors(obj)))
-        out = {
-            first: ray.get(
-                _publish.options(scheduling_strategy=on_node(first)).remote(name, ref, sockets[first])
+        try:
+            return ray.get(
+                _publish.options(scheduling_strategy=on_node(node)).remote(name, ref, sockets[node])
             )
-        }
-        del ref
-    out.update(peers.spread(name, first, sockets))
+        finally:
+            del ref
+
+    first = here if here in sockets else sorted(sockets)[0]
+    out: dict[str | None, dict] = {first: ship(first)}
+    # with no holder left mid-copy (every node that had it went away), this process sends it again
+    out.update(peers.spread(name, first, sockets, reship=ship))
     return out
 
 
@@ -88,11 +92,8 @@ def load_everywhere(
         raise ValueError(
             f"reader={first!r} is not an alive node of this cluster: pick one of {sorted(sockets)}"
         )
-    out = {
-        first: ray.get(
-            _load.options(scheduling_strategy=on_node(first)).remote(name, path, sockets[first], factory)
-        )
-    }
+    # by the node's agent: no worker process starts for it (Note [no worker starts on the way])
+    out = {first: ray.get(agent(first).load.remote(sockets[first], path, name, factory))}
     out.update(peers.spread(name, first, sockets, path=path, factory=factory))
     return out
 
@@ -195,12 +196,6 @@ def _unload(socket: str, name: str) -> bool:
 def _publish(name: str, shipment: _Shipment, socket: str) -> dict:
     with _client.Client(socket) as c:
         return c.publish(name, shipment.tensors())
-
-
-@ray.remote(num_cpus=0)
-def _load(name: str, path: str, socket: str, factory: str | None) -> dict:
-    with _client.Client(socket) as c:
-        return c.load(path, name, factory=factory)
 
 
 @ray.remote(num_cpus=0)

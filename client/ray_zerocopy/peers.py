@@ -5,30 +5,58 @@ Note [one storage read per cluster]
     put a model into ONE node's daemon (from storage, or from the publishing process); every
     other node copies it from a node that already holds it, through Ray's object store:
 
-    - a holder's ``PeerServer`` actor (one per node, threads) maps the segment through the
-      client's own mapping (``Mapping``: the daemon's uid checked, the seal and uuid checked)
-      and returns each chunk (``CHUNK`` bytes) as a numpy array, which Ray puts into the holder
-      node's object store, with an xxh3-128 digest of the bytes made where they were read
-      (seeded with the chunk's offset, so a chunk in the wrong place does not match either);
-    - on the receiving node a ``_fill`` task reserves a segment from ITS daemon for exactly the
-      source's layout (``publish_begin`` with the source's ``Manifest.layout_digest`` and
-      ``via="peer:<node>"``), asks for at most ``WINDOW`` chunks at a time, checks each digest,
-      writes it straight into the segment (one ``pwrite`` from the object store's buffer) and
-      drops its reference at once, so Ray frees both copies. The daemon seals the segment only
-      if it holds the source's layout; the manifest is the source's (names, dtypes, shapes,
-      storages, ties), under this daemon's name, generation and uuid;
+    - every node has a ``NodeDaemon`` actor (ray_zerocopy.daemons; ``ensure_daemons`` starts
+      one per node, also where the daemon was already running). It is the node's agent: its
+      ``serve`` threads send chunks of what the node's daemon holds, its ``fill`` threads copy
+      models into the node's daemon. Nothing on the way starts a Ray worker process, and none
+      of it imports torch (Note [no worker starts on the way]);
+    - a holder maps the sealed segment (the daemon's uid, the seal and the uuid checked, as
+      ``Mapping`` does) and returns each chunk (``CHUNK`` bytes) as a numpy array, which Ray
+      copies into the holder node's object store, with an xxh3-128 digest of the bytes made
+      where they were read (seeded with the chunk's offset, so a chunk in the wrong place does
+      not match either);
+    - the receiver reserves a segment from ITS daemon for exactly the source's layout
+      (``publish_begin`` with the source's ``Manifest.layout_digest`` and ``via="peer:<node>"``),
+      keeps ``WINDOW`` chunks asked for, checks each digest, writes it straight into the
+      segment (one ``pwrite`` from the object store's buffer) and drops its reference at once,
+      so Ray frees both copies (Note [the object store's bound]). The daemon seals the segment
+      only if it holds the source's layout; the manifest is the source's (names, dtypes,
+      shapes, storages, ties), under this daemon's name, generation and uuid;
     - a small registry (the detached ``Peers`` actor) knows which nodes hold each model and
       hands out holders, least busy first, each serving at most ``SERVES`` transfers at a
       time: a node that finishes becomes a holder, so copies spread as a tree (1, 3, 9...
       holders), not all from the first node. A holder that fails mid-transfer (its node died,
-      its daemon unloaded the model) is dropped and the transfer goes on from another holder,
-      keeping the chunks already written; with no holder left, one receiver reads storage again
-      (a load's path) and the others copy from it. A transfer that cannot finish is abandoned
-      (``publish_commit`` with ``abort``): its segment is removed and nothing is served.
+      its daemon unloaded the model, it sent nothing for ``CHUNK_TIMEOUT``) is dropped and the
+      transfer goes on from another holder, keeping the chunks already written; with no holder
+      left, one receiver reads storage again (a load's path) and the others copy from it, or,
+      for a publish, the publishing process sends it again (``spread``'s ``reship``);
+    - every wait has a deadline: registry calls ``REGISTRY_TIMEOUT``, a chunk
+      ``CHUNK_TIMEOUT``, a whole transfer ``transfer_deadline(nbytes)``. A transfer that cannot
+      finish is abandoned (``publish_commit`` with ``abort``): its segment is removed and
+      nothing is served.
 
     Whoever may use the Ray cluster can read the weights in transit, as any Ray object (and
     can run code as the daemons' user on every node anyway). The digest guards against
     corruption, not against someone who can write to the object store.
+
+Note [no worker starts on the way]
+    Measured on one machine (benchmarks/fanout.py), a 1 GiB copy between two nodes took 7.5 s
+    when a task and an actor were started for it, against ~1.1 s for Ray alone moving the
+    same bytes: each new Ray worker process imported torch (this package's ``__init__``
+    did), ~1.5 s on an idle core. The agents run in the ``NodeDaemon`` actors that
+    ``ensure_daemons`` starts before any transfer, this module and the package import no
+    torch, and the registry is started by ``ensure_daemons`` too. What is left is the
+    object store's copy into the holder's store, Ray's pull between the stores, and one
+    ``pwrite`` into the segment per chunk.
+
+Note [the object store's bound]
+    A chunk asked for sits in the holder's object store once made and, once pulled, in the
+    receiver's too, until the receiver drops its reference after writing it. With ``WINDOW``
+    chunks asked for per transfer, at most ``2 * WINDOW`` (= 4) chunks of one transfer are
+    in the cluster's object stores, plus what Ray has released but not yet deleted: it deletes
+    released objects in batches, every ``free_objects_period_milliseconds`` (a cluster
+    setting, 1000 by default: at ~1 GB/s a second of chunks). benchmarks/fanout.py measures
+    the peak with the period at 20 ms.
 """
 
 from __future__ import annotations
@@ -36,7 +64,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import os
 import random
+import threading
 import time
 
 import numpy as np
@@ -44,20 +75,22 @@ import ray
 import xxhash
 
 from weightd import segment
-from weightd.client import client as _client
-from weightd.client.mapping import Mapping
-from weightd.client.ray_zerocopy.daemons import NAMESPACE, on_node
+from weightd.client.connection import Connection
+from weightd.client.ray_zerocopy.daemons import ACTOR_PREFIX, NAMESPACE, agent, on_node
 from weightd.errors import SegmentError, TransferFailed, WeightdError
 from weightd.manifest import PAGE_ALIGN, Manifest, align_up
 
 log = logging.getLogger("weightd")
 
-CHUNK = 32 << 20  # bytes per object; a multiple of the page size
-WINDOW = 4  # chunks in flight per transfer: the object store holds at most this many for it
+CHUNK = 64 << 20  # bytes per object; a multiple of the page size
+WINDOW = 2  # chunks asked for per transfer (Note [the object store's bound]: <= 2 * WINDOW stored)
 SERVES = 2  # transfers one holder serves at once; the others wait for it or for a new holder
-CHUNK_TIMEOUT = 120.0  # a holder that sends no chunk in this long is given up
+CHUNK_TIMEOUT = 60.0  # a holder that sends no chunk in this long is given up
+REGISTRY_TIMEOUT = 30.0  # the registry answers every call within this (acquire: "busy" first)
+LEASE_WAIT = 10.0  # how long one acquire waits for a free holder before answering "busy"
+MIN_RATE = 20e6  # bytes/s: a transfer slower than this, after START, is given up
+START = 60.0
 REGISTRY = "weightd-peers"
-SERVER_PREFIX = "weightd-peer-"
 
 
 def digest(data, offset: int) -> str:
@@ -65,19 +98,40 @@ def digest(data, offset: int) -> str:
     return xxhash.xxh3_128_hexdigest(data, seed=offset)
 
 
-def spread(name: str, first: str, sockets: dict[str, str], *, path: str | None = None, factory=None) -> dict:
+def transfer_deadline(nbytes: int) -> float:
+    """Seconds one copy of ``nbytes`` may take, all holders and waits included."""
+    return START + nbytes / MIN_RATE
+
+
+def spread(
+    name: str, first: str, sockets: dict[str, str], *, path: str | None = None, factory=None, reship=None
+) -> dict:
     """Copy ``name``, which node ``first``'s daemon holds, into every other node's daemon of
     ``sockets`` from peers; returns ``{node: the daemon's model summary}``. ``path`` (and
-    ``factory``): where to read it again if no node is left to copy from."""
-    others = {n: s for n, s in sockets.items() if n != first}
-    if not others:
-        return {}
-    source = ray.get(_describe.options(scheduling_strategy=on_node(first)).remote(sockets[first], name))
+    ``factory``): where to read it again if no node is left to copy from; ``reship(node)``:
+    else, put it into ``node``'s daemon again from the caller (a publish), returning its
+    summary. Registered even on a one-node cluster: a node added later copies it from there."""
+    source = _get(agent(first).describe.remote(sockets[first], name), REGISTRY_TIMEOUT)
     key = source["uuid"]
     reg = registry()
-    ray.get(reg.register.remote(name, key, source, path, factory))
-    ray.get(reg.hold.remote(key, first, _holding(sockets[first], source)))
-    return _fill_all(name, key, others)
+    _get(reg.register.remote(name, key, source, path, factory), REGISTRY_TIMEOUT)
+    _get(reg.hold.remote(key, first, _holding(sockets[first], source)), REGISTRY_TIMEOUT)
+    others = {n: s for n, s in sockets.items() if n != first}
+    nbytes = Manifest.from_dict(source).nbytes
+    out, orphans = _fill_all(name, key, others, nbytes=nbytes)
+    if orphans and reship is not None:  # no holder left: the publisher sends it again, once
+        again = sorted(orphans)[0]
+        out[again] = reship(again)
+        mine = _get(agent(again).describe.remote(orphans[again], name), REGISTRY_TIMEOUT)
+        _get(reg.hold.remote(key, again, _holding(orphans[again], mine)), REGISTRY_TIMEOUT)
+        rest, orphans = _fill_all(name, key, {n: s for n, s in orphans.items() if n != again}, nbytes=nbytes)
+        out.update(rest)
+    if orphans:
+        raise TransferFailed(
+            f"copying {name!r} to nodes {sorted(orphans)}: no node holds it any more (every holder "
+            "went away), and nothing says where to read it again: publish it again"
+        )
+    return out
 
 
 def complete(sockets: dict[str, str], held: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
@@ -87,12 +141,14 @@ def complete(sockets: dict[str, str], held: dict[str, list[str]]) -> dict[str, d
     reg = registry(create=False)
     if reg is None:
         return {}
-    models = ray.get(reg.everywhere.remote())
+    models = _get(reg.everywhere.remote(), REGISTRY_TIMEOUT)
     out = {}
-    for name, key in models.items():
+    for name, (key, nbytes) in models.items():
         missing = {n: s for n, s in sockets.items() if name not in held.get(n, ())}
         if missing:
-            out[name] = _fill_all(name, key, missing)
+            out[name], orphans = _fill_all(name, key, missing, nbytes=nbytes)
+            if orphans:
+                log.warning("no node holds %s any more: nodes %s stay without it", name, sorted(orphans))
     return out
 
 
@@ -100,7 +156,7 @@ def forget(name: str) -> None:
     """The cluster no longer keeps ``name`` everywhere (unloaded)."""
     reg = registry(create=False)
     if reg is not None:
-        ray.get(reg.forget.remote(name))
+        _get(reg.forget.remote(name), REGISTRY_TIMEOUT)
 
 
 def registry(create: bool = True):
@@ -122,32 +178,50 @@ def registry(create: bool = True):
     ).remote()
 
 
-def actor_names() -> list[str]:
-    """The detached actors of this module (for ``shutdown_daemons``)."""
-    from ray.util import list_named_actors
+def _get(ref, timeout: float):
+    """``ray.get`` with a deadline: a registry or agent that does not answer is a TransferFailed."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        _cancel(ref)
+        raise TransferFailed(
+            f"a weightd actor of the Ray cluster did not answer in {timeout:g} s (is the cluster "
+            "overloaded, or a node gone?)"
+        ) from None
 
-    return sorted(
-        a["name"]
-        for a in list_named_actors(all_namespaces=True)
-        if a.get("namespace") == NAMESPACE and (a["name"] == REGISTRY or a["name"].startswith(SERVER_PREFIX))
-    )
+
+def _cancel(ref) -> None:
+    """Cancel a call that overran its deadline, where Ray can (a running thread it cannot stop)."""
+    with contextlib.suppress(Exception):
+        ray.cancel(ref)
 
 
-def _fill_all(name: str, key: str, sockets: dict[str, str]) -> dict[str, dict]:
-    refs = {
-        n: _fill.options(scheduling_strategy=on_node(n)).remote(name, key, n, s) for n, s in sockets.items()
-    }
-    out, failures = {}, []
-    for node, ref in refs.items():  # every transfer ends (served or abandoned) before this returns
+def _fill_all(name: str, key: str, sockets: dict[str, str], *, nbytes: int):
+    """Copy into every node of ``sockets`` at once; ``({node: summary}, {node: socket} of the
+    nodes that found no holder and nothing to read)``. Every transfer has ended (served or
+    abandoned) when this returns; another failure raises (the first)."""
+    refs = {n: agent(n).fill.remote(name, key, n, s) for n, s in sockets.items()}
+    # each fill gives up by its own deadline; this one is later, for a node that died with it
+    deadline = time.monotonic() + transfer_deadline(nbytes) + REGISTRY_TIMEOUT
+    out, orphans, failures = {}, {}, []
+    for node, ref in refs.items():
         try:
-            out[node] = ray.get(ref)
+            summary = ray.get(ref, timeout=max(deadline - time.monotonic(), 1.0))
+        except ray.exceptions.GetTimeoutError:
+            _cancel(ref)
+            failures.append(TransferFailed(f"copying {name!r} to node {node}: it did not end in time"))
         except ray.exceptions.RayTaskError as e:
             failures.append(e.cause if isinstance(e.cause, WeightdError) else e)
         except ray.exceptions.RayError as e:
             failures.append(TransferFailed(f"copying {name!r} to node {node}: {e}"))
+        else:
+            if summary is None:
+                orphans[node] = sockets[node]
+            else:
+                out[node] = summary
     if failures:
         raise failures[0]
-    return out
+    return out, orphans
 
 
 def _holding(socket: str, manifest: dict) -> dict:
@@ -173,9 +247,10 @@ class Copy:
 
     Reserved for exactly the source's layout (``Store.reserve`` with ``layout`` and ``via``);
     ``commit`` has the daemon check and seal it; ``abort`` removes it. Never served unfinished.
+    ``client``: a ``Connection`` (or ``Client``) to this node's daemon.
     """
 
-    def __init__(self, client: _client.Client, source: Manifest, via: str):
+    def __init__(self, client: Connection, source: Manifest, via: str):
         r = client.call(
             "publish_begin", name=source.name, nbytes=source.nbytes, layout=source.layout_digest(), via=via
         )
@@ -234,51 +309,81 @@ class Copy:
             self.client.call("publish_commit", segment=self.manifest.segment, abort=True)
 
 
-# --- the tasks and actors ---
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _describe(socket: str, name: str) -> dict:
-    with _client.Client(socket) as c:
-        return c.manifest(name, full=True).to_dict()
+# --- what the node's agent (its NodeDaemon actor) runs ---
 
 
 class _HolderFailed(Exception):
     """The holder could not send a chunk (its node or daemon went away): use another."""
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def _fill(name: str, key: str, node: str, socket: str) -> dict:
-    """On the receiving node: copy ``name`` into this node's daemon from peers."""
+class _NoHolder(Exception):
+    """No node holds the model any more and nothing says where to read it again."""
+
+
+def describe(socket: str, name: str) -> dict:
+    """The manifest of what this node's daemon serves as ``name``: a spread's source."""
+    with Connection(socket) as c:
+        return c.manifest(name, full=True).to_dict()
+
+
+def load(socket: str, path: str, name: str, factory: str | None) -> dict:
+    """Have this node's daemon read ``path`` (the one storage read of a ``load_everywhere``)."""
+    with Connection(socket) as c:
+        return c.load(path, name, factory=factory)
+
+
+def fill(name: str, key: str, node: str, socket: str) -> dict | None:
+    """Copy ``name`` (spread ``key``) into this node's daemon from peers; its summary, or None
+    when no node holds it any more and nothing says where to read it again."""
     reg = registry(create=False)
     if reg is None:
         raise TransferFailed(f"copying {name!r} to node {node}: the cluster's registry of holders is gone")
-    entry = ray.get(reg.entry.remote(name, key))
+    entry = _get(reg.entry.remote(name, key), REGISTRY_TIMEOUT)
     if entry is None:
         raise TransferFailed(f"copying {name!r} to node {node}: it was unloaded or replaced meanwhile")
     source = Manifest.from_dict(entry["manifest"])
+    deadline = time.monotonic() + transfer_deadline(source.nbytes)
     pieces = _chunks(source)
     written: set[int] = set()
-    with _client.Client(socket) as c:
-        copy = None
+    with Connection(socket) as c:
+        box: list[Copy | None] = [None]  # this node's copy, once reserved (shared with _pull)
+
+        def abandon() -> None:
+            if box[0] is not None:
+                copy, box[0] = box[0], None
+                copy.abort()
+
         try:
             while True:
-                lease = ray.get(reg.acquire.remote(key))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferFailed(
+                        f"copying {name!r} to node {node}: not done in "
+                        f"{transfer_deadline(source.nbytes):.0f} s (holders too slow or too busy): "
+                        "nothing of it is served; load it again"
+                    )
+                lease = _get(reg.acquire.remote(key, min(LEASE_WAIT, left)), REGISTRY_TIMEOUT)
+                if lease["kind"] == "busy":
+                    continue
                 if lease["kind"] == "storage":
-                    if copy is not None:
-                        copy.abort()
-                        copy = None
+                    abandon()
                     return _reload(c, reg, key, node, socket, source, lease)
+                if lease["kind"] == "none":
+                    abandon()
+                    return None
                 if lease["kind"] != "peer":
                     raise TransferFailed(
-                        f"copying {name!r} to node {node}: no node holds it any more"
-                        + ("" if lease["kind"] == "none" else " (it was unloaded or replaced meanwhile)")
+                        f"copying {name!r} to node {node}: it was unloaded or replaced meanwhile"
                     )
                 holder = lease["node"]
+
+                def reserve(holder=holder) -> Copy:
+                    if box[0] is None:
+                        box[0] = Copy(c, source, via=f"peer:{holder}")
+                    return box[0]
+
                 try:
-                    if copy is None:
-                        copy = Copy(c, source, via=f"peer:{holder}")
-                    _pull(copy, lease, pieces, written, reg, key)
+                    _pull(reserve, lease, pieces, written, reg, key, deadline)
                 except _HolderFailed as e:
                     log.warning(
                         "node %s failed while sending %s (%s): trying another holder", holder, name, e
@@ -287,13 +392,13 @@ def _fill(name: str, key: str, node: str, socket: str) -> dict:
                     continue
                 finally:
                     reg.release.remote(key, holder)
+                copy, box[0] = box[0], None
                 holding = _holding(socket, copy.manifest.to_dict())
-                summary, copy = copy.commit(), None
-                ray.get(reg.hold.remote(key, node, holding))
+                summary = copy.commit()
+                _get(reg.hold.remote(key, node, holding), REGISTRY_TIMEOUT)
                 return summary
         except BaseException:
-            if copy is not None:
-                copy.abort()
+            abandon()
             raise
 
 
@@ -304,48 +409,49 @@ def _reload(c, reg, key: str, node: str, socket: str, source: Manifest, lease: d
         summary = c.load(lease["path"], source.name, factory=lease["factory"])
         mine = c.manifest(source.name, summary["generation"], full=True)
         if mine.layout_digest() == source.layout_digest():  # the file did not change meanwhile
-            ray.get(reg.hold.remote(key, node, _holding(socket, mine.to_dict())))
+            _get(reg.hold.remote(key, node, _holding(socket, mine.to_dict())), REGISTRY_TIMEOUT)
         return summary
     finally:
         reg.reading_done.remote(key)
 
 
-def _pull(copy: Copy, lease: dict, pieces, written: set[int], reg, key: str) -> None:
-    """Copy the pieces not written yet from ``lease``'s holder, ``WINDOW`` at a time."""
+def _pull(reserve, lease: dict, pieces, written: set[int], reg, key: str, deadline: float) -> None:
+    """Copy the pieces not written yet from ``lease``'s holder, ``WINDOW`` asked for at a time,
+    into ``reserve()`` (this node's ``Copy``: reserved while the first chunks are on their way)."""
     holder = lease["node"]
-    server = _server(holder)
+    try:
+        server = ray.get_actor(agent_name(holder), namespace=NAMESPACE)
+    except ValueError:
+        raise _HolderFailed("its agent is gone") from None
     todo = iter([p for p in pieces if p[0] not in written])
     pending: dict = {}
+    args = (lease["socket"], lease["name"], lease["generation"], lease["uuid"])
 
     def ask() -> None:
         for offset, length in todo:
-            ref = server.read.remote(
-                lease["socket"],
-                lease["name"],
-                lease["generation"],
-                lease["uuid"],
-                offset,
-                length,
-                lease["hook"],
-            )
-            pending[ref] = offset
+            pending[server.read.remote(*args, offset, length, lease["hook"])] = offset
             return
 
     for _ in range(WINDOW):
         ask()
+    copy = reserve()  # reserving the segment's pages takes as long as a chunk or two on the way
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=CHUNK_TIMEOUT)
+        wait = min(CHUNK_TIMEOUT, deadline - time.monotonic())
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(wait, 0.0))
         if not ready:
-            raise _HolderFailed(f"no chunk in {CHUNK_TIMEOUT:g} s")
+            for ref in pending:
+                _cancel(ref)
+            raise _HolderFailed(f"no chunk in {wait:.0f} s")
         ref = ready[0]
         del ready
         offset = pending.pop(ref)
         try:
-            sent, data = ray.get(ref)
+            sent, data = ray.get(ref, timeout=CHUNK_TIMEOUT)
         except (ray.exceptions.RayError, WeightdError) as e:
             raise _HolderFailed(f"{type(e).__name__}: {str(e)[:300]}") from None
         finally:
             del ref
+        ask()  # the next one is on its way while this one is checked and written
         if digest(data, offset) != sent:
             raise TransferFailed(
                 f"the chunk at byte {offset} of {copy.manifest.name!r} from node {holder} does not match the "
@@ -353,51 +459,82 @@ def _pull(copy: Copy, lease: dict, pieces, written: set[int], reg, key: str) -> 
                 "if it persists, check that node's memory)"
             )
         copy.write(offset, data)
+        nbytes = len(data)
         del data  # the object store's buffer: freed on both nodes now that nothing refers to it
         written.add(offset)
-        reg.chunk_done.remote(key)
-        ask()
+        reg.chunk_done.remote(key, nbytes)
 
 
-def _server(node: str):
-    return PeerServer.options(
-        name=SERVER_PREFIX + node,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=0,
-        max_concurrency=2 * WINDOW,
-        scheduling_strategy=on_node(node),
-    ).remote()
+def agent_name(node: str) -> str:
+    return ACTOR_PREFIX + node
 
 
-@ray.remote
-class PeerServer:
-    """Sends chunks of the segments this node's daemon holds (one per node, threaded)."""
+class Sources:
+    """The segments this node's agent sends chunks of, each mapped once (not once per chunk)
+    and let go when the daemon no longer serves that copy or nobody asked for it a while."""
+
+    IDLE = 30.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._conns: dict[str, Connection] = {}
+        self._maps: dict[str, tuple[memoryview, float]] = {}  # uuid -> (the mapping, last used)
 
     def read(self, socket: str, name: str, generation: int, uuid: str, offset: int, length: int, hook):
-        c = _client.cached_client(socket)
-        manifest = c.manifest(name, generation)
-        if manifest.uuid != uuid:
-            raise SegmentError(f"{name!r} generation {generation} here is no longer the copy asked for")
-        # The client's own mapping: the daemon's uid, the seal and the uuid are checked. It is
-        # unmapped once Ray has copied the chunk into the object store (Note [a mapping outlives
-        # its tensors]: the array below keeps it until then).
-        mapping = Mapping(manifest, owner=c.daemon_uid)
-        data = np.frombuffer(mapping.view, dtype=np.uint8, count=length, offset=offset)
+        """Bytes ``offset`` to ``offset + length`` of generation ``generation`` of ``name`` in
+        this node's daemon, and their digest."""
+        with self._lock:  # one request at a time on a connection; the copy below runs unlocked
+            c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
+            try:
+                manifest = c.manifest(name, generation)
+            except WeightdError:  # not served any more; or the daemon went (a new one: a new connection)
+                self._maps.pop(uuid, None)
+                self._conns.pop(socket, None)
+                c.close()
+                raise
+            if manifest.uuid != uuid:
+                self._maps.pop(uuid, None)
+                raise SegmentError(f"{name!r} generation {generation} here is no longer the copy asked for")
+            now = time.monotonic()
+            for u in [u for u, (_, used) in self._maps.items() if now - used > self.IDLE]:
+                del self._maps[u]
+            view = self._maps[uuid][0] if uuid in self._maps else _map(manifest, c.daemon_uid)
+            self._maps[uuid] = (view, now)
+        data = np.frombuffer(view, dtype=np.uint8, count=length, offset=offset)
         made = digest(data, offset)
+        if hook == "fail":  # tests: a holder that cannot send (its daemon unloaded the model)
+            raise SegmentError(f"{name!r} is no longer served here (test hook)")
         if hook == "corrupt":  # tests: what a flipped bit on the way looks like
             data = data.copy()
             data[length // 2] ^= 0x10
-        elif hook == "stall" and offset >= segment.DATA_OFFSET + 2 * CHUNK:  # tests: a slow node
-            time.sleep(600)
+        elif hook == "stall" and offset >= segment.DATA_OFFSET + 2 * CHUNK:  # tests: a node that hangs
+            time.sleep(2 * CHUNK_TIMEOUT)
+        # Ray copies the array into the object store before this returns to the caller; the
+        # mapping stays while a chunk of it is on its way (the memoryview's export keeps it).
         return made, data
+
+
+def _map(manifest: Manifest, owner: int) -> memoryview:
+    """A read-only shared mapping of ``manifest``'s sealed segment, checked as ``Mapping``
+    checks it (the daemon's uid, the seal, the uuid), with its pages faulted in at once."""
+    fd = segment.open_announced(manifest, owner)
+    try:
+        m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    header = segment.read_header(m)
+    if not header.sealed or header.uuid != manifest.uuid:
+        m.close()
+        raise SegmentError(f"segment {manifest.segment} is not the sealed copy the daemon described")
+    segment.populate(m)
+    return memoryview(m)
 
 
 @ray.remote
 class Peers:
-    """The cluster's registry: which nodes hold which model, and who copies from whom."""
+    """The cluster's registry: which nodes hold which model, and who copies from whom.
+
+    Every method answers at once but ``acquire``, which waits at most the time it is given."""
 
     def __init__(self):
         self.models: dict[str, dict] = {}  # name -> {key, manifest, path, factory}
@@ -405,7 +542,7 @@ class Peers:
         self.serving: dict[tuple[str, str], int] = {}  # (key, node) -> transfers it serves now
         self.reading: set[str] = set()  # keys whose storage is being read again
         self.hooks: dict[str, str] = {}  # node -> test hook for the transfers it serves
-        self.chunks: dict[str, int] = {}  # key -> chunks written so far (tests, benchmarks)
+        self.copied: dict[str, int] = {}  # key -> bytes copied between nodes so far
         self.changed = None
 
     def _cond(self) -> asyncio.Condition:
@@ -418,7 +555,13 @@ class Peers:
             old = self.models.get(name)
             if old is not None and old["key"] != key:
                 self.holders.pop(old["key"], None)
-            self.models[name] = {"key": key, "manifest": manifest, "path": path, "factory": factory}
+            self.models[name] = {
+                "key": key,
+                "manifest": manifest,
+                "nbytes": sum(st[1] for st in manifest["storages"]),
+                "path": path,
+                "factory": factory,
+            }
             self.holders.setdefault(key, {})
             self.changed.notify_all()
 
@@ -429,8 +572,8 @@ class Peers:
                 self.holders.pop(old["key"], None)
             self.changed.notify_all()
 
-    async def everywhere(self) -> dict[str, str]:
-        return {name: m["key"] for name, m in self.models.items()}
+    async def everywhere(self) -> dict[str, tuple[str, int]]:
+        return {name: (m["key"], m["nbytes"]) for name, m in self.models.items()}
 
     async def entry(self, name: str, key: str) -> dict | None:
         m = self.models.get(name)
@@ -464,11 +607,14 @@ class Peers:
             self.reading.discard(key)
             self.changed.notify_all()
 
-    async def acquire(self, key: str) -> dict:
-        """A holder to copy from (the least busy with a free slot; waits for one), or
-        ``storage`` (read it again: no holder is left, and nobody else is reading it), or
-        ``none`` / ``gone``."""
-        async with self._cond():
+    async def acquire(self, key: str, wait: float) -> dict:
+        """A holder to copy from (the least busy with a free slot), or ``storage`` (read it
+        again: no holder is left, and nobody else is reading it), or ``none`` (no holder and
+        nothing to read), ``gone`` (unloaded or replaced); ``busy`` if none frees up in
+        ``wait`` seconds (ask again)."""
+        cond = self._cond()
+        end = asyncio.get_running_loop().time() + wait
+        async with cond:
             while True:
                 holders = self.holders.get(key)
                 model = next((m for m in self.models.values() if m["key"] == key), None)
@@ -484,17 +630,22 @@ class Peers:
                         return {"kind": "none"}
                     self.reading.add(key)
                     return {"kind": "storage", "path": model["path"], "factory": model["factory"]}
-                await self.changed.wait()
+                left = end - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return {"kind": "busy"}
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(cond.wait(), left)
 
-    async def chunk_done(self, key: str) -> None:
-        self.chunks[key] = self.chunks.get(key, 0) + 1
+    async def chunk_done(self, key: str, nbytes: int) -> None:
+        self.copied[key] = self.copied.get(key, 0) + nbytes
 
     async def progress(self) -> dict[str, int]:
-        return dict(self.chunks)
+        """Bytes copied between nodes so far, per spread (tests, benchmarks)."""
+        return dict(self.copied)
 
     async def hook(self, node: str, what: str | None) -> None:
-        """Tests: make the transfers ``node`` serves corrupt a chunk (``corrupt``) or stall
-        after two chunks (``stall``); None: behave."""
+        """Tests: make the transfers ``node`` serves corrupt a chunk (``corrupt``), stall after
+        two chunks (``stall``) or fail at once (``fail``); None: behave."""
         if what is None:
             self.hooks.pop(node, None)
         else:

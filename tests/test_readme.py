@@ -1,0 +1,166 @@
+"""The README's code blocks, run (as safetensors runs its README's examples).
+
+Every fenced ``python``, ``sh`` or ``bash`` block of README.md runs here, in the order a reader
+meets them, unless the line just before it says why it cannot run here: ``<!-- not run:
+REASON -->`` (a GPU, a Ray cluster of several machines, a mount as root, the reader's own
+package, a synopsis). Blocks of ``text``, ``yaml`` or no language are output and configuration,
+not code.
+
+How a block runs:
+
+- ``sh``/``bash``: line by line. ``weightd serve ...`` starts a daemon (the shared launcher, on
+  this test's socket and instance, ``--unlink-on-exit``); every other ``weightd`` command talks
+  to it; paths under ``/models/`` are files this test made (``MODELS``).
+- ``python``: in one Python session (a worker process), as a reader goes through them: a name
+  one block makes, the next one uses. ``$WEIGHTD_SOCKET`` points at the daemon the shell blocks
+  started, and ``PREAMBLE`` defines what the README leaves to its reader (``build_bert``,
+  ``policy_net``).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from conftest import WEIGHTD, Daemon, Worker, worker_env
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+CODE = {"python", "sh", "bash"}
+NOT_RUN = re.compile(r"<!-- not run: (.+?) -->")
+
+# What the README's examples assume the reader has: a function that builds their model, a
+# policy network they publish (published twice already, so the README's publish is generation 3).
+PREAMBLE = """
+import torch
+from torch import nn
+
+def build_bert():
+    return nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16))
+
+policy_net = nn.Linear(8, 8)
+from weightd.client import publish as _publish
+for _ in range(2):
+    _publish("policy", policy_net)
+"""
+
+
+class Block:
+    def __init__(self, lang: str, code: str, line: int, skip: str | None):
+        self.lang, self.code, self.line, self.skip = lang, code, line, skip
+
+    def __repr__(self) -> str:
+        return f"README.md:{self.line} ({self.lang})"
+
+
+def blocks(text: str) -> list[Block]:
+    """The fenced blocks of ``text`` in order; ``skip`` is the reason given just before one."""
+    out, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        if not lines[i].startswith("```"):
+            i += 1
+            continue
+        lang, start = lines[i][3:].strip(), i
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        marked = NOT_RUN.search(before)
+        out.append(Block(lang, "\n".join(lines[start + 1 : end]), start + 1, marked and marked.group(1)))
+        i = end + 1
+    return out
+
+
+def models(root: Path) -> None:
+    """The checkpoints the README's commands name, under ``root`` (their ``/models/``)."""
+    torch.manual_seed(0)
+    bert = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16))  # build_bert's
+    save_file(bert.state_dict(), str(root / "bert.safetensors"))
+    llama = root / "llama-3-8b"  # a folder of weight files (two shards)
+    llama.mkdir()
+    save_file({"embed.weight": torch.randn(32, 8)}, str(llama / "model-00001-of-00002.safetensors"))
+    save_file({"head.weight": torch.randn(8, 32)}, str(llama / "model-00002-of-00002.safetensors"))
+
+
+class Session:
+    """A Python process that runs each block it is sent in one namespace."""
+
+    PROGRAM = """
+import json, sys, traceback
+ns = {"__name__": "__readme__"}
+for line in sys.stdin:
+    try:
+        exec(compile(json.loads(line), "README.md", "exec"), ns)
+        print(json.dumps({"ok": True}), flush=True)
+    except BaseException:
+        print(json.dumps({"ok": False, "error": traceback.format_exc()}), flush=True)
+"""
+
+    def __init__(self, env: dict):
+        self.worker = Worker(self.PROGRAM, env=env)
+
+    def run(self, code: str, where: str) -> None:
+        self.worker.send(code)
+        r = self.worker.read(timeout=120)
+        assert r["ok"], f"{where} failed:\n{code}\n{r['error']}"
+
+    def close(self) -> None:
+        self.worker.finish()
+
+
+def test_every_code_block_runs_or_says_why_not(tmp_path, sock, instance):
+    found = [b for b in blocks(README.read_text()) if b.lang in CODE]
+    assert found, "no code blocks found in README.md"
+    root = tmp_path / "models"
+    root.mkdir()
+    models(root)
+    env = dict(worker_env(), WEIGHTD_SOCKET=sock)
+    daemons: list[Daemon] = []
+    session = None
+    ran = []
+    try:
+        for block in found:
+            if block.skip:
+                continue
+            if block.lang == "python":
+                if session is None:
+                    session = Session(env)
+                    session.run(PREAMBLE, "the preamble")
+                session.run(block.code, repr(block))
+            else:
+                for line in block.code.splitlines():
+                    _shell(line, root, sock, instance, env, daemons, repr(block))
+            ran.append(block)
+    finally:
+        if session is not None:
+            session.close()
+        for d in daemons:
+            d.stop()
+    # Marking every block "not run" would pass the loop above: the README's own quickstart runs.
+    assert {b.lang for b in ran} >= {"python", "sh"}, f"ran only {ran}"
+
+
+def _shell(line: str, root: Path, sock: str, instance: str, env: dict, daemons: list, where: str) -> None:
+    line = line.split("#", 1)[0].strip()
+    if not line:
+        return
+    argv = [a.replace("/models/", f"{root}/") for a in shlex.split(line)]
+    assert argv[0] == "weightd", f"{where}: a command this test does not know how to run: {line}"
+    if argv[1] == "serve":
+        d = Daemon(sock, instance, [*argv[2:], "--unlink-on-exit"], env=env)
+        daemons.append(d)
+        d.start()
+        return
+    r = subprocess.run([*WEIGHTD, *argv[1:]], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, f"{where}: `{line}` exited {r.returncode}:\n{r.stdout}{r.stderr}"
+
+
+def test_the_block_reader_sees_reasons_and_languages():
+    text = "a\n\n<!-- not run: needs a GPU -->\n```python\nx = 1\n```\n```text\nout\n```\n"
+    got = blocks(text)
+    assert [(b.lang, b.code, b.skip) for b in got] == [
+        ("python", "x = 1", "needs a GPU"),
+        ("text", "out", None),
+    ]
