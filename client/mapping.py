@@ -45,12 +45,7 @@ class Mapping:
         # shm_open(name) is open("/dev/shm/" + name) on Linux; opening the file directly finds
         # segments in the daemon's --shm-dir (the manifest says which) or wherever a container
         # mounts them ($WEIGHTD_SHM_DIR). Note [one way into a segment] in weightd.segment.
-        fd = segment.open_entry(
-            segment.Folder.announced(manifest.directory),
-            manifest.segment,
-            owner=owner,
-            what=f" of {manifest.name!r}",
-        )
+        fd = segment.open_announced(manifest, owner)
         try:
             self.size = os.fstat(fd).st_size
             self._mmap = mmap.mmap(

@@ -212,6 +212,20 @@ def workers():
                 pass
 
 
+@pytest.fixture
+def attached_worker(workers):
+    """``attached_worker(socket, body, model="m")``: a worker process that holds ``sd``, model
+    ``model``'s state dict from the daemon at ``socket``, then runs ``body`` (with
+    ``worker_code``'s helpers): the preamble of every test about what attached workers do."""
+
+    def start(sock: str, body: str = "", model: str = "m") -> Worker:
+        return workers(
+            worker_code(sock, f"sd = state_dict({model!r}, socket=SOCK)\n" + textwrap.dedent(body))
+        )
+
+    return start
+
+
 def worker_env() -> dict:
     """The test environment, with tests/ importable (for models.py)."""
     env = dict(os.environ)

@@ -154,21 +154,18 @@ def test_a_publisher_killed_mid_write_frees_its_reservation_promptly(make_daemon
 # --- papercut: stats does not call memory one process maps "private" ------------------------
 
 
-def test_stats_tells_pages_mapped_alone_from_pages_copied(make_daemon, sock, workers):
+def test_stats_tells_pages_mapped_alone_from_pages_copied(make_daemon, sock, attached_worker):
     make_daemon()
     with Client(sock) as c:
         c.publish("m", {"w": torch.ones(1 << 20)})  # 4 MiB
-    w = workers(
-        worker_code(
-            sock,
-            """
-        sd = state_dict("m", socket=SOCK)
+    w = attached_worker(
+        sock,
+        """
         float(sd["w"].sum())                  # every page read, by this process alone
         sd["w"][: 1024 * 4].fill_(2.0)        # four pages written: its own copies
         say(os.getpid())
         hear()
-    """,
-        )
+        """,
     )
     pid = w.read()
     with Client(sock) as c:

@@ -71,21 +71,18 @@ def test_publish_dicts_views_and_refusals(make_daemon):
     assert len(segments(d.instance)) == 1
 
 
-def test_generations_old_attachers_keep_working_and_are_freed(tmp_path, make_daemon, workers):
+def test_generations_old_attachers_keep_working_and_are_freed(tmp_path, make_daemon, attached_worker):
     save_file({"w": torch.full((1024,), 1.0)}, tmp_path / "v1.safetensors")
     save_file({"w": torch.full((1024,), 2.0)}, tmp_path / "v2.safetensors")
     d = make_daemon("--model", f"m={tmp_path / 'v1.safetensors'}")
-    w = workers(
-        worker_code(
-            d.socket,
-            """
-        sd = state_dict("m", socket=SOCK)
+    w = attached_worker(
+        d.socket,
+        """
         say(float(sd["w"].sum()))
         hear()
         say(float(sd["w"].sum()))
         hear()
-    """,
-        )
+        """,
     )
     assert w.read() == 1024.0
     with Client(d.socket) as c:
@@ -146,21 +143,18 @@ def test_unload_while_attached(make_daemon, workers):
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_restart_adopts_without_reloading(how, tmp_path, make_daemon, workers):
+def test_restart_adopts_without_reloading(how, tmp_path, make_daemon, attached_worker):
     src = {f"t{i}": torch.randn(256, 256) for i in range(8)}
     save_file(src, tmp_path / "m.safetensors")
     d1 = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}", keep=True)
     before = segments(d1.instance)
-    w = workers(
-        worker_code(
-            d1.socket,
-            """
-        sd = state_dict("m", socket=SOCK)
+    w = attached_worker(
+        d1.socket,
+        """
         say(float(sum(t.sum() for t in sd.values())))
         hear()
         say(float(sum(t.sum() for t in sd.values())))
-    """,
-        )
+        """,
     )
     total = w.read()
     d1.stop(how)

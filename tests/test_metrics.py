@@ -26,7 +26,7 @@ from weightd import cli
 from weightd.client import Client, publish
 from weightd.errors import CheckpointError, ModelNotFound
 
-from conftest import wait_until, worker_code
+from conftest import wait_until
 
 
 def url_of(daemon) -> str:
@@ -80,7 +80,7 @@ def stats_json(sock: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_scrape_equals_stats_and_counters_move_by_what_was_done(tmp_path, make_daemon, workers):
+def test_scrape_equals_stats_and_counters_move_by_what_was_done(tmp_path, make_daemon, attached_worker):
     save_file({"w": torch.ones(1 << 20), "b": torch.zeros(7)}, tmp_path / "m.safetensors")
     d = make_daemon("--metrics", "127.0.0.1:0")
     url = url_of(d)
@@ -90,16 +90,7 @@ def test_scrape_equals_stats_and_counters_move_by_what_was_done(tmp_path, make_d
     # what is done: a load, an attach held by a second process, a failed request, a publish
     with Client(d.socket) as c:
         c.load(str(tmp_path / "m.safetensors"), "m")
-        w = workers(
-            worker_code(
-                d.socket,
-                """
-                sd = state_dict("m", socket=SOCK)
-                say(os.getpid())
-                hear()
-                """,
-            )
-        )
+        w = attached_worker(d.socket, "say(os.getpid())\nhear()")
         pid = w.read()
         with pytest.raises(ModelNotFound):
             c.manifest("nope")

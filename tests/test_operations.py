@@ -49,20 +49,16 @@ def test_readiness_status_watchdog_and_stopping_over_notify_socket(tmp_path, mak
     listener.close()
 
 
-def test_stats_names_attached_processes_and_their_memory(tmp_path, make_daemon, workers):
-    save_file({"w": torch.ones(1 << 20)}, tmp_path / "m.safetensors")  # 4 MiB
-    d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
-    w = workers(
-        worker_code(
-            d.socket,
-            """
-        sd = state_dict("m", socket=SOCK)
+def test_stats_names_attached_processes_and_their_memory(serve, attached_worker):
+    d = serve({"w": torch.ones(1 << 20)})  # 4 MiB
+    w = attached_worker(
+        d.socket,
+        """
         total = float(sd["w"].sum())          # every page read: shared
         sd["w"][:1024 * 4].fill_(2.0)         # four pages written: private copies
         say(os.getpid())
         hear()
-    """,
-        )
+        """,
     )
     pid = w.read()
     with Client(d.socket) as c:

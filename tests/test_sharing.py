@@ -66,35 +66,28 @@ def test_four_workers_share_one_copy(tmp_path, make_daemon, workers):
         assert w.finish() == 0
 
 
-def test_a_workers_writes_stay_private(tmp_path, make_daemon, workers):
+def test_a_workers_writes_stay_private(tmp_path, make_daemon, attached_worker):
     sd = big_model(tmp_path / "m.safetensors", 4, seed=1, tensors=2)
     d = make_daemon("--model", f"m={tmp_path / 'm.safetensors'}")
     seg = "/" + segments(d.instance)[0]
     digest = segment_digest(seg)
 
-    writer = workers(
-        worker_code(
-            d.socket,
-            """
-        sd = state_dict("m", socket=SOCK)
+    writer = attached_worker(
+        d.socket,
+        """
         w = sd["layer0.weight"]
         w[:1024].fill_(12345.0)     # in-place writes into the shared weight
         sd["layer1.weight"].mul_(0)
         say({"first": float(w[0]), "zeros": bool((sd["layer1.weight"] == 0).all())})
         hear()
-    """,
-        )
-    )
-    reader_code = worker_code(
-        d.socket,
-        """
-        sd = state_dict("m", socket=SOCK)
-        say({"first": float(sd["layer0.weight"][0]), "sum1": float(sd["layer1.weight"].double().sum())})
-    """,
+        """,
     )
     wrote = writer.read()
     assert wrote == {"first": 12345.0, "zeros": True}, "the writer sees its own writes"
-    seen = workers(reader_code).read()
+    seen = attached_worker(
+        d.socket,
+        'say({"first": float(sd["layer0.weight"][0]), "sum1": float(sd["layer1.weight"].double().sum())})',
+    ).read()
     assert seen["first"] == float(sd["layer0.weight"][0])
     assert abs(seen["sum1"] - float(sd["layer1.weight"].double().sum())) < 1e-3
     assert segment_digest(seg) == digest, "the daemon's bytes are untouched"

@@ -90,8 +90,13 @@ class StorageMeta(NamedTuple):
     nbytes: int
 
 
-@dataclass
+# Compared by what it holds (``uuid``), never field by field, and shown by name: no generated
+# ``__eq__`` or ``__repr__`` (each is code compiled when the module loads, in every fresh worker).
+@dataclass(eq=False, repr=False)
 class Manifest:
+    """What one segment holds (its storages and the tensors over them) and where it is: the JSON
+    written into the segment after its data and sent to clients (``to_client_dict``)."""
+
     name: str
     generation: int
     storages: list[StorageMeta]
@@ -117,6 +122,12 @@ class Manifest:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.storages)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Manifest {self.name!r} generation {self.generation}: {len(self.tensors)} tensors, "
+            f"{self.nbytes} bytes, segment {self.segment!r}>"
+        )
 
     def to_dict(self) -> dict:
         return {

@@ -570,6 +570,14 @@ def open_entry(
     return fd
 
 
+def open_announced(manifest: Manifest, owner: int | None) -> int:
+    """A client's descriptor of the segment a daemon described in ``manifest``: in the folder it
+    announced (``Folder.announced``: the manifest's ``directory``, or ``$WEIGHTD_SHM_DIR``), a
+    file of uid ``owner`` (the daemon's, from the kernel), through ``open_entry``."""
+    folder = Folder.announced(manifest.directory)
+    return open_entry(folder, manifest.segment, owner=owner, what=f" of {manifest.name!r}")
+
+
 def _not_owner(where: str, what: str, uid: int, owner: int) -> str:
     # The shared-memory folder is writable by every user.
     return (

@@ -72,7 +72,7 @@ class Config:
     # How checkpoints stream into segments (weightd.daemon.stream; README: Loading, measured there)
     load_readers: int = stream.DEFAULT_READERS
     load_chunk: int = stream.DEFAULT_CHUNK
-    load_direct: str = "auto"  # O_DIRECT for what is not in the page cache; "always", "never"
+    load_direct: str = stream.DEFAULT_DIRECT  # "auto": O_DIRECT for what is not in the page cache
     load_parallel: int = 1  # loads of different names side by side (one load's readers fill one disk)
 
     def __post_init__(self):

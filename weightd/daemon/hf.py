@@ -367,12 +367,15 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
             weight_files=weights,
             files=served,
         )
+        stages = hf.pop("stages", None) or {}
+        stages["fork and answer"] = round(seconds - sum(stages.values()), 4)
         log.info(
-            "%s: %s.from_pretrained in a loader process, %.2f s (transformers %s, %s): %d tensors, "
+            "%s: %s.from_pretrained in a loader process, %.2f s (%s; transformers %s, %s): %d tensors, "
             "%d converted (%.1f MiB), %d small files",
             folder,
             hf["class"],
             seconds,
+            ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
             hf["transformers"],
             hf["dtype"],
             len(tensors),

@@ -29,6 +29,7 @@ import select
 import socket
 import struct
 import sys
+import time
 
 from weightd.daemon import classes, quantized
 from weightd.errors import CheckpointError
@@ -115,6 +116,7 @@ def main() -> None:
             job, fds = receive(control)
         except (EOFError, OSError, ValueError):
             return
+        _import_class(transformers, job)
         # SIGCHLD held until the pidfd is open: a child that dies at once is not reaped first
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         pid = os.fork()
@@ -137,6 +139,20 @@ def main() -> None:
 
 
 IDLE_SECONDS = 120.0
+
+
+def _import_class(transformers, job: dict) -> None:
+    """Import the module of the class the folder names here, before the fork: transformers
+    imports a model's module on first use (0.1 s measured for Llama, most of a small load's
+    time in the child), and a child's imports die with it; this process's stay for every later
+    load of that architecture. Only transformers' own classes (``getattr`` on the package, as
+    ``_model_class``); anything wrong is left for the child to refuse."""
+    if job.get("factory"):
+        return
+    try:
+        _model_class(transformers, job["folder"], json.loads(job["config"]))
+    except Exception:  # noqa: BLE001 - the child meets the same error and says it
+        pass
 
 
 def _die_with_parent() -> None:
@@ -231,6 +247,14 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     from weightd import layout
 
     folder, snapshot = job["folder"], job["snapshot"]
+    stages: dict[str, float] = {}  # seconds of each step: the daemon logs them (where time goes)
+    clock = [time.perf_counter()]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = round(now - clock[0], 4)
+        clock[0] = now
+
     raw = json.loads(job["config"])
     # Hook (issue 24): an operator-named class (--factory) loads the folder, weightd/daemon/classes.py.
     cls = (
@@ -242,8 +266,10 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         config = cls.config_class.from_pretrained(snapshot)
     else:
         config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
+    stage("config")
     implied = _implied(torch, transformers, cls, config)
     in_files = _in_files(torch, snapshot, job["weights"])
+    stage("count")
     quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
     if quant is None and implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
         raise Refused(
@@ -258,6 +284,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         output_loading_info=True,
         trust_remote_code=False,
     )
+    stage("from_pretrained")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise Refused(
@@ -298,6 +325,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         tensors.append(
             [name, index, t.storage_offset() * t.element_size(), dtype, list(t.shape), list(t.stride())]
         )
+    stage("layout")  # where each storage is: a file's bytes, or copied into the memfd
     generation = (
         model.generation_config.to_diff_dict()
         if getattr(model, "generation_config", None) is not None and model.can_generate()
@@ -319,6 +347,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         "parameters": {"implied": implied, "in_files": in_files},
         # a quantized folder: its method, and the tensor subclasses to rebuild (quantized.py)
         "quantized": {"method": quant, "subclasses": subclasses} if quant else None,
+        "stages": stages,
     }
     return {"blobs": blobs, "tensors": tensors, "hf": hf}, [memfd] if memfd is not None else []
 

@@ -66,13 +66,18 @@ from weightd.errors import CheckpointError, ConfigError, OutOfSpace
 
 log = logging.getLogger("weightd")
 
-DEFAULT_READERS = 4  # measured: O_DIRECT x4 ~ x16 here; more threads only contend for 2 cores
+DEFAULT_READERS = 4  # measured: 2, 4, 8 x 4-32 MiB alike here (README: Loading), within the noise
 DEFAULT_CHUNK = 8 << 20
 MIN_CHUNK = 1 << 20
 MAX_CHUNK = 256 << 20
 MAX_READERS = 64
 ALIGN = 4096  # O_DIRECT: file offset, length and buffer aligned to the logical block (<= 4 KiB)
 DIRECT_MODES = ("auto", "always", "never")
+# Measured on this VM's disk, 1 GiB cold, five loads of each interleaved (quiet machine): through
+# the page cache (readahead) 1.11-1.54 GB/s, O_DIRECT (auto) 0.77-0.86, raw O_DIRECT x4 reads
+# alone 1.05-1.15. So buffered by default; ``auto``/``always`` where O_DIRECT measures faster
+# (NVMe arrays, parallel file systems: benchmarks/load.py shows both).
+DEFAULT_DIRECT = "never"
 READER_NICE = 5  # added to the readers' nice value (Linux: per thread)
 WAIT_SECONDS = 0.02  # how often a waiting load checks its token
 
@@ -199,7 +204,9 @@ class _Batch:
 class Readers:
     """The daemon's reader threads (started on first use); ``copy`` is thread-safe."""
 
-    def __init__(self, readers: int = DEFAULT_READERS, chunk: int = DEFAULT_CHUNK, direct: str = "auto"):
+    def __init__(
+        self, readers: int = DEFAULT_READERS, chunk: int = DEFAULT_CHUNK, direct: str = DEFAULT_DIRECT
+    ):
         self.readers = check_readers(readers)
         self.chunk = check_chunk(chunk)
         if direct not in DIRECT_MODES:
@@ -506,7 +513,7 @@ def check_chunk(n: int) -> int:
 
 
 @contextlib.contextmanager
-def pool(readers: int = DEFAULT_READERS, chunk: int = DEFAULT_CHUNK, direct: str = "auto"):
+def pool(readers: int = DEFAULT_READERS, chunk: int = DEFAULT_CHUNK, direct: str = DEFAULT_DIRECT):
     """Readers for one ``with`` block (tests, benchmarks)."""
     r = Readers(readers, chunk, direct)
     try:
