@@ -95,3 +95,34 @@ def test_a_worker_without_the_package_is_told_to_install_it(folder, make_daemon,
     monkeypatch.setitem(sys.modules, "own_models", None)  # this process cannot import the package
     with pytest.raises(AttachError, match="cannot import .*install that package here.*cls=Class"):
         attach("scorer", socket=d.socket)
+
+
+def test_a_class_and_its_trained_checkpoint_from_a_pypi_package(tmp_path, make_daemon):
+    """unidic-lite-imitator-transformers 0.2.1 (PyPI, CC-BY-SA 3.0) ships a trained checkpoint
+    (config.json + model.pth) and its own class for it, ``PartOfSpeechEstimator``: an
+    ``AlbertForMaskedLM`` subclass with its own head (part-of-speech logits, not the vocabulary).
+    The package's ``Tagger`` builds it and loads the checkpoint; the class's own
+    ``save_pretrained`` writes the folder; the daemon serves it with ``--factory`` and ``attach``
+    equals ``PartOfSpeechEstimator.from_pretrained(folder)``, down to the package's own parse."""
+    ma = pytest.importorskip("unidic_lite_imitator_transformers.ma_imitator")
+    tagger = ma.Tagger()
+    text = "今日は良い天気なので公園を散歩しました。"
+    expected = tagger.parse(text)
+    folder = tmp_path / "pos"
+    tagger.model.save_pretrained(folder)
+    ref = ma.PartOfSpeechEstimator.from_pretrained(folder)
+    shipped = tagger.model.state_dict()
+    assert all(torch.equal(ref.state_dict()[k], v) for k, v in shipped.items())  # the package's weights
+
+    name = "pos=unidic_lite_imitator_transformers.ma_imitator:PartOfSpeechEstimator"
+    d = make_daemon("--model", f"pos={folder}", "--factory", name)
+    model = hf.attach("pos", socket=d.socket)  # the class imported by the name the manifest records
+    assert type(model) is ma.PartOfSpeechEstimator and not model.training
+    assert info(model).copies == 0
+    assert sorted(model.state_dict()) == sorted(ref.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+    inputs = tagger.encode(text)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
+    tagger.model = model
+    assert tagger.parse(text) == expected and expected.count("\n") > 3
