@@ -94,8 +94,9 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
 
 
 def add(model: nn.Module, adapters, *, socket: str | None = None, is_trainable=False):
-    """Load more served adapters into a ``PeftModel`` that ``hf.attach(base, adapter=...)`` gave:
-    ``load_adapter`` over the mapped weights (milliseconds: benchmarks/adapters.py)."""
+    """Load more served adapters into a ``PeftModel`` that ``hf.attach(base, adapter=...)`` gave,
+    over the mapped weights: PEFT's steps on the adapter's own layers where earlier adapters made
+    them (Note [a further adapter in O(its own size)]), else ``load_adapter`` (benchmarks/adapters.py)."""
     base = _bases.get(model)
     if base is None:
         raise AttachError("add(): pass a PeftModel that hf.attach(base, adapter=...) returned")
