@@ -100,29 +100,29 @@ def test_a_worker_without_the_package_is_told_to_install_it(folder, make_daemon,
 def test_a_class_and_its_trained_checkpoint_from_a_pypi_package(tmp_path, make_daemon):
     """unidic-lite-imitator-transformers 0.2.1 (PyPI, CC-BY-SA 3.0) ships a trained checkpoint
     (config.json + model.pth) and its own class for it, ``PartOfSpeechEstimator``: an
-    ``AlbertForMaskedLM`` subclass with its own head (part-of-speech logits, not the vocabulary).
-    The package's ``Tagger`` builds it and loads the checkpoint; the class's own
-    ``save_pretrained`` writes the folder; the daemon serves it with ``--factory`` and ``attach``
-    equals ``PartOfSpeechEstimator.from_pretrained(folder)``, down to the package's own parse."""
+    ``AlbertForMaskedLM`` subclass with its own part-of-speech head. Its checkpoint was saved
+    with that head tied to the character embeddings (2,383 rows, not 18), so with transformers
+    5.25 the class's own ``save_pretrained`` writes a folder its own ``from_pretrained`` refuses
+    (size mismatch); weightd serving it with ``--factory`` refuses it as typed, naming the class's
+    failure, and serves nothing."""
     ma = pytest.importorskip("unidic_lite_imitator_transformers.ma_imitator")
-    tagger = ma.Tagger()
-    text = "今日は良い天気なので公園を散歩しました。"
-    expected = tagger.parse(text)
+    tagger = ma.Tagger()  # the package's own loading: load_state_dict after tying
+    assert tagger.parse("今日は良い天気です。") == [  # the trained model at work
+        ("今日", "名詞"),
+        ("は", "助詞"),
+        ("良い", "形容詞"),
+        ("天気", "名詞"),
+        ("です", "助動詞"),
+        ("。", "補助記号"),
+    ]
     folder = tmp_path / "pos"
     tagger.model.save_pretrained(folder)
-    ref = ma.PartOfSpeechEstimator.from_pretrained(folder)
-    shipped = tagger.model.state_dict()
-    assert all(torch.equal(ref.state_dict()[k], v) for k, v in shipped.items())  # the package's weights
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        ma.PartOfSpeechEstimator.from_pretrained(folder)
 
-    name = "pos=unidic_lite_imitator_transformers.ma_imitator:PartOfSpeechEstimator"
-    d = make_daemon("--model", f"pos={folder}", "--factory", name)
-    model = hf.attach("pos", socket=d.socket)  # the class imported by the name the manifest records
-    assert type(model) is ma.PartOfSpeechEstimator and not model.training
-    assert info(model).copies == 0
-    assert sorted(model.state_dict()) == sorted(ref.state_dict())
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
-    inputs = tagger.encode(text)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
-    tagger.model = model
-    assert tagger.parse(text) == expected and expected.count("\n") > 3
+    cls = "unidic_lite_imitator_transformers.ma_imitator:PartOfSpeechEstimator"
+    d = make_daemon()
+    with Client(d.socket) as c:
+        with pytest.raises(CheckpointError, match="transformers .* failed on it.*ignore_mismatched_sizes"):
+            c.load(str(folder), "pos", factory=cls)  # weightd load PATH --name pos --factory CLS
+        assert c.list() == []
