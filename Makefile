@@ -6,30 +6,33 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bytecode clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# constraints.txt pins torch to the CPU build; unpinned, pip would fetch a CUDA build of several GB
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
-	# weightd's bytecode cached, as installing a wheel leaves it: where Python may not write it
-	# ($$PYTHONDONTWRITEBYTECODE) every fresh worker would compile each module again (~13 ms)
-	$(PY) -m compileall -q weightd client
 	touch $(STAMP)
 
-install: $(STAMP)
+# weightd's bytecode cached, as installing a wheel leaves it: where Python may not write it
+# ($$PYTHONDONTWRITEBYTECODE) every fresh worker would compile each module again (~15 ms of a
+# 19 ms import). Only what changed is compiled again (~0.1 s otherwise).
+bytecode: $(STAMP)
+	$(PY) -m compileall -q weightd client
 
-demo: $(STAMP)
+install: bytecode
+
+demo: bytecode
 	$(VENV)/bin/weightd demo
 
 # Test files run in parallel (pytest-xdist), each file on one worker: a module's shared daemon
 # or Ray cluster is started once. Every test has its own instance, socket and segments.
 TEST_WORKERS ?= auto --maxprocesses=4
-test: $(STAMP)
+test: bytecode
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-bench: $(STAMP)
+bench: bytecode
 	$(PY) benchmarks/attach.py
 
 clean:

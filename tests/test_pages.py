@@ -90,9 +90,11 @@ def test_segments_on_a_huge_page_tmpfs_get_2mib_pages_end_to_end(tmp_path, huge_
         assert "warning" not in s["shm"]
         [a] = m["attached"]
         assert a["pid"] == w.pid and a["huge"] >= 16 * MIB
-        # A publish lands in the same folder, written by the client where the daemon said.
+        # A publish lands in the same folder, written by the client where the daemon said, and
+        # whole huge pages long: the reply says the folder asks for them (Folder.rounded_size).
         c.publish("p", {"x": torch.arange(3 * MIB // 4, dtype=torch.float32)})
-        assert any(f.startswith(f"weightd.{d.instance}.p-") for f in os.listdir(huge_dir))
+        [p] = [f for f in os.listdir(huge_dir) if f.startswith(f"weightd.{d.instance}.p-")]
+        assert os.stat(os.path.join(huge_dir, p)).st_size % (2 * MIB) == 0
         assert torch.equal(c.state_dict("p")["x"], torch.arange(3 * MIB // 4, dtype=torch.float32))
     out = _cli("stats", "--socket", d.socket)
     assert f"{huge_dir}:" in out.stdout and "2.0 MiB pages" in out.stdout, out.stdout + out.stderr
