@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import mmap
 import os
@@ -88,6 +89,7 @@ SERVES = 2  # transfers one holder serves at once; the others wait for it or for
 CHUNK_TIMEOUT = 60.0  # a holder that sends no chunk in this long is given up
 REGISTRY_TIMEOUT = 30.0  # the registry answers every call within this (acquire: "busy" first)
 LEASE_WAIT = 10.0  # how long one acquire waits for a free holder before answering "busy"
+LEASE_IDLE = 2 * CHUNK_TIMEOUT  # a transfer that wrote no chunk in this long no longer holds its holder
 MIN_RATE = 20e6  # bytes/s: a transfer slower than this, after START, is given up
 START = 60.0
 REGISTRY = "weightd-peers"
@@ -391,7 +393,7 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                     reg.drop.remote(key, holder)
                     continue
                 finally:
-                    reg.release.remote(key, holder)
+                    reg.release.remote(key, holder, lease["lease"])
                 copy, box[0] = box[0], None
                 holding = _holding(socket, copy.manifest.to_dict())
                 summary = copy.commit()
@@ -462,7 +464,7 @@ def _pull(reserve, lease: dict, pieces, written: set[int], reg, key: str, deadli
         nbytes = len(data)
         del data  # the object store's buffer: freed on both nodes now that nothing refers to it
         written.add(offset)
-        reg.chunk_done.remote(key, nbytes)
+        reg.chunk_done.remote(key, nbytes, lease["lease"])
 
 
 def agent_name(node: str) -> str:
@@ -539,7 +541,10 @@ class Peers:
     def __init__(self):
         self.models: dict[str, dict] = {}  # name -> {key, manifest, path, factory}
         self.holders: dict[str, dict[str, dict]] = {}  # key -> {node: holding}
-        self.serving: dict[tuple[str, str], int] = {}  # (key, node) -> transfers it serves now
+        # (key, node) -> {lease: when its transfer last wrote a chunk}: the transfers it serves
+        # now. A lease whose receiver went silent (its node died) stops counting after LEASE_IDLE.
+        self.serving: dict[tuple[str, str], dict[int, float]] = {}
+        self.leases = itertools.count(1)
         self.reading: set[str] = set()  # keys whose storage is being read again
         self.hooks: dict[str, str] = {}  # node -> test hook for the transfers it serves
         self.copied: dict[str, int] = {}  # key -> bytes copied between nodes so far
@@ -593,14 +598,17 @@ class Peers:
             self.holders.get(key, {}).pop(node, None)
             self.changed.notify_all()
 
-    async def release(self, key: str, node: str) -> None:
+    async def release(self, key: str, node: str, lease: int) -> None:
         async with self._cond():
-            n = self.serving.get((key, node), 0) - 1
-            if n > 0:
-                self.serving[(key, node)] = n
-            else:
-                self.serving.pop((key, node), None)
+            self.serving.get((key, node), {}).pop(lease, None)
             self.changed.notify_all()
+
+    def _busy(self, key: str, node: str) -> int:
+        leases = self.serving.get((key, node), {})
+        now = time.monotonic()
+        for lease in [n for n, seen in leases.items() if now - seen > LEASE_IDLE]:
+            del leases[lease]
+        return len(leases)
 
     async def reading_done(self, key: str) -> None:
         async with self._cond():
@@ -620,11 +628,18 @@ class Peers:
                 model = next((m for m in self.models.values() if m["key"] == key), None)
                 if holders is None or model is None:
                     return {"kind": "gone"}
-                free = [n for n in holders if self.serving.get((key, n), 0) < SERVES]
+                free = [n for n in holders if self._busy(key, n) < SERVES]
                 if free:
-                    node = min(free, key=lambda n: (self.serving.get((key, n), 0), random.random()))
-                    self.serving[(key, node)] = self.serving.get((key, node), 0) + 1
-                    return {"kind": "peer", "node": node, "hook": self.hooks.get(node), **holders[node]}
+                    node = min(free, key=lambda n: (self._busy(key, n), random.random()))
+                    lease = next(self.leases)
+                    self.serving.setdefault((key, node), {})[lease] = time.monotonic()
+                    return {
+                        "kind": "peer",
+                        "node": node,
+                        "lease": lease,
+                        "hook": self.hooks.get(node),
+                        **holders[node],
+                    }
                 if not holders and key not in self.reading:
                     if model["path"] is None:
                         return {"kind": "none"}
@@ -636,8 +651,11 @@ class Peers:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(cond.wait(), left)
 
-    async def chunk_done(self, key: str, nbytes: int) -> None:
+    async def chunk_done(self, key: str, nbytes: int, lease: int) -> None:
         self.copied[key] = self.copied.get(key, 0) + nbytes
+        for leases in self.serving.values():
+            if lease in leases:
+                leases[lease] = time.monotonic()
 
     async def progress(self) -> dict[str, int]:
         """Bytes copied between nodes so far, per spread (tests, benchmarks)."""
