@@ -7,9 +7,13 @@ One small Llama base (``save_pretrained``) and ``--adapters`` LoRA adapters (r=1
 PEFT's own ``save_pretrained``), served by one ``weightd serve`` (base as a model, each adapter
 with ``load --base``). Then, side by side in one run:
 
-* time to add one adapter to a worker's model that already has one (median over 20 adapters):
-  ``adapters.add(model, NAME)`` (PEFT's ``load_adapter`` over the mapped weights) against
-  PEFT's ``model.load_adapter(FOLDER, NAME)`` from the folder (page cache warm);
+* time to put the first adapter over the base (weightd: ``hf.attach(base, adapter=NAME)``, the
+  base attached again with it; PEFT: ``PeftModel.from_pretrained`` over the attached base);
+* time to add one adapter to a worker's model that already has some (medians over the 2nd to
+  21st and over the last 20, and the 90th percentile of all): ``adapters.add(model, NAME)``
+  (PEFT's steps on the adapter's own layers over the mapped weights, Note [a further adapter in
+  O(its own size)] in client/adapters.py) against PEFT's ``model.load_adapter(FOLDER, NAME)``
+  from the folder (page cache warm);
 * the node's memory for the adapters, ``--workers`` workers each holding all of them: the sum
   of the workers' Pss growth from the base alone to base + every adapter (the same base,
   attached, both ways); for weightd, the workers' private growth plus the adapters' segments
@@ -60,14 +64,17 @@ with torch.no_grad():
 hear()
 before = usage()
 times = []
-if WAY == "weightd":
+t = time.perf_counter()
+if WAY == "weightd":  # the base attached again (zero-copy) with the first adapter over it
     m = hf.attach("llama", adapter=NAMES[0], socket=SOCK)
+    first = time.perf_counter() - t
     for n in NAMES[1:]:
         t = time.perf_counter()
         adapters.add(m, n, socket=SOCK)
         times.append(time.perf_counter() - t)
 else:
     m = peft.PeftModel.from_pretrained(model, FOLDERS[0], adapter_name=NAMES[0])
+    first = time.perf_counter() - t
     for n, f in zip(NAMES[1:], FOLDERS[1:]):
         t = time.perf_counter()
         m.load_adapter(f, adapter_name=n)
@@ -84,7 +91,7 @@ with torch.no_grad():
     m(torch.tensor([[1, 2, 3]]))
 after = usage()
 say({"private": after.pss_private - before.pss_private, "shmem": after.pss_shmem - before.pss_shmem,
-     "times": times[:TIMED], "maps": maps})
+     "first": first, "early": times[:TIMED], "late": times[-TIMED:], "all": times, "maps": maps})
 hear()
 """
 
@@ -183,7 +190,10 @@ def run_workers(way: str, sock: str, names, folders, n: int, procs) -> dict:
     return {
         "grown": sum(o["private"] + o["shmem"] for o in out),  # PEFT: private copies
         "private": sum(o["private"] for o in out),
-        "add_ms": statistics.median(t for o in out for t in o["times"]) * 1e3,
+        "first_ms": statistics.median(o["first"] for o in out) * 1e3,
+        "add_ms": statistics.median(t for o in out for t in o["early"]) * 1e3,
+        "late_ms": statistics.median(t for o in out for t in o["late"]) * 1e3,
+        "p90_ms": statistics.quantiles([t for o in out for t in o["all"]], n=10)[-1] * 1e3,
         "map_ms": statistics.median([t for o in out for t in o["maps"]] or [0.0]) * 1e3,
     }
 
@@ -204,10 +214,15 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     )
     print("\n| | PEFT load_adapter from the folder | weightd adapters.add (by name) | weightd / PEFT |")
     print("| --- | ---: | ---: | ---: |")
-    print(
-        f"| add one adapter (median) | {peft_['add_ms']:.2f} ms | {wd['add_ms']:.2f} ms | "
-        f"{wd['add_ms'] / peft_['add_ms']:.2f}x |"
-    )
+    timed = 20
+    rows = [
+        ("first adapter on the base (weightd: base attached again + adapter)", "first_ms"),
+        (f"add one adapter, 2nd to {timed + 1}st (median)", "add_ms"),
+        (f"add one adapter, {args.adapters - timed + 1}st to {args.adapters}th (median)", "late_ms"),
+        ("add one adapter, every one (90th percentile)", "p90_ms"),
+    ]
+    for label, key in rows:
+        print(f"| {label} | {peft_[key]:.2f} ms | {wd[key]:.2f} ms | {wd[key] / peft_[key]:.2f}x |")
     print(f"| of which weightd's part: manifest + mapping (median) | - | {wd['map_ms']:.2f} ms | |")
     print(
         f"| node memory for the adapters, {args.workers} workers | {peft_['grown'] / mib:.1f} MiB "

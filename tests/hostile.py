@@ -621,7 +621,23 @@ def run_load(
 
 # --- fuzzing the wire protocol ----------------------------------------------------------------
 
-FIELDS = ("name", "path", "generation", "pid", "device", "nbytes", "segment", "factory", "v", "op")
+# every field a handler reads (protocol.field in weightd/daemon/handlers.py), but the ones that only
+# make a request wait (wait, deadline): those are bounded by their own tests
+FIELDS = (
+    "name",
+    "path",
+    "generation",
+    "pid",
+    "device",
+    "nbytes",
+    "segment",
+    "factory",
+    "base",  # load: a PEFT adapter over that served model
+    "layout",  # publish_begin: a peer fill's layout digest
+    "via",  # publish_begin: where a peer fill's bytes come from
+    "v",
+    "op",
+)
 OPS = sorted(protocol.READ_OPS | protocol.ADMIN_OPS | {"stats"})
 
 

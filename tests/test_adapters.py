@@ -57,6 +57,7 @@ def folders(tmp_path_factory):
     return {
         "llama": root / "llama",
         "sql": lora(root / "llama", root / "sql", ["q_proj", "v_proj"], 1),
+        "sql2": lora(root / "llama", root / "sql2", ["q_proj", "v_proj"], 5, r=4),  # where sql went
         "chat": lora(root / "llama", root / "chat", ["q_proj", "o_proj", "down_proj"], 2),
         "chat2": lora(root / "llama", root / "chat2", ["k_proj"], 3, r=4),
         "foreign": lora(root / "small", root / "foreign", ["q_proj", "v_proj"], 4),
@@ -71,6 +72,7 @@ def daemon(folders, tmp_path_factory):
     d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start()
     with Client(d.socket) as c:
         c.load(str(folders["chat"]), "chat", base="llama")
+        c.load(str(folders["sql2"]), "sql2", base="llama")
     yield d
     d.stop()
     assert not remove_segments(instance), "the daemon left segments behind"
@@ -137,6 +139,64 @@ def test_several_adapters_switch_as_in_peft(folders, daemon):
     assert torch.equal(logits(later), logits(ref))
 
 
+def peft_state(model) -> dict:
+    """Everything load_adapter leaves in a PeftModel that a forward, a switch, a save or a
+    further load reads: parameters with dtype and requires_grad, modules with their class and
+    training flag, each LoRA layer's per-adapter stores and active adapters, the configs."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for n, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            stores = {s: getattr(m, s, None) for s in (*m.adapter_layer_names, *m.other_param_names)}
+            layers[n] = (
+                {s: sorted(v.keys()) for s, v in stores.items() if hasattr(v, "keys")},
+                {s: dict(v) for s, v in stores.items() if isinstance(v, dict)},
+                sorted(m.lora_variant),
+                list(m.active_adapters),
+                m.merged_adapters,
+            )
+    return {
+        "parameters": [(n, p.dtype, p.shape, p.requires_grad) for n, p in model.named_parameters()],
+        "modules": [(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+        "layers": layers,
+        "configs": {k: c.to_dict() for k, c in model.peft_config.items()},
+        "targeted": list(model.base_model.targeted_module_names),
+        "active": model.active_adapter,
+    }
+
+
+def test_a_further_adapter_on_its_own_layers_is_what_load_adapter_makes(folders, daemon, monkeypatch):
+    """sql2 goes where sql went: the quick path (Note [a further adapter in O(its own size)]),
+    which must leave the model exactly as PEFT's load_adapter leaves it, weights shared."""
+    ref = reference(folders, "sql", "sql2")
+    took = []
+    further = adapters._add_further
+    monkeypatch.setattr(adapters, "_add_further", lambda *a: took.append(further(*a)) or took[-1])
+    model = hf.attach("llama", adapter=["sql", "sql2"], socket=daemon.socket)
+    assert took == [0], "sql2 did not take the quick path"
+    monkeypatch.setattr(adapters, "_add_further", lambda *a: None)  # PEFT's load_adapter whole
+    slow = hf.attach("llama", adapter=["sql", "sql2"], socket=daemon.socket)
+    assert peft_state(model) == peft_state(ref) == peft_state(slow)
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert sorted(sd) == sorted(ref_sd) and all(torch.equal(sd[k], v) for k, v in ref_sd.items())
+    assert adapters.copied(model) == {"sql": 0, "sql2": 0}
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    assert in_segments([layer.lora_A["sql2"].weight, layer.lora_B["sql2"].weight]) == [True, True]
+    for name in ("sql2", "sql", "sql2"):  # PEFT's own switching
+        ref.set_adapter(name)
+        model.set_adapter(name)
+        assert torch.equal(logits(model), logits(ref)), name
+        assert peft_state(model) == peft_state(ref)
+    with model.disable_adapter(), ref.disable_adapter():
+        assert torch.equal(logits(model), logits(ref))
+    # PEFT deletes and merges the quick one as its own
+    model.delete_adapter("sql")
+    ref.delete_adapter("sql")
+    assert peft_state(model) == peft_state(ref) and model.active_adapter == "sql2"
+    assert torch.equal(logits(model.merge_and_unload()), logits(ref.merge_and_unload()))
+
+
 def test_ls_shows_adapters_under_their_base(daemon):
     served = {m["name"]: m for m in Client(daemon.socket).list()}
     assert served["sql"]["base"] == "llama" and served["chat"]["base"] == "llama"
@@ -159,7 +219,7 @@ def test_an_adapter_for_another_base_is_refused(folders, daemon):
             c.load(str(folders["sql"]), "sql-y", base="sql")
         with pytest.raises(CheckpointError, match="not a PEFT adapter folder"):
             c.load(str(folders["llama"]), "not-an-adapter", base="llama")
-        assert {m["name"] for m in c.list()} == {"llama", "sql", "chat"}
+        assert {m["name"] for m in c.list()} == {"llama", "sql", "chat", "sql2"}
 
 
 def test_replace_and_unload_while_workers_use_them(folders, daemon, workers):
