@@ -109,21 +109,6 @@ def _copied(peers) -> int:
     return sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
 
 
-def plasma_bytes(raylets: list[int]) -> int:
-    """Pages the object stores' (deleted) /dev/shm/plasma files hold: their high-water mark."""
-    seen, total = set(), 0
-    for pid in raylets:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target, st = os.readlink(fd), os.stat(fd)
-            except OSError:
-                continue
-            if "/dev/shm/plasma" in target and st.st_ino not in seen:
-                seen.add(st.st_ino)
-                total += st.st_blocks * 512
-    return total
-
-
 def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
     """Seconds Ray alone takes to move ``nbytes`` from one node to another as the peers do:
     objects of ``chunk`` bytes made by an actor on the first node, ``window`` asked for at a
@@ -237,7 +222,7 @@ def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) 
                     ),
                     "moved": _copied(peers) - copied0 if method != "Ray alone" else path.stat().st_size,
                     "store_peak": peak.peak,
-                    "plasma_pages": plasma_bytes(raylets),
+                    "plasma_pages": raycluster.plasma_bytes(raylets),
                     "chunk": peers.CHUNK,
                     "window": peers.WINDOW,
                 }

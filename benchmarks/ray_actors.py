@@ -101,6 +101,7 @@ def run_method(method: str, size_mib: int, actors: int, dtype: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from weightd import memory  # stdlib only: importable in the ray-zerocopy venv through sys.path
+    from weightd.bench.raycluster import plasma_bytes  # stdlib only too
 
     os.environ.setdefault("XDG_RUNTIME_DIR", str(OUT / "run"))
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -181,7 +182,7 @@ def run_method(method: str, size_mib: int, actors: int, dtype: str) -> dict:
             for p in where.glob(f"weightd.{i}.*")
         )
         result["weightd_segments"] = segs
-        result["object_store"] = _plasma_bytes(raylet)
+        result["object_store"] = plasma_bytes(raylet)
         result["shm_growth"] = segs + result["object_store"]
         result["shm_growth_statvfs"] = memory.shm_used() - shm0
         result["total"] = (
@@ -202,22 +203,6 @@ def run_method(method: str, size_mib: int, actors: int, dtype: str) -> dict:
         ray.shutdown()
     result["driver_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
-
-
-def _plasma_bytes(raylets: list[int]) -> int:
-    """Bytes allocated to Ray's object store: its (deleted) /dev/shm/plasma* file, held open by the raylet."""
-    seen, total = set(), 0
-    for pid in raylets:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-                st = os.stat(fd)
-            except OSError:
-                continue
-            if "/dev/shm/plasma" in target and st.st_ino not in seen:
-                seen.add(st.st_ino)
-                total += st.st_blocks * 512
-    return total
 
 
 def _our_raylets() -> list[int]:

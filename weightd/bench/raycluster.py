@@ -93,3 +93,19 @@ def instances(runtime: str | Path) -> list[str]:
 def raylet_pids(c) -> list[int]:
     """The process ids of the cluster's raylets (whose object stores a benchmark reads)."""
     return [p.process.pid for node in [c.head_node, *c.worker_nodes] for p in node.all_processes["raylet"]]
+
+
+def plasma_bytes(raylets: list[int]) -> int:
+    """Pages Ray's object stores hold: their (deleted) /dev/shm/plasma files, held open by the
+    raylets ``raylets`` (a high-water mark: sampling cannot miss it). Stdlib only."""
+    seen, total = set(), 0
+    for pid in raylets:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target, st = os.readlink(fd), os.stat(fd)
+            except OSError:
+                continue
+            if "/dev/shm/plasma" in target and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
