@@ -129,35 +129,47 @@ def nbytes_of(p: Path) -> int:
 # --- ceilings ------------------------------------------------------------------------------
 
 
+def _in_threads(threads: int, size: int, chunk: int, reader) -> float:
+    """Seconds for ``threads`` threads to take the ``chunk``-byte offsets of ``size`` bytes in
+    turn (interleaved), each thread calling its own ``reader()`` on every offset it takes."""
+    it = iter(range(0, size, chunk))
+    lock = threading.Lock()
+
+    def run():
+        read = reader()
+        while True:
+            with lock:
+                o = next(it, None)
+            if o is None:
+                return
+            read(o)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def raw_direct(path: Path, streams: int, chunk: int = 8 * MiB) -> float:
     """GB/s of O_DIRECT reads of the whole file by ``streams`` threads (chunks interleaved)."""
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    chunks = list(range(0, size, chunk))
-    lock = threading.Lock()
-    it = iter(chunks)
+    buffers = []
 
-    def run():
-        buf = mmap.mmap(-1, chunk)
-        try:
-            while True:
-                with lock:
-                    o = next(it, None)
-                if o is None:
-                    return
-                os.preadv(fd, [buf], o)
-        finally:
+    def reader():
+        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+        buffers.append(buf)
+        return lambda o: os.preadv(fd, [buf], o)
+
+    try:
+        return size / _in_threads(streams, size, chunk, reader) / 1e9
+    finally:
+        os.close(fd)
+        for buf in buffers:
             buf.close()
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    os.close(fd)
-    return size / seconds / 1e9
 
 
 def raw_buffered(path: Path, streams: int, chunk: int = 8 * MiB) -> float:
@@ -168,71 +180,24 @@ def raw_buffered(path: Path, streams: int, chunk: int = 8 * MiB) -> float:
         return None
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
-    it = iter(range(0, size, chunk))
-    lock = threading.Lock()
 
-    def run():
+    def reader():
         buf = bytearray(chunk)
-        while True:
-            with lock:
-                o = next(it, None)
-            if o is None:
-                return
-            os.preadv(fd, [buf], o)
+        return lambda o: os.preadv(fd, [buf], o)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    os.close(fd)
-    return size / seconds / 1e9
-
-
-def cache_to_shm(path: Path, threads: int, chunk: int = 64 * MiB) -> float:
-    """GB/s of ``preadv`` from the (warm) page cache into an already-faulted shm mapping."""
-    size = path.stat().st_size
-    shm = f"/dev/shm/weightd-bench-load-{uuid.uuid4().hex[:8]}"
-    dst = os.open(shm, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    src = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fallocate(dst, 0, size)
-        m = mmap.mmap(dst, size, mmap.MAP_SHARED)
-        m.madvise(23, 0, size)  # MADV_POPULATE_WRITE: faulted in before the clock starts
-        view = memoryview(m)
-        lock = threading.Lock()
-        it = iter(range(0, size, chunk))
-
-        def run():
-            while True:
-                with lock:
-                    o = next(it, None)
-                if o is None:
-                    return
-                os.preadv(src, [view[o : o + chunk]], o)
-
-        t0 = time.perf_counter()
-        ts = [threading.Thread(target=run) for _ in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        seconds = time.perf_counter() - t0
-        view.release()
-        m.close()
-        return size / seconds / 1e9
+        return size / _in_threads(streams, size, chunk, reader) / 1e9
     finally:
-        os.close(src)
-        os.close(dst)
-        os.unlink(shm)
+        os.close(fd)
 
 
-def cache_to_new_shm(path: Path, threads: int = 2, chunk: int = 8 * MiB, folder: str = "/dev/shm") -> float:
-    """GB/s of filling a *new* shm file from the (warm) page cache: ``posix_fallocate`` of every
-    page, then ``preadv`` into a mapping of it by ``threads`` threads. What any load into a new
-    segment pays (its pages must be allocated), which ``cache_to_shm`` leaves out."""
+def cache_to_shm(
+    path: Path, threads: int = 2, chunk: int = 8 * MiB, folder: str = "/dev/shm", fresh: bool = True
+) -> float:
+    """GB/s of filling a shm file from the (warm) page cache by ``preadv`` into a mapping of it,
+    ``threads`` threads taking ``chunk`` bytes each. ``fresh``: the file's pages are allocated
+    (``posix_fallocate``) on the clock, as any load into a new segment pays; otherwise they are
+    allocated and faulted in (``MADV_POPULATE_WRITE``) before it starts: the copy alone."""
     size = path.stat().st_size
     shm = os.path.join(folder, f"weightd-bench-load-{uuid.uuid4().hex[:8]}")
     dst = os.open(shm, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -241,25 +206,16 @@ def cache_to_new_shm(path: Path, threads: int = 2, chunk: int = 8 * MiB, folder:
         t0 = time.perf_counter()
         os.posix_fallocate(dst, 0, size)
         m = mmap.mmap(dst, size, mmap.MAP_SHARED)
+        if not fresh:
+            m.madvise(23, 0, size)  # MADV_POPULATE_WRITE
+            t0 = time.perf_counter()
         view = memoryview(m)
-        lock = threading.Lock()
-        it = iter(range(0, size, chunk))
 
-        def run():
-            while True:
-                with lock:
-                    o = next(it, None)
-                if o is None:
-                    return
-                with view[o : o + chunk] as into:
-                    os.preadv(src, [into], o)
+        def copy(o):
+            with view[o : o + chunk] as into:
+                os.preadv(src, [into], o)
 
-        ts = [threading.Thread(target=run) for _ in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + _in_threads(threads, size, chunk, lambda: copy)
         view.release()
         m.close()
         return size / seconds / 1e9
@@ -490,9 +446,9 @@ def part_files(b: Bench, args, res: dict, block: bytes) -> None:
                 ceil[f"buffered read (cache dropped) x{streams}"] = rate
         warm(st)
         for threads in (1, 2):
-            ceil[f"page cache -> shm x{threads}"] = cache_to_shm(st, threads)
+            ceil[f"page cache -> shm x{threads}"] = cache_to_shm(st, threads, 64 * MiB, fresh=False)
         ceil["page cache -> new shm file x2 (pages allocated)"] = sorted(
-            cache_to_new_shm(st) for _ in range(args.reps)
+            cache_to_shm(st) for _ in range(args.reps)
         )[args.reps // 2]
         for k, v in ceil.items():
             print(f"  ceiling {k:24s} {v:6.2f} GB/s", flush=True)
@@ -654,8 +610,8 @@ def part_huge(b: Bench, args, res: dict, block: bytes) -> None:
                 d.stop()
             # the machine's: the same fill without weightd (fallocate, then preadv into a mapping)
             res["huge"]["plain fill GB/s"] = {
-                "huge pages": sorted(cache_to_new_shm(st, folder=where) for _ in range(3))[1],
-                "4 KiB pages": sorted(cache_to_new_shm(st) for _ in range(3))[1],
+                "huge pages": sorted(cache_to_shm(st, folder=where) for _ in range(3))[1],
+                "4 KiB pages": sorted(cache_to_shm(st) for _ in range(3))[1],
             }
             res["huge"]["fallocate GB/s"] = {
                 "huge pages": fallocate_rate(where, n),
