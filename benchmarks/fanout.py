@@ -59,16 +59,6 @@ def make_checkpoint(path: Path, nbytes: int) -> None:
     save_file({f"layer{i}.weight": torch.randn(per // 1024, 1024, generator=g) for i in range(layers)}, path)
 
 
-def evict(path: Path) -> None:
-    """Drop the file's pages from the page cache: the next read comes from the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def io(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/io") as f:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
@@ -178,6 +168,7 @@ def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) 
 
     sys.path.insert(0, str(ROOT))
     from weightd.bench import raycluster
+    from weightd.bench.pressure import evict
     from weightd.client import Client
     from weightd.client import ray_zerocopy as rz
     from weightd.client.ray_zerocopy import peers

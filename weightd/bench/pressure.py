@@ -20,7 +20,7 @@ workers are ready, not from their ``smaps`` ``Anonymous`` figure: that came out 
 cgroup's ``rss`` here (220 against 77 MiB for one worker), so a limit built on it sat above all
 the workers held and nothing was evicted (0 major faults for both methods in the stop-19 run).
 A page of the file is charged to the cgroup that first read it, so the file is dropped from the
-page cache before each case (``_uncache``); a segment's pages were written by the daemon and are
+page cache before each case (``evict``); a segment's pages were written by the daemon and are
 charged to it, never to the workers.
 """
 
@@ -187,9 +187,10 @@ def _workers(
             p.wait()
 
 
-def _uncache(path: str) -> None:
-    """Drop the file's pages from the page cache, so the workers' own reads bring them in (and
-    are charged for them: the kernel charges a page to the cgroup that first read it)."""
+def evict(path) -> None:
+    """Drop the file's pages from the page cache: the next read comes from the disk (a worker's
+    read brings them in and is charged for them: the kernel charges a page to the cgroup that
+    first read it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -199,7 +200,7 @@ def _uncache(path: str) -> None:
 
 
 def _case(method: str, where: str, n: int, iters: int, cfg: dict, share: int | None, file: str) -> Case:
-    _uncache(file)
+    evict(file)
     cg = Cgroup()
     try:
         runs = _workers(method, where, n, iters, cfg, cg, share)
