@@ -195,12 +195,7 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
                 )
             setattr(linear, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
         for owner, shadow in shadows.items():
-            new = [
-                p
-                for store in _stores(shadow).values()
-                if isinstance(store, nn.Module)
-                for p in store.parameters()
-            ]
+            new = _new_parameters(shadow)
             if any(p.is_meta for p in new):
                 raise ValueError(f"the adapter holds no weights for some of {owner}")
             shadow._move_adapter_to_device_of_base_layer(name)
