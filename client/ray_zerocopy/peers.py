@@ -237,8 +237,13 @@ def _holding(socket: str, manifest: dict) -> dict:
 
 def _chunks(source: Manifest) -> list[tuple[int, int]]:
     """(offset, length) pieces of the source's data area: every storage, and the padding between."""
-    end = max((s.offset + s.nbytes for s in source.storages), default=segment.DATA_OFFSET)
+    end = _data_end(source)
     return [(o, min(CHUNK, end - o)) for o in range(segment.DATA_OFFSET, end, CHUNK)]
+
+
+def _data_end(source: Manifest) -> int:
+    """Where the source's last storage ends: its manifest is written after that."""
+    return max((s.offset + s.nbytes for s in source.storages), default=segment.DATA_OFFSET)
 
 
 # --- where the bytes are written: this node's daemon, a reservation for the source's layout ---
@@ -272,8 +277,7 @@ class Copy:
             origin={**(source.origin or {}), "via": via},
         )
         self.folder = segment.Folder.announced(r.get("directory"), r.get("huge_pages_asked"))
-        end = max((s.offset + s.nbytes for s in source.storages), default=segment.DATA_OFFSET)
-        self.manifest_offset = align_up(end, PAGE_ALIGN)
+        self.manifest_offset = align_up(_data_end(source), PAGE_ALIGN)
         self.encoded = self.manifest.to_json()
         size = self.folder.rounded_size(self.manifest_offset + len(self.encoded))
         try:
