@@ -78,8 +78,8 @@ import re
 import signal
 import stat
 import struct
+from collections import namedtuple
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import Manifest
@@ -553,11 +553,9 @@ def read_watermark(buf) -> int:
     return SEAL.unpack_from(buf, WATERMARK_OFFSET)[0]
 
 
-class Header(NamedTuple):
-    manifest_offset: int
-    manifest_length: int
-    sealed: bool
-    uuid: str  # hex, as in the manifest
+# manifest_offset, manifest_length (bytes), sealed (bool), uuid (hex, as in the manifest); a
+# collections.namedtuple: Note [what a fresh worker's import pays for] in weightd.manifest
+Header = namedtuple("Header", "manifest_offset manifest_length sealed uuid")
 
 
 def read_header(buf) -> Header:
