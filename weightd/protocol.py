@@ -46,6 +46,7 @@ OPS: dict[str, str] = {
     "stats": READ,
     "manifest": READ,
     "load": ADMIN,
+    "loading": ADMIN,  # the manifest of a load still writing its segment (a peer copies it meanwhile)
     "unload": ADMIN,
     "publish_begin": ADMIN,
     "publish_commit": ADMIN,
