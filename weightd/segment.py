@@ -10,6 +10,8 @@ Layout of a segment (all integers little-endian)::
     32     Q   seal: 0 while being written; PUBLISHED when a publisher finished it; SEALED once
                complete and checked by the daemon (written last)
     40     16s uuid of the contents (the manifest's ``uuid``), so a client checks it in O(1)
+    56     Q   watermark: while a load streams, every byte of the data area below it is final
+               (Note [the watermark]); 0 where nobody published one
     4096   ... storages, 64-byte aligned, large ones page aligned
     M      ... manifest (UTF-8 JSON, see weightd.manifest)
 
@@ -76,8 +78,8 @@ import re
 import signal
 import stat
 import struct
+from collections import namedtuple
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
 from weightd.manifest import Manifest
@@ -89,6 +91,7 @@ PUBLISHED = 0x214E_4554_5449_5257  # b"WRITTEN!": finished by a publisher, not y
 HEADER = struct.Struct("<8sIIQQQ16s")
 SEAL_OFFSET = 32
 SEAL = struct.Struct("<Q")  # the seal word: written by write_seal, read by read_seal, nowhere else
+WATERMARK_OFFSET = 56  # Note [the watermark]: Watermark writes it, read_watermark reads it
 DATA_OFFSET = 4096
 HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB granule) PMD size
 SMALL_PAGE = 4096
@@ -330,7 +333,7 @@ class Segment:
         header = HEADER.pack(
             MAGIC, FORMAT_VERSION, 0, manifest_offset, len(manifest_json), 0, bytes.fromhex(uuid)
         )
-        self.write(0, header)
+        self.write(0, header + SEAL.pack(0))  # no watermark yet (a reused segment's old one gone)
 
     def seal(self, word: int = SEALED) -> None:
         """Mark the segment complete. Written last: everything before it is in place.
@@ -485,11 +488,74 @@ def read_seal(buf) -> int:
     return SEAL.unpack_from(buf, SEAL_OFFSET)[0]
 
 
-class Header(NamedTuple):
-    manifest_offset: int
-    manifest_length: int
-    sealed: bool
-    uuid: str  # hex, as in the manifest
+# Note [the watermark]
+# --------------------
+# A load knows its segment's layout before any byte is read (the checkpoint's header says where
+# every storage goes), so ``layout.write`` writes the header and the manifest first, unsealed,
+# and the data after. While the daemon's readers stream the data in, ``Watermark`` publishes in
+# the header how far the data area is written *contiguously* from ``DATA_OFFSET``: the readers
+# finish chunks out of order, and only a prefix with no hole counts. It only grows, and every
+# byte below it is final (a load never writes a byte twice; the padding between storages is
+# never written and reads as zeros). That lets another node copy a model while it is still
+# being read from storage (ray_zerocopy.peers, Note [a copy that starts before the seal]).
+# The seal still says "complete and checked": a segment is served only sealed, and a copy of
+# one is sealed only once its source was.
+
+
+class Watermark:
+    """Publishes in segment ``fd``'s header how far its data area is written contiguously
+    (Note [the watermark]), as writers report what they wrote (``written``, from any thread).
+
+    ``pieces``: ``(offset, nbytes)`` of everything that will be written; the gaps between them
+    (alignment padding) are never written and count as done."""
+
+    def __init__(self, fd: int, pieces: list[tuple[int, int]]):
+        import threading  # only a loading daemon needs it
+
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._pieces = sorted((o, o + n) for o, n in pieces if n > 0)
+        self._next = 0  # the first piece not wholly below the mark
+        self._done: dict[int, int] = {}  # start -> end of what was written above the mark
+        self.mark = DATA_OFFSET
+        with self._lock:
+            self._advance()
+
+    def written(self, offset: int, nbytes: int) -> None:
+        """``nbytes`` at ``offset`` are in the segment (a whole piece, or a chunk of one that
+        starts where the piece or an earlier chunk of it ends)."""
+        with self._lock:
+            self._done[offset] = offset + nbytes
+            self._advance()
+
+    def _advance(self) -> None:
+        mark = self.mark
+        while self._next < len(self._pieces):
+            start, end = self._pieces[self._next]
+            mark = max(mark, start)  # the padding before a piece: never written
+            if mark >= end:
+                self._next += 1
+                continue
+            reached = self._done.pop(mark, None)
+            if reached is None:
+                break
+            mark = reached
+        if mark != self.mark:
+            self.mark = mark
+            # under the lock: the word only grows, whichever thread writes it
+            os.pwrite(self._fd, SEAL.pack(mark), WATERMARK_OFFSET)
+
+
+def read_watermark(buf) -> int:
+    """How far a segment's data area is final while it is written (Note [the watermark])."""
+    if len(buf) < WATERMARK_OFFSET + SEAL.size:
+        return 0
+    return SEAL.unpack_from(buf, WATERMARK_OFFSET)[0]
+
+
+# manifest_offset, manifest_length (bytes), sealed (bool), uuid (hex, as in the manifest); a
+# collections.namedtuple: Note [what a fresh worker's import pays for] in weightd.manifest
+Header = namedtuple("Header", "manifest_offset manifest_length sealed uuid")
 
 
 def read_header(buf) -> Header:

@@ -214,6 +214,7 @@ class NodeDaemon:
         self.socket: str | None = None
         self.peers = peers
         self.sources = peers.Sources()
+        self.reading = peers.Reading()
 
     def ready(self) -> bool:
         return True
@@ -229,6 +230,14 @@ class NodeDaemon:
     @ray.method(concurrency_group="fill")
     def load(self, socket: str, path: str, name: str, factory: str | None) -> dict:
         return self.peers.load(socket, path, name, factory)
+
+    @ray.method(concurrency_group="fill")
+    def start_load(self, socket: str, path: str, name: str, factory: str | None) -> dict:
+        return self.reading.start(socket, path, name, factory)
+
+    @ray.method(concurrency_group="fill")
+    def finish_load(self, token: str) -> dict:
+        return self.reading.finish(token)
 
     @ray.method(concurrency_group="fill")
     def fill(self, name: str, key: str, node: str, socket: str) -> dict | None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from weightd.client import client as _client
 from weightd.client.ray_zerocopy import peers
-from weightd.client.ray_zerocopy.daemons import agent, ensure_daemons, node_socket, on_node, ping
+from weightd.client.ray_zerocopy.daemons import ensure_daemons, node_socket, on_node, ping
 
 
 def node_sockets(socket: str | None = None) -> dict[str | None, str]:
@@ -92,10 +92,9 @@ def load_everywhere(
         raise ValueError(
             f"reader={first!r} is not an alive node of this cluster: pick one of {sorted(sockets)}"
         )
-    # by the node's agent: no worker process starts for it (Note [no worker starts on the way])
-    out = {first: ray.get(agent(first).load.remote(sockets[first], path, name, factory))}
-    out.update(peers.spread(name, first, sockets, path=path, factory=factory))
-    return out
+    # by the nodes' agents: no worker process starts for it (Note [no worker starts on the way]),
+    # and the others copy it while it is read (Note [a copy that starts before the seal])
+    return peers.spread_load(name, first, sockets, path, factory)
 
 
 def unload_everywhere(name: str, *, socket: str | None = None) -> int:

@@ -31,13 +31,34 @@ Note [one storage read per cluster]
       left, one receiver reads storage again (a load's path) and the others copy from it, or,
       for a publish, the publishing process sends it again (``spread``'s ``reship``);
     - every wait has a deadline: registry calls ``REGISTRY_TIMEOUT``, a chunk
-      ``CHUNK_TIMEOUT``, a whole transfer ``transfer_deadline(nbytes)``. A transfer that cannot
+      ``CHUNK_TIMEOUT``, a whole transfer ``transfer_deadline(nbytes)``; a receiver waiting for
+      a chunk looks every ``HEARTBEAT`` whether the holder's node is still alive (Ray's node
+      table), so a dead holder is replaced within seconds, not after ``CHUNK_TIMEOUT``. A transfer that cannot
       finish is abandoned (``publish_commit`` with ``abort``): its segment is removed and
       nothing is served.
 
     Whoever may use the Ray cluster can read the weights in transit, as any Ray object (and
     can run code as the daemons' user on every node anyway). The digest guards against
     corruption, not against someone who can write to the object store.
+
+Note [a copy that starts before the seal]
+    ``load_everywhere`` does not wait for the reading node's segment to be sealed: its agent
+    starts the load (``Reading.start``) and hands back the manifest as soon as the daemon has
+    laid the segment out (the ``loading`` op: the layout is known before the data, and
+    ``layout.write`` writes the header and manifest first). The registry hands that node out
+    as a *streaming* holder, and the other nodes pull chunks from it while it still reads
+    storage: its agent sends a chunk once the segment's watermark (Note [the watermark] in
+    weightd.segment) is past it, so what it sends is final, with its digest made there. Then:
+
+    - a receiver that has every chunk waits for the source's verdict before it commits
+      (``Peers.settled``): only once the source sealed (its load returned) is the copy sealed;
+      a copy is never served while its source could still fail;
+    - a source whose load fails or is stopped (a bad file, an unload, a deadline) is settled
+      ``failed``: every copy from it is abandoned, nothing of it is served anywhere, and
+      ``load_everywhere`` raises the load's own error;
+    - a source whose node (or agent) dies before it sealed is settled ``lost``: what came from
+      it is dropped (it was never known complete), and the copies go on as when a holder dies
+      (another holder, else one node reads storage again).
 
 Note [no worker starts on the way]
     Measured on one machine (benchmarks/fanout.py), a 1 GiB copy between two nodes took 7.5 s
@@ -78,7 +99,7 @@ import xxhash
 from weightd import segment
 from weightd.client.connection import Connection
 from weightd.client.ray_zerocopy.daemons import ACTOR_PREFIX, NAMESPACE, agent, on_node
-from weightd.errors import SegmentError, TransferFailed, WeightdError
+from weightd.errors import ModelNotFound, SegmentError, TransferFailed, WeightdError
 from weightd.manifest import PAGE_ALIGN, Manifest, align_up
 
 log = logging.getLogger("weightd")
@@ -87,6 +108,9 @@ CHUNK = 64 << 20  # bytes per object; a multiple of the page size
 WINDOW = 2  # chunks asked for per transfer (Note [the object store's bound]: <= 2 * WINDOW stored)
 SERVES = 2  # transfers one holder serves at once; the others wait for it or for a new holder
 CHUNK_TIMEOUT = 60.0  # a holder that sends no chunk in this long is given up
+HEARTBEAT = 1.0  # how often a receiver waiting for a chunk looks whether the holder's node is alive
+STREAM_POLL = 0.005  # how often a holder looks at a streaming segment's watermark
+LAYOUT_POLL = 0.01  # how often a reading node's agent asks its daemon whether the segment is laid out
 REGISTRY_TIMEOUT = 30.0  # the registry answers every call within this (acquire: "busy" first)
 LEASE_WAIT = 10.0  # how long one acquire waits for a free holder before answering "busy"
 LEASE_IDLE = 2 * CHUNK_TIMEOUT  # a transfer that wrote no chunk in this long no longer holds its holder
@@ -133,6 +157,48 @@ def spread(
             f"copying {name!r} to nodes {sorted(orphans)}: no node holds it any more (every holder "
             "went away), and nothing says where to read it again: publish it again"
         )
+    return out
+
+
+def spread_load(name: str, first: str, sockets: dict[str, str], path: str, factory=None) -> dict:
+    """Have node ``first``'s daemon read ``path`` as ``name`` and every other node of
+    ``sockets`` copy it from peers while it is still read (Note [a copy that starts before
+    the seal]); ``{node: the daemon's model summary}``. Raises the load's own error (every
+    copy abandoned) if it fails."""
+    reader = agent(first)
+    try:
+        started = ray.get(reader.start_load.remote(sockets[first], path, name, factory))
+    except ray.exceptions.RayTaskError as e:
+        raise (e.cause if isinstance(e.cause, WeightdError) else e) from None
+    source = started["manifest"]
+    key, streaming = source["uuid"], started["streaming"]
+    reg = registry()
+    _get(reg.register.remote(name, key, source, path, factory, streaming), REGISTRY_TIMEOUT)
+    _get(reg.hold.remote(key, first, _holding(sockets[first], source, streaming)), REGISTRY_TIMEOUT)
+    others = {n: s for n, s in sockets.items() if n != first}
+    nbytes = Manifest.from_dict(source).nbytes
+    fills = _start_fills(name, key, others)
+    out, failed = {}, None
+    try:
+        out[first] = ray.get(reader.finish_load.remote(started["token"]))
+    except ray.exceptions.RayTaskError as e:  # the load failed or was stopped
+        failed = e.cause if isinstance(e.cause, WeightdError) else e
+        _get(reg.settle.remote(key, "failed", f"{type(failed).__name__}: {failed}"), REGISTRY_TIMEOUT)
+    except ray.exceptions.RayError as e:  # its node or agent died: the others go on without it
+        log.warning("node %s died while it read %s (%s): the others go on without it", first, name, e)
+        _get(reg.settle.remote(key, "lost"), REGISTRY_TIMEOUT)
+        _get(reg.drop.remote(key, first, "its node died while it read storage"), REGISTRY_TIMEOUT)
+    else:
+        _get(reg.settle.remote(key, "sealed"), REGISTRY_TIMEOUT)
+    try:
+        rest, _ = _collect(name, fills, others, nbytes=nbytes)
+    except TransferFailed:
+        if failed is None:
+            raise
+        rest = {}  # each copy was abandoned because the load failed: its error is the one to raise
+    if failed is not None:
+        raise failed
+    out.update(rest)
     return out
 
 
@@ -202,7 +268,15 @@ def _fill_all(name: str, key: str, sockets: dict[str, str], *, nbytes: int):
     """Copy into every node of ``sockets`` at once; ``({node: summary}, {node: socket} of the
     nodes that found no holder and nothing to read)``. Every transfer has ended (served or
     abandoned) when this returns; another failure raises (the first)."""
-    refs = {n: agent(n).fill.remote(name, key, n, s) for n, s in sockets.items()}
+    return _collect(name, _start_fills(name, key, sockets), sockets, nbytes=nbytes)
+
+
+def _start_fills(name: str, key: str, sockets: dict[str, str]) -> dict:
+    return {n: agent(n).fill.remote(name, key, n, s) for n, s in sockets.items()}
+
+
+def _collect(name: str, refs: dict, sockets: dict[str, str], *, nbytes: int):
+    """``_fill_all``'s outcome, once every fill of ``refs`` (``{node: ref}``) ended."""
     # each fill gives up by its own deadline; this one is later, for a node that died with it
     deadline = time.monotonic() + transfer_deadline(nbytes) + REGISTRY_TIMEOUT
     out, orphans, failures = {}, {}, []
@@ -226,12 +300,13 @@ def _fill_all(name: str, key: str, sockets: dict[str, str], *, nbytes: int):
     return out, orphans
 
 
-def _holding(socket: str, manifest: dict) -> dict:
+def _holding(socket: str, manifest: dict, streaming: bool = False) -> dict:
     return {
         "socket": socket,
         "name": manifest["name"],
         "generation": manifest["generation"],
         "uuid": manifest["uuid"],
+        "streaming": streaming,  # still being read from storage: Note [a copy that starts before the seal]
     }
 
 
@@ -338,6 +413,57 @@ def load(socket: str, path: str, name: str, factory: str | None) -> dict:
         return c.load(path, name, factory=factory)
 
 
+class Reading:
+    """The storage reads this node's agent runs for ``spread_load``, each in a thread of its
+    own: ``start`` answers as soon as the daemon has laid the segment out, ``finish`` once the
+    load ended (Note [a copy that starts before the seal])."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loads: dict[str, tuple[threading.Event, dict]] = {}
+
+    def start(self, socket: str, path: str, name: str, factory: str | None) -> dict:
+        """``{"token", "manifest", "streaming"}``: the manifest of the segment being written
+        (``streaming``), or of the sealed one if the load ended before it was seen."""
+        token = os.urandom(8).hex()
+        done, box = threading.Event(), {}
+
+        def run() -> None:
+            try:
+                box["summary"] = load(socket, path, name, factory)
+            except BaseException as e:  # noqa: BLE001 - handed to finish()
+                box["error"] = e
+            finally:
+                done.set()
+
+        with self._lock:
+            self._loads[token] = (done, box)
+        threading.Thread(target=run, name=f"weightd-read-{name}", daemon=True).start()
+        want = os.path.realpath(path)
+        with Connection(socket) as c:
+            while not done.wait(LAYOUT_POLL):
+                try:
+                    manifest = c.call("loading", name=name)["manifest"]
+                except ModelNotFound:  # not laid out yet
+                    continue
+                if (manifest.get("origin") or {}).get("path") == want:  # this load's, not another's
+                    return {"token": token, "manifest": manifest, "streaming": True}
+            summary = self.finish(token)  # ended first (raises its error)
+            manifest = c.manifest(name, summary["generation"], full=True).to_dict()
+        with self._lock:
+            self._loads[token] = (done, box)  # finish() again returns the summary
+        return {"token": token, "manifest": manifest, "streaming": False}
+
+    def finish(self, token: str) -> dict:
+        """The load's model summary, once it ended; raises its error."""
+        with self._lock:
+            done, box = self._loads.pop(token)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["summary"]
+
+
 def fill(name: str, key: str, node: str, socket: str) -> dict | None:
     """Copy ``name`` (spread ``key``) into this node's daemon from peers; its summary, or None
     when no node holds it any more and nothing says where to read it again."""
@@ -371,6 +497,8 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                 lease = _get(reg.acquire.remote(key, min(LEASE_WAIT, left)), REGISTRY_TIMEOUT)
                 if lease["kind"] == "busy":
                     continue
+                if lease["kind"] == "failed":
+                    raise _source_failed(name, node, lease)
                 if lease["kind"] == "storage":
                     abandon()
                     return _reload(c, reg, key, node, socket, source, lease)
@@ -388,16 +516,32 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                         box[0] = Copy(c, source, via=f"peer:{holder}")
                     return box[0]
 
+                verdict = None
                 try:
                     _pull(reserve, lease, pieces, written, reg, key, deadline)
+                    if lease["streaming"]:  # committed only once the source sealed
+                        verdict = _settled(reg, key, name, node, deadline)
                 except _HolderFailed as e:
                     log.warning(
                         "node %s failed while sending %s (%s): trying another holder", holder, name, e
                     )
-                    reg.drop.remote(key, holder)
+                    if lease["streaming"]:  # a load that failed, or a node that died before its seal?
+                        abandon()
+                        written.clear()
+                        verdict = _settled(reg, key, name, node, deadline)
+                        if verdict["state"] == "failed":
+                            raise _source_failed(name, node, verdict) from None
+                    reg.drop.remote(key, holder, str(e))
                     continue
                 finally:
                     reg.release.remote(key, holder, lease["lease"])
+                if verdict is not None and verdict["state"] != "sealed":
+                    if verdict["state"] == "failed":
+                        raise _source_failed(name, node, verdict)
+                    # lost before its seal: what came from it was never known complete
+                    abandon()
+                    written.clear()
+                    continue
                 copy, box[0] = box[0], None
                 holding = _holding(socket, copy.manifest.to_dict())
                 summary = copy.commit()
@@ -406,6 +550,28 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
         except BaseException:
             abandon()
             raise
+
+
+def _settled(reg, key: str, name: str, node: str, deadline: float) -> dict:
+    """The verdict on a streaming source (Note [a copy that starts before the seal]): ``sealed``,
+    ``failed`` (with its ``error``) or ``lost``; waits for it until ``deadline``."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransferFailed(
+                f"copying {name!r} to node {node}: the node it was copied from did not finish reading "
+                "it in time: nothing of it is served; load it again"
+            )
+        verdict = _get(reg.settled.remote(key, min(LEASE_WAIT, left)), REGISTRY_TIMEOUT)
+        if verdict["state"] != "streaming":
+            return verdict
+
+
+def _source_failed(name: str, node: str, verdict: dict) -> TransferFailed:
+    return TransferFailed(
+        f"copying {name!r} to node {node}: the load it was copied from failed ({verdict['error']}): "
+        "nothing of it is served on any node"
+    )
 
 
 def _reload(c, reg, key: str, node: str, socket: str, source: Manifest, lease: dict) -> dict:
@@ -435,19 +601,30 @@ def _pull(reserve, lease: dict, pieces, written: set[int], reg, key: str, deadli
 
     def ask() -> None:
         for offset, length in todo:
-            pending[server.read.remote(*args, offset, length, lease["hook"])] = offset
+            pending[server.read.remote(*args, offset, length, lease["hook"], lease["streaming"])] = offset
             return
+
+    def give_up(why: str):
+        for ref in pending:
+            _cancel(ref)
+        return _HolderFailed(why)
 
     for _ in range(WINDOW):
         ask()
     copy = reserve()  # reserving the segment's pages takes as long as a chunk or two on the way
+    last = time.monotonic()  # when the last chunk came
     while pending:
-        wait = min(CHUNK_TIMEOUT, deadline - time.monotonic())
+        now = time.monotonic()
+        if now >= deadline or now - last >= CHUNK_TIMEOUT:
+            raise give_up(f"no chunk in {now - last:.0f} s")
+        # in HEARTBEAT steps: a holder whose node died is noticed now, not after CHUNK_TIMEOUT
+        wait = min(HEARTBEAT, deadline - now, last + CHUNK_TIMEOUT - now)
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(wait, 0.0))
         if not ready:
-            for ref in pending:
-                _cancel(ref)
-            raise _HolderFailed(f"no chunk in {wait:.0f} s")
+            if not _alive(holder):
+                raise give_up("its node died")
+            continue
+        last = time.monotonic()
         ref = ready[0]
         del ready
         offset = pending.pop(ref)
@@ -471,6 +648,11 @@ def _pull(reserve, lease: dict, pieces, written: set[int], reg, key: str, deadli
         reg.chunk_done.remote(key, nbytes, lease["lease"])
 
 
+def _alive(node: str) -> bool:
+    """Whether Ray's node table (the GCS) still has ``node`` alive."""
+    return any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
+
+
 def agent_name(node: str) -> str:
     return ACTOR_PREFIX + node
 
@@ -484,29 +666,48 @@ class Sources:
     def __init__(self):
         self._lock = threading.Lock()
         self._conns: dict[str, Connection] = {}
-        self._maps: dict[str, tuple[memoryview, float]] = {}  # uuid -> (the mapping, last used)
+        self._maps: dict[str, tuple[_Mapped, float]] = {}  # uuid -> (the mapping, last used)
 
-    def read(self, socket: str, name: str, generation: int, uuid: str, offset: int, length: int, hook):
+    def read(
+        self,
+        socket: str,
+        name: str,
+        generation: int,
+        uuid: str,
+        offset: int,
+        length: int,
+        hook,
+        streaming: bool = False,
+    ):
         """Bytes ``offset`` to ``offset + length`` of generation ``generation`` of ``name`` in
-        this node's daemon, and their digest."""
+        this node's daemon, and their digest. ``streaming``: a load still writing it (Note [a
+        copy that starts before the seal]): sent once they are below its watermark."""
         with self._lock:  # one request at a time on a connection; the copy below runs unlocked
             c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
-            try:
-                manifest = c.manifest(name, generation)
-            except WeightdError:  # not served any more; or the daemon went (a new one: a new connection)
-                self._maps.pop(uuid, None)
-                self._conns.pop(socket, None)
-                c.close()
-                raise
-            if manifest.uuid != uuid:
-                self._maps.pop(uuid, None)
-                raise SegmentError(f"{name!r} generation {generation} here is no longer the copy asked for")
             now = time.monotonic()
             for u in [u for u, (_, used) in self._maps.items() if now - used > self.IDLE]:
                 del self._maps[u]
-            view = self._maps[uuid][0] if uuid in self._maps else _map(manifest, c.daemon_uid)
-            self._maps[uuid] = (view, now)
-        data = np.frombuffer(view, dtype=np.uint8, count=length, offset=offset)
+            if streaming and uuid in self._maps:
+                src = self._maps[uuid][0]  # its segment says whether it is still what was asked for
+            else:
+                try:
+                    manifest = self._manifest(c, name, generation, streaming)
+                except WeightdError:  # not served any more; or the daemon went (a new one: a new connection)
+                    self._maps.pop(uuid, None)
+                    self._conns.pop(socket, None)
+                    c.close()
+                    raise
+                if manifest.uuid != uuid:
+                    self._maps.pop(uuid, None)
+                    raise SegmentError(
+                        f"{name!r} generation {generation} here is no longer the copy asked for"
+                    )
+                src = (
+                    self._maps[uuid][0] if uuid in self._maps else _Mapped(manifest, c.daemon_uid, streaming)
+                )
+            self._maps[uuid] = (src, now)
+        src.wait(offset + length, name)
+        data = np.frombuffer(src.view, dtype=np.uint8, count=length, offset=offset)
         made = digest(data, offset)
         if hook == "fail":  # tests: a holder that cannot send (its daemon unloaded the model)
             raise SegmentError(f"{name!r} is no longer served here (test hook)")
@@ -519,21 +720,66 @@ class Sources:
         # mapping stays while a chunk of it is on its way (the memoryview's export keeps it).
         return made, data
 
+    @staticmethod
+    def _manifest(c: Connection, name: str, generation: int, streaming: bool) -> Manifest:
+        if streaming:
+            try:
+                return Manifest.from_dict(c.call("loading", name=name)["manifest"])
+            except ModelNotFound:
+                pass  # sealed meanwhile (served), or failed: the served generation says which
+        return c.manifest(name, generation)
 
-def _map(manifest: Manifest, owner: int) -> memoryview:
-    """A read-only shared mapping of ``manifest``'s sealed segment, checked as ``Mapping``
-    checks it (the daemon's uid, the seal, the uuid), with its pages faulted in at once."""
-    fd = segment.open_announced(manifest, owner)
-    try:
-        m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    header = segment.read_header(m)
-    if not header.sealed or header.uuid != manifest.uuid:
-        m.close()
-        raise SegmentError(f"segment {manifest.segment} is not the sealed copy the daemon described")
-    segment.populate(m)
-    return memoryview(m)
+
+class _Mapped:
+    """A read-only shared mapping of a segment of this node's daemon, checked as ``Mapping``
+    checks it (the daemon's uid, the uuid), sealed or, ``streaming``, still being loaded."""
+
+    def __init__(self, manifest: Manifest, owner: int, streaming: bool):
+        self.fd = segment.open_announced(manifest, owner)
+        try:
+            self.mapping = mmap.mmap(
+                self.fd, os.fstat(self.fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
+            )
+            header = segment.read_header(self.mapping)
+            if header.uuid != manifest.uuid or not (header.sealed or streaming):
+                self.mapping.close()
+                raise SegmentError(f"segment {manifest.segment} is not the copy the daemon described")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.sealed = header.sealed
+        if self.sealed:
+            segment.populate(self.mapping)  # its pages at once; a streaming one's come as they are read
+        self.view = memoryview(self.mapping)
+
+    def wait(self, end: int, name: str) -> None:
+        """Until every byte below ``end`` is final (sealed, or below the watermark: Note [the
+        watermark] in weightd.segment). Raises once the segment was removed: the load failed or
+        was stopped, or the model was unloaded."""
+        give_up, seen = time.monotonic() + CHUNK_TIMEOUT / 2, -1
+        while True:
+            if os.fstat(self.fd).st_nlink == 0:
+                raise SegmentError(
+                    f"{name!r} is gone from this node's daemon (its load failed or was stopped, or it "
+                    "was unloaded)"
+                )
+            if self.sealed or segment.read_seal(self.mapping) == segment.SEALED:
+                self.sealed = True
+                return
+            mark = segment.read_watermark(self.mapping)
+            if mark >= end:
+                return
+            if mark != seen:
+                give_up, seen = time.monotonic() + CHUNK_TIMEOUT / 2, mark
+            elif time.monotonic() > give_up:
+                raise SegmentError(
+                    f"the load of {name!r} on this node wrote nothing for {CHUNK_TIMEOUT / 2:.0f} s"
+                )
+            time.sleep(STREAM_POLL)
+
+    def __del__(self):
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
 
 
 @ray.remote
@@ -552,6 +798,10 @@ class Peers:
         self.reading: set[str] = set()  # keys whose storage is being read again
         self.hooks: dict[str, str] = {}  # node -> test hook for the transfers it serves
         self.copied: dict[str, int] = {}  # key -> bytes copied between nodes so far
+        # key -> {"state": streaming | sealed | failed | lost, "error"}: Note [a copy that starts
+        # before the seal]; a key not here was sealed when registered
+        self.verdicts: dict[str, dict] = {}
+        self.dropped: list[tuple[str, str, str]] = []  # (key, node, why) of every holder dropped
         self.changed = None
 
     def _cond(self) -> asyncio.Condition:
@@ -559,8 +809,12 @@ class Peers:
             self.changed = asyncio.Condition()
         return self.changed
 
-    async def register(self, name: str, key: str, manifest: dict, path: str | None, factory) -> None:
+    async def register(
+        self, name: str, key: str, manifest: dict, path: str | None, factory, streaming: bool = False
+    ) -> None:
         async with self._cond():
+            if streaming:
+                self.verdicts[key] = {"state": "streaming", "error": None}
             old = self.models.get(name)
             if old is not None and old["key"] != key:
                 self.holders.pop(old["key"], None)
@@ -597,10 +851,41 @@ class Peers:
                 self.holders[key][node] = holding
             self.changed.notify_all()
 
-    async def drop(self, key: str, node: str) -> None:
+    async def drop(self, key: str, node: str, why: str = "") -> None:
         async with self._cond():
-            self.holders.get(key, {}).pop(node, None)
+            if self.holders.get(key, {}).pop(node, None) is not None:
+                self.dropped.append((key, node, why))
             self.changed.notify_all()
+
+    async def settle(self, key: str, state: str, error: str | None = None) -> None:
+        """The streaming source of ``key`` ``sealed``, ``failed`` (its load's ``error``: the
+        model is forgotten, every copy abandoned) or was ``lost`` (its node died first)."""
+        async with self._cond():
+            self.verdicts[key] = {"state": state, "error": error}
+            for holding in self.holders.get(key, {}).values():
+                holding["streaming"] = False
+            if state == "failed":
+                self.holders.pop(key, None)
+                for name in [n for n, m in self.models.items() if m["key"] == key]:
+                    del self.models[name]
+            self.changed.notify_all()
+
+    async def settled(self, key: str, wait: float) -> dict:
+        """The verdict on ``key``'s streaming source; ``streaming`` if none came in ``wait`` s."""
+        cond = self._cond()
+        async with cond:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    cond.wait_for(lambda: self._verdict(key)["state"] != "streaming"), wait
+                )
+            return self._verdict(key)
+
+    def _verdict(self, key: str) -> dict:
+        return self.verdicts.get(key, {"state": "sealed", "error": None})
+
+    async def drops(self) -> list[tuple[str, str, str]]:
+        """(key, node, why) of every holder dropped so far (tests)."""
+        return list(self.dropped)
 
     async def release(self, key: str, node: str, lease: int) -> None:
         async with self._cond():
@@ -628,6 +913,8 @@ class Peers:
         end = asyncio.get_running_loop().time() + wait
         async with cond:
             while True:
+                if self._verdict(key)["state"] == "failed":
+                    return {"kind": "failed", **self._verdict(key)}
                 holders = self.holders.get(key)
                 model = next((m for m in self.models.values() if m["key"] == key), None)
                 if holders is None or model is None:

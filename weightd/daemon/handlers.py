@@ -242,6 +242,15 @@ class Handlers:
         )
         return None  # answered by Loads.report: progress while it runs, then the result
 
+    def loading(self, req, peer) -> bytes:
+        """The whole manifest of the load of ``name`` that is writing its segment now, unsealed,
+        for a node that copies it while it streams (Note [the watermark] in weightd.segment)."""
+        name = protocol.field(req, "name", str)
+        manifest = self.store.streaming(name)
+        if manifest is None:
+            raise ModelNotFound(f"no load of {name!r} is writing its segment now")
+        return protocol.ok(manifest=manifest.to_dict())
+
     def _allowed(self, path: str) -> str:
         """With --model-dir, a load request may only name a checkpoint inside those folders
         (and every file the load reads is checked again: a shard may be a symlink)."""

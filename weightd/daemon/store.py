@@ -112,6 +112,8 @@ class Store:
         self.generations: dict[str, int] = {}
         self.stale: list[str] = []  # older generations left by a previous daemon (adopt)
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
+        # name -> the manifest of its load whose segment is being written (Note [the watermark])
+        self._streaming: dict[str, Manifest] = {}
         self.publishes = Publishes(self)
         self.reaper = Reaper(self, self.publishes)
         self.devices = list(devices or [])
@@ -158,6 +160,12 @@ class Store:
                 self._progress.pop(name, None)
             else:
                 self._progress[name] = done_total
+
+    def streaming(self, name: str) -> Manifest | None:
+        """The manifest of the load of ``name`` whose segment is being written now, unsealed:
+        another node may copy what its watermark covers (Note [the watermark] in weightd.segment)."""
+        with self.lock:
+            return self._streaming.get(name)
 
     def loading(self) -> dict[str, tuple[int, int]]:
         """Loads under way (on start-up or requested): name -> (bytes done, total; 0 until read)."""
@@ -291,6 +299,10 @@ class Store:
                 # Blobs that say where their bytes are stream in parallel; the others (a fill that
                 # checks something once all is copied: HF's config.json) are written after, in order.
                 streamed = [(b, o) for b, o in placed if b.file is not None or b.data is not None]
+                # Hook (issue 23): how far the segment is written, for peers copying it meanwhile
+                mark = segment.Watermark(seg.fd, [(o, b.nbytes) for b, o in placed])
+                with self.lock:
+                    self._streaming[name] = manifest
                 copied.append(
                     self.readers.copy(
                         seg.fd,
@@ -298,12 +310,14 @@ class Store:
                         check=check,
                         progress=progress,
                         reserving=segment.reservation(seg.fd, seg.size, self.folder),
+                        written=mark.written,
                     )
                 )
                 for blob, offset in placed:
                     if blob.file is None and blob.data is None:
                         check()
                         blob.fill(seg, offset)
+                        mark.written(offset, blob.nbytes)
 
             size = layout.write(
                 manifest,
@@ -317,6 +331,8 @@ class Store:
             )
         finally:
             checkpoint.close(ck)
+            with self.lock:
+                self._streaming.pop(name, None)
             self._set_progress(name, None)
         report = copied[0] if copied else stream.Report()
         seconds = time.monotonic() - started

@@ -178,6 +178,7 @@ class _Batch:
         # the segment mapped (Note [one copy from the page cache]), once it is sized
         self.mapping: mmap.mmap | None = None
         self.view: memoryview | None = None
+        self.written: Callable[[int, int], None] | None = None  # Hook (issue 23): see Readers.copy
 
     def map(self) -> None:
         """Map the segment for the buffered chunks (once the reservation has sized it)."""
@@ -239,12 +240,16 @@ class Readers:
         check: Callable[[], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
         reserving: Iterator[int] | None = None,
+        written: Callable[[int, int], None] | None = None,
     ) -> Report:
         """Copy every piece into the segment open as ``seg_fd``; returns how.
 
         ``reserving``: the segment's reservation (``segment.reservation``), run here step by
         step; a chunk goes to the readers once its bytes are reserved (Note [reserving while
         writing] in weightd.segment).
+
+        ``written(offset, nbytes)``: called from the reader thread once a chunk is in the
+        segment (Hook, issue 23: the load's ``segment.Watermark``, Note [the watermark]).
 
         ``check()`` raises to stop (it is called while waiting, from this thread);
         ``progress(done, total)`` is called from this thread too. Raises the first error a
@@ -255,6 +260,7 @@ class Readers:
         total = sum(p.nbytes for p in pieces)
         report = Report(readers=self.readers, chunk=self.chunk)
         batch = _Batch(seg_fd, total, report)
+        batch.written = written
         started = time.perf_counter()
         spans = _spans(pieces, self.chunk, max(SPAN, self.chunk))
         _sequential(pieces)
@@ -351,6 +357,8 @@ class Readers:
                     if batch.stop:
                         break
                     self._chunk(batch, piece, start, n, buffer)
+                    if batch.written is not None:  # Hook (issue 23): Note [the watermark]
+                        batch.written(piece.dst + start, n)
             except BaseException as e:
                 batch.fail(e)
             finally:
