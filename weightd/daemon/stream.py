@@ -88,11 +88,13 @@ MAX_CHUNK = 256 << 20
 MAX_READERS = 64
 ALIGN = 4096  # O_DIRECT: file offset, length and buffer aligned to the logical block (<= 4 KiB)
 DIRECT_MODES = ("auto", "always", "never")
-# Measured on this VM's disk, 1 GiB cold, five loads of each interleaved (quiet machine): through
-# the page cache (readahead) 1.11-1.54 GB/s, O_DIRECT (auto) 0.77-0.86, raw O_DIRECT x4 reads
-# alone 1.05-1.15. So buffered by default; ``auto``/``always`` where O_DIRECT measures faster
-# (NVMe arrays, parallel file systems: benchmarks/load.py shows both).
-DEFAULT_DIRECT = "never"
+# Measured on this VM's disk, 2 GiB cold, daemons loading in turn, four loads each (quiet
+# machine), readers taking spans (Note [a span per reader]): O_DIRECT for what is not cached
+# (auto) 1.30-1.40 GB/s, through the page cache 0.92-1.22. The page cache costs a new page per
+# 4 KiB read on top of the segment's (twice the CPU time per byte measured here, on 2 vCPUs),
+# O_DIRECT reads into a reused buffer. (With readers taking 8 MiB chunks in turn it was the
+# other way round: buffered 1.11-1.54, auto 0.77-0.86.) ``never`` where readahead measures faster.
+DEFAULT_DIRECT = "auto"
 READER_NICE = 5  # added to the readers' nice value (Linux: per thread)
 WAIT_SECONDS = 0.02  # how often a waiting load checks its token
 
