@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 	# a trained checkpoint shipped with its own model class (tests/test_own_classes.py); its
 	# metadata says Python <=3.11 (3.11.0 to pip), so it cannot be in the test extra
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python 'unidic-lite-imitator-transformers==0.2.1'
+	# AntiBERTy's trained checkpoint (tests/test_own_classes.py): antiberty 1.0.0 (the test extra)
+	# holds the class, which transformers 5 loads, and reads its weights from the package's
+	# trained_models/ folder; the wheel of 0.1.3 ships that folder (97 MB)
+	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/wheels 'antiberty==0.1.3'
+	$(PY) -c 'import importlib.util as u, os, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	  site = os.path.dirname(u.find_spec("antiberty").submodule_search_locations[0]); \
+	  [z.extract(n, site) for n in z.namelist() if n.startswith("antiberty/trained_models/")]' \
+	  $(VENV)/wheels/antiberty-0.1.3-py3-none-any.whl
 	touch $(STAMP)
 
 # weightd's bytecode cached, as installing a wheel leaves it: where Python may not write it

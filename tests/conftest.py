@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,37 @@ def make_daemon(sock, instance):
     for d in started:
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
+
+
+@contextlib.contextmanager
+def module_daemon(tmp_path_factory, *args: str, timeout: float = 60):
+    """A daemon for a whole test module (in a ``scope="module"`` fixture), for the tests that do
+    not need one of their own: its start, and its loader process's for Hugging Face folders
+    (which imports transformers: seconds), is paid once. It removes its segments when it stops;
+    an unclean stop or a segment left behind fails the module."""
+    instance = "t" + uuid.uuid4().hex[:10]
+    d = Daemon(str(tmp_path_factory.mktemp("daemon") / "w.sock"), instance, [*args, "--unlink-on-exit"])
+    d.start(timeout=timeout)
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        left = remove_segments(instance)
+        assert rc == 0, d.output()[-3000:]
+        assert not left, f"the module's daemon left segments behind: {left}"
+
+
+@contextlib.contextmanager
+def own_model(daemon, request):
+    """The model name a test loads under in its module's daemon (its own name, made a model
+    name), unloaded when the test ends."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:100]
+    try:
+        yield name
+    finally:
+        with daemon.client() as c:
+            if name in [m["name"] for m in c.list()]:
+                c.unload(name)
 
 
 @pytest.fixture

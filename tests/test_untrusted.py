@@ -35,7 +35,7 @@ from weightd import segment
 from weightd.client import AttachError, Client, attach, hf, state_dict
 from weightd.errors import CheckpointError, PermissionDenied
 
-from conftest import needs_root, wait_until, worker_env
+from conftest import module_daemon, needs_root, own_model, wait_until, worker_env
 
 pytestmark = needs_root
 
@@ -98,6 +98,25 @@ def area():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the tests that load a folder, whole or refused, with no hook or option of
+    their own (``served``)."""
+    with module_daemon(tmp_path_factory) as d:
+        yield d
+
+
+@pytest.fixture
+def served(shared, request):
+    """(the module's daemon, the model name this test loads under): unloaded when it ends."""
+    with own_model(shared, request) as name:
+        yield shared, name
+
+
+def names(client: Client) -> list[str]:
+    return [m["name"] for m in client.list()]
 
 
 def swap_env(tmp_path: Path, target: Path, command: str) -> dict:
@@ -192,7 +211,7 @@ def test_a_file_swapped_after_the_daemon_opened_it_never_serves_what_is_outside(
 
 
 @pytest.mark.parametrize("case", ["shadow", "environ", "root-only config", "module folder", "plain shard"])
-def test_a_link_out_of_the_folder_is_refused_naming_it(case, tmp_path, area, hostile, make_daemon):
+def test_a_link_out_of_the_folder_is_refused_naming_it(case, tmp_path, area, hostile, served):
     folder = area / "x"
     if case == "plain shard":  # a folder of weight files, no config.json
         folder.mkdir()
@@ -220,16 +239,16 @@ def test_a_link_out_of_the_folder_is_refused_naming_it(case, tmp_path, area, hos
         name, target = "1_Pooling", str(module)
     os.symlink(target, folder / name)
     give(folder, hostile.uid)
-    d = make_daemon()
+    d, model = served
     with pytest.raises((CheckpointError, PermissionDenied)) as e:
-        Client(d.socket, timeout=300).load(str(folder), "m")
+        Client(d.socket, timeout=300).load(str(folder), model)
     assert name in str(e.value) and ("outside the folder" in str(e.value) or "/proc" in str(e.value)), str(
         e.value
     )
-    assert Client(d.socket).list() == []
+    assert model not in names(Client(d.socket))
 
 
-def test_a_hub_cache_snapshot_linking_into_its_blobs_loads(tmp_path, make_daemon):
+def test_a_hub_cache_snapshot_linking_into_its_blobs_loads(tmp_path, served):
     """The Hub cache's layout: snapshots/<rev>/file -> ../../blobs/<hash>, inside the repo folder."""
     made = tmp_path / "made"
     want = gpt2(made, 3.0)
@@ -241,9 +260,9 @@ def test_a_hub_cache_snapshot_linking_into_its_blobs_loads(tmp_path, make_daemon
         blob = repo / "blobs" / f"hash{i}"
         shutil.copy(f, blob)
         os.symlink(f"../../blobs/hash{i}", snap / f.name)
-    d = make_daemon()
-    Client(d.socket, timeout=300).load(str(snap), "m")
-    got = state_dict("m", socket=d.socket)
+    d, name = served
+    Client(d.socket, timeout=300).load(str(snap), name)
+    got = state_dict(name, socket=d.socket)
     assert torch.equal(got["transformer.wte.weight"], want["transformer.wte.weight"])
 
 
@@ -291,20 +310,20 @@ def test_an_oversized_config_is_refused_without_being_read(tmp_path, make_daemon
 # --- 4. config values set the cost; a load can be stopped -----------------------------------
 
 
-def test_a_config_describing_a_larger_model_than_its_files_is_refused_naming_both(tmp_path, make_daemon):
+def test_a_config_describing_a_larger_model_than_its_files_is_refused_naming_both(tmp_path, served):
     folder = tmp_path / "x"
     gpt2(folder)
     config = json.loads((folder / "config.json").read_text())
     config["n_layer"] = 3000
     (folder / "config.json").write_text(json.dumps(config))
-    d = make_daemon()
+    d, name = served
     with pytest.raises(CheckpointError) as e:
-        Client(d.socket, timeout=600).load(str(folder), "m")
+        Client(d.socket, timeout=600).load(str(folder), name)
     assert re.search(
         r"describes a GPT2LMHeadModel of [\d,]{9,} parameters, but its weight files hold [\d,]{5,7}\b",
         str(e.value),
     ), str(e.value)
-    assert Client(d.socket).list() == []
+    assert name not in names(Client(d.socket))
 
 
 def _children(pid: int) -> list[int]:
@@ -365,7 +384,7 @@ def test_a_load_past_its_deadline_is_cancelled_and_its_loader_killed(tmp_path, m
 # --- 5. only the folder's weights for its class ----------------------------------------------
 
 
-def test_an_adapter_beside_the_weights_is_neither_applied_nor_served(tmp_path, make_daemon):
+def test_an_adapter_beside_the_weights_is_neither_applied_nor_served(tmp_path, served):
     folder = tmp_path / "x"
     base = gpt2(folder, 1.0)
     (folder / "adapter_config.json").write_text(
@@ -387,15 +406,15 @@ def test_an_adapter_beside_the_weights_is_neither_applied_nor_served(tmp_path, m
         },
         folder / "adapter_model.safetensors",
     )
-    d = make_daemon()
-    Client(d.socket, timeout=300).load(str(folder), "m")
-    got = state_dict("m", socket=d.socket)
+    d, name = served
+    Client(d.socket, timeout=300).load(str(folder), name)
+    got = state_dict(name, socket=d.socket)
     assert set(got) <= set(base) and not [k for k in got if "lora" in k or "base_layer" in k]
     assert torch.equal(got["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
-    assert "adapter_config.json" not in hf.files("m", socket=d.socket)
+    assert "adapter_config.json" not in hf.files(name, socket=d.socket)
 
 
-def test_attach_refuses_a_module_whose_weights_the_segment_lacks(tmp_path, make_daemon):
+def test_attach_refuses_a_module_whose_weights_the_segment_lacks(tmp_path, served):
     folder = tmp_path / "x"
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -407,12 +426,12 @@ def test_attach_refuses_a_module_whose_weights_the_segment_lacks(tmp_path, make_
         max_position_embeddings=32,
     )
     transformers.BertForMaskedLM(cfg).save_pretrained(folder)
-    d = make_daemon()
-    Client(d.socket, timeout=300).load(str(folder), "m")
-    assert type(attach("m", socket=d.socket)).__name__ == "BertForMaskedLM"
+    d, name = served
+    Client(d.socket, timeout=300).load(str(folder), name)
+    assert type(attach(name, socket=d.socket)).__name__ == "BertForMaskedLM"
     # BertModel has a pooler that the masked-LM folder does not hold: it would be random
     with pytest.raises(AttachError, match=r"BertModel has 2 weights the served model does not hold.*pooler"):
-        attach("m", transformers.BertModel, socket=d.socket)
+        attach(name, transformers.BertModel, socket=d.socket)
 
 
 # --- 6. the metrics socket -------------------------------------------------------------------
@@ -525,38 +544,38 @@ def test_a_checkpoint_rewritten_with_its_mtime_set_back_is_loaded_again(tmp_path
     assert float(state_dict("m", socket=d2.socket)["w"][0]) == 2.0
 
 
-def test_every_file_a_folder_load_read_is_recorded(tmp_path, make_daemon):
+def test_every_file_a_folder_load_read_is_recorded(tmp_path, served):
     folder = tmp_path / "x"
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(folder, max_shard_size="20KB")
     (folder / "tokenizer.json").write_text("{}")
-    d = make_daemon()
+    d, name = served
     c = Client(d.socket, timeout=300)
-    c.load(str(folder), "m")
-    recorded = {os.path.basename(f["path"]) for f in c.manifest("m", full=True).origin["files"]}
+    c.load(str(folder), name)
+    recorded = {os.path.basename(f["path"]) for f in c.manifest(name, full=True).origin["files"]}
     on_disk = {p.name for p in folder.iterdir()}
     assert "model.safetensors.index.json" in on_disk
     assert on_disk <= recorded, on_disk - recorded
-    assert all("ctime_ns" in f for f in c.manifest("m", full=True).origin["files"])
+    assert all("ctime_ns" in f for f in c.manifest(name, full=True).origin["files"])
 
 
 # --- 8. the files folder of workers ------------------------------------------------------------
 
 
-def test_files_folders_are_shared_per_generation_and_removed_once_it_is_gone(tmp_path, make_daemon, workers):
+def test_files_folders_are_shared_per_generation_and_removed_once_it_is_gone(tmp_path, served, workers):
     folder = tmp_path / "x"
     gpt2(folder)
     (folder / "tokenizer.json").write_text('{"v": 1}')
-    d = make_daemon()
+    d, name = served
     c = Client(d.socket, timeout=300)
-    c.load(str(folder), "m")
+    c.load(str(folder), name)
     env = dict(worker_env(), XDG_RUNTIME_DIR=str(tmp_path / "run"))
     (tmp_path / "run").mkdir(mode=0o700)
     code = textwrap.dedent(f"""
         import json, sys
         from weightd.client import hf
-        print(json.dumps(hf.files_dir("m", socket={d.socket!r})), flush=True)
+        print(json.dumps(hf.files_dir({name!r}, socket={d.socket!r})), flush=True)
         sys.stdin.readline()
     """)
     first = workers(code, env=env)
@@ -566,9 +585,9 @@ def test_files_folders_are_shared_per_generation_and_removed_once_it_is_gone(tmp
     second = workers(code, env=env)
     assert second.read() == path and os.path.isfile(os.path.join(path, "tokenizer.json"))
     second.finish()
-    old_segment = c.manifest("m").segment
+    old_segment = c.manifest(name).segment
     (folder / "tokenizer.json").write_text('{"v": 2}')
-    c.load(str(folder), "m")  # generation 2; generation 1 is unlinked once nobody maps it
+    c.load(str(folder), name)  # generation 2; generation 1 is unlinked once nobody maps it
     wait_until(lambda: not os.path.exists(segment.Folder().file(old_segment)), what="generation 1 unlinked")
     third = workers(code, env=env)
     new = third.read()
