@@ -10,11 +10,19 @@ the file evicted from the page cache before each (``POSIX_FADV_DONTNEED``):
 
 - ``each reads``  every node's daemon loads the file (what ``load_everywhere`` did before);
 - ``peers``       ``ray_zerocopy.load_everywhere``: one daemon reads it, the others copy it
-                  from peers through Ray's object store (Note [one storage read per cluster]
-                  in weightd/client/ray_zerocopy/peers.py);
+                  from peers through Ray's object store while it is read (Note [one storage
+                  read per cluster], Note [a copy that starts before the seal] in
+                  weightd/client/ray_zerocopy/peers.py);
+- ``peers, after the seal``  the same copy started only once the reading node sealed its
+                  segment (``load`` on one node, then ``peers.spread``): what ``load_everywhere``
+                  did before the copy overlapped the read;
 - ``Ray alone``   (2 nodes) the floor of the copy: Ray moving the same bytes between the two
                   nodes in objects of the same size, as many in flight, each written into a
-                  new /dev/shm file, without weightd (no storage read, no digest).
+                  new /dev/shm file, without weightd (no storage read, no digest);
+- ``CPU floor``   (2 nodes, computed) the CPU time of one node's load and of Ray alone, on this
+                  machine's cores: no way of doing both can end sooner where every core is busy.
+
+Each way runs ``--repeat`` times (interleaved); a row is the run with the median time.
 
 Columns: seconds until every node serves it, and that against one node loading it alone;
 bytes the daemons asked the file system for (``rchar`` of /proc/PID/io: on a shared or
@@ -26,7 +34,8 @@ bytes and in chunks (Ray's own accounting, ``store_stats.object_store_bytes_used
 nodes, sampled every 10 ms; and the pages the stores' /dev/shm/plasma files hold afterwards,
 a high-water mark sampling cannot miss). Ray deletes released objects in batches, every
 ``free_objects_period_milliseconds`` (1000 by default): what a transfer released in that long
-still counts. The clusters here are started with 20 (``--free-ms``).
+still counts. The clusters here are started with 20 (``--free-ms``). "CPU busy": the seconds
+all cores of the machine spent outside idle while it ran (/proc/stat), whoever spent them.
 
 Writes benchmarks/out/fanout.json and benchmarks/out/fanout.png.
 """
@@ -57,6 +66,13 @@ def make_checkpoint(path: Path, nbytes: int) -> None:
     layers = 16
     per = nbytes // layers // 4
     save_file({f"layer{i}.weight": torch.randn(per // 1024, 1024, generator=g) for i in range(layers)}, path)
+
+
+def cpu_busy() -> float:
+    """Seconds the machine's cores have spent busy (not idle, not waiting for I/O) since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def io(pid: int) -> dict[str, int]:
@@ -99,11 +115,12 @@ def _copied(peers) -> int:
     return sum(ray.get(reg.progress.remote()).values()) if reg is not None else 0
 
 
-def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
+def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> tuple[float, float]:
     """Seconds Ray alone takes to move ``nbytes`` from one node to another as the peers do:
     objects of ``chunk`` bytes made by an actor on the first node, ``window`` asked for at a
     time by an actor on the second, each written (``pwrite``) into a new /dev/shm file and
-    dropped. No weightd, no digest: the floor of a copy between nodes."""
+    dropped. No weightd, no digest: the floor of a copy between nodes. And the machine's busy
+    CPU seconds meanwhile (the actors' start not counted)."""
     import numpy as np
     import ray
 
@@ -125,10 +142,11 @@ def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
         def ready(self) -> bool:
             return True
 
-        def pull(self, holder) -> float:
+        def pull(self, holder) -> tuple[float, float]:
             fd, where = tempfile.mkstemp(dir="/dev/shm", prefix="weightd-fanout-floor-")
             try:
                 os.ftruncate(fd, nbytes)
+                busy = cpu_busy()
                 t0 = time.perf_counter()
                 todo = iter(range(0, nbytes, chunk))
                 pending = {}
@@ -148,7 +166,7 @@ def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
                     ask()
                     os.pwrite(fd, data, offset)
                     del data
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, cpu_busy() - busy
             finally:
                 os.close(fd)
                 os.unlink(where)
@@ -163,7 +181,7 @@ def ray_alone(nbytes: int, nodes: list[str], chunk: int, window: int) -> float:
         ray.kill(receiver)
 
 
-def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) -> list[dict]:
+def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int, repeat: int) -> list[dict]:
     import ray
 
     sys.path.insert(0, str(ROOT))
@@ -174,7 +192,7 @@ def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) 
     from weightd.client.ray_zerocopy import peers
     from weightd.client.ray_zerocopy.daemons import agent
 
-    rows = []
+    samples: dict[str, list[dict]] = {}
     env = {"RAY_free_objects_period_milliseconds": str(free_ms)}
     with raycluster.local_cluster(nodes, runtime=runtime, object_store_memory=store, env=env) as c:
         sockets = c.sockets
@@ -183,30 +201,40 @@ def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) 
             with Client(s) as cl:
                 daemons[n] = cl.ping()["pid"]
         raylets = raycluster.raylet_pids(c)
-        methods = ["peers"] if nodes == 1 else ["each reads", "peers"] + (["Ray alone"] if nodes == 2 else [])
-        for method in methods:
+        methods = ["peers"]
+        if nodes > 1:
+            methods = ["each reads", "peers", "peers, after the seal"] + (["Ray alone"] if nodes == 2 else [])
+        first = ray.get_runtime_context().get_node_id()  # load_everywhere's reader by default
+        for method in [m for _ in range(repeat) for m in methods]:
             evict(path)
             d0 = {n: io(p) for n, p in daemons.items()}
             copied0 = _copied(peers)
+            busy = cpu_busy()
             with StorePeak(c.address) as peak:
                 t0 = time.perf_counter()
                 if method == "peers":
                     rz.load_everywhere(NAME, str(path))
+                elif method == "peers, after the seal":
+                    ray.get(agent(first).load.remote(sockets[first], str(path), NAME, None))
+                    peers.spread(NAME, first, sockets, path=str(path))
                 elif method == "each reads":  # every node's agent has its daemon read the file
                     ray.get([agent(n).load.remote(s, str(path), NAME, None) for n, s in sockets.items()])
                 else:
-                    seconds = ray_alone(path.stat().st_size, sorted(sockets), peers.CHUNK, peers.WINDOW)
+                    seconds, busy = ray_alone(path.stat().st_size, sorted(sockets), peers.CHUNK, peers.WINDOW)
                 if method != "Ray alone":
                     seconds = time.perf_counter() - t0
+            if method != "Ray alone":
+                busy = cpu_busy() - busy
             if method != "Ray alone":
                 for s in sockets.values():  # every node serves it
                     with Client(s) as cl:
                         assert NAME in {m["name"] for m in cl.list()}
-            rows.append(
+            samples.setdefault(method, []).append(
                 {
                     "nodes": nodes,
                     "method": method if nodes > 1 else "one node",
                     "seconds": seconds,
+                    "cpu_busy": busy,
                     "storage_rchar": sum(io(p)["rchar"] - d0[n]["rchar"] for n, p in daemons.items()),
                     "storage_disk": sum(
                         io(p)["read_bytes"] - d0[n]["read_bytes"] for n, p in daemons.items()
@@ -218,24 +246,49 @@ def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int) 
                     "window": peers.WINDOW,
                 }
             )
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(samples[method][-1]), flush=True)
             if method != "Ray alone":
                 rz.unload_everywhere(NAME)
+    rows = []
+    for runs in samples.values():
+        row = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+        rows.append({**row, "runs": [round(r["seconds"], 3) for r in runs]})
     return rows
+
+
+def cpu_floor(rows: list[dict]) -> dict | None:
+    """The 2-node row no way can beat on this machine: the CPU time of one node's load and of
+    Ray alone moving the bytes, spread over every core."""
+    one = next((r for r in rows if r["nodes"] == 1), None)
+    alone = next((r for r in rows if r["method"] == "Ray alone"), None)
+    if one is None or alone is None:
+        return None
+    cpu = one["cpu_busy"] + alone["cpu_busy"]
+    return {
+        "nodes": 2,
+        "method": f"CPU floor: (load + Ray alone) CPU / {os.cpu_count()} cores",
+        "seconds": cpu / os.cpu_count(),
+        "cpu_busy": cpu,
+        "runs": [],
+    }
 
 
 def table(rows: list[dict], model: int) -> str:
     one = next((r["seconds"] for r in rows if r["nodes"] == 1), None)
     lines = [
-        "| nodes | method | every node ready | vs one node | storage read (rchar) | from disk | "
+        "| nodes | method | every node ready | vs one node | CPU busy | storage read (rchar) | from disk | "
         "moved between nodes | object store peak | plasma pages |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = f"{r['seconds'] / one:.2f}x" if one else ""
+        head = f"| {r['nodes']} | {r['method']} | {r['seconds']:.2f} s | {ratio} | {r['cpu_busy']:.2f} s |"
+        if "store_peak" not in r:  # computed, not run
+            lines.append(head + " | | | | |")
+            continue
         chunks = r["store_peak"] / r["chunk"]
         lines.append(
-            f"| {r['nodes']} | {r['method']} | {r['seconds']:.2f} s | {ratio} | "
+            f"{head} "
             f"{r['storage_rchar'] / model:.2f}x ({r['storage_rchar'] / MIB:,.0f} MiB) | "
             f"{r['storage_disk'] / MIB:,.0f} MiB | {r['moved'] / MIB:,.0f} MiB | "
             f"{r['store_peak'] / MIB:,.0f} MiB ({chunks:.1f} chunks) | {r['plasma_pages'] / MIB:,.0f} MiB |"
@@ -250,12 +303,19 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, color in (("each reads", "tab:orange"), ("peers", "tab:blue")):
+    for method, color in (
+        ("each reads", "tab:orange"),
+        ("peers, after the seal", "tab:gray"),
+        ("peers", "tab:blue"),
+    ):
         rs = [r for r in rows if r["method"] in (method, "one node")]
         a.plot([r["nodes"] for r in rs], [r["seconds"] for r in rs], "o-", color=color, label=method)
         b.plot(
             [r["nodes"] for r in rs], [r["storage_rchar"] / GIB for r in rs], "o-", color=color, label=method
         )
+    for r in rows:
+        if r["method"].startswith("CPU floor"):
+            a.plot([r["nodes"]], [r["seconds"]], "x", color="black", label="CPU floor (load + copy)")
     a.set_title("seconds until every node serves it")
     b.set_title("GiB read from storage (daemons' rchar)")
     for ax in (a, b):
@@ -270,6 +330,7 @@ def main() -> None:
     p.add_argument("--gib", type=float, default=1.0, help="checkpoint size [1]")
     p.add_argument("--nodes", default="1,2,4", help="node counts [1,2,4]")
     p.add_argument("--store-mib", type=int, default=600, help="object store per node [600]")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each way; the median is shown [3]")
     p.add_argument(
         "--free-ms",
         type=int,
@@ -289,7 +350,10 @@ def main() -> None:
         model = path.stat().st_size
         rows = []
         for n in (int(x) for x in args.nodes.split(",")):
-            rows += run_cluster(n, path, args.store_mib * MIB, runtime, args.free_ms)
+            rows += run_cluster(n, path, args.store_mib * MIB, runtime, args.free_ms, args.repeat)
+    floor = cpu_floor(rows)
+    if floor is not None:  # beside the 2-node rows
+        rows.insert(max(i for i, r in enumerate(rows) if r["nodes"] <= 2) + 1, floor)
     text = table(rows, model)
     chunk, window = rows[0]["chunk"] // MIB, rows[0]["window"]
     print(f"\n{model / GIB:.2f} GiB checkpoint, chunks of {chunk} MiB, window {window}\n")

@@ -760,7 +760,9 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=float, nargs="+", default=[1, 3, 8], help="GiB of the files")
+    p.add_argument(
+        "--sizes", type=float, nargs="*", default=[1, 3, 8], help="GiB of the files (none: folders only)"
+    )
     p.add_argument(
         "--stop-sizes", type=float, nargs="*", default=[3, 8], help="sizes whose loads are stopped"
     )
@@ -768,6 +770,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="weightd loads per row (the median is shown)")
     p.add_argument("--no-pt", action="store_true", help="skip the .pt rows (half the disk)")
     p.add_argument("--no-folders", action="store_true")
+    p.add_argument("--no-huge", action="store_true", help="skip the huge-page rows")
     p.add_argument(
         "--stops-only", action="store_true", help="only the stops, at --sizes (to load_stops.json)"
     )
@@ -787,7 +790,7 @@ def main(argv=None) -> int:
         part_files(b, args, res, block)
         if not args.no_folders and not args.stops_only:
             part_folders(b, args, res)
-        if not args.stops_only:
+        if not args.stops_only and not args.no_huge:
             part_huge(b, args, res, block)
     finally:
         b.cleanup()

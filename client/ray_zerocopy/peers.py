@@ -685,7 +685,9 @@ class Sources:
         with self._lock:  # one request at a time on a connection; the copy below runs unlocked
             c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
             now = time.monotonic()
-            for u in [u for u, (_, used) in self._maps.items() if now - used > self.IDLE]:
+            # let go of a segment nobody asked for a while, or that its daemon removed (unloaded):
+            # the mapping alone would keep its pages (Note [segment lifetime after unlink])
+            for u in [u for u, (src, used) in self._maps.items() if now - used > self.IDLE or src.gone()]:
                 del self._maps[u]
             if streaming and uuid in self._maps:
                 src = self._maps[uuid][0]  # its segment says whether it is still what was asked for
@@ -752,13 +754,17 @@ class _Mapped:
             segment.populate(self.mapping)  # its pages at once; a streaming one's come as they are read
         self.view = memoryview(self.mapping)
 
+    def gone(self) -> bool:
+        """Whether its daemon removed the segment (a load that failed or stopped, an unload)."""
+        return os.fstat(self.fd).st_nlink == 0
+
     def wait(self, end: int, name: str) -> None:
         """Until every byte below ``end`` is final (sealed, or below the watermark: Note [the
         watermark] in weightd.segment). Raises once the segment was removed: the load failed or
         was stopped, or the model was unloaded."""
         give_up, seen = time.monotonic() + CHUNK_TIMEOUT / 2, -1
         while True:
-            if os.fstat(self.fd).st_nlink == 0:
+            if self.gone():
                 raise SegmentError(
                     f"{name!r} is gone from this node's daemon (its load failed or was stopped, or it "
                     "was unloaded)"
