@@ -738,6 +738,8 @@ def plot(res: dict, path: Path) -> None:
     except ImportError:
         return
     labels = list(res["files"])
+    if not labels:  # folders only (--sizes with none)
+        return
     fig, axes = plt.subplots(1, len(labels), figsize=(7 * len(labels), 5), squeeze=False)
     for ax, label in zip(axes[0], labels):
         rows = res["files"][label]
