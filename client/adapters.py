@@ -88,6 +88,10 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
                     f"adapter {name!r} does not fit model {base_name!r} as served now (PEFT: "
                     f"{type(e).__name__}: {str(e)[:300]}): load the adapter again against the current base"
                 ) from None
+        _share_back(
+            ((n.rpartition(f".{name}.")[::2], p) for n, p in out.named_parameters() if f".{name}." in n),
+            tensors,
+        )
         _check_shared(out, name, mapping)
     _bases[out] = base_name
     return out
@@ -183,10 +187,12 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
                 shadow.update_layer(name, r, lora_alpha=alpha, target_name=key, config=config)
                 if shadow.lora_variant:
                     return _undo(model, name)  # DoRA, aLoRA, Arrow: their own state beside lora_A/B
+        placed = []  # (key, the module holding it, its attribute)
         for key, tensor in tensors.items():  # as load_state_dict(assign=True) assigns
             owner, _, rest = key.rpartition(".lora_")
             sub, _, attr = rest.partition(".")
             linear = getattr(shadows[owner], "lora_" + sub)[name]
+            placed.append((key, getattr(shadows[owner], "lora_" + sub), attr))
             old = getattr(linear, attr)
             if old is None or tuple(old.shape) != tuple(tensor.shape):
                 raise ValueError(
@@ -205,6 +211,8 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
                 if isinstance(store, nn.Module):
                     for m in store.modules():
                         m.training = False  # model.eval(), on what is new
+        # the move and upcast may have replaced the modules: look them up again by name
+        _share_back((((k, None), getattr(d[name], a)) for k, d, a in placed), tensors)
     except BaseException:
         _undo(model, name)
         raise
@@ -218,6 +226,33 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
     tuner.targeted_module_names.extend(n for n in names if n not in seen)
     mapped = {t.data_ptr() for t in tensors.values()}
     return sum(1 for s in shadows.values() for p in _new_parameters(s) if p.data_ptr() not in mapped)
+
+
+# Note [a weight PEFT copied goes back to the segment]
+# PEFT moves each adapter to its base layer's dtype and then, autocast_adapter_dtype, back up to
+# float32 (_move_adapter_to_device_of_base_layer, cast_adapter_dtype): over a bf16 or fp16 base
+# (the common case: LoRA weights are saved in float32) every mapped weight comes out a private
+# copy in every worker, holding the values of the file. Where such a copy has the dtype, shape
+# and every value of its mapped tensor, the parameter is pointed back at the mapped tensor
+# (``param.data = mapped``): the same values, dtype and requires_grad, PEFT's result unchanged,
+# the copy freed. A copy that differs (a real cast) stays and is counted by copied().
+
+
+def _share_back(params, tensors: dict) -> int:
+    """Point each parameter that is a copy equal to its mapped tensor back at that tensor.
+    ``params``: ((head, tail), parameter) with the weight's key head + "." + tail, or (key, None).
+    Returns how many were shared again (Note [a weight PEFT copied goes back to the segment])."""
+    import torch
+
+    shared = 0
+    for (head, tail), p in params:
+        t = tensors.get(head if tail is None else f"{head}.{tail}")
+        if t is None or p.data_ptr() == t.data_ptr() or p.dtype != t.dtype or p.shape != t.shape:
+            continue
+        if p.device == t.device and torch.equal(p, t):
+            p.data = t
+            shared += 1
+    return shared
 
 
 def _undo(model, name: str) -> None:

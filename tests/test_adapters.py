@@ -273,3 +273,37 @@ sys.stdin.readline()
         c.load(str(folders["sql"]), "sql", base="llama")
         c.load(str(folders["chat"]), "chat", base="llama")
     assert json.dumps(Client(daemon.socket).list())  # still answering
+
+
+def test_float32_adapters_over_a_bf16_base_stay_shared(tmp_path, make_daemon):
+    """PEFT moves an adapter to its base's dtype and back up to float32 (autocast): over a bf16
+    base each mapped weight came out a private copy in every worker. The copies equal to the
+    mapping are pointed back at it (Note [a weight PEFT copied goes back to the segment]), on
+    both paths (the first adapter, and a further one on the layers it made)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**CONFIG)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    folders = {
+        "llama": tmp_path / "llama",
+        "a": lora(tmp_path / "llama", tmp_path / "a", ["q_proj", "v_proj"], 1),
+        "b": lora(tmp_path / "llama", tmp_path / "b", ["q_proj", "v_proj"], 2, r=4),
+    }
+    d = make_daemon("--model", f"llama={folders['llama']}")
+    with Client(d.socket) as c:
+        c.load(str(folders["a"]), "a", base="llama")
+        c.load(str(folders["b"]), "b", base="llama")
+    model = hf.attach("llama", adapter="a", socket=d.socket)
+    adapters.add(model, "b", socket=d.socket)
+    ref = reference(folders, "a", "b")
+    assert ref.base_model.model.dtype == torch.bfloat16
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert sorted(sd) == sorted(ref_sd)
+    assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref_sd.items())
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.float32}
+    assert adapters.copied(model) == {"a": 0, "b": 0}
+    lora_weights = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert len(lora_weights) == 16 and all(in_segments(lora_weights))
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        ref.set_adapter(name)
+        assert torch.equal(logits(model), logits(ref))
