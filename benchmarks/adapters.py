@@ -2,10 +2,15 @@
 
     python benchmarks/adapters.py                      # 100 adapters, r=16, 4 workers
     python benchmarks/adapters.py --adapters 20 --workers 2
+    python benchmarks/adapters.py --hidden 512         # a toy width: objects a quarter of the weights
 
-One small Llama base (``save_pretrained``) and ``--adapters`` LoRA adapters (r=16 on q, k, v, o;
-PEFT's own ``save_pretrained``), served by one ``weightd serve`` (base as a model, each adapter
-with ``load --base``). Then, side by side in one run:
+A Llama base (``save_pretrained``) of a 1B model's width (hidden 2048, 32 heads, 8 key-value
+heads: Llama 3.2 1B's attention shapes) but 4 layers and a small vocabulary and MLP, and
+``--adapters`` LoRA adapters (r=16 on q, k, v, o; PEFT's own ``save_pretrained``), served by one
+``weightd serve`` (base as a model, each adapter with ``load --base``). The width sets how much
+an adapter weighs against PEFT's Python objects for it, which are the same for any width (two
+``nn.Linear`` and a dropout module per adapter and layer, ~12 KiB): at 2048 an adapter's
+weights are ~17x its objects, at 512 ~4x. Then, side by side in one run:
 
 * time to put the first adapter over the base (weightd: ``hf.attach(base, adapter=NAME)``, the
   base attached again with it; PEFT: ``PeftModel.from_pretrained`` over the attached base);
@@ -15,10 +20,16 @@ with ``load --base``). Then, side by side in one run:
   O(its own size)] in client/adapters.py) against PEFT's ``model.load_adapter(FOLDER, NAME)``
   from the folder (page cache warm);
 * the node's memory for the adapters, ``--workers`` workers each holding all of them: the sum
-  of the workers' Pss growth from the base alone to base + every adapter (the same base,
-  attached, both ways); for weightd, the workers' private growth plus the adapters' segments
+  of the workers' private Pss growth (Pss outside shared memory) from the base alone to base +
+  every adapter (the same base, attached, both ways); for weightd plus the adapters' segments
   in /dev/shm, counted once and whole (resident whatever the workers touched); against one
-  copy of every adapter.
+  copy of every adapter. (The workers' Pss_Shmem moves by tens of MiB either way meanwhile: the
+  base's pages, shared by 4 to 5 processes; counting it made PEFT's figure too low before.)
+  Split in two: the adapters' weights (PEFT: every worker's own copy of
+  its LoRA parameters; weightd: the segments, plus any weight PEFT copied out of them, counted
+  by ``adapters.copied``: none unless a cast) and the rest, PEFT's module objects for each
+  adapter in each worker, which both ways carry (/proc/PID/smaps: anonymous memory and heap,
+  no segment page copied).
 
 Prints the tables and writes benchmarks/out/adapters.png. Every process started is stopped and
 every segment removed, also on errors and Ctrl-C.
@@ -40,11 +51,8 @@ from weightd.bench import spawn
 
 BASE = dict(
     vocab_size=8000,
-    hidden_size=512,
-    intermediate_size=1408,
+    intermediate_size=1408,  # the MLP takes no adapter here: kept small
     num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
     max_position_embeddings=128,
 )
 
@@ -81,19 +89,30 @@ else:
         m.load_adapter(f, adapter_name=n)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
+m.set_adapter(NAMES[-1])
+with torch.no_grad():
+    m(torch.tensor([[1, 2, 3]]))
+after = usage()
+lora = [p for n, p in m.named_parameters() if ".lora_" in n]
+copied = sum(adapters.copied(m).values()) if WAY == "weightd" else len(lora)  # PEFT: all its own
+if copied not in (0, len(lora)):
+    raise SystemExit(f"{copied} of {len(lora)} LoRA weights copied: count their bytes here")
 maps = []
-if WAY == "weightd":  # weightd's own part of an add: the manifest round trip and the mapping
+if WAY == "weightd":  # weightd's own part of an add (after the memory): manifest round trip, mapping
     from weightd.client.client import cached_client
     for n in NAMES[1:TIMED + 1]:
         t = time.perf_counter()
         cached_client(SOCK)._map(n, None)
         maps.append(time.perf_counter() - t)
-m.set_adapter(NAMES[-1])
-with torch.no_grad():
-    m(torch.tensor([[1, 2, 3]]))
-after = usage()
-say({"private": after.pss_private - before.pss_private, "shmem": after.pss_shmem - before.pss_shmem,
-     "first": first, "early": times[:TIMED], "late": times[-TIMED:], "all": times, "cpu": cpu, "maps": maps})
+again = 0.0
+if WAY == "weightd":  # the part of the first adapter that PEFT's way does not do (not in memory)
+    t = time.perf_counter()
+    hf.attach("llama", socket=SOCK)
+    again = time.perf_counter() - t
+say({"private": after.pss_private - before.pss_private,
+     "weights": sum(p.numel() * p.element_size() for p in lora) if copied else 0,
+     "first": first, "again": again, "early": times[:TIMED], "late": times[-TIMED:], "all": times,
+     "cpu": cpu, "maps": maps})
 hear()
 """
 
@@ -103,11 +122,12 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=2048, help="the base's width (64 per head)")
     ap.add_argument("--plot", default=str(Path(__file__).parent / "out" / "adapters.png"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="weightd-adapters-") as tmp:
         root = Path(tmp)
-        names, folders, adapter_bytes = make(root, args.adapters, args.rank)
+        names, folders, adapter_bytes = make(root, args.adapters, args.rank, args.hidden)
         d = spawn.Daemon(
             str(root / "weightd.sock"),
             "bench-adapters",
@@ -136,13 +156,17 @@ def main() -> None:
             d.remove_segments()
 
 
-def make(root: Path, count: int, rank: int):
+def make(root: Path, count: int, rank: int, hidden: int):
     import peft
     import torch
     import transformers
 
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE)).save_pretrained(root / "llama")
+    heads = hidden // 64
+    config = transformers.LlamaConfig(
+        **BASE, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4)
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "llama")
     base = transformers.LlamaForCausalLM.from_pretrained(root / "llama")
     config = peft.LoraConfig(
         r=rank,
@@ -190,14 +214,18 @@ def run_workers(way: str, sock: str, names, folders, n: int, procs) -> dict:
         p.stdin.flush()
         p.wait(60)
     return {
-        "grown": sum(o["private"] + o["shmem"] for o in out),  # PEFT: private copies
+        # PEFT: the workers' private growth. Their Pss_Shmem moves by tens of MiB either way while
+        # they run (the base's pages, shared by 4 to 5 processes): nothing of PEFT's adapters
+        "grown": sum(o["private"] for o in out),
         "private": sum(o["private"] for o in out),
+        "weights": sum(o["weights"] for o in out),  # the LoRA weights the workers hold as their own
         "first_ms": statistics.median(o["first"] for o in out) * 1e3,
         "add_ms": statistics.median(t for o in out for t in o["early"]) * 1e3,
         "late_ms": statistics.median(t for o in out for t in o["late"]) * 1e3,
         "cpu_ms": statistics.median(t for o in out for t in o["cpu"]) * 1e3,
         "p90_ms": statistics.quantiles([t for o in out for t in o["all"]], n=10)[-1] * 1e3,
         "map_ms": statistics.median([t for o in out for t in o["maps"]] or [0.0]) * 1e3,
+        "again_ms": statistics.median(o["again"] for o in out) * 1e3,
     }
 
 
@@ -208,8 +236,8 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     # plus the adapters' segments, resident in /dev/shm once whatever the workers touched
     wd = {**wd, "grown": wd["private"] + shm}
     print(
-        f"\n{args.adapters} LoRA adapters (r={args.rank}, q/k/v/o) over one Llama base, "
-        f"{args.workers} workers"
+        f"\n{args.adapters} LoRA adapters (r={args.rank}, q/k/v/o) over one Llama base (hidden "
+        f"{args.hidden}), {args.workers} workers"
     )
     print(
         f"one copy of every adapter: {adapter_bytes / mib:.1f} MiB; the daemon loaded them in "
@@ -228,10 +256,26 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     for label, key in rows:
         print(f"| {label} | {peft_[key]:.2f} ms | {wd[key]:.2f} ms | {wd[key] / peft_[key]:.2f}x |")
     print(f"| of which weightd's part: manifest + mapping (median) | - | {wd['map_ms']:.2f} ms | |")
+    print(f"| the base attached again alone (median; in the first row) | - | {wd['again_ms']:.2f} ms | |")
+    # the split: the adapters' weights, and the rest (PEFT's module objects in every worker)
+    peft_["held"] = peft_["weights"]
+    wd["held"] = shm + wd["weights"]  # the segments, plus any weight PEFT copied out of them
+    for way in (peft_, wd):
+        way["objects"] = way["grown"] - way["held"]
+    for label, key in (
+        (f"node memory for the adapters, {args.workers} workers", "grown"),
+        ("of which the adapters' weights", "held"),
+    ):
+        print(
+            f"| {label} | {peft_[key] / mib:.1f} MiB ({peft_[key] / adapter_bytes:.2f} copies) | "
+            f"{wd[key] / mib:.1f} MiB ({wd[key] / adapter_bytes:.2f} copies) | {wd[key] / peft_[key]:.2f}x |"
+        )
+    w = args.workers
+    # a private growth below the weights held: no split to show
+    rest = f"{peft_['objects'] / w / mib:.1f} MiB" if peft_["objects"] > 0 else "- (growth < weights)"
     print(
-        f"| node memory for the adapters, {args.workers} workers | {peft_['grown'] / mib:.1f} MiB "
-        f"({peft_['grown'] / adapter_bytes:.2f} copies) | {wd['grown'] / mib:.1f} MiB "
-        f"({wd['grown'] / adapter_bytes:.2f} copies) | {wd['grown'] / peft_['grown']:.2f}x |"
+        f"| of which the rest: PEFT's module objects, per worker | {rest} | "
+        f"{wd['objects'] / w / mib:.1f} MiB | |"
     )
     try:
         import matplotlib
@@ -244,15 +288,16 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     a.bar(["PEFT", "weightd"], [peft_["add_ms"], wd["add_ms"]], color=["#999", "#36c"])
     a.set_ylabel("ms")
     a.set_title("add one adapter")
-    b.bar(
-        ["PEFT", "weightd"],
-        [peft_["grown"] / adapter_bytes, wd["grown"] / adapter_bytes],
-        color=["#999", "#36c"],
-    )
+    grown = [peft_["grown"] / adapter_bytes, wd["grown"] / adapter_bytes]
+    held = [min(way["held"], way["grown"]) / adapter_bytes for way in (peft_, wd)]  # as measured
+    b.bar(["PEFT", "weightd"], held, color=["#999", "#36c"], label="adapter weights")
+    objects = [g - h for g, h in zip(grown, held)]
+    b.bar(["PEFT", "weightd"], objects, bottom=held, color="#e93", label="PEFT's module objects")
+    b.legend(fontsize=8)
     b.axhline(1, color="k", lw=0.5)
     b.set_ylabel("copies of every adapter")
     b.set_title(f"node memory, {args.workers} workers")
-    fig.suptitle(f"{args.adapters} LoRA adapters (r={args.rank}) over one base")
+    fig.suptitle(f"{args.adapters} LoRA adapters (r={args.rank}) over one base (hidden {args.hidden})")
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=100)
