@@ -448,10 +448,9 @@ class Reading:
                     continue
                 if (manifest.get("origin") or {}).get("path") == want:  # this load's, not another's
                     return {"token": token, "manifest": manifest, "streaming": True}
-            summary = self.finish(token)  # ended first (raises its error)
-            manifest = c.manifest(name, summary["generation"], full=True).to_dict()
-        with self._lock:
-            self._loads[token] = (done, box)  # finish() again returns the summary
+            if "error" in box:  # ended first, and failed: finish() raises it
+                self.finish(token)
+            manifest = c.manifest(name, box["summary"]["generation"], full=True).to_dict()
         return {"token": token, "manifest": manifest, "streaming": False}
 
     def finish(self, token: str) -> dict:

@@ -165,7 +165,7 @@ class Report:
 class _Batch:
     """One load's copy: its chunks' outcome, counted under a lock."""
 
-    def __init__(self, seg_fd: int, total: int, report: Report):
+    def __init__(self, seg_fd: int, total: int, report: Report, written=None):
         self.seg_fd = seg_fd
         self.total = total
         self.report = report
@@ -180,7 +180,7 @@ class _Batch:
         # the segment mapped (Note [one copy from the page cache]), once it is sized
         self.mapping: mmap.mmap | None = None
         self.view: memoryview | None = None
-        self.written: Callable[[int, int], None] | None = None  # Hook (issue 23): see Readers.copy
+        self.written: Callable[[int, int], None] | None = written  # Hook (issue 23): see Readers.copy
 
     def map(self) -> None:
         """Map the segment for the buffered chunks (once the reservation has sized it)."""
@@ -261,8 +261,7 @@ class Readers:
         self._ensure_threads()
         total = sum(p.nbytes for p in pieces)
         report = Report(readers=self.readers, chunk=self.chunk)
-        batch = _Batch(seg_fd, total, report)
-        batch.written = written
+        batch = _Batch(seg_fd, total, report, written)
         started = time.perf_counter()
         spans = _spans(pieces, self.chunk, max(SPAN, self.chunk))
         _sequential(pieces)
