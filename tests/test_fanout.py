@@ -447,6 +447,7 @@ def orphaned(cluster, checkpoint, request, name: str):
     server = _fuse_server(slow)
     sockets = rz.ensure_daemons()
     reader = node_of(cluster.workers[0])
+    read = _rchar(server)
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, cluster.address, name, str(slow), reader, json.dumps(sockets)]
     )
@@ -466,10 +467,17 @@ def orphaned(cluster, checkpoint, request, name: str):
                 except ModelNotFound:
                     return None
 
-            while (manifest := streaming()) is None:  # laid out: its data is being read now
-                assert driver.poll() is None, "the driver ended first"
+            # stopped once the daemon reads the data (past the header, so laid out), far from its end
+            wait_until(
+                lambda: _rchar(server) >= read + 2 * MIB or driver.poll() is not None,
+                timeout=60,
+                what="data read",
+            )
+            assert driver.poll() is None, "the driver ended first"
             os.kill(server, signal.SIGSTOP)
             stopped[0] = True
+            wait_until(lambda: streaming() is not None, timeout=30, what="the segment laid out")
+            manifest = streaming()
             others = [n for n in sockets if n != reader]
             wait_until(lambda: all(_copying(sockets[n], name) for n in others), timeout=60, what="copies")
             driver.kill()
@@ -533,6 +541,12 @@ def _fuse_server(mounted: Path) -> int:
         if where in argv and any(a.endswith(b"fusefs.py") for a in argv):
             return int(proc.name)
     raise AssertionError(f"no fusefs.py serves {mounted}")
+
+
+def _rchar(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (/proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 def _copying(socket: str, name: str) -> bool:
