@@ -12,13 +12,16 @@ an adapter weighs against PEFT's Python objects for it, which are the same for a
 ``nn.Linear`` and a dropout module per adapter and layer, ~12 KiB): at 2048 an adapter's
 weights are ~17x its objects, at 512 ~4x. Then, side by side in one run:
 
-* time to put the first adapter over the base (weightd: ``hf.attach(base, adapter=NAME)``, the
-  base attached again with it; PEFT: ``PeftModel.from_pretrained`` over the attached base);
-* time to add one adapter to a worker's model that already has some (medians over the 2nd to
-  21st and over the last 20, and the 90th percentile of all): ``adapters.add(model, NAME)``
-  (PEFT's steps on the adapter's own layers over the mapped weights, Note [a further adapter in
-  O(its own size)] in client/adapters.py) against PEFT's ``model.load_adapter(FOLDER, NAME)``
-  from the folder (page cache warm);
+* time to put the first adapter over a worker's attached base (weightd: ``adapters.add(model,
+  NAME)``; PEFT: ``PeftModel.from_pretrained(model, FOLDER)``; both wrap and change that model),
+  and what ``hf.attach(base, adapter=NAME)`` costs besides (the base attached again);
+* time to add one adapter to a worker's model that already has some: ``adapters.add(model,
+  NAME)`` (made directly in the layers earlier adapters made, over the mapped weights: Note [a
+  further adapter in O(its own size)] in client/adapters.py) against PEFT's
+  ``model.load_adapter(FOLDER, NAME)`` from the folder (page cache warm); two ways: each worker
+  in turn alone, the others idle (its first adapter and the 2nd to 21st: a worker serving and
+  adapters arriving), then all workers at once (the rest; on 2 cores 4 at once take at least
+  twice one's time); medians, the last 20, the 90th percentile of all, and the CPU time;
 * the node's memory for the adapters, ``--workers`` workers each holding all of them: the sum
   of the workers' private Pss growth (Pss outside shared memory) from the base alone to base +
   every adapter (the same base, attached, both ways); for weightd plus the adapters' segments
@@ -60,35 +63,41 @@ WORKER = """
 import json, os, sys, time, statistics, torch
 from weightd.client import hf, adapters
 from weightd.memory import usage
-SOCK, WAY, NAMES, FOLDERS, TIMED = json.loads(sys.argv[1])
+SOCK, WAY, NAMES, FOLDERS = json.loads(sys.argv[1])
+FOLDER = dict(zip(NAMES, FOLDERS))
 def say(o):
     print(json.dumps(o), flush=True)
 def hear():
-    return sys.stdin.readline()
+    return json.loads(sys.stdin.readline())
 import peft
 model = hf.attach("llama", socket=SOCK)
 with torch.no_grad():
     model(torch.tensor([[1, 2, 3]]))
-hear()
-before = usage()
-times, cpu = [], []  # wall and this process's CPU time (4 workers share the cores)
-t = time.perf_counter()
-if WAY == "weightd":  # the base attached again (zero-copy) with the first adapter over it
-    m = hf.attach("llama", adapter=NAMES[0], socket=SOCK)
-    first = time.perf_counter() - t
-    for n in NAMES[1:]:
-        t, c = time.perf_counter(), time.process_time()
-        adapters.add(m, n, socket=SOCK)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-else:
-    m = peft.PeftModel.from_pretrained(model, FOLDERS[0], adapter_name=NAMES[0])
-    first = time.perf_counter() - t
-    for n, f in zip(NAMES[1:], FOLDERS[1:]):
-        t, c = time.perf_counter(), time.process_time()
-        m.load_adapter(f, adapter_name=n)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
+say({})
+m = None
+while True:
+    cmd = hear()
+    if cmd["op"] == "begin":
+        before = usage()
+        say({})
+    elif cmd["op"] == "add":  # wall and this process's CPU time of each (others may share the cores)
+        first, wall, cpu = None, [], []
+        for n in cmd["names"]:
+            t, c = time.perf_counter(), time.process_time()
+            if m is None:  # the first adapter, over the worker's attached base, both ways
+                m = adapters.add(model, n, socket=SOCK) if WAY == "weightd" else (
+                    peft.PeftModel.from_pretrained(model, FOLDER[n], adapter_name=n))
+                first = time.perf_counter() - t
+                continue
+            if WAY == "weightd":
+                adapters.add(m, n, socket=SOCK)
+            else:
+                m.load_adapter(FOLDER[n], adapter_name=n)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        say({"first": first, "wall": wall, "cpu": cpu})
+    else:
+        break
 m.set_adapter(NAMES[-1])
 with torch.no_grad():
     m(torch.tensor([[1, 2, 3]]))
@@ -97,24 +106,24 @@ lora = [p for n, p in m.named_parameters() if ".lora_" in n]
 copied = sum(adapters.copied(m).values()) if WAY == "weightd" else len(lora)  # PEFT: all its own
 if copied not in (0, len(lora)):
     raise SystemExit(f"{copied} of {len(lora)} LoRA weights copied: count their bytes here")
-maps = []
+maps, again = [], []
 if WAY == "weightd":  # weightd's own part of an add (after the memory): manifest round trip, mapping
     from weightd.client.client import cached_client
-    for n in NAMES[1:TIMED + 1]:
+    for n in NAMES[1:21]:
         t = time.perf_counter()
         cached_client(SOCK)._map(n, None)
         maps.append(time.perf_counter() - t)
-again = 0.0
-if WAY == "weightd":  # the part of the first adapter that PEFT's way does not do (not in memory)
-    t = time.perf_counter()
-    hf.attach("llama", socket=SOCK)
-    again = time.perf_counter() - t
+    for _ in range(5):  # what hf.attach(base, adapter=NAME) does besides: the base attached again
+        t = time.perf_counter()
+        hf.attach("llama", socket=SOCK)
+        again.append(time.perf_counter() - t)
 say({"private": after.pss_private - before.pss_private,
      "weights": sum(p.numel() * p.element_size() for p in lora) if copied else 0,
-     "first": first, "again": again, "early": times[:TIMED], "late": times[-TIMED:], "all": times,
-     "cpu": cpu, "maps": maps})
-hear()
+     "maps": maps, "again": again})
+sys.stdin.readline()
 """
+
+ALONE = 20  # adds each worker makes alone (the others idle), after its first adapter
 
 
 def main() -> None:
@@ -187,10 +196,12 @@ def make(root: Path, count: int, rank: int, hidden: int):
 
 
 def run_workers(way: str, sock: str, names, folders, n: int, procs) -> dict:
+    """Each worker in turn, the others idle: its first adapter and ALONE more; then all of them
+    at once: the rest."""
     code = textwrap.dedent(WORKER)
+    arg = json.dumps([sock, way, names, [str(f) for f in folders]])
     started = []
     for _ in range(n):
-        arg = json.dumps([sock, way, names, [str(f) for f in folders], 20])
         p = subprocess.Popen(
             [sys.executable, "-c", code, arg],
             stdin=subprocess.PIPE,
@@ -200,32 +211,53 @@ def run_workers(way: str, sock: str, names, folders, n: int, procs) -> dict:
         )
         procs.append(p)
         started.append(p)
-    for p in started:  # every worker has the base before any loads adapters
-        p.stdin.write("\n")
+
+    def send(p, **cmd):
+        p.stdin.write(json.dumps(cmd) + "\n")
         p.stdin.flush()
-    out = []
-    for p in started:
+
+    def read(p):
         line = p.stdout.readline()
         if not line:
             raise RuntimeError(f"a {way} worker died")
-        out.append(json.loads(line))
+        return json.loads(line)
+
+    for p in started:  # every worker has the base before any loads adapters
+        read(p)
+    for p in started:
+        send(p, op="begin")
+    for p in started:
+        read(p)
+    alone = []
+    for p in started:
+        send(p, op="add", names=names[: ALONE + 1])
+        alone.append(read(p))
+    for p in started:
+        send(p, op="add", names=names[ALONE + 1 :])
+    together = [read(p) for p in started]
+    for p in started:
+        send(p, op="end")
+    out = [read(p) for p in started]
     for p in started:
         p.stdin.write("\n")
         p.stdin.flush()
         p.wait(60)
+    every = [t for o in alone + together for t in o["wall"]]
+    late = [t for o in together for t in o["wall"][-ALONE:]]
     return {
-        # PEFT: the workers' private growth. Their Pss_Shmem moves by tens of MiB either way while
-        # they run (the base's pages, shared by 4 to 5 processes): nothing of PEFT's adapters
-        "grown": sum(o["private"] for o in out),
+        # the workers' private growth. Their Pss_Shmem moves by tens of MiB either way while they
+        # run (the base's pages, shared by 4 to 5 processes): nothing of either way's adapters
         "private": sum(o["private"] for o in out),
         "weights": sum(o["weights"] for o in out),  # the LoRA weights the workers hold as their own
-        "first_ms": statistics.median(o["first"] for o in out) * 1e3,
-        "add_ms": statistics.median(t for o in out for t in o["early"]) * 1e3,
-        "late_ms": statistics.median(t for o in out for t in o["late"]) * 1e3,
-        "cpu_ms": statistics.median(t for o in out for t in o["cpu"]) * 1e3,
-        "p90_ms": statistics.quantiles([t for o in out for t in o["all"]], n=10)[-1] * 1e3,
+        "first_ms": statistics.median(o["first"] for o in alone) * 1e3,
+        "alone_ms": statistics.median(t for o in alone for t in o["wall"]) * 1e3,
+        "alone_cpu_ms": statistics.median(t for o in alone for t in o["cpu"]) * 1e3,
+        "together_ms": statistics.median(t for o in together for t in o["wall"]) * 1e3,
+        "together_cpu_ms": statistics.median(t for o in together for t in o["cpu"]) * 1e3,
+        "late_ms": statistics.median(late) * 1e3,
+        "p90_ms": statistics.quantiles(every, n=10)[-1] * 1e3,
         "map_ms": statistics.median([t for o in out for t in o["maps"]] or [0.0]) * 1e3,
-        "again_ms": statistics.median(o["again"] for o in out) * 1e3,
+        "again_ms": statistics.median([t for o in out for t in o["again"]] or [0.0]) * 1e3,
     }
 
 
@@ -235,6 +267,7 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     # weightd: what the workers grew by privately (PEFT's layer objects, nothing of the weights),
     # plus the adapters' segments, resident in /dev/shm once whatever the workers touched
     wd = {**wd, "grown": wd["private"] + shm}
+    peft_ = {**peft_, "grown": peft_["private"]}
     print(
         f"\n{args.adapters} LoRA adapters (r={args.rank}, q/k/v/o) over one Llama base (hidden "
         f"{args.hidden}), {args.workers} workers"
@@ -245,18 +278,28 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     )
     print("\n| | PEFT load_adapter from the folder | weightd adapters.add (by name) | weightd / PEFT |")
     print("| --- | ---: | ---: | ---: |")
-    timed = 20
+    w, k = args.workers, ALONE + 1
     rows = [
-        ("first adapter on the base (weightd: base attached again + adapter)", "first_ms"),
-        (f"add one adapter, 2nd to {timed + 1}st (median)", "add_ms"),
-        (f"add one adapter, {args.adapters - timed + 1}st to {args.adapters}th (median)", "late_ms"),
+        ("first adapter over the worker's attached base, one worker alone (median)", "first_ms"),
+        (f"add one adapter (adapters 2 to {k}), one worker alone, the others idle (median)", "alone_ms"),
+        ("  the same: CPU time of the worker (median)", "alone_cpu_ms"),
+        (
+            f"add one adapter (adapters {k + 1} to {args.adapters}), {w} workers at once (median)",
+            "together_ms",
+        ),
+        ("  the same: CPU time of a worker (median)", "together_cpu_ms"),
+        (f"add one adapter (the last {ALONE}), {w} workers at once (median)", "late_ms"),
         ("add one adapter, every one (90th percentile)", "p90_ms"),
-        ("add one adapter, every one: CPU time of the worker (median)", "cpu_ms"),
     ]
     for label, key in rows:
         print(f"| {label} | {peft_[key]:.2f} ms | {wd[key]:.2f} ms | {wd[key] / peft_[key]:.2f}x |")
-    print(f"| of which weightd's part: manifest + mapping (median) | - | {wd['map_ms']:.2f} ms | |")
-    print(f"| the base attached again alone (median; in the first row) | - | {wd['again_ms']:.2f} ms | |")
+    print(
+        f"| of an add, weightd's part: manifest round trip + mapping (median) | - | {wd['map_ms']:.2f} ms | |"
+    )
+    print(
+        f"| hf.attach(base, adapter=NAME) adds: the base attached again (median) | - "
+        f"| {wd['again_ms']:.2f} ms | |"
+    )
     # the split: the adapters' weights, and the rest (PEFT's module objects in every worker)
     peft_["held"] = peft_["weights"]
     wd["held"] = shm + wd["weights"]  # the segments, plus any weight PEFT copied out of them
@@ -270,7 +313,6 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
             f"| {label} | {peft_[key] / mib:.1f} MiB ({peft_[key] / adapter_bytes:.2f} copies) | "
             f"{wd[key] / mib:.1f} MiB ({wd[key] / adapter_bytes:.2f} copies) | {wd[key] / peft_[key]:.2f}x |"
         )
-    w = args.workers
     # a private growth below the weights held: no split to show
     rest = f"{peft_['objects'] / w / mib:.1f} MiB" if peft_["objects"] > 0 else "- (growth < weights)"
     print(
@@ -285,9 +327,9 @@ def report(args, adapter_bytes: int, load_seconds: float, results: dict, shm: in
     except ImportError:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.bar(["PEFT", "weightd"], [peft_["add_ms"], wd["add_ms"]], color=["#999", "#36c"])
+    a.bar(["PEFT", "weightd"], [peft_["alone_ms"], wd["alone_ms"]], color=["#999", "#36c"])
     a.set_ylabel("ms")
-    a.set_title("add one adapter")
+    a.set_title("add one adapter, one worker alone")
     grown = [peft_["grown"] / adapter_bytes, wd["grown"] / adapter_bytes]
     held = [min(way["held"], way["grown"]) / adapter_bytes for way in (peft_, wd)]  # as measured
     b.bar(["PEFT", "weightd"], held, color=["#999", "#36c"], label="adapter weights")

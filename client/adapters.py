@@ -4,7 +4,7 @@
 >>> model = hf.attach("llama", adapter="sql")              # PeftModel.from_pretrained(base, sql_dir)
 >>> model = hf.attach("llama", adapter=["sql", "chat"])    # several: PEFT's own switching
 >>> model.set_adapter("chat")
->>> adapters.add(model, "summarize")                      # one more, later: load_adapter
+>>> adapters.add(model, "summarize")                      # one more, later
 
 The base is attached as always (zero-copy); each adapter's segment is mapped, and PEFT builds
 its layers: ``PeftModel.from_pretrained`` for the first adapter, ``load_adapter`` for the
@@ -29,6 +29,7 @@ import tempfile
 import threading
 import weakref
 
+import torch
 from torch import nn
 
 from weightd.errors import AttachError
@@ -98,12 +99,22 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
 
 
 def add(model: nn.Module, adapters, *, socket: str | None = None, is_trainable=False):
-    """Load more served adapters into a ``PeftModel`` that ``hf.attach(base, adapter=...)`` gave,
-    over the mapped weights: PEFT's steps on the adapter's own layers where earlier adapters made
-    them (Note [a further adapter in O(its own size)]), else ``load_adapter`` (benchmarks/adapters.py)."""
+    """Load more served adapters into a ``PeftModel`` that ``hf.attach(base, adapter=...)`` (or
+    ``add``) gave, over the mapped weights: made directly in the layers earlier adapters made
+    (Note [a further adapter in O(its own size)]), else ``load_adapter`` (benchmarks/adapters.py).
+    ``model`` may also be a base the worker attached (``hf.attach(base)``): it is wrapped and
+    changed in place, as ``PeftModel.from_pretrained(model, dir)`` wraps and changes it."""
     base = _bases.get(model)
     if base is None:
-        raise AttachError("add(): pass a PeftModel that hf.attach(base, adapter=...) returned")
+        from weightd.client.client import info
+
+        attached = info(model)
+        if attached is None:
+            raise AttachError(
+                "add(): pass a model hf.attach(base) returned, or the PeftModel hf.attach(base, "
+                "adapter=...) or add() returned"
+            )
+        base = attached.name  # the worker's own attached base: wrapped, as PeftModel.from_pretrained does
     return apply(base, model, adapters, socket=socket, is_trainable=is_trainable)
 
 
@@ -111,32 +122,40 @@ def add(model: nn.Module, adapters, *, socket: str | None = None, is_trainable=F
 # PEFT's load_adapter walks the whole model several times (named_modules for injection, requires-grad
 # snapshots, set_adapter, the state-dict remap, eval(), the dtype cast), and inside each LoRA layer
 # update_layer and the device move loop over every adapter the layer holds: the 100th adapter over
-# a base costs several times the 2nd. When the new adapter only goes where LoRA layers already are
-# (each of its modules is a LoraLayer of an adapter loaded before) and nothing model-wide is
-# involved, PEFT's own steps are taken on a *shadow* of each of those layers: a shallow copy whose
-# per-adapter stores (lora_A, lora_B, r, scaling, ...: adapter_layer_names + other_param_names +
-# lora_variant) are empty. On the shadow, PEFT's _create_and_replace (update_layer) makes the
-# adapter on the meta device, the mapped tensors are assigned as load_state_dict(assign=True)
-# assigns them, PEFT's device/dtype move and upcast run, the new modules are put in eval; then the
-# new entries are inserted into the real layer's stores, which is the only change a running
-# forward can see (an adapter that is not active). Everything else (a new target module, DoRA and
-# other variants, modules_to_save, trainable tokens, MoE weight conversions, tensor parallelism, a
-# model in train mode, is_trainable) takes PEFT's load_adapter whole. tests/test_adapters.py holds
-# the two paths equal: parameters with their dtype and requires_grad, modules' training flags, the
-# layers' stores, the config, outputs under PEFT's switching.
+# a base costs several times the 2nd. And per layer, update_layer builds lora_A and lora_B on the
+# meta device and initialises them (kaiming, on meta), all to be replaced by the loaded weights:
+# ~0.7 ms a layer, 10 ms for an adapter on q/k/v/o of 4 layers. When the new adapter is plain LoRA
+# (no variant) and goes only where plain LoRA Linear layers already are (each of its modules a
+# peft.tuners.lora.Linear over a dense weight on the CPU, made by an adapter loaded before) and
+# nothing model-wide is involved, the entries update_layer, load_state_dict(assign=True), the
+# device move, the upcast and eval() leave in each layer's stores are made directly: lora_A/lora_B
+# as nn.Linear over the mapped tensors (requires_grad off, eval), the dropout module, r, alpha,
+# scaling (rsLoRA too), use_rslora, use_dora, lora_bias; a weight PEFT would cast to the base's
+# dtype and back up to float32 is cast the same way, and stays the mapped tensor where that gives
+# the same values (Note [a weight PEFT copied goes back to the segment]). Only when every layer's
+# entries are made are they put in the real layers, the only change a running forward can see (an
+# adapter that is not active). Anything else (a new target module, a variant such as DoRA,
+# modules_to_save, trainable tokens, a layer holding stores this code does not know, MoE weight
+# conversions, tensor parallelism, a model in train mode, is_trainable, weights missing or of
+# another shape) takes PEFT's load_adapter whole, and with it PEFT's own errors.
+# tests/test_adapters.py holds the two paths equal: parameters with their dtype and requires_grad,
+# modules' classes and training flags, the layers' stores, the config, outputs under PEFT's
+# switching, deletion and merging.
 
 _ALLOWED = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
+# the stores of a peft.tuners.lora.Linear that the quick path fills (the others stay empty)
+_STORES = (
+    ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"),
+    ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias"),
+)
 
 
 def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
-    """Adapter ``name`` added to the PeftModel ``model`` with PEFT's steps taken on shadows of its
-    own layers (Note [a further adapter in O(its own size)]): the number of its weights that are
-    copies, or None (nothing changed) where PEFT's load_adapter must run whole."""
-    import torch
+    """Adapter ``name`` added to the PeftModel ``model``, its layers' entries made directly over
+    the mapped weights (Note [a further adapter in O(its own size)]): the number of its weights
+    that are copies, or None (nothing changed) where PEFT's load_adapter must run whole."""
     from peft import LoraConfig
-    from peft.tuners.lora import LoraLayer, LoraModel
-    from peft.tuners.tuners_utils import cast_adapter_dtype
-    from peft.utils.integrations import init_empty_weights
+    from peft.tuners.lora import Linear, LoraModel
     from peft.utils.other import get_pattern_key
 
     tuner = model.base_model
@@ -151,9 +170,9 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
     config = LoraConfig.from_pretrained(folder)
     if type(config) is not LoraConfig or _model_wide(config):
         return None
-    # the layers this adapter goes in, from its weights' names: each one a LoRA layer already
-    layers: dict[str, nn.Module] = {}
-    for key in tensors:
+    # the layers this adapter goes in, from its weights' names: each one a plain LoRA Linear already
+    layers: dict[str, tuple] = {}  # owner -> (layer, {"A.weight": tensor, ...})
+    for key, tensor in tensors.items():
         owner, _, rest = key.rpartition(".lora_")
         if "lora_" + rest not in _ALLOWED or not owner.startswith("base_model.model."):
             return None
@@ -162,12 +181,17 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
                 layer = model.get_submodule(owner)
             except AttributeError:
                 return None
-            if type(layer).__name__ == "ParamWrapper" or not isinstance(layer, LoraLayer):
+            if type(layer) is not Linear or (layer.adapter_layer_names, layer.other_param_names) != _STORES:
                 return None
-            if getattr(layer.get_base_layer(), "_hf_tp_plan", None) is not None:
+            base = layer.get_base_layer()
+            weight = getattr(base, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.is_meta:
                 return None
-            layers[owner] = layer
-    if not layers:
+            if getattr(base, "_hf_tp_plan", None) is not None or hasattr(base, "compute_dtype"):
+                return None
+            layers[owner] = (layer, {})
+        layers[owner][1][rest] = tensor
+    if not layers or next(iter(layers.values()))[0].resolve_lora_variant(config=config) is not None:
         return None
     config.inference_mode = True  # load_adapter(is_trainable=False)
     model._check_new_adapter_config(config, is_trainable=False)
@@ -175,57 +199,95 @@ def _add_further(model, name: str, folder: str, tensors: dict) -> int | None:
     try:
         tuner._check_new_adapter_config(config)
         config = tuner._prepare_adapter_config(config, tuner.get_model_config(tuner.model))
-        shadows = {}
-        with init_empty_weights():
-            for owner, layer in layers.items():
-                shadow = shadows[owner] = _shadow(layer)
-                # what LoraModel._create_and_replace does for a layer that is a LoraLayer already
-                key = owner.removeprefix("base_model.model.")
-                r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
-                alpha_key = get_pattern_key(config.alpha_pattern.keys(), key)
-                alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
-                shadow.update_layer(name, r, lora_alpha=alpha, target_name=key, config=config)
-                if shadow.lora_variant:
-                    return _undo(model, name)  # DoRA, aLoRA, Arrow: their own state beside lora_A/B
-        placed = []  # (key, the module holding it, its attribute)
-        for key, tensor in tensors.items():  # as load_state_dict(assign=True) assigns
-            owner, _, rest = key.rpartition(".lora_")
-            sub, _, attr = rest.partition(".")
-            linear = getattr(shadows[owner], "lora_" + sub)[name]
-            placed.append((key, getattr(shadows[owner], "lora_" + sub), attr))
-            old = getattr(linear, attr)
-            if old is None or tuple(old.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"size mismatch for {key}: copying a param with shape {tuple(tensor.shape)}, the "
-                    f"model has {None if old is None else tuple(old.shape)}"
-                )
-            setattr(linear, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
-        for owner, shadow in shadows.items():
-            new = _new_parameters(shadow)
-            if any(p.is_meta for p in new):
-                raise ValueError(f"the adapter holds no weights for some of {owner}")
-            shadow._move_adapter_to_device_of_base_layer(name)
-            if any(p.dtype != torch.float32 for p in new):  # else PEFT's upcast changes nothing
-                cast_adapter_dtype(shadow, name, autocast_adapter_dtype=True)
-            for store in _stores(shadow).values():
-                if isinstance(store, nn.Module):
-                    for m in store.modules():
-                        m.training = False  # model.eval(), on what is new
-        # the move and upcast may have replaced the modules: look them up again by name
-        _share_back((((k, None), getattr(d[name], a)) for k, d, a in placed), tensors)
+        made = {}
+        for owner, (layer, weights) in layers.items():
+            key = owner.removeprefix("base_model.model.")
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+            alpha = config.alpha_pattern.get(
+                get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha
+            )
+            entries = _entries(layer, r, alpha, config, weights, tensors, owner)
+            if entries is None:
+                return _undo(model, name)
+            made[owner] = entries
     except BaseException:
         _undo(model, name)
         raise
-    for owner, shadow in shadows.items():  # the only change a running forward sees
-        real = _stores(layers[owner])
-        for store_name, store in _stores(shadow).items():
-            for k, v in store.items():
-                real[store_name][k] = v
+    for owner, entries in made.items():  # the only change a running forward sees
+        layer = layers[owner][0]
+        for store_name, value in entries.items():
+            getattr(layer, store_name)[name] = value
     names = [o.removeprefix("base_model.model.") for o in layers]
     seen = set(tuner.targeted_module_names)
     tuner.targeted_module_names.extend(n for n in names if n not in seen)
     mapped = {t.data_ptr() for t in tensors.values()}
-    return sum(1 for s in shadows.values() for p in _new_parameters(s) if p.data_ptr() not in mapped)
+    return sum(
+        1
+        for e in made.values()
+        for m in (e["lora_A"], e["lora_B"])
+        for p in m.parameters()
+        if p.data_ptr() not in mapped
+    )
+
+
+def _entries(layer, r: int, alpha, config, weights: dict, tensors: dict, owner: str) -> dict | None:
+    """What PEFT's update_layer, load_state_dict(assign=True), device move, upcast and eval()
+    put in a plain LoRA Linear's stores for one adapter, over the mapped ``weights`` ("A.weight",
+    "B.weight", "B.bias"); None where they do not fit (PEFT's loading then says why)."""
+    import math
+
+    a, b, bias = weights.get("A.weight"), weights.get("B.weight"), weights.get("B.bias")
+    if r <= 0 or a is None or b is None or (bias is not None) != bool(config.lora_bias):
+        return None
+    if tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (layer.out_features, r):
+        return None
+    if bias is not None and tuple(bias.shape) != (layer.out_features,):
+        return None
+    dtype = layer.get_base_layer().weight.dtype
+    return {
+        "lora_A": _linear(a, None, dtype, tensors),
+        "lora_B": _linear(b, bias, dtype, tensors),
+        "lora_dropout": (
+            nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+        ).eval(),
+        "r": r,
+        "lora_alpha": alpha,
+        "scaling": alpha / math.sqrt(r) if config.use_rslora else alpha / r,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+    }
+
+
+def _linear(weight, bias, base_dtype, tensors: dict) -> nn.Linear:
+    """An nn.Linear in eval mode over ``weight`` (and ``bias``), frozen, as PEFT leaves a loaded
+    adapter's matrix: moved to the base's float dtype, then low-precision floats up to float32
+    (_move_adapter_to_device_of_base_layer, cast_adapter_dtype); where that gives the mapped
+    tensor's dtype and values, the mapped tensor itself. No init: nothing is there to overwrite."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear.weight = nn.Parameter(_as_peft_casts(weight, base_dtype), requires_grad=False)
+    linear.bias = (
+        None if bias is None else nn.Parameter(_as_peft_casts(bias, base_dtype), requires_grad=False)
+    )
+    linear.training = False
+    return linear
+
+
+def _as_peft_casts(t, base_dtype):
+    from peft.utils import UPCAST_DTYPES
+
+    out = t
+    if (base_dtype.is_floating_point or base_dtype.is_complex) and (t.is_floating_point() or t.is_complex()):
+        out = out.to(dtype=base_dtype)
+    if out.dtype in (torch.float16, torch.bfloat16) or any(
+        getattr(torch, n, None) == out.dtype for n in UPCAST_DTYPES
+    ):
+        out = out.to(torch.float32)
+    if out is not t and out.dtype == t.dtype and torch.equal(out, t):
+        return t  # Note [a weight PEFT copied goes back to the segment]
+    return out
 
 
 # Note [a weight PEFT copied goes back to the segment]
@@ -242,7 +304,6 @@ def _share_back(params, tensors: dict) -> int:
     """Point each parameter that is a copy equal to its mapped tensor back at that tensor.
     ``params``: ((head, tail), parameter) with the weight's key head + "." + tail, or (key, None).
     Returns how many were shared again (Note [a weight PEFT copied goes back to the segment])."""
-    import torch
 
     shared = 0
     for (head, tail), p in params:
@@ -258,39 +319,6 @@ def _share_back(params, tensors: dict) -> int:
 def _undo(model, name: str) -> None:
     """Nothing of adapter ``name`` was put in the model's layers yet: forget its config."""
     del model.peft_config[name]
-
-
-def _stores(layer) -> dict:
-    """A LoRA layer's per-adapter stores (adapter name -> module, parameter or value)."""
-    out = {}
-    for store_name in (*layer.adapter_layer_names, *layer.other_param_names, "lora_variant"):
-        store = getattr(layer, store_name, None)
-        if hasattr(store, "keys"):  # dict, ModuleDict, ParameterDict, BufferDict
-            out[store_name] = store
-    return out
-
-
-def _new_parameters(shadow) -> list:
-    """The parameters in a shadow's stores: the new adapter's."""
-    return [
-        p for store in _stores(shadow).values() if isinstance(store, nn.Module) for p in store.parameters()
-    ]
-
-
-def _shadow(layer):
-    """A shallow copy of ``layer`` sharing its base layer, hooks and flags, with empty stores."""
-    shadow = object.__new__(type(layer))
-    shadow.__dict__.update(layer.__dict__)
-    shadow._modules = dict(layer._modules)
-    shadow._parameters = dict(layer._parameters)
-    shadow._buffers = dict(layer._buffers)
-    for store_name, store in _stores(layer).items():
-        empty = type(store)()
-        if isinstance(store, nn.Module):
-            shadow._modules[store_name] = empty.train(store.training)
-        else:
-            shadow.__dict__[store_name] = empty
-    return shadow
 
 
 def _model_wide(config) -> bool:

@@ -137,6 +137,12 @@ def test_several_adapters_switch_as_in_peft(folders, daemon):
     assert adapters.copied(later) == {"sql": 0, "chat": 0}
     later.set_adapter("chat")
     assert torch.equal(logits(later), logits(ref))
+    # over a base the worker attached itself: wrapped in place, as PeftModel.from_pretrained does
+    own = hf.attach("llama", socket=daemon.socket)
+    wrapped = adapters.add(own, "sql", socket=daemon.socket)
+    assert isinstance(wrapped, peft.PeftModel) and wrapped.base_model.model is own
+    assert torch.equal(logits(wrapped), logits(reference(folders, "sql")))
+    assert adapters.copied(wrapped) == {"sql": 0}
 
 
 def peft_state(model) -> dict:

@@ -10,7 +10,12 @@ weightd/client/ray_zerocopy/peers.py says what is checked here.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +24,6 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 from test_streaming import failing_file  # noqa: E402, F401  (a file whose reads fail at a chosen byte)
 
 from weightd import segment  # noqa: E402
@@ -28,6 +32,8 @@ from weightd.client import CheckpointError, Client, ProtocolError, SegmentError,
 from weightd.client import ray_zerocopy as rz  # noqa: E402
 from weightd.client.ray_zerocopy import peers  # noqa: E402
 from weightd.daemon.config import Config  # noqa: E402
+from weightd.errors import ModelNotFound  # noqa: E402
+from weightd.manifest import DTYPE_SIZES  # noqa: E402
 
 from conftest import SHM, remove_segments, wait_until  # noqa: E402
 
@@ -170,24 +176,35 @@ def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
-def on_node(node_id: str) -> dict:
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
-
-
-@ray.remote(num_cpus=0)
-def node_facts(name: str) -> dict:
-    """What this node's daemon serves as ``name``: tensor hashes, the manifest, the summary."""
-    with Client(rz.node_socket()) as c:
+def facts(socket: str, name: str) -> dict:
+    """What the daemon at ``socket`` serves as ``name``: the sha256 of each tensor's bytes, read
+    from its segment (every node's /dev/shm is this machine's: no Ray worker, no torch import
+    per node), the manifest's layout, the summary, the publishes under way."""
+    with Client(socket) as c:
         manifest = c.manifest(name)
         summary = {m["name"]: m for m in c.list()}[name]
-        tensors = c.state_dict(name)
-        return {
-            "hashes": {k: _sha(v) for k, v in tensors.items()},
-            "layout": (manifest.storages, manifest.tensors),
-            "summary": summary,
-            "pid": c.ping()["pid"],
-            "publishing": c.stats()["publishing"],
-        }
+        publishing = c.stats()["publishing"]
+    hashes = {}
+    fd = os.open(segment.Folder().file(manifest.segment), os.O_RDONLY)
+    try:
+        for t in manifest.tensors:
+            nbytes = math.prod(t.shape) * DTYPE_SIZES[t.dtype]
+            assert t.extent() - t.offset == nbytes, "contiguous tensors only here"
+            at = manifest.storages[t.storage].offset + t.offset
+            hashes[t.name] = hashlib.sha256(os.pread(fd, nbytes, at)).hexdigest()
+    finally:
+        os.close(fd)
+    return {
+        "hashes": hashes,
+        "layout": (manifest.storages, manifest.tensors),
+        "summary": summary,
+        "publishing": publishing,
+    }
+
+
+def serves(socket: str, name: str) -> bool:
+    with Client(socket) as c:
+        return name in [m["name"] for m in c.list()]
 
 
 def read_bytes(socket: str) -> int:
@@ -213,10 +230,10 @@ def test_load_everywhere_reads_storage_once_and_a_node_added_later_fills_from_pe
     assert sorted(loaded) == sorted(sockets)
     assert read[reader] >= size, read
     assert all(read[n] < 8 * MIB for n in sockets if n != reader), f"only {reader} reads the file: {read}"
-    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("ckpt")) for n in sockets}
-    for node, f in facts.items():
+    seen = {n: facts(s, "ckpt") for n, s in sockets.items()}
+    for node, f in seen.items():
         assert f["hashes"] == hashes, f"node {node}'s segment differs from the file"
-        assert f["layout"] == facts[reader]["layout"], "names, dtypes, shapes, storages as the source's"
+        assert f["layout"] == seen[reader]["layout"], "names, dtypes, shapes, storages as the source's"
         assert f["summary"].get("via", "").startswith("peer:") == (node != reader), "copied, not read"
 
     # a node added later: ensure_daemons starts its daemon and fills it from the others
@@ -225,8 +242,8 @@ def test_load_everywhere_reads_storage_once_and_a_node_added_later_fills_from_pe
     sockets = rz.ensure_daemons()
     new = node_of(cluster.workers[-1])
     assert new in sockets
-    late = ray.get(node_facts.options(**on_node(new)).remote("ckpt"))
-    assert late["hashes"] == hashes and late["layout"] == facts[reader]["layout"]
+    late = facts(sockets[new], "ckpt")
+    assert late["hashes"] == hashes and late["layout"] == seen[reader]["layout"]
     assert late["summary"]["via"].startswith("peer:")
     assert read_bytes(sockets[new]) < 8 * MIB, "the new node's daemon read nothing from storage"
     assert rz.unload_everywhere("ckpt") == len(sockets)
@@ -239,10 +256,10 @@ def test_publish_everywhere_copies_ties_and_dtypes_from_peers(cluster):
     sockets = rz.ensure_daemons()
     assert sorted(out) == sorted(sockets)
     here = ray.get_runtime_context().get_node_id()
-    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("pub")) for n in sockets}
-    for node, f in facts.items():
+    seen = {n: facts(s, "pub") for n, s in sockets.items()}
+    for node, f in seen.items():
         assert f["hashes"] == {k: _sha(v) for k, v in state.items()}
-        assert f["layout"] == facts[here]["layout"]
+        assert f["layout"] == seen[here]["layout"]
         assert len(f["layout"][0]) == 2, "the tied weight and the view share one storage"
         assert ("via" in f["summary"]) == (node != here)
     assert rz.unload_everywhere("pub") == len(sockets)
@@ -284,14 +301,14 @@ def test_a_publish_left_without_a_holder_is_sent_again_by_the_publisher(cluster)
         ray.get(reg.hook.remote(here, None))
     sockets = rz.ensure_daemons()
     assert sorted(out) == sorted(sockets)
-    facts = {n: ray.get(node_facts.options(**on_node(n)).remote("again")) for n in sockets}
-    for f in facts.values():
+    seen = {n: facts(s, "again") for n, s in sockets.items()}
+    for f in seen.values():
         assert f["hashes"] == {k: _sha(v) for k, v in state.items()}
         assert f["publishing"] == [], "the copies that found no holder were abandoned, not left half-way"
-    resent = [n for n, f in facts.items() if n != here and "via" not in f["summary"]]
+    resent = [n for n, f in seen.items() if n != here and "via" not in f["summary"]]
     assert len(resent) == 1, "one other node got it again from the publisher"
     assert all(
-        f["summary"]["via"] == f"peer:{resent[0]}" for n, f in facts.items() if n not in (here, resent[0])
+        f["summary"]["via"] == f"peer:{resent[0]}" for n, f in seen.items() if n not in (here, resent[0])
     ), "and the rest copied it from that node"
     assert rz.unload_everywhere("again") == len(sockets)
 
@@ -334,8 +351,8 @@ def test_killing_the_source_mid_transfer_still_serves_every_remaining_node(clust
     assert reread[-1] >= size and sum(reread[:-1]) < 16 * MIB, (
         f"one node read it again, the others copied: {reread}"
     )
-    for node in sockets:
-        f = ray.get(node_facts.options(**on_node(node)).remote("survive"))
+    for socket in sockets.values():
+        f = facts(socket, "survive")
         assert f["hashes"] == hashes
         assert f["publishing"] == []
     assert rz.unload_everywhere("survive") == len(sockets)
@@ -365,3 +382,123 @@ def test_a_load_that_fails_while_peers_copy_it_is_served_nowhere(cluster, tmp_pa
             instance = Config(socket=socket).instance
             assert not [s.name for s in SHM.glob(f"weightd.{instance}.*")], "nothing half-written is left"
     assert "broken" not in ray.get(reg.everywhere.remote()), "a node added later is not filled with it"
+
+    # Note [a re-load that fails]: the same failure, for a name the cluster already serves
+    rz.load_everywhere("kept", str(backing), reader=reader)
+    before = {}
+    for node, socket in sockets.items():
+        with Client(socket) as c:
+            before[node] = c.manifest("kept").uuid
+    kept = ray.get(reg.everywhere.remote())["kept"]
+    with pytest.raises(CheckpointError, match="reading it failed"):
+        rz.load_everywhere("kept", str(bad), reader=reader)
+    for node, socket in sockets.items():
+        with Client(socket) as c:
+            assert c.manifest("kept").uuid == before[node], f"node {node} still serves the old one"
+            assert c.stats()["publishing"] == []
+            instance = Config(socket=socket).instance
+            assert len(list(SHM.glob(f"weightd.{instance}.*"))) == 1, "the old segment alone"
+    assert ray.get(reg.everywhere.remote())["kept"] == kept, "a node added later gets the old one"
+    assert rz.unload_everywhere("kept") == len(sockets)
+
+
+def test_a_lease_whose_receiver_went_silent_lapses(cluster):
+    """A transfer whose receiver went silent (its node died: it never releases its lease) stops
+    keeping its holder busy after ``lease_idle``, and a receiver waiting for that holder gets it
+    then, not when its own wait ends. A registry of its own, with a short ``lease_idle``."""
+    reg = peers.Peers.options(num_cpus=0).remote(lease_idle=1.0)
+    try:
+        ray.get(reg.register.remote("m", "k", {"storages": [[0, MIB]]}, None, None))
+        ray.get(reg.hold.remote("k", "node-a", {"streaming": False}))
+        taken = [ray.get(reg.acquire.remote("k", 0.0)) for _ in range(peers.SERVES)]
+        assert [t["kind"] for t in taken] == ["peer"] * peers.SERVES
+        assert ray.get(reg.acquire.remote("k", 0.0))["kind"] == "busy", "every slot of the holder taken"
+        ray.get(reg.release.remote("k", "node-a", taken[0]["lease"]))
+        again = ray.get(reg.acquire.remote("k", 0.0))
+        assert again["kind"] == "peer", "a released slot is free at once"
+        # nobody releases or reports a chunk now: the leases lapse while this one waits
+        got = ray.get(reg.acquire.remote("k", 10 * peers.LEASE_WAIT))
+        assert got["kind"] == "peer" and got["node"] == "node-a", got
+    finally:
+        ray.kill(reg)
+
+
+DRIVER = """
+import json, sys
+import ray
+from weightd.client.ray_zerocopy import peers
+address, name, path, reader, sockets = sys.argv[1:]
+ray.init(address=address, log_to_driver=False)
+peers.spread_load(name, reader, json.loads(sockets), path)  # load_everywhere, the nodes given
+"""
+
+
+def test_a_load_whose_caller_dies_goes_on_and_is_served_everywhere(cluster, checkpoint, request):
+    """Note [the caller that goes away]: the driver of a load_everywhere (``spread_load``, the
+    nodes given: no torch import) is killed while the reading node still reads (its storage, a
+    FUSE file system, stopped) and the others copy from it. Once the storage answers again,
+    every node serves the model, copied from peers, and the registry keeps it everywhere."""
+    path, hashes = checkpoint
+    # a file whose reads never fail, and whose server can be stopped
+    slow = request.getfixturevalue("failing_file")(path, os.path.getsize(path) + 1)
+    server = _fuse_server(slow)
+    sockets = rz.ensure_daemons()
+    reader = node_of(cluster.workers[0])
+    argv = [sys.executable, "-c", DRIVER, cluster.address, "orphan", str(slow), reader, json.dumps(sockets)]
+    driver = subprocess.Popen(argv)
+    stopped = False
+    try:
+        with Client(sockets[reader]) as c:
+
+            def streaming() -> dict | None:
+                try:
+                    return c.call("loading", name="orphan")["manifest"]
+                except ModelNotFound:
+                    return None
+
+            while (manifest := streaming()) is None:  # laid out: its data is being read now
+                assert driver.poll() is None, "the driver ended first"
+            os.kill(server, signal.SIGSTOP)
+            stopped = True
+            others = [n for n in sockets if n != reader]
+            wait_until(
+                lambda: all(_copying(sockets[n], "orphan") for n in others), timeout=60, what="copies begun"
+            )
+            driver.kill()
+            driver.wait(30)
+            assert streaming() is not None, "the driver died before the load ended (the race was lost)"
+            os.kill(server, signal.SIGCONT)
+            stopped = False
+        wait_until(lambda: all(serves(s, "orphan") for s in sockets.values()), timeout=60, what="every node")
+        for node, socket in sockets.items():
+            f = facts(socket, "orphan")
+            assert f["hashes"] == hashes and f["publishing"] == []
+            assert f["summary"].get("via", "").startswith("peer:") == (node != reader)
+        assert ray.get(peers.registry().everywhere.remote())["orphan"][0] == manifest["uuid"]
+    finally:
+        if stopped:
+            os.kill(server, signal.SIGCONT)
+        driver.kill()
+        driver.wait(30)
+    assert rz.unload_everywhere("orphan") == len(sockets)
+
+
+def _fuse_server(mounted: Path) -> int:
+    """The pid of the tests/fusefs.py process serving the file ``mounted``."""
+    where = str(mounted.parent).encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if where in argv and any(a.endswith(b"fusefs.py") for a in argv):
+            return int(proc.name)
+    raise AssertionError(f"no fusefs.py serves {mounted}")
+
+
+def _copying(socket: str, name: str) -> bool:
+    """Whether the daemon at ``socket`` has a peer copy of ``name`` reserved (being written)."""
+    with Client(socket) as c:
+        return any(
+            p.get("name") == name and p.get("via", "").startswith("peer:") for p in c.stats()["publishing"]
+        )

@@ -500,6 +500,21 @@ def read_seal(buf) -> int:
 # being read from storage (ray_zerocopy.peers, Note [a copy that starts before the seal]).
 # The seal still says "complete and checked": a segment is served only sealed, and a copy of
 # one is sealed only once its source was.
+#
+# The word in the header is a hint, not a promise, to a process that reads it through its own
+# mapping. It is a plain store (``pwrite``) after the data's stores, read with a plain load
+# before the data's loads. x86 keeps stores in order and loads in order, so there a reader that
+# sees the word also sees the bytes below it; ARM and POWER reorder both (stores by the writer,
+# and loads by the reader, which may read the data before the word), and Python has no
+# release store or acquire load to pair. So a reader trusts only the daemon's answer
+# (``loading`` gives ``mark``, ``Watermark.final``): each writer thread takes the Watermark's
+# lock after its chunk is in, the request thread reads the mark under that lock, and the answer
+# crosses ZeroMQ's queues and a socket, every hop a lock or an atomic with release/acquire
+# order. What was written before the mark happens-before the reader's loads, on any CPU. The
+# reader polls the mapped word (cheap) and asks the daemon once it covers what it needs: one
+# round trip per chunk (ray_zerocopy.peers, ``_Mapped.wait``). A sealed segment is trusted the
+# same way: its reader learned of the seal from the daemon (the model served), never from the
+# mapped seal word alone.
 
 
 class Watermark:
@@ -520,6 +535,12 @@ class Watermark:
         self.mark = DATA_OFFSET
         with self._lock:
             self._advance()
+
+    def final(self) -> int:
+        """The mark, read under the lock every writer took after its bytes were in: what a
+        reader in another process may trust once told (Note [the watermark])."""
+        with self._lock:
+            return self.mark
 
     def written(self, offset: int, nbytes: int) -> None:
         """``nbytes`` at ``offset`` are in the segment (a whole piece, or a chunk of one that

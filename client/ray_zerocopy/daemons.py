@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from weightd import protocol
 from weightd.client.connection import Connection
-from weightd.errors import DaemonNotRunning, WeightdError
+from weightd.errors import DaemonNotRunning, ModelNotFound, WeightdError
 
 NAMESPACE = "weightd"
 ACTOR_PREFIX = "weightd-daemon-"
@@ -242,6 +242,16 @@ class NodeDaemon:
     @ray.method(concurrency_group="fill")
     def fill(self, name: str, key: str, node: str, socket: str) -> dict | None:
         return self.peers.fill(name, key, node, socket)
+
+    @ray.method(concurrency_group="fill")
+    def unload(self, socket: str, name: str) -> bool:
+        """Unload ``name`` from this node's daemon; whether it had it (``unload_everywhere``)."""
+        try:
+            with Connection(socket) as c:
+                c.unload(name)
+            return True
+        except ModelNotFound:
+            return False
 
     def ensure(self, socket: str | None) -> str:
         path = os.path.abspath(

@@ -15,7 +15,7 @@ from torch import nn
 
 from weightd.client import client as _client
 from weightd.client.ray_zerocopy import peers
-from weightd.client.ray_zerocopy.daemons import ensure_daemons, node_socket, on_node, ping
+from weightd.client.ray_zerocopy.daemons import agent, ensure_daemons, node_socket, on_node, ping
 
 
 def node_sockets(socket: str | None = None) -> dict[str | None, str]:
@@ -106,8 +106,8 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
         return int(_unload(node_socket(socket), name))
     peers.forget(name)  # first: a node added meanwhile is not filled with it
     sockets = ensure_daemons(socket)
-    refs = [_unload_task.options(scheduling_strategy=on_node(n)).remote(s, name) for n, s in sockets.items()]
-    return sum(ray.get(refs))
+    # by the nodes' agents: no worker process starts for it (Note [no worker starts on the way])
+    return sum(ray.get([agent(n).unload.remote(s, name) for n, s in sockets.items()]))
 
 
 def _tensors(obj):
@@ -190,13 +190,8 @@ def _unload(socket: str, name: str) -> bool:
         return False
 
 
-# num_cpus=0: these are the daemon's work, not the node's; they must not wait for a free CPU.
+# num_cpus=0: the daemon's work, not the node's; it must not wait for a free CPU.
 @ray.remote(num_cpus=0)
 def _publish(name: str, shipment: _Shipment, socket: str) -> dict:
     with _client.Client(socket) as c:
         return c.publish(name, shipment.tensors())
-
-
-@ray.remote(num_cpus=0)
-def _unload_task(socket: str, name: str) -> bool:
-    return _unload(socket, name)

@@ -48,7 +48,9 @@ Note [a copy that starts before the seal]
     ``layout.write`` writes the header and manifest first). The registry hands that node out
     as a *streaming* holder, and the other nodes pull chunks from it while it still reads
     storage: its agent sends a chunk once the segment's watermark (Note [the watermark] in
-    weightd.segment) is past it, so what it sends is final, with its digest made there. Then:
+    weightd.segment) is past it, as the daemon says (the word in its mapping is only a hint,
+    on a CPU that reorders memory accesses), so what it sends is final, with its digest made
+    there. Then:
 
     - a receiver that has every chunk waits for the source's verdict before it commits
       (``Peers.settled``): only once the source sealed (its load returned) is the copy sealed;
@@ -59,6 +61,28 @@ Note [a copy that starts before the seal]
     - a source whose node (or agent) dies before it sealed is settled ``lost``: what came from
       it is dropped (it was never known complete), and the copies go on as when a holder dies
       (another holder, else one node reads storage again).
+
+Note [the caller that goes away]
+    The process that called ``load_everywhere`` (the driver) may die mid-load. The copies then
+    go on and finish, as a plain ``weightd load`` goes on when its client goes: the load runs
+    in the reading node's agent and the copies in the other nodes' agents (detached actors),
+    and nothing they need comes from the driver. The verdict on the source (Note [a copy that
+    starts before the seal]) is given by the reading node's agent when its load ends (the
+    thread of ``Reading.start``, which also knows the error); a receiver waiting for it looks
+    every ``HEARTBEAT`` whether the reading node is still alive and settles it ``lost`` itself
+    if not. So each receiver commits (or abandons) within seconds of the load's end, not at
+    its deadline, and the registry keeps the model everywhere (a node added later gets it)
+    once it sealed. A driver that dies before it registered the load leaves the model served
+    on the reading node alone, and nothing elsewhere.
+
+Note [a re-load that fails]
+    ``load_everywhere`` of a name the cluster already keeps (a new file, a new version) replaces
+    it only once the new spread is held whole somewhere (its source sealed, or a copy of it
+    committed, or a node read it again): until then the registry keeps the old one current
+    (``Peers.current``), and every daemon serves the old generation (a copy being written is a
+    reservation beside it; the reading daemon keeps what it served until its load seals). A
+    re-load that fails abandons its copies and leaves the old one served everywhere, and a node
+    added later still gets the old one.
 
 Note [no worker starts on the way]
     Measured on one machine (benchmarks/fanout.py), a 1 GiB copy between two nodes took 7.5 s
@@ -117,6 +141,7 @@ LEASE_IDLE = 2 * CHUNK_TIMEOUT  # a transfer that wrote no chunk in this long no
 MIN_RATE = 20e6  # bytes/s: a transfer slower than this, after START, is given up
 START = 60.0
 REGISTRY = "weightd-peers"
+UNCLAIMED = 600.0  # a load's outcome nobody asked for in this long is dropped (its caller died)
 
 
 def digest(data, offset: int) -> str:
@@ -179,6 +204,8 @@ def spread_load(name: str, first: str, sockets: dict[str, str], path: str, facto
     nbytes = Manifest.from_dict(source).nbytes
     fills = _start_fills(name, key, others)
     out, failed = {}, None
+    # The reading node's agent gives the verdict (Note [the caller that goes away]); this one
+    # too, in case that did not reach the registry: the first stands.
     try:
         out[first] = ray.get(reader.finish_load.remote(started["token"]))
     except ray.exceptions.RayTaskError as e:  # the load failed or was stopped
@@ -416,7 +443,8 @@ def load(socket: str, path: str, name: str, factory: str | None) -> dict:
 class Reading:
     """The storage reads this node's agent runs for ``spread_load``, each in a thread of its
     own: ``start`` answers as soon as the daemon has laid the segment out, ``finish`` once the
-    load ended (Note [a copy that starts before the seal])."""
+    load ended (Note [a copy that starts before the seal]). The thread gives the registry the
+    verdict on a load that streamed (Note [the caller that goes away])."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -433,10 +461,18 @@ class Reading:
                 box["summary"] = load(socket, path, name, factory)
             except BaseException as e:  # noqa: BLE001 - handed to finish()
                 box["error"] = e
-            finally:
+            with self._lock:
                 done.set()
+                box["ended"] = time.monotonic()
+                key = box.get("key")  # set by start() only while the load ran: it streamed
+            if key is not None:
+                _settle(key, box.get("error"))
 
         with self._lock:
+            # a load whose caller died is never finished: let go of its outcome after a while
+            stale = time.monotonic() - UNCLAIMED
+            for t in [t for t, (_, b) in self._loads.items() if b.get("ended", stale) < stale]:
+                del self._loads[t]
             self._loads[token] = (done, box)
         threading.Thread(target=run, name=f"weightd-read-{name}", daemon=True).start()
         want = os.path.realpath(path)
@@ -446,8 +482,12 @@ class Reading:
                     manifest = c.call("loading", name=name)["manifest"]
                 except ModelNotFound:  # not laid out yet
                     continue
-                if (manifest.get("origin") or {}).get("path") == want:  # this load's, not another's
-                    return {"token": token, "manifest": manifest, "streaming": True}
+                if (manifest.get("origin") or {}).get("path") != want:  # another load's
+                    continue
+                with self._lock:
+                    if not done.is_set():  # else it ended meanwhile: its sealed manifest below
+                        box["key"] = manifest["uuid"]
+                        return {"token": token, "manifest": manifest, "streaming": True}
             if "error" in box:  # ended first, and failed: finish() raises it
                 self.finish(token)
             manifest = c.manifest(name, box["summary"]["generation"], full=True).to_dict()
@@ -461,6 +501,17 @@ class Reading:
         if "error" in box:
             raise box["error"]
         return box["summary"]
+
+
+def _settle(key: str, error: BaseException | None) -> None:
+    """Tell the registry how the load that streamed ``key`` ended (from the node that ran it)."""
+    state, why = ("sealed", None) if error is None else ("failed", f"{type(error).__name__}: {error}")
+    try:
+        reg = registry(create=False)
+        if reg is not None:
+            _get(reg.settle.remote(key, state, why), REGISTRY_TIMEOUT)
+    except (TransferFailed, ray.exceptions.RayError) as e:  # the caller, if alive, settles it too
+        log.warning("could not tell the registry that the load of %s %s: %s", key, state, e)
 
 
 def fill(name: str, key: str, node: str, socket: str) -> dict | None:
@@ -519,7 +570,7 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                 try:
                     _pull(reserve, lease, pieces, written, reg, key, deadline)
                     if lease["streaming"]:  # committed only once the source sealed
-                        verdict = _settled(reg, key, name, node, deadline)
+                        verdict = _settled(reg, key, name, node, holder, deadline)
                 except _HolderFailed as e:
                     log.warning(
                         "node %s failed while sending %s (%s): trying another holder", holder, name, e
@@ -527,7 +578,7 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
                     if lease["streaming"]:  # a load that failed, or a node that died before its seal?
                         abandon()
                         written.clear()
-                        verdict = _settled(reg, key, name, node, deadline)
+                        verdict = _settled(reg, key, name, node, holder, deadline)
                         if verdict["state"] == "failed":
                             raise _source_failed(name, node, verdict) from None
                     reg.drop.remote(key, holder, str(e))
@@ -551,9 +602,11 @@ def fill(name: str, key: str, node: str, socket: str) -> dict | None:
             raise
 
 
-def _settled(reg, key: str, name: str, node: str, deadline: float) -> dict:
+def _settled(reg, key: str, name: str, node: str, source: str, deadline: float) -> dict:
     """The verdict on a streaming source (Note [a copy that starts before the seal]): ``sealed``,
-    ``failed`` (with its ``error``) or ``lost``; waits for it until ``deadline``."""
+    ``failed`` (with its ``error``) or ``lost``; waits for it until ``deadline``. Looks every
+    ``HEARTBEAT`` whether the reading node ``source`` is alive: if it died, it says so to the
+    registry itself, whoever else could (Note [the caller that goes away])."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -561,9 +614,12 @@ def _settled(reg, key: str, name: str, node: str, deadline: float) -> dict:
                 f"copying {name!r} to node {node}: the node it was copied from did not finish reading "
                 "it in time: nothing of it is served; load it again"
             )
-        verdict = _get(reg.settled.remote(key, min(LEASE_WAIT, left)), REGISTRY_TIMEOUT)
+        verdict = _get(reg.settled.remote(key, min(HEARTBEAT, left)), REGISTRY_TIMEOUT)
         if verdict["state"] != "streaming":
             return verdict
+        if not _alive(source):
+            _get(reg.settle.remote(key, "lost"), REGISTRY_TIMEOUT)
+            _get(reg.drop.remote(key, source, "its node died while it read storage"), REGISTRY_TIMEOUT)
 
 
 def _source_failed(name: str, node: str, verdict: dict) -> TransferFailed:
@@ -707,7 +763,7 @@ class Sources:
                     self._maps[uuid][0] if uuid in self._maps else _Mapped(manifest, c.daemon_uid, streaming)
                 )
             self._maps[uuid] = (src, now)
-        src.wait(offset + length, name)
+        src.wait(offset + length, name, lambda: self._final(socket, name, generation, uuid))
         data = np.frombuffer(src.view, dtype=np.uint8, count=length, offset=offset)
         made = digest(data, offset)
         if hook == "fail":  # tests: a holder that cannot send (its daemon unloaded the model)
@@ -720,6 +776,27 @@ class Sources:
         # Ray copies the array into the object store before this returns to the caller; the
         # mapping stays while a chunk of it is on its way (the memoryview's export keeps it).
         return made, data
+
+    def _final(self, socket: str, name: str, generation: int, uuid: str) -> int | None:
+        """How far the daemon says segment ``uuid`` is final: its watermark while its load
+        streams, None once it serves it sealed, -1 when it says neither (its load just ended:
+        served in a moment, or removed, which ``_Mapped.gone`` sees). Note [the watermark] in
+        weightd.segment."""
+        with self._lock:
+            c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
+            try:
+                reply = c.call("loading", name=name)
+                if reply["manifest"]["uuid"] == uuid:
+                    return reply["mark"]
+            except ModelNotFound:
+                pass  # sealed (served), or failed
+            try:
+                served = c.manifest(name, generation)
+            except ModelNotFound:
+                return -1
+            if served.uuid != uuid:
+                raise SegmentError(f"{name!r} generation {generation} here is no longer the copy asked for")
+            return None
 
     @staticmethod
     def _manifest(c: Connection, name: str, generation: int, streaming: bool) -> Manifest:
@@ -748,7 +825,8 @@ class _Mapped:
         except BaseException:
             os.close(self.fd)
             raise
-        self.sealed = header.sealed
+        # trusted only as the daemon said it (Note [the watermark]): served, or not yet
+        self.sealed = not streaming
         if self.sealed:
             segment.populate(self.mapping)  # its pages at once; a streaming one's come as they are read
         self.view = memoryview(self.mapping)
@@ -757,10 +835,11 @@ class _Mapped:
         """Whether its daemon removed the segment (a load that failed or stopped, an unload)."""
         return os.fstat(self.fd).st_nlink == 0
 
-    def wait(self, end: int, name: str) -> None:
+    def wait(self, end: int, name: str, final) -> None:
         """Until every byte below ``end`` is final (sealed, or below the watermark: Note [the
-        watermark] in weightd.segment). Raises once the segment was removed: the load failed or
-        was stopped, or the model was unloaded."""
+        watermark] in weightd.segment). The mapped words are a hint: ``final()`` (the daemon's
+        answer: the mark, or None once sealed) decides. Raises once the segment was removed:
+        the load failed or was stopped, or the model was unloaded."""
         give_up, seen = time.monotonic() + CHUNK_TIMEOUT / 2, -1
         while True:
             if self.gone():
@@ -768,12 +847,17 @@ class _Mapped:
                     f"{name!r} is gone from this node's daemon (its load failed or was stopped, or it "
                     "was unloaded)"
                 )
-            if self.sealed or segment.read_seal(self.mapping) == segment.SEALED:
-                self.sealed = True
+            if self.sealed:
                 return
             mark = segment.read_watermark(self.mapping)
-            if mark >= end:
-                return
+            if mark >= end or segment.read_seal(self.mapping) == segment.SEALED:
+                told = final()
+                if told is None:
+                    self.sealed = True
+                    return
+                if told >= end:
+                    return
+                mark = told
             if mark != seen:
                 give_up, seen = time.monotonic() + CHUNK_TIMEOUT / 2, mark
             elif time.monotonic() > give_up:
@@ -791,20 +875,26 @@ class _Mapped:
 class Peers:
     """The cluster's registry: which nodes hold which model, and who copies from whom.
 
-    Every method answers at once but ``acquire``, which waits at most the time it is given."""
+    Every method answers at once but ``acquire`` and ``settled``, which wait at most the time
+    they are given. ``lease_idle``: LEASE_IDLE (tests give less)."""
 
-    def __init__(self):
-        self.models: dict[str, dict] = {}  # name -> {key, manifest, path, factory}
+    def __init__(self, lease_idle: float = LEASE_IDLE):
+        # key -> {name, manifest, nbytes, path, factory}: every spread not ended or abandoned
+        self.models: dict[str, dict] = {}
+        # name -> the key the cluster keeps everywhere (Note [a re-load that fails]): a spread
+        # becomes current once a node holds it whole, and the one it replaces is let go then
+        self.current: dict[str, str] = {}
         self.holders: dict[str, dict[str, dict]] = {}  # key -> {node: holding}
         # (key, node) -> {lease: when its transfer last wrote a chunk}: the transfers it serves
-        # now. A lease whose receiver went silent (its node died) stops counting after LEASE_IDLE.
+        # now. A lease whose receiver went silent (its node died) stops counting after lease_idle.
         self.serving: dict[tuple[str, str], dict[int, float]] = {}
+        self.lease_idle = lease_idle
         self.leases = itertools.count(1)
         self.reading: set[str] = set()  # keys whose storage is being read again
         self.hooks: dict[str, str] = {}  # node -> test hook for the transfers it serves
         self.copied: dict[str, int] = {}  # key -> bytes copied between nodes so far
         # key -> {"state": streaming | sealed | failed | lost, "error"}: Note [a copy that starts
-        # before the seal]; a key not here was sealed when registered
+        # before the seal]; a key not here was sealed when registered. The first verdict stands.
         self.verdicts: dict[str, dict] = {}
         self.dropped: list[tuple[str, str, str]] = []  # (key, node, why) of every holder dropped
         self.changed = None
@@ -818,34 +908,52 @@ class Peers:
         self, name: str, key: str, manifest: dict, path: str | None, factory, streaming: bool = False
     ) -> None:
         async with self._cond():
-            if streaming:
-                self.verdicts[key] = {"state": "streaming", "error": None}
-            old = self.models.get(name)
-            if old is not None and old["key"] != key:
-                self.holders.pop(old["key"], None)
-            self.models[name] = {
-                "key": key,
+            verdict = self.verdicts.get(key)
+            if verdict is not None and verdict["state"] == "failed":  # settled before it was registered
+                return
+            self.models[key] = {
+                "name": name,
                 "manifest": manifest,
                 "nbytes": sum(st[1] for st in manifest["storages"]),
                 "path": path,
                 "factory": factory,
             }
             self.holders.setdefault(key, {})
+            if streaming and verdict is None:
+                self.verdicts[key] = {"state": "streaming", "error": None}
+            elif not streaming or verdict["state"] == "sealed":
+                self._promote(key)
             self.changed.notify_all()
+
+    def _promote(self, key: str) -> None:
+        """``key`` is held whole somewhere: the cluster keeps it everywhere, instead of the
+        spread of the same name it replaces."""
+        model = self.models.get(key)
+        if model is None:
+            return
+        old = self.current.get(model["name"])
+        if old != key:
+            self.current[model["name"]] = key
+            if old is not None:
+                self._retire(old)
+
+    def _retire(self, key: str) -> None:
+        self.models.pop(key, None)
+        self.holders.pop(key, None)
 
     async def forget(self, name: str) -> None:
         async with self._cond():
-            old = self.models.pop(name, None)
-            if old is not None:
-                self.holders.pop(old["key"], None)
+            self.current.pop(name, None)
+            for key in [k for k, m in self.models.items() if m["name"] == name]:
+                self._retire(key)
             self.changed.notify_all()
 
     async def everywhere(self) -> dict[str, tuple[str, int]]:
-        return {name: (m["key"], m["nbytes"]) for name, m in self.models.items()}
+        return {name: (key, self.models[key]["nbytes"]) for name, key in self.current.items()}
 
     async def entry(self, name: str, key: str) -> dict | None:
-        m = self.models.get(name)
-        return m if m is not None and m["key"] == key else None
+        m = self.models.get(key)
+        return m if m is not None and m["name"] == name else None
 
     async def holding(self, key: str) -> list[str]:
         return sorted(self.holders.get(key, {}))
@@ -853,7 +961,11 @@ class Peers:
     async def hold(self, key: str, node: str, holding: dict) -> None:
         async with self._cond():
             if key in self.holders:
+                if self.verdicts.get(key, {}).get("state", "streaming") != "streaming":
+                    holding = {**holding, "streaming": False}  # settled before it got here
                 self.holders[key][node] = holding
+                if not holding["streaming"]:
+                    self._promote(key)
             self.changed.notify_all()
 
     async def drop(self, key: str, node: str, why: str = "") -> None:
@@ -863,16 +975,20 @@ class Peers:
             self.changed.notify_all()
 
     async def settle(self, key: str, state: str, error: str | None = None) -> None:
-        """The streaming source of ``key`` ``sealed``, ``failed`` (its load's ``error``: the
-        model is forgotten, every copy abandoned) or was ``lost`` (its node died first)."""
+        """The streaming source of ``key`` ``sealed``, ``failed`` (its load's ``error``: every
+        copy abandoned, what was kept before under that name stays) or was ``lost`` (its node
+        died first). The first verdict stands: the reading node's agent gives it, or the
+        driver, or a receiver that saw the node die (Note [the caller that goes away])."""
         async with self._cond():
+            if self.verdicts.get(key, {}).get("state", "streaming") != "streaming":
+                return
             self.verdicts[key] = {"state": state, "error": error}
             for holding in self.holders.get(key, {}).values():
                 holding["streaming"] = False
             if state == "failed":
-                self.holders.pop(key, None)
-                for name in [n for n, m in self.models.items() if m["key"] == key]:
-                    del self.models[name]
+                self._retire(key)
+            elif state == "sealed":
+                self._promote(key)
             self.changed.notify_all()
 
     async def settled(self, key: str, wait: float) -> dict:
@@ -897,12 +1013,13 @@ class Peers:
             self.serving.get((key, node), {}).pop(lease, None)
             self.changed.notify_all()
 
-    def _busy(self, key: str, node: str) -> int:
+    def _busy(self, key: str, node: str) -> tuple[int, float]:
+        """How many transfers ``node`` serves for ``key``, and when the first of them lapses."""
         leases = self.serving.get((key, node), {})
         now = time.monotonic()
-        for lease in [n for n, seen in leases.items() if now - seen > LEASE_IDLE]:
+        for lease in [n for n, seen in leases.items() if now - seen > self.lease_idle]:
             del leases[lease]
-        return len(leases)
+        return len(leases), min(leases.values(), default=now) + self.lease_idle
 
     async def reading_done(self, key: str) -> None:
         async with self._cond():
@@ -913,20 +1030,21 @@ class Peers:
         """A holder to copy from (the least busy with a free slot), or ``storage`` (read it
         again: no holder is left, and nobody else is reading it), or ``none`` (no holder and
         nothing to read), ``gone`` (unloaded or replaced); ``busy`` if none frees up in
-        ``wait`` seconds (ask again)."""
+        ``wait`` seconds (ask again). A lease lapses (its receiver went silent) while waiting."""
         cond = self._cond()
-        end = asyncio.get_running_loop().time() + wait
+        end = time.monotonic() + wait
         async with cond:
             while True:
                 if self._verdict(key)["state"] == "failed":
                     return {"kind": "failed", **self._verdict(key)}
                 holders = self.holders.get(key)
-                model = next((m for m in self.models.values() if m["key"] == key), None)
+                model = self.models.get(key)
                 if holders is None or model is None:
                     return {"kind": "gone"}
-                free = [n for n in holders if self._busy(key, n) < SERVES]
+                busy = {n: self._busy(key, n) for n in holders}
+                free = [n for n in holders if busy[n][0] < SERVES]
                 if free:
-                    node = min(free, key=lambda n: (self._busy(key, n), random.random()))
+                    node = min(free, key=lambda n: (busy[n][0], random.random()))
                     lease = next(self.leases)
                     self.serving.setdefault((key, node), {})[lease] = time.monotonic()
                     return {
@@ -941,11 +1059,12 @@ class Peers:
                         return {"kind": "none"}
                     self.reading.add(key)
                     return {"kind": "storage", "path": model["path"], "factory": model["factory"]}
-                left = end - asyncio.get_running_loop().time()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= end:
                     return {"kind": "busy"}
+                lapse = min((b[1] for b in busy.values()), default=end)  # nothing tells when a lease lapses
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(cond.wait(), left)
+                    await asyncio.wait_for(cond.wait(), max(min(end, lapse) - now, 0.0))
 
     async def chunk_done(self, key: str, nbytes: int, lease: int) -> None:
         self.copied[key] = self.copied.get(key, 0) + nbytes

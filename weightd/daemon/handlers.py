@@ -244,12 +244,13 @@ class Handlers:
 
     def loading(self, req, peer) -> bytes:
         """The whole manifest of the load of ``name`` that is writing its segment now, unsealed,
-        for a node that copies it while it streams (Note [the watermark] in weightd.segment)."""
+        and its watermark (``mark``: every byte of the data area below it is final), for a node
+        that copies it while it streams (Note [the watermark] in weightd.segment)."""
         name = protocol.field(req, "name", str)
-        manifest = self.store.streaming(name)
-        if manifest is None:
+        found = self.store.streaming(name)
+        if found is None:
             raise ModelNotFound(f"no load of {name!r} is writing its segment now")
-        return protocol.ok(manifest=manifest.to_dict())
+        return protocol.ok(manifest=found[0].to_dict(), mark=found[1])
 
     def _allowed(self, path: str) -> str:
         """With --model-dir, a load request may only name a checkpoint inside those folders

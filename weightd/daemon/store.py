@@ -113,7 +113,7 @@ class Store:
         self.stale: list[str] = []  # older generations left by a previous daemon (adopt)
         self._progress: dict[str, tuple[int, int]] = {}  # name -> (bytes done, total) of a load
         # name -> the manifest of its load whose segment is being written (Note [the watermark])
-        self._streaming: dict[str, Manifest] = {}
+        self._streaming: dict[str, tuple[Manifest, segment.Watermark]] = {}
         self.publishes = Publishes(self)
         self.reaper = Reaper(self, self.publishes)
         self.devices = list(devices or [])
@@ -161,11 +161,13 @@ class Store:
             else:
                 self._progress[name] = done_total
 
-    def streaming(self, name: str) -> Manifest | None:
-        """The manifest of the load of ``name`` whose segment is being written now, unsealed:
-        another node may copy what its watermark covers (Note [the watermark] in weightd.segment)."""
+    def streaming(self, name: str) -> tuple[Manifest, int] | None:
+        """The manifest of the load of ``name`` whose segment is being written now, unsealed,
+        and its watermark: another node may copy what that covers (Note [the watermark] in
+        weightd.segment)."""
         with self.lock:
-            return self._streaming.get(name)
+            found = self._streaming.get(name)
+        return None if found is None else (found[0], found[1].final())
 
     def loading(self) -> dict[str, tuple[int, int]]:
         """Loads under way (on start-up or requested): name -> (bytes done, total; 0 until read)."""
@@ -302,7 +304,7 @@ class Store:
                 # Hook (issue 23): how far the segment is written, for peers copying it meanwhile
                 mark = segment.Watermark(seg.fd, [(o, b.nbytes) for b, o in placed])
                 with self.lock:
-                    self._streaming[name] = manifest
+                    self._streaming[name] = (manifest, mark)
                 copied.append(
                     self.readers.copy(
                         seg.fd,
