@@ -9,6 +9,7 @@ weightd/client/ray_zerocopy/peers.py says what is checked here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -433,54 +434,100 @@ peers.spread_load(name, reader, json.loads(sockets), path)  # load_everywhere, t
 """
 
 
-def test_a_load_whose_caller_dies_goes_on_and_is_served_everywhere(cluster, checkpoint, request):
-    """Note [the caller that goes away]: the driver of a load_everywhere (``spread_load``, the
-    nodes given: no torch import) is killed while the reading node still reads (its storage, a
-    FUSE file system, stopped) and the others copy from it. Once the storage answers again,
-    every node serves the model, copied from peers, and the registry keeps it everywhere."""
-    path, hashes = checkpoint
+@contextlib.contextmanager
+def orphaned(cluster, checkpoint, request, name: str):
+    """A load_everywhere of ``checkpoint`` whose driver was killed mid-load: the driver
+    (``spread_load``, the nodes given: no torch import) is SIGKILLed while the reading node,
+    ``cluster.workers[0]``, still reads (its storage, a FUSE file system, stopped) and the
+    others have begun their copies. Yields ``(sockets, reader, key, resume)``; ``resume()``
+    lets the storage answer again."""
+    path, _ = checkpoint
     # a file whose reads never fail, and whose server can be stopped
     slow = request.getfixturevalue("failing_file")(path, os.path.getsize(path) + 1)
     server = _fuse_server(slow)
     sockets = rz.ensure_daemons()
     reader = node_of(cluster.workers[0])
-    argv = [sys.executable, "-c", DRIVER, cluster.address, "orphan", str(slow), reader, json.dumps(sockets)]
-    driver = subprocess.Popen(argv)
-    stopped = False
+    read = _rchar(server)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, cluster.address, name, str(slow), reader, json.dumps(sockets)]
+    )
+    stopped = [False]
+
+    def resume() -> None:
+        if stopped[0]:
+            os.kill(server, signal.SIGCONT)
+            stopped[0] = False
+
     try:
         with Client(sockets[reader]) as c:
 
             def streaming() -> dict | None:
                 try:
-                    return c.call("loading", name="orphan")["manifest"]
+                    return c.call("loading", name=name)["manifest"]
                 except ModelNotFound:
                     return None
 
-            while (manifest := streaming()) is None:  # laid out: its data is being read now
-                assert driver.poll() is None, "the driver ended first"
-            os.kill(server, signal.SIGSTOP)
-            stopped = True
-            others = [n for n in sockets if n != reader]
+            # stopped once the daemon reads the data (past the header, so laid out), far from its end
             wait_until(
-                lambda: all(_copying(sockets[n], "orphan") for n in others), timeout=60, what="copies begun"
+                lambda: _rchar(server) >= read + 2 * MIB or driver.poll() is not None,
+                timeout=60,
+                what="data read",
             )
+            assert driver.poll() is None, "the driver ended first"
+            os.kill(server, signal.SIGSTOP)
+            stopped[0] = True
+            wait_until(lambda: streaming() is not None, timeout=30, what="the segment laid out")
+            manifest = streaming()
+            others = [n for n in sockets if n != reader]
+            wait_until(lambda: all(_copying(sockets[n], name) for n in others), timeout=60, what="copies")
             driver.kill()
             driver.wait(30)
             assert streaming() is not None, "the driver died before the load ended (the race was lost)"
-            os.kill(server, signal.SIGCONT)
-            stopped = False
-        wait_until(lambda: all(serves(s, "orphan") for s in sockets.values()), timeout=60, what="every node")
-        for node, socket in sockets.items():
-            f = facts(socket, "orphan")
-            assert f["hashes"] == hashes and f["publishing"] == []
-            assert f["summary"].get("via", "").startswith("peer:") == (node != reader)
-        assert ray.get(peers.registry().everywhere.remote())["orphan"][0] == manifest["uuid"]
+        yield sockets, reader, manifest["uuid"], resume
     finally:
-        if stopped:
-            os.kill(server, signal.SIGCONT)
+        resume()
         driver.kill()
         driver.wait(30)
+
+
+def test_a_load_whose_caller_dies_goes_on_and_is_served_everywhere(cluster, checkpoint, request):
+    """Note [the caller that goes away]: once the storage answers again, every node serves the
+    model, copied from peers (the reading node's agent gave the verdict), and the registry
+    keeps it everywhere."""
+    _, hashes = checkpoint
+    with orphaned(cluster, checkpoint, request, "orphan") as (sockets, reader, key, resume):
+        resume()
+        wait_until(lambda: all(serves(s, "orphan") for s in sockets.values()), timeout=60, what="every node")
+    for node, socket in sockets.items():
+        f = facts(socket, "orphan")
+        assert f["hashes"] == hashes and f["publishing"] == []
+        assert f["summary"].get("via", "").startswith("peer:") == (node != reader)
+    assert ray.get(peers.registry().everywhere.remote())["orphan"][0] == key
     assert rz.unload_everywhere("orphan") == len(sockets)
+
+
+def test_a_load_whose_caller_and_reader_die_is_read_again_by_another_node(cluster, checkpoint, request):
+    """Note [the caller that goes away]: the reading node dies too, before its seal. Nobody is
+    left to say so but the receivers: one of them sees the node gone from Ray's node table,
+    settles it ``lost``, and one remaining node reads the file again while the others copy it
+    from that node."""
+    _, hashes = checkpoint
+    with orphaned(cluster, checkpoint, request, "orphan2") as (sockets, reader, key, resume):
+        source = cluster.workers[0]
+        cluster.remove_node(source, allow_graceful=False)
+        cluster.workers.remove(source)
+        resume()
+        left = {n: s for n, s in sockets.items() if n != reader}
+        wait_until(
+            lambda: all(serves(s, "orphan2") for s in left.values()), timeout=120, what="every node left"
+        )
+    seen = {n: facts(s, "orphan2") for n, s in left.items()}
+    assert all(f["hashes"] == hashes and f["publishing"] == [] for f in seen.values())
+    again = [n for n, f in seen.items() if "via" not in f["summary"]]
+    assert len(again) == 1, "one node read it again"
+    assert all(f["summary"]["via"] == f"peer:{again[0]}" for n, f in seen.items() if n != again[0])
+    assert ray.get(peers.registry().everywhere.remote())["orphan2"][0] == key
+    assert rz.unload_everywhere("orphan2") == len(left)
 
 
 def _fuse_server(mounted: Path) -> int:
@@ -494,6 +541,12 @@ def _fuse_server(mounted: Path) -> int:
         if where in argv and any(a.endswith(b"fusefs.py") for a in argv):
             return int(proc.name)
     raise AssertionError(f"no fusefs.py serves {mounted}")
+
+
+def _rchar(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (/proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 def _copying(socket: str, name: str) -> bool:
