@@ -25,6 +25,7 @@ import pytest
 
 from weightd.bench import spawn
 
+import forks
 from hostile import remove_segments, segments  # noqa: F401 (re-exported for the tests)
 
 SHM = Path("/dev/shm")
@@ -176,17 +177,23 @@ def serve(tmp_path, make_daemon):
 
 
 class Worker:
-    """A Python subprocess that runs ``code`` and talks JSON lines over stdin/stdout."""
+    """A Python process that runs ``code`` and talks JSON lines over stdin/stdout: forked from
+    the session's fork server, which has imported torch already (tests/forks.py), or, with
+    ``$WEIGHTD_TEST_FRESH_WORKERS=1``, a fresh ``python -c``."""
 
     def __init__(self, code: str, env: dict | None = None):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        code = textwrap.dedent(code)
+        if os.environ.get("WEIGHTD_TEST_FRESH_WORKERS") == "1":
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        else:
+            self.proc = forks.Forked(_fork_server(), code, dict(os.environ if env is None else env))
 
     @property
     def pid(self) -> int:
@@ -220,6 +227,15 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+_forks: list[forks.Server] = []  # this session's fork server, once a test wants a worker
+
+
+def _fork_server() -> str:
+    if not _forks:
+        _forks.append(forks.Server(tempfile.mkdtemp(prefix="weightd-forks-"), worker_env()))
+    return _forks[0].ready()
 
 
 @pytest.fixture
@@ -328,6 +344,9 @@ def _no_stray_env():
     hf._sweep(root)
     with contextlib.suppress(OSError):
         os.rmdir(root)
+    for server in _forks:
+        server.stop()
+        shutil.rmtree(os.path.dirname(server.path), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ weightd/client/ray_zerocopy/peers.py says what is checked here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,10 +31,11 @@ from weightd import segment  # noqa: E402
 from weightd.bench import raycluster  # noqa: E402
 from weightd.client import CheckpointError, Client, ProtocolError, SegmentError, TransferFailed  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
+from weightd.client.connection import Connection  # noqa: E402
 from weightd.client.ray_zerocopy import peers  # noqa: E402
 from weightd.daemon.config import Config  # noqa: E402
 from weightd.errors import ModelNotFound  # noqa: E402
-from weightd.manifest import DTYPE_SIZES  # noqa: E402
+from weightd.manifest import DTYPE_SIZES, Manifest  # noqa: E402
 
 from conftest import SHM, remove_segments, wait_until  # noqa: E402
 
@@ -122,6 +124,52 @@ def test_the_watermark_covers_only_what_is_written_without_a_hole(tmp_path):
         assert mark() == d + 4096 + 8192 == mark_.mark, "everything: the end of the last piece"
     finally:
         os.close(fd)
+
+
+def test_the_watermark_in_the_mapping_is_a_hint_the_daemon_decides(make_daemon, checkpoint, request):
+    """Note [the watermark]: a CPU that reorders memory accesses may show a holder the word in
+    its mapping before the bytes under it. Here the word says more than is written (a load
+    held up: its storage, a FUSE file system, stopped): the holder asks the daemon before it
+    sends, and the daemon's mark is what was written."""
+    path, _ = checkpoint
+    slow = request.getfixturevalue("failing_file")(path, os.path.getsize(path) + 1)
+    server = _fuse_server(slow)
+    d = make_daemon()
+    read = _rchar(server)
+    loader = threading.Thread(target=lambda: Client(d.socket).load(str(slow), "m"))
+    loader.start()
+    try:
+        wait_until(lambda: _rchar(server) >= read + 2 * MIB, timeout=60, what="data read")
+        os.kill(server, signal.SIGSTOP)
+        with Connection(d.socket) as c:  # laid out: its data is being read
+            reply = c.call("loading", name="m")
+            owner = c.daemon_uid
+        source = Manifest.from_dict(reply["manifest"])
+        end = peers._data_end(source)
+        assert reply["mark"] < end, "the load is held up"
+        mapped = peers._Mapped(source, owner, streaming=True)
+        fd = os.open(segment.Folder().file(source.segment), os.O_WRONLY)
+        try:  # what a reordering CPU could show: the word past bytes not there yet
+            os.pwrite(fd, segment.SEAL.pack(end), segment.WATERMARK_OFFSET)
+        finally:
+            os.close(fd)
+        assert segment.read_watermark(mapped.mapping) == end
+
+        class Asked(Exception):
+            pass
+
+        def final():
+            raise Asked
+
+        with pytest.raises(Asked):  # the word alone does not let it send
+            mapped.wait(end, "m", final)
+        told = peers.Sources()._final(d.socket, "m", source.generation, source.uuid)
+        assert told is not None and told < end, "the daemon says what was written"
+        del mapped
+    finally:
+        os.kill(server, signal.SIGCONT)
+        loader.join(120)
+    assert not loader.is_alive()
 
 
 def _bytes_at(storage: torch.UntypedStorage, source, offset: int, length: int) -> bytes:
@@ -433,54 +481,100 @@ peers.spread_load(name, reader, json.loads(sockets), path)  # load_everywhere, t
 """
 
 
-def test_a_load_whose_caller_dies_goes_on_and_is_served_everywhere(cluster, checkpoint, request):
-    """Note [the caller that goes away]: the driver of a load_everywhere (``spread_load``, the
-    nodes given: no torch import) is killed while the reading node still reads (its storage, a
-    FUSE file system, stopped) and the others copy from it. Once the storage answers again,
-    every node serves the model, copied from peers, and the registry keeps it everywhere."""
-    path, hashes = checkpoint
+@contextlib.contextmanager
+def orphaned(cluster, checkpoint, request, name: str):
+    """A load_everywhere of ``checkpoint`` whose driver was killed mid-load: the driver
+    (``spread_load``, the nodes given: no torch import) is SIGKILLed while the reading node,
+    ``cluster.workers[0]``, still reads (its storage, a FUSE file system, stopped) and the
+    others have begun their copies. Yields ``(sockets, reader, key, resume)``; ``resume()``
+    lets the storage answer again."""
+    path, _ = checkpoint
     # a file whose reads never fail, and whose server can be stopped
     slow = request.getfixturevalue("failing_file")(path, os.path.getsize(path) + 1)
     server = _fuse_server(slow)
     sockets = rz.ensure_daemons()
     reader = node_of(cluster.workers[0])
-    argv = [sys.executable, "-c", DRIVER, cluster.address, "orphan", str(slow), reader, json.dumps(sockets)]
-    driver = subprocess.Popen(argv)
-    stopped = False
+    read = _rchar(server)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, cluster.address, name, str(slow), reader, json.dumps(sockets)]
+    )
+    stopped = [False]
+
+    def resume() -> None:
+        if stopped[0]:
+            os.kill(server, signal.SIGCONT)
+            stopped[0] = False
+
     try:
         with Client(sockets[reader]) as c:
 
             def streaming() -> dict | None:
                 try:
-                    return c.call("loading", name="orphan")["manifest"]
+                    return c.call("loading", name=name)["manifest"]
                 except ModelNotFound:
                     return None
 
-            while (manifest := streaming()) is None:  # laid out: its data is being read now
-                assert driver.poll() is None, "the driver ended first"
-            os.kill(server, signal.SIGSTOP)
-            stopped = True
-            others = [n for n in sockets if n != reader]
+            # stopped once the daemon reads the data (past the header, so laid out), far from its end
             wait_until(
-                lambda: all(_copying(sockets[n], "orphan") for n in others), timeout=60, what="copies begun"
+                lambda: _rchar(server) >= read + 2 * MIB or driver.poll() is not None,
+                timeout=60,
+                what="data read",
             )
+            assert driver.poll() is None, "the driver ended first"
+            os.kill(server, signal.SIGSTOP)
+            stopped[0] = True
+            wait_until(lambda: streaming() is not None, timeout=30, what="the segment laid out")
+            manifest = streaming()
+            others = [n for n in sockets if n != reader]
+            wait_until(lambda: all(_copying(sockets[n], name) for n in others), timeout=60, what="copies")
             driver.kill()
             driver.wait(30)
             assert streaming() is not None, "the driver died before the load ended (the race was lost)"
-            os.kill(server, signal.SIGCONT)
-            stopped = False
-        wait_until(lambda: all(serves(s, "orphan") for s in sockets.values()), timeout=60, what="every node")
-        for node, socket in sockets.items():
-            f = facts(socket, "orphan")
-            assert f["hashes"] == hashes and f["publishing"] == []
-            assert f["summary"].get("via", "").startswith("peer:") == (node != reader)
-        assert ray.get(peers.registry().everywhere.remote())["orphan"][0] == manifest["uuid"]
+        yield sockets, reader, manifest["uuid"], resume
     finally:
-        if stopped:
-            os.kill(server, signal.SIGCONT)
+        resume()
         driver.kill()
         driver.wait(30)
+
+
+def test_a_load_whose_caller_dies_goes_on_and_is_served_everywhere(cluster, checkpoint, request):
+    """Note [the caller that goes away]: once the storage answers again, every node serves the
+    model, copied from peers (the reading node's agent gave the verdict), and the registry
+    keeps it everywhere."""
+    _, hashes = checkpoint
+    with orphaned(cluster, checkpoint, request, "orphan") as (sockets, reader, key, resume):
+        resume()
+        wait_until(lambda: all(serves(s, "orphan") for s in sockets.values()), timeout=60, what="every node")
+    for node, socket in sockets.items():
+        f = facts(socket, "orphan")
+        assert f["hashes"] == hashes and f["publishing"] == []
+        assert f["summary"].get("via", "").startswith("peer:") == (node != reader)
+    assert ray.get(peers.registry().everywhere.remote())["orphan"][0] == key
     assert rz.unload_everywhere("orphan") == len(sockets)
+
+
+def test_a_load_whose_caller_and_reader_die_is_read_again_by_another_node(cluster, checkpoint, request):
+    """Note [the caller that goes away]: the reading node dies too, before its seal. Nobody is
+    left to say so but the receivers: one of them sees the node gone from Ray's node table,
+    settles it ``lost``, and one remaining node reads the file again while the others copy it
+    from that node."""
+    _, hashes = checkpoint
+    with orphaned(cluster, checkpoint, request, "orphan2") as (sockets, reader, key, resume):
+        source = cluster.workers[0]
+        cluster.remove_node(source, allow_graceful=False)
+        cluster.workers.remove(source)
+        resume()
+        left = {n: s for n, s in sockets.items() if n != reader}
+        wait_until(
+            lambda: all(serves(s, "orphan2") for s in left.values()), timeout=120, what="every node left"
+        )
+    seen = {n: facts(s, "orphan2") for n, s in left.items()}
+    assert all(f["hashes"] == hashes and f["publishing"] == [] for f in seen.values())
+    again = [n for n, f in seen.items() if "via" not in f["summary"]]
+    assert len(again) == 1, "one node read it again"
+    assert all(f["summary"]["via"] == f"peer:{again[0]}" for n, f in seen.items() if n != again[0])
+    assert ray.get(peers.registry().everywhere.remote())["orphan2"][0] == key
+    assert rz.unload_everywhere("orphan2") == len(left)
 
 
 def _fuse_server(mounted: Path) -> int:
@@ -494,6 +588,12 @@ def _fuse_server(mounted: Path) -> int:
         if where in argv and any(a.endswith(b"fusefs.py") for a in argv):
             return int(proc.name)
     raise AssertionError(f"no fusefs.py serves {mounted}")
+
+
+def _rchar(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (/proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 def _copying(socket: str, name: str) -> bool:

@@ -46,7 +46,7 @@ OPS: dict[str, str] = {
     "stats": READ,
     "manifest": READ,
     "load": ADMIN,
-    "loading": ADMIN,  # the manifest of a load still writing its segment (a peer copies it meanwhile)
+    "loading": ADMIN,  # the manifest and watermark of a load still writing its segment (a peer copies it)
     "unload": ADMIN,
     "publish_begin": ADMIN,
     "publish_commit": ADMIN,

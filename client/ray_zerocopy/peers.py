@@ -141,6 +141,7 @@ LEASE_IDLE = 2 * CHUNK_TIMEOUT  # a transfer that wrote no chunk in this long no
 MIN_RATE = 20e6  # bytes/s: a transfer slower than this, after START, is given up
 START = 60.0
 REGISTRY = "weightd-peers"
+UNCLAIMED = 600.0  # a load's outcome nobody asked for in this long is dropped (its caller died)
 
 
 def digest(data, offset: int) -> str:
@@ -462,11 +463,16 @@ class Reading:
                 box["error"] = e
             with self._lock:
                 done.set()
+                box["ended"] = time.monotonic()
                 key = box.get("key")  # set by start() only while the load ran: it streamed
             if key is not None:
                 _settle(key, box.get("error"))
 
         with self._lock:
+            # a load whose caller died is never finished: let go of its outcome after a while
+            stale = time.monotonic() - UNCLAIMED
+            for t in [t for t, (_, b) in self._loads.items() if b.get("ended", stale) < stale]:
+                del self._loads[t]
             self._loads[token] = (done, box)
         threading.Thread(target=run, name=f"weightd-read-{name}", daemon=True).start()
         want = os.path.realpath(path)
