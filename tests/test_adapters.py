@@ -281,38 +281,44 @@ sys.stdin.readline()
     assert json.dumps(Client(daemon.socket).list())  # still answering
 
 
-def test_float32_adapters_over_a_bf16_base_stay_shared(tmp_path, make_daemon):
+def test_float32_adapters_over_a_bf16_base_stay_shared(tmp_path, daemon):
     """PEFT moves an adapter to its base's dtype and back up to float32 (autocast): over a bf16
     base each mapped weight came out a private copy in every worker. The copies equal to the
-    mapping are pointed back at it (Note [a weight PEFT copied goes back to the segment]), on
-    both paths (the first adapter, and a further one on the layers it made)."""
+    mapping are pointed back at it (Note [a weight PEFT copied goes back to the segment]); on
+    the quick path (a further adapter on the layers the first made) PEFT's casts are made on the
+    mapped tensors and give them back where the values stay."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**CONFIG)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
     folders = {
         "llama": tmp_path / "llama",
-        "a": lora(tmp_path / "llama", tmp_path / "a", ["q_proj", "v_proj"], 1),
-        "b": lora(tmp_path / "llama", tmp_path / "b", ["q_proj", "v_proj"], 2, r=4),
+        "bf16_a": lora(tmp_path / "llama", tmp_path / "a", ["q_proj", "v_proj"], 1),
+        "bf16_b": lora(tmp_path / "llama", tmp_path / "b", ["q_proj", "v_proj"], 2, r=4),
     }
-    d = make_daemon("--model", f"llama={folders['llama']}")
-    with Client(d.socket) as c:
-        c.load(str(folders["a"]), "a", base="llama")
-        c.load(str(folders["b"]), "b", base="llama")
-    model = hf.attach("llama", adapter="a", socket=d.socket)
-    adapters.add(model, "b", socket=d.socket)
-    ref = reference(folders, "a", "b")
-    assert ref.base_model.model.dtype == torch.bfloat16
-    sd, ref_sd = model.state_dict(), ref.state_dict()
-    assert sorted(sd) == sorted(ref_sd)
-    assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref_sd.items())
-    assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.float32}
-    assert adapters.copied(model) == {"a": 0, "b": 0}
-    lora_weights = [p for n, p in model.named_parameters() if ".lora_" in n]
-    assert len(lora_weights) == 16 and all(in_segments(lora_weights))
-    for name in ("a", "b"):
-        model.set_adapter(name)
-        ref.set_adapter(name)
-        assert torch.equal(logits(model), logits(ref))
+    with Client(daemon.socket) as c:
+        c.load(str(folders["llama"]), "llama_bf16")
+        c.load(str(folders["bf16_a"]), "bf16_a", base="llama_bf16")
+        c.load(str(folders["bf16_b"]), "bf16_b", base="llama_bf16")
+    try:
+        model = hf.attach("llama_bf16", adapter="bf16_a", socket=daemon.socket)
+        adapters.add(model, "bf16_b", socket=daemon.socket)
+        ref = reference(folders, "bf16_a", "bf16_b")
+        assert ref.base_model.model.dtype == torch.bfloat16
+        sd, ref_sd = model.state_dict(), ref.state_dict()
+        assert sorted(sd) == sorted(ref_sd)
+        assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref_sd.items())
+        assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.float32}
+        assert adapters.copied(model) == {"bf16_a": 0, "bf16_b": 0}
+        lora_weights = [p for n, p in model.named_parameters() if ".lora_" in n]
+        assert len(lora_weights) == 16 and all(in_segments(lora_weights))
+        for name in ("bf16_a", "bf16_b"):
+            model.set_adapter(name)
+            ref.set_adapter(name)
+            assert torch.equal(logits(model), logits(ref))
+    finally:
+        with Client(daemon.socket) as c:
+            for name in ("bf16_b", "bf16_a", "llama_bf16"):
+                c.unload(name)
 
 
 BERT = dict(

@@ -11,6 +11,7 @@ A class and its trained checkpoint both from PyPI: AntiBERTy (``antiberty``), se
 from __future__ import annotations
 
 import sys
+import uuid
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from own_models import MiniLMScorer, scorer_folder  # noqa: E402
 from weightd.client import AttachError, Client, attach, hf, info  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
 
-from conftest import worker_env  # noqa: E402
+from conftest import Daemon, remove_segments, worker_env  # noqa: E402
 
 TOKENS = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2204, 2851, 102, 0, 0, 0]])
 MASK = (TOKENS != 0).long()
@@ -37,11 +38,26 @@ def folder(tmp_path_factory):
     return scorer_folder(tmp_path_factory.mktemp("own") / "scorer")
 
 
-def test_a_folder_of_an_own_class_is_served_with_factory(folder, make_daemon, workers):
+@pytest.fixture(scope="module")
+def daemon(folder, tmp_path_factory):
+    """One daemon for the module (its start and its loader's transformers import paid once):
+    serving the scorer with --factory, tests/ importable for it as for a worker."""
+    instance = "t" + uuid.uuid4().hex[:10]
+    sock = str(tmp_path_factory.mktemp("sock") / "weightd.sock")
+    args = ["--model", f"scorer={folder}", "--factory", "scorer=own_models:MiniLMScorer", "--unlink-on-exit"]
+    d = Daemon(sock, instance, args, env=worker_env()).start()
+    yield d
+    d.stop()
+    assert not remove_segments(instance), "the daemon left segments behind"
+
+
+def names(d) -> set:
+    return {m["name"] for m in Client(d.socket).list()}
+
+
+def test_a_folder_of_an_own_class_is_served_with_factory(folder, daemon, workers):
     ref = MiniLMScorer.from_pretrained(folder)
-    d = make_daemon(
-        "--model", f"scorer={folder}", "--factory", "scorer=own_models:MiniLMScorer", env=worker_env()
-    )
+    d = daemon
     hf_skeleton = Client(d.socket).manifest("scorer").skeleton["hf"]
     assert hf_skeleton["import"] == "own_models:MiniLMScorer"
 
@@ -72,33 +88,28 @@ print(json.dumps({{"cls": type(m).__name__, "copies": info(m).copies, "out": out
         assert torch.equal(torch.tensor(got["out"]), ref(TOKENS, MASK))
 
 
-def test_an_own_class_without_factory_is_refused_naming_the_remedy(folder, make_daemon):
-    d = make_daemon(env=worker_env())
-    with Client(d.socket) as c, pytest.raises(CheckpointError, match="MiniLMScorer.*--factory NAME="):
-        c.load(str(folder), "scorer")
-    assert Client(d.socket).list() == []
+def test_an_own_class_without_factory_is_refused_naming_the_remedy(folder, daemon):
+    with Client(daemon.socket) as c, pytest.raises(CheckpointError, match="MiniLMScorer.*--factory NAME="):
+        c.load(str(folder), "scorer-plain")
+    assert "scorer-plain" not in names(daemon)
 
 
-def test_a_factory_that_is_no_model_class_is_refused(folder, make_daemon):
-    d = make_daemon(env=worker_env())
-    with Client(d.socket) as c:
+def test_a_factory_that_is_no_model_class_is_refused(folder, daemon):
+    with Client(daemon.socket) as c:
         with pytest.raises(CheckpointError, match="not a transformers model class"):
-            c.load(str(folder), "scorer", factory="models:build_tiny")
+            c.load(str(folder), "scorer-fn", factory="models:build_tiny")
         with pytest.raises(CheckpointError, match="cannot import"):
-            c.load(str(folder), "scorer", factory="no_such_package.sub:Class")
-        assert c.list() == []
+            c.load(str(folder), "scorer-fn", factory="no_such_package.sub:Class")
+    assert "scorer-fn" not in names(daemon)
 
 
-def test_a_worker_without_the_package_is_told_to_install_it(folder, make_daemon, monkeypatch):
-    d = make_daemon(
-        "--model", f"scorer={folder}", "--factory", "scorer=own_models:MiniLMScorer", env=worker_env()
-    )
+def test_a_worker_without_the_package_is_told_to_install_it(daemon, monkeypatch):
     monkeypatch.setitem(sys.modules, "own_models", None)  # this process cannot import the package
     with pytest.raises(AttachError, match="cannot import .*install that package here.*cls=Class"):
-        attach("scorer", socket=d.socket)
+        attach("scorer", socket=daemon.socket)
 
 
-def test_a_class_and_its_trained_checkpoint_from_a_pypi_package(tmp_path, make_daemon):
+def test_a_class_and_its_trained_checkpoint_from_a_pypi_package(tmp_path, daemon):
     """unidic-lite-imitator-transformers 0.2.1 (PyPI, CC-BY-SA 3.0) ships a trained checkpoint
     (config.json + model.pth) and its own class for it, ``PartOfSpeechEstimator``: an
     ``AlbertForMaskedLM`` subclass with its own part-of-speech head. Its checkpoint was saved
@@ -122,11 +133,10 @@ def test_a_class_and_its_trained_checkpoint_from_a_pypi_package(tmp_path, make_d
         ma.PartOfSpeechEstimator.from_pretrained(folder)
 
     cls = "unidic_lite_imitator_transformers.ma_imitator:PartOfSpeechEstimator"
-    d = make_daemon()
-    with Client(d.socket) as c:
+    with Client(daemon.socket) as c:
         with pytest.raises(CheckpointError, match="transformers .* failed on it.*ignore_mismatched_sizes"):
             c.load(str(folder), "pos", factory=cls)  # weightd load PATH --name pos --factory CLS
-        assert c.list() == []
+    assert "pos" not in names(daemon)
 
 
 # adalimumab's variable domains: a fully human antibody (heavy and light chain)
@@ -140,7 +150,7 @@ LIGHT = (
 )
 
 
-def test_a_trained_checkpoint_and_its_class_from_pypi_attach_as_from_pretrained(make_daemon, workers):
+def test_a_trained_checkpoint_and_its_class_from_pypi_attach_as_from_pretrained(daemon, workers):
     """AntiBERTy (PyPI ``antiberty``, MIT): ``AntiBERTy``, a ``BertPreTrainedModel`` subclass with
     its own heads (masked residues, species, chain, graft), over its trained checkpoint
     (config.json + pytorch_model.bin, 26M parameters, the MLM decoder tied to the embeddings), in
@@ -155,9 +165,8 @@ def test_a_trained_checkpoint_and_its_class_from_pypi_attach_as_from_pretrained(
 
     folder = get_weights(download=False)  # the packaged folder, or FileNotFoundError: never the hub
     ref = AntiBERTy.from_pretrained(folder).eval()
-    d = make_daemon(
-        "--model", f"antiberty={folder}", "--factory", "antiberty=antiberty.model.AntiBERTy:AntiBERTy"
-    )
+    d = daemon  # weightd load FOLDER --name antiberty --factory antiberty.model.AntiBERTy:AntiBERTy
+    Client(d.socket).load(str(folder), "antiberty", factory="antiberty.model.AntiBERTy:AntiBERTy")
     assert Client(d.socket).manifest("antiberty").skeleton["hf"]["import"] == (
         "antiberty.model.AntiBERTy:AntiBERTy"
     )
