@@ -31,10 +31,11 @@ from weightd import segment  # noqa: E402
 from weightd.bench import raycluster  # noqa: E402
 from weightd.client import CheckpointError, Client, ProtocolError, SegmentError, TransferFailed  # noqa: E402
 from weightd.client import ray_zerocopy as rz  # noqa: E402
+from weightd.client.connection import Connection  # noqa: E402
 from weightd.client.ray_zerocopy import peers  # noqa: E402
 from weightd.daemon.config import Config  # noqa: E402
 from weightd.errors import ModelNotFound  # noqa: E402
-from weightd.manifest import DTYPE_SIZES  # noqa: E402
+from weightd.manifest import DTYPE_SIZES, Manifest  # noqa: E402
 
 from conftest import SHM, remove_segments, wait_until  # noqa: E402
 
@@ -123,6 +124,52 @@ def test_the_watermark_covers_only_what_is_written_without_a_hole(tmp_path):
         assert mark() == d + 4096 + 8192 == mark_.mark, "everything: the end of the last piece"
     finally:
         os.close(fd)
+
+
+def test_the_watermark_in_the_mapping_is_a_hint_the_daemon_decides(make_daemon, checkpoint, request):
+    """Note [the watermark]: a CPU that reorders memory accesses may show a holder the word in
+    its mapping before the bytes under it. Here the word says more than is written (a load
+    held up: its storage, a FUSE file system, stopped): the holder asks the daemon before it
+    sends, and the daemon's mark is what was written."""
+    path, _ = checkpoint
+    slow = request.getfixturevalue("failing_file")(path, os.path.getsize(path) + 1)
+    server = _fuse_server(slow)
+    d = make_daemon()
+    read = _rchar(server)
+    loader = threading.Thread(target=lambda: Client(d.socket).load(str(slow), "m"))
+    loader.start()
+    try:
+        wait_until(lambda: _rchar(server) >= read + 2 * MIB, timeout=60, what="data read")
+        os.kill(server, signal.SIGSTOP)
+        with Connection(d.socket) as c:  # laid out: its data is being read
+            reply = c.call("loading", name="m")
+            owner = c.daemon_uid
+        source = Manifest.from_dict(reply["manifest"])
+        end = peers._data_end(source)
+        assert reply["mark"] < end, "the load is held up"
+        mapped = peers._Mapped(source, owner, streaming=True)
+        fd = os.open(segment.Folder().file(source.segment), os.O_WRONLY)
+        try:  # what a reordering CPU could show: the word past bytes not there yet
+            os.pwrite(fd, segment.SEAL.pack(end), segment.WATERMARK_OFFSET)
+        finally:
+            os.close(fd)
+        assert segment.read_watermark(mapped.mapping) == end
+
+        class Asked(Exception):
+            pass
+
+        def final():
+            raise Asked
+
+        with pytest.raises(Asked):  # the word alone does not let it send
+            mapped.wait(end, "m", final)
+        told = peers.Sources()._final(d.socket, "m", source.generation, source.uuid)
+        assert told is not None and told < end, "the daemon says what was written"
+        del mapped
+    finally:
+        os.kill(server, signal.SIGCONT)
+        loader.join(120)
+    assert not loader.is_alive()
 
 
 def _bytes_at(storage: torch.UntypedStorage, source, offset: int, length: int) -> bytes:

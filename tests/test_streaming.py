@@ -366,3 +366,103 @@ def test_unload_of_a_loading_model_stops_its_load(tmp_path, make_daemon, instanc
         assert errors and errors[0]["state"] == "cancelled"
         assert [m["name"] for m in c.list() if m.get("state") != "failed"] == []
     assert segments(instance) == []
+
+
+def _header(path) -> tuple[int, dict]:
+    """A safetensors file's data start and header."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return 8 + n, json.loads(raw[8 : 8 + n])
+
+
+def test_storages_lie_where_their_file_has_them_and_are_read_straight_in(tmp_path, instance):
+    """Note [a storage where its file has it]: each storage at a segment offset that agrees with
+    its file offset modulo 4 KiB, back to back as in the file, so O_DIRECT reads the file's aligned
+    blocks straight into the segment (Note [straight into the segment]) and only its two unaligned
+    ends through a buffer."""
+    tensors = _tensors(7)
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    start, header = _header(path)
+    store = _store(instance, readers=3, chunk=MiB, direct="always")
+    try:
+        model = store.load(str(path), "m")
+        m = model.manifest
+        by_name = {t.name: m.storages[t.storage] for t in m.tensors}
+        first = min(start + h["data_offsets"][0] for k, h in header.items() if k != "__metadata__")
+        base = by_name["d"].offset - (start + header["d"]["data_offsets"][0])
+        for name, h in header.items():
+            if name == "__metadata__" or h["data_offsets"][0] == h["data_offsets"][1]:
+                continue
+            st = by_name[name]
+            # where the file has it, shifted as a whole: the file's layout, page for page
+            assert st.offset == base + start + h["data_offsets"][0], name
+            assert (st.offset - start - h["data_offsets"][0]) % 4096 == 0, name
+        assert base + first >= segment.DATA_OFFSET
+        report = model.load
+        data = os.path.getsize(path) - start
+        assert report["direct_bytes"] == report["bytes"] == data
+        # all but the first and the last partial 4 KiB block came straight in
+        assert data - 2 * 4096 < report["straight_bytes"] <= data
+        with open(path, "rb") as f, open(segment.Folder().file(m.segment), "rb") as s:
+            f.seek(start)
+            s.seek(base + start)
+            assert s.read(data) == f.read(), "the segment's data area is the file's"
+    finally:
+        store.close(unlink=True)
+
+
+def test_a_file_whose_tensors_are_not_aligned_reads_through_the_buffer(tmp_path, make_daemon):
+    """A float32 tensor 3 bytes into the data area: placed where its file has it, it would be
+    misaligned for its dtype, so it is page aligned in the segment instead, and with offsets that
+    disagree modulo 4 KiB its bytes go through the readers' buffers, bit-exact."""
+    w = np.random.default_rng(1).standard_normal(3 * MiB // 4 + 5).astype(np.float32)
+    odd = np.arange(3, dtype=np.uint8)
+    header = {
+        "odd": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "w": {"dtype": "F32", "shape": [w.size], "data_offsets": [3, 3 + w.nbytes]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + odd.tobytes() + w.tobytes())
+    d = make_daemon("--load-readers", "2", "--load-chunk", "1M", "--load-direct", "always")
+    with Client(d.socket, timeout=60) as c:
+        c.load(str(path), "m")
+        got = c.state_dict("m")
+        assert got["w"].numpy().tobytes() == w.tobytes() and got["odd"].numpy().tobytes() == odd.tobytes()
+        assert got["w"].data_ptr() % 4096 == 0, "page aligned, not where the file has it"
+    report = _ls(d, "m")["load"]
+    assert report["path"] == "direct" and report["straight_bytes"] == 0
+
+
+def test_readers_read_runs_straight_in_and_their_edges_through_the_buffer(tmp_path):
+    """The reader pool alone: pieces back to back in the file and in the segment, at offsets that
+    agree modulo 4 KiB, are one run read straight in across chunks; its unaligned ends, a piece
+    after a gap, and the file's unaligned end come through the buffer; every byte lands."""
+    src = tmp_path / "src"
+    data = np.random.default_rng(2).integers(0, 255, 9 * MiB + 333, dtype=np.uint8)
+    src.write_bytes(data.tobytes())
+    dst = tmp_path / "dst"
+    shift = 3 * 4096  # segment offset - file offset: congruent
+    with open(src, "rb") as f, open(dst, "w+b") as out:
+        out.truncate(10 * MiB + shift)
+        fd, p = f.fileno(), str(src)
+        pieces = [  # a run of three (one crossing 1 MiB chunks), then one after a gap, to the file's end
+            stream.Piece(100, 1000 + shift, fd=fd, offset=1000, path=p),
+            stream.Piece(3 * MiB + 7, 1100 + shift, fd=fd, offset=1100, path=p),
+            stream.Piece(5000, 1100 + 3 * MiB + 7 + shift, fd=fd, offset=1100 + 3 * MiB + 7, path=p),
+            stream.Piece(len(data) - 5 * MiB - 10, 5 * MiB + 10 + shift, fd=fd, offset=5 * MiB + 10, path=p),
+        ]
+        with stream.pool(2, MiB, "always") as readers:
+            report = readers.copy(out.fileno(), pieces)
+        got = np.fromfile(dst, dtype=np.uint8)
+    for piece in pieces:
+        want = data[piece.offset : piece.offset + piece.nbytes]
+        assert (got[piece.dst : piece.dst + piece.nbytes] == want).all()
+    assert report.direct == sum(p.nbytes for p in pieces)
+    run = 3 * MiB + 100 + 7 + 5000  # the first three: aligned middle from 4096 to its last full block
+    tail = len(data) - 5 * MiB - 10
+    assert report.straight == (1000 + run) // 4096 * 4096 - 4096 + (5 * MiB + 10 + tail) // 4096 * 4096 - (
+        5 * MiB + 4096
+    )

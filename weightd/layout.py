@@ -170,6 +170,52 @@ class _Watched:
             self._tick(n)
 
 
+def place(blobs: list[Blob], tensors: list[TensorMeta]) -> list[StorageMeta]:
+    """Where each blob goes in the segment (Note [a storage where its file has it]).
+
+    Blobs read from a file go first, in file order, each at the first offset that agrees with its
+    file offset modulo ``PAGE_ALIGN``, where that offset suits its tensors' dtypes; every other
+    blob after them, 64-byte aligned, large ones page aligned.
+
+    Note [a storage where its file has it]
+    --------------------------------------
+    A checkpoint's bytes not in the page cache are read with ``O_DIRECT``, which wants the file
+    offset and the memory it reads into aligned alike (Note [reading a chunk] in
+    weightd.daemon.stream). A segment offset congruent with the file offset modulo 4 KiB lets the
+    readers read a storage's aligned middle straight into the segment (the disk's DMA fills the
+    segment's pages: no copy, no buffer), and only its unaligned edges through a buffer. A
+    safetensors file packs its tensors back to back from an 8-byte aligned data area, so placed in
+    file order the storages lie back to back in the segment too and a whole file reads as one
+    run. Such a storage is only as aligned as the file has it (each tensor still at a multiple of
+    its dtype's size: a file that has one elsewhere keeps the page-aligned place, read through the
+    buffer); the GPU copy and huge pages care about neither (the GPU carves its own 256-byte
+    aligned offsets, Note [CUDA IPC offsets and the producer staying alive]).
+    """
+    itemsize = [1] * len(blobs)
+    for t in tensors:
+        if 0 <= t.storage < len(blobs):
+            itemsize[t.storage] = max(itemsize[t.storage], DTYPE_SIZES.get(t.dtype, 1))
+    files: dict[int, int] = {}  # descriptor -> its rank, in the order the blobs name them
+    for b in blobs:
+        if b.file is not None:
+            files.setdefault(b.file[0], len(files))
+    order = sorted(
+        range(len(blobs)),
+        key=lambda i: (0, files[blobs[i].file[0]], blobs[i].file[1]) if blobs[i].file else (1, i, 0),
+    )
+    storages: list[StorageMeta | None] = [None] * len(blobs)
+    offset = segment.DATA_OFFSET
+    for i in order:
+        blob = blobs[i]
+        if blob.file is not None and blob.file[1] % itemsize[i] == 0:
+            offset += (blob.file[1] - offset) % PAGE_ALIGN
+        else:
+            offset = align_up(offset, storage_alignment(blob.nbytes))
+        storages[i] = StorageMeta(offset, blob.nbytes)
+        offset += blob.nbytes
+    return storages
+
+
 def write(
     manifest: Manifest,
     blobs: list[Blob],
@@ -200,12 +246,8 @@ def write(
     reserves the whole segment (``segment.reservation``) on the way.
     ``check()`` raises to stop, also between the steps of reserving the segment's pages.
     """
-    offset = segment.DATA_OFFSET
-    storages = []
-    for blob in blobs:
-        offset = align_up(offset, storage_alignment(blob.nbytes))
-        storages.append(StorageMeta(offset, blob.nbytes))
-        offset += blob.nbytes
+    storages = place(blobs, manifest.tensors)
+    offset = max((s.offset + s.nbytes for s in storages), default=segment.DATA_OFFSET)
     manifest_offset = align_up(offset, PAGE_ALIGN)
     manifest.storages = storages
     manifest.validate(segment.DATA_OFFSET, manifest_offset)

@@ -12,7 +12,8 @@ Layout of a segment (all integers little-endian)::
     40     16s uuid of the contents (the manifest's ``uuid``), so a client checks it in O(1)
     56     Q   watermark: while a load streams, every byte of the data area below it is final
                (Note [the watermark]); 0 where nobody published one
-    4096   ... storages, 64-byte aligned, large ones page aligned
+    4096   ... storages: where a checkpoint file has them modulo 4 KiB (Note [a storage where its
+               file has it] in weightd.layout), others 64-byte aligned, large ones page aligned
     M      ... manifest (UTF-8 JSON, see weightd.manifest)
 
 The manifest sits after the data so that storage offsets are known before it is encoded. A

@@ -12,13 +12,15 @@ How a file's chunk travels (Note [reading a chunk]):
 - *buffered*, the chunk is in the page cache: one ``preadv`` straight into the segment's
   pages, through a mapping of the segment this load holds while it copies (Note [one copy
   from the page cache]);
-- *direct*, it is not: ``O_DIRECT`` reads of the chunk's 4 KiB-aligned span into the reader's
-  own aligned buffer (allocated once, reused for every load), then one ``pwrite`` of the wanted
-  bytes into the segment. The page cache is bypassed: no readahead guesswork, many requests in
-  flight (one per reader), and the checkpoint does not evict what workers run on.
+- *direct*, it is not: ``O_DIRECT`` reads straight into the segment's mapping where the file
+  and segment offsets agree modulo 4 KiB (Note [straight into the segment]), else of the chunk's
+  4 KiB-aligned span into the reader's own aligned buffer (allocated once, reused for every
+  load), then one ``pwrite`` of the wanted bytes into the segment. The page cache is bypassed:
+  no readahead guesswork, many requests in flight (one per reader), and the checkpoint does not
+  evict what workers run on.
 
 The daemon's memory does not grow with the model: at most ``readers`` buffers of ``chunk`` bytes
-(``serve --load-readers/--load-chunk``), made on a reader's first chunk and reused.
+(``serve --load-readers/--load-chunk``), made on a reader's first buffered chunk or edge and reused.
 
 Note [reading a chunk]
 ----------------------
@@ -37,11 +39,41 @@ Read into a shared mapping of the segment it is one: the kernel copies from the 
 into the segment's pages (reserved already, Note [reserving while writing] in weightd.segment,
 so a fault there only maps a page). Measured on 1 GiB, 2 threads (benchmarks/load.py's page
 cache rows): on a huge-page tmpfs 9.4-11 GB/s against 4.3-5.1 GB/s for read + pwrite; on 4 KiB
-pages both ~2.1 GB/s, which is what allocating the pages costs on this VM. The mapping is made
-once the first reservation step has sized the file, released after the last chunk ended, and
-never outlives the load; the daemon's private memory does not grow (the pages are shmem).
-``O_DIRECT`` chunks still need the aligned buffer (a file offset and a segment offset rarely
-agree modulo 4 KiB, and the aligned span reaches into the neighbours' bytes), then ``pwrite``.
+pages both ~2.1 GB/s, which is what allocating the pages costs on this VM. The mapping is a
+span's window (Note [a window per span]); the daemon's private memory does not grow (the pages
+are shmem).
+
+Note [straight into the segment]
+--------------------------------
+An ``O_DIRECT`` read wants its file offset, length and memory aligned (4 KiB is enough for every
+file system here; ``statx`` STATX_DIOALIGN says 512 for ext4 on this VM's disk). Where a chunk's
+file offset and segment offset agree modulo 4 KiB (Note [a storage where its file has it] in
+weightd.layout: a safetensors file's storages all do), its aligned middle is read straight into
+the segment's mapping: the disk's DMA fills the segment's pages (the kernel pins them for the
+read), and no byte is copied by a CPU. Only the unaligned edges of a run of storages (a file's
+first and last block, gaps between a ``.pt``'s zip entries) go through the reader's buffer:
+the block read whole into it, then ``pwrite`` of the bytes wanted, since reading the block into
+the segment would write the file's neighbouring bytes over whatever lies beside the storage.
+Chunks are cut at aligned file offsets, so a run's inner chunks have no edges.
+
+Measured on this VM, 3 GiB safetensors cold, daemons of both versions loading in turn (4 each,
+quiet machine): through the buffer 0.82-0.91 GB/s, straight in 1.19-1.35, at the same daemon CPU
+time per GiB (0.7-0.9 s: the segment's new pages, allocated by the reservation and mapped by the
+read, not the copy). The reader no longer copies between two reads, and the disk gets larger
+requests: a virtio request takes at most 254 separate pages, so a buffer of scattered 4 KiB pages
+makes ~1 MiB requests, where the segment's pages, allocated in order, are partly contiguous
+(0.7-1.9 MiB measured) and 2 MiB pages make 4 MiB ones (raw reads into buffers of 2 MiB pages
+2.2-2.9 GB/s against 1.2-1.6 into 4 KiB pages: benchmarks/load.py's ceilings).
+
+Note [a window per span]
+------------------------
+A read into a mapping (buffered, or straight in) maps the segment's pages into the daemon's
+page tables, and unmapping them costs ~0.15 s per GiB here. With one mapping of the whole
+segment that came at the end of every load, on the clock (and on a stop's), alone: 3 GiB cold
+1.25 GB/s with it, 1.43 with a window per span. A reader maps the part of the segment its span
+writes (from a 2 MiB boundary, so huge pages map whole) on its first chunk from a file, and
+unmaps it when the span ends, while the other readers read: nothing mapped outlives its span,
+and a stop waits for at most one window per reader.
 
 Note [a span per reader]
 ------------------------
@@ -65,6 +97,7 @@ writes into a descriptor that was closed, or reused, under it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import mmap
@@ -83,6 +116,7 @@ log = logging.getLogger("weightd")
 DEFAULT_READERS = 4  # measured: 2, 4, 8 x 4-32 MiB alike here (README: Loading), within the noise
 DEFAULT_CHUNK = 8 << 20
 SPAN = 64 << 20  # contiguous bytes a reader takes at once (Note [a span per reader])
+WINDOW_ALIGN = 2 << 20  # a span's mapping starts at a huge page (Note [a window per span])
 MIN_CHUNK = 1 << 20
 MAX_CHUNK = 256 << 20
 MAX_READERS = 64
@@ -121,6 +155,7 @@ class Report:
     readers: int = 0
     chunk: int = 0
     direct: int = 0  # bytes read with O_DIRECT
+    straight: int = 0  # of which read straight into the segment (Note [straight into the segment])
     buffered: int = 0  # bytes read through the page cache
     memory: int = 0  # bytes written from memory (converted tensors, small files)
     refused: list[str] = field(default_factory=list)  # files whose file system refused O_DIRECT
@@ -149,6 +184,7 @@ class Report:
             "chunk": self.chunk,
             "path": self.path,
             "direct_bytes": self.direct,
+            "straight_bytes": self.straight,
             "buffered_bytes": self.buffered,
             "memory_bytes": self.memory,
             "direct_refused": self.refused,
@@ -156,9 +192,10 @@ class Report:
 
     def describe(self) -> str:
         refused = f", O_DIRECT refused for {len(self.refused)} file(s)" if self.refused else ""
+        straight = f" ({100 * self.straight / self.direct:.0f}% straight in)" if self.direct else ""
         return (
             f"{self.nbytes / 2**20:.1f} MiB in {self.seconds:.2f} s, {self.gbps:.2f} GB/s, "
-            f"{self.readers} readers x {self.chunk >> 20} MiB chunks, {self.path}{refused}"
+            f"{self.readers} readers x {self.chunk >> 20} MiB chunks, {self.path}{straight}{refused}"
         )
 
 
@@ -177,29 +214,7 @@ class _Batch:
         self.idle = threading.Event()
         self.direct_fds: dict[int, int | None] = {}  # buffered fd -> its O_DIRECT twin, None: refused
         self.opened: list[int] = []  # every O_DIRECT descriptor, closed once no reader runs
-        # the segment mapped (Note [one copy from the page cache]), once it is sized
-        self.mapping: mmap.mmap | None = None
-        self.view: memoryview | None = None
         self.written: Callable[[int, int], None] | None = written  # Hook (issue 23): see Readers.copy
-
-    def map(self) -> None:
-        """Map the segment for the buffered chunks (once the reservation has sized it)."""
-        if self.view is not None:
-            return
-        size = os.fstat(self.seg_fd).st_size
-        if size == 0:
-            return
-        self.mapping = mmap.mmap(self.seg_fd, size, flags=mmap.MAP_SHARED)
-        self.view = memoryview(self.mapping)
-
-    def unmap(self) -> None:
-        """After the last chunk ended: no reader holds a slice of the view any more."""
-        if self.view is not None:
-            self.view.release()
-            self.view = None
-        if self.mapping is not None:
-            self.mapping.close()
-            self.mapping = None
 
     def add(self, nbytes: int, kind: str) -> None:
         with self.lock:
@@ -278,14 +293,11 @@ class Readers:
                 progress(last, total)
 
         try:
-            if reserving is None:
-                batch.map()
             for end in reserving or ():
                 if check is not None:
                     check()
                 if batch.stop:
                     break
-                batch.map()
                 while sent < len(spans) and _end(spans[sent]) <= end:
                     self._queue.put((batch, spans[sent]))
                     sent += 1
@@ -311,7 +323,6 @@ class Readers:
             batch.idle.wait()
             for dfd in batch.opened:
                 os.close(dfd)
-            batch.unmap()
         if batch.error is not None:
             raise batch.error
         if check is not None:
@@ -353,19 +364,21 @@ class Readers:
                     buffer[0].close()
                 return
             batch, span = item
+            window = _Window(batch.seg_fd, span)
             try:
                 for piece, start, n in span:
                     if batch.stop:
                         break
-                    self._chunk(batch, piece, start, n, buffer)
+                    self._chunk(batch, window, piece, start, n, buffer)
                     if batch.written is not None:  # Hook (issue 23): Note [the watermark]
                         batch.written(piece.dst + start, n)
             except BaseException as e:
                 batch.fail(e)
             finally:
+                window.close()  # before the load can end: no mapping outlives it
                 batch.finished_one()
 
-    def _chunk(self, batch: _Batch, piece: Piece, start: int, n: int, buffer: list) -> None:
+    def _chunk(self, batch: _Batch, window: _Window, piece: Piece, start: int, n: int, buffer: list) -> None:
         dst = piece.dst + start
         if piece.data is not None:
             view = memoryview(piece.data).cast("B")[start : start + n]
@@ -381,10 +394,10 @@ class Readers:
         try:
             if self.direct != "never" and (self.direct == "always" or not _cached(piece.fd, src, n)):
                 dfd = self._direct_fd(batch, piece)
-                if dfd is not None and self._read_direct(batch, piece, dfd, src, n, dst, buffer):
+                if dfd is not None and self._read_direct(batch, window, piece, dfd, src, n, dst, buffer):
                     batch.add(n, "direct")
                     return
-            self._read_buffered(batch, piece, src, n, dst, buffer)
+            self._read_buffered(window, piece, src, n, dst)
             batch.add(n, "buffered")
         except CheckpointError:
             raise
@@ -416,49 +429,38 @@ class Readers:
             batch.report.refused.append(piece.path)
             log.info("%s: O_DIRECT refused (%s): read through the page cache", piece.path, e.strerror)
 
-    def _read_buffered(self, batch, piece: Piece, src: int, n: int, dst: int, buffer: list) -> None:
+    def _read_buffered(self, window: _Window, piece: Piece, src: int, n: int, dst: int) -> None:
         """The chunk from the page cache straight into the segment's mapping (Note [one copy
-        from the page cache]); without one (an empty segment), through this reader's buffer."""
-        if batch.view is not None:
-            got = 0
-            while got < n:
-                with batch.view[dst + got : dst + n] as into:
-                    k = os.preadv(piece.fd, [into], src + got)
-                if k == 0:
-                    raise _short(piece.path, src + got, src + n)
-                got += k
-            return
-        if buffer[0] is None:
-            buffer[0] = _buffer(self.chunk)
-        view = memoryview(buffer[0])
-        try:
-            got = 0
-            while got < n:
-                k = os.preadv(piece.fd, [view[got:n]], src + got)
-                if k == 0:
-                    raise _short(piece.path, src + got, src + n)
-                got += k
-            _pwrite_all(batch.seg_fd, view[:n], dst)
-        finally:
-            view.release()
-
-    def _read_direct(self, batch, piece: Piece, dfd: int, src: int, n: int, dst: int, buffer: list) -> bool:
-        """The chunk's aligned span read with O_DIRECT, its bytes written; False where the
-        file system refused (then never tried again for this file in this load)."""
-        if buffer[0] is None:
-            buffer[0] = _buffer(self.chunk)
-        buf = memoryview(buffer[0])
-        lo = src - src % ALIGN
-        hi = -(-(src + n) // ALIGN) * ALIGN
+        from the page cache])."""
         got = 0
+        while got < n:
+            with window.at(dst + got, n - got) as into:
+                k = os.preadv(piece.fd, [into], src + got)
+            if k == 0:
+                raise _short(piece.path, src + got, src + n)
+            got += k
+
+    def _read_direct(
+        self, batch, window: _Window, piece: Piece, dfd: int, src: int, n: int, dst: int, buffer: list
+    ) -> bool:
+        """The chunk read with O_DIRECT, its bytes written; False where the file system refused
+        (then never tried again for this file in this load). Where the file and segment offsets
+        agree modulo ``ALIGN`` (Note [a storage where its file has it] in weightd.layout), the
+        chunk's aligned middle is read straight into the segment's mapping (Note [straight into
+        the segment]) and only its edges through the buffer; elsewhere all of it."""
         try:
-            while got < hi - lo:
-                k = os.preadv(dfd, [buf[got : hi - lo]], lo + got)
-                if k == 0:
-                    break
-                got += k
-                if got % ALIGN:  # the end of the file: O_DIRECT reads stop short of a block
-                    break
+            lo, hi = -(-src // ALIGN) * ALIGN, (src + n) // ALIGN * ALIGN
+            if (src - dst) % ALIGN or lo >= hi:
+                self._through_buffer(batch, piece, dfd, src, n, dst, buffer)
+                return True
+            if lo > src:
+                self._through_buffer(batch, piece, dfd, src, lo - src, dst, buffer)
+            with window.at(dst + lo - src, hi - lo) as into:
+                _read_exactly(dfd, into, lo, piece.path)
+            if src + n > hi:
+                self._through_buffer(batch, piece, dfd, hi, src + n - hi, dst + hi - src, buffer)
+            batch.add(hi - lo, "straight")
+            return True
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
@@ -466,21 +468,40 @@ class Readers:
                 batch.direct_fds[piece.fd] = None
             self._refused(batch, piece, e)
             return False
-        finally:
-            del buf
-        if got < src - lo + n:
-            raise _short(piece.path, src + got - (src - lo), src + n)
-        _pwrite_all(batch.seg_fd, memoryview(buffer[0])[src - lo : src - lo + n], dst)
-        return True
+
+    def _through_buffer(
+        self, batch, piece: Piece, dfd: int, src: int, n: int, dst: int, buffer: list
+    ) -> None:
+        """``n`` bytes at ``src``: their aligned span read with O_DIRECT into this reader's
+        buffer, the bytes wanted ``pwrite``n into the segment."""
+        if buffer[0] is None:
+            buffer[0] = _buffer(self.chunk)
+        lo = src - src % ALIGN
+        hi = -(-(src + n) // ALIGN) * ALIGN
+        with memoryview(buffer[0]) as buf:
+            got = 0
+            while got < hi - lo:
+                k = os.preadv(dfd, [buf[got : hi - lo]], lo + got)
+                if k == 0:
+                    break
+                got += k
+                if got % ALIGN:  # the end of the file: O_DIRECT reads stop short of a block
+                    break
+            if got < src - lo + n:
+                raise _short(piece.path, src + got - (src - lo), src + n)
+            _pwrite_all(batch.seg_fd, buf[src - lo : src - lo + n], dst)
 
 
 def _spans(pieces: list[Piece], chunk: int, span: int) -> list[list[tuple[Piece, int, int]]]:
     """The pieces' chunks (piece, start, bytes) in segment order, grouped into spans of about
-    ``span`` contiguous bytes (Note [a span per reader])."""
-    chunks = sorted(
-        ((p, start, min(chunk, p.nbytes - start)) for p in pieces for start in range(0, p.nbytes, chunk)),
-        key=lambda c: c[0].dst + c[1],
-    )
+    ``span`` contiguous bytes (Note [a span per reader]). Pieces back to back in a file and in
+    the segment are one run, cut where the file offset is ``ALIGN``-aligned: a chunk has
+    unaligned edges only where a run has (Note [straight into the segment])."""
+    chunks = []
+    for p in _runs(pieces):
+        first = chunk - p.offset % ALIGN if p.data is None else chunk
+        starts = [0, *range(first, p.nbytes, chunk)] if p.nbytes else []
+        chunks.extend((p, a, min(b, p.nbytes) - a) for a, b in zip(starts, [*starts[1:], p.nbytes]))
     out: list[list[tuple[Piece, int, int]]] = []
     size = span
     for c in chunks:
@@ -490,6 +511,67 @@ def _spans(pieces: list[Piece], chunk: int, span: int) -> list[list[tuple[Piece,
         out[-1].append(c)
         size += c[2]
     return out
+
+
+class _Window:
+    """The part of the segment a span writes, mapped on its first chunk from a file and
+    unmapped at its end (Note [a window per span])."""
+
+    def __init__(self, fd: int, span: list[tuple[Piece, int, int]]):
+        self.fd = fd
+        self.lo = span[0][0].dst + span[0][1]
+        self.hi = _end(span)
+        self.base = 0  # the segment offset the mapping starts at
+        self.mapping: mmap.mmap | None = None
+        self.view: memoryview | None = None
+
+    def at(self, offset: int, n: int) -> memoryview:
+        """The segment's bytes ``[offset, offset + n)``, within the span."""
+        if self.view is None:
+            self.base = self.lo - self.lo % WINDOW_ALIGN
+            end = min(-(-self.hi // WINDOW_ALIGN) * WINDOW_ALIGN, os.fstat(self.fd).st_size)
+            self.mapping = mmap.mmap(self.fd, end - self.base, flags=mmap.MAP_SHARED, offset=self.base)
+            self.view = memoryview(self.mapping)
+        return self.view[offset - self.base : offset - self.base + n]
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+
+
+def _runs(pieces: list[Piece]) -> list[Piece]:
+    """The pieces in segment order, those that follow one another both in one file and in the
+    segment merged (a storage laid out where its file has it, Note [a storage where its file has
+    it] in weightd.layout: a safetensors file is then one run)."""
+    out: list[Piece] = []
+    for p in sorted(pieces, key=lambda p: p.dst):
+        q = out[-1] if out else None
+        if (
+            q is not None
+            and p.data is None
+            and q.data is None
+            and p.fd == q.fd >= 0
+            and q.offset + q.nbytes == p.offset
+            and q.dst + q.nbytes == p.dst
+        ):
+            out[-1] = dataclasses.replace(q, nbytes=q.nbytes + p.nbytes)
+        else:
+            out.append(p)
+    return out
+
+
+def _read_exactly(fd: int, into: memoryview, at: int, path: str) -> None:
+    """Fill ``into`` from ``fd`` at ``at``; a file that ends first is a CheckpointError."""
+    got = 0
+    while got < len(into):
+        k = os.preadv(fd, [into[got:]], at + got)
+        if k == 0 or (k % ALIGN and got + k < len(into)):
+            raise _short(path, at + got + k, at + len(into))
+        got += k
 
 
 def _end(span: list[tuple[Piece, int, int]]) -> int:
