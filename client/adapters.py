@@ -89,11 +89,11 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
                     f"adapter {name!r} does not fit model {base_name!r} as served now (PEFT: "
                     f"{type(e).__name__}: {str(e)[:300]}): load the adapter again against the current base"
                 ) from None
-        _share_back(
-            ((n.rpartition(f".{name}.")[::2], p) for n, p in out.named_parameters() if f".{name}." in n),
-            tensors,
-        )
-        _check_shared(out, name, mapping)
+        pairs = _from_file(out, name, tensors)
+        _share_back(pairs)
+        # PEFT casts an adapter to its base layer's dtype where that changes values: a copy then,
+        # as PEFT's own loading makes; counted, never hidden
+        _copied.setdefault(out, {})[name] = sum(1 for p, _ in pairs if p.numel() and not mapping.contains(p))
     _bases[out] = base_name
     return out
 
@@ -300,20 +300,40 @@ def _as_peft_casts(t, base_dtype):
 # the copy freed. A copy that differs (a real cast) stays and is counted by copied().
 
 
-def _share_back(params, tensors: dict) -> int:
+def _share_back(pairs) -> int:
     """Point each parameter that is a copy equal to its mapped tensor back at that tensor.
-    ``params``: ((head, tail), parameter) with the weight's key head + "." + tail, or (key, None).
-    Returns how many were shared again (Note [a weight PEFT copied goes back to the segment])."""
-
+    ``pairs``: (parameter, mapped tensor). Returns how many were shared again (Note [a weight PEFT
+    copied goes back to the segment])."""
     shared = 0
-    for (head, tail), p in params:
-        t = tensors.get(head if tail is None else f"{head}.{tail}")
-        if t is None or p.data_ptr() == t.data_ptr() or p.dtype != t.dtype or p.shape != t.shape:
+    for p, t in pairs:
+        if p.data_ptr() == t.data_ptr() or p.dtype != t.dtype or p.shape != t.shape:
             continue
         if p.device == t.device and torch.equal(p, t):
             p.data = t
             shared += 1
     return shared
+
+
+def _from_file(model, name: str, tensors: dict) -> list:
+    """(parameter, mapped tensor) for every weight of adapter ``name``'s file that PEFT put in
+    ``model``, found by the key PEFT saves it under: the parameter's name without the adapter's
+    name (``q_proj.lora_A.sql.weight``: ``q_proj.lora_A.weight``; ``lora_E.sql``: ``lora_E``),
+    without ``modules_to_save`` for a head it saves whole (``score.weight``), as it is for a base
+    layer's own bias (``bias="lora_only"``); a prompt-learning method's embedding is saved as
+    ``prompt_embeddings``. Parameters PEFT makes itself (AdaLoRA's ranknum) are not the file's."""
+    out = []
+    for n, p in model.named_parameters():
+        key = n[: -len(name) - 1] if n.endswith(f".{name}") else n.replace(f".{name}.", ".", 1)
+        t = tensors.get(key)
+        if t is None and ".modules_to_save." in key:
+            t = tensors.get(key.replace(".modules_to_save.", ".", 1))
+        if t is not None:
+            out.append((p, t))
+    prompt = getattr(model, "prompt_encoder", None)
+    embedding = getattr(prompt[name], "embedding", None) if prompt is not None and name in prompt else None
+    if isinstance(embedding, nn.Embedding) and "prompt_embeddings" in tensors:
+        out.append((embedding.weight, tensors["prompt_embeddings"]))
+    return out
 
 
 def _undo(model, name: str) -> None:
@@ -346,26 +366,10 @@ def _converts_weights(model) -> bool:
     return model_type is not None and conversion.get_checkpoint_conversion_mapping(model_type) is not None
 
 
-def copies(model: nn.Module, name: str, mapping) -> list[str]:
-    """The weights of adapter ``name`` in ``model`` that do not lie in its mapping."""
-    return [
-        n
-        for n, p in model.named_parameters()
-        if f".{name}." in n or n.endswith(f".{name}")
-        if p.numel() and not mapping.contains(p)
-    ]
-
-
 def copied(model: nn.Module) -> dict[str, int]:
-    """Per adapter of ``model`` (from ``hf.attach(..., adapter=)``), how many of its weights
-    are not in its segment: 0 unless PEFT cast them (a base of another dtype)."""
+    """Per adapter of ``model`` (from ``hf.attach(..., adapter=)``), how many of the weights of
+    its file are not in its segment: 0 unless PEFT cast them (a base of another dtype)."""
     return dict(_copied.get(model, {}))
-
-
-def _check_shared(model: nn.Module, name: str, mapping) -> None:
-    # PEFT moves an adapter to the dtype of its base layer (a bf16 base casts fp32 LoRA weights):
-    # a copy then, as PEFT's own loading makes; counted, never hidden.
-    _copied.setdefault(model, {})[name] = len(copies(model, name, mapping))
 
 
 @contextlib.contextmanager

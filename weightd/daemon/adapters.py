@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from weightd.daemon import checkpoint, files
-from weightd.errors import CheckpointError
+from weightd.errors import CheckpointError, UnsupportedFormat
 from weightd.layout import Blob
 from weightd.manifest import Manifest
 
@@ -33,6 +33,14 @@ CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_CONFIG = 4 << 20
 PREFIX = "base_model.model."  # PEFT's prefix for the wrapped model's keys
+# PEFT methods whose loading reads more than the folder's config and weights file
+REFUSED = {
+    "XLORA": (
+        "X-LoRA loads the LoRA adapters it mixes from their own folders, by path, in every worker; "
+        "serve each of them by name (load DIR --name NAME --base BASE) and attach them together "
+        "(hf.attach(base, adapter=[...])), or load the X-LoRA folder with PEFT in the worker"
+    ),
+}
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
@@ -74,6 +82,10 @@ def read(
         raise CheckpointError(f"{folder / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise CheckpointError(f"{folder / CONFIG}: no peft_type: not a config PEFT wrote")
+    if config["peft_type"] in REFUSED:
+        raise UnsupportedFormat(
+            f"{folder}: PEFT method {config['peft_type']}: {REFUSED[config['peft_type']]}"
+        )
     weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: no {' or '.join(WEIGHTS)} beside {CONFIG}")
