@@ -397,10 +397,11 @@ def kind_folders(folders, daemon, tmp_path_factory):
 
 
 def realigned(model):
-    """``model`` with every tensor in memory of its own, values unchanged. from_pretrained leaves
-    a model's tensors in the file's mapping, at addresses 8-byte aligned, and over those the CPU
-    kernels round BERT's forward differently (a plain BERT from_pretrained and the same weights
-    cloned differ in the last bits; cloned, they equal the attached model bit for bit)."""
+    """``model`` with every tensor in memory of its own, values unchanged. Over BERT the CPU
+    kernels round differently by where the tensors lie (from_pretrained leaves them in the
+    file's mapping, 8 bytes past a 64-byte boundary; weightd puts a checkpoint's storages where
+    the file has them, an adapter's where its file has them, PEFT reads an adapter into fresh
+    memory): the same values in the same places give the same output bit for bit."""
     for t in (*model.parameters(), *model.buffers()):
         t.data = t.data.clone()
     return model
@@ -416,20 +417,14 @@ def test_peft_methods_attach_as_peft_loads_them(kind, folders, kind_folders, dae
         c.load(str(kind_folders[kind]), kind, base=base)
     try:
         model = hf.attach(base, adapter=kind, socket=daemon.socket)
-        ref = realigned(
-            peft.PeftModel.from_pretrained(
-                cls.from_pretrained(kind_folders[base]), kind_folders[kind], adapter_name=kind
-            )
+        ref = peft.PeftModel.from_pretrained(
+            cls.from_pretrained(kind_folders[base]), kind_folders[kind], adapter_name=kind
         )
         assert type(model) is type(ref) and not model.training
         assert model.peft_config[kind].to_dict() == ref.peft_config[kind].to_dict()
         sd, ref_sd = model.state_dict(), ref.state_dict()
         assert sorted(sd) == sorted(ref_sd)
         assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref_sd.items())
-        out = logits(model)
-        assert torch.equal(out, logits(ref))
-        plain = logits(realigned(cls.from_pretrained(kind_folders[base])))
-        assert out.shape != plain.shape or not torch.equal(out, plain), "the adapter changes nothing"
         assert adapters.copied(model) == {kind: 0}
         # every weight PEFT would save for it (its file's keys) lies in shared memory
         own = peft.get_peft_model_state_dict(model, adapter_name=kind)
@@ -437,6 +432,16 @@ def test_peft_methods_attach_as_peft_loads_them(kind, folders, kind_folders, dae
             own["prompt_embeddings"] = model.prompt_encoder[kind].embedding.weight
         assert own.keys() == peft.get_peft_model_state_dict(ref, adapter_name=kind).keys()
         assert own and all(in_segments(own.values())), [k for k, t in own.items() if not in_segments([t])[0]]
+        out = logits(model)
+        if base == "llama":  # Llama's output does not depend on where the weights lie
+            assert torch.equal(out, logits(ref))
+        assert torch.equal(
+            logits(realigned(model)), logits(realigned(ref))
+        )  # the shared-memory checks are done
+        plain = logits(realigned(cls.from_pretrained(kind_folders[base])))
+        assert out.shape != plain.shape or not torch.equal(logits(model), plain), (
+            "the adapter changes nothing"
+        )
         if type(config) is peft.LoraConfig and base == "llama":  # a further adapter: load_adapter whole
             both = hf.attach(base, adapter=["sql", kind], socket=daemon.socket)
             ref.load_adapter(folders["sql"], adapter_name="sql")
