@@ -38,8 +38,10 @@ demo: bytecode
 	$(VENV)/bin/weightd demo
 
 # Test files run in parallel (pytest-xdist), each file on one worker: a module's shared daemon
-# or Ray cluster is started once. Every test has its own instance, socket and segments.
-TEST_WORKERS ?= auto --maxprocesses=4
+# or Ray cluster is started once. Every test has its own instance, socket and segments. One
+# worker more than the cores, at most 4: tests also wait (a daemon starting, a deadline), and
+# a third worker fills those waits on 2 cores (8 files: 116 s with 2 workers, 106 s with 3).
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$((n < 4 ? n + 1 : 4)))
 test: bytecode
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

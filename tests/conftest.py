@@ -179,11 +179,11 @@ def serve(tmp_path, make_daemon):
 class Worker:
     """A Python process that runs ``code`` and talks JSON lines over stdin/stdout: forked from
     the session's fork server, which has imported torch already (tests/forks.py), or, with
-    ``$WEIGHTD_TEST_FRESH_WORKERS=1``, a fresh ``python -c``."""
+    ``$WEIGHTD_TEST_FRESH_WORKERS=1`` or ``fresh=True``, a fresh ``python -c``."""
 
-    def __init__(self, code: str, env: dict | None = None):
+    def __init__(self, code: str, env: dict | None = None, fresh: bool = False):
         code = textwrap.dedent(code)
-        if os.environ.get("WEIGHTD_TEST_FRESH_WORKERS") == "1":
+        if fresh or os.environ.get("WEIGHTD_TEST_FRESH_WORKERS") == "1":
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code],
                 stdin=subprocess.PIPE,

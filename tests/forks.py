@@ -76,11 +76,13 @@ def _waiter(conn: socket.socket) -> str:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
+        # sys.path as python -c builds it from the child's $PYTHONPATH: "" (the working folder),
+        # those entries, then the interpreter's own (the server's, less its $PYTHONPATH's)
+        ours = _entries(os.environ)
+        sys.path[:] = ["", *_entries(request["env"]), *[p for p in sys.path[1:] if p not in ours]]
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-        sys.path[1:1] = extra  # after "" (the working folder), as python -c orders them
         return request["code"]
     for fd in fds:
         os.close(fd)
@@ -88,6 +90,10 @@ def _waiter(conn: socket.socket) -> str:
     _, status = os.waitpid(pid, 0)
     conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
     os._exit(0)
+
+
+def _entries(env) -> list[str]:
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 class Forked:
