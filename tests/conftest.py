@@ -349,8 +349,25 @@ def _no_stray_env():
         shutil.rmtree(os.path.dirname(server.path), ignore_errors=True)
 
 
+# The longest test files (seconds of the whole suite, measured), run first: with one file per
+# xdist worker (--dist loadfile) the files are handed out in collection order, and a long one
+# handed out last would run on alone while the other workers sit idle.
+LONGEST_FIRST = [
+    "test_readme.py",
+    "test_ray.py",
+    "test_untrusted.py",
+    "test_reliability.py",
+    "test_own_classes.py",
+    "test_fanout.py",
+    "test_hf_parity.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA; on a machine without it they skip, cleanly."""
+    """The longest files first (``LONGEST_FIRST``); tests marked ``gpu`` need CUDA: on a machine
+    without it they skip, cleanly."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order kept
     import torch
 
     if torch.cuda.is_available():
