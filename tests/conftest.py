@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +39,24 @@ def run_weightd(*args: str, socket: str | None = None, timeout: float = 60, env:
     """``weightd ARGS [--socket SOCKET]`` in a subprocess; its CompletedProcess (text)."""
     argv = [*WEIGHTD, *args, *(["--socket", socket] if socket else [])]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class lazy_module:  # noqa: N801 (used as a module)
+    """The module ``name``, imported at its first use, or the calling test file skipped where it is
+    not installed, as ``pytest.importorskip`` does. Every xdist worker collects every file, so a
+    heavy import at a file's top is paid by all of them. Not importlib's ``LazyLoader``: pytest's
+    collection looks at private and dunder attributes of every global (``__test__``, ``_mock_name``),
+    which would load it there; those are never the module's."""
+
+    def __init__(self, name: str):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed", allow_module_level=True)
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self._name), attr)
 
 
 def segment_digest(name: str, directory: str | Path = SHM) -> str:

@@ -17,7 +17,12 @@ transformers = pytest.importorskip("transformers")
 # module fixtures save and load real models, and workers import torch and transformers:
 # minutes on a loaded machine
 pytestmark = pytest.mark.timeout(600)
-peft = pytest.importorskip("peft")
+# peft is imported when a test first uses it: imported at collection it would cost every xdist
+# worker ~3 s of CPU (it brings bitsandbytes, torchao and accelerate), also the workers that never
+# run this file
+from conftest import lazy_module  # noqa: E402
+
+peft = lazy_module("peft")
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -334,46 +339,55 @@ CLASSES = {"llama": "LlamaForCausalLM", "bert": "BertForSequenceClassification"}
 
 
 def kinds() -> dict:
-    """The adapters people bring beyond plain LoRA on q/v: name -> (base, PEFT config)."""
+    """The adapters people bring beyond plain LoRA on q/v: name -> (base, what makes its PEFT
+    config)."""
     lm = "CAUSAL_LM"
     qv = ["q_proj", "v_proj"]
     return {
         "k_modules_to_save": (
             "bert",
-            peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+            lambda: peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
         ),
         "k_bias_lora_only": (
             "bert",
-            peft.LoraConfig(r=4, target_modules=["query", "value"], bias="lora_only"),
+            lambda: peft.LoraConfig(r=4, target_modules=["query", "value"], bias="lora_only"),
         ),
-        "k_lora_bias": ("bert", peft.LoraConfig(r=4, target_modules=["query", "value"], lora_bias=True)),
+        "k_lora_bias": (
+            "bert",
+            lambda: peft.LoraConfig(r=4, target_modules=["query", "value"], lora_bias=True),
+        ),
         "k_patterns": (
             "llama",
-            peft.LoraConfig(r=4, target_modules=qv, rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 32}),
+            lambda: peft.LoraConfig(
+                r=4, target_modules=qv, rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 32}
+            ),
         ),
-        "k_dora": ("llama", peft.LoraConfig(r=4, target_modules=qv, use_dora=True)),
-        "k_all_linear": ("llama", peft.LoraConfig(r=4, target_modules="all-linear")),
-        "k_embedding": ("llama", peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])),
+        "k_dora": ("llama", lambda: peft.LoraConfig(r=4, target_modules=qv, use_dora=True)),
+        "k_all_linear": ("llama", lambda: peft.LoraConfig(r=4, target_modules="all-linear")),
+        "k_embedding": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])),
         "k_ia3": (
             "llama",
-            peft.IA3Config(
+            lambda: peft.IA3Config(
                 target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
             ),
         ),
-        "k_loha": ("llama", peft.LoHaConfig(r=4, target_modules=qv)),
-        "k_lokr": ("llama", peft.LoKrConfig(r=4, target_modules=qv)),
-        "k_adalora": ("llama", peft.AdaLoraConfig(init_r=6, target_r=4, target_modules=qv, total_step=10)),
-        "k_vera": ("llama", peft.VeraConfig(r=4, target_modules=qv)),
-        "k_oft": ("llama", peft.OFTConfig(r=0, oft_block_size=8, target_modules=qv)),
-        "k_prompt": ("llama", peft.PromptTuningConfig(task_type=lm, num_virtual_tokens=4)),
-        "k_prefix": ("llama", peft.PrefixTuningConfig(task_type=lm, num_virtual_tokens=4)),
+        "k_loha": ("llama", lambda: peft.LoHaConfig(r=4, target_modules=qv)),
+        "k_lokr": ("llama", lambda: peft.LoKrConfig(r=4, target_modules=qv)),
+        "k_adalora": (
+            "llama",
+            lambda: peft.AdaLoraConfig(init_r=6, target_r=4, target_modules=qv, total_step=10),
+        ),
+        "k_vera": ("llama", lambda: peft.VeraConfig(r=4, target_modules=qv)),
+        "k_oft": ("llama", lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=qv)),
+        "k_prompt": ("llama", lambda: peft.PromptTuningConfig(task_type=lm, num_virtual_tokens=4)),
+        "k_prefix": ("llama", lambda: peft.PrefixTuningConfig(task_type=lm, num_virtual_tokens=4)),
         "k_p_tuning": (
             "llama",
-            peft.PromptEncoderConfig(task_type=lm, num_virtual_tokens=4, encoder_hidden_size=16),
+            lambda: peft.PromptEncoderConfig(task_type=lm, num_virtual_tokens=4, encoder_hidden_size=16),
         ),
         "k_adaption_prompt": (
             "llama",
-            peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1, task_type=lm),
+            lambda: peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1, task_type=lm),
         ),
     }
 
@@ -387,6 +401,7 @@ def kind_folders(folders, daemon, tmp_path_factory):
     transformers.BertForSequenceClassification(transformers.BertConfig(**BERT)).save_pretrained(root / "bert")
     out = {"llama": folders["llama"], "bert": root / "bert"}
     for i, (name, (base, config)) in enumerate(kinds().items()):
+        config = config()
         torch.manual_seed(10 + i)
         model = peft.get_peft_model(getattr(transformers, CLASSES[base]).from_pretrained(out[base]), config)
         with torch.no_grad():
@@ -418,6 +433,7 @@ def test_peft_methods_attach_as_peft_loads_them(kind, folders, kind_folders, dae
     """Each kind attaches as PeftModel.from_pretrained(from_pretrained(base), folder) gives it,
     every weight of its file in shared memory."""
     base, config = kinds()[kind]
+    config = config()
     cls = getattr(transformers, CLASSES[base])
     with Client(daemon.socket) as c:
         c.load(str(kind_folders[kind]), kind, base=base)
