@@ -21,10 +21,8 @@ daemon serves them under.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-import shutil
 import tempfile
 import threading
 import weakref
@@ -35,7 +33,6 @@ from torch import nn
 from weightd.errors import AttachError
 
 _lock = threading.RLock()  # PEFT's weight reader is swapped process-wide while an adapter loads
-_dirs: dict[str, str] = {}  # segment uuid -> private folder holding its adapter_config.json
 _copied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PeftModel -> {adapter: copies}
 _bases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PeftModel -> its base's served name
 
@@ -68,8 +65,7 @@ def apply(base_name: str, model: nn.Module, adapters, *, socket: str | None = No
                 f"adapter {name!r} goes over {spec.get('base')!r}, not {base_name!r}: attach it with "
                 f"hf.attach({spec.get('base')!r}, adapter={name!r})"
             )
-        folder = _config_dir(mapping, spec)
-        with _lock, _reading(peft_model, tensors):
+        with _lock, _config_folder(mapping, spec) as folder, _reading(peft_model, tensors):
             try:
                 if (i > 0 or wrapped) and not is_trainable:
                     made = _add_further(out, name, folder, tensors)
@@ -387,33 +383,15 @@ def _reading(peft_model, tensors: dict):
         peft_model.load_peft_weights = original
 
 
-def _config_dir(mapping, spec: dict) -> str:
-    """A private folder (0700) holding the adapter's config as the daemon read it."""
-    uuid = mapping.manifest.uuid
-    with _lock:
-        path = _dirs.get(uuid)
-        if path is not None and os.path.isdir(path):
-            return path
-        path = tempfile.mkdtemp(prefix=f"weightd-adapter-{mapping.manifest.name[:40]}-")
-        try:
-            for rel, index in (spec.get("files") or {}).items():
-                if "/" in rel or rel.startswith("."):
-                    raise AttachError(f"adapter {mapping.manifest.name!r} names a file {rel!r:.80}")
-                with open(os.path.join(path, rel), "wb") as f:
-                    f.write(mapping.storage_bytes(index))
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-        if not _dirs:
-            atexit.register(_remove, os.getpid())
-        _dirs[uuid] = path
-        return path
-
-
-def _remove(pid: int) -> None:
-    if os.getpid() == pid:
-        for path in _dirs.values():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-os.register_at_fork(after_in_child=_dirs.clear)
+@contextlib.contextmanager
+def _config_folder(mapping, spec: dict):
+    """A private folder (0700) holding the adapter's config as the daemon read it, for PEFT to
+    read while it loads the adapter, removed right after: a folder kept for the process's life
+    stays behind whenever a worker dies by a signal (no atexit runs then)."""
+    with tempfile.TemporaryDirectory(prefix=f"weightd-adapter-{mapping.manifest.name[:40]}-") as path:
+        for rel, index in (spec.get("files") or {}).items():
+            if "/" in rel or rel.startswith("."):
+                raise AttachError(f"adapter {mapping.manifest.name!r} names a file {rel!r:.80}")
+            with open(os.path.join(path, rel), "wb") as f:
+                f.write(mapping.storage_bytes(index))
+        yield path

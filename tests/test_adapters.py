@@ -7,7 +7,10 @@ One real daemon serves the base and the adapters; workers are real processes.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import tempfile
 import uuid
 
 import pytest
@@ -439,6 +442,8 @@ def test_peft_methods_attach_as_peft_loads_them(kind, folders, kind_folders, dae
         c.load(str(kind_folders[kind]), kind, base=base)
     try:
         model = hf.attach(base, adapter=kind, socket=daemon.socket)
+        # the config folder PEFT read is gone once attached: none outlives a worker killed later
+        assert not glob.glob(os.path.join(tempfile.gettempdir(), f"weightd-adapter-{kind}-*"))
         ref = peft.PeftModel.from_pretrained(
             cls.from_pretrained(kind_folders[base]), kind_folders[kind], adapter_name=kind
         )
