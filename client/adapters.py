@@ -281,9 +281,7 @@ def _as_peft_casts(t, base_dtype):
         getattr(torch, n, None) == out.dtype for n in UPCAST_DTYPES
     ):
         out = out.to(torch.float32)
-    if out is not t and out.dtype == t.dtype and torch.equal(out, t):
-        return t  # Note [a weight PEFT copied goes back to the segment]
-    return out
+    return t if _equal_copy(out, t) else out  # Note [a weight PEFT copied goes back to the segment]
 
 
 # Note [a weight PEFT copied goes back to the segment]
@@ -296,18 +294,21 @@ def _as_peft_casts(t, base_dtype):
 # the copy freed. A copy that differs (a real cast) stays and is counted by copied().
 
 
-def _share_back(pairs) -> int:
+def _equal_copy(copy, mapped) -> bool:
+    """``copy`` is another tensor than ``mapped`` with its dtype, shape, device and every value."""
+    return (
+        copy.data_ptr() != mapped.data_ptr()
+        and (copy.dtype, copy.shape, copy.device) == (mapped.dtype, mapped.shape, mapped.device)
+        and torch.equal(copy, mapped)
+    )
+
+
+def _share_back(pairs) -> None:
     """Point each parameter that is a copy equal to its mapped tensor back at that tensor.
-    ``pairs``: (parameter, mapped tensor). Returns how many were shared again (Note [a weight PEFT
-    copied goes back to the segment])."""
-    shared = 0
+    ``pairs``: (parameter, mapped tensor) (Note [a weight PEFT copied goes back to the segment])."""
     for p, t in pairs:
-        if p.data_ptr() == t.data_ptr() or p.dtype != t.dtype or p.shape != t.shape:
-            continue
-        if p.device == t.device and torch.equal(p, t):
+        if _equal_copy(p, t):
             p.data = t
-            shared += 1
-    return shared
 
 
 def _from_file(model, name: str, tensors: dict) -> list:
