@@ -432,13 +432,8 @@ class Readers:
     def _read_buffered(self, window: _Window, piece: Piece, src: int, n: int, dst: int) -> None:
         """The chunk from the page cache straight into the segment's mapping (Note [one copy
         from the page cache])."""
-        got = 0
-        while got < n:
-            with window.at(dst + got, n - got) as into:
-                k = os.preadv(piece.fd, [into], src + got)
-            if k == 0:
-                raise _short(piece.path, src + got, src + n)
-            got += k
+        with window.at(dst, n) as into:
+            _read_exactly(piece.fd, into, src, piece.path)
 
     def _read_direct(
         self, batch, window: _Window, piece: Piece, dfd: int, src: int, n: int, dst: int, buffer: list
@@ -565,7 +560,8 @@ def _runs(pieces: list[Piece]) -> list[Piece]:
 
 
 def _read_exactly(fd: int, into: memoryview, at: int, path: str) -> None:
-    """Fill ``into`` from ``fd`` at ``at``; a file that ends first is a CheckpointError."""
+    """Fill ``into`` from ``fd`` at ``at`` (O_DIRECT or through the page cache); a file that ends
+    first is a CheckpointError (a short read of a regular file is its end)."""
     got = 0
     while got < len(into):
         k = os.preadv(fd, [into[got:]], at + got)
