@@ -97,7 +97,6 @@ writes into a descriptor that was closed, or reused, under it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import mmap
@@ -106,7 +105,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from weightd import segment
 from weightd.errors import CheckpointError, ConfigError, OutOfSpace
@@ -553,7 +552,7 @@ def _runs(pieces: list[Piece]) -> list[Piece]:
             and q.offset + q.nbytes == p.offset
             and q.dst + q.nbytes == p.dst
         ):
-            out[-1] = dataclasses.replace(q, nbytes=q.nbytes + p.nbytes)
+            out[-1] = replace(q, nbytes=q.nbytes + p.nbytes)
         else:
             out.append(p)
     return out
