@@ -20,7 +20,8 @@ How a file's chunk travels (Note [reading a chunk]):
   evict what workers run on.
 
 The daemon's memory does not grow with the model: at most ``readers`` buffers of ``chunk`` bytes
-(``serve --load-readers/--load-chunk``), made on a reader's first buffered chunk or edge and reused.
+(``serve --load-readers/--load-chunk``), made on a reader's first ``O_DIRECT`` read through one (a
+chunk whose offsets disagree modulo 4 KiB, or a run's edge) and reused.
 
 Note [reading a chunk]
 ----------------------
