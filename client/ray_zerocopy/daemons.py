@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from weightd import protocol
 from weightd.client.connection import Connection
-from weightd.errors import DaemonNotRunning, ModelNotFound, WeightdError
+from weightd.errors import DaemonNotRunning, WeightdError
 
 NAMESPACE = "weightd"
 ACTOR_PREFIX = "weightd-daemon-"
@@ -245,13 +245,7 @@ class NodeDaemon:
 
     @ray.method(concurrency_group="fill")
     def unload(self, socket: str, name: str) -> bool:
-        """Unload ``name`` from this node's daemon; whether it had it (``unload_everywhere``)."""
-        try:
-            with Connection(socket) as c:
-                c.unload(name)
-            return True
-        except ModelNotFound:
-            return False
+        return self.peers.unload(socket, name)
 
     def ensure(self, socket: str | None) -> str:
         path = os.path.abspath(

@@ -103,7 +103,7 @@ def unload_everywhere(name: str, *, socket: str | None = None) -> int:
     Workers still attached keep working on what they mapped.
     """
     if not ray.is_initialized():
-        return int(_unload(node_socket(socket), name))
+        return int(peers.unload(node_socket(socket), name))
     peers.forget(name)  # first: a node added meanwhile is not filled with it
     sockets = ensure_daemons(socket)
     # by the nodes' agents: no worker process starts for it (Note [no worker starts on the way])
@@ -177,17 +177,6 @@ def _map(tree, fn, kind):
     if isinstance(tree, dict):
         return {k: _map(v, fn, kind) for k, v in tree.items()}
     return tree
-
-
-def _unload(socket: str, name: str) -> bool:
-    from weightd.errors import ModelNotFound
-
-    try:
-        with _client.Client(socket) as c:
-            c.unload(name)
-        return True
-    except ModelNotFound:
-        return False
 
 
 # num_cpus=0: the daemon's work, not the node's; it must not wait for a free CPU.

@@ -194,7 +194,7 @@ def spread_load(name: str, first: str, sockets: dict[str, str], path: str, facto
     try:
         started = ray.get(reader.start_load.remote(sockets[first], path, name, factory))
     except ray.exceptions.RayTaskError as e:
-        raise (e.cause if isinstance(e.cause, WeightdError) else e) from None
+        raise _cause(e) from None
     source = started["manifest"]
     key, streaming = source["uuid"], started["streaming"]
     reg = registry()
@@ -209,7 +209,7 @@ def spread_load(name: str, first: str, sockets: dict[str, str], path: str, facto
     try:
         out[first] = ray.get(reader.finish_load.remote(started["token"]))
     except ray.exceptions.RayTaskError as e:  # the load failed or was stopped
-        failed = e.cause if isinstance(e.cause, WeightdError) else e
+        failed = _cause(e)
         _get(reg.settle.remote(key, "failed", f"{type(failed).__name__}: {failed}"), REGISTRY_TIMEOUT)
     except ray.exceptions.RayError as e:  # its node or agent died: the others go on without it
         log.warning("node %s died while it read %s (%s): the others go on without it", first, name, e)
@@ -298,6 +298,11 @@ def _fill_all(name: str, key: str, sockets: dict[str, str], *, nbytes: int):
     return _collect(name, _start_fills(name, key, sockets), sockets, nbytes=nbytes)
 
 
+def _cause(e: ray.exceptions.RayTaskError) -> BaseException:
+    """The daemon's own error a remote call raised, as the caller would have had it; else ``e``."""
+    return e.cause if isinstance(e.cause, WeightdError) else e
+
+
 def _start_fills(name: str, key: str, sockets: dict[str, str]) -> dict:
     return {n: agent(n).fill.remote(name, key, n, s) for n, s in sockets.items()}
 
@@ -314,7 +319,7 @@ def _collect(name: str, refs: dict, sockets: dict[str, str], *, nbytes: int):
             _cancel(ref)
             failures.append(TransferFailed(f"copying {name!r} to node {node}: it did not end in time"))
         except ray.exceptions.RayTaskError as e:
-            failures.append(e.cause if isinstance(e.cause, WeightdError) else e)
+            failures.append(_cause(e))
         except ray.exceptions.RayError as e:
             failures.append(TransferFailed(f"copying {name!r} to node {node}: {e}"))
         else:
@@ -438,6 +443,16 @@ def load(socket: str, path: str, name: str, factory: str | None) -> dict:
     """Have this node's daemon read ``path`` (the one storage read of a ``load_everywhere``)."""
     with Connection(socket) as c:
         return c.load(path, name, factory=factory)
+
+
+def unload(socket: str, name: str) -> bool:
+    """Unload ``name`` from this node's daemon; whether it had it (``unload_everywhere``)."""
+    try:
+        with Connection(socket) as c:
+            c.unload(name)
+        return True
+    except ModelNotFound:
+        return False
 
 
 class Reading:
@@ -738,7 +753,7 @@ class Sources:
         this node's daemon, and their digest. ``streaming``: a load still writing it (Note [a
         copy that starts before the seal]): sent once they are below its watermark."""
         with self._lock:  # one request at a time on a connection; the copy below runs unlocked
-            c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
+            c = self._conn(socket)
             now = time.monotonic()
             # let go of a segment nobody asked for a while, or that its daemon removed (unloaded):
             # the mapping alone would keep its pages (Note [segment lifetime after unlink])
@@ -777,13 +792,17 @@ class Sources:
         # mapping stays while a chunk of it is on its way (the memoryview's export keeps it).
         return made, data
 
+    def _conn(self, socket: str) -> Connection:
+        """This agent's connection to the daemon at ``socket`` (made once; ``_lock`` held)."""
+        return self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
+
     def _final(self, socket: str, name: str, generation: int, uuid: str) -> int | None:
         """How far the daemon says segment ``uuid`` is final: its watermark while its load
         streams, None once it serves it sealed, -1 when it says neither (its load just ended:
         served in a moment, or removed, which ``_Mapped.gone`` sees). Note [the watermark] in
         weightd.segment."""
         with self._lock:
-            c = self._conns.get(socket) or self._conns.setdefault(socket, Connection(socket))
+            c = self._conn(socket)
             try:
                 reply = c.call("loading", name=name)
                 if reply["manifest"]["uuid"] == uuid:
