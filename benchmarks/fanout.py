@@ -225,7 +225,6 @@ def run_cluster(nodes: int, path: Path, store: int, runtime: str, free_ms: int, 
                     seconds = time.perf_counter() - t0
             if method != "Ray alone":
                 busy = cpu_busy() - busy
-            if method != "Ray alone":
                 for s in sockets.values():  # every node serves it
                     with Client(s) as cl:
                         assert NAME in {m["name"] for m in cl.list()}
