@@ -318,8 +318,14 @@ def _segment_digest(name: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_readers_copy_chunks_exactly_from_files_and_memory(tmp_path):
-    """The reader pool alone: pieces at odd offsets of files and buffers land where they should."""
+@pytest.mark.parametrize(
+    "direct,huge_pages",
+    [("always", False), ("never", False), ("never", True)],
+    ids=["direct", "sendfile", "through-a-mapping"],
+)
+def test_readers_copy_chunks_exactly_from_files_and_memory(tmp_path, direct, huge_pages):
+    """The reader pool alone: pieces at odd offsets of files and buffers land where they should,
+    read with O_DIRECT or from the page cache by either way (Note [one copy from the page cache])."""
     src = tmp_path / "src"
     data = np.random.default_rng(0).integers(0, 255, 5 * MiB + 77, dtype=np.uint8)
     src.write_bytes(data.tobytes())
@@ -333,15 +339,19 @@ def test_readers_copy_chunks_exactly_from_files_and_memory(tmp_path):
             stream.Piece(1000, 9 * MiB, data=data[:1000]),
         ]
         seen = []
-        with stream.pool(3, MiB, "always") as readers:
+        with stream.pool(3, MiB, direct) as readers:
             report = readers.copy(
-                out.fileno(), pieces, progress=lambda done, total: seen.append((done, total))
+                out.fileno(),
+                pieces,
+                progress=lambda done, total: seen.append((done, total)),
+                huge_pages=huge_pages,
             )
         got = np.fromfile(dst, dtype=np.uint8)
     assert (got[4096 + 64 : 4096 + 64 + 3 * MiB + 1] == data[12345 : 12345 + 3 * MiB + 1]).all()
     assert (got[6 * MiB : 8 * MiB] == data[3 * MiB + 77 : 5 * MiB + 77]).all()
     assert (got[9 * MiB : 9 * MiB + 1000] == data[:1000]).all()
     assert report.nbytes == 5 * MiB + 1001 and report.memory == 1000
+    assert (report.direct if direct == "always" else report.buffered) == 5 * MiB + 1
     assert seen[-1] == (report.nbytes, report.nbytes)
 
 

@@ -313,6 +313,7 @@ class Store:
                         progress=progress,
                         reserving=segment.reservation(seg.fd, seg.size, self.folder),
                         written=mark.written,
+                        huge_pages=self.folder.huge_asked is not None,
                     )
                 )
                 for blob, offset in placed:

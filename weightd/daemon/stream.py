@@ -9,9 +9,9 @@ daemon; loads running side by side share them.
 
 How a file's chunk travels (Note [reading a chunk]):
 
-- *buffered*, the chunk is in the page cache: one ``preadv`` straight into the segment's
-  pages, through a mapping of the segment this load holds while it copies (Note [one copy
-  from the page cache]);
+- *buffered*, the chunk is in the page cache: one copy from the page cache into the
+  segment's pages, by ``sendfile`` into the segment's file, or on huge pages by ``preadv`` into
+  a mapping of the segment (Note [one copy from the page cache]);
 - *direct*, it is not: ``O_DIRECT`` reads straight into the segment's mapping where the file
   and segment offsets agree modulo 4 KiB (Note [straight into the segment]), else of the chunk's
   4 KiB-aligned span into the reader's own aligned buffer (allocated once, reused for every
@@ -36,13 +36,23 @@ answers ``RWF_NOWAIT`` with EOPNOTSUPP: always in memory, read buffered.
 Note [one copy from the page cache]
 -----------------------------------
 A cached chunk was once read into the reader's buffer and written with ``pwrite``: two copies.
-Read into a shared mapping of the segment it is one: the kernel copies from the page cache
-into the segment's pages (reserved already, Note [reserving while writing] in weightd.segment,
-so a fault there only maps a page). Measured on 1 GiB, 2 threads (benchmarks/load.py's page
-cache rows): on a huge-page tmpfs 9.4-11 GB/s against 4.3-5.1 GB/s for read + pwrite; on 4 KiB
-pages both ~2.1 GB/s, which is what allocating the pages costs on this VM. The mapping is a
-span's window (Note [a window per span]); the daemon's private memory does not grow (the pages
-are shmem).
+Either of two ways makes it one, and which is faster depends on the segment's page size:
+
+- ``sendfile`` from the checkpoint into the segment's file (each window has its own
+  descriptor of the segment, for its own file position): the kernel copies page cache pages
+  into the segment's pages (reserved already, Note [reserving while writing] in
+  weightd.segment) and nothing is mapped into the daemon;
+- ``preadv`` into a shared mapping of the segment (a span's window, Note [a window per span]):
+  the copy faults each page of the window into the daemon's page tables, and unmapping it costs
+  again; a huge page is one fault for 2 MiB.
+
+Measured here, 3 GiB warm, daemons of both kinds loading in turn (5 loads each, medians, quiet
+machine): on 4 KiB pages (/dev/shm) ``sendfile`` 2.65 GB/s against 2.18 into the mapping; on a
+huge-page tmpfs the mapping 8.9-10.4 GB/s once the VM backs the memory, ``sendfile`` 6.2-8.3.
+So a folder where huge pages are asked copies through the mapping, any other by ``sendfile``
+(where a file system cannot ``sendfile``, through the mapping too). Neither path maps the
+checkpoint, so a checkpoint truncated under the load is a short read, never a SIGBUS; the
+daemon's private memory does not grow (the pages are shmem).
 
 Note [straight into the segment]
 --------------------------------
@@ -113,7 +123,7 @@ from weightd.errors import CheckpointError, ConfigError, OutOfSpace
 
 log = logging.getLogger("weightd")
 
-DEFAULT_READERS = 4  # measured: 2, 4, 8 x 4-32 MiB alike here (README: Loading), within the noise
+DEFAULT_READERS = 16  # measured: cold O_DIRECT 16 against 4 readers +14% here (README: Loading); warm alike
 DEFAULT_CHUNK = 8 << 20
 SPAN = 64 << 20  # contiguous bytes a reader takes at once (Note [a span per reader])
 WINDOW_ALIGN = 2 << 20  # a span's mapping starts at a huge page (Note [a window per span])
@@ -202,8 +212,9 @@ class Report:
 class _Batch:
     """One load's copy: its chunks' outcome, counted under a lock."""
 
-    def __init__(self, seg_fd: int, total: int, report: Report, written=None):
+    def __init__(self, seg_fd: int, total: int, report: Report, written=None, huge_pages: bool = False):
         self.seg_fd = seg_fd
+        self.huge_pages = huge_pages  # cached chunks through a mapping (Note [one copy from the page cache])
         self.total = total
         self.report = report
         self.lock = threading.Lock()
@@ -258,8 +269,13 @@ class Readers:
         progress: Callable[[int, int], None] | None = None,
         reserving: Iterator[int] | None = None,
         written: Callable[[int, int], None] | None = None,
+        huge_pages: bool = False,
     ) -> Report:
         """Copy every piece into the segment open as ``seg_fd``; returns how.
+
+        ``huge_pages``: the segment's folder is meant to give it 2 MiB pages; cached chunks are
+        then copied through a mapping of it, else by ``sendfile`` (Note [one copy from the page
+        cache]).
 
         ``reserving``: the segment's reservation (``segment.reservation``), run here step by
         step; a chunk goes to the readers once its bytes are reserved (Note [reserving while
@@ -276,7 +292,7 @@ class Readers:
         self._ensure_threads()
         total = sum(p.nbytes for p in pieces)
         report = Report(readers=self.readers, chunk=self.chunk)
-        batch = _Batch(seg_fd, total, report, written)
+        batch = _Batch(seg_fd, total, report, written, huge_pages)
         started = time.perf_counter()
         spans = _spans(pieces, self.chunk, max(SPAN, self.chunk))
         _sequential(pieces)
@@ -397,7 +413,7 @@ class Readers:
                 if dfd is not None and self._read_direct(batch, window, piece, dfd, src, n, dst, buffer):
                     batch.add(n, "direct")
                     return
-            self._read_buffered(window, piece, src, n, dst)
+            self._read_buffered(batch, window, piece, src, n, dst)
             batch.add(n, "buffered")
         except CheckpointError:
             raise
@@ -429,9 +445,13 @@ class Readers:
             batch.report.refused.append(piece.path)
             log.info("%s: O_DIRECT refused (%s): read through the page cache", piece.path, e.strerror)
 
-    def _read_buffered(self, window: _Window, piece: Piece, src: int, n: int, dst: int) -> None:
-        """The chunk from the page cache straight into the segment's mapping (Note [one copy
-        from the page cache])."""
+    def _read_buffered(
+        self, batch: _Batch, window: _Window, piece: Piece, src: int, n: int, dst: int
+    ) -> None:
+        """The chunk from the page cache into the segment, one copy (Note [one copy from the
+        page cache])."""
+        if not batch.huge_pages and window.send(piece, src, n, dst):
+            return
         with window.at(dst, n) as into:
             _read_exactly(piece.fd, into, src, piece.path)
 
@@ -519,6 +539,36 @@ class _Window:
         self.base = 0  # the segment offset the mapping starts at
         self.mapping: mmap.mmap | None = None
         self.view: memoryview | None = None
+        self.out = -1  # this window's own descriptor of the segment, for sendfile; -2: refused
+
+    def send(self, piece: Piece, src: int, n: int, dst: int) -> bool:
+        """``sendfile`` the piece's bytes ``[src, src + n)`` to the segment at ``dst``; False
+        where the checkpoint's file system cannot (nothing written then)."""
+        if self.out == -2:
+            return False
+        if self.out < 0:
+            # A new open file of the segment (not a dup): its file position is this window's.
+            self.out = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_CLOEXEC)
+        os.lseek(self.out, dst, os.SEEK_SET)
+        done = 0
+        while done < n:
+            try:
+                k = os.sendfile(self.out, piece.fd, src + done, n - done)
+            except OSError as e:
+                if done or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.close_out()
+                self.out = -2
+                return False
+            if k == 0:
+                raise _short(piece.path, src + done, src + n)
+            done += k
+        return True
+
+    def close_out(self) -> None:
+        if self.out >= 0:
+            os.close(self.out)
+        self.out = -1
 
     def at(self, offset: int, n: int) -> memoryview:
         """The segment's bytes ``[offset, offset + n)``, within the span."""
@@ -530,6 +580,7 @@ class _Window:
         return self.view[offset - self.base : offset - self.base + n]
 
     def close(self) -> None:
+        self.close_out()
         if self.view is not None:
             self.view.release()
             self.view = None
