@@ -285,9 +285,8 @@ def main() -> None:
 @click.option(
     "--load-readers",
     type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Reader threads that stream checkpoints into segments (README: Loading).",
+    default=None,
+    help="Reader threads that stream checkpoints into segments (README: Loading). [default: 16]",
 )
 @click.option(
     "--load-chunk", type=ByteCount(), default="8M", show_default=True, help="Bytes a reader copies at a time."
@@ -364,7 +363,8 @@ def serve(
         keep_going=keep_going,
         check=check,
         shm_dir=shm_dir,
-        load_readers=load_readers,
+        # the default is the daemon's own (weightd.daemon.stream): one number, in one place
+        **({} if load_readers is None else {"load_readers": load_readers}),
         load_chunk=load_chunk,
         load_direct=load_direct,
         load_parallel=load_parallel,
