@@ -17,7 +17,8 @@ One run, side by side, each row with the page cache dropped (``echo 3 >
 - ceilings, in the same run: raw ``O_DIRECT`` reads at 1, 4 and 16 streams, buffered reads
   with the cache dropped at 1 and 4 (readahead: faster than ``O_DIRECT`` on some disks); page cache ->
   shared memory (``preadv`` into an already-faulted mapping, 64 MiB chunks, 1 and 2 threads), and
-  into a new shm file whose pages are allocated on the clock (what every new segment pays).
+  into a new shm file whose pages are allocated on the clock (what every new segment pays), through
+  a mapping and by ``sendfile``.
 
 Then Hugging Face folders (a Llama sharded in 4 and a Mixtral MoE) against the same bytes as
 one safetensors file, and stops: SIGTERM and ``unload`` while a 3 and 8 GiB load runs.
@@ -208,10 +209,16 @@ def raw_buffered(path: Path, streams: int, chunk: int = 8 * MiB) -> float:
 
 
 def cache_to_shm(
-    path: Path, threads: int = 2, chunk: int = 8 * MiB, folder: str = "/dev/shm", fresh: bool = True
+    path: Path,
+    threads: int = 2,
+    chunk: int = 8 * MiB,
+    folder: str = "/dev/shm",
+    fresh: bool = True,
+    sendfile: bool = False,
 ) -> float:
-    """GB/s of filling a shm file from the (warm) page cache by ``preadv`` into a mapping of it,
-    ``threads`` threads taking ``chunk`` bytes each. ``fresh``: the file's pages are allocated
+    """GB/s of filling a shm file from the (warm) page cache by ``preadv`` into a mapping of it
+    (or ``sendfile`` into the file, each thread with its own descriptor of it), ``threads``
+    threads taking ``chunk`` bytes each. ``fresh``: the file's pages are allocated
     (``posix_fallocate``) on the clock, as any load into a new segment pays; otherwise they are
     allocated and faulted in (``MADV_POPULATE_WRITE``) before it starts: the copy alone."""
     size = path.stat().st_size
@@ -231,7 +238,29 @@ def cache_to_shm(
             with view[o : o + chunk] as into:
                 os.preadv(src, [into], o)
 
-        seconds = time.perf_counter() - t0 + _in_threads(threads, size, chunk, lambda: copy)
+        outs = []
+
+        def send():
+            out = os.open(shm, os.O_WRONLY)
+            outs.append(out)
+
+            def one(o):
+                os.lseek(out, o, os.SEEK_SET)
+                done, n = 0, min(chunk, size - o)
+                while done < n:
+                    done += os.sendfile(out, src, o + done, n - done)
+
+            return one
+
+        try:
+            seconds = (
+                time.perf_counter()
+                - t0
+                + _in_threads(threads, size, chunk, send if sendfile else lambda: copy)
+            )
+        finally:
+            for out in outs:
+                os.close(out)
         view.release()
         m.close()
         return size / seconds / 1e9
@@ -478,6 +507,10 @@ def part_files(b: Bench, args, res: dict, block: bytes) -> None:
         ceil["page cache -> new shm file x2 (pages allocated)"] = sorted(
             cache_to_shm(st) for _ in range(args.reps)
         )[args.reps // 2]
+        # the way weightd copies a cached chunk into 4 KiB pages (Note [one copy from the page cache])
+        ceil["page cache -> new shm file by sendfile x4 (pages allocated)"] = sorted(
+            cache_to_shm(st, 4, sendfile=True) for _ in range(args.reps)
+        )[args.reps // 2]
         for k, v in ceil.items():
             print(f"  ceiling {k:24s} {v:6.2f} GB/s", flush=True)
         if size in args.stop_sizes:
@@ -668,7 +701,7 @@ def report(res: dict, args) -> list[str]:
         ceil = rows.get("ceilings", {})
         raw = max((v for k, v in ceil.items() if k.startswith(("O_DIRECT", "buffered read"))), default=None)
         shm = max((v for k, v in ceil.items() if k.startswith("page cache -> shm")), default=None)
-        new = ceil.get("page cache -> new shm file x2 (pages allocated)")
+        new = max((v for k, v in ceil.items() if k.startswith("page cache -> new shm file")), default=None)
         lines += [
             f"\n### {label} safetensors (and the same tensors as .pt)\n",
             "| what | cold GB/s | warm GB/s | cold vs raw read | warm vs cache->shm "
