@@ -3,9 +3,9 @@
     python tests/fusefs.py MOUNTPOINT BACKING NAME BAD_OFFSET
 
 mounts a FUSE file system on MOUNTPOINT holding one read-only file, NAME, whose bytes are
-BACKING's, except that every read covering byte BAD_OFFSET (of the file's own) fails with EIO (what a disk with a
-bad sector, or a network file system losing its server, returns). It prints ``ready`` once
-mounted and serves until it is unmounted (``umount -l MOUNTPOINT``) or killed.
+BACKING's, except that every read covering byte BAD_OFFSET, where it is one of the file's, fails
+with EIO (what a disk with a bad sector, or a network file system losing its server, returns). It
+prints ``ready`` once mounted and serves until it is unmounted (``umount -l MOUNTPOINT``) or killed.
 
 It speaks the kernel's FUSE protocol on /dev/fuse itself (no libfuse, no package: nothing to
 install in CI), and only the few requests a reader of one file sends; the others are answered
