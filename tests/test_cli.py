@@ -61,17 +61,20 @@ def test_serve_maps_options_onto_config(captured, tmp_path):
     assert (c.socket, c.mode, c.max_bytes, c.instance) == (str(tmp_path / "s.sock"), 0o600, 1000, "x1")
 
 
-def test_the_readers_default_is_the_daemons_and_the_help_says_it(captured, tmp_path):
+def test_the_readers_defaults_are_the_daemons_and_the_help_says_them(captured, tmp_path):
     from weightd.daemon import stream
 
     sock = str(tmp_path / "s.sock")
     result = CliRunner().invoke(cli.main, ["serve", "--socket", sock])
     assert result.exit_code == 0, result.output
-    assert captured["config"].load_readers == stream.DEFAULT_READERS
-    result = CliRunner().invoke(cli.main, ["serve", "--socket", sock, "--load-readers", "3"])
-    assert captured["config"].load_readers == 3
+    c = captured["config"]
+    assert (c.load_readers, c.load_chunk) == (stream.DEFAULT_READERS, stream.DEFAULT_CHUNK)
+    args = ["serve", "--socket", sock, "--load-readers", "3", "--load-chunk", "2M"]
+    result = CliRunner().invoke(cli.main, args)
+    assert (captured["config"].load_readers, captured["config"].load_chunk) == (3, 2 << 20)
     help_text = " ".join(CliRunner().invoke(cli.main, ["serve", "--help"]).output.split())
     assert f"[default: {stream.DEFAULT_READERS}]" in help_text
+    assert f"[default: {stream.DEFAULT_CHUNK >> 20}M]" in help_text
 
 
 def test_every_option_is_an_environment_variable(captured, tmp_path):

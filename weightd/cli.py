@@ -286,10 +286,13 @@ def main() -> None:
     "--load-readers",
     type=click.IntRange(1, 64),
     default=None,
-    help="Reader threads that stream checkpoints into segments (README: Loading). [default: 16]",
+    help="Reader threads that stream checkpoints into segments (README: Loading). [default: 32]",
 )
 @click.option(
-    "--load-chunk", type=ByteCount(), default="8M", show_default=True, help="Bytes a reader copies at a time."
+    "--load-chunk",
+    type=ByteCount(),
+    default=None,
+    help="Bytes a reader copies at a time. [default: 4M]",
 )
 @click.option(
     "--load-direct",
@@ -363,9 +366,9 @@ def serve(
         keep_going=keep_going,
         check=check,
         shm_dir=shm_dir,
-        # the default is the daemon's own (weightd.daemon.stream): one number, in one place
+        # the defaults are the daemon's own (weightd.daemon.stream): one number, in one place
         **({} if load_readers is None else {"load_readers": load_readers}),
-        load_chunk=load_chunk,
+        **({} if load_chunk is None else {"load_chunk": load_chunk}),
         load_direct=load_direct,
         load_parallel=load_parallel,
     )
