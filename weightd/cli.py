@@ -286,13 +286,13 @@ def main() -> None:
     "--load-readers",
     type=click.IntRange(1, 64),
     default=None,
-    help="Reader threads that stream checkpoints into segments (README: Loading). [default: 32]",
+    help="Reader threads that stream checkpoints into segments (README: Loading). [default: 16]",
 )
 @click.option(
     "--load-chunk",
     type=ByteCount(),
     default=None,
-    help="Bytes a reader copies at a time. [default: 4M]",
+    help="Bytes a reader copies at a time. [default: 8M]",
 )
 @click.option(
     "--load-direct",

@@ -124,10 +124,11 @@ from weightd.errors import CheckpointError, ConfigError, OutOfSpace
 log = logging.getLogger("weightd")
 
 # Measured here, 3 GiB cold, daemons in turn (README: Loading): 4 x 8 MiB 1.86 GB/s, 16 x 8 MiB
-# 2.0-2.1; then 16 x 8 MiB 1.36, 32 x 4 MiB 1.56 (the disk slower that hour); warm alike. At most
-# readers x chunk = 128 MiB of buffers, in flight at a stop, as with 16 x 8 MiB.
-DEFAULT_READERS = 32
-DEFAULT_CHUNK = 4 << 20
+# 2.0-2.1; warm alike. 32 x 4 MiB read faster still (1.56 against 1.36 in a slower hour), but a
+# SIGTERM of an 8 GiB load then took 0.39 s (16 x 8 MiB: 0.22): 32 spans' windows to unmap at a
+# stop (Note [a window per span]). At most readers x chunk = 128 MiB of buffers.
+DEFAULT_READERS = 16
+DEFAULT_CHUNK = 8 << 20
 SPAN = 64 << 20  # contiguous bytes a reader takes at once (Note [a span per reader])
 WINDOW_ALIGN = 2 << 20  # a span's mapping starts at a huge page (Note [a window per span])
 MIN_CHUNK = 1 << 20
