@@ -28,14 +28,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import save_file
 
 from weightd import segment
 from weightd.client import AttachError, Client, attach, hf, state_dict
 from weightd.errors import CheckpointError, PermissionDenied
 
-from conftest import module_daemon, needs_root, own_model, wait_until, worker_env
+from conftest import lazy_module, module_daemon, needs_root, own_model, wait_until, worker_env
+
+transformers = lazy_module("transformers")  # at first use: not at every xdist worker's collection
 
 pytestmark = needs_root
 
