@@ -267,7 +267,7 @@ def _files_dir(mapping) -> str:
     finds its segment gone (a new generation replaced it, the daemon unloaded it). So workers
     that end by a signal leave nothing behind that outlives their generation.
     """
-    from weightd import segment
+    from weightd import entry
 
     manifest = mapping.manifest
     with _lock:
@@ -295,7 +295,7 @@ def _files_dir(mapping) -> str:
                     with open(target, "wb") as f:
                         f.write(mapping.storage_bytes(index))
                 with open(os.path.join(making, _SEGMENT_FILE), "w") as f:
-                    f.write(segment.Folder.announced(manifest.directory).file(seg))
+                    f.write(entry.file_in(entry.announced_directory(manifest.directory), seg))
                 try:
                     os.rename(making, path)
                 except OSError:

@@ -27,11 +27,11 @@ import warnings
 
 import torch
 
-from weightd import segment
+from weightd import entry
 from weightd.errors import SegmentError
 from weightd.manifest import DTYPE_SIZES, Manifest
 
-HUGE_PAGE = segment.HUGE_PAGE
+HUGE_PAGE = entry.HUGE_PAGE
 
 
 class Mapping:
@@ -44,8 +44,8 @@ class Mapping:
         self.manifest = manifest
         # shm_open(name) is open("/dev/shm/" + name) on Linux; opening the file directly finds
         # segments in the daemon's --shm-dir (the manifest says which) or wherever a container
-        # mounts them ($WEIGHTD_SHM_DIR). Note [one way into a segment] in weightd.segment.
-        fd = segment.open_announced(manifest, owner)
+        # mounts them ($WEIGHTD_SHM_DIR). Note [one way into a segment] in weightd.entry.
+        fd = entry.open_announced(manifest, owner)
         try:
             self.size = os.fstat(fd).st_size
             self._mmap = mmap.mmap(
@@ -64,10 +64,10 @@ class Mapping:
         GiB on huge pages; on 4 KiB pages it costs what touching them would (measured: slower
         than the faults it saves), hence ``attach``'s default. False where the kernel lacks
         ``MADV_POPULATE_READ`` (before 5.14): pages then come on first touch."""
-        return segment.populate(self._mmap)
+        return entry.populate(self._mmap)
 
     def _check(self, manifest: Manifest) -> None:
-        header = segment.read_header(self._view)
+        header = entry.read_header(self._view)
         if not header.sealed:
             raise SegmentError(
                 f"segment {manifest.segment} is not sealed: it was never finished and is not served"

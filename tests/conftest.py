@@ -54,7 +54,7 @@ class lazy_module:  # noqa: N801 (used as a module)
         self._name = name
 
     def __getattr__(self, attr: str):
-        if attr.startswith("_"):
+        if attr.startswith("_") and attr != "__version__":
             raise AttributeError(attr)
         return getattr(importlib.import_module(self._name), attr)
 

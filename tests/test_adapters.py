@@ -16,15 +16,15 @@ import uuid
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from conftest import lazy_module  # noqa: E402
+
+# transformers and peft are imported when a test first uses them: imported at collection they
+# would cost every xdist worker seconds of CPU (peft brings bitsandbytes, torchao and
+# accelerate), also the workers that never run this file
+transformers = lazy_module("transformers")
 # module fixtures save and load real models, and workers import torch and transformers:
 # minutes on a loaded machine
 pytestmark = pytest.mark.timeout(600)
-# peft is imported when a test first uses it: imported at collection it would cost every xdist
-# worker ~3 s of CPU (it brings bitsandbytes, torchao and accelerate), also the workers that never
-# run this file
-from conftest import lazy_module  # noqa: E402
-
 peft = lazy_module("peft")
 
 from click.testing import CliRunner  # noqa: E402

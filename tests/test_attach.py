@@ -12,7 +12,7 @@ from torch import nn
 from weightd.client import AttachError, attach, detach, info, state_dict
 from weightd.manifest import DTYPE_SIZES
 
-from conftest import mapped_ranges
+from conftest import mapped_ranges, module_daemon, own_model
 from models import TinyLM, build_tiny, trained_tiny
 
 
@@ -36,11 +36,33 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def test_every_dtype_round_trips_bit_exact_from_pt(tmp_path, make_daemon):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the tests that need only a model of their own in it (``loaded``): a daemon
+    that reads a torch.save checkpoint imports torch (~2 s of CPU), once here, not once a test."""
+    with module_daemon(tmp_path_factory) as d:
+        yield d
+
+
+@pytest.fixture
+def loaded(shared, request):
+    """``loaded(path)``: the checkpoint loaded in the module's daemon under this test's own model
+    name; returns (the daemon, that name). Unloaded when the test ends."""
+    with own_model(shared, request) as name:
+
+        def load(path):
+            with shared.client(timeout=120) as c:
+                c.load(str(path), name)
+            return shared, name
+
+        yield load
+
+
+def test_every_dtype_round_trips_bit_exact_from_pt(tmp_path, loaded):
     tensors = all_dtypes()
     torch.save(tensors, tmp_path / "all.pt")
-    d = make_daemon("--model", f"all={tmp_path / 'all.pt'}")
-    sd = state_dict("all", socket=d.socket)
+    d, name = loaded(tmp_path / "all.pt")
+    sd = state_dict(name, socket=d.socket)
     assert sorted(sd) == sorted(tensors)
     for k, t in tensors.items():
         assert same_bytes(sd[k], t), k
@@ -92,12 +114,12 @@ def test_sharded_safetensors_with_index(tmp_path, make_daemon):
     assert torch.equal(model(ids), m(ids))
 
 
-def test_tied_weights_views_and_slices_keep_their_storage(tmp_path, make_daemon):
+def test_tied_weights_views_and_slices_keep_their_storage(tmp_path, loaded):
     base = torch.arange(100, dtype=torch.float32).reshape(10, 10)
     views = {"base": base, "rows": base[2:5], "t": base.t(), "col": base[:, 3], "also_base": base}
     torch.save(views, tmp_path / "v.pt")
-    d = make_daemon("--model", f"v={tmp_path / 'v.pt'}")
-    sd = state_dict("v", socket=d.socket)
+    d, name = loaded(tmp_path / "v.pt")
+    sd = state_dict(name, socket=d.socket)
     ptrs = {k: t.untyped_storage().data_ptr() for k, t in sd.items()}
     assert len(set(ptrs.values())) == 1, "all five share one storage"
     for k, t in views.items():
@@ -106,14 +128,14 @@ def test_tied_weights_views_and_slices_keep_their_storage(tmp_path, make_daemon)
         assert torch.equal(sd[k], t), k
     # ...and that storage is in the segment once
     with d.client() as c:
-        assert c.list()[0]["nbytes"] == base.numel() * 4
+        assert next(m for m in c.list() if m["name"] == name)["nbytes"] == base.numel() * 4
 
 
-def test_attached_module_is_zero_copy_tied_and_complete(tmp_path, make_daemon):
+def test_attached_module_is_zero_copy_tied_and_complete(tmp_path, loaded):
     src = trained_tiny()
     torch.save(src.state_dict(), tmp_path / "lm.pt")  # head.weight and embed.weight share a storage
-    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
-    model = attach("lm", model=build_tiny, socket=d.socket)
+    d, name = loaded(tmp_path / "lm.pt")
+    model = attach(name, model=build_tiny, socket=d.socket)
 
     assert model.head.weight is model.embed.weight
     assert all(isinstance(p, nn.Parameter) and not p.requires_grad for p in model.parameters())
@@ -126,7 +148,7 @@ def test_attached_module_is_zero_copy_tied_and_complete(tmp_path, make_daemon):
     # No weight is copied: every persistent tensor lies inside a mapping of the segment, as the
     # kernel (not weightd) reports it in /proc/self/maps.
     a = info(model)
-    assert a.copies == 0 and a.name == "lm" and a.generation == 1
+    assert a.copies == 0 and a.name == name and a.generation == 1
     ranges = [(lo, hi) for lo, hi, path in mapped_ranges() if a.segment.lstrip("/") in path]
     assert ranges, "the segment is mapped"
     for name, t in model.state_dict().items():
@@ -134,30 +156,30 @@ def test_attached_module_is_zero_copy_tied_and_complete(tmp_path, make_daemon):
         assert any(lo <= ptr and ptr + t.numel() * t.element_size() <= hi for lo, hi in ranges), name
 
 
-def test_requires_grad_on_request_and_fine_tuning_stays_private(tmp_path, make_daemon):
+def test_requires_grad_on_request_and_fine_tuning_stays_private(tmp_path, loaded):
     torch.save(trained_tiny().state_dict(), tmp_path / "lm.pt")
-    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
-    model = attach("lm", model=build_tiny, socket=d.socket, requires_grad=True)
+    d, name = loaded(tmp_path / "lm.pt")
+    model = attach(name, model=build_tiny, socket=d.socket, requires_grad=True)
     assert all(p.requires_grad for p in model.parameters())
-    before = state_dict("lm", socket=d.socket)["blocks.0.1.weight"].clone()
+    before = state_dict(name, socket=d.socket)["blocks.0.1.weight"].clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.arange(8)).sum().backward()
     opt.step()
     assert not torch.equal(model.blocks[0][1].weight, before)
-    assert torch.equal(state_dict("lm", socket=d.socket)["blocks.0.1.weight"], before)
+    assert torch.equal(state_dict(name, socket=d.socket)["blocks.0.1.weight"], before)
 
 
-def test_module_given_as_instance_on_cpu_or_meta(tmp_path, make_daemon):
+def test_module_given_as_instance_on_cpu_or_meta(tmp_path, loaded):
     src = trained_tiny()
     torch.save(src.state_dict(), tmp_path / "lm.pt")
-    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
-    on_cpu = attach("lm", model=TinyLM(), socket=d.socket)
+    d, name = loaded(tmp_path / "lm.pt")
+    on_cpu = attach(name, model=TinyLM(), socket=d.socket)
     assert torch.equal(on_cpu.blocks[1][1].bias, src.blocks[1][1].bias) and info(on_cpu).copies == 0
     with torch.device("meta"):
         on_meta = TinyLM()
     # built on meta, its non-persistent buffer has no value anywhere: a clear error, not a meta tensor
     with pytest.raises(AttachError, match="inv_freq"):
-        attach("lm", model=on_meta, socket=d.socket)
+        attach(name, model=on_meta, socket=d.socket)
 
 
 def test_factory_given_at_load_time_builds_the_skeleton(tmp_path, make_daemon):
@@ -169,20 +191,20 @@ def test_factory_given_at_load_time_builds_the_skeleton(tmp_path, make_daemon):
     assert torch.equal(model(torch.arange(5)), src(torch.arange(5)))
 
 
-def test_no_skeleton_is_a_clear_error(tmp_path, make_daemon):
+def test_no_skeleton_is_a_clear_error(tmp_path, loaded):
     torch.save(trained_tiny().state_dict(), tmp_path / "lm.pt")
-    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
+    d, name = loaded(tmp_path / "lm.pt")
     with pytest.raises(AttachError, match="pass model="):
-        attach("lm", socket=d.socket)
+        attach(name, socket=d.socket)
 
 
-def test_wrong_skeleton_names_the_keys(tmp_path, make_daemon):
+def test_wrong_skeleton_names_the_keys(tmp_path, loaded):
     torch.save(trained_tiny().state_dict(), tmp_path / "lm.pt")
-    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
+    d, name = loaded(tmp_path / "lm.pt")
     with pytest.raises(AttachError, match="no place in the module"):
-        attach("lm", model=lambda: nn.Linear(3, 3), socket=d.socket)
+        attach(name, model=lambda: nn.Linear(3, 3), socket=d.socket)
     partial = attach(
-        "lm", model=lambda: nn.ModuleDict({"embed": nn.Embedding(64, 32)}), socket=d.socket, strict=False
+        name, model=lambda: nn.ModuleDict({"embed": nn.Embedding(64, 32)}), socket=d.socket, strict=False
     )
     assert partial["embed"].weight.shape == (64, 32)
 
@@ -203,10 +225,10 @@ def test_huggingface_folder_builds_from_config(tmp_path, make_daemon):
     assert info(model).copies == 0
 
 
-def test_detach_lets_go_of_the_mapping_and_keeps_the_structure(tmp_path, make_daemon):
+def test_detach_lets_go_of_the_mapping_and_keeps_the_structure(tmp_path, loaded):
     torch.save(trained_tiny().state_dict(), tmp_path / "lm.pt")
-    d = make_daemon("--model", f"lm={tmp_path / 'lm.pt'}")
-    model = attach("lm", model=build_tiny, socket=d.socket)
+    d, name = loaded(tmp_path / "lm.pt")
+    model = attach(name, model=build_tiny, socket=d.socket)
     segment = info(model).segment.lstrip("/")
     assert any(segment in path for _, _, path in mapped_ranges())
     detach(model)
@@ -216,5 +238,5 @@ def test_detach_lets_go_of_the_mapping_and_keeps_the_structure(tmp_path, make_da
     assert not any(segment in path for _, _, path in mapped_ranges()), "unmapped with the last tensor"
     assert model.head.weight is model.embed.weight and model.head.weight.is_meta
     assert info(model) is None
-    again = attach("lm", model=model, socket=d.socket)  # the same skeleton, attached again
+    again = attach(name, model=model, socket=d.socket)  # the same skeleton, attached again
     assert again is model and not model.embed.weight.is_meta

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from conftest import lazy_module  # noqa: E402
+
+transformers = lazy_module("transformers")  # at first use: not at every xdist worker's collection
 
 from hf_models import ARCHS, GENERATES, inputs, main_output, save, write_old_bert  # noqa: E402
 

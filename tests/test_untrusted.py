@@ -28,14 +28,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import save_file
 
 from weightd import segment
 from weightd.client import AttachError, Client, attach, hf, state_dict
 from weightd.errors import CheckpointError, PermissionDenied
 
-from conftest import module_daemon, needs_root, own_model, wait_until, worker_env
+from conftest import lazy_module, module_daemon, needs_root, own_model, wait_until, worker_env
+
+transformers = lazy_module("transformers")  # at first use: not at every xdist worker's collection
 
 pytestmark = needs_root
 
@@ -334,7 +335,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(300)  # builds and loads a 1000-layer folder
-def test_a_load_past_its_deadline_is_cancelled_and_its_loader_killed(tmp_path, make_daemon):
+def test_a_load_past_its_deadline_is_cancelled_and_its_loader_killed(tmp_path, served):
     warm = tmp_path / "warm"
     gpt2(warm)
     # a folder whose from_pretrained runs far longer than the deadline of 1 s (1000 layers, every
@@ -348,9 +349,9 @@ def test_a_load_past_its_deadline_is_cancelled_and_its_loader_killed(tmp_path, m
     weights = {k: torch.zeros(v.shape) for k, v in skeleton.state_dict().items() if k != "lm_head.weight"}
     save_file(weights, big / "model.safetensors")
     cfg.save_pretrained(big)
-    d = make_daemon()
+    d, name = served
     c = Client(d.socket, timeout=300)
-    c.load(str(warm), "warm")  # the loader process is up: the next load is a fork of it
+    c.load(str(warm), name)  # the loader process is up: the next load is a fork of it
     (loader_pid,) = _children(d.proc.pid)
     started = time.monotonic()
     result = subprocess.run(
@@ -375,7 +376,7 @@ def test_a_load_past_its_deadline_is_cancelled_and_its_loader_killed(tmp_path, m
     assert "deadline" in result.stderr
     assert time.monotonic() - started < 60
     wait_until(lambda: _children(loader_pid) == [], what="the load's process killed")
-    assert c.ping() and [m["name"] for m in c.list()] == ["warm"]
+    assert c.ping() and [m["name"] for m in c.list()] == [name]
     # the daemon itself never imported torch: the loads ran in the loader process
     maps = open(f"/proc/{d.proc.pid}/maps").read()
     assert "libtorch" not in maps and "transformers" not in maps

@@ -34,16 +34,8 @@ function here that touches a file: the daemon's when it starts, a client's from 
 daemon announced (``Manifest.directory``); ``$WEIGHTD_SHM_DIR`` in a client overrides it (a
 container that mounts the daemon's folder elsewhere).
 
-Note [one way into a segment]
------------------------------
-The shared-memory directory is writable by every user, so anything there may be planted: a
-symlink to another file, a FIFO that blocks whoever opens it, a directory, or a perfect copy of
-a segment with other weights, owned by someone else. Every open of a segment, by the daemon
-(adoption, commit, leases, page sizes, GPU copies), a client (``weightd.client.mapping``, its
-GPU and Hugging Face paths), ``purge`` and every integration, goes through ``open_entry``: no
-symlink followed, no blocking on a FIFO, a regular file only, of the daemon's user only, and a
-typed error out (``Planted``, an ``UnsafePath``). The daemon adopts, clients map and ``purge``
-removes only what passes.
+Note [one way into a segment] is in weightd.entry, with ``open_entry``, the header's reader and
+the segment names: what a worker needs to map a segment, imported without this module.
 
 Note [segment lifetime after unlink]
 ------------------------------------
@@ -78,34 +70,41 @@ import os
 import re
 import signal
 import stat
-import struct
-from collections import namedtuple
 from collections.abc import Callable, Iterator
 
-from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError, UnsafePath
+# The readers' part (weightd.entry), given here under this module's names too: segment.X is how
+# the daemon, purge and the integrations name them.
+from weightd.entry import (  # noqa: F401
+    DATA_OFFSET,
+    ENV_SHM_DIR,
+    FORMAT_VERSION,
+    HEADER,
+    HUGE_PAGE,
+    MADV_POPULATE_READ,
+    MAGIC,
+    PUBLISHED,
+    SEAL,
+    SEAL_OFFSET,
+    SEALED,
+    SHM_DIR,
+    SMALL_PAGE,
+    Header,
+    Planted,
+    announced_directory,
+    file_in,
+    is_name,
+    open_announced,
+    open_entry,
+    populate,
+    read_header,
+    read_seal,
+)
+from weightd.errors import ConfigError, OutOfSpace, PermissionDenied, SegmentError
 from weightd.manifest import Manifest
 
-MAGIC = b"WEIGHTD\0"
-FORMAT_VERSION = 2  # 2: the contents' uuid in the header
-SEALED = 0x2121_4445_4C41_4553  # b"SEALED!!" read little-endian
-PUBLISHED = 0x214E_4554_5449_5257  # b"WRITTEN!": finished by a publisher, not yet checked
-HEADER = struct.Struct("<8sIIQQQ16s")
-SEAL_OFFSET = 32
-SEAL = struct.Struct("<Q")  # the seal word: written by write_seal, read by read_seal, nowhere else
 WATERMARK_OFFSET = 56  # Note [the watermark]: Watermark writes it, read_watermark reads it
-DATA_OFFSET = 4096
-HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB granule) PMD size
-SMALL_PAGE = 4096
-MADV_POPULATE_READ = 22  # Linux 5.14: fault pages in, read-only, without copying a private one
 WRITE_CHUNK = 1 << 30  # Linux moves at most ~2 GiB per write or sendfile call
 RESERVE_STEP = 128 << 20  # reserved between two looks at a stop request (~20-60 ms here)
-
-SHM_DIR = "/dev/shm"
-ENV_SHM_DIR = "WEIGHTD_SHM_DIR"
-_NAME_START = "/weightd."
-# what may follow it: letters, digits, "_", ".", "-" (a set, not a regular expression: compiling
-# one is a measurable part of a fresh worker's import)
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 # --- names and where they live ---------------------------------------------------------------
@@ -152,14 +151,14 @@ class Folder:
         """Where a client finds the segments the daemon says are in ``directory`` (and, for a
         publisher, whether they get huge pages there): ``$WEIGHTD_SHM_DIR`` wins (the same
         folder, mounted elsewhere here)."""
-        return cls(os.environ.get(ENV_SHM_DIR) or directory or SHM_DIR, huge_asked)
+        return cls(announced_directory(directory), huge_asked)
 
     def __repr__(self) -> str:
         return f"Folder({self.path!r}, huge_asked={self.huge_asked!r})"
 
     def file(self, name: str) -> str:
         """The file behind segment ``name``: ``shm_open(name)`` is ``open(/dev/shm/name)``."""
-        return os.path.join(self.path, name.lstrip("/"))
+        return file_in(self.path, name)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.path)
@@ -199,12 +198,6 @@ class Folder:
 def prefix(instance: str) -> str:
     """The start of every segment name of a daemon instance (without the leading slash)."""
     return f"weightd.{instance}."
-
-
-def is_name(name: str) -> bool:
-    """Whether ``name`` (with its leading slash) can be a weightd segment's name."""
-    rest = name[len(_NAME_START) :]
-    return name.startswith(_NAME_START) and bool(rest) and _NAME_CHARS.issuperset(rest)
 
 
 def _gib(n: int) -> str:
@@ -481,14 +474,6 @@ def write_seal(fd: int, word: int) -> None:
     os.pwrite(fd, SEAL.pack(word), SEAL_OFFSET)
 
 
-def read_seal(buf) -> int:
-    """The seal word of a segment's first bytes (a mapping, or a read of its header); the one
-    place it is read."""
-    if len(buf) < SEAL_OFFSET + SEAL.size:
-        return 0
-    return SEAL.unpack_from(buf, SEAL_OFFSET)[0]
-
-
 # Note [the watermark]
 # --------------------
 # A load knows its segment's layout before any byte is read (the checkpoint's header says where
@@ -573,116 +558,6 @@ def read_watermark(buf) -> int:
     if len(buf) < WATERMARK_OFFSET + SEAL.size:
         return 0
     return SEAL.unpack_from(buf, WATERMARK_OFFSET)[0]
-
-
-# manifest_offset, manifest_length (bytes), sealed (bool), uuid (hex, as in the manifest); a
-# collections.namedtuple: Note [what a fresh worker's import pays for] in weightd.manifest
-Header = namedtuple("Header", "manifest_offset manifest_length sealed uuid")
-
-
-def read_header(buf) -> Header:
-    """The header of a mapped segment, checking the magic, version and bounds."""
-    if len(buf) < DATA_OFFSET:
-        raise SegmentError(f"segment is {len(buf)} bytes, shorter than its header")
-    magic, version, _, moff, mlen, _, uuid = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise SegmentError("segment does not start with the weightd magic")
-    if version != FORMAT_VERSION:
-        raise SegmentError(f"segment format {version}, this weightd reads {FORMAT_VERSION}")
-    if moff < DATA_OFFSET or moff + mlen > len(buf):
-        raise SegmentError("segment header points outside the segment")
-    return Header(moff, mlen, read_seal(buf) == SEALED, uuid.hex())
-
-
-class Planted(UnsafePath, SegmentError):
-    """A name in the shared-memory directory that is not a segment of the expected user: a
-    symlink, a directory, a FIFO, or a file of another user. Skipped, never followed, mapped
-    or removed."""
-
-
-def open_entry(
-    folder: Folder,
-    name: str,
-    flags: int = os.O_RDONLY,
-    owner: int | None = None,
-    *,
-    what: str = "",
-) -> int:
-    """A descriptor of segment ``name`` in ``folder``: the one way into a segment, for the daemon, clients,
-    purge and every integration (Note [one way into a segment]).
-
-    Opened without following a symlink or blocking on a FIFO; anything but a regular file, or
-    a file of another user than ``owner`` (the daemon's uid; None: any), is ``Planted`` (an
-    ``UnsafePath``). A name that is not there is a ``SegmentError``, one this user may not
-    open ``PermissionDenied``. ``what`` (" of 'bert'") goes into the messages.
-    """
-    if not is_name(name):
-        raise Planted(f"{name!r:.80}{what} is not a weightd segment name")
-    where = folder.file(name)
-    try:
-        fd = os.open(where, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SegmentError(
-            f"segment {where}{what} is gone (unloaded or replaced a moment ago, or this process sees "
-            "another shared-memory folder than the daemon: share the host's with --ipc=host or a mount "
-            f"and ${ENV_SHM_DIR})"
-        ) from None
-    except PermissionError:
-        with contextlib.suppress(OSError):
-            uid = os.lstat(where).st_uid
-            if owner is not None and uid != owner:  # another user's file, closed to us
-                raise Planted(_not_owner(where, what, uid, owner)) from None
-        raise PermissionDenied(
-            f"may not read segment {where}{what} ({_access(where)}): run as a member of the daemon's "
-            "group, and have the daemon grant its group read access (--mode 640, the default)"
-        ) from None
-    except OSError as e:
-        kind = "a symbolic link" if e.errno == errno.ELOOP else f"not a segment ({e.strerror})"
-        raise Planted(f"{where}{what} is {kind}: refusing it") from None
-    st = os.fstat(fd)
-    problem = None
-    if not stat.S_ISREG(st.st_mode):
-        kind = (
-            "a directory"
-            if stat.S_ISDIR(st.st_mode)
-            else "a FIFO"
-            if stat.S_ISFIFO(st.st_mode)
-            else "not a file"
-        )
-        problem = f"{where}{what} is {kind} (owner uid {st.st_uid}): refusing it"
-    elif owner is not None and st.st_uid != owner:
-        problem = _not_owner(where, what, st.st_uid, owner)
-    if problem is not None:
-        os.close(fd)
-        raise Planted(problem)
-    return fd
-
-
-def open_announced(manifest: Manifest, owner: int | None) -> int:
-    """A client's descriptor of the segment a daemon described in ``manifest``: in the folder it
-    announced (``Folder.announced``: the manifest's ``directory``, or ``$WEIGHTD_SHM_DIR``), a
-    file of uid ``owner`` (the daemon's, from the kernel), through ``open_entry``."""
-    folder = Folder.announced(manifest.directory)
-    return open_entry(folder, manifest.segment, owner=owner, what=f" of {manifest.name!r}")
-
-
-def _not_owner(where: str, what: str, uid: int, owner: int) -> str:
-    # The shared-memory folder is writable by every user.
-    return (
-        f"{where}{what} belongs to uid {uid}, not to the daemon's user (uid {owner}): another user put it "
-        "there; refusing it"
-    )
-
-
-def _access(where: str) -> str:
-    try:
-        st = os.stat(where)
-    except OSError:
-        return "mode unknown"
-    return (
-        f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}, group gid {st.st_gid}, "
-        f"you are uid {os.geteuid()}"
-    )
 
 
 def inspect(folder: Folder, name: str, *, seal: int = SEALED):
@@ -830,17 +705,6 @@ def page_size(folder: Folder, name: str) -> int:
     finally:
         os.close(fd)
     return HUGE_PAGE if pmd > 0 else SMALL_PAGE
-
-
-def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
-    """Fault ``m``'s pages in, read-only, with ``MADV_POPULATE_READ``: a private mapping's pages
-    stay the shared ones (never copied, unlike ``MAP_POPULATE``). False where the kernel (before
-    5.14) or Python does not have it: the pages then come on first touch, as without it."""
-    try:
-        m.madvise(MADV_POPULATE_READ, start, len(m) - start if length is None else length)
-    except (OSError, ValueError, AttributeError):
-        return False
-    return True
 
 
 def _smaps_pmd(needle: str) -> int:
