@@ -72,28 +72,25 @@ import signal
 import stat
 from collections.abc import Callable, Iterator
 
-# The readers' part (weightd.entry), given here under this module's names too: segment.X is how
-# the daemon, purge and the integrations name them.
-from weightd.entry import (  # noqa: F401
+# The readers' part of the format (weightd.entry), which the writer below uses too; the daemon
+# and purge reach them as segment.X.
+from weightd.entry import (
     DATA_OFFSET,
     ENV_SHM_DIR,
     FORMAT_VERSION,
     HEADER,
     HUGE_PAGE,
-    MADV_POPULATE_READ,
     MAGIC,
-    PUBLISHED,
+    PUBLISHED,  # noqa: F401 (not used here: the publishers, layout and peers name it segment.PUBLISHED)
     SEAL,
     SEAL_OFFSET,
     SEALED,
     SHM_DIR,
     SMALL_PAGE,
-    Header,
     Planted,
     announced_directory,
     file_in,
     is_name,
-    open_announced,
     open_entry,
     populate,
     read_header,

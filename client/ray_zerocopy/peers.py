@@ -120,7 +120,7 @@ import numpy as np
 import ray
 import xxhash
 
-from weightd import segment
+from weightd import entry, segment
 from weightd.client.connection import Connection
 from weightd.client.ray_zerocopy.daemons import ACTOR_PREFIX, NAMESPACE, agent, on_node
 from weightd.errors import ModelNotFound, SegmentError, TransferFailed, WeightdError
@@ -832,7 +832,7 @@ class _Mapped:
     checks it (the daemon's uid, the uuid), sealed or, ``streaming``, still being loaded."""
 
     def __init__(self, manifest: Manifest, owner: int, streaming: bool):
-        self.fd = segment.open_announced(manifest, owner)
+        self.fd = entry.open_announced(manifest, owner)
         try:
             self.mapping = mmap.mmap(
                 self.fd, os.fstat(self.fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
