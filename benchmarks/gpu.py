@@ -2,19 +2,23 @@
 
     python benchmarks/gpu.py [--mib 1024] [--device cuda:0]
 
-On one GPU, end to end: a model of ``--mib`` MiB is served by ``weightd serve --device``;
-1, 2 and 4 worker processes each get it on the GPU (a) through the daemon's copy (CUDA IPC),
-(b) by copying from shared memory themselves, (c) by loading the checkpoint themselves. GPU
-memory is read from ``torch.cuda.mem_get_info`` (device-wide) while all workers are alive,
-minus what as many idle processes with a CUDA context take. Also: attach latency, and
-pinned against unpinned host-to-device bandwidth from a shared-memory mapping. Prints a table,
-writes benchmarks/out/gpu.json and benchmarks/out/gpu.png. Exits at once without CUDA.
+On one GPU, end to end: a model of ``--mib`` MiB; 1, 2 and 4 worker processes each get it on
+the GPU (a) ``ipc``: views of the copy a daemon started with ``serve --device`` holds (CUDA IPC),
+(b) ``copy``: each copies it from a daemon's shared-memory segment to the GPU itself (a second
+daemon, without ``--device``; pinned), (c) ``load``: each loads the checkpoint itself
+(``safetensors.torch.load_file(device=...)``, the file in the page cache). GPU memory is read
+from ``torch.cuda.mem_get_info`` (device-wide) while all workers are alive, minus what as many
+idle processes with a CUDA context take. Times are each worker's, from its request to tensors
+ready on the GPU (its CUDA context made before). Also: host-to-device bandwidth from a
+shared-memory mapping, pinned against unpinned. Prints a table, writes benchmarks/out/gpu.json
+and benchmarks/out/gpu.png. Exits at once without CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,45 +117,54 @@ def main() -> int:
     path = tmp / "m.safetensors"
     per = args.mib * MiB // 4 // 256
     save_file({f"t{i}": torch.randn(per) for i in range(256)}, path)
-    rows, results = [], {"mib": args.mib, "device": torch.cuda.get_device_name(device), "runs": []}
-    with spawn.throwaway({"m": str(path)}, args=["--device", args.device]) as d:
-        sock = d.socket
-        before = gpu_used(device)  # the daemon's copy and context are in here
-        for n in (1, 2, 4):
-            _, idle = run_workers(n, "none", sock, str(path), args.device)
-            for method in ("ipc", "copy", "load"):
-                seconds, used = run_workers(n, method, sock, str(path), args.device)
-                weights = used - idle
-                run = {
-                    "workers": n,
-                    "method": method,
-                    "median_s": statistics.median(seconds),
-                    "gpu_bytes": weights,
-                }
-                results["runs"].append(run)
-                rows.append(
-                    (
-                        n,
-                        method,
-                        f"{run['median_s'] * 1e3:.1f} ms",
-                        f"{weights / MiB:,.0f} MiB",
-                        f"{weights / (args.mib * MiB):.2f}x model",
+    try:
+        rows, results = [], {"mib": args.mib, "device": torch.cuda.get_device_name(device), "runs": []}
+        # Two daemons: with --device a client always gets views of the daemon's GPU copy, so the
+        # copies from shared memory are measured against a daemon that holds none.
+        with (
+            spawn.throwaway({"m": str(path)}, args=["--device", args.device]) as gpu_daemon,
+            spawn.throwaway({"m": str(path)}) as shm_daemon,
+        ):
+            results["daemon_gpu_bytes"] = gpu_used(device)  # the daemon's copy and context
+            sockets = {"ipc": gpu_daemon.socket, "copy": shm_daemon.socket, "load": None}
+            for n in (1, 2, 4):
+                _, idle = run_workers(n, "none", gpu_daemon.socket, str(path), args.device)
+                load_s = None
+                for method in ("load", "ipc", "copy"):
+                    seconds, used = run_workers(n, method, sockets[method], str(path), args.device)
+                    weights = used - idle
+                    run = {
+                        "workers": n,
+                        "method": method,
+                        "median_s": statistics.median(seconds),
+                        "gpu_bytes": weights,
+                    }
+                    results["runs"].append(run)
+                    load_s = load_s or run["median_s"]
+                    rows.append(
+                        (
+                            n,
+                            method,
+                            f"{run['median_s'] * 1e3:.1f} ms",
+                            f"{run['median_s'] / load_s:.3f}x",
+                            f"{weights / MiB:,.0f} MiB",
+                            f"{weights / (args.mib * MiB):.2f}x model",
+                        )
                     )
-                )
-        results["daemon_gpu_bytes"] = before
-        results["h2d_gbps"] = {
-            "unpinned": bandwidth(args.mib, device, False, sock),
-            "pinned": bandwidth(args.mib, device, True, sock),
-        }
-    path.unlink(missing_ok=True)
+            results["h2d_gbps"] = {
+                "unpinned": bandwidth(args.mib, device, False, shm_daemon.socket),
+                "pinned": bandwidth(args.mib, device, True, shm_daemon.socket),
+            }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(
         f"model {args.mib} MiB on {results['device']}; GPU memory beyond the workers' CUDA contexts "
         "(the daemon's own copy is counted for every method alike)"
     )
-    print(f"{'workers':>7}  {'method':<6}  {'attach/load':>12}  {'GPU memory':>12}  {'':>12}")
+    print(f"{'workers':>7}  {'method':<6}  {'ready in':>10}  {'vs load':>8}  {'GPU memory':>12}  {'':>12}")
     for r in rows:
-        print(f"{r[0]:>7}  {r[1]:<6}  {r[2]:>12}  {r[3]:>12}  {r[4]:>12}")
+        print(f"{r[0]:>7}  {r[1]:<6}  {r[2]:>10}  {r[3]:>8}  {r[4]:>12}  {r[5]:>12}")
     h = results["h2d_gbps"]
     print(
         f"host-to-device from shared memory: unpinned {h['unpinned']:.2f} GB/s, pinned {h['pinned']:.2f} GB/s"
