@@ -126,7 +126,7 @@ def main() -> int:
             spawn.throwaway({"m": str(path)}) as shm_daemon,
         ):
             results["daemon_gpu_bytes"] = gpu_used(device)  # the daemon's copy and context
-            sockets = {"ipc": gpu_daemon.socket, "copy": shm_daemon.socket, "load": None}
+            sockets = {"ipc": gpu_daemon.socket, "copy": shm_daemon.socket, "load": "-"}
             for n in (1, 2, 4):
                 _, idle = run_workers(n, "none", gpu_daemon.socket, str(path), args.device)
                 load_s = None
