@@ -134,9 +134,9 @@ class Client(Connection):
 
         With ``device="cuda:N"``: views of the daemon's copy on that GPU through CUDA IPC where
         it holds one (``serve --device``), else a copy from shared memory to the device
-        (``pin=True`` pins the mapping for the copy, for full-speed transfers). ``timeout``:
-        seconds to wait for the daemon's answer [default: the Client's]. ``populate`` as for
-        ``attach``.
+        (``pin=True`` pins the mapping for the copy: measured slower than unpinned on an H200,
+        see the README's GPUs). ``timeout``: seconds to wait for the daemon's answer [default:
+        the Client's]. ``populate`` as for ``attach``.
         """
         with _gc_paused():
             return self._map(name, generation, device, pin, timeout, populate)[1]

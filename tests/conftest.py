@@ -147,6 +147,8 @@ def make_daemon(sock, instance):
     for d in started:
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
+            d.proc.wait()
+        d.remove_driver_files()  # GPU machines only (test_gpu.py)
 
 
 @contextlib.contextmanager

