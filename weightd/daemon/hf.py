@@ -74,7 +74,7 @@ POLL_SECONDS = 0.05  # how soon a stop or a deadline kills the loader process
 
 
 def read_folder(
-    folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None
+    folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None, early=None
 ) -> dict | None:
     """Load ``folder`` with ``from_pretrained`` in a loader process; returns the keywords of a
     ``checkpoint.Checkpoint`` (its blobs, tensors, skeleton, the open files the blobs copy
@@ -84,6 +84,9 @@ def read_folder(
     ``check()`` raises to stop the load (a stop, a passed deadline): the loader process is
     killed within ``POLL_SECONDS``. ``factory``: an operator-named class ("package.module:Class",
     weightd/daemon/classes.py) that the loader process imports and loads the folder with.
+    ``early(blobs)``: called (from this thread) with the weight files' storages the loader
+    process expects ``from_pretrained`` to keep as they are, before it runs it, for the caller to
+    start copying them (Note [copying while from_pretrained runs] in weightd/daemon/early.py).
     """
     check = check or (lambda: None)
     opened = _Opened(folder, within)
@@ -99,7 +102,7 @@ def read_folder(
             )
         # Hook (issue 24): a quantized format not served is refused before any weight is read.
         quantized.check(folder, found[0])
-        return _load(opened, *found, check, factory)
+        return _load(opened, *found, check, factory, early)
     except BaseException:
         opened.close()
         raise
@@ -332,7 +335,7 @@ def _is_dir(opened: _Opened, rel: str) -> bool:
 # --- the load --------------------------------------------------------------------------------
 
 
-def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: str | None) -> dict:
+def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: str | None, early=None) -> dict:
     folder = opened.folder
     weights, indexes = _weight_files(opened, config)
     extras = ["generation_config.json"] if opened.exists("generation_config.json") else []
@@ -342,7 +345,9 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
     weight_bytes = sum(os.fstat(opened.fds[w]).st_size for w in weights)
     check()
     started = time.perf_counter()
-    answer, memfd = _run_loader(opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory)
+    answer, memfd = _run_loader(
+        opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory, early
+    )
     seconds = time.perf_counter() - started
     keep = [os.fdopen(fd, "rb", closefd=True) for fd in opened.fds.values()]
     opened.fds = {rel: f.fileno() for rel, f in zip(opened.fds, keep)}
@@ -434,6 +439,30 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
     return blobs, tensors
 
 
+def _early_blobs(opened: _Opened, weights: list[str], ranges) -> list[tuple[Blob, int]]:
+    """The loader process's guess of the storages kept as they are (``loader._likely_views``),
+    checked as its answer is: each a (blob, item size), in range of its file, none overlapping."""
+    out = []
+    sizes = [os.fstat(opened.fds[w]).st_size for w in weights]
+    left = list(sizes)  # ranges that overlap would copy a file more than once
+    seen: set[tuple[int, int]] = set()
+    for r in ranges if isinstance(ranges, list) else []:
+        if not (isinstance(r, list) and len(r) == 4 and all(type(x) is int for x in r)):
+            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        k, offset, nbytes, itemsize = r
+        if not (0 <= k < len(weights) and 0 <= offset and 0 < nbytes and offset + nbytes <= sizes[k]):
+            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        left[k] -= nbytes
+        if itemsize not in (1, 2, 4, 8) or (k, offset) in seen or left[k] < 0:
+            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        seen.add((k, offset))
+        fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
+        out.append(
+            (Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown))), itemsize)
+        )
+    return out
+
+
 def _fd_fill(fd: int, offset: int, nbytes: int, shown):
     def fill(seg, dst_offset: int) -> None:
         try:
@@ -473,6 +502,7 @@ def _run_loader(
     weight_bytes: int,
     check,
     factory: str | None,
+    early=None,
 ) -> tuple[dict, int | None]:
     """Run one load in a fork of the loader process; its answer and memfd.
 
@@ -499,6 +529,7 @@ def _run_loader(
             "snapshot": snapshot,
             "memory": memory,
             "cpu_seconds": int(seconds) + 1,
+            "early": early is not None,
         }
         fds = [theirs.fileno(), stderr.fileno(), *(opened.fds[rel] for rel in weights + others)]
         pidfd = _LOADER.start(job, fds, lambda: _wait_check(check, deadline, opened, weight_bytes, seconds))
@@ -515,13 +546,20 @@ def _run_loader(
                 kill()
                 raise
             ready, _, _ = select.select([mine], [], [], POLL_SECONDS)
-            if ready:
+            if not ready:
+                continue
+            try:
+                answer, fds = loader.receive(mine)
+            except (OSError, ValueError, EOFError):
+                kill()
+                raise _died(opened.folder, pidfd, stderr, memory) from None
+            if "early" not in answer:
                 break
-        try:
-            answer, fds = loader.receive(mine)
-        except (OSError, ValueError, EOFError):
-            kill()
-            raise _died(opened.folder, pidfd, stderr, memory) from None
+            try:
+                early(_early_blobs(opened, weights, answer["early"]))
+            except BaseException:
+                kill()
+                raise
         if "error" in answer:
             for fd in fds:
                 os.close(fd)
