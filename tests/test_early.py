@@ -79,3 +79,64 @@ def test_a_stop_while_the_early_copy_runs_leaves_nothing(make_daemon, tmp_path):
     assert seconds < 3.0, f"SIGTERM took {seconds:.2f} s to act during an early copy"
     assert d.segments() == []
     assert "cancelled" in d.output()
+
+
+def test_what_the_loader_process_says_early_is_checked_as_its_answer_is(tmp_path):
+    from weightd.daemon import hf
+    from weightd.errors import CheckpointError
+
+    save_file({"a": torch.zeros(1024), "b": torch.zeros(1024)}, tmp_path / "model.safetensors")
+    opened = hf._Opened(tmp_path, None)
+    try:
+        opened.open("model.safetensors")
+        size = (tmp_path / "model.safetensors").stat().st_size
+
+        class Told:
+            def __init__(self):
+                self.calls = []
+
+            def views(self, blobs):
+                self.calls.append(("views", [(b.file[1], b.nbytes, n) for b, n in blobs]))
+
+            def converted(self, fd, total):
+                self.calls.append(("converted", total))
+
+            def written(self, upto):
+                self.calls.append(("written", upto))
+
+        told = Told()
+        weights = ["model.safetensors"]
+        assert hf._early(told, opened, weights, {"early": [[0, 96, 4096, 4]]}, [], None, 1 << 30) is None
+        assert told.calls == [("views", [(96, 4096, 4)])]
+        for wrong in (
+            [[1, 96, 4096, 4]],  # no such file
+            [[0, size - 8, 4096, 4]],  # past its end
+            [[0, 96, 4096, 3]],  # no dtype is 3 bytes
+            [[0, 96, 4096, 4], [0, 96, 4096, 4]],  # twice
+            [[0, 8, size - 8, 4], [0, 16, size - 16, 4]],  # more bytes than the file has
+            "all",
+        ):
+            try:
+                hf._early(told, opened, weights, {"early": wrong}, [], None, 1 << 30)
+            except CheckpointError as e:
+                assert "described its early copy wrongly" in str(e)
+            else:
+                raise AssertionError(f"{wrong!r} was taken")
+        # written before any memfd, or a memfd larger than the loader's memory, is refused
+        for message, fds, limit in (
+            ({"written": 10}, [], 1 << 30),
+            ({"converted": 1 << 31}, [os.memfd_create("t")], 1 << 30),
+        ):
+            try:
+                hf._early(told, opened, weights, message, fds, None, limit)
+            except CheckpointError:
+                pass
+            else:
+                raise AssertionError(f"{message!r} was taken")
+        fd = os.memfd_create("t")
+        assert hf._early(told, opened, weights, {"converted": 100}, [fd], None, 1 << 30) == fd
+        assert hf._early(told, opened, weights, {"written": 64}, [], fd, 1 << 30) == fd
+        assert told.calls[-2:] == [("converted", 100), ("written", 64)]
+        os.close(fd)
+    finally:
+        opened.close()

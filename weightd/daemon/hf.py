@@ -84,9 +84,11 @@ def read_folder(
     ``check()`` raises to stop the load (a stop, a passed deadline): the loader process is
     killed within ``POLL_SECONDS``. ``factory``: an operator-named class ("package.module:Class",
     weightd/daemon/classes.py) that the loader process imports and loads the folder with.
-    ``early(blobs)``: called (from this thread) with the weight files' storages the loader
-    process expects ``from_pretrained`` to keep as they are, before it runs it, for the caller to
-    start copying them (Note [copying while from_pretrained runs] in weightd/daemon/early.py).
+    ``early``: a copy started before the answer (``weightd.daemon.early.EarlyCopy``, Note
+    [copying while from_pretrained runs]), told from this thread ``views(blobs)``: the weight
+    files' storages the loader process expects ``from_pretrained`` to keep as they are, before it
+    runs it; ``converted(memfd, bytes)`` and ``written(upto)``: its memfd of converted tensors
+    and how far it has written it.
     """
     check = check or (lambda: None)
     opened = _Opened(folder, within)
@@ -104,6 +106,8 @@ def read_folder(
         quantized.check(folder, found[0])
         return _load(opened, *found, check, factory, early)
     except BaseException:
+        if early is not None:
+            early.stop()  # its readers read these files
         opened.close()
         raise
 
@@ -439,6 +443,33 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
     return blobs, tensors
 
 
+def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[int], memfd, memory: int):
+    """One of the loader process's messages before its answer (Note [copying while
+    from_pretrained runs] in weightd/daemon/early.py), checked and handed to ``early``: the
+    ranges it expects to stay untouched, then its memfd of converted tensors and how far it is
+    written. Returns the memfd (once received)."""
+    wrong = CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+    if "converted" in message:
+        total = message["converted"]
+        if memfd is not None or len(fds) != 1 or type(total) is not int or not 0 < total <= memory:
+            for fd in fds:
+                os.close(fd)
+            raise wrong
+        memfd = fds[0]
+        early.converted(memfd, total)
+        return memfd
+    for fd in fds:
+        os.close(fd)
+    if "written" in message:
+        upto = message["written"]
+        if memfd is None or type(upto) is not int:
+            raise wrong
+        early.written(upto)
+    else:
+        early.views(_early_blobs(opened, weights, message["early"]))
+    return memfd
+
+
 def _early_blobs(opened: _Opened, weights: list[str], ranges) -> list[tuple[Blob, int]]:
     """The loader process's guess of the storages kept as they are (``loader._likely_views``),
     checked as its answer is: each a (blob, item size), in range of its file, none overlapping."""
@@ -446,7 +477,9 @@ def _early_blobs(opened: _Opened, weights: list[str], ranges) -> list[tuple[Blob
     sizes = [os.fstat(opened.fds[w]).st_size for w in weights]
     left = list(sizes)  # ranges that overlap would copy a file more than once
     seen: set[tuple[int, int]] = set()
-    for r in ranges if isinstance(ranges, list) else []:
+    if not isinstance(ranges, list):
+        raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+    for r in ranges:
         if not (isinstance(r, list) and len(r) == 4 and all(type(x) is int for x in r)):
             raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
         k, offset, nbytes, itemsize = r
@@ -515,6 +548,7 @@ def _run_loader(
     """
     memory, seconds = limits(weight_bytes)
     deadline = time.monotonic() + seconds
+    memfd = None  # the converted tensors' memfd, if the loader process sent it early
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stderr = tempfile.TemporaryFile()
     snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # filled by the child, removed here
@@ -553,10 +587,10 @@ def _run_loader(
             except (OSError, ValueError, EOFError):
                 kill()
                 raise _died(opened.folder, pidfd, stderr, memory) from None
-            if "early" not in answer:
+            if not ({"early", "converted", "written"} & set(answer)):
                 break
             try:
-                early(_early_blobs(opened, weights, answer["early"]))
+                memfd = _early(early, opened, weights, answer, fds, memfd, memory)
             except BaseException:
                 kill()
                 raise
@@ -564,7 +598,16 @@ def _run_loader(
             for fd in fds:
                 os.close(fd)
             raise CheckpointError(answer["error"])
+        if memfd is not None:  # received early: the copy started from it names it so
+            for fd in fds:
+                os.close(fd)
+            return answer, memfd
         return answer, fds[0] if fds else None
+    except BaseException:
+        if memfd is not None:
+            early.stop()  # its readers read the memfd
+            os.close(memfd)
+        raise
     finally:
         if pidfd is not None:
             os.close(pidfd)

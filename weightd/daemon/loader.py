@@ -36,6 +36,7 @@ from weightd.daemon import classes, quantized
 from weightd.errors import CheckpointError
 
 MAX_ANSWER = 1 << 30
+WRITTEN_STEP = 32 << 20  # converted bytes written between two reports to the daemon
 # Elements the config may imply beyond those in the weight files (buffers the files need not
 # hold, such as position ids) before the gap is "a config describing another model".
 SLACK_ELEMENTS = 1 << 20
@@ -247,6 +248,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     import transformers
 
     from weightd import layout
+    from weightd.manifest import align_up, storage_alignment
 
     folder, snapshot = job["folder"], job["snapshot"]
     stages: dict[str, float] = {}  # seconds of each step: the daemon logs them (where time goes)
@@ -309,6 +311,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     maps = _file_maps(job["weight_fds"])
     blobs, tensors, converted, converted_bytes = [], [], [], 0
     memfd, mem_size = None, 0
+    to_write = []  # (memfd offset, the storage's bytes)
     by_storage: dict[tuple[int, int], int] = {}
     for name, t in state.items():
         t = layout.plain(t, name, folder)
@@ -321,11 +324,10 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             if where is not None:
                 blobs.append({"nbytes": storage.nbytes(), "file": where[0], "offset": where[1]})
             else:
-                if memfd is None:
-                    memfd = os.memfd_create("weightd-converted", os.MFD_CLOEXEC)
-                offset = (mem_size + 63) // 64 * 64
-                data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-                _pwrite_all(memfd, memoryview(data).cast("B"), offset)
+                # aligned as layout.place aligns what it places after the files' storages: the
+                # daemon may put the memfd's bytes into the segment as they lie here
+                offset = align_up(mem_size, storage_alignment(storage.nbytes()))
+                to_write.append((offset, torch.empty(0, dtype=torch.uint8).set_(storage).numpy()))
                 mem_size = offset + storage.nbytes()
                 blobs.append({"nbytes": storage.nbytes(), "memfd": offset})
                 converted_bytes += storage.nbytes()
@@ -335,6 +337,17 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         tensors.append(
             [name, index, t.storage_offset() * t.element_size(), dtype, list(t.shape), list(t.stride())]
         )
+    if to_write:
+        memfd = os.memfd_create("weightd-converted", os.MFD_CLOEXEC)
+        if job.get("early"):  # the daemon copies each as it is written: Note [copying while ...]
+            send(job["sock"], {"converted": mem_size}, [memfd])
+        told = 0
+        for i, (offset, data) in enumerate(to_write):
+            _pwrite_all(memfd, memoryview(data).cast("B"), offset)
+            upto = offset + data.nbytes
+            if job.get("early") and (upto - told >= WRITTEN_STEP or i == len(to_write) - 1):
+                send(job["sock"], {"written": upto})
+                told = upto
     stage("layout")  # where each storage is: a file's bytes, or copied into the memfd
     generation = (
         model.generation_config.to_diff_dict()

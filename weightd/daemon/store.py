@@ -258,11 +258,15 @@ class Store:
         check()
         self._set_progress(name, (0, 0))  # loading from now on (metrics), the total once it is read
         # Note [copying while from_pretrained runs] (weightd/daemon/early.py)
-        ahead = early.EarlyCopy(self.readers, self.folder, check, self.folder.huge_asked is not None)
+        early_manifest: list[Manifest] = []
 
-        def begin(blobs) -> None:
-            ahead.manifest = self.new_manifest(name, source=files.real_path(path), format="huggingface")
-            ahead.start(ahead.manifest.segment, blobs, self.mode, self._owner())
+        def create(size: int) -> segment.Segment:
+            early_manifest.append(self.new_manifest(name, source=files.real_path(path), format="huggingface"))
+            return segment.Segment.create(
+                self.folder, early_manifest[0].segment, size, self.mode, self._owner(), reserved=False
+            )
+
+        ahead = early.EarlyCopy(self.readers, self.folder, check, self.folder.huge_asked is not None, create)
 
         try:
             if base is not None:  # Hook (issue 24): PEFT adapters by name, weightd/daemon/adapters.py
@@ -276,7 +280,7 @@ class Store:
                     within=within,
                     check=check,
                     factory=factory,
-                    early=begin,
+                    early=ahead,
                 )
         except BaseException:
             ahead.abandon()
@@ -299,7 +303,7 @@ class Store:
                 keys = [(b.file[0], b.file[1], b.nbytes) if b.file is not None else None for b in ck.blobs]
                 ahead.finish(set(keys))
                 fixed = {i: ahead.offsets[k] for i, k in enumerate(keys) if k in ahead.offsets}
-                manifest = ahead.manifest
+                manifest = early_manifest[0]
             else:
                 manifest = self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
