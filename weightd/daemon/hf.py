@@ -449,6 +449,10 @@ def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[
     ranges it expects to stay untouched, then its memfd of converted tensors and how far it is
     written. Returns the memfd (once received)."""
     wrong = CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+    if early is None:  # not asked for
+        for fd in fds:
+            os.close(fd)
+        raise wrong
     if "converted" in message:
         total = message["converted"]
         if memfd is not None or len(fds) != 1 or type(total) is not int or not 0 < total <= memory:

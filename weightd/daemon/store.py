@@ -261,7 +261,11 @@ class Store:
         early_manifest: list[Manifest] = []
 
         def create(size: int) -> segment.Segment:
-            early_manifest.append(self.new_manifest(name, source=files.real_path(path), format="huggingface"))
+            self.check_space(name, size, ahead.reserved)  # OutOfSpace: no early copy
+            if not early_manifest:  # once, also if a first try found no space
+                early_manifest.append(
+                    self.new_manifest(name, source=files.real_path(path), format="huggingface")
+                )
             return segment.Segment.create(
                 self.folder, early_manifest[0].segment, size, self.mode, self._owner(), reserved=False
             )
@@ -304,6 +308,8 @@ class Store:
                 ahead.finish(set(keys))
                 fixed = {i: ahead.offsets[k] for i, k in enumerate(keys) if k in ahead.offsets}
                 manifest = early_manifest[0]
+            elif early_manifest:  # made for an early copy that found no space
+                manifest = early_manifest[0]
             else:
                 manifest = self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
@@ -318,7 +324,7 @@ class Store:
                 # what the reader computed rather than copied (Hugging Face folders)
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
-            self.check_space(name, ck.nbytes)
+            self.check_space(name, ck.nbytes, ahead.reserved)
             copied: list[stream.Report] = []
 
             def copy(seg, placed, progress) -> None:
@@ -502,8 +508,9 @@ class Store:
                 extra={"model": m.name, "generation": m.generation},
             )
 
-    def check_space(self, name: str, nbytes: int) -> None:
-        if nbytes > self.folder.free_bytes():
+    def check_space(self, name: str, nbytes: int, reserved: int = 0) -> None:
+        """``reserved``: bytes of the load's own segment reserved already (its early copy)."""
+        if nbytes - reserved > self.folder.free_bytes():
             raise OutOfSpace(self.folder.no_space_message(nbytes))
         if self.max_bytes is None:
             return
