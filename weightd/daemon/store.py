@@ -336,9 +336,11 @@ class Store:
                 ]
                 # Hook (issue 23): how far the segment is written, for peers copying it meanwhile
                 mark = segment.Watermark(seg.fd, [(o, b.nbytes) for b, o in placed])
+                before = 0  # the early copy's bytes: progress counts them as done
                 for b, o in placed:
                     if o < ahead.end:
                         mark.written(o, b.nbytes)
+                        before += b.nbytes
                 with self.lock:
                     self._streaming[name] = (manifest, mark)
                 copied.append(
@@ -346,7 +348,7 @@ class Store:
                         seg.fd,
                         stream.pieces(streamed),
                         check=check,
-                        progress=progress,
+                        progress=progress and (lambda done, total: progress(before + done, before + total)),
                         reserving=segment.reservation(seg.fd, seg.size, self.folder, start=ahead.reserved),
                         written=mark.written,
                         huge_pages=self.folder.huge_asked is not None,
