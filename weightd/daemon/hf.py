@@ -197,6 +197,17 @@ class _Descriptor:
             self.fd = -1
 
 
+class _Memfd(_Descriptor):
+    """The loader's memfd of converted tensors. Its last close frees its pages (672 MiB for a
+    Mixtral: 0.05-0.08 s measured, on the load's clock before the model was served), so it is
+    closed on a thread of its own."""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            threading.Thread(target=os.close, args=(self.fd,), name="weightd-free", daemon=True).start()
+            self.fd = -1
+
+
 def _config(opened: _Opened) -> tuple[dict, bytes] | None:
     """config.json parsed from its descriptor (and its bytes), if it names a model type."""
     if not opened.exists("config.json"):
@@ -356,7 +367,7 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
     keep = [os.fdopen(fd, "rb", closefd=True) for fd in opened.fds.values()]
     opened.fds = {rel: f.fileno() for rel, f in zip(opened.fds, keep)}
     if memfd is not None:
-        keep.append(os.fdopen(memfd, "rb"))
+        keep.append(_Memfd(memfd))
     try:
         opened.verify()
         blobs, tensors = _blobs(opened, answer, weights, memfd)
