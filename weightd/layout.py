@@ -7,6 +7,7 @@ module): both describe what they have as blobs, one per storage, and tensors ove
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -170,8 +171,18 @@ class _Watched:
             self._tick(n)
 
 
-def place(blobs: list[Blob], tensors: list[TensorMeta]) -> list[StorageMeta]:
+def place(
+    blobs: list[Blob],
+    tensors: list[TensorMeta],
+    *,
+    fixed: dict[int, int] | None = None,
+    start: int = segment.DATA_OFFSET,
+) -> list[StorageMeta]:
     """Where each blob goes in the segment (Note [a storage where its file has it]).
+
+    ``fixed``: blob index -> an offset decided before (a copy started early: Note [copying while
+    from_pretrained runs] in weightd.daemon.early); it is kept where it suits the blob's
+    dtypes, and every other blob goes at ``start`` or after.
 
     Blobs read from a file go first, in file order, each at the first offset that agrees with its
     file offset modulo ``PAGE_ALIGN``, where that offset suits its tensors' dtypes; every other
@@ -204,9 +215,14 @@ def place(blobs: list[Blob], tensors: list[TensorMeta]) -> list[StorageMeta]:
         key=lambda i: (0, files[blobs[i].file[0]], blobs[i].file[1]) if blobs[i].file else (1, i, 0),
     )
     storages: list[StorageMeta | None] = [None] * len(blobs)
-    offset = segment.DATA_OFFSET
+    for i, at in (fixed or {}).items():
+        if at % itemsize[i] == 0:
+            storages[i] = StorageMeta(at, blobs[i].nbytes)
+    offset = start
     for i in order:
         blob = blobs[i]
+        if storages[i] is not None:
+            continue
         if blob.file is not None and blob.file[1] % itemsize[i] == 0:
             offset += (blob.file[1] - offset) % PAGE_ALIGN
         else:
@@ -229,6 +245,9 @@ def write(
     copy: Callable[["segment.Segment", list[tuple[Blob, int]], Callable[[int, int], None] | None], None]
     | None = None,
     check: Callable[[], None] | None = None,
+    started: "segment.Segment | None" = None,
+    fixed: dict[int, int] | None = None,
+    start: int = segment.DATA_OFFSET,
 ) -> int:
     """Create ``manifest.segment``, fill it from ``blobs``, seal it; returns its size.
 
@@ -245,15 +264,24 @@ def write(
     parallel readers, ``weightd.daemon.stream``) instead of one ``fill`` after another, and
     reserves the whole segment (``segment.reservation``) on the way.
     ``check()`` raises to stop, also between the steps of reserving the segment's pages.
+
+    ``started``: ``manifest.segment`` created already, unsealed, its bytes before ``start`` being
+    written by a copy started early, the blobs in ``fixed`` (index -> offset) among them (Note
+    [copying while from_pretrained runs] in weightd.daemon.early); it is resized here, and
+    ``copy`` is told which blobs are there already by their offsets.
     """
-    storages = place(blobs, manifest.tensors)
+    storages = place(blobs, manifest.tensors, fixed=fixed, start=start)
     offset = max((s.offset + s.nbytes for s in storages), default=segment.DATA_OFFSET)
     manifest_offset = align_up(offset, PAGE_ALIGN)
     manifest.storages = storages
     manifest.validate(segment.DATA_OFFSET, manifest_offset)
     encoded = manifest.to_json()
     size = folder.rounded_size(manifest_offset + len(encoded))
-    if reuse is not None:
+    if started is not None:
+        seg = started
+        os.ftruncate(seg.fd, size)  # reserved by ``copy`` (a smaller size frees what is past it)
+        seg.size = size
+    elif reuse is not None:
         seg = segment.Segment.reopen(folder, manifest.segment, size, reuse, check)
     else:
         # With ``copy``, reserved while it writes (Note [reserving while writing])

@@ -391,16 +391,16 @@ def reserve(fd: int, size: int, folder: Folder, check: Callable[[], None] | None
             check()
 
 
-def reservation(fd: int, size: int, folder: Folder) -> Iterator[int]:
+def reservation(fd: int, size: int, folder: Folder, start: int = 0) -> Iterator[int]:
     """``reserve`` step by step: sizes the file (a segment in ``folder``), then reserves
-    ``RESERVE_STEP`` bytes at a time, yielding the offset reserved up to after each step (Note
-    [reserving while writing])."""
+    ``RESERVE_STEP`` bytes at a time from ``start`` (what is before it is reserved already),
+    yielding the offset reserved up to after each step (Note [reserving while writing])."""
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
-        for start in range(0, size, RESERVE_STEP):
-            end = min(start + RESERVE_STEP, size)
-            os.posix_fallocate(fd, start, end - start)
+        for step in range(start, size, RESERVE_STEP):
+            end = min(step + RESERVE_STEP, size)
+            os.posix_fallocate(fd, step, end - step)
             yield end
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):

@@ -92,15 +92,19 @@ def read(
     within: list[str] | None = None,
     check: Callable[[], None] | None = None,
     factory: str | None = None,
+    early: Callable | None = None,
 ) -> Checkpoint:
-    """Open and validate a checkpoint file or folder; nothing is copied yet.
+    """Open and validate a checkpoint file or folder; nothing is copied yet (but what
+    ``early(blobs)`` starts copying: a Hugging Face folder's, ``hf.read_folder``).
 
     ``within``: folders every file read must lie in, after resolving symlinks (``--model-dir``:
     a shard in an allowed folder may be a symlink to anywhere). ``check()``, called between
     files and stages, raises to stop (``weightd.daemon.loads``: a stop, a passed deadline).
     """
     try:
-        return _read(Path(path), allow_pickle=allow_pickle, within=within, check=check, factory=factory)
+        return _read(
+            Path(path), allow_pickle=allow_pickle, within=within, check=check, factory=factory, early=early
+        )
     except OSError as e:  # the disk, the network file system or the file itself failed a read
         raise read_failed(e.filename or path, e) from None
 
@@ -118,13 +122,16 @@ def _read(
     within: list[str] | None,
     check: Callable[[], None] | None,
     factory: str | None = None,
+    early: Callable | None = None,
 ) -> Checkpoint:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder: check the path given to --model or load")
     if within is not None:
         check_within(p, within)
     if p.is_dir():
-        ck = _read_folder(p, allow_pickle=allow_pickle, within=within, check=check, factory=factory)
+        ck = _read_folder(
+            p, allow_pickle=allow_pickle, within=within, check=check, factory=factory, early=early
+        )
         ck.files.append(identity(p))  # a shard added or removed changes the folder's mtime
         return ck
     try:
@@ -400,9 +407,10 @@ def _read_folder(
     within: list[str] | None,
     check: Callable[[], None] | None,
     factory: str | None = None,
+    early: Callable | None = None,
 ) -> Checkpoint:
     """A Hugging Face model folder (config.json and weights), or a folder of weight files."""
-    found = hf.read_folder(folder, within=within, check=check, factory=factory)
+    found = hf.read_folder(folder, within=within, check=check, factory=factory, early=early)
     if found is not None:
         return Checkpoint(**found)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

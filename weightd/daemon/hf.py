@@ -74,7 +74,7 @@ POLL_SECONDS = 0.05  # how soon a stop or a deadline kills the loader process
 
 
 def read_folder(
-    folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None
+    folder: Path, *, within: list[str] | None = None, check=None, factory: str | None = None, early=None
 ) -> dict | None:
     """Load ``folder`` with ``from_pretrained`` in a loader process; returns the keywords of a
     ``checkpoint.Checkpoint`` (its blobs, tensors, skeleton, the open files the blobs copy
@@ -84,6 +84,11 @@ def read_folder(
     ``check()`` raises to stop the load (a stop, a passed deadline): the loader process is
     killed within ``POLL_SECONDS``. ``factory``: an operator-named class ("package.module:Class",
     weightd/daemon/classes.py) that the loader process imports and loads the folder with.
+    ``early``: a copy started before the answer (``weightd.daemon.early.EarlyCopy``, Note
+    [copying while from_pretrained runs]), told from this thread ``views(blobs)``: the weight
+    files' storages the loader process expects ``from_pretrained`` to keep as they are, before it
+    runs it; ``converted(memfd, bytes)`` and ``written(upto)``: its memfd of converted tensors
+    and how far it has written it.
     """
     check = check or (lambda: None)
     opened = _Opened(folder, within)
@@ -99,8 +104,10 @@ def read_folder(
             )
         # Hook (issue 24): a quantized format not served is refused before any weight is read.
         quantized.check(folder, found[0])
-        return _load(opened, *found, check, factory)
+        return _load(opened, *found, check, factory, early)
     except BaseException:
+        if early is not None:
+            early.stop()  # its readers read these files
         opened.close()
         raise
 
@@ -187,6 +194,17 @@ class _Descriptor:
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
+
+
+class _Memfd(_Descriptor):
+    """The loader's memfd of converted tensors. Its last close frees its pages (672 MiB for a
+    Mixtral: 0.05-0.08 s measured, on the load's clock before the model was served), so it is
+    closed on a thread of its own."""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            threading.Thread(target=os.close, args=(self.fd,), name="weightd-free", daemon=True).start()
             self.fd = -1
 
 
@@ -332,7 +350,7 @@ def _is_dir(opened: _Opened, rel: str) -> bool:
 # --- the load --------------------------------------------------------------------------------
 
 
-def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: str | None) -> dict:
+def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: str | None, early=None) -> dict:
     folder = opened.folder
     weights, indexes = _weight_files(opened, config)
     extras = ["generation_config.json"] if opened.exists("generation_config.json") else []
@@ -342,12 +360,14 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
     weight_bytes = sum(os.fstat(opened.fds[w]).st_size for w in weights)
     check()
     started = time.perf_counter()
-    answer, memfd = _run_loader(opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory)
+    answer, memfd = _run_loader(
+        opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory, early
+    )
     seconds = time.perf_counter() - started
     keep = [os.fdopen(fd, "rb", closefd=True) for fd in opened.fds.values()]
     opened.fds = {rel: f.fileno() for rel, f in zip(opened.fds, keep)}
     if memfd is not None:
-        keep.append(os.fdopen(memfd, "rb"))
+        keep.append(_Memfd(memfd))
     try:
         opened.verify()
         blobs, tensors = _blobs(opened, answer, weights, memfd)
@@ -434,6 +454,63 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
     return blobs, tensors
 
 
+def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[int], memfd, memory: int):
+    """One of the loader process's messages before its answer (Note [copying while
+    from_pretrained runs] in weightd/daemon/early.py), checked and handed to ``early``: the
+    ranges it expects to stay untouched, then its memfd of converted tensors and how far it is
+    written. Returns the memfd (once received)."""
+    wrong = CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+    if early is None:  # not asked for
+        for fd in fds:
+            os.close(fd)
+        raise wrong
+    if "converted" in message:
+        total = message["converted"]
+        if memfd is not None or len(fds) != 1 or type(total) is not int or not 0 < total <= memory:
+            for fd in fds:
+                os.close(fd)
+            raise wrong
+        memfd = fds[0]
+        early.converted(memfd, total)
+        return memfd
+    for fd in fds:
+        os.close(fd)
+    if "written" in message:
+        upto = message["written"]
+        if memfd is None or type(upto) is not int:
+            raise wrong
+        early.written(upto)
+    else:
+        early.views(_early_blobs(opened, weights, message["early"]))
+    return memfd
+
+
+def _early_blobs(opened: _Opened, weights: list[str], ranges) -> list[tuple[Blob, int]]:
+    """The loader process's guess of the storages kept as they are (``loader._likely_views``),
+    checked as its answer is: each a (blob, item size), in range of its file, none overlapping."""
+    out = []
+    sizes = [os.fstat(opened.fds[w]).st_size for w in weights]
+    left = list(sizes)  # ranges that overlap would copy a file more than once
+    seen: set[tuple[int, int]] = set()
+    if not isinstance(ranges, list):
+        raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 4 and all(type(x) is int for x in r)):
+            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        k, offset, nbytes, itemsize = r
+        if not (0 <= k < len(weights) and 0 <= offset and 0 < nbytes and offset + nbytes <= sizes[k]):
+            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        left[k] -= nbytes
+        if itemsize not in (1, 2, 4, 8) or (k, offset) in seen or left[k] < 0:
+            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        seen.add((k, offset))
+        fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
+        out.append(
+            (Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown))), itemsize)
+        )
+    return out
+
+
 def _fd_fill(fd: int, offset: int, nbytes: int, shown):
     def fill(seg, dst_offset: int) -> None:
         try:
@@ -473,6 +550,7 @@ def _run_loader(
     weight_bytes: int,
     check,
     factory: str | None,
+    early=None,
 ) -> tuple[dict, int | None]:
     """Run one load in a fork of the loader process; its answer and memfd.
 
@@ -485,6 +563,7 @@ def _run_loader(
     """
     memory, seconds = limits(weight_bytes)
     deadline = time.monotonic() + seconds
+    memfd = None  # the converted tensors' memfd, if the loader process sent it early
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stderr = tempfile.TemporaryFile()
     snapshot = tempfile.mkdtemp(prefix="weightd-load-")  # filled by the child, removed here
@@ -499,6 +578,7 @@ def _run_loader(
             "snapshot": snapshot,
             "memory": memory,
             "cpu_seconds": int(seconds) + 1,
+            "early": early is not None,
         }
         fds = [theirs.fileno(), stderr.fileno(), *(opened.fds[rel] for rel in weights + others)]
         pidfd = _LOADER.start(job, fds, lambda: _wait_check(check, deadline, opened, weight_bytes, seconds))
@@ -515,18 +595,34 @@ def _run_loader(
                 kill()
                 raise
             ready, _, _ = select.select([mine], [], [], POLL_SECONDS)
-            if ready:
+            if not ready:
+                continue
+            try:
+                answer, fds = loader.receive(mine)
+            except (OSError, ValueError, EOFError):
+                kill()
+                raise _died(opened.folder, pidfd, stderr, memory) from None
+            if not ({"early", "converted", "written"} & set(answer)):
                 break
-        try:
-            answer, fds = loader.receive(mine)
-        except (OSError, ValueError, EOFError):
-            kill()
-            raise _died(opened.folder, pidfd, stderr, memory) from None
+            try:
+                memfd = _early(early, opened, weights, answer, fds, memfd, memory)
+            except BaseException:
+                kill()
+                raise
         if "error" in answer:
             for fd in fds:
                 os.close(fd)
             raise CheckpointError(answer["error"])
+        if memfd is not None:  # received early: the copy started from it names it so
+            for fd in fds:
+                os.close(fd)
+            return answer, memfd
         return answer, fds[0] if fds else None
+    except BaseException:
+        if memfd is not None:
+            early.stop()  # its readers read the memfd
+            os.close(memfd)
+        raise
     finally:
         if pidfd is not None:
             os.close(pidfd)

@@ -22,6 +22,7 @@ are stdlib, for the daemon's side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -35,6 +36,7 @@ from weightd.daemon import classes, quantized
 from weightd.errors import CheckpointError
 
 MAX_ANSWER = 1 << 30
+WRITTEN_STEP = 32 << 20  # converted bytes written between two reports to the daemon
 # Elements the config may imply beyond those in the weight files (buffers the files need not
 # hold, such as position ids) before the gap is "a config describing another model".
 SLACK_ELEMENTS = 1 << 20
@@ -193,6 +195,7 @@ def _child(job: dict, fds: list[int]) -> None:
         for rel, fd in zip(job["files"], fds[2:]):
             os.symlink(f"/proc/self/fd/{fd}", os.path.join(snapshot, rel))
         job["weight_fds"] = fds[2 : 2 + len(job["weights"])]
+        job["sock"] = sock
         try:
             answer, out = _load(job)
         except Refused as e:
@@ -245,6 +248,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     import transformers
 
     from weightd import layout
+    from weightd.manifest import align_up, storage_alignment
 
     folder, snapshot = job["folder"], job["snapshot"]
     stages: dict[str, float] = {}  # seconds of each step: the daemon logs them (where time goes)
@@ -267,9 +271,16 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     else:
         config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
     stage("config")
-    implied = _implied(torch, transformers, cls, config)
+    implied, meta = _implied(torch, transformers, cls, config)
     in_files = _in_files(torch, snapshot, job["weights"])
     stage("count")
+    views: list[list[int]] = []
+    if job.get("early") and quantized.method(raw) is None:
+        # Note [copying while from_pretrained runs] in weightd/daemon/early.py
+        views = _likely_views(snapshot, job["weights"], meta, config, cls)
+        for k, offset, _, _ in views:  # Note [from_pretrained reads the weights it keeps]
+            os.posix_fadvise(job["weight_fds"][k], offset, 1, os.POSIX_FADV_WILLNEED)
+        send(job["sock"], {"early": views})
     quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
     if quant is None and implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
         raise Refused(
@@ -277,13 +288,14 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             f"files hold {in_files:,}: loading it would initialize the rest at random. Fix the config "
             "(num_hidden_layers, sizes) or add the missing weights"
         )
-    model, info = cls.from_pretrained(
-        snapshot,
-        config=config,
-        local_files_only=True,
-        output_loading_info=True,
-        trust_remote_code=False,
-    )
+    with _no_readaround(transformers, snapshot, job["weights"], views):
+        model, info = cls.from_pretrained(
+            snapshot,
+            config=config,
+            local_files_only=True,
+            output_loading_info=True,
+            trust_remote_code=False,
+        )
     stage("from_pretrained")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -299,6 +311,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     maps = _file_maps(job["weight_fds"])
     blobs, tensors, converted, converted_bytes = [], [], [], 0
     memfd, mem_size = None, 0
+    to_write = []  # (memfd offset, the storage's bytes)
     by_storage: dict[tuple[int, int], int] = {}
     for name, t in state.items():
         t = layout.plain(t, name, folder)
@@ -311,11 +324,10 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             if where is not None:
                 blobs.append({"nbytes": storage.nbytes(), "file": where[0], "offset": where[1]})
             else:
-                if memfd is None:
-                    memfd = os.memfd_create("weightd-converted", os.MFD_CLOEXEC)
-                offset = (mem_size + 63) // 64 * 64
-                data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-                _pwrite_all(memfd, memoryview(data).cast("B"), offset)
+                # aligned as layout.place aligns what it places after the files' storages: the
+                # daemon may put the memfd's bytes into the segment as they lie here
+                offset = align_up(mem_size, storage_alignment(storage.nbytes()))
+                to_write.append((offset, torch.empty(0, dtype=torch.uint8).set_(storage).numpy()))
                 mem_size = offset + storage.nbytes()
                 blobs.append({"nbytes": storage.nbytes(), "memfd": offset})
                 converted_bytes += storage.nbytes()
@@ -325,6 +337,17 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         tensors.append(
             [name, index, t.storage_offset() * t.element_size(), dtype, list(t.shape), list(t.stride())]
         )
+    if to_write:
+        memfd = os.memfd_create("weightd-converted", os.MFD_CLOEXEC)
+        if job.get("early"):  # the daemon copies each as it is written: Note [copying while ...]
+            send(job["sock"], {"converted": mem_size}, [memfd])
+        told = 0
+        for i, (offset, data) in enumerate(to_write):
+            _pwrite_all(memfd, memoryview(data).cast("B"), offset)
+            upto = offset + data.nbytes
+            if job.get("early") and (upto - told >= WRITTEN_STEP or i == len(to_write) - 1):
+                send(job["sock"], {"written": upto})
+                told = upto
     stage("layout")  # where each storage is: a file's bytes, or copied into the memfd
     generation = (
         model.generation_config.to_diff_dict()
@@ -352,6 +375,63 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     return {"blobs": blobs, "tensors": tensors, "hf": hf}, [memfd] if memfd is not None else []
 
 
+@contextlib.contextmanager
+def _no_readaround(transformers, snapshot: str, weights: list[str], views: list[list[int]]):
+    """Note [from_pretrained reads the weights it keeps]: transformers maps each safetensors
+    file (``safe_open``, backend mmap) and touches a page of every tensor it takes from it, also
+    of those it keeps as untouched views. Each such fault in a cold file reads the kernel's
+    read-around window (``read_ahead_kb``, 8 MiB here) around it: measured, a cold 517 MiB Llama's
+    ``from_pretrained`` read its layers whole (files 100% in the page cache after it, 0.59-0.65 s
+    against 0.11 s warm), bytes the daemon then read again into the segment. So the ranges the
+    daemon copies itself (``views``) are advised ``MADV_RANDOM`` in this process's mapping as it
+    is made (0.21-0.24 s cold, 3% of the files read); what transformers fuses or casts keeps the
+    read-around (advised random too, a cold MoE's experts took 7 s, page by page). The page it
+    touches is each tensor's first: asked for (``POSIX_FADV_WILLNEED``) before the daemon's
+    readers fill the disk's queue, else each fault waits behind their 8 MiB reads. Where
+    transformers does not open the files through ``modeling_utils.safe_open`` any more, nothing
+    is advised: slower, never wrong."""
+    import ctypes
+
+    mu = getattr(transformers, "modeling_utils", None)
+    original = getattr(mu, "safe_open", None)
+    if not views or original is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for k, offset, nbytes, _ in views:
+        by_file.setdefault(os.path.join(snapshot, weights[k]), []).append((offset, nbytes))
+
+    def advised(filename, *args, **kwargs):
+        handle = original(filename, *args, **kwargs)
+        ranges = by_file.get(os.fspath(filename))
+        if ranges:
+            st = os.stat(filename)
+            with open("/proc/self/maps") as f:
+                maps = [line.split() for line in f]
+            for parts in maps:
+                if len(parts) < 6 or parts[4] != str(st.st_ino) or parts[2] != "00000000":
+                    continue
+                base = int(parts[0].split("-")[0], 16)
+                for offset, nbytes in ranges:
+                    lo = -(-(base + offset) // page) * page
+                    hi = (base + offset + nbytes) // page * page
+                    if hi > lo:
+                        libc.madvise(lo, hi - lo, MADV_RANDOM)
+        return handle
+
+    mu.safe_open = advised
+    try:
+        yield
+    finally:
+        mu.safe_open = original
+
+
+MADV_RANDOM = 1
+
+
 def _model_class(transformers, folder: str, config: dict):
     """The class ``from_pretrained`` gets called on: config.architectures[0], else AutoModel."""
     archs = config.get("architectures") or []
@@ -368,21 +448,57 @@ def _model_class(transformers, folder: str, config: dict):
     return cls
 
 
-def _implied(torch, transformers, cls, config) -> int:
+def _implied(torch, transformers, cls, config) -> tuple[int, dict]:
     """Parameters and persistent buffers the config implies, counted on the meta device (no
-    memory), ties counted once."""
+    memory), ties counted once; and the model's state dict there, name -> (dtype, shape)."""
     with torch.device("meta"):
         if issubclass(cls, transformers.PreTrainedModel):
             model = cls(config)
         else:  # an Auto class: public from_config picks the concrete class
             model = cls.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    persistent = set(model.state_dict())
+    state = model.state_dict()
     n = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:  # ties once
-        if name in persistent and name not in tied:
+        if name in state and name not in tied:
             n += t.numel()
-    return n
+    meta = {name: (str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in state.items()}
+    return n, meta
+
+
+def _likely_views(snapshot: str, weights: list[str], meta: dict, config, cls) -> list[list[int]]:
+    """The weight files' ranges ``from_pretrained`` will most likely keep as untouched views:
+    each tensor whose name, dtype and shape are those of a tensor of the model built on the
+    meta device (``_implied``), as [file index, offset, bytes, item size]. A guess the daemon
+    starts copying on (Note [copying while from_pretrained runs] in weightd/daemon/early.py):
+    tensors transformers renames, fuses (MoE experts) or casts are not named so and are left out;
+    a wrong guess costs copied bytes, never a wrong tensor."""
+    dtypes = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    sizes = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+    wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    wanted = str(wanted).removeprefix("torch.") if wanted is not None else None
+    prefix = (getattr(cls, "base_model_prefix", "") or "") + "."
+    out = []
+    for k, w in enumerate(weights):
+        if not w.endswith(".safetensors"):
+            continue
+        with open(os.path.join(snapshot, w), "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > 100_000_000:
+                continue
+            header = json.loads(f.read(hlen))
+        for name, v in header.items():
+            if name == "__metadata__" or not isinstance(v, dict):
+                continue
+            dtype = dtypes.get(v.get("dtype"))
+            found = meta.get(name) or meta.get(prefix + name) or meta.get(name.removeprefix(prefix))
+            if dtype is None or found is None or found[1] != v.get("shape"):
+                continue
+            if dtype != (wanted or found[0]):
+                continue  # cast on load (to the config's dtype)
+            begin, end = v["data_offsets"]
+            out.append([k, 8 + hlen + begin, end - begin, sizes[dtype]])
+    return out
 
 
 def _in_files(torch, snapshot: str, weights: list[str]) -> int:
@@ -412,7 +528,8 @@ def _in_files(torch, snapshot: str, weights: list[str]) -> int:
 
 
 def _file_maps(fds: list[int]) -> list[tuple[int, int, int, int]]:
-    """This process's maps of the weight files: (file index, start, end, file offset)."""
+    """This process's maps of the weight files: (file index, start, end, file offset), the
+    pieces of one mapping that advice split (``_no_readaround``) joined again."""
     ids = {}
     for k, fd in enumerate(fds):
         st = os.fstat(fd)
@@ -428,7 +545,12 @@ def _file_maps(fds: list[int]) -> list[tuple[int, int, int, int]]:
             if k is None:
                 continue
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((k, lo, hi, int(parts[2], 16)))
+            offset = int(parts[2], 16)
+            if out and out[-1][0] == k and out[-1][2] == lo and out[-1][3] + (lo - out[-1][1]) == offset:
+                # one mapping split by advice (``_no_readaround``): contiguous, one map again
+                out[-1] = (k, out[-1][1], hi, out[-1][3])
+            else:
+                out.append((k, lo, hi, offset))
     return out
 
 

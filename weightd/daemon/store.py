@@ -63,7 +63,7 @@ import uuid
 from collections.abc import Callable
 
 from weightd import layout, segment
-from weightd.daemon import adoption, checkpoint, files, stream
+from weightd.daemon import adoption, checkpoint, early, files, stream
 from weightd.daemon.publishes import Publishes, check_factory
 from weightd.daemon.reaper import Reaper
 from weightd.daemon.served import Model
@@ -257,6 +257,21 @@ class Store:
         started = time.monotonic()
         check()
         self._set_progress(name, (0, 0))  # loading from now on (metrics), the total once it is read
+        # Note [copying while from_pretrained runs] (weightd/daemon/early.py)
+        early_manifest: list[Manifest] = []
+
+        def create(size: int) -> segment.Segment:
+            self.check_space(name, size, ahead.reserved)  # OutOfSpace: no early copy
+            if not early_manifest:  # once, also if a first try found no space
+                early_manifest.append(
+                    self.new_manifest(name, source=files.real_path(path), format="huggingface")
+                )
+            return segment.Segment.create(
+                self.folder, early_manifest[0].segment, size, self.mode, self._owner(), reserved=False
+            )
+
+        ahead = early.EarlyCopy(self.readers, self.folder, check, self.folder.huge_asked is not None, create)
+
         try:
             if base is not None:  # Hook (issue 24): PEFT adapters by name, weightd/daemon/adapters.py
                 from weightd.daemon import adapters
@@ -264,9 +279,15 @@ class Store:
                 ck = adapters.read(path, base, self._base(name, base).manifest, within=within, check=check)
             else:
                 ck = checkpoint.read(
-                    path, allow_pickle=self.allow_pickle, within=within, check=check, factory=factory
+                    path,
+                    allow_pickle=self.allow_pickle,
+                    within=within,
+                    check=check,
+                    factory=factory,
+                    early=ahead,
                 )
         except BaseException:
+            ahead.abandon()
             self._set_progress(name, None)
             raise
         self._set_progress(name, (0, ck.nbytes))
@@ -279,9 +300,18 @@ class Store:
             if progress is not None:
                 progress(done, total)
 
+        fixed: dict[int, int] = {}
         try:
             check()
-            manifest = self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
+            if ahead.seg is not None:
+                keys = [(b.file[0], b.file[1], b.nbytes) if b.file is not None else None for b in ck.blobs]
+                ahead.finish(set(keys))
+                fixed = {i: ahead.offsets[k] for i, k in enumerate(keys) if k in ahead.offsets}
+                manifest = early_manifest[0]
+            elif early_manifest:  # made for an early copy that found no space
+                manifest = early_manifest[0]
+            else:
+                manifest = self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             # A Hugging Face folder keeps its description (the factory named its class: hf.py)
             hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
@@ -294,15 +324,23 @@ class Store:
                 # what the reader computed rather than copied (Hugging Face folders)
                 "conversions": {k: hf[k] for k in ("transformers", "dtype", "converted_bytes") if k in hf},
             }
-            self.check_space(name, ck.nbytes)
+            self.check_space(name, ck.nbytes, ahead.reserved)
             copied: list[stream.Report] = []
 
             def copy(seg, placed, progress) -> None:
                 # Blobs that say where their bytes are stream in parallel; the others (a fill that
                 # checks something once all is copied: HF's config.json) are written after, in order.
-                streamed = [(b, o) for b, o in placed if b.file is not None or b.data is not None]
+                # (blobs before ``ahead.end`` are the early copy's, written already)
+                streamed = [
+                    (b, o) for b, o in placed if (b.file is not None or b.data is not None) and o >= ahead.end
+                ]
                 # Hook (issue 23): how far the segment is written, for peers copying it meanwhile
                 mark = segment.Watermark(seg.fd, [(o, b.nbytes) for b, o in placed])
+                before = 0  # the early copy's bytes: progress counts them as done
+                for b, o in placed:
+                    if o < ahead.end:
+                        mark.written(o, b.nbytes)
+                        before += b.nbytes
                 with self.lock:
                     self._streaming[name] = (manifest, mark)
                 copied.append(
@@ -310,8 +348,8 @@ class Store:
                         seg.fd,
                         stream.pieces(streamed),
                         check=check,
-                        progress=progress,
-                        reserving=segment.reservation(seg.fd, seg.size, self.folder),
+                        progress=progress and (lambda done, total: progress(before + done, before + total)),
+                        reserving=segment.reservation(seg.fd, seg.size, self.folder, start=ahead.reserved),
                         written=mark.written,
                         huge_pages=self.folder.huge_asked is not None,
                     )
@@ -331,13 +369,21 @@ class Store:
                 progress=tracked,
                 copy=copy,
                 check=check,
+                started=ahead.seg,
+                fixed=fixed,
+                start=ahead.end,
             )
+        except BaseException:
+            ahead.abandon()  # the segment, if layout.write did not remove it already
+            raise
         finally:
             checkpoint.close(ck)
             with self.lock:
                 self._streaming.pop(name, None)
             self._set_progress(name, None)
         report = copied[0] if copied else stream.Report()
+        if ahead.report is not None:
+            report = report.plus(ahead.report)
         seconds = time.monotonic() - started
         model = self.serve(
             Model(manifest, size, load=dict(report.to_dict(), total_seconds=round(seconds, 4)))
@@ -464,8 +510,9 @@ class Store:
                 extra={"model": m.name, "generation": m.generation},
             )
 
-    def check_space(self, name: str, nbytes: int) -> None:
-        if nbytes > self.folder.free_bytes():
+    def check_space(self, name: str, nbytes: int, reserved: int = 0) -> None:
+        """``reserved``: bytes of the load's own segment reserved already (its early copy)."""
+        if nbytes - reserved > self.folder.free_bytes():
             raise OutOfSpace(self.folder.no_space_message(nbytes))
         if self.max_bytes is None:
             return

@@ -204,6 +204,20 @@ class Report:
             "direct_refused": self.refused,
         }
 
+    def plus(self, other: "Report") -> "Report":
+        """This copy and ``other`` (one load's early copy: weightd.daemon.early) as one; the
+        seconds are both copies' own, which may have overlapped other work."""
+        return replace(
+            self,
+            nbytes=self.nbytes + other.nbytes,
+            seconds=self.seconds + other.seconds,
+            direct=self.direct + other.direct,
+            straight=self.straight + other.straight,
+            buffered=self.buffered + other.buffered,
+            memory=self.memory + other.memory,
+            refused=sorted(set(self.refused) | set(other.refused)),
+        )
+
     def describe(self) -> str:
         refused = f", O_DIRECT refused for {len(self.refused)} file(s)" if self.refused else ""
         straight = f" ({100 * self.straight / self.direct:.0f}% straight in)" if self.direct else ""
