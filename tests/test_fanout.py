@@ -356,10 +356,13 @@ def test_a_publish_left_without_a_holder_is_sent_again_by_the_publisher(cluster)
             assert f["publishing"] == [], "the copies that found no holder were abandoned, not left half-way"
         resent = [n for n, f in seen.items() if n != here and "via" not in f["summary"]]
         assert len(resent) == 1, "one other node got it again from the publisher"
+        # and the rest from peers, as a tree rooted there (a node that finished first may serve
+        # a later one: the cluster has a fourth node once the test that adds one ran), never
+        # from the publisher's node, which could not send
         via = {n: f["summary"].get("via") for n, f in seen.items()}
-        assert all(via[n] == f"peer:{resent[0]}" for n in via if n not in (here, resent[0])), (
-            f"and the rest copied it from that node: {via}"
-        )
+        rest = [n for n in via if n not in (here, resent[0])]
+        assert all(via[n] in {f"peer:{m}" for m in via if m != here} for n in rest), via
+        assert any(via[n] == f"peer:{resent[0]}" for n in rest), via
     finally:  # also when it fails: the module's other tests share these daemons
         unloaded = rz.unload_everywhere("again")
     assert unloaded == len(sockets)
