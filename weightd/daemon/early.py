@@ -219,8 +219,8 @@ class _GivenUp(Exception):
 
 def _punch(fd: int, offset: int, nbytes: int) -> None:
     """Free the whole pages of [offset, offset + nbytes) (the file keeps its size)."""
-    lo = -(-offset // os.sysconf("SC_PAGE_SIZE")) * os.sysconf("SC_PAGE_SIZE")
-    hi = (offset + nbytes) // os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PAGE_SIZE")
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = -(-offset // page) * page, (offset + nbytes) // page * page
     if hi <= lo:
         return
     libc = ctypes.CDLL(None, use_errno=True)

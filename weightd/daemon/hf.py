@@ -428,12 +428,8 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
     for i, b in enumerate(answer["blobs"]):
         nbytes = int(b["nbytes"])
         if "file" in b:
-            k, offset = int(b["file"]), int(b["offset"])
-            if not (0 <= k < len(weights) and 0 <= offset and offset + nbytes <= sizes[k]):
-                raise CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
-            fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
-            # streamed by the daemon's readers from the file (weightd.daemon.stream)
-            blobs.append(Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown))))
+            wrong = CheckpointError(f"{opened.folder}: the loader process described storage {i} wrongly")
+            blobs.append(_file_blob(opened, weights, sizes, int(b["file"]), int(b["offset"]), nbytes, wrong))
         else:
             offset = int(b["memfd"])
             if memfd is None or not (0 <= offset and offset + nbytes <= memsize):
@@ -488,27 +484,36 @@ def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[
 def _early_blobs(opened: _Opened, weights: list[str], ranges) -> list[tuple[Blob, int]]:
     """The loader process's guess of the storages kept as they are (``loader._likely_views``),
     checked as its answer is: each a (blob, item size), in range of its file, none overlapping."""
+    wrong = CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+    if not isinstance(ranges, list):
+        raise wrong
     out = []
     sizes = [os.fstat(opened.fds[w]).st_size for w in weights]
     left = list(sizes)  # ranges that overlap would copy a file more than once
     seen: set[tuple[int, int]] = set()
-    if not isinstance(ranges, list):
-        raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
     for r in ranges:
         if not (isinstance(r, list) and len(r) == 4 and all(type(x) is int for x in r)):
-            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+            raise wrong
         k, offset, nbytes, itemsize = r
-        if not (0 <= k < len(weights) and 0 <= offset and 0 < nbytes and offset + nbytes <= sizes[k]):
-            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        blob = _file_blob(opened, weights, sizes, k, offset, nbytes, wrong)
         left[k] -= nbytes
-        if itemsize not in (1, 2, 4, 8) or (k, offset) in seen or left[k] < 0:
-            raise CheckpointError(f"{opened.folder}: the loader process described its early copy wrongly")
+        if nbytes <= 0 or itemsize not in (1, 2, 4, 8) or (k, offset) in seen or left[k] < 0:
+            raise wrong
         seen.add((k, offset))
-        fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
-        out.append(
-            (Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown))), itemsize)
-        )
+        out.append((blob, itemsize))
     return out
+
+
+def _file_blob(
+    opened: _Opened, weights: list[str], sizes: list[int], k: int, offset: int, nbytes: int, wrong: Exception
+) -> Blob:
+    """``nbytes`` at ``offset`` of weight file ``k`` (of sizes ``sizes``), as the loader process
+    named them: streamed by the daemon's readers from its own descriptor (weightd.daemon.stream);
+    ``wrong`` raised where they are not inside the file."""
+    if not (0 <= k < len(weights) and 0 <= offset and 0 <= nbytes and offset + nbytes <= sizes[k]):
+        raise wrong
+    fd, shown = opened.fds[weights[k]], opened.folder / weights[k]
+    return Blob(nbytes, _fd_fill(fd, offset, nbytes, shown), file=(fd, offset, str(shown)))
 
 
 def _fd_fill(fd: int, offset: int, nbytes: int, shown):

@@ -272,12 +272,13 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
     stage("config")
     implied, meta = _implied(torch, transformers, cls, config)
-    in_files = _in_files(torch, snapshot, job["weights"])
+    headers = _headers(snapshot, job["weights"])
+    in_files = _in_files(torch, snapshot, job["weights"], headers)
     stage("count")
     views: list[list[int]] = []
     if job.get("early") and quantized.method(raw) is None:
         # Note [copying while from_pretrained runs] in weightd/daemon/early.py
-        views = _likely_views(snapshot, job["weights"], meta, config, cls)
+        views = _likely_views(headers, meta, config, cls)
         for k, offset, _, _ in views:  # Note [from_pretrained reads the weights it keeps]
             os.posix_fadvise(job["weight_fds"][k], offset, 1, os.POSIX_FADV_WILLNEED)
         send(job["sock"], {"early": views})
@@ -466,7 +467,7 @@ def _implied(torch, transformers, cls, config) -> tuple[int, dict]:
     return n, meta
 
 
-def _likely_views(snapshot: str, weights: list[str], meta: dict, config, cls) -> list[list[int]]:
+def _likely_views(headers: dict, meta: dict, config, cls) -> list[list[int]]:
     """The weight files' ranges ``from_pretrained`` will most likely keep as untouched views:
     each tensor whose name, dtype and shape are those of a tensor of the model built on the
     meta device (``_implied``), as [file index, offset, bytes, item size]. A guess the daemon
@@ -479,14 +480,7 @@ def _likely_views(snapshot: str, weights: list[str], meta: dict, config, cls) ->
     wanted = str(wanted).removeprefix("torch.") if wanted is not None else None
     prefix = (getattr(cls, "base_model_prefix", "") or "") + "."
     out = []
-    for k, w in enumerate(weights):
-        if not w.endswith(".safetensors"):
-            continue
-        with open(os.path.join(snapshot, w), "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-            if hlen > 100_000_000:
-                continue
-            header = json.loads(f.read(hlen))
+    for k, (data, header) in headers.items():
         for name, v in header.items():
             if name == "__metadata__" or not isinstance(v, dict):
                 continue
@@ -497,20 +491,30 @@ def _likely_views(snapshot: str, weights: list[str], meta: dict, config, cls) ->
             if dtype != (wanted or found[0]):
                 continue  # cast on load (to the config's dtype)
             begin, end = v["data_offsets"]
-            out.append([k, 8 + hlen + begin, end - begin, sizes[dtype]])
+            out.append([k, data + begin, end - begin, sizes[dtype]])
     return out
 
 
-def _in_files(torch, snapshot: str, weights: list[str]) -> int:
-    """Elements in the weight files, from their headers (safetensors) or a mapped load."""
-    n = 0
-    for w in weights:
-        path = os.path.join(snapshot, w)
+def _headers(snapshot: str, weights: list[str]) -> dict[int, tuple[int, dict]]:
+    """Each safetensors weight file's header, read once: file index -> (where its data starts,
+    the header)."""
+    out = {}
+    for k, w in enumerate(weights):
         if w.endswith(".safetensors"):
-            with open(path, "rb") as f:
+            with open(os.path.join(snapshot, w), "rb") as f:
                 (hlen,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(min(hlen, 100_000_000)))
-            for k, v in header.items():
+                out[k] = (8 + hlen, json.loads(f.read(min(hlen, 100_000_000))))
+    return out
+
+
+def _in_files(torch, snapshot: str, weights: list[str], headers: dict) -> int:
+    """Elements in the weight files, from their headers (safetensors, ``_headers``) or a mapped
+    load."""
+    n = 0
+    for i, w in enumerate(weights):
+        path = os.path.join(snapshot, w)
+        if i in headers:
+            for k, v in headers[i][1].items():
                 if k != "__metadata__" and isinstance(v, dict):
                     size = 1
                     for d in v.get("shape") or []:

@@ -307,11 +307,12 @@ class Store:
                 keys = [(b.file[0], b.file[1], b.nbytes) if b.file is not None else None for b in ck.blobs]
                 ahead.finish(set(keys))
                 fixed = {i: ahead.offsets[k] for i, k in enumerate(keys) if k in ahead.offsets}
-                manifest = early_manifest[0]
-            elif early_manifest:  # made for an early copy that found no space
-                manifest = early_manifest[0]
-            else:
-                manifest = self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
+            # made for an early copy (also one that then found no space), else now
+            manifest = (
+                early_manifest[0]
+                if early_manifest
+                else self.new_manifest(name, source=files.real_path(ck.path), format=ck.format)
+            )
             manifest.tensors, manifest.metadata = ck.tensors, ck.metadata
             # A Hugging Face folder keeps its description (the factory named its class: hf.py)
             hf_folder = bool(ck.skeleton and "hf" in ck.skeleton)
