@@ -128,6 +128,15 @@ def test_moe_experts_are_fused_once_by_the_daemon(folders, daemon):
     assert meta["class"] == "MixtralForCausalLM" and meta["transformers"] == transformers.__version__
 
 
+@pytest.mark.parametrize("name", [n for n in ARCHS if "moe" in n or n == "mixtral"])
+def test_fused_experts_are_copied_from_the_files(name, folders, daemon):
+    """Note [fused tensors are file ranges]: what transformers fuses by stacking whole experts
+    (and concatenating gate and up) is the files' bytes end to end; the daemon copies them from
+    the files, and serves what from_pretrained computed (test_attach_is_from_pretrained)."""
+    meta = hf_diagnostics(daemon, name)
+    assert meta["converted"] and meta["fused_from_files"] == meta["converted_bytes"] > 0
+
+
 def test_old_checkpoint_with_position_ids_attaches(folders, daemon):
     """Issue 11 item 1: a weight that is a non-persistent buffer today is ignored, as from_pretrained does."""
     ref = transformers.BertModel.from_pretrained(folders["old-bert"])

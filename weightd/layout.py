@@ -34,13 +34,27 @@ class Blob:
 
     Where the bytes are is said too, for a writer that copies many blobs at once (the daemon's
     readers, ``write``'s ``copy``): ``file`` (descriptor, offset, path) of a checkpoint file
-    holding them as they are, else ``data``, a buffer over them (or None: only ``fill`` knows).
+    holding them as they are, else ``parts``, pieces of checkpoint files that lie end to end in
+    it (descriptor, offset, bytes, path: a tensor fused from whole file tensors, Note [fused
+    tensors are file ranges] in weightd.daemon.fused), else ``data``, a buffer over them (or
+    None: only ``fill`` knows).
     """
 
     nbytes: int
     fill: Callable[["segment.Segment", int], None]
     file: tuple[int, int, str] | None = None
     data: object = None
+    parts: tuple[tuple[int, int, int, str], ...] | None = None
+
+    @property
+    def source(self) -> tuple | None:
+        """Where its bytes are in the checkpoint's files, as a key (a copy started early finds
+        its blobs again by it), or None."""
+        if self.file is not None:
+            return (self.file[0], self.file[1], self.nbytes)
+        if self.parts is not None:
+            return tuple((fd, offset, nbytes) for fd, offset, nbytes, _ in self.parts)
+        return None
 
 
 def from_tensors(

@@ -17,10 +17,13 @@ copied to (``layout.place``'s ``fixed``); everything else (what transformers fus
 tensor it renamed, the small files) is placed after them and copied as before. A guess the
 answer does not name (a key the class drops) is dead: its pages are given back
 (``FALLOC_FL_PUNCH_HOLE``), so the segment holds no dead bytes, only a hole no tensor points
-into. Tensors transformers computes are never guessed (MoE experts are named per expert in the
-files and fused in the model), so an MoE folder copies its other tensors early, not its experts.
+into. Of the tensors transformers computes, those it fuses from whole file tensors (MoE
+experts, Note [fused tensors are file ranges] in weightd/daemon/fused.py) are guessed too, as
+the file ranges they are made of, placed after the others and read through the page cache
+(``from_pretrained`` reads them too); the answer keeps one only where the loader found it
+equal to those ranges, byte for byte. Any other conversion is not guessed.
 
-What transformers converted (MoE experts fused, casts) the loader process writes into a memfd
+What else transformers converted (casts, other fusions) the loader process writes into a memfd
 it hands the daemon before it writes it, laid out as ``layout.place`` lays out what follows
 the files' storages (``storage_alignment``); the daemon puts the memfd's bytes after the views
 as they lie in it, and copies each part as the loader reports it written: its copy and the
@@ -79,7 +82,7 @@ class EarlyCopy:
         self.huge = huge
         self._create = create  # size -> the load's segment, created (its manifest made)
         self.seg: segment.Segment | None = None
-        self.offsets: dict[tuple[int, int, int], int] = {}  # (fd, file offset, bytes) -> offset
+        self.offsets: dict[tuple, int] = {}  # Blob.source -> offset
         self.end = segment.DATA_OFFSET  # where the early copy's bytes end
         self.reserved = 0  # the segment's bytes the early copy reserves
         self.report: stream.Report | None = None
@@ -105,7 +108,7 @@ class EarlyCopy:
         if not self._open(end):
             return
         for (b, _), st in zip(blobs, storages):
-            self.offsets[(b.file[0], b.file[1], b.nbytes)] = st.offset
+            self.offsets[b.source] = st.offset
         self._submit(stream.pieces([(b, st.offset) for (b, _), st in zip(blobs, storages)]), end)
 
     def converted(self, memfd: int, total: int) -> None:
@@ -183,11 +186,12 @@ class EarlyCopy:
         for key, offset in list(self.offsets.items()):
             if key not in kept:
                 del self.offsets[key]
-                dead += key[2]
-                _punch(self.seg.fd, offset, key[2])
-        for fd, offset, nbytes in filter(None, kept):
-            if fd == self._memfd and offset + nbytes <= self._memfd_sent:
-                self.offsets[(fd, offset, nbytes)] = self._memfd_at + offset
+                nbytes = _nbytes(key)
+                dead += nbytes
+                _punch(self.seg.fd, offset, nbytes)
+        for key in kept:
+            if key and key[0] == self._memfd and key[1] + key[2] <= self._memfd_sent:
+                self.offsets[key] = self._memfd_at + key[1]
         if dead:
             log.info(
                 "%s: %.1f MiB copied early and not kept by from_pretrained, given back",
@@ -215,6 +219,11 @@ class EarlyCopy:
 
 class _GivenUp(Exception):
     pass
+
+
+def _nbytes(source: tuple) -> int:
+    """The bytes of a ``Blob.source``: (fd, offset, bytes), or a tuple of those (parts)."""
+    return sum(p[2] for p in source) if isinstance(source[0], tuple) else source[2]
 
 
 def _punch(fd: int, offset: int, nbytes: int) -> None:

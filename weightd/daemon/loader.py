@@ -12,8 +12,10 @@ open (Note [what a loader process sees] in hf.py). A load
 3. runs ``cls.from_pretrained`` on the snapshot folder, no remote code, offline; a weight the
    class needs that the files lack is refused, naming both counts;
 4. answers with the state dict's layout: each storage is either an untouched view of a weight
-   file (file and offset: the daemon copies it from its own descriptor) or computed by
-   transformers (fused, cast), copied into one memfd handed over with the answer. Then exits.
+   file (file and offset: the daemon copies it from its own descriptor), or fused by
+   transformers from whole file tensors and equal to their bytes end to end (the files' ranges:
+   Note [fused tensors are file ranges] in fused.py), or else computed by transformers (cast,
+   other conversions), copied into one memfd handed over with the answer. Then exits.
 
 The daemon kills it (SIGKILL, its whole process group) on a stop, a deadline or a time-out.
 Only this module's ``main`` imports torch and transformers; ``send``/``receive`` (the framing)
@@ -32,7 +34,7 @@ import struct
 import sys
 import time
 
-from weightd.daemon import classes, quantized
+from weightd.daemon import classes, fused, quantized
 from weightd.errors import CheckpointError
 
 MAX_ANSWER = 1 << 30
@@ -271,17 +273,21 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     else:
         config = transformers.AutoConfig.from_pretrained(snapshot, trust_remote_code=False)
     stage("config")
-    implied, meta = _implied(torch, transformers, cls, config)
+    implied, meta, meta_model = _implied(torch, transformers, cls, config)
     headers = _headers(snapshot, job["weights"])
     in_files = _in_files(torch, snapshot, job["weights"], headers)
     stage("count")
     views: list[list[int]] = []
+    fusions: dict[str, list] = {}
     if job.get("early") and quantized.method(raw) is None:
         # Note [copying while from_pretrained runs] in weightd/daemon/early.py
         views = _likely_views(headers, meta, config, cls)
         for k, offset, _, _ in views:  # Note [from_pretrained reads the weights it keeps]
             os.posix_fadvise(job["weight_fds"][k], offset, 1, os.POSIX_FADV_WILLNEED)
-        send(job["sock"], {"early": views})
+        # Note [fused tensors are file ranges] in weightd/daemon/fused.py
+        fusions = fused.likely(transformers, meta_model, headers, _config_dtype(config))
+        send(job["sock"], {"early": views, "fused": list(fusions.values())})
+    del meta_model
     quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
     if quant is None and implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
         raise Refused(
@@ -310,7 +316,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     if quant is not None:  # Hook (issue 24): Note [tensor subclasses as plain tensors] in quantized.py
         state, subclasses = quantized.flatten(state, folder)
     maps = _file_maps(job["weight_fds"])
-    blobs, tensors, converted, converted_bytes = [], [], [], 0
+    blobs, tensors, converted, converted_bytes, from_files = [], [], [], 0, 0
     memfd, mem_size = None, 0
     to_write = []  # (memfd offset, the storage's bytes)
     by_storage: dict[tuple[int, int], int] = {}
@@ -324,6 +330,11 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             where = _in_map(maps, storage.data_ptr(), storage.nbytes())
             if where is not None:
                 blobs.append({"nbytes": storage.nbytes(), "file": where[0], "offset": where[1]})
+            elif name in fusions and _fused_as_guessed(storage, fusions[name][1], job["weight_fds"]):
+                # Note [fused tensors are file ranges]: the daemon copied these ranges early
+                blobs.append({"nbytes": storage.nbytes(), "parts": fusions[name][1]})
+                converted_bytes += storage.nbytes()
+                from_files += storage.nbytes()
             else:
                 # aligned as layout.place aligns what it places after the files' storages: the
                 # daemon may put the memfd's bytes into the segment as they lie here
@@ -332,7 +343,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
                 mem_size = offset + storage.nbytes()
                 blobs.append({"nbytes": storage.nbytes(), "memfd": offset})
                 converted_bytes += storage.nbytes()
-        if "memfd" in blobs[index] and t.numel():
+        if "file" not in blobs[index] and t.numel():
             converted.append(name)
         dtype = str(t.dtype).removeprefix("torch.")
         tensors.append(
@@ -365,6 +376,8 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         # tensors transformers computed (fused, cast...), not taken from the files as they are
         "converted": converted,
         "converted_bytes": converted_bytes,
+        # of those, fused by stacking whole file tensors: copied from the files (fused.py)
+        "fused_from_files": from_files,
         # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
         "unexpected": sorted(info.get("unexpected_keys") or ()),
         "missing": missing,
@@ -449,9 +462,10 @@ def _model_class(transformers, folder: str, config: dict):
     return cls
 
 
-def _implied(torch, transformers, cls, config) -> tuple[int, dict]:
+def _implied(torch, transformers, cls, config) -> tuple[int, dict, object]:
     """Parameters and persistent buffers the config implies, counted on the meta device (no
-    memory), ties counted once; and the model's state dict there, name -> (dtype, shape)."""
+    memory), ties counted once; the model's state dict there, name -> (dtype, shape); and that
+    model."""
     with torch.device("meta"):
         if issubclass(cls, transformers.PreTrainedModel):
             model = cls(config)
@@ -464,7 +478,17 @@ def _implied(torch, transformers, cls, config) -> tuple[int, dict]:
         if name in state and name not in tied:
             n += t.numel()
     meta = {name: (str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in state.items()}
-    return n, meta
+    return n, meta, model
+
+
+def _fused_as_guessed(storage, parts: list, fds: list[int]) -> bool:
+    return storage.nbytes() == sum(p[2] for p in parts) and fused.same(storage.data_ptr(), parts, fds)
+
+
+def _config_dtype(config) -> str | None:
+    """The dtype the config asks weights to be loaded in (they are cast to it), if any."""
+    wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(wanted).removeprefix("torch.") if wanted is not None else None
 
 
 def _likely_views(headers: dict, meta: dict, config, cls) -> list[list[int]]:
@@ -476,8 +500,7 @@ def _likely_views(headers: dict, meta: dict, config, cls) -> list[list[int]]:
     a wrong guess costs copied bytes, never a wrong tensor."""
     dtypes = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
     sizes = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-    wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    wanted = str(wanted).removeprefix("torch.") if wanted is not None else None
+    wanted = _config_dtype(config)
     prefix = (getattr(cls, "base_model_prefix", "") or "") + "."
     out = []
     for k, (data, header) in headers.items():

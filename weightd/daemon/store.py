@@ -304,7 +304,7 @@ class Store:
         try:
             check()
             if ahead.seg is not None:
-                keys = [(b.file[0], b.file[1], b.nbytes) if b.file is not None else None for b in ck.blobs]
+                keys = [b.source for b in ck.blobs]
                 ahead.finish(set(keys))
                 fixed = {i: ahead.offsets[k] for i, k in enumerate(keys) if k in ahead.offsets}
             # made for an early copy (also one that then found no space), else now
@@ -333,7 +333,9 @@ class Store:
                 # checks something once all is copied: HF's config.json) are written after, in order.
                 # (blobs before ``ahead.end`` are the early copy's, written already)
                 streamed = [
-                    (b, o) for b, o in placed if (b.file is not None or b.data is not None) and o >= ahead.end
+                    (b, o)
+                    for b, o in placed
+                    if (b.source is not None or b.data is not None) and o >= ahead.end
                 ]
                 # Hook (issue 23): how far the segment is written, for peers copying it meanwhile
                 mark = segment.Watermark(seg.fd, [(o, b.nbytes) for b, o in placed])
@@ -356,7 +358,7 @@ class Store:
                     )
                 )
                 for blob, offset in placed:
-                    if blob.file is None and blob.data is None:
+                    if blob.source is None and blob.data is None:
                         check()
                         blob.fill(seg, offset)
                         mark.written(offset, blob.nbytes)

@@ -150,7 +150,10 @@ WAIT_SECONDS = 0.02  # how often a waiting load checks its token
 @dataclass(frozen=True)
 class Piece:
     """``nbytes`` to put at ``dst`` in the segment: from file ``fd`` at ``offset`` (``path`` names
-    it in errors), or from ``data`` (a buffer: what transformers computed, a small file)."""
+    it in errors), or from ``data`` (a buffer: what transformers computed, a small file).
+    ``shared``: the loader process reads these bytes of the file too (Note [fused tensors are
+    file ranges] in weightd/daemon/fused.py): they go through the page cache, so that storage is
+    read once for both, never with ``O_DIRECT``."""
 
     nbytes: int
     dst: int
@@ -158,6 +161,7 @@ class Piece:
     offset: int = 0
     path: str = ""
     data: object = None
+    shared: bool = False
 
 
 @dataclass
@@ -426,7 +430,11 @@ class Readers:
             return
         src = piece.offset + start
         try:
-            if self.direct != "never" and (self.direct == "always" or not _cached(piece.fd, src, n)):
+            if (
+                self.direct != "never"
+                and not piece.shared
+                and (self.direct == "always" or not cached(piece.fd, src, n))
+            ):
                 dfd = self._direct_fd(batch, piece)
                 if dfd is not None and self._read_direct(batch, window, piece, dfd, src, n, dst, buffer):
                     batch.add(n, "direct")
@@ -619,6 +627,7 @@ def _runs(pieces: list[Piece]) -> list[Piece]:
             and p.data is None
             and q.data is None
             and p.fd == q.fd >= 0
+            and p.shared == q.shared
             and q.offset + q.nbytes == p.offset
             and q.dst + q.nbytes == p.dst
         ):
@@ -652,7 +661,7 @@ def _sequential(pieces: list[Piece]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def _cached(fd: int, offset: int, n: int) -> bool:
+def cached(fd: int, offset: int, n: int) -> bool:
     """Whether the chunk's first, middle and last pages are in the page cache (RWF_NOWAIT);
     True where the file system cannot say (tmpfs: memory anyway)."""
     probe = bytearray(1)
@@ -727,6 +736,10 @@ def pieces(placed) -> list[Piece]:
         if blob.file is not None:
             fd, offset, path = blob.file
             out.append(Piece(blob.nbytes, dst, fd=fd, offset=offset, path=path))
+        elif blob.parts is not None:
+            for fd, offset, nbytes, path in blob.parts:
+                out.append(Piece(nbytes, dst, fd=fd, offset=offset, path=path, shared=True))
+                dst += nbytes
         elif blob.data is not None:
             out.append(Piece(blob.nbytes, dst, data=blob.data))
         else:
