@@ -96,7 +96,7 @@ def test_what_the_loader_process_says_early_is_checked_as_its_answer_is(tmp_path
                 self.calls = []
 
             def views(self, blobs):
-                self.calls.append(("views", [(b.file[1], b.nbytes, n) for b, n in blobs]))
+                self.calls.append(("views", [(b.source, n) for b, n in blobs]))
 
             def converted(self, fd, total):
                 self.calls.append(("converted", total))
@@ -107,7 +107,27 @@ def test_what_the_loader_process_says_early_is_checked_as_its_answer_is(tmp_path
         told = Told()
         weights = ["model.safetensors"]
         assert hf._early(told, opened, weights, {"early": [[0, 96, 4096, 4]]}, [], None, 1 << 30) is None
-        assert told.calls == [("views", [(96, 4096, 4)])]
+        fd = opened.fds["model.safetensors"]
+        assert told.calls == [("views", [((fd, 96, 4096), 4)])]
+        # a tensor fused from whole file tensors: its ranges end to end (Note [fused tensors are
+        # file ranges] in weightd/daemon/fused.py)
+        fused = [[4, [[0, 96 + 2048, 2048], [0, 96, 2048]]]]
+        hf._early(told, opened, weights, {"early": [], "fused": fused}, [], None, 1 << 30)
+        assert told.calls[-1] == ("views", [(((fd, 96 + 2048, 2048), (fd, 96, 2048)), 4)])
+        for wrong in (
+            {"early": [[0, 96, 4096, 4]], "fused": [[4, [[0, 96, 2048]]]]},  # a range twice
+            {"early": [], "fused": [[3, [[0, 96, 2048]]]]},  # no dtype is 3 bytes
+            {"early": [], "fused": [[4, []]]},  # no parts
+            {"early": [], "fused": [[4, [[0, size - 8, 4096]]]]},  # past the file's end
+            {"early": [], "fused": [[4, [[0, 96, 2048, 1]]]]},  # not a range
+            {"early": [], "fused": "all"},
+        ):
+            try:
+                hf._early(told, opened, weights, wrong, [], None, 1 << 30)
+            except CheckpointError as e:
+                assert "described its early copy wrongly" in str(e)
+            else:
+                raise AssertionError(f"{wrong!r} was taken")
         for wrong in (
             [[1, 96, 4096, 4]],  # no such file
             [[0, size - 8, 4096, 4]],  # past its end
@@ -138,5 +158,50 @@ def test_what_the_loader_process_says_early_is_checked_as_its_answer_is(tmp_path
         assert hf._early(told, opened, weights, {"written": 64}, [], fd, 1 << 30) == fd
         assert told.calls[-2:] == [("converted", 100), ("written", 64)]
         os.close(fd)
+    finally:
+        opened.close()
+
+
+def test_an_answer_of_fused_ranges_is_checked_and_copied_in_order(tmp_path):
+    """A storage the loader answers as file ranges end to end (Note [fused tensors are file
+    ranges]) is copied in their order, and refused where they are not the file's or do not add
+    up to its size."""
+    from weightd import segment
+    from weightd.daemon import hf
+    from weightd.errors import CheckpointError
+
+    a, b = torch.arange(512, dtype=torch.float32), -torch.arange(512, dtype=torch.float32)
+    save_file({"a": a, "b": b}, tmp_path / "model.safetensors")
+    opened = hf._Opened(tmp_path, None)
+    try:
+        opened.open("model.safetensors")
+        data = 8 + int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+        weights = ["model.safetensors"]
+        parts = [[0, data + 2048, 2048], [0, data, 2048]]  # b then a
+        tensor = ["ba", 0, 0, "float32", [1024], [1]]
+        blobs, _ = hf._blobs(
+            opened, {"blobs": [{"nbytes": 4096, "parts": parts}], "tensors": [tensor]}, weights, None
+        )
+        folder = segment.Folder(str(tmp_path / "shm"))
+        os.makedirs(folder.path, exist_ok=True)
+        seg = segment.Segment.create(folder, "/weightd.test.fused", segment.DATA_OFFSET + 4096, 0o600, None)
+        try:
+            blobs[0].fill(seg, segment.DATA_OFFSET)
+            got = os.pread(seg.fd, 4096, segment.DATA_OFFSET)
+            assert got == b.numpy().tobytes() + a.numpy().tobytes()
+        finally:
+            seg.destroy(wait=False)
+        for wrong in (
+            {"nbytes": 4097, "parts": parts},  # not what its ranges add up to
+            {"nbytes": 4096, "parts": [[0, data + 2048, 4096]]},  # past the file's end
+            {"nbytes": 4096, "parts": [[1, data, 4096]]},  # no such file
+            {"nbytes": 4096, "parts": []},
+        ):
+            try:
+                hf._blobs(opened, {"blobs": [wrong], "tensors": [tensor]}, weights, None)
+            except CheckpointError as e:
+                assert "described storage 0 wrongly" in str(e)
+            else:
+                raise AssertionError(f"{wrong!r} was taken")
     finally:
         opened.close()
