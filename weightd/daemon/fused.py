@@ -128,24 +128,24 @@ def likely(transformers, model, headers: dict, wanted: str | None) -> dict[str, 
 def same(ptr: int, parts: list, fds: list[int]) -> bool:
     """Whether the bytes at address ``ptr`` (a tensor transformers fused, in this process)
     equal ``parts`` ([file index, offset, bytes]) of the weight files ``fds``, end to end."""
+    import numpy  # the address of a read-only map (ctypes takes only writable buffers)
+
     libc = ctypes.CDLL(None)
     libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     maps: dict[int, mmap.mmap] = {}
-    anchors: dict[int, ctypes.c_char] = {}  # each map's first byte: its address (a private,
-    # writable map: ctypes takes the address of no read-only buffer; nothing is written)
+    views: dict[int, numpy.ndarray] = {}  # over each map: released before it is closed
     try:
         at = ptr
         for k, offset, nbytes in parts:
             if k not in maps:
-                maps[k] = mmap.mmap(fds[k], 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                anchors[k] = ctypes.c_char.from_buffer(maps[k])
-            if offset + nbytes > len(maps[k]) or libc.memcmp(
-                at, ctypes.addressof(anchors[k]) + offset, nbytes
-            ):
+                # read-only and shared: page cache, not the loader's memory (its RLIMIT_DATA)
+                maps[k] = mmap.mmap(fds[k], 0, prot=mmap.PROT_READ)
+                views[k] = numpy.frombuffer(maps[k], dtype=numpy.uint8)
+            if offset + nbytes > len(maps[k]) or libc.memcmp(at, views[k].ctypes.data + offset, nbytes):
                 return False
             at += nbytes
         return True
     finally:
-        anchors.clear()
+        views.clear()
         for m in maps.values():
             m.close()

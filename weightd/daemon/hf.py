@@ -731,10 +731,6 @@ class _Loader:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
         env.pop("PYTHONSTARTUP", None)
-        # What transformers converts (casts, fusions it does not take as file ranges) is new
-        # memory of the loader: on 2 MiB pages (PyTorch's allocator, madvise) a warm Mixtral
-        # whose experts went through the memfd loaded in 2.25 s against 3.58 on 4 KiB pages
-        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "weightd.daemon.loader", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],

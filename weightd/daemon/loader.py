@@ -316,6 +316,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     if quant is not None:  # Hook (issue 24): Note [tensor subclasses as plain tensors] in quantized.py
         state, subclasses = quantized.flatten(state, folder)
     maps = _file_maps(job["weight_fds"])
+    as_guessed = _fused_as_guessed(state, fusions, job["weight_fds"])
     blobs, tensors, converted, converted_bytes, from_files = [], [], [], 0, 0
     memfd, mem_size = None, 0
     to_write = []  # (memfd offset, the storage's bytes)
@@ -330,7 +331,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             where = _in_map(maps, storage.data_ptr(), storage.nbytes())
             if where is not None:
                 blobs.append({"nbytes": storage.nbytes(), "file": where[0], "offset": where[1]})
-            elif name in fusions and _fused_as_guessed(storage, fusions[name][1], job["weight_fds"]):
+            elif name in as_guessed:
                 # Note [fused tensors are file ranges]: the daemon copied these ranges early
                 blobs.append({"nbytes": storage.nbytes(), "parts": fusions[name][1]})
                 converted_bytes += storage.nbytes()
@@ -481,8 +482,21 @@ def _implied(torch, transformers, cls, config) -> tuple[int, dict, object]:
     return n, meta, model
 
 
-def _fused_as_guessed(storage, parts: list, fds: list[int]) -> bool:
-    return storage.nbytes() == sum(p[2] for p in parts) and fused.same(storage.data_ptr(), parts, fds)
+def _fused_as_guessed(state: dict, fusions: dict, fds: list[int]) -> set[str]:
+    """The names of ``state`` that are the whole storage ``fused.likely`` guessed, byte for
+    byte: compared on as many threads as this process may use (``memcmp`` lets go of the GIL;
+    the comparison is on the load's clock, after from_pretrained)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def equal(name: str) -> bool:
+        t, parts = state[name], fusions[name][1]
+        storage = t.untyped_storage()
+        whole = t.storage_offset() == 0 and t.nbytes == storage.nbytes() == sum(p[2] for p in parts)
+        return whole and fused.same(storage.data_ptr(), parts, fds)
+
+    names = [n for n in fusions if n in state]
+    with ThreadPoolExecutor(max(1, min(len(names), len(os.sched_getaffinity(0))))) as pool:
+        return {n for n, ok in zip(names, pool.map(equal, names)) if ok}
 
 
 def _config_dtype(config) -> str | None:
