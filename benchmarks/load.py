@@ -279,6 +279,7 @@ def median_of(runs: list[dict]) -> dict:
     out = dict(ok[len(ok) // 2])
     out["runs"] = [round(r["seconds"], 4) for r in runs if "error" not in r]
     out["private_growth"] = max((r.get("private_growth", 0) for r in ok), default=0)
+    out["shared_peak"] = max((r.get("shared_peak", 0) for r in ok), default=0)
     return out
 
 
@@ -382,12 +383,17 @@ class Bench:
         """One ``weightd load``, request to ready, with the daemon's report and memory growth."""
         base = memory.usage(d.pid).pss_private
         peak = [base]
+        # the host's shared memory (/proc/meminfo Shmem): the segment, and what else a load holds
+        # there meanwhile (a Hugging Face folder's memfd of converted tensors)
+        shm_base = shmem()
+        shm_peak = [shm_base]
         stop = threading.Event()
 
         def sample():
             while not stop.wait(0.01):
                 try:
                     peak[0] = max(peak[0], memory.usage(d.pid).pss_private)
+                    shm_peak[0] = max(shm_peak[0], shmem())
                 except OSError:
                     return
 
@@ -411,8 +417,18 @@ class Bench:
             "gbps": model["nbytes"] / seconds / 1e9,
             "daemon": report,
             "private_growth": max(peak[0] - base, 0),
+            "shared_peak": max(shm_peak[0] - shm_base, 0),
             "cpu_per_gib": cpu / (model["nbytes"] / GiB),
         }
+
+
+def shmem() -> int:
+    """Bytes of shared memory on the host (``Shmem`` in /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -771,8 +787,8 @@ def report(res: dict, args) -> list[str]:
         lines += [
             "\n### Hugging Face folders against the same bytes as one safetensors file (weightd load, s)\n",
             "| folder | MiB | shards | cold folder | cold one file | cold ratio "
-            "| warm folder | warm one file | warm ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| warm folder | warm one file | warm ratio | peak shared memory, folder / one file (MiB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for label, r in res["folders"].items():
 
@@ -785,9 +801,14 @@ def report(res: dict, args) -> list[str]:
                 sec("warm folder"),
                 sec("warm one file"),
             )
+            shared = [
+                max((r.get(f"{s} {w}", {}).get("shared_peak", 0) for s in ("cold", "warm")), default=0)
+                for w in ("folder", "one file")
+            ]
             lines.append(
                 f"| {label} | {r['bytes'] / MiB:.0f} | {r['shards']} | {cf or 0:.2f} | {co or 0:.2f} | "
-                f"{ratio(cf, co)} | {wf or 0:.2f} | {wo or 0:.2f} | {ratio(wf, wo)} |"
+                f"{ratio(cf, co)} | {wf or 0:.2f} | {wo or 0:.2f} | {ratio(wf, wo)} "
+                f"| {shared[0] / MiB:.0f} / {shared[1] / MiB:.0f} |"
             )
         lines.append(
             "\ntargets: dense folder <= 1.2x its one file, MoE <= 2x; round by round (folder / its file):"
