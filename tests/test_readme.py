@@ -27,6 +27,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -39,6 +40,7 @@ NOT_RUN = re.compile(r"<!-- not run: (.+?) -->")
 # What the README's examples assume the reader has: a function that builds their model, a
 # policy network they publish (published twice already, so the README's publish is generation 3).
 PREAMBLE = """
+import pytest
 import torch
 from torch import nn
 
