@@ -109,6 +109,7 @@ def main() -> None:
         return
     import signal
 
+    fused.prepare()
     signal.signal(signal.SIGCHLD, lambda *_: _reap())  # a killed child leaves no zombie
     send(control, {"ready": True})
     while True:
