@@ -50,3 +50,42 @@ def test_a_cast_on_load_is_not_guessed(tmp_path):
     headers = loader._headers(str(folder), weights)
     assert fused.likely(transformers, meta_model, headers, None)
     assert not fused.likely(transformers, meta_model, headers, "bfloat16")  # the files are float32
+
+
+def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_path):
+    """What MoE checkpoints ship in: bf16, the config saying so. Its experts are copied from the
+    files; the same files under a config that asks for float32 are cast, so they go through the
+    loader's memfd. Both attach as from_pretrained gives them."""
+    import json
+
+    from conftest import hf_diagnostics
+
+    torch.manual_seed(1)
+    config = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        dtype="bfloat16",
+    )
+    transformers.MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16").rename(tmp_path / "cast")
+    transformers.MixtralForCausalLM.from_pretrained(tmp_path / "cast").save_pretrained(tmp_path / "bf16")
+    raw = json.loads((tmp_path / "cast" / "config.json").read_text())
+    (tmp_path / "cast" / "config.json").write_text(json.dumps(dict(raw, dtype="float32")))
+    d = make_daemon("--model", f"bf16={tmp_path / 'bf16'}", "--model", f"cast={tmp_path / 'cast'}")
+    for name, dtype, from_files in (("bf16", torch.bfloat16, True), ("cast", torch.float32, False)):
+        expected = transformers.MixtralForCausalLM.from_pretrained(tmp_path / name).state_dict()
+        with d.client() as c:
+            got = c.state_dict(name)
+            assert set(got) == set(expected)
+            for k, v in expected.items():
+                assert got[k].dtype == v.dtype == dtype and torch.equal(got[k], v), k
+            del got
+        meta = hf_diagnostics(d, name)
+        assert meta["converted_bytes"] > 0
+        assert meta["fused_from_files"] == (meta["converted_bytes"] if from_files else 0), name

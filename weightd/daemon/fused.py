@@ -117,8 +117,8 @@ def likely(transformers, model, headers: dict, wanted: str | None) -> dict[str, 
         if any(len(one) != experts for one in lists) or len(dtypes) != 1:
             continue
         dtype, itemsize = DTYPES[dtypes.pop()]
-        if dtype != meta[target][0] or (wanted is not None and dtype != wanted):
-            continue  # cast on load
+        if dtype != (wanted or meta[target][0]):
+            continue  # cast on load (to the config's dtype; the meta model is in the default one)
         shapes = [one[0][5] for one in lists]
         if any(s[5] != shapes[p] for p, one in enumerate(lists) for s in one) or not all(shapes):
             continue
