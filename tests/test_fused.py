@@ -21,7 +21,7 @@ def test_the_guess_is_what_from_pretrained_fuses(name, tmp_path):
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = getattr(transformers, config.architectures[0])
     _, _, meta_model = loader._implied(torch, transformers, cls, config)
-    guess = fused.likely(transformers, meta_model, loader._headers(str(folder), weights), None)
+    guess = fused.likely(meta_model, loader._headers(str(folder), weights), None)
     model = cls.from_pretrained(folder)
     state = model.state_dict()
     converted = [k for k in state if ".experts." in k and "proj" in k]
@@ -48,8 +48,8 @@ def test_a_cast_on_load_is_not_guessed(tmp_path):
     config = transformers.AutoConfig.from_pretrained(folder)
     _, _, meta_model = loader._implied(torch, transformers, transformers.MixtralForCausalLM, config)
     headers = loader._headers(str(folder), weights)
-    assert fused.likely(transformers, meta_model, headers, None)
-    assert not fused.likely(transformers, meta_model, headers, "bfloat16")  # the files are float32
+    assert fused.likely(meta_model, headers, None)
+    assert not fused.likely(meta_model, headers, "bfloat16")  # the files are float32
 
 
 def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_path):

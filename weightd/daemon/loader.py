@@ -286,7 +286,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         for k, offset, _, _ in views:  # Note [from_pretrained reads the weights it keeps]
             os.posix_fadvise(job["weight_fds"][k], offset, 1, os.POSIX_FADV_WILLNEED)
         # Note [fused tensors are file ranges] in weightd/daemon/fused.py
-        fusions = fused.likely(transformers, meta_model, headers, _config_dtype(config))
+        fusions = fused.likely(meta_model, headers, _config_dtype(config))
         send(job["sock"], {"early": views, "fused": list(fusions.values())})
     del meta_model
     quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
