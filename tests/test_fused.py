@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import save  # noqa: E402
+from hf_models import ARCHS, save  # noqa: E402
 
 from weightd.daemon import fused, loader  # noqa: E402
 
@@ -61,17 +61,7 @@ def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_p
     from conftest import hf_diagnostics
 
     torch.manual_seed(1)
-    config = transformers.MixtralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        dtype="bfloat16",
-    )
+    config = transformers.MixtralConfig(**ARCHS["mixtral"][2], dtype="bfloat16")
     transformers.MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     (tmp_path / "bf16").rename(tmp_path / "cast")
     transformers.MixtralForCausalLM.from_pretrained(tmp_path / "cast").save_pretrained(tmp_path / "bf16")
