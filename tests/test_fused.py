@@ -20,24 +20,26 @@ def test_the_guess_is_what_from_pretrained_fuses(name, tmp_path):
     weights = sorted(p.name for p in folder.glob("*.safetensors"))
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = getattr(transformers, config.architectures[0])
-    _, _, meta_model = loader._implied(torch, transformers, cls, config)
-    guess = fused.likely(meta_model, loader._headers(str(folder), weights), None)
+    _, meta, meta_model = loader._implied(torch, transformers, cls, config)
+    guess = fused.likely(meta_model, meta, loader._headers(str(folder), weights), None)
     model = cls.from_pretrained(folder)
     state = model.state_dict()
     converted = [k for k in state if ".experts." in k and "proj" in k]
     assert converted and sorted(guess) == sorted(converted)
     fds = [os.open(folder / w, os.O_RDONLY) for w in weights]
+    files = fused.Files(fds, guess)
     try:
         for key in converted:
             t = state[key].contiguous()
             itemsize, parts = guess[key]
             assert itemsize == t.element_size() and sum(p[2] for p in parts) == t.nbytes
-            assert fused.same(t.data_ptr(), parts, fds)
+            assert files.same(t.data_ptr(), parts)
             changed = t.clone()
             changed.view(-1)[t.numel() // 2] += 1  # one element in the middle
-            assert not fused.same(changed.data_ptr(), parts, fds)
-            assert not fused.same(t.data_ptr(), list(reversed(parts)), fds)  # the order matters
+            assert not files.same(changed.data_ptr(), parts)
+            assert not files.same(t.data_ptr(), list(reversed(parts)))  # the order matters
     finally:
+        files.close()
         for fd in fds:
             os.close(fd)
 
@@ -46,10 +48,10 @@ def test_a_cast_on_load_is_not_guessed(tmp_path):
     folder = save("mixtral", tmp_path / "mixtral")
     weights = sorted(p.name for p in folder.glob("*.safetensors"))
     config = transformers.AutoConfig.from_pretrained(folder)
-    _, _, meta_model = loader._implied(torch, transformers, transformers.MixtralForCausalLM, config)
+    _, meta, meta_model = loader._implied(torch, transformers, transformers.MixtralForCausalLM, config)
     headers = loader._headers(str(folder), weights)
-    assert fused.likely(meta_model, headers, None)
-    assert not fused.likely(meta_model, headers, "bfloat16")  # the files are float32
+    assert fused.likely(meta_model, meta, headers, None)
+    assert not fused.likely(meta_model, meta, headers, "bfloat16")  # the files are float32
 
 
 def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+# safetensors dtype -> (torch dtype, item size): the dtypes a guess takes
 DTYPES = {"F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8)}
 
 
@@ -48,10 +49,11 @@ def prepare() -> None:
         pass
 
 
-def likely(model, headers: dict, wanted: str | None) -> dict[str, list]:
+def likely(model, meta: dict, headers: dict, wanted: str | None) -> dict[str, list]:
     """The model's tensors fused from whole file tensors: name -> [item size, [[file index,
     offset, bytes], ...]] in the order their bytes lie in the fused tensor. ``model``: built on
-    the meta device; ``headers``: ``loader._headers``; ``wanted``: the config's dtype, if any."""
+    the meta device, ``meta`` its state dict's names -> (dtype, shape) (``loader._implied``);
+    ``headers``: ``loader._headers``; ``wanted``: the config's dtype, if any."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -89,16 +91,15 @@ def likely(model, headers: dict, wanted: str | None) -> dict[str, list]:
     if not kinds:
         return {}
     by_pattern = {p: c for c in converters if id(c) in kinds for p in c.source_patterns}
-    state = model.state_dict()
-    meta = {name: (str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in state.items()}
     groups: dict[str, dict[str, list]] = {}  # target -> source pattern -> its sources
     for k, (data, header) in headers.items():
         for name, v in header.items():
             if name == "__metadata__" or not isinstance(v, dict) or v.get("dtype") not in DTYPES:
                 continue
             try:
+                # (transformers asks its meta state dict only which names it has)
                 target, pattern = rename_source_key(
-                    name, renamings, converters, model.base_model_prefix, state
+                    name, renamings, converters, model.base_model_prefix, meta
                 )
             except Exception:  # noqa: BLE001 - a key transformers' rules do not take
                 continue
@@ -139,27 +140,36 @@ def likely(model, headers: dict, wanted: str | None) -> dict[str, list]:
     return out
 
 
-def same(ptr: int, parts: list, fds: list[int]) -> bool:
-    """Whether the bytes at address ``ptr`` (a tensor transformers fused, in this process)
-    equal ``parts`` ([file index, offset, bytes]) of the weight files ``fds``, end to end."""
-    import numpy  # the address of a read-only map (ctypes takes only writable buffers)
+class Files:
+    """The weight files a load's fused tensors come from, each mapped once, read-only and shared
+    (page cache, not the loader's memory: its ``RLIMIT_DATA``), for ``same`` from many threads."""
 
-    libc = ctypes.CDLL(None)
-    libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    maps: dict[int, mmap.mmap] = {}
-    views: dict[int, numpy.ndarray] = {}  # over each map: released before it is closed
-    try:
-        at = ptr
+    def __init__(self, fds: list[int], fusions: dict[str, list]):
+        import numpy  # the address of a read-only map (ctypes takes only writable buffers)
+
+        self._maps: dict[int, mmap.mmap] = {}
+        self._views: dict[int, numpy.ndarray] = {}  # over each map: released before it is closed
+        for _, parts in fusions.values():
+            for k, _, _ in parts:
+                if k not in self._maps:
+                    self._maps[k] = mmap.mmap(fds[k], 0, prot=mmap.PROT_READ)
+                    self._views[k] = numpy.frombuffer(self._maps[k], dtype=numpy.uint8)
+        self._memcmp = ctypes.CDLL(None).memcmp
+        self._memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+
+    def same(self, ptr: int, parts: list) -> bool:
+        """Whether the bytes at address ``ptr`` (a tensor transformers fused, in this process)
+        equal ``parts`` ([file index, offset, bytes]) of the files, end to end (``memcmp`` lets
+        go of the GIL)."""
         for k, offset, nbytes in parts:
-            if k not in maps:
-                # read-only and shared: page cache, not the loader's memory (its RLIMIT_DATA)
-                maps[k] = mmap.mmap(fds[k], 0, prot=mmap.PROT_READ)
-                views[k] = numpy.frombuffer(maps[k], dtype=numpy.uint8)
-            if offset + nbytes > len(maps[k]) or libc.memcmp(at, views[k].ctypes.data + offset, nbytes):
+            if offset + nbytes > len(self._maps[k]) or self._memcmp(
+                ptr, self._views[k].ctypes.data + offset, nbytes
+            ):
                 return False
-            at += nbytes
+            ptr += nbytes
         return True
-    finally:
-        views.clear()
-        for m in maps.values():
+
+    def close(self) -> None:
+        self._views.clear()
+        for m in self._maps.values():
             m.close()

@@ -286,7 +286,7 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         for k, offset, _, _ in views:  # Note [from_pretrained reads the weights it keeps]
             os.posix_fadvise(job["weight_fds"][k], offset, 1, os.POSIX_FADV_WILLNEED)
         # Note [fused tensors are file ranges] in weightd/daemon/fused.py
-        fusions = fused.likely(meta_model, headers, _config_dtype(config))
+        fusions = fused.likely(meta_model, meta, headers, _config_dtype(config))
         send(job["sock"], {"early": views, "fused": list(fusions.values())})
     del meta_model
     quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
@@ -485,19 +485,26 @@ def _implied(torch, transformers, cls, config) -> tuple[int, dict, object]:
 
 def _fused_as_guessed(state: dict, fusions: dict, fds: list[int]) -> set[str]:
     """The names of ``state`` that are the whole storage ``fused.likely`` guessed, byte for
-    byte: compared on as many threads as this process may use (``memcmp`` lets go of the GIL;
-    the comparison is on the load's clock, after from_pretrained)."""
+    byte: compared on as many threads as this process may use (the comparison is on the load's
+    clock, after from_pretrained)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    names = [n for n in fusions if n in state]
+    if not names:
+        return set()
+    files = fused.Files(fds, fusions)
 
     def equal(name: str) -> bool:
         t, parts = state[name], fusions[name][1]
         storage = t.untyped_storage()
         whole = t.storage_offset() == 0 and t.nbytes == storage.nbytes() == sum(p[2] for p in parts)
-        return whole and fused.same(storage.data_ptr(), parts, fds)
+        return whole and files.same(storage.data_ptr(), parts)
 
-    names = [n for n in fusions if n in state]
-    with ThreadPoolExecutor(max(1, min(len(names), len(os.sched_getaffinity(0))))) as pool:
-        return {n for n, ok in zip(names, pool.map(equal, names)) if ok}
+    try:
+        with ThreadPoolExecutor(min(len(names), len(os.sched_getaffinity(0)))) as pool:
+            return {n for n, ok in zip(names, pool.map(equal, names)) if ok}
+    finally:
+        files.close()
 
 
 def _config_dtype(config) -> str | None:
@@ -513,8 +520,6 @@ def _likely_views(headers: dict, meta: dict, config, cls) -> list[list[int]]:
     starts copying on (Note [copying while from_pretrained runs] in weightd/daemon/early.py):
     tensors transformers renames, fuses (MoE experts) or casts are not named so and are left out;
     a wrong guess costs copied bytes, never a wrong tensor."""
-    dtypes = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-    sizes = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
     wanted = _config_dtype(config)
     prefix = (getattr(cls, "base_model_prefix", "") or "") + "."
     out = []
@@ -522,14 +527,14 @@ def _likely_views(headers: dict, meta: dict, config, cls) -> list[list[int]]:
         for name, v in header.items():
             if name == "__metadata__" or not isinstance(v, dict):
                 continue
-            dtype = dtypes.get(v.get("dtype"))
+            dtype, itemsize = fused.DTYPES.get(v.get("dtype"), (None, 0))
             found = meta.get(name) or meta.get(prefix + name) or meta.get(name.removeprefix(prefix))
             if dtype is None or found is None or found[1] != v.get("shape"):
                 continue
             if dtype != (wanted or found[0]):
                 continue  # cast on load (to the config's dtype)
             begin, end = v["data_offsets"]
-            out.append([k, data + begin, end - begin, sizes[dtype]])
+            out.append([k, data + begin, end - begin, itemsize])
     return out
 
 

@@ -433,7 +433,7 @@ class Readers:
             if (
                 self.direct != "never"
                 and not piece.shared
-                and (self.direct == "always" or not cached(piece.fd, src, n))
+                and (self.direct == "always" or not _cached(piece.fd, src, n))
             ):
                 dfd = self._direct_fd(batch, piece)
                 if dfd is not None and self._read_direct(batch, window, piece, dfd, src, n, dst, buffer):
@@ -661,7 +661,7 @@ def _sequential(pieces: list[Piece]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def cached(fd: int, offset: int, n: int) -> bool:
+def _cached(fd: int, offset: int, n: int) -> bool:
     """Whether the chunk's first, middle and last pages are in the page cache (RWF_NOWAIT);
     True where the file system cannot say (tmpfs: memory anyway)."""
     probe = bytearray(1)
