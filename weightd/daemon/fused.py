@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 
 # safetensors dtype -> (torch dtype, item size): the dtypes a guess takes
 DTYPES = {"F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8)}
@@ -57,8 +58,6 @@ def likely(model, meta: dict, headers: dict, wanted: str | None) -> dict[str, li
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
-            Concatenate,
-            MergeModulelist,
             WeightConverter,
             WeightRenaming,
             dot_natural_key,
@@ -70,24 +69,7 @@ def likely(model, meta: dict, headers: dict, wanted: str | None) -> dict[str, li
         return {}
     renamings = [m for m in mapping if isinstance(m, WeightRenaming) and not isinstance(m, WeightConverter)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    kinds = {}  # converter -> "stack" or "stack, cat"
-    for c in converters:
-        ops = list(getattr(c, "operations", None) or ())
-        if (
-            len(ops) == 1
-            and type(ops[0]) is MergeModulelist
-            and ops[0].dim == 0
-            and len(c.source_patterns) == 1
-        ):
-            kinds[id(c)] = "stack"
-        elif (
-            len(ops) == 2
-            and type(ops[0]) is MergeModulelist
-            and ops[0].dim == 0
-            and type(ops[1]) is Concatenate
-            and ops[1].dim == 1
-        ):
-            kinds[id(c)] = "stack, cat"
+    kinds = {id(c): _kind(c) for c in converters if _kind(c)}  # "stack" or "stack, cat"
     if not kinds:
         return {}
     by_pattern = {p: c for c in converters if id(c) in kinds for p in c.source_patterns}
@@ -173,3 +155,185 @@ class Files:
         self._views.clear()
         for m in self._maps.values():
             m.close()
+
+
+class Unfused:
+    """Note [the fusion not computed]
+    ------------------------------
+    Comparing what transformers fused with the files (``Files.same``) proves a guess, but only
+    after transformers has stacked every expert into the loader's memory and the comparison has
+    read it again: on 2 vCPUs, beside the daemon's readers copying the same ranges, that was most
+    of an MoE folder's load (from_pretrained 1.2-1.35 s of 1.6 for a 947 MiB Mixtral, its one
+    file 0.65). Where the guess is right the loader needs none of those bytes: it answers ranges.
+
+    So, for the duration of ``from_pretrained``, ``WeightConverter.convert`` is wrapped. For a
+    guessed target whose converter is exactly ``MergeModulelist(dim=0)`` [+ ``Concatenate(dim=1)``]
+    and has no quantizer, the wrapper takes the tensors transformers collected for it and asks
+    where they are: each must be a whole, contiguous view of a weight file's map in this process
+    (its bytes are the file's), and end to end in transformers' own order (the lists it
+    collected, the source patterns in its order) they must be exactly the guessed ranges. What
+    the two operations make of such inputs is proven each time on small numbered tensors by
+    transformers' own operations (``_proven``): the output's bytes are the inputs', expert after
+    expert. Then the target is set to a stand-in of its shape and dtype over memory that cannot
+    be touched (``PROT_NONE``: not the loader's private memory, and any read or write of it kills
+    the load, never a wrong answer), and the daemon's copy of the ranges is what is served. After
+    ``from_pretrained`` the loader serves a range answer only where the model still holds that
+    very stand-in (``placed``); a stand-in transformers replaced has had a value computed from
+    it, and the load is done again without this wrapper. Anything not so is left to transformers:
+    its fusion runs, and the byte comparison decides as before.
+    """
+
+    def __init__(self, fusions: dict[str, list], locate):
+        self._fusions = fusions
+        self._locate = locate  # (address, bytes) -> (file index, offset) | None, in this process
+        self._stand_ins: dict[str, tuple[int, int]] = {}  # target -> (address, bytes)
+        self._original = None
+
+    def __enter__(self) -> Unfused:
+        try:
+            from transformers.core_model_loading import WeightConverter
+        except Exception:  # noqa: BLE001 - transformers without it: nothing is skipped
+            return self
+        original = self._original = WeightConverter.convert
+
+        def convert(converter, layer_name, *args, **kwargs):
+            out = self._stand_in(converter, layer_name, kwargs)
+            return out if out is not None else original(converter, layer_name, *args, **kwargs)
+
+        WeightConverter.convert = convert
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._original is not None:
+            from transformers.core_model_loading import WeightConverter
+
+            WeightConverter.convert = self._original
+
+    def placed(self, state: dict) -> tuple[set[str], bool]:
+        """The names of ``state`` that hold their stand-in, and whether every stand-in made is
+        held so (else the load must run again without this wrapper)."""
+        held = set()
+        for name, (address, nbytes) in self._stand_ins.items():
+            t = state.get(name)
+            if t is not None and t.untyped_storage().data_ptr() == address and t.nbytes == nbytes:
+                held.add(name)
+        return held, len(held) == len(self._stand_ins)
+
+    def _stand_in(self, converter, target: str, kwargs: dict):
+        guess = self._fusions.get(target)
+        if (
+            guess is None
+            or kwargs.get("hf_quantizer") is not None
+            or getattr(converter, "quantization_operation", None) is not None
+            or _kind(converter) is None
+            or not _proven(converter)
+        ):
+            return None
+        import torch
+
+        collected = converter.materialize_tensors()
+        lists = [collected.get(p) or [] for p in converter.source_patterns]
+        ranges, first = [], lists[0][0] if lists[0] else None
+        ok = first is not None and all(len(one) == len(lists[0]) for one in lists)
+        for e in range(len(lists[0]) if ok else 0):
+            for one in lists:
+                t = one[e]
+                where = (
+                    self._locate(t.data_ptr(), t.nbytes)
+                    if isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype == first.dtype
+                    else None
+                )
+                if where is None:
+                    ok = False
+                    break
+                ranges.append([where[0], where[1], t.nbytes])
+            if not ok:
+                break
+        model = kwargs.get("model")
+        try:
+            ref = model.get_parameter(target) if model is not None else None
+        except AttributeError:
+            ref = None
+        if not ok or ranges != guess[1] or ref is None or ref.dtype != first.dtype:
+            # transformers' own fusion runs on what it collected
+            converter.collected_tensors = {p: [lambda t=t: t for t in ts] for p, ts in collected.items()}
+            return None
+        nbytes = sum(r[2] for r in ranges)
+        if nbytes != ref.numel() * ref.element_size():
+            converter.collected_tensors = {p: [lambda t=t: t for t in ts] for p, ts in collected.items()}
+            return None
+        address = _untouchable(nbytes)
+        buffer = (ctypes.c_byte * nbytes).from_address(address)
+        stand_in = torch.frombuffer(buffer, dtype=torch.uint8).view(ref.dtype).view(ref.shape)
+        self._stand_ins[target] = (address, nbytes)
+        return {target: stand_in}
+
+
+def _kind(converter) -> str | None:
+    """ "stack" or "stack, cat" where the converter's operations are exactly those."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = list(getattr(converter, "operations", None) or ())
+    if ops and type(ops[0]) is MergeModulelist and ops[0].dim == 0:
+        if len(ops) == 1 and len(converter.source_patterns) == 1:
+            return "stack"
+        if len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim == 1:
+            return "stack, cat"
+    return None
+
+
+def _proven(converter) -> bool:
+    """Whether the converter's operations, run by transformers on numbered tensors (3 experts, a
+    shape per source pattern), put the inputs' bytes end to end, expert after expert and within
+    one the patterns in order: what ``Unfused`` serves for them."""
+    import copy
+
+    import torch
+
+    patterns = list(converter.source_patterns)
+    inputs = {p: [] for p in patterns}
+    expected, n = [], 0
+    for _ in range(3):  # experts
+        for i, p in enumerate(patterns):
+            t = torch.arange(n, n + (i + 2) * 5, dtype=torch.float32).view(i + 2, 5)
+            n += t.numel()
+            inputs[p].append(t)
+            expected.append(t.flatten())
+    try:
+        out = dict(inputs)
+        for op in copy.deepcopy(list(converter.operations)):
+            out = op.convert(
+                out,
+                source_patterns=patterns,
+                target_patterns=list(converter.target_patterns),
+                full_layer_name="",
+                model=None,
+                config=None,
+                missing_keys=None,
+            )
+    except Exception:  # noqa: BLE001 - whatever fails here is left to transformers
+        return False
+    if len(out) != 1:
+        return False
+    (result,) = out.values()
+    return (
+        isinstance(result, torch.Tensor)
+        and result.is_contiguous()
+        and torch.equal(result.flatten(), torch.cat(expected))
+    )
+
+
+PROT_NONE = 0
+
+
+def _untouchable(nbytes: int) -> int:
+    """The address of ``nbytes`` of address space nothing may read or write (``PROT_NONE``,
+    anonymous): never unmapped, the loader's fork exits after its one load."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # (no write: no memory is committed for it)
+    address = libc.mmap(None, max(nbytes, 1), PROT_NONE, flags, -1, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise MemoryError(os.strerror(ctypes.get_errno()))
+    return address

@@ -296,14 +296,28 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             f"files hold {in_files:,}: loading it would initialize the rest at random. Fix the config "
             "(num_hidden_layers, sizes) or add the missing weights"
         )
-    with _no_readaround(transformers, snapshot, job["weights"], views):
-        model, info = cls.from_pretrained(
-            snapshot,
-            config=config,
-            local_files_only=True,
-            output_loading_info=True,
-            trust_remote_code=False,
-        )
+
+    def from_pretrained(unfused: fused.Unfused | None):
+        skipping = unfused or contextlib.nullcontext()
+        with _no_readaround(transformers, snapshot, job["weights"], views), skipping:
+            return cls.from_pretrained(
+                snapshot,
+                config=config,
+                local_files_only=True,
+                output_loading_info=True,
+                trust_remote_code=False,
+            )
+
+    # Note [the fusion not computed] in fused.py
+    unfused = fused.Unfused(fusions, _Locate(job["weight_fds"])) if fusions else None
+    model, info = from_pretrained(unfused)
+    held: set[str] = set()
+    if unfused is not None:
+        held, whole = unfused.placed(model.state_dict())
+        if not whole:  # a stand-in replaced: a value was computed from it, so all is done again
+            del model, info
+            model, info = from_pretrained(None)
+            held = set()
     stage("from_pretrained")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -317,7 +331,9 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     if quant is not None:  # Hook (issue 24): Note [tensor subclasses as plain tensors] in quantized.py
         state, subclasses = quantized.flatten(state, folder)
     maps = _file_maps(job["weight_fds"])
-    as_guessed = _fused_as_guessed(state, fusions, job["weight_fds"])
+    as_guessed = held | _fused_as_guessed(
+        state, {n: f for n, f in fusions.items() if n not in held}, job["weight_fds"]
+    )
     blobs, tensors, converted, converted_bytes, from_files = [], [], [], 0, 0
     memfd, mem_size = None, 0
     to_write = []  # (memfd offset, the storage's bytes)
@@ -599,6 +615,23 @@ def _file_maps(fds: list[int]) -> list[tuple[int, int, int, int]]:
             else:
                 out.append((k, lo, hi, offset))
     return out
+
+
+class _Locate:
+    """Where a tensor's bytes are in the weight files, by its address in this process: the maps
+    read once (every file is mapped before transformers converts), again where one is missed."""
+
+    def __init__(self, fds: list[int]):
+        self._fds = fds
+        self._maps = None
+
+    def __call__(self, ptr: int, nbytes: int) -> tuple[int, int] | None:
+        if self._maps is not None:
+            where = _in_map(self._maps, ptr, nbytes)
+            if where is not None:
+                return where
+        self._maps = _file_maps(self._fds)
+        return _in_map(self._maps, ptr, nbytes)
 
 
 def _in_map(maps, ptr: int, nbytes: int) -> tuple[int, int] | None:
