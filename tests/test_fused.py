@@ -81,3 +81,89 @@ def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_p
         meta = hf_diagnostics(d, name)
         assert meta["converted_bytes"] > 0
         assert meta["fused_from_files"] == (meta["converted_bytes"] if from_files else 0), name
+
+
+def _guessed(folder):
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, config.architectures[0])
+    _, meta, meta_model = loader._implied(torch, transformers, cls, config)
+    fds = [os.open(folder / w, os.O_RDONLY) for w in weights]
+    return cls, fds, fused.likely(meta_model, meta, loader._headers(str(folder), weights), None)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe"])
+def test_the_fusion_is_not_computed_where_the_guess_is_what_transformers_collected(name, tmp_path):
+    """Note [the fusion not computed]: with the ranges transformers collected for a target
+    guessed right, the target holds a stand-in (its bytes are the ranges'); a guess that is not
+    what transformers collected (one reversed) is computed by transformers as without the wrapper;
+    and a stand-in transformers replaced afterwards is seen."""
+    from transformers.core_model_loading import WeightConverter
+
+    folder = save(name, tmp_path / name)
+    cls, fds, guess = _guessed(folder)
+    wrong = sorted(guess)[0]
+    guesses = dict(guess, **{wrong: [guess[wrong][0], list(reversed(guess[wrong][1]))]})
+    reference = cls.from_pretrained(folder).state_dict()
+    original = WeightConverter.convert
+    files = fused.Files(fds, guess)
+    try:
+        unfused = fused.Unfused(guesses, loader._Locate(fds))
+        with unfused:
+            model = cls.from_pretrained(folder)
+        assert WeightConverter.convert is original
+        state = model.state_dict()
+        held, whole = unfused.placed(state)
+        assert whole and held == set(guess) - {wrong}
+        for k, t in state.items():
+            assert t.shape == reference[k].shape and t.dtype == reference[k].dtype, k
+            if k not in held:  # (a stand-in is never read: PROT_NONE)
+                assert torch.equal(t, reference[k]), k
+            else:  # what it stands for: the ranges, which are what from_pretrained fuses
+                assert files.same(reference[k].contiguous().data_ptr(), guess[k][1]), k
+        module, _, attr = sorted(held)[0].rpartition(".")
+        setattr(model.get_submodule(module), attr, torch.nn.Parameter(reference[sorted(held)[0]].clone()))
+        now = unfused.placed(model.state_dict())  # (pytest's report of a failure must not read one)
+        assert now == (held - {sorted(held)[0]}, False)
+    finally:
+        files.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_operations_that_do_otherwise_are_left_to_transformers(tmp_path, monkeypatch):
+    """A transformers whose MergeModulelist stacks otherwise than the guess assumes (here: the
+    experts reversed) is found out on numbered tensors (``_proven``): nothing is skipped, and the
+    model is what that transformers computes."""
+    from transformers.core_model_loading import MergeModulelist
+
+    folder = save("mixtral", tmp_path / "mixtral")
+    cls, fds, guess = _guessed(folder)
+    stack = MergeModulelist.convert
+
+    def reversed_stack(self, input_dict, *args, **kwargs):
+        return stack(self, {k: list(reversed(v)) for k, v in input_dict.items()}, *args, **kwargs)
+
+    monkeypatch.setattr(MergeModulelist, "convert", reversed_stack)
+    try:
+        expected = cls.from_pretrained(folder).state_dict()
+        unfused = fused.Unfused(guess, loader._Locate(fds))
+        with unfused:
+            state = cls.from_pretrained(folder).state_dict()
+        placed = unfused.placed(state)  # (pytest's report of a failure must not read a stand-in)
+        assert placed == (set(), True)
+        assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_stand_in_cannot_be_read():
+    """What a stand-in is over: any read kills the process (SIGSEGV) rather than give zeros."""
+    import signal
+    import subprocess
+    import sys
+
+    code = "import ctypes; from weightd.daemon import fused; ctypes.string_at(fused._untouchable(1 << 20), 1)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGSEGV

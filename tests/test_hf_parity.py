@@ -132,9 +132,11 @@ def test_moe_experts_are_fused_once_by_the_daemon(folders, daemon):
 def test_fused_experts_are_copied_from_the_files(name, folders, daemon):
     """Note [fused tensors are file ranges]: what transformers fuses by stacking whole experts
     (and concatenating gate and up) is the files' bytes end to end; the daemon copies them from
-    the files, and serves what from_pretrained computed (test_attach_is_from_pretrained)."""
+    the files, and serves what from_pretrained computed (test_attach_is_from_pretrained).
+    Note [the fusion not computed]: transformers was not let compute them at all."""
     meta = hf_diagnostics(daemon, name)
     assert meta["converted"] and meta["fused_from_files"] == meta["converted_bytes"] > 0
+    assert meta["fusion_skipped"] == meta["fused_from_files"]
 
 
 def test_old_checkpoint_with_position_ids_attaches(folders, daemon):

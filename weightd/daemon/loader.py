@@ -396,6 +396,8 @@ def _load(job: dict) -> tuple[dict, list[int]]:
         "converted_bytes": converted_bytes,
         # of those, fused by stacking whole file tensors: copied from the files (fused.py)
         "fused_from_files": from_files,
+        # of those, never computed by transformers (Note [the fusion not computed] in fused.py)
+        "fusion_skipped": sum(state[n].nbytes for n in held),
         # what from_pretrained reported after its class's rules: keys it dropped, keys it initialized
         "unexpected": sorted(info.get("unexpected_keys") or ()),
         "missing": missing,
