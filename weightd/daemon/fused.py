@@ -25,7 +25,9 @@ agree (no cast), and the shapes must make the model's. The guess decides nothing
 is served: after ``from_pretrained`` the loader compares the tensor it fused with those ranges,
 byte for byte (``same``), and only one that is equal is answered as the ranges; any other goes
 through the memfd as before, and the pages copied for the guess are given back. Where
-transformers' names or operations change, nothing is guessed: slower, never wrong.
+transformers' names or operations change, nothing is guessed: slower, never wrong. Most guesses
+are now proven without the fusion being computed at all (Note [the fusion not computed], below);
+the comparison is for the rest.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ open (Note [what a loader process sees] in hf.py). A load
 4. answers with the state dict's layout: each storage is either an untouched view of a weight
    file (file and offset: the daemon copies it from its own descriptor), or fused by
    transformers from whole file tensors and equal to their bytes end to end (the files' ranges:
-   Note [fused tensors are file ranges] in fused.py), or else computed by transformers (cast,
-   other conversions), copied into one memfd handed over with the answer. Then exits.
+   Note [fused tensors are file ranges] in fused.py; most not computed at all: Note [the fusion
+   not computed] there), or else computed by transformers (cast, other conversions), copied
+   into one memfd handed over with the answer. Then exits.
 
 The daemon kills it (SIGKILL, its whole process group) on a stop, a deadline or a time-out.
 Only this module's ``main`` imports torch and transformers; ``send``/``receive`` (the framing)
