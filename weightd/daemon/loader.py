@@ -335,6 +335,8 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     as_guessed = held | _fused_as_guessed(
         state, {n: f for n, f in fusions.items() if n not in held}, job["weight_fds"]
     )
+    # by storage: a stand-in has no bytes to copy under any name (Note [the fusion not computed])
+    parts_at = {state[n].untyped_storage().data_ptr(): fusions[n][1] for n in as_guessed}
     blobs, tensors, converted, converted_bytes, from_files = [], [], [], 0, 0
     memfd, mem_size = None, 0
     to_write = []  # (memfd offset, the storage's bytes)
@@ -349,9 +351,9 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             where = _in_map(maps, storage.data_ptr(), storage.nbytes())
             if where is not None:
                 blobs.append({"nbytes": storage.nbytes(), "file": where[0], "offset": where[1]})
-            elif name in as_guessed:
+            elif key[0] in parts_at:
                 # Note [fused tensors are file ranges]: the daemon copied these ranges early
-                blobs.append({"nbytes": storage.nbytes(), "parts": fusions[name][1]})
+                blobs.append({"nbytes": storage.nbytes(), "parts": parts_at[key[0]]})
                 converted_bytes += storage.nbytes()
                 from_files += storage.nbytes()
             else:
