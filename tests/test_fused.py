@@ -81,6 +81,7 @@ def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_p
         meta = hf_diagnostics(d, name)
         assert meta["converted_bytes"] > 0
         assert meta["fused_from_files"] == (meta["converted_bytes"] if from_files else 0), name
+        assert meta["fusion_skipped"] == meta["fused_from_files"], name  # Note [the fusion not computed]
 
 
 def _guessed(folder):

@@ -155,8 +155,9 @@ class Piece:
     weightd/daemon/fused.py), read through the page cache, never with ``O_DIRECT``. Where the
     loader lets transformers fuse them it reads them too, and storage is read once for both. Where
     it does not (Note [the fusion not computed]) the cache still measured faster: a cold 947 MiB
-    Mixtral folder 2.0 s against 2.45 with ``O_DIRECT`` (medians of 4; a fused tensor's ranges are
-    experts of 1-2 MiB, each at its own alignment)."""
+    Mixtral folder 2.0 s against 2.45 with ``O_DIRECT`` (medians of 4), 1.27 against 1.58 in
+    another hour: transformers still touches a page of each expert, and the read-around of that
+    fault brings the expert into the cache (Note [from_pretrained reads the weights it keeps])."""
 
     nbytes: int
     dst: int
