@@ -71,7 +71,7 @@ def likely(model, meta: dict, headers: dict, wanted: str | None) -> dict[str, li
         return {}
     renamings = [m for m in mapping if isinstance(m, WeightRenaming) and not isinstance(m, WeightConverter)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    kinds = {id(c): _kind(c) for c in converters if _kind(c)}  # "stack" or "stack, cat"
+    kinds = {id(c): kind for c in converters if (kind := _kind(c))}  # "stack" or "stack, cat"
     if not kinds:
         return {}
     by_pattern = {p: c for c in converters if id(c) in kinds for p in c.source_patterns}
@@ -240,33 +240,24 @@ class Unfused:
 
         collected = converter.materialize_tensors()
         lists = [collected.get(p) or [] for p in converter.source_patterns]
-        ranges, first = [], lists[0][0] if lists[0] else None
-        ok = first is not None and all(len(one) == len(lists[0]) for one in lists)
-        for e in range(len(lists[0]) if ok else 0):
-            for one in lists:
-                t = one[e]
+        try:
+            ref = kwargs["model"].get_parameter(target)  # on the meta device: its shape and dtype
+        except (KeyError, AttributeError):
+            ref = None
+        ranges = []
+        if ref is not None and lists[0] and all(len(one) == len(lists[0]) for one in lists):
+            for t in (one[e] for e in range(len(lists[0])) for one in lists):  # the bytes' order
                 where = (
                     self._locate(t.data_ptr(), t.nbytes)
-                    if isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype == first.dtype
+                    if isinstance(t, torch.Tensor) and t.is_contiguous() and t.dtype == ref.dtype
                     else None
                 )
                 if where is None:
-                    ok = False
                     break
                 ranges.append([where[0], where[1], t.nbytes])
-            if not ok:
-                break
-        model = kwargs.get("model")
-        try:
-            ref = model.get_parameter(target) if model is not None else None
-        except AttributeError:
-            ref = None
-        if not ok or ranges != guess[1] or ref is None or ref.dtype != first.dtype:
-            # transformers' own fusion runs on what it collected
-            converter.collected_tensors = {p: [lambda t=t: t for t in ts] for p, ts in collected.items()}
-            return None
         nbytes = sum(r[2] for r in ranges)
-        if nbytes != ref.numel() * ref.element_size():
+        if ref is None or ranges != guess[1] or nbytes != ref.numel() * ref.element_size():
+            # transformers' own fusion runs on what it collected
             converter.collected_tensors = {p: [lambda t=t: t for t in ts] for p, ts in collected.items()}
             return None
         address = _untouchable(nbytes)
@@ -277,7 +268,8 @@ class Unfused:
 
 
 def _kind(converter) -> str | None:
-    """ "stack" or "stack, cat" where the converter's operations are exactly those."""
+    """The fusion a converter makes where its operations are exactly those taken: "stack" or
+    "stack, cat"; else None."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
     ops = list(getattr(converter, "operations", None) or ())
