@@ -58,6 +58,8 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
         "text",
         "safetensors",
     ),
+    # an embedding model saved as its authors name it: Wqkv cut into q, k and v on load (Chunk)
+    "nomic-bert": ("NomicBertConfig", "NomicBertModel", TEXT, "text", "safetensors"),
     "albert": ("AlbertConfig", "AlbertForMaskedLM", dict(TEXT, embedding_size=16), "text", "safetensors"),
     # decoder-only
     "gpt2": (
@@ -168,6 +170,22 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
             num_attention_heads=4,
             intermediate_size=64,
             num_labels=3,
+        ),
+        "image",
+        "safetensors",
+    ),
+    # saved under names transformers renames on load, a fused MLP cut in two (Chunk)
+    "dinov2": (
+        "Dinov2Config",
+        "Dinov2Model",
+        dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            mlp_ratio=2,
+            use_swiglu_ffn=True,
         ),
         "image",
         "safetensors",

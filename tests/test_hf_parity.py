@@ -139,6 +139,28 @@ def test_fused_experts_are_copied_from_the_files(name, folders, daemon):
     assert meta["fusion_skipped"] == meta["fused_from_files"]
 
 
+@pytest.mark.parametrize("name", ["dinov2", "nomic-bert", "gpt2", "llama"])
+def test_weights_transformers_renames_or_cuts_are_copied_early(name, folders, daemon):
+    """Note [copying while from_pretrained runs]: the early guess reads transformers' own rules
+    for the file's names (``fused.names``), so tensors it renames (Dinov2's
+    ``attention.attention.query``) or cuts into views (nomic-bert's ``Wqkv``, Dinov2's
+    ``weights_in``) are copied while from_pretrained runs, like those it keeps by name: every
+    byte of the files is served, all of it copied early."""
+    import json
+    import struct
+
+    in_files = 0
+    for f in folders[name].glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        in_files += sum(
+            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
+        )
+    meta = hf_diagnostics(daemon, name)
+    assert meta["converted_bytes"] == 0 and meta["copied_early"] == in_files > 0
+
+
 def test_old_checkpoint_with_position_ids_attaches(folders, daemon):
     """Issue 11 item 1: a weight that is a non-persistent buffer today is ignored, as from_pretrained does."""
     ref = transformers.BertModel.from_pretrained(folders["old-bert"])

@@ -52,11 +52,13 @@ def prepare() -> None:
         pass
 
 
-def likely(model, meta: dict, headers: dict, wanted: str | None) -> dict[str, list]:
-    """The model's tensors fused from whole file tensors: name -> [item size, [[file index,
-    offset, bytes], ...]] in the order their bytes lie in the fused tensor. ``model``: built on
-    the meta device, ``meta`` its state dict's names -> (dtype, shape) (``loader._implied``);
-    ``headers``: ``loader._headers``; ``wanted``: the config's dtype, if any."""
+def names(model, meta: dict, headers: dict) -> dict[tuple[int, str], tuple[str, object, str]] | None:
+    """What transformers' rules for the model make of each weight file tensor, as
+    ``from_pretrained`` applies them (``rename_source_key``, names in its order): (file index,
+    name) -> (the model's name for it, the converter that takes it and the source pattern it
+    matched, or None, None). ``model``: built on the meta device, ``meta`` its state dict's
+    names -> (dtype, shape) (``loader._implied``); ``headers``: ``loader._headers``. None where
+    transformers lacks these rules."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -66,35 +68,61 @@ def likely(model, meta: dict, headers: dict, wanted: str | None) -> dict[str, li
             rename_source_key,
         )
 
-        mapping = get_model_conversion_mapping(model)
-    except Exception:  # noqa: BLE001 - transformers without these names: nothing is guessed
-        return {}
+        mapping = get_model_conversion_mapping(model)  # (a copy of its own: renaming may keep state)
+    except Exception:  # noqa: BLE001 - transformers without these names
+        return None
     renamings = [m for m in mapping if isinstance(m, WeightRenaming) and not isinstance(m, WeightConverter)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    kinds = {id(c): kind for c in converters if (kind := _kind(c))}  # "stack" or "stack, cat"
-    if not kinds:
-        return {}
-    by_pattern = {p: c for c in converters if id(c) in kinds for p in c.source_patterns}
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    keys = [
+        (k, name)
+        for k, (_, header) in headers.items()
+        for name, v in header.items()
+        if name != "__metadata__" and isinstance(v, dict)
+    ]
+    out = {}
+    prefix = model.base_model_prefix
+    for k, name in sorted(keys, key=lambda key: dot_natural_key(key[1])):
+        try:
+            # (transformers asks its meta state dict only which names it has)
+            target, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+            if target not in meta and name in meta:  # as from_pretrained does: the prefix only
+                target, pattern = rename_source_key(name, [], [], prefix, meta)
+        except Exception:  # noqa: BLE001 - a key transformers' rules do not take
+            continue
+        out[(k, name)] = (target, by_pattern.get(pattern) if pattern is not None else None, pattern)
+    return out
+
+
+def likely(
+    model, meta: dict, headers: dict, wanted: str | None, named: dict | None = None
+) -> dict[str, list]:
+    """The model's tensors fused from whole file tensors: name -> [item size, [[file index,
+    offset, bytes], ...]] in the order their bytes lie in the fused tensor. ``model``, ``meta``,
+    ``headers``: as for ``names`` (``named``: what it gave, if already asked); ``wanted``: the
+    config's dtype, if any."""
+    from transformers.core_model_loading import dot_natural_key
+
+    named = names(model, meta, headers) if named is None else named
     groups: dict[str, dict[str, list]] = {}  # target -> source pattern -> its sources
-    for k, (data, header) in headers.items():
-        for name, v in header.items():
-            if name == "__metadata__" or not isinstance(v, dict) or v.get("dtype") not in DTYPES:
-                continue
-            try:
-                # (transformers asks its meta state dict only which names it has)
-                target, pattern = rename_source_key(
-                    name, renamings, converters, model.base_model_prefix, meta
-                )
-            except Exception:  # noqa: BLE001 - a key transformers' rules do not take
-                continue
-            if pattern not in by_pattern or target not in meta:
-                continue
-            begin, end = v["data_offsets"]
-            source = (dot_natural_key(name), k, data + begin, end - begin, v["dtype"], list(v["shape"]))
-            groups.setdefault(target, {}).setdefault(pattern, []).append(source)
+    patterns_of: dict[str, object] = {}  # target -> its converter
+    kinds: dict[int, str | None] = {}
+    for (k, name), (target, converter, pattern) in (named or {}).items():
+        v = headers[k][1][name]
+        if converter is None or target not in meta or v.get("dtype") not in DTYPES:
+            continue
+        if id(converter) not in kinds:
+            kinds[id(converter)] = _kind(converter)
+        if kinds[id(converter)] is None:
+            continue
+        begin, end = v["data_offsets"]
+        data = headers[k][0]
+        source = (dot_natural_key(name), k, data + begin, end - begin, v["dtype"], list(v["shape"]))
+        groups.setdefault(target, {}).setdefault(pattern, []).append(source)
+        patterns_of[target] = converter
     out = {}
     for target, sources in groups.items():
-        converter = by_pattern[next(iter(sources))]
+        converter = patterns_of[target]
         patterns = list(converter.source_patterns)
         if set(sources) != set(patterns):
             continue
@@ -265,6 +293,26 @@ class Unfused:
         stand_in = torch.frombuffer(buffer, dtype=torch.uint8).view(ref.dtype).view(ref.shape)
         self._stand_ins[target] = (address, nbytes)
         return {target: stand_in}
+
+
+def cut(converter, shape: list, target: list) -> bool:
+    """Whether ``converter`` only cuts a tensor of ``shape`` along its first dimension into parts
+    of which one has the shape ``target`` (``Chunk`` or ``Split``, dim 0, alone): each part is
+    then a view of the file's tensor, and the file's range is what is served for all of them."""
+    try:
+        from transformers.core_model_loading import Chunk, Split
+    except ImportError:
+        return False
+    ops = list(getattr(converter, "operations", None) or ())
+    return (
+        len(ops) == 1
+        and type(ops[0]) in (Chunk, Split)
+        and ops[0].dim == 0
+        and isinstance(shape, list)
+        and len(shape) == len(target) >= 1
+        and shape[1:] == target[1:]
+        and 0 < target[0] <= shape[0]
+    )
 
 
 def _kind(converter) -> str | None:
