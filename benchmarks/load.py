@@ -20,8 +20,9 @@ One run, side by side, each row with the page cache dropped (``echo 3 >
   into a new shm file whose pages are allocated on the clock (what every new segment pays), through
   a mapping and by ``sendfile``.
 
-Then Hugging Face folders (a Llama sharded in 4 and a Mixtral MoE) against the same bytes as
-one safetensors file, and stops: SIGTERM and ``unload`` while a 3 and 8 GiB load runs.
+Then Hugging Face folders (a Llama sharded in 4, a Dinov2 whose weights transformers renames
+and cuts on load, and a Mixtral MoE) against the same bytes as one safetensors file, and
+stops: SIGTERM and ``unload`` while a 3 and 8 GiB load runs.
 
 Targets, as ratios: warm >= 0.7x the page cache -> shm ceiling; cold >= 0.9x the best raw read
 and >= 1.0x runai; dense folder <= 1.2x its single file, MoE <= 2x; a stop <= 0.3 s; daemon
@@ -580,7 +581,8 @@ def stops(b: Bench, st: Path) -> dict:
 
 
 def part_folders(b: Bench, args, res: dict) -> None:
-    """A Llama sharded in 4 and a Mixtral MoE, against their bytes as one safetensors file."""
+    """A Llama sharded in 4, a Dinov2 saved under names transformers renames, and a Mixtral MoE,
+    against their bytes as one safetensors file."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -614,6 +616,21 @@ def part_folders(b: Bench, args, res: dict) -> None:
                 num_attention_heads=16,
                 num_key_value_heads=16,
                 vocab_size=32000,
+            ),
+        ),
+        # saved under the names its authors use: transformers renames most of them on load and
+        # cuts the SwiGLU's weights_in into gate and up (views of the file's tensor)
+        "dinov2 (renamed)": (
+            transformers.Dinov2Config,
+            transformers.Dinov2Model,
+            dict(
+                hidden_size=1024,
+                num_hidden_layers=max(2, int(16 * scale)),
+                num_attention_heads=16,
+                mlp_ratio=4,
+                image_size=224,
+                patch_size=14,
+                use_swiglu_ffn=True,
             ),
         ),
         "mixtral (MoE)": (
