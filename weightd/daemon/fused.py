@@ -101,13 +101,15 @@ def likely(
     offset, bytes], ...]] in the order their bytes lie in the fused tensor. ``model``, ``meta``,
     ``headers``: as for ``names`` (``named``: what it gave, if already asked); ``wanted``: the
     config's dtype, if any."""
-    from transformers.core_model_loading import dot_natural_key
-
     named = names(model, meta, headers) if named is None else named
+    if not named:
+        return {}
+    from transformers.core_model_loading import dot_natural_key  # (names found it)
+
     groups: dict[str, dict[str, list]] = {}  # target -> source pattern -> its sources
     patterns_of: dict[str, object] = {}  # target -> its converter
     kinds: dict[int, str | None] = {}
-    for (k, name), (target, converter, pattern) in (named or {}).items():
+    for (k, name), (target, converter, pattern) in named.items():
         v = headers[k][1][name]
         if converter is None or target not in meta or v.get("dtype") not in DTYPES:
             continue
