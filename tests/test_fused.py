@@ -168,3 +168,37 @@ def test_a_stand_in_cannot_be_read():
     code = "import ctypes; from weightd.daemon import fused; ctypes.string_at(fused._untouchable(1 << 20), 1)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert done.returncode == -signal.SIGSEGV
+
+
+def test_whole_tensors_concatenated_are_served_from_the_files(make_daemon, tmp_path):
+    """``Concatenate(dim=0)`` alone (OLMo-Hybrid's q, k and v convolutions saved apart, joined
+    on load) puts whole tensors end to end, as the experts' stack does: guessed, proven, not
+    computed, and what attaches is what from_pretrained gives."""
+    from conftest import hf_diagnostics
+
+    torch.manual_seed(2)
+    config = transformers.OlmoHybridConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=99,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    transformers.OlmoHybridForCausalLM(config).save_pretrained(tmp_path / "hybrid")
+    cls, fds, guess = _guessed(tmp_path / "hybrid")
+    for fd in fds:
+        os.close(fd)
+    assert guess and all(k.endswith("linear_attn.conv1d.weight") for k in guess)
+    d = make_daemon("--model", f"hybrid={tmp_path / 'hybrid'}")
+    expected = cls.from_pretrained(tmp_path / "hybrid").state_dict()
+    with d.client() as c:
+        got = c.state_dict("hybrid")
+        assert set(got) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(got[k], v), k
+        del got
+    meta = hf_diagnostics(d, "hybrid")
+    assert meta["fusion_skipped"] == meta["fused_from_files"] == meta["converted_bytes"] > 0

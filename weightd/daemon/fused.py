@@ -10,8 +10,9 @@ An MoE folder saves each expert's projections as tensors of their own
 (``MergeModulelist(dim=0)``) and, where two projections make one, concatenating them along the
 next dimension (``Concatenate(dim=1)``). Both only put whole contiguous tensors end to end: the
 fused tensor's bytes are the file ranges of its sources, expert after expert, and within an
-expert the sources in the converter's order. So its bytes are known before ``from_pretrained``
-runs, and the daemon's readers can copy them from the files early, like the tensors kept as they
+expert the sources in the converter's order. (``Concatenate(dim=0)`` alone does the same with
+one tensor per source: OLMo-Hybrid's q, k and v convolutions, MiniMax-M3's gate and up.) So its
+bytes are known before ``from_pretrained`` runs, and the daemon's readers can copy them from the files early, like the tensors kept as they
 are (Note [copying while from_pretrained runs] in weightd/daemon/early.py), instead of after it
 from a memfd the loader writes them into: a load no longer holds its experts twice (a 947 MiB
 Mixtral fuses 672 MiB; the peak shared memory of its load went from 1525 MiB to 853, its one
@@ -139,10 +140,15 @@ def likely(
         shapes = [one[0][5] for one in lists]
         if any(s[5] != shapes[p] for p, one in enumerate(lists) for s in one) or not all(shapes):
             continue
-        if kinds[id(converter)] == "stack":
+        kind = kinds[id(converter)]
+        if kind == "stack":
             shape = [experts, *shapes[0]]
-        elif all(s[1:] == shapes[0][1:] for s in shapes):
+        elif not all(s[1:] == shapes[0][1:] for s in shapes):
+            continue
+        elif kind == "stack, cat":
             shape = [experts, sum(s[0] for s in shapes), *shapes[0][1:]]
+        elif experts == 1:  # "cat": one tensor per source pattern
+            shape = [sum(s[0] for s in shapes), *shapes[0][1:]]
         else:
             continue
         if meta[target][1] != shape:
@@ -199,20 +205,21 @@ class Unfused:
     file 0.65). Where the guess is right the loader needs none of those bytes: it answers ranges.
 
     So, for the duration of ``from_pretrained``, ``WeightConverter.convert`` is wrapped. For a
-    guessed target whose converter is exactly ``MergeModulelist(dim=0)`` [+ ``Concatenate(dim=1)``]
-    and has no quantizer, the wrapper takes the tensors transformers collected for it and asks
-    where they are: each must be a whole, contiguous view of a weight file's map in this process
-    (its bytes are the file's), and end to end in transformers' own order (the lists it
-    collected, the source patterns in its order) they must be exactly the guessed ranges. What
-    the two operations make of such inputs is proven each time on small numbered tensors by
-    transformers' own operations (``_proven``): the output's bytes are the inputs', expert after
-    expert. Then the target is set to a stand-in of its shape and dtype over memory that cannot
-    be touched (``PROT_NONE``: not the loader's private memory, and any read or write of it kills
-    the load, never a wrong answer), and the daemon's copy of the ranges is what is served. After
-    ``from_pretrained`` the loader serves a range answer only where the model still holds that
-    very stand-in (``placed``); a stand-in transformers replaced has had a value computed from
-    it, and the load is done again without this wrapper. Anything not so is left to transformers:
-    its fusion runs, and the byte comparison decides as before.
+    guessed target whose converter is exactly ``MergeModulelist(dim=0)`` [+ ``Concatenate(dim=1)``],
+    or ``Concatenate(dim=0)`` alone (whole tensors end to end: OLMo-Hybrid's q, k and v
+    convolutions, MiniMax-M3's gate and up), and has no quantizer, the wrapper takes the tensors
+    transformers collected for it and asks where they are: each must be a whole, contiguous view of
+    a weight file's map in this process (its bytes are the file's), and end to end in transformers'
+    own order (the lists it collected, the source patterns in its order) they must be exactly the
+    guessed ranges. What the operations make of such inputs is proven each time on small numbered
+    tensors by transformers' own operations (``_proven``): the output's bytes are the inputs',
+    expert after expert. Then the target is set to a stand-in of its shape and dtype over memory
+    that cannot be touched (``PROT_NONE``: not the loader's private memory, and any read or write of
+    it kills the load, never a wrong answer), and the daemon's copy of the ranges is what is served.
+    After ``from_pretrained`` the loader serves a range answer only where the model still holds that
+    very stand-in (``placed``); a stand-in transformers replaced has had a value computed from it,
+    and the load is done again without this wrapper. Anything not so is left to transformers: its
+    fusion runs, and the byte comparison decides as before.
 
     Measured, that Mixtral folder warm, one daemon, 4 loads each way (medians): from_pretrained
     0.41-0.52 s against 1.19-1.35, the load 0.99 s against 1.60 (its one file 0.62-0.66 s), and
@@ -328,13 +335,16 @@ def _kind(converter) -> str | None:
             return "stack"
         if len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim == 1:
             return "stack, cat"
+    if len(ops) == 1 and type(ops[0]) is Concatenate and ops[0].dim == 0:
+        return "cat"  # whole tensors end to end (q, k and v into one)
     return None
 
 
 def _proven(converter) -> bool:
     """Whether the converter's operations, run by transformers on numbered tensors (3 experts, a
-    shape per source pattern), put the inputs' bytes end to end, expert after expert and within
-    one the patterns in order: what ``Unfused`` serves for them."""
+    shape per source pattern; one tensor per pattern for a "cat"), put the inputs' bytes end to
+    end, expert after expert and within one the patterns in order: what ``Unfused`` serves for
+    them."""
     import copy
 
     import torch
@@ -342,7 +352,7 @@ def _proven(converter) -> bool:
     patterns = list(converter.source_patterns)
     inputs = {p: [] for p in patterns}
     expected, n = [], 0
-    for _ in range(3):  # experts
+    for _ in range(1 if _kind(converter) == "cat" else 3):  # experts
         for i, p in enumerate(patterns):
             t = torch.arange(n, n + (i + 2) * 5, dtype=torch.float32).view(i + 2, 5)
             n += t.numel()
