@@ -4,20 +4,21 @@ Runs in the loader process (weightd/daemon/loader.py), which has transformers im
 
 Note [fused tensors are file ranges]
 ------------------------------------
-An MoE folder saves each expert's projections as tensors of their own
-(``experts.3.w1.weight``); transformers 5 fuses them on load into one tensor per layer
-(``experts.gate_up_proj`` of shape [experts, 2 x intermediate, hidden]) by stacking the experts
-(``MergeModulelist(dim=0)``) and, where two projections make one, concatenating them along the
-next dimension (``Concatenate(dim=1)``). Both only put whole contiguous tensors end to end: the
-fused tensor's bytes are the file ranges of its sources, expert after expert, and within an
-expert the sources in the converter's order. (``Concatenate(dim=0)`` alone does the same with
-one tensor per source: OLMo-Hybrid's q, k and v convolutions, MiniMax-M3's gate and up.) So its
-bytes are known before ``from_pretrained`` runs, and the daemon's readers can copy them from the files early, like the tensors kept as they
-are (Note [copying while from_pretrained runs] in weightd/daemon/early.py), instead of after it
-from a memfd the loader writes them into: a load no longer holds its experts twice (a 947 MiB
-Mixtral fuses 672 MiB; the peak shared memory of its load went from 1525 MiB to 853, its one
-file's). On 2 vCPUs its time stayed within noise: the readers' copy, which followed the memfd's
-write, now runs beside the fusion and takes its CPU.
+An MoE folder saves each expert's projections as tensors of their own (``experts.3.w1.weight``);
+transformers 5 fuses them on load into one tensor per layer (``experts.gate_up_proj`` of shape
+[experts, 2 x intermediate, hidden]) by stacking the experts (``MergeModulelist(dim=0)``) and,
+where two projections make one, concatenating them along the next dimension
+(``Concatenate(dim=1)``). Both only put whole contiguous tensors end to end: the fused tensor's
+bytes are the file ranges of its sources, expert after expert, and within an expert the sources
+in the converter's order. (``Concatenate(dim=0)`` alone does the same with one tensor per
+source: OLMo-Hybrid's q, k and v convolutions, MiniMax-M3's gate and up.) So its bytes are known
+before ``from_pretrained`` runs, and the daemon's readers can copy them from the files early,
+like the tensors kept as they are (Note [copying while from_pretrained runs] in
+weightd/daemon/early.py), instead of after it from a memfd the loader writes them into: a load
+no longer holds its experts twice (a 947 MiB Mixtral fuses 672 MiB; the peak shared memory of
+its load went from 1525 MiB to 853, its one file's). On 2 vCPUs its time stayed within noise:
+the readers' copy, which followed the memfd's write, now runs beside the fusion and takes its
+CPU.
 
 Which tensors fuse so is read from transformers' own conversion mapping for the model
 (``get_model_conversion_mapping``, ``rename_source_key``): only converters whose operations are
