@@ -22,7 +22,7 @@ CPU.
 
 Which tensors fuse so is read from transformers' own conversion mapping for the model
 (``get_model_conversion_mapping``, ``rename_source_key``): only converters whose operations are
-exactly those two, with those dimensions, are taken; the sources' dtype and the model's must
+exactly those, with those dimensions, are taken; the sources' dtype and the model's must
 agree (no cast), and the shapes must make the model's. The guess decides nothing about what
 is served: after ``from_pretrained`` the loader compares the tensor it fused with those ranges,
 byte for byte (``same``), and only one that is equal is answered as the ranges; any other goes
