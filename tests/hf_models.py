@@ -21,6 +21,7 @@ TEXT = dict(
     max_position_embeddings=64,
 )
 LLAMA_LIKE = dict(TEXT, num_key_value_heads=2)
+VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 MOE = dict(LLAMA_LIKE, intermediate_size=32)
 # the encoder-decoder families (bart, marian, whisper) name their sizes alike
 ENC_DEC = dict(
@@ -162,15 +163,7 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
     "vit": (
         "ViTConfig",
         "ViTForImageClassification",
-        dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=3,
-        ),
+        dict(VISION, intermediate_size=64, num_labels=3),
         "image",
         "safetensors",
     ),
@@ -178,15 +171,7 @@ ARCHS: dict[str, tuple[str, str, dict, str, str]] = {
     "dinov2": (
         "Dinov2Config",
         "Dinov2Model",
-        dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            mlp_ratio=2,
-            use_swiglu_ffn=True,
-        ),
+        dict(VISION, mlp_ratio=2, use_swiglu_ffn=True),
         "image",
         "safetensors",
     ),

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import ARCHS, save  # noqa: E402
+from hf_models import ARCHS, TEXT, save  # noqa: E402
 
 from weightd.daemon import fused, loader  # noqa: E402
 
@@ -177,16 +177,7 @@ def test_whole_tensors_concatenated_are_served_from_the_files(make_daemon, tmp_p
     from conftest import hf_diagnostics
 
     torch.manual_seed(2)
-    config = transformers.OlmoHybridConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=99,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
+    config = transformers.OlmoHybridConfig(**TEXT, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     transformers.OlmoHybridForCausalLM(config).save_pretrained(tmp_path / "hybrid")
     cls, fds, guess = _guessed(tmp_path / "hybrid")
     for fd in fds:
