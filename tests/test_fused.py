@@ -21,7 +21,8 @@ def test_the_guess_is_what_from_pretrained_fuses(name, tmp_path):
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = getattr(transformers, config.architectures[0])
     _, meta, meta_model = loader._implied(torch, transformers, cls, config)
-    guess = fused.likely(meta_model, meta, loader._headers(str(folder), weights), None)
+    headers = loader._headers(str(folder), weights)
+    guess = fused.likely(fused.names(meta_model, meta, headers), meta, headers, None)
     model = cls.from_pretrained(folder)
     state = model.state_dict()
     converted = [k for k in state if ".experts." in k and "proj" in k]
@@ -50,8 +51,9 @@ def test_a_cast_on_load_is_not_guessed(tmp_path):
     config = transformers.AutoConfig.from_pretrained(folder)
     _, meta, meta_model = loader._implied(torch, transformers, transformers.MixtralForCausalLM, config)
     headers = loader._headers(str(folder), weights)
-    assert fused.likely(meta_model, meta, headers, None)
-    assert not fused.likely(meta_model, meta, headers, "bfloat16")  # the files are float32
+    named = fused.names(meta_model, meta, headers)
+    assert fused.likely(named, meta, headers, None)
+    assert not fused.likely(named, meta, headers, "bfloat16")  # the files are float32
 
 
 def test_bf16_experts_come_from_the_files_and_a_cast_does_not(make_daemon, tmp_path):
@@ -90,7 +92,8 @@ def _guessed(folder):
     cls = getattr(transformers, config.architectures[0])
     _, meta, meta_model = loader._implied(torch, transformers, cls, config)
     fds = [os.open(folder / w, os.O_RDONLY) for w in weights]
-    return cls, fds, fused.likely(meta_model, meta, loader._headers(str(folder), weights), None)
+    headers = loader._headers(str(folder), weights)
+    return cls, fds, fused.likely(fused.names(meta_model, meta, headers), meta, headers, None)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3-moe"])

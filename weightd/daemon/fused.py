@@ -44,7 +44,7 @@ DTYPES = {"F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4),
 
 def prepare() -> None:
     """Build transformers' table of checkpoint conversions, which it builds on first use (0.18 s
-    here, in ``from_pretrained`` and in ``likely`` alike): called in the loader process before it
+    here, in ``from_pretrained`` and in ``names`` alike): called in the loader process before it
     forks, so that each load's fork has it."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
@@ -96,22 +96,15 @@ def names(model, meta: dict, headers: dict) -> dict[tuple[int, str], tuple[str, 
     return out
 
 
-def likely(
-    model, meta: dict, headers: dict, wanted: str | None, named: dict | None = None
-) -> dict[str, list]:
+def likely(named: dict | None, meta: dict, headers: dict, wanted: str | None) -> dict[str, list]:
     """The model's tensors fused from whole file tensors: name -> [item size, [[file index,
-    offset, bytes], ...]] in the order their bytes lie in the fused tensor. ``model``, ``meta``,
-    ``headers``: as for ``names`` (``named``: what it gave, if already asked); ``wanted``: the
-    config's dtype, if any."""
-    named = names(model, meta, headers) if named is None else named
-    if not named:
-        return {}
-    from transformers.core_model_loading import dot_natural_key  # (names found it)
-
-    groups: dict[str, dict[str, list]] = {}  # target -> source pattern -> its sources
+    offset, bytes], ...]] in the order their bytes lie in the fused tensor. ``named``: what
+    ``names`` gave (in transformers' order, which is the experts'); ``meta``, ``headers``: as for
+    ``names``; ``wanted``: the config's dtype, if any."""
+    groups: dict[str, dict[str, list]] = {}  # target -> source pattern -> its sources, in order
     patterns_of: dict[str, object] = {}  # target -> its converter
     kinds: dict[int, str | None] = {}
-    for (k, name), (target, converter, pattern) in named.items():
+    for (k, name), (target, converter, pattern) in (named or {}).items():
         v = headers[k][1][name]
         if converter is None or target not in meta or v.get("dtype") not in DTYPES:
             continue
@@ -121,7 +114,7 @@ def likely(
             continue
         begin, end = v["data_offsets"]
         data = headers[k][0]
-        source = (dot_natural_key(name), k, data + begin, end - begin, v["dtype"], list(v["shape"]))
+        source = (k, data + begin, end - begin, v["dtype"], list(v["shape"]))
         groups.setdefault(target, {}).setdefault(pattern, []).append(source)
         patterns_of[target] = converter
     out = {}
@@ -130,16 +123,16 @@ def likely(
         patterns = list(converter.source_patterns)
         if set(sources) != set(patterns):
             continue
-        lists = [sorted(sources[p]) for p in patterns]  # experts in transformers' order: natural keys
+        lists = [sources[p] for p in patterns]
         experts = len(lists[0])
-        dtypes = {s[4] for one in lists for s in one}
+        dtypes = {s[3] for one in lists for s in one}
         if any(len(one) != experts for one in lists) or len(dtypes) != 1:
             continue
         dtype, itemsize = DTYPES[dtypes.pop()]
         if dtype != (wanted or meta[target][0]):
             continue  # cast on load (to the config's dtype; the meta model is in the default one)
-        shapes = [one[0][5] for one in lists]
-        if any(s[5] != shapes[p] for p, one in enumerate(lists) for s in one) or not all(shapes):
+        shapes = [one[0][4] for one in lists]
+        if any(s[4] != shapes[p] for p, one in enumerate(lists) for s in one) or not all(shapes):
             continue
         kind = kinds[id(converter)]
         if kind == "stack":
@@ -156,7 +149,7 @@ def likely(
             continue
         out[target] = [
             itemsize,
-            [[s[1], s[2], s[3]] for e in range(experts) for s in (one[e] for one in lists)],
+            [[s[0], s[1], s[2]] for e in range(experts) for s in (one[e] for one in lists)],
         ]
     return out
 

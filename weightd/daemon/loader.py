@@ -281,17 +281,17 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     stage("count")
     views: list[list[int]] = []
     fusions: dict[str, list] = {}
-    if job.get("early") and quantized.method(raw) is None:
+    quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
+    if job.get("early") and quant is None:
         # Note [copying while from_pretrained runs] in weightd/daemon/early.py
         named = fused.names(meta_model, meta, headers)  # transformers' rules for the file names
         views = _likely_views(headers, meta, config, cls, named)
         for k, offset, _, _ in views:  # Note [from_pretrained reads the weights it keeps]
             os.posix_fadvise(job["weight_fds"][k], offset, 1, os.POSIX_FADV_WILLNEED)
         # Note [fused tensors are file ranges] in weightd/daemon/fused.py
-        fusions = fused.likely(meta_model, meta, headers, _config_dtype(config), named)
+        fusions = fused.likely(named, meta, headers, _config_dtype(config))
         send(job["sock"], {"early": views, "fused": list(fusions.values())})
     del meta_model
-    quant = quantized.method(raw)  # packed weights hold fewer elements than the config implies
     if quant is None and implied > in_files * SLACK_RATIO + SLACK_ELEMENTS:
         raise Refused(
             f"{folder}: its config.json describes a {cls.__name__} of {implied:,} parameters, but its weight "
@@ -313,13 +313,13 @@ def _load(job: dict) -> tuple[dict, list[int]]:
     # Note [the fusion not computed] in fused.py
     unfused = fused.Unfused(fusions, _Locate(job["weight_fds"])) if fusions else None
     model, info = from_pretrained(unfused)
-    held: set[str] = set()
-    if unfused is not None:
-        held, whole = unfused.placed(model.state_dict())
-        if not whole:  # a stand-in replaced: a value was computed from it, so all is done again
-            del model, info
-            model, info = from_pretrained(None)
-            held = set()
+    state = model.state_dict()
+    held, whole = unfused.placed(state) if unfused is not None else (set(), True)
+    if not whole:  # a stand-in replaced: a value was computed from it, so all is done again
+        del model, info, state
+        model, info = from_pretrained(None)
+        state = model.state_dict()
+        held = set()
     stage("from_pretrained")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -328,7 +328,6 @@ def _load(job: dict) -> tuple[dict, list[int]]:
             f"the config implies {implied:,} parameters, the files hold {in_files:,}: add the missing "
             "weights, or load the folder with the class it was saved from"
         )
-    state = model.state_dict()
     subclasses: dict = {}
     if quant is not None:  # Hook (issue 24): Note [tensor subclasses as plain tensors] in quantized.py
         state, subclasses = quantized.flatten(state, folder)
