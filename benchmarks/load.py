@@ -402,11 +402,12 @@ class Bench:
         sampler.start()
         try:
             with Client(d.socket, timeout=3600) as c:
-                cpu0 = cpu_seconds(d.pid)
+                cpu0, loader0 = cpu_seconds(d.pid), loader_cpu(d.pid)
                 t0 = time.perf_counter()
                 model = c.load(str(path), "m")
                 seconds = time.perf_counter() - t0
                 cpu = cpu_seconds(d.pid) - cpu0
+                loader = loader_cpu_since(loader0, d.pid)
                 report = next(m for m in c.list() if m["name"] == "m").get("load") or {}
                 c.unload("m")
         finally:
@@ -420,6 +421,9 @@ class Bench:
             "private_growth": max(peak[0] - base, 0),
             "shared_peak": max(shm_peak[0] - shm_base, 0),
             "cpu_per_gib": cpu / (model["nbytes"] / GiB),
+            "cpu_seconds": cpu,
+            # a folder's from_pretrained, in the loader's fork (0 for a file)
+            "loader_cpu_seconds": loader or 0.0,
         }
 
 
@@ -432,11 +436,46 @@ def shmem() -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/PID/stat``)."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process, all its threads (``/proc/PID/stat``); ``children``:
+    that of its children it has reaped instead."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    at = 13 if children else 11
+    return (int(fields[at]) + int(fields[at + 1])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    """The live children of a process, started by any of its threads."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def loader_cpu(daemon_pid: int) -> tuple[int, float] | None:
+    """The daemon's loader process (it runs ``from_pretrained`` in a fork per load) and the CPU
+    time of the forks it has reaped; None before its first folder."""
+    for pid in children_of(daemon_pid):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"weightd.daemon.loader" in f.read():
+                return pid, cpu_seconds(pid, children=True)
+    return None
+
+
+def loader_cpu_since(before: tuple[int, float] | None, daemon_pid: int) -> float | None:
+    """CPU seconds the loader's forks spent since ``before`` (``loader_cpu``), once the fork of
+    the load just done is reaped."""
+    if before is None:
+        return None
+    pid, start = before
+    deadline = time.monotonic() + 5
+    with contextlib.suppress(OSError):
+        while children_of(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return cpu_seconds(pid, children=True) - start
+    return None
 
 
 def gbps(r: dict) -> float | None:
@@ -835,6 +874,26 @@ def report(res: dict, args) -> list[str]:
             for state in ("cold", "warm"):
                 f, o = (r.get(f"{state} {w}", {}).get("runs") or [] for w in ("folder", "one file"))
                 each.append(f"{state} " + ", ".join(f"{a / b:.2f}x" for a, b in zip(f, o)))
+            lines.append(f"- {label}: {'; '.join(each)}")
+        cpus = len(os.sched_getaffinity(0))
+        lines.append(
+            f"\nCPU seconds of the median runs: the daemon's, plus the loader's fork for a folder "
+            f"(from_pretrained and the guess of what to copy early); no load can take less than its "
+            f"CPU seconds / {cpus} CPUs:"
+        )
+        for label, r in res["folders"].items():
+            each = []
+            for state in ("cold", "warm"):
+                f, o = (r.get(f"{state} {w}") or {} for w in ("folder", "one file"))
+                if "cpu_seconds" not in f or "cpu_seconds" not in o:
+                    continue
+                total = f["cpu_seconds"] + f.get("loader_cpu_seconds", 0)
+                each.append(
+                    f"{state} folder {f['cpu_seconds']:.2f} + {f.get('loader_cpu_seconds', 0):.2f} s, "
+                    f"one file {o['cpu_seconds']:.2f} s ({o['cpu_seconds'] / o['seconds'] / cpus:.0%} of "
+                    f"the CPUs); the folder's floor {total / cpus:.2f} s = "
+                    f"{ratio(total / cpus, o['seconds'])} its one file"
+                )
             lines.append(f"- {label}: {'; '.join(each)}")
         if "loader start" in res:
             lines.append(

@@ -205,3 +205,36 @@ def test_an_answer_of_fused_ranges_is_checked_and_copied_in_order(tmp_path):
                 raise AssertionError(f"{wrong!r} was taken")
     finally:
         opened.close()
+
+
+def test_the_daemons_first_guess_reads_only_what_a_header_promises():
+    """Note [the daemon's first guess]: tensors of the config's dtype in file order, up to
+    ``FIRST_GUESS_BYTES``; no expert's; nothing for a quantized folder, a config without a
+    dtype, or a header whose tensors overlap."""
+    from weightd.daemon import early
+
+    def header(*tensors):
+        out, at = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, nbytes in tensors:
+            out[name] = {"dtype": dtype, "shape": [nbytes], "data_offsets": [at, at + nbytes]}
+            at += nbytes
+        return out
+
+    big = early.FIRST_GUESS_BYTES // 2 - 8  # b, c, d and e make FIRST_GUESS_BYTES: f is past it
+    headers = {
+        0: (100, header(("b", "F32", 8), ("a", "BF16", 16), ("m.experts.3.w1", "F32", 32))),
+        1: (200, header(("c", "F32", big), ("d", "F32", big), ("e", "F32", 8), ("f", "F32", 8))),
+    }
+    f32 = {"dtype": "float32"}
+    assert early.first_guess(headers, f32) == [
+        [0, 100, 8, 4],
+        [1, 200, big, 4],
+        [1, 200 + big, big, 4],
+        [1, 200 + 2 * big, 8, 4],
+    ]
+    assert early.first_guess(headers, {"torch_dtype": "bfloat16"}) == [[0, 108, 16, 2]]
+    assert early.first_guess(headers, {}) == []
+    assert early.first_guess(headers, dict(f32, quantization_config={"quant_method": "fp8"})) == []
+    overlapping = header(("x", "F32", 64))
+    overlapping["y"] = {"dtype": "F32", "shape": [8], "data_offsets": [32, 40]}
+    assert early.first_guess({0: (8, overlapping)}, f32) == []

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from weightd import protocol
 from weightd.client import Client, DaemonNotRunning, ModelNotFound, state_dict
@@ -80,6 +80,48 @@ def test_corrupt_safetensors_is_refused_and_disturbs_nothing(case, tmp_path, ser
         with pytest.raises(CheckpointError) as e:
             c.load(str(path), "bad")
         assert str(path) in str(e.value)
+        assert segments(d.instance) == before, "no segment left behind"
+        assert [m["name"] for m in c.list()] == ["good"]
+    sd = state_dict("good", socket=d.socket)
+    assert torch.equal(sd["w"], good["w"]) and torch.equal(sd["b"], good["b"])
+
+
+def _weight_missing(folder):
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _truncated(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+
+
+@pytest.mark.parametrize("case", [_weight_missing, _truncated])
+def test_a_corrupt_folder_is_refused_and_disturbs_nothing(case, tmp_path, served):
+    """A folder whose headers the daemon copies from before its loader process runs (Note [the
+    daemon's first guess] in weightd/daemon/early.py): a weight missing (the copy under way
+    when the loader refuses) or a file shorter than its header says (nothing guessed): a
+    CheckpointError naming the folder, no segment left, the served model untouched."""
+    import transformers
+
+    d, good = served
+    folder = tmp_path / "llama"
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=4096,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    case(folder)
+    before = segments(d.instance)
+    with d.client(timeout=120) as c:
+        with pytest.raises(CheckpointError) as e:
+            c.load(str(folder), "bad")
+        assert str(folder) in str(e.value)
         assert segments(d.instance) == before, "no segment left behind"
         assert [m["name"] for m in c.list()] == ["good"]
     sd = state_dict("good", socket=d.socket)

@@ -161,6 +161,39 @@ def test_weights_transformers_renames_or_cuts_are_copied_early(name, folders, da
     assert meta["converted_bytes"] == 0 and meta["copied_early"] == in_files > 0
 
 
+@pytest.mark.parametrize("name", ["llama", "dinov2", "nomic-bert", "phi", "mixtral", "qwen3-moe", "roberta"])
+def test_the_daemon_copies_from_the_headers_before_the_loader_guesses(name, folders, daemon):
+    """Note [the daemon's first guess] (weightd/daemon/early.py): before the loader process has
+    built its model, the daemon copies the file tensors of the config's dtype from the headers
+    alone (Dinov2's renamed and nomic-bert's cut alike), none of an MoE expert's (stacked into a
+    fused tensor), none that transformers casts (phi: float32 files, "dtype": "float16"),
+    nothing of a ``.bin`` file (no header). Every byte of it is served (the parity tests check
+    what)."""
+    import json
+    import re
+    import struct
+
+    wanted = {"float32": "F32", "float16": "F16"}[
+        json.loads((folders[name] / "config.json").read_text())["dtype"]
+    ]
+    guessed = experts = 0
+    for f in folders[name].glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                nbytes = v["data_offsets"][1] - v["data_offsets"][0]
+                expert = re.search(r"experts\.\d+\.", k) is not None
+                experts += nbytes if expert else 0
+                guessed += nbytes if v["dtype"] == wanted and not expert else 0
+    with daemon.client() as c:
+        load = next(m for m in c.list() if m["name"] == name)["load"]
+    assert load["copied_before_the_loader"] == guessed
+    assert (experts > 0) == name.endswith(("mixtral", "moe"))
+    assert (guessed > 0) == (name not in ("roberta", "phi"))
+
+
 def test_old_checkpoint_with_position_ids_attaches(folders, daemon):
     """Issue 11 item 1: a weight that is a non-persistent buffer today is ignored, as from_pretrained does."""
     ref = transformers.BertModel.from_pretrained(folders["old-bert"])

@@ -45,6 +45,7 @@ import threading
 import time
 from pathlib import Path
 
+from weightd.daemon import early as early_copy
 from weightd.daemon import files, loader, quantized
 from weightd.errors import CheckpointError
 from weightd.layout import Blob
@@ -63,6 +64,7 @@ MAX_SMALL_FILE = 64 << 20
 MAX_SMALL_FILES = 512 << 20
 MAX_CONFIG = 4 << 20  # a config.json is a few KiB; a bigger one is not read into the daemon
 MAX_INDEX = 64 << 20  # a shard index names every tensor: a few MiB for the largest models
+MAX_GUESSED_HEADER = 16 << 20  # a larger safetensors header is read by the loader process only
 # What the loader process may use: a base for the interpreter, torch and transformers, plus a
 # multiple of the weight files' bytes (from_pretrained holds converted copies besides the
 # mapped file). Its time: a base for the imports, plus the bytes at a slow disk's rate.
@@ -360,6 +362,14 @@ def _load(opened: _Opened, config: dict, config_bytes: bytes, check, factory: st
     weight_bytes = sum(os.fstat(opened.fds[w]).st_size for w in weights)
     check()
     started = time.perf_counter()
+    if early is not None:  # Note [the daemon's first guess] in weightd/daemon/early.py
+        try:
+            first = _early_blobs(
+                opened, weights, early_copy.first_guess(_headers(opened, weights), config), []
+            )
+        except CheckpointError:  # a header that names bytes past its file's end: the loader says so
+            first = []
+        early.views(first, first=True)
     answer, memfd = _run_loader(
         opened, config_bytes, weights, indexes + extras, weight_bytes, check, factory, early
     )
@@ -452,6 +462,29 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
         if not 0 <= t.storage < len(blobs):
             raise CheckpointError(f"{opened.folder}: the loader process described tensor {t.name!r} wrongly")
     return blobs, tensors
+
+
+def _headers(opened: _Opened, weights: list[str]) -> dict[int, tuple[int, dict]]:
+    """The headers of the safetensors weight files, read from the daemon's descriptors: file
+    index -> (where its data starts, the header). One that does not parse is left out (the
+    loader process says what is wrong with it)."""
+    out = {}
+    for k, rel in enumerate(weights):
+        if not rel.endswith(".safetensors"):
+            continue
+        fd = opened.fds[rel]
+        try:
+            head = os.pread(fd, 8, 0)
+            hlen = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < hlen <= MAX_GUESSED_HEADER:
+                continue
+            raw = os.pread(fd, hlen, 8)
+            header = json.loads(raw) if len(raw) == hlen else None
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(header, dict):
+            out[k] = (8 + hlen, header)
+    return out
 
 
 def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[int], memfd, memory: int):

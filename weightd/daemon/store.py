@@ -389,7 +389,16 @@ class Store:
             report = report.plus(ahead.report)
         seconds = time.monotonic() - started
         model = self.serve(
-            Model(manifest, size, load=dict(report.to_dict(), total_seconds=round(seconds, 4)))
+            Model(
+                manifest,
+                size,
+                load=dict(
+                    report.to_dict(),
+                    total_seconds=round(seconds, 4),
+                    # a folder's: Note [the daemon's first guess] (weightd/daemon/early.py)
+                    **({"copied_before_the_loader": ahead.first_kept} if ahead.seg is not None else {}),
+                ),
+            )
         )
         log.info(
             "loaded %s generation %d from %s: %d tensors in %.2f s; copy: %s (%s)",
