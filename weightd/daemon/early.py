@@ -30,7 +30,7 @@ the file ranges they are made of, placed after the others and read through the p
 equal to those ranges. Any other conversion is not guessed.
 
 Note [the daemon's first guess]
-------------------------------
+-------------------------------
 The loader's guess comes 0.1-0.2 s after the request: the loader forks, reads the config, builds
 the model on the meta device, applies transformers' rules to every name. A 1 GiB dense folder
 copies in 0.7-0.9 s here, so the copy started that much late was most of what it took over its
@@ -43,7 +43,10 @@ them. Left out of it: a quantized folder (transformers converts its tensors), a 
 dtype the config loads in (cast), an MoE expert's (``EXPERT``: stacked into a fused tensor, copied
 as its range by the loader's guess), every tensor of a config that names no dtype. A first guess
 the answer does not keep is dead like any other (its pages are given back); its cost is the copy,
-bounded by ``FIRST_GUESS_BYTES``, never a wrong tensor.
+bounded by ``FIRST_GUESS_BYTES``, never a wrong tensor. Daemons with and without it in turn, 5
+rounds warm, against the one file: a 1 GiB Llama of 4 shards 1.09x against 1.21x, a 853 MiB
+Mixtral 1.64x against 1.92x (its experts still wait for the loader), a Dinov2 1.83x against
+1.92x (its from_pretrained, not the copy, is what it waits for).
 
 What else transformers converted (casts, other fusions) the loader process writes into a memfd
 it hands the daemon before it writes it, laid out as ``layout.place`` lays out what follows
