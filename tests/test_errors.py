@@ -70,13 +70,12 @@ def served(serve):
     return serve(good, "good"), good
 
 
-@pytest.mark.parametrize("case", sorted(CORRUPT))
-def test_corrupt_safetensors_is_refused_and_disturbs_nothing(case, tmp_path, served):
+def refused_disturbing_nothing(served, path) -> None:
+    """Loading ``path`` is a CheckpointError naming it, no segment is left, and the served
+    model is untouched."""
     d, good = served
-    path = tmp_path / "bad.safetensors"
-    CORRUPT[case](path)
     before = segments(d.instance)
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         with pytest.raises(CheckpointError) as e:
             c.load(str(path), "bad")
         assert str(path) in str(e.value)
@@ -84,6 +83,13 @@ def test_corrupt_safetensors_is_refused_and_disturbs_nothing(case, tmp_path, ser
         assert [m["name"] for m in c.list()] == ["good"]
     sd = state_dict("good", socket=d.socket)
     assert torch.equal(sd["w"], good["w"]) and torch.equal(sd["b"], good["b"])
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_safetensors_is_refused_and_disturbs_nothing(case, tmp_path, served):
+    path = tmp_path / "bad.safetensors"
+    CORRUPT[case](path)
+    refused_disturbing_nothing(served, path)
 
 
 def _weight_missing(folder):
@@ -105,7 +111,6 @@ def test_a_corrupt_folder_is_refused_and_disturbs_nothing(case, tmp_path, served
     CheckpointError naming the folder, no segment left, the served model untouched."""
     import transformers
 
-    d, good = served
     folder = tmp_path / "llama"
     config = transformers.LlamaConfig(
         hidden_size=64,
@@ -117,15 +122,7 @@ def test_a_corrupt_folder_is_refused_and_disturbs_nothing(case, tmp_path, served
     )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     case(folder)
-    before = segments(d.instance)
-    with d.client(timeout=120) as c:
-        with pytest.raises(CheckpointError) as e:
-            c.load(str(folder), "bad")
-        assert str(folder) in str(e.value)
-        assert segments(d.instance) == before, "no segment left behind"
-        assert [m["name"] for m in c.list()] == ["good"]
-    sd = state_dict("good", socket=d.socket)
-    assert torch.equal(sd["w"], good["w"]) and torch.equal(sd["b"], good["b"])
+    refused_disturbing_nothing(served, folder)
 
 
 def test_missing_path_and_unknown_suffix(tmp_path, served):
