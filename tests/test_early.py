@@ -221,10 +221,10 @@ def test_the_daemons_first_guess_reads_only_what_a_header_promises():
         return out
 
     big = early.FIRST_GUESS_BYTES // 2 - 8  # b, c, d and e make FIRST_GUESS_BYTES: f is past it
-    headers = {
-        0: (100, header(("b", "F32", 8), ("a", "BF16", 16), ("m.experts.3.w1", "F32", 32))),
-        1: (200, header(("c", "F32", big), ("d", "F32", big), ("e", "F32", 8), ("f", "F32", 8))),
-    }
+    headers = [
+        (0, 100, header(("b", "F32", 8), ("a", "BF16", 16), ("m.experts.3.w1", "F32", 32))),
+        (1, 200, header(("c", "F32", big), ("d", "F32", big), ("e", "F32", 8), ("f", "F32", 8))),
+    ]
     f32 = {"dtype": "float32"}
     assert early.first_guess(headers, f32) == [
         [0, 100, 8, 4],
@@ -234,7 +234,8 @@ def test_the_daemons_first_guess_reads_only_what_a_header_promises():
     ]
     assert early.first_guess(headers, {"torch_dtype": "bfloat16"}) == [[0, 108, 16, 2]]
     assert early.first_guess(headers, {}) == []
+    assert early.first_guess(headers, {"dtype": ["float32"]}) == []
     assert early.first_guess(headers, dict(f32, quantization_config={"quant_method": "fp8"})) == []
     overlapping = header(("x", "F32", 64))
     overlapping["y"] = {"dtype": "F32", "shape": [8], "data_offsets": [32, 40]}
-    assert early.first_guess({0: (8, overlapping)}, f32) == []
+    assert early.first_guess([(0, 8, overlapping)], f32) == []

@@ -70,7 +70,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from weightd import layout, segment
 from weightd.daemon import stream
@@ -91,18 +91,19 @@ CONFIG_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float6
 ITEM_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
-def first_guess(headers: dict[int, tuple[int, dict]], config: dict) -> list[list[int]]:
+def first_guess(headers: Iterable[tuple[int, int, dict]], config: dict) -> list[list[int]]:
     """The file tensors the daemon copies before the loader's guess (Note [the daemon's first
     guess]): [file index, offset, bytes, item size] in file order, ``FIRST_GUESS_BYTES`` at most.
-    ``headers``: safetensors weight file index -> (where its data starts, its header)."""
+    ``headers``: (file index, where its data starts, its header) of the safetensors weight files,
+    in order, taken only as far as the guess goes."""
     if not isinstance(config, dict) or config.get("quantization_config") is not None:
         return []
-    wanted = CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype"))
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    wanted = CONFIG_DTYPES.get(dtype) if isinstance(dtype, str) else None
     if wanted is None:
         return []
     out, total = [], 0
-    for k in sorted(headers):
-        data, header = headers[k]
+    for k, data, header in headers:
         ranges = []
         for name, v in header.items():
             if name == "__metadata__" or not isinstance(v, dict) or v.get("dtype") != wanted:

@@ -64,7 +64,9 @@ MAX_SMALL_FILE = 64 << 20
 MAX_SMALL_FILES = 512 << 20
 MAX_CONFIG = 4 << 20  # a config.json is a few KiB; a bigger one is not read into the daemon
 MAX_INDEX = 64 << 20  # a shard index names every tensor: a few MiB for the largest models
-MAX_GUESSED_HEADER = 16 << 20  # a larger safetensors header is read by the loader process only
+# The daemon's first guess reads no more headers than this (a 5 GB shard's is ~100 KiB): more is
+# left to the loader process (Note [the daemon's first guess] in weightd/daemon/early.py).
+MAX_GUESSED_HEADERS = 4 << 20
 # What the loader process may use: a base for the interpreter, torch and transformers, plus a
 # multiple of the weight files' bytes (from_pretrained holds converted copies besides the
 # mapped file). Its time: a base for the imports, plus the bytes at a slow disk's rate.
@@ -464,11 +466,12 @@ def _blobs(opened: _Opened, answer: dict, weights: list[str], memfd: int | None)
     return blobs, tensors
 
 
-def _headers(opened: _Opened, weights: list[str]) -> dict[int, tuple[int, dict]]:
-    """The headers of the safetensors weight files, read from the daemon's descriptors: file
-    index -> (where its data starts, the header). One that does not parse is left out (the
-    loader process says what is wrong with it)."""
-    out = {}
+def _headers(opened: _Opened, weights: list[str]):
+    """The headers of the safetensors weight files, read from the daemon's descriptors as they
+    are asked for: (file index, where its data starts, the header), in order, their JSON
+    ``MAX_GUESSED_HEADERS`` bytes at most (it is parsed on the load's clock, before the loader
+    starts). One that does not parse is left out (the loader process says what is wrong)."""
+    left = MAX_GUESSED_HEADERS
     for k, rel in enumerate(weights):
         if not rel.endswith(".safetensors"):
             continue
@@ -476,15 +479,15 @@ def _headers(opened: _Opened, weights: list[str]) -> dict[int, tuple[int, dict]]
         try:
             head = os.pread(fd, 8, 0)
             hlen = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < hlen <= MAX_GUESSED_HEADER:
-                continue
+            if not 0 < hlen <= left:
+                return
+            left -= hlen
             raw = os.pread(fd, hlen, 8)
             header = json.loads(raw) if len(raw) == hlen else None
         except (OSError, ValueError, RecursionError):
             continue
         if isinstance(header, dict):
-            out[k] = (8 + hlen, header)
-    return out
+            yield k, 8 + hlen, header
 
 
 def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[int], memfd, memory: int):
