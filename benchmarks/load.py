@@ -407,7 +407,7 @@ class Bench:
                 model = c.load(str(path), "m")
                 seconds = time.perf_counter() - t0
                 cpu = cpu_seconds(d.pid) - cpu0
-                loader = loader_cpu_since(loader0, d.pid)
+                loader = loader_cpu_since(loader0)
                 report = next(m for m in c.list() if m["name"] == "m").get("load") or {}
                 c.unload("m")
         finally:
@@ -464,7 +464,7 @@ def loader_cpu(daemon_pid: int) -> tuple[int, float] | None:
     return None
 
 
-def loader_cpu_since(before: tuple[int, float] | None, daemon_pid: int) -> float | None:
+def loader_cpu_since(before: tuple[int, float] | None) -> float | None:
     """CPU seconds the loader's forks spent since ``before`` (``loader_cpu``), once the fork of
     the load just done is reaped."""
     if before is None:

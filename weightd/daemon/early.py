@@ -73,7 +73,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from weightd import layout, segment
-from weightd.daemon import stream
+from weightd.daemon import fused, stream
 from weightd.errors import OutOfSpace
 from weightd.layout import Blob
 from weightd.manifest import PAGE_ALIGN, TensorMeta, align_up
@@ -87,8 +87,6 @@ FALLOC_FL_PUNCH_HOLE = 2
 # to 1.5 GB/s warm here) and what a wrong first guess may cost.
 FIRST_GUESS_BYTES = 256 << 20
 EXPERT = re.compile(r"experts\.\d+\.")  # one MoE expert's tensor: mlp.experts.3.down_proj.weight
-CONFIG_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-ITEM_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def first_guess(headers: Iterable[tuple[int, int, dict]], config: dict) -> list[list[int]]:
@@ -98,15 +96,21 @@ def first_guess(headers: Iterable[tuple[int, int, dict]], config: dict) -> list[
     in order, taken only as far as the guess goes."""
     if not isinstance(config, dict) or config.get("quantization_config") is not None:
         return []
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    wanted = CONFIG_DTYPES.get(dtype) if isinstance(dtype, str) else None
-    if wanted is None:
+    wanted = config.get("dtype") or config.get("torch_dtype")
+    itemsize = (
+        {name: size for name, size in fused.DTYPES.values()}.get(wanted) if isinstance(wanted, str) else None
+    )
+    if itemsize is None:
         return []
     out, total = [], 0
     for k, data, header in headers:
         ranges = []
         for name, v in header.items():
-            if name == "__metadata__" or not isinstance(v, dict) or v.get("dtype") != wanted:
+            if (
+                name == "__metadata__"
+                or not isinstance(v, dict)
+                or fused.DTYPES.get(v.get("dtype"), (None,))[0] != wanted
+            ):
                 continue
             offsets = v.get("data_offsets")
             if (
@@ -123,7 +127,7 @@ def first_guess(headers: Iterable[tuple[int, int, dict]], config: dict) -> list[
                 return []  # tensors that overlap: not a file safetensors writes; guess nothing
             if total + nbytes > FIRST_GUESS_BYTES:
                 return out
-            out.append([k, offset, nbytes, ITEM_SIZES[wanted]])
+            out.append([k, offset, nbytes, itemsize])
             total += nbytes
     return out
 

@@ -225,6 +225,7 @@ class Unfused:
         self._fusions = fusions
         self._locate = locate  # (address, bytes) -> (file index, offset) | None, in this process
         self._stand_ins: dict[str, tuple[int, int]] = {}  # target -> (address, bytes)
+        self._proofs: dict[tuple, bool] = {}  # _proven, per kind of converter (one per layer)
         self._original = None
 
     def __enter__(self) -> Unfused:
@@ -257,6 +258,18 @@ class Unfused:
                 held.add(name)
         return held, len(held) == len(self._stand_ins)
 
+    def _proven(self, converter) -> bool:
+        """``_proven``, once for the converters of each layer alike: transformers copies one
+        converter per layer, with the same operations and source patterns."""
+        key = (
+            tuple((type(op), getattr(op, "dim", None)) for op in converter.operations),
+            tuple(converter.source_patterns),
+            tuple(converter.target_patterns),
+        )
+        if key not in self._proofs:
+            self._proofs[key] = _proven(converter)
+        return self._proofs[key]
+
     def _stand_in(self, converter, target: str, kwargs: dict):
         guess = self._fusions.get(target)
         if (
@@ -264,7 +277,7 @@ class Unfused:
             or kwargs.get("hf_quantizer") is not None
             or getattr(converter, "quantization_operation", None) is not None
             or _kind(converter) is None
-            or not _proven(converter)
+            or not self._proven(converter)
         ):
             return None
         import torch

@@ -470,24 +470,17 @@ def _headers(opened: _Opened, weights: list[str]):
     """The headers of the safetensors weight files, read from the daemon's descriptors as they
     are asked for: (file index, where its data starts, the header), in order, their JSON
     ``MAX_GUESSED_HEADERS`` bytes at most (it is parsed on the load's clock, before the loader
-    starts). One that does not parse is left out (the loader process says what is wrong)."""
+    starts); up to one that does not parse (the loader process says what is wrong with it)."""
     left = MAX_GUESSED_HEADERS
     for k, rel in enumerate(weights):
         if not rel.endswith(".safetensors"):
             continue
-        fd = opened.fds[rel]
         try:
-            head = os.pread(fd, 8, 0)
-            hlen = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < hlen <= left:
-                return
-            left -= hlen
-            raw = os.pread(fd, hlen, 8)
-            header = json.loads(raw) if len(raw) == hlen else None
+            data, header = loader.header_at(opened.fds[rel], left)
         except (OSError, ValueError, RecursionError):
-            continue
-        if isinstance(header, dict):
-            yield k, 8 + hlen, header
+            return  # past what is read here, or not a header: the rest is the loader's
+        left -= data - 8
+        yield k, data, header
 
 
 def _early(early, opened: _Opened, weights: list[str], message: dict, fds: list[int], memfd, memory: int):

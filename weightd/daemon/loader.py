@@ -596,9 +596,26 @@ def _headers(snapshot: str, weights: list[str]) -> dict[int, tuple[int, dict]]:
     for k, w in enumerate(weights):
         if w.endswith(".safetensors"):
             with open(os.path.join(snapshot, w), "rb") as f:
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                out[k] = (8 + hlen, json.loads(f.read(min(hlen, 100_000_000))))
+                out[k] = header_at(f.fileno(), MAX_HEADER)
     return out
+
+
+MAX_HEADER = 100_000_000  # as the reference library: a larger one is not a checkpoint's
+
+
+def header_at(fd: int, limit: int) -> tuple[int, dict]:
+    """The safetensors header of the file ``fd``: (where its data starts, the header); a
+    ValueError where it is no such header of at most ``limit`` bytes. For this process and the
+    daemon's first guess alike (Note [the daemon's first guess] in early.py)."""
+    head = os.pread(fd, 8, 0)
+    hlen = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < hlen <= limit:
+        raise ValueError(f"a safetensors header of {hlen} bytes")
+    raw = os.pread(fd, hlen, 8)
+    header = json.loads(raw) if len(raw) == hlen else None
+    if not isinstance(header, dict):
+        raise ValueError("a safetensors header that is not a JSON object")
+    return 8 + hlen, header
 
 
 def _in_files(torch, snapshot: str, weights: list[str], headers: dict) -> int:
