@@ -239,3 +239,13 @@ def test_the_daemons_first_guess_reads_only_what_a_header_promises():
     overlapping = header(("x", "F32", 64))
     overlapping["y"] = {"dtype": "F32", "shape": [8], "data_offsets": [32, 40]}
     assert early.first_guess([(0, 8, overlapping)], f32) == []
+    # a header is JSON a local user wrote: values of any type are passed over, never raised on
+    odd = header(("g", "F32", 8))
+    odd.update(
+        h={"dtype": ["F32"], "shape": [2], "data_offsets": [8, 16]},
+        i={"dtype": {"F32": 1}, "shape": [2], "data_offsets": [16, 24]},
+        j={"dtype": "F32", "shape": [2], "data_offsets": ["24", 32]},
+        k={"dtype": "F32", "shape": [2], "data_offsets": [True, 40]},
+        l=["F32"],
+    )
+    assert early.first_guess([(0, 8, odd)], f32) == [[0, 8, 8, 4]]

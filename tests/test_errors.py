@@ -103,11 +103,23 @@ def _truncated(folder):
     (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
 
 
-@pytest.mark.parametrize("case", [_weight_missing, _truncated])
+def _dtype_not_a_name(folder):
+    """A header value of a type no safetensors writer gives (a list for a dtype's name)."""
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["model.norm.weight"]["dtype"] = [header["model.norm.weight"]["dtype"]]
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size :])
+
+
+@pytest.mark.parametrize("case", [_weight_missing, _truncated, _dtype_not_a_name])
 def test_a_corrupt_folder_is_refused_and_disturbs_nothing(case, tmp_path, served):
     """A folder whose headers the daemon copies from before its loader process runs (Note [the
     daemon's first guess] in weightd/daemon/early.py): a weight missing (the copy under way
-    when the loader refuses) or a file shorter than its header says (nothing guessed): a
+    when the loader refuses), a file shorter than its header says (nothing guessed) or a header
+    value of a type no writer gives (passed over by the guess, refused by the loader): a
     CheckpointError naming the folder, no segment left, the served model untouched."""
     import transformers
 

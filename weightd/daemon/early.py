@@ -106,12 +106,13 @@ def first_guess(headers: Iterable[tuple[int, int, dict]], config: dict) -> list[
     for k, data, header in headers:
         ranges = []
         for name, v in header.items():
+            dtype = v.get("dtype") if isinstance(v, dict) else None
             if (
                 name == "__metadata__"
-                or not isinstance(v, dict)
-                or fused.DTYPES.get(v.get("dtype"), (None,))[0] != wanted
+                or not isinstance(dtype, str)
+                or fused.DTYPES.get(dtype, (None,))[0] != wanted
             ):
-                continue
+                continue  # a header's value is JSON, of any type: only a name is looked up
             offsets = v.get("data_offsets")
             if (
                 EXPERT.search(name)
