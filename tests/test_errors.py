@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from hf_models import LLAMA_LIKE
 from safetensors.torch import load_file, save_file
 
 from weightd import protocol
@@ -124,13 +125,9 @@ def test_a_corrupt_folder_is_refused_and_disturbs_nothing(case, tmp_path, served
     import transformers
 
     folder = tmp_path / "llama"
+    # the parity set's sizes, with a vocabulary large enough that the copy is under way (2 MiB)
     config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=4096,
+        **dict(LLAMA_LIKE, hidden_size=64, num_hidden_layers=1, vocab_size=4096)
     )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     case(folder)

@@ -97,22 +97,18 @@ def first_guess(headers: Iterable[tuple[int, int, dict]], config: dict) -> list[
     if not isinstance(config, dict) or config.get("quantization_config") is not None:
         return []
     wanted = config.get("dtype") or config.get("torch_dtype")
-    itemsize = (
-        {name: size for name, size in fused.DTYPES.values()}.get(wanted) if isinstance(wanted, str) else None
-    )
-    if itemsize is None:
+    # the config's dtype as a header names it, and its size: ("BF16", 2) for "bfloat16"
+    named = [(st, size) for st, (name, size) in fused.DTYPES.items() if name == wanted]
+    if not named:
         return []
+    [(st, itemsize)] = named
     out, total = [], 0
     for k, data, header in headers:
         ranges = []
         for name, v in header.items():
-            dtype = v.get("dtype") if isinstance(v, dict) else None
-            if (
-                name == "__metadata__"
-                or not isinstance(dtype, str)
-                or fused.DTYPES.get(dtype, (None,))[0] != wanted
-            ):
-                continue  # a header's value is JSON, of any type: only a name is looked up
+            # a header's value is JSON of any type: only an equal name is taken
+            if name == "__metadata__" or not isinstance(v, dict) or v.get("dtype") != st:
+                continue
             offsets = v.get("data_offsets")
             if (
                 EXPERT.search(name)
