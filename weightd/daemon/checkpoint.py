@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightd import layout
-from weightd.daemon import hf
+from weightd.daemon import hf, loader
 from weightd.daemon.files import check_within, folder_roots, identity, inside, open_file
 from weightd.errors import CheckpointError, SegmentError
 from weightd.layout import Blob
@@ -45,8 +45,6 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": "float8_e5m2",
     "F8_E8M0": "float8_e8m0fnu",
 }
-# A header larger than this is not a real checkpoint (the reference library uses 100 MB).
-MAX_SAFETENSORS_HEADER = 100_000_000
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # the files `read` knows; default names drop them
 
@@ -178,7 +176,7 @@ def read_safetensors(path: Path, within: list[str] | None = None) -> Checkpoint:
                 f"{path}: truncated: {size} bytes is shorter than the 8-byte safetensors header length"
             )
         hlen = int.from_bytes(raw, "little")
-        if hlen > MAX_SAFETENSORS_HEADER or 8 + hlen > size:
+        if hlen > loader.MAX_HEADER or 8 + hlen > size:
             raise CheckpointError(
                 f"{path}: bad header length {hlen} for a file of {size} bytes: the file is truncated or not "
                 "safetensors"

@@ -600,7 +600,9 @@ def _headers(snapshot: str, weights: list[str]) -> dict[int, tuple[int, dict]]:
     return out
 
 
-MAX_HEADER = 100_000_000  # as the reference library: a larger one is not a checkpoint's
+# A safetensors header larger than this is not a checkpoint's (the reference library uses 100 MB): for
+# a file's load (checkpoint.read_safetensors) and a folder's (here) alike.
+MAX_HEADER = 100_000_000
 
 
 def header_at(fd: int, limit: int) -> tuple[int, dict]:
